@@ -1,0 +1,1 @@
+//! Inbound adapters: the ConnectRPC API server and the health endpoints.

@@ -1,0 +1,1 @@
+//! Outbound adapters: VMM backends, the VM store and telemetry.

@@ -1,0 +1,697 @@
+//! The VM lifecycle state machine, sans-IO.
+//!
+//! A [`Vm`] holds what the caller asked for (desired) apart from what the VMM
+//! last reported (observed). Callers drive it with three inputs and drain its
+//! outputs after each one:
+//!
+//! - [`Vm::handle_command`] admits, ignores (idempotent repeat) or denies a
+//!   command; an admitted command queues exactly one [`Effect`];
+//! - [`Vm::handle_observation`] feeds back what the VMM reported (an
+//!   operation's outcome with the state read back afterwards, a periodic
+//!   report, or the VMM process exiting);
+//! - [`Vm::poll_effect`] / [`Vm::poll_event`] drain effects to perform and
+//!   events to publish.
+//!
+//! Observed state only changes through observations, never because a call
+//! returned Ok. Every visible change bumps the generation. Time is an argument.
+//!
+//! ```text
+//!                  create
+//!                    |
+//!                    v
+//!   +--------> [ Created ] --boot--> [ Running ] <--resume-- [ Paused ]
+//!   |                                 |  |  ^  \--pause-------->  |
+//!   |                                 |  |  |                     |
+//!   |                         reboot--+  |  +--boot--+            |
+//!   |                      (stays Running)           |            |
+//!   |                                shutdown        |       shutdown
+//!   |                                    v           |            |
+//!   |                              [ Shutdown ] -----+ <----------+
+//!   |
+//!   |   any state --VMM died / operation broke the VM--> [ Failed(reason) ]
+//!   |   any state --delete--> (removed)
+//!   +-- Cloud Hypervisor reports Created after a hard vm.shutdown: that
+//!       report is recorded as is (it is bootable again, like Shutdown).
+//! ```
+
+use std::collections::VecDeque;
+use std::fmt;
+
+use super::config::VmConfig;
+use super::error::VmError;
+use super::id::VmId;
+
+/// A VM's lifecycle state as the VMM reported it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum VmState {
+    /// Configured, not booted (or stopped and bootable again, on Cloud Hypervisor).
+    Created,
+    /// The guest runs.
+    Running,
+    /// The guest's vCPUs are paused.
+    Paused,
+    /// The guest has stopped; it can be booted again.
+    Shutdown,
+    /// The VMM died or an operation left the VM unusable; only delete is allowed.
+    Failed,
+}
+
+impl VmState {
+    /// All states, for exhaustive iteration in metrics and tests.
+    pub const ALL: [VmState; 5] = [
+        VmState::Created,
+        VmState::Running,
+        VmState::Paused,
+        VmState::Shutdown,
+        VmState::Failed,
+    ];
+
+    /// The lower-case name used in metrics labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Created => "created",
+            VmState::Running => "running",
+            VmState::Paused => "paused",
+            VmState::Shutdown => "shutdown",
+            VmState::Failed => "failed",
+        }
+    }
+}
+
+impl fmt::Display for VmState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            VmState::Created => "Created",
+            VmState::Running => "Running",
+            VmState::Paused => "Paused",
+            VmState::Shutdown => "Shutdown",
+            VmState::Failed => "Failed",
+        })
+    }
+}
+
+/// What a caller asks of an existing VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// Start a Created or Shutdown VM.
+    Boot,
+    /// Stop a Running or Paused VM; graceful first unless `force`.
+    Shutdown {
+        /// Skip the graceful attempt.
+        force: bool,
+        /// How long the graceful attempt may take, in seconds (0: backend default).
+        timeout_secs: u32,
+    },
+    /// Pause a Running VM.
+    Pause,
+    /// Resume a Paused VM.
+    Resume,
+    /// Restart a Running VM.
+    Reboot {
+        /// Hard reset rather than a guest-visible reboot, where the backend distinguishes.
+        force: bool,
+    },
+    /// Stop the VM if needed and remove it.
+    Delete {
+        /// Kill the VMM at once instead of asking it to stop.
+        force: bool,
+    },
+}
+
+/// The operation a command or effect stands for, for errors, metrics and events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Operation {
+    /// Boot.
+    Boot,
+    /// Shutdown.
+    Shutdown,
+    /// Pause.
+    Pause,
+    /// Resume.
+    Resume,
+    /// Reboot.
+    Reboot,
+    /// Delete.
+    Delete,
+}
+
+impl Operation {
+    /// Lower-case verb.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::Boot => "boot",
+            Operation::Shutdown => "shutdown",
+            Operation::Pause => "pause",
+            Operation::Resume => "resume",
+            Operation::Reboot => "reboot",
+            Operation::Delete => "delete",
+        }
+    }
+}
+
+impl Command {
+    /// The operation this command asks for.
+    pub fn operation(self) -> Operation {
+        match self {
+            Command::Boot => Operation::Boot,
+            Command::Shutdown { .. } => Operation::Shutdown,
+            Command::Pause => Operation::Pause,
+            Command::Resume => Operation::Resume,
+            Command::Reboot { .. } => Operation::Reboot,
+            Command::Delete { .. } => Operation::Delete,
+        }
+    }
+}
+
+/// Work for the caller to perform against the hypervisor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effect {
+    /// Perform the admitted command, then report with [`Observation::Completed`].
+    Perform(Command),
+}
+
+/// What the outside world reports back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Observation {
+    /// An admitted command finished. `reported` is the state the VMM reported
+    /// afterwards (None when it could not be read); `error` is set if the
+    /// operation itself failed.
+    Completed {
+        /// The operation that finished.
+        op: Operation,
+        /// The VMM's state read after the operation.
+        reported: Option<(VmState, String)>,
+        /// Why the operation failed, if it did.
+        error: Option<VmError>,
+    },
+    /// The VMM reported this state outside of any operation (periodic check, info read).
+    Reported {
+        /// The state.
+        state: VmState,
+        /// Why (may be empty).
+        reason: String,
+    },
+    /// The VM's VMM process ended without VMCP asking it to.
+    Exited {
+        /// The state this leaves the VM in: Shutdown for a guest-initiated
+        /// poweroff, Failed for a crash.
+        state: VmState,
+        /// Exit status, signal, last log lines.
+        reason: String,
+    },
+}
+
+/// Whether a command was taken up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// The command was admitted; one effect is queued.
+    Accepted,
+    /// The VM already is where the command would take it; nothing to do.
+    Ignored,
+    /// The command is not allowed now; state is unchanged.
+    Denied(VmError),
+}
+
+/// Something that happened, for telemetry and persistence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmEvent {
+    /// The observed state changed.
+    StateChanged {
+        /// The VM.
+        vm_id: VmId,
+        /// Previous state.
+        from: VmState,
+        /// New state.
+        to: VmState,
+        /// Why.
+        reason: String,
+        /// Generation after the change.
+        generation: u64,
+    },
+    /// An admitted operation finished.
+    OperationFinished {
+        /// The VM.
+        vm_id: VmId,
+        /// Which operation.
+        op: Operation,
+        /// Whether it succeeded.
+        ok: bool,
+    },
+}
+
+/// What the caller wants the VM to be; kept apart from what the VMM reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Desired {
+    /// Configured, not started.
+    Created,
+    /// Running.
+    Running,
+    /// Paused.
+    Paused,
+    /// Stopped.
+    Stopped,
+    /// Removed.
+    Deleted,
+}
+
+/// A read-only copy of a VM's state, handed to readers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmSnapshot {
+    /// Id.
+    pub id: VmId,
+    /// Validated config as the caller gave it.
+    pub config: VmConfig,
+    /// Observed state.
+    pub state: VmState,
+    /// Why the VM is in this state (may be empty).
+    pub reason: String,
+    /// Bumped on every visible change.
+    pub generation: u64,
+    /// Creation time, Unix seconds.
+    pub created_at: i64,
+    /// Last visible change, Unix seconds.
+    pub modified_at: i64,
+    /// What the caller last asked for.
+    pub desired: Desired,
+    /// Whether a delete has completed (the VM is gone).
+    pub deleted: bool,
+}
+
+/// One VM's lifecycle core.
+#[derive(Debug)]
+pub struct Vm {
+    snap: VmSnapshot,
+    pending: Option<Command>,
+    effects: VecDeque<Effect>,
+    events: VecDeque<VmEvent>,
+}
+
+impl Vm {
+    /// A VM whose VMM has just reported `state` after creation.
+    pub fn new(id: VmId, config: VmConfig, state: VmState, now: i64) -> Self {
+        Self::restore(VmSnapshot {
+            id,
+            config,
+            state,
+            reason: String::new(),
+            generation: 1,
+            created_at: now,
+            modified_at: now,
+            desired: Desired::Created,
+            deleted: false,
+        })
+    }
+
+    /// A VM rebuilt from a stored snapshot (recovery).
+    pub fn restore(snap: VmSnapshot) -> Self {
+        Self {
+            snap,
+            pending: None,
+            effects: VecDeque::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    /// The current snapshot.
+    pub fn snapshot(&self) -> &VmSnapshot {
+        &self.snap
+    }
+
+    /// The command being performed, if any.
+    pub fn pending(&self) -> Option<Command> {
+        self.pending
+    }
+
+    /// Admission control: accept, ignore or deny `cmd` given the observed state.
+    pub fn handle_command(&mut self, cmd: Command, now: i64) -> Admission {
+        let _ = now;
+        let state = self.snap.state;
+        if self.snap.deleted {
+            return Admission::Denied(VmError::NotFound(self.snap.id.to_string()));
+        }
+        if let Some(p) = self.pending {
+            return Admission::Denied(self.denied(cmd, format!("{} is in progress", p.operation().as_str())));
+        }
+        use VmState as S;
+        let verdict = match (cmd, state) {
+            (Command::Delete { .. }, S::Created | S::Running | S::Paused | S::Shutdown | S::Failed) => {
+                Verdict::Accept
+            }
+            (Command::Boot, S::Created | S::Shutdown) => Verdict::Accept,
+            (Command::Boot, S::Running) => Verdict::Ignore,
+            (Command::Boot, S::Paused | S::Failed) => Verdict::Deny,
+            (Command::Shutdown { .. }, S::Running | S::Paused) => Verdict::Accept,
+            (Command::Shutdown { .. }, S::Shutdown) => Verdict::Ignore,
+            (Command::Shutdown { .. }, S::Created | S::Failed) => Verdict::Deny,
+            (Command::Pause, S::Running) => Verdict::Accept,
+            (Command::Pause, S::Paused) => Verdict::Ignore,
+            (Command::Pause, S::Created | S::Shutdown | S::Failed) => Verdict::Deny,
+            (Command::Resume, S::Paused) => Verdict::Accept,
+            (Command::Resume, S::Running) => Verdict::Ignore,
+            (Command::Resume, S::Created | S::Shutdown | S::Failed) => Verdict::Deny,
+            (Command::Reboot { .. }, S::Running) => Verdict::Accept,
+            (Command::Reboot { .. }, S::Created | S::Paused | S::Shutdown | S::Failed) => {
+                Verdict::Deny
+            }
+        };
+        match verdict {
+            Verdict::Accept => {
+                self.pending = Some(cmd);
+                self.snap.desired = match cmd {
+                    Command::Boot | Command::Resume | Command::Reboot { .. } => Desired::Running,
+                    Command::Pause => Desired::Paused,
+                    Command::Shutdown { .. } => Desired::Stopped,
+                    Command::Delete { .. } => Desired::Deleted,
+                };
+                self.effects.push_back(Effect::Perform(cmd));
+                Admission::Accepted
+            }
+            Verdict::Ignore => Admission::Ignored,
+            Verdict::Deny => Admission::Denied(self.denied(cmd, self.snap.reason.clone())),
+        }
+    }
+
+    fn denied(&self, cmd: Command, reason: String) -> VmError {
+        VmError::FailedPrecondition {
+            vm_id: self.snap.id.to_string(),
+            operation: cmd.operation().as_str(),
+            state: self.snap.state,
+            reason,
+        }
+    }
+
+    /// Feeds back what the VMM reported.
+    pub fn handle_observation(&mut self, obs: Observation, now: i64) {
+        match obs {
+            Observation::Completed {
+                op,
+                reported,
+                error,
+            } => {
+                let matches_pending = self.pending.map(Command::operation) == Some(op);
+                if !matches_pending {
+                    // A completion for something not in flight is a caller bug; ignoring it
+                    // keeps the state truthful rather than guessing.
+                    return;
+                }
+                self.pending = None;
+                let ok = error.is_none();
+                if op == Operation::Delete && ok {
+                    self.snap.deleted = true;
+                    self.touch(now);
+                } else if let Some((state, reason)) = reported {
+                    self.set_state(state, reason, now);
+                }
+                self.events.push_back(VmEvent::OperationFinished {
+                    vm_id: self.snap.id.clone(),
+                    op,
+                    ok,
+                });
+            }
+            Observation::Reported { state, reason } => {
+                if self.snap.deleted {
+                    return;
+                }
+                self.set_state(state, reason, now);
+            }
+            Observation::Exited { state, reason } => {
+                if self.snap.deleted {
+                    return;
+                }
+                self.set_state(state, reason, now);
+            }
+        }
+    }
+
+    fn set_state(&mut self, state: VmState, reason: String, now: i64) {
+        if self.snap.state == state && self.snap.reason == reason {
+            return;
+        }
+        let from = self.snap.state;
+        self.snap.state = state;
+        self.snap.reason = reason;
+        self.touch(now);
+        if from != state {
+            self.events.push_back(VmEvent::StateChanged {
+                vm_id: self.snap.id.clone(),
+                from,
+                to: state,
+                reason: self.snap.reason.clone(),
+                generation: self.snap.generation,
+            });
+        }
+    }
+
+    fn touch(&mut self, now: i64) {
+        self.snap.generation += 1;
+        self.snap.modified_at = self.snap.modified_at.max(now);
+    }
+
+    /// Next effect to perform, if any.
+    pub fn poll_effect(&mut self) -> Option<Effect> {
+        self.effects.pop_front()
+    }
+
+    /// Next event to publish, if any.
+    pub fn poll_event(&mut self) -> Option<VmEvent> {
+        self.events.pop_front()
+    }
+}
+
+enum Verdict {
+    Accept,
+    Ignore,
+    Deny,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::config::tests::valid;
+    use proptest::prelude::*;
+
+    fn vm() -> Vm {
+        Vm::new(VmId::parse("vm1").expect("valid id"), valid(), VmState::Created, 100)
+    }
+
+    fn complete(v: &mut Vm, op: Operation, state: VmState) {
+        v.handle_observation(
+            Observation::Completed {
+                op,
+                reported: Some((state, String::new())),
+                error: None,
+            },
+            200,
+        );
+    }
+
+    #[test]
+    fn boot_is_admitted_and_state_changes_only_on_report() {
+        let mut v = vm();
+        assert_eq!(v.handle_command(Command::Boot, 150), Admission::Accepted);
+        assert_eq!(v.poll_effect(), Some(Effect::Perform(Command::Boot)));
+        assert_eq!(v.poll_effect(), None);
+        assert_eq!(v.snapshot().state, VmState::Created, "no state change before the VMM reports");
+        complete(&mut v, Operation::Boot, VmState::Running);
+        assert_eq!(v.snapshot().state, VmState::Running);
+        assert_eq!(v.snapshot().generation, 2);
+        assert_eq!(v.snapshot().modified_at, 200);
+        assert!(matches!(v.poll_event(), Some(VmEvent::StateChanged { from: VmState::Created, to: VmState::Running, .. })));
+        assert!(matches!(v.poll_event(), Some(VmEvent::OperationFinished { op: Operation::Boot, ok: true, .. })));
+    }
+
+    #[test]
+    fn repeats_are_ignored_and_illegal_commands_name_the_state() {
+        let mut v = vm();
+        assert_eq!(v.handle_command(Command::Boot, 1), Admission::Accepted);
+        assert_eq!(v.poll_effect(), Some(Effect::Perform(Command::Boot)));
+        complete(&mut v, Operation::Boot, VmState::Running);
+        assert_eq!(v.handle_command(Command::Boot, 2), Admission::Ignored);
+        assert_eq!(v.handle_command(Command::Resume, 2), Admission::Ignored);
+        assert_eq!(v.poll_effect(), None);
+        let mut v = vm();
+        match v.handle_command(Command::Pause, 1) {
+            Admission::Denied(e) => assert!(e.to_string().contains("it is Created"), "{e}"),
+            other => panic!("expected denial, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_failed_operation_records_what_the_vmm_reports() {
+        let mut v = vm();
+        v.handle_command(Command::Boot, 1);
+        v.handle_observation(
+            Observation::Completed {
+                op: Operation::Boot,
+                reported: Some((VmState::Failed, "VMM exited with status 1".into())),
+                error: Some(VmError::Unavailable("boom".into())),
+            },
+            2,
+        );
+        assert_eq!(v.snapshot().state, VmState::Failed);
+        assert_eq!(v.snapshot().reason, "VMM exited with status 1");
+        assert!(matches!(v.handle_command(Command::Boot, 3), Admission::Denied(_)));
+        assert_eq!(v.handle_command(Command::Delete { force: false }, 3), Admission::Accepted);
+    }
+
+    #[test]
+    fn commands_are_denied_while_one_is_in_flight() {
+        let mut v = vm();
+        assert_eq!(v.handle_command(Command::Boot, 1), Admission::Accepted);
+        assert!(matches!(v.handle_command(Command::Delete { force: true }, 1), Admission::Denied(_)));
+    }
+
+    #[test]
+    fn delete_completes_only_on_success() {
+        let mut v = vm();
+        v.handle_command(Command::Delete { force: false }, 1);
+        v.handle_observation(
+            Observation::Completed { op: Operation::Delete, reported: Some((VmState::Created, String::new())), error: Some(VmError::Unavailable("x".into())) },
+            2,
+        );
+        assert!(!v.snapshot().deleted);
+        v.handle_command(Command::Delete { force: false }, 3);
+        v.handle_observation(Observation::Completed { op: Operation::Delete, reported: None, error: None }, 4);
+        assert!(v.snapshot().deleted);
+        assert!(matches!(v.handle_command(Command::Boot, 5), Admission::Denied(VmError::NotFound(_))));
+    }
+
+    // ---- Property tests against a reference model of legal transitions ----
+
+    fn arb_state() -> impl Strategy<Value = VmState> {
+        prop::sample::select(VmState::ALL.to_vec())
+    }
+
+    fn arb_command() -> impl Strategy<Value = Command> {
+        prop_oneof![
+            Just(Command::Boot),
+            (any::<bool>(), 0u32..120).prop_map(|(force, timeout_secs)| Command::Shutdown { force, timeout_secs }),
+            Just(Command::Pause),
+            Just(Command::Resume),
+            any::<bool>().prop_map(|force| Command::Reboot { force }),
+            any::<bool>().prop_map(|force| Command::Delete { force }),
+        ]
+    }
+
+    #[derive(Debug, Clone)]
+    enum Input {
+        Cmd(Command),
+        /// Complete the pending op, with the given reported state and success flag.
+        Complete(VmState, bool),
+        Report(VmState),
+        Exit(bool),
+    }
+
+    fn arb_input() -> impl Strategy<Value = Input> {
+        prop_oneof![
+            3 => arb_command().prop_map(Input::Cmd),
+            3 => (arb_state(), any::<bool>()).prop_map(|(s, ok)| Input::Complete(s, ok)),
+            1 => arb_state().prop_map(Input::Report),
+            1 => any::<bool>().prop_map(Input::Exit),
+        ]
+    }
+
+    /// The reference model: from which observed states each operation may start.
+    fn model_allows(op: Operation, s: VmState) -> bool {
+        use VmState::*;
+        match op {
+            Operation::Boot => matches!(s, Created | Shutdown),
+            Operation::Shutdown => matches!(s, Running | Paused),
+            Operation::Pause => s == Running,
+            Operation::Resume => s == Paused,
+            Operation::Reboot => s == Running,
+            Operation::Delete => true,
+        }
+    }
+
+    fn model_is_repeat(op: Operation, s: VmState) -> bool {
+        use VmState::*;
+        matches!(
+            (op, s),
+            (Operation::Boot, Running) | (Operation::Shutdown, Shutdown) | (Operation::Pause, Paused) | (Operation::Resume, Running)
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+        #[test]
+        fn random_sequences_respect_the_model(inputs in prop::collection::vec(arb_input(), 1..60)) {
+            let mut v = vm();
+            let mut now = 100;
+            for input in inputs {
+                now += 1;
+                let before = v.snapshot().clone();
+                let pending_before = v.pending();
+                match input {
+                    Input::Cmd(cmd) => {
+                        let adm = v.handle_command(cmd, now);
+                        let op = cmd.operation();
+                        match adm {
+                            Admission::Accepted => {
+                                prop_assert!(!before.deleted);
+                                prop_assert!(pending_before.is_none());
+                                prop_assert!(model_allows(op, before.state), "{op:?} admitted in {:?}", before.state);
+                                prop_assert_eq!(v.poll_effect(), Some(Effect::Perform(cmd)));
+                                prop_assert_eq!(v.poll_effect(), None);
+                                // Admission changes intent, never the observed state.
+                                prop_assert_eq!(v.snapshot().state, before.state);
+                                prop_assert_eq!(v.snapshot().generation, before.generation);
+                            }
+                            Admission::Ignored => {
+                                prop_assert!(model_is_repeat(op, before.state));
+                                prop_assert_eq!(v.snapshot(), &before);
+                                prop_assert_eq!(v.poll_effect(), None);
+                            }
+                            Admission::Denied(e) => {
+                                prop_assert!(before.deleted || pending_before.is_some() || !model_allows(op, before.state));
+                                prop_assert_eq!(v.snapshot(), &before, "a denied command leaves state unchanged");
+                                prop_assert_eq!(v.poll_effect(), None);
+                                if !before.deleted {
+                                    let is_precondition = matches!(e, VmError::FailedPrecondition { .. });
+                                    prop_assert!(is_precondition);
+                                }
+                            }
+                        }
+                    }
+                    Input::Complete(state, ok) => {
+                        if let Some(p) = pending_before {
+                            v.handle_observation(Observation::Completed {
+                                op: p.operation(),
+                                reported: Some((state, String::new())),
+                                error: if ok { None } else { Some(VmError::Unavailable("x".into())) },
+                            }, now);
+                            prop_assert!(v.pending().is_none());
+                            if p.operation() == Operation::Delete && ok {
+                                prop_assert!(v.snapshot().deleted);
+                            } else {
+                                prop_assert_eq!(v.snapshot().state, state, "observed state is what the VMM reported");
+                            }
+                        }
+                    }
+                    Input::Report(state) => {
+                        v.handle_observation(Observation::Reported { state, reason: String::new() }, now);
+                        if !before.deleted {
+                            prop_assert_eq!(v.snapshot().state, state);
+                        } else {
+                            prop_assert_eq!(v.snapshot(), &before);
+                        }
+                    }
+                    Input::Exit(crash) => {
+                        let state = if crash { VmState::Failed } else { VmState::Shutdown };
+                        v.handle_observation(Observation::Exited { state, reason: "exit".into() }, now);
+                        if !before.deleted {
+                            prop_assert_eq!(v.snapshot().state, state);
+                        }
+                    }
+                }
+                let after = v.snapshot();
+                prop_assert!(after.generation >= before.generation, "generations only grow");
+                if after.state != before.state || after.reason != before.reason || after.deleted != before.deleted {
+                    prop_assert!(after.generation > before.generation, "a visible change bumps the generation");
+                }
+                prop_assert!(after.modified_at >= before.modified_at);
+                while v.poll_event().is_some() {}
+            }
+        }
+    }
+}

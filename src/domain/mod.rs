@@ -1,0 +1,18 @@
+//! The pure core of VMCP: validated VM configuration, the VM lifecycle state
+//! machine and the error vocabulary. Nothing here performs I/O, reads a
+//! clock or spawns tasks; callers feed inputs in and drain outputs as values.
+
+pub mod config;
+pub mod error;
+pub mod id;
+pub mod lifecycle;
+
+pub use config::{
+    BootConfig, ConfigError, ConsoleConfig, CpuConfig, CpuTopology, MemoryConfig, NetworkInterface,
+    StorageDevice, VmConfig,
+};
+pub use error::VmError;
+pub use id::{VmId, VmIdError};
+pub use lifecycle::{
+    Admission, Command, Effect, Observation, Operation, Vm, VmEvent, VmSnapshot, VmState,
+};

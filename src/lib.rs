@@ -1,0 +1,11 @@
+//! VMCP, the VMM Control Plane.
+
+/// Generated vmm.v1 protobuf messages and ConnectRPC service stubs.
+#[allow(clippy::all, missing_docs, unreachable_pub)]
+pub mod proto {
+    connectrpc::include_generated!();
+}
+
+pub mod domain;
+pub mod ports;
+pub mod adapters;

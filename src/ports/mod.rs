@@ -1,0 +1,19 @@
+//! Ports: the traits through which the application talks to the outside
+//! world, in domain words. Inbound: [`VmService`]. Outbound: [`Hypervisor`]
+//! (one VMM per VM), [`VmStore`] (records that survive restarts),
+//! [`Telemetry`] (events, never blocking) and [`Clock`].
+
+pub mod clock;
+pub mod hypervisor;
+pub mod service;
+pub mod store;
+pub mod telemetry;
+
+pub use clock::{Clock, SystemClock};
+pub use hypervisor::{
+    BackendCheck, BackendEvent, BackendKind, EventSink, Hypervisor, HypervisorError, NetworkStats,
+    ShutdownMode, StorageStats, VmMetrics, VmmInfo, VmmProcess,
+};
+pub use service::{CreateVm, ListQuery, VmDetails, VmPage, VmService};
+pub use store::{StoreError, VmRecord, VmStore};
+pub use telemetry::{NoopTelemetry, Telemetry, TelemetryEvent};

@@ -1,0 +1,42 @@
+//! The port through which VM records survive VMCP restarts.
+
+use std::future::Future;
+
+use crate::domain::{VmId, VmSnapshot};
+
+use super::hypervisor::VmmProcess;
+
+/// Everything needed to re-adopt or reconcile a VM after a restart.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmRecord {
+    /// Config, desired and observed state, reason, generation, timestamps.
+    pub snapshot: VmSnapshot,
+    /// The VMM process, once one was started.
+    pub process: Option<VmmProcess>,
+}
+
+/// Why the store failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The store cannot be written now (disk full, I/O error); nothing was changed.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The stored data cannot be read back (corruption, unknown schema).
+    #[error("store corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// Durable VM records.
+#[cfg_attr(test, mockall::automock)]
+pub trait VmStore: Send + Sync + 'static {
+    /// Inserts or replaces the record for `record.snapshot.id`, atomically.
+    /// MUST return `Unavailable` and leave the previous record intact on failure.
+    fn put(&self, record: &VmRecord) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Removes the record for `id`; removing a missing record succeeds.
+    fn remove(&self, id: &VmId) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Reads every record, ordered by id. MUST return `Corrupt` rather than
+    /// skip a record it cannot decode.
+    fn load_all(&self) -> impl Future<Output = Result<Vec<VmRecord>, StoreError>> + Send;
+}

@@ -1,0 +1,54 @@
+//! The telemetry port: the application reports what happened, an adapter
+//! turns it into spans and metrics. Implementations MUST NOT block or fail.
+
+use std::time::Duration;
+
+use crate::domain::{Operation, VmEvent};
+
+use super::hypervisor::BackendKind;
+
+/// Something worth counting or tracing.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TelemetryEvent {
+    /// A lifecycle event from the domain core.
+    Vm(VmEvent),
+    /// A hypervisor call finished.
+    HypervisorCall {
+        /// Backend.
+        backend: BackendKind,
+        /// Operation (`create`, `boot`, … `info`).
+        operation: &'static str,
+        /// `ok` or an error class.
+        outcome: &'static str,
+        /// How long it took.
+        duration: Duration,
+    },
+    /// A VM reached Running after a boot.
+    BootCompleted {
+        /// Backend.
+        backend: BackendKind,
+        /// Time from the boot request to Running.
+        duration: Duration,
+    },
+    /// An admitted operation was denied or ignored (for counters).
+    Admission {
+        /// The operation.
+        op: Operation,
+        /// `accepted`, `ignored` or `denied`.
+        outcome: &'static str,
+    },
+}
+
+/// Receives telemetry events.
+pub trait Telemetry: Send + Sync + 'static {
+    /// Records `event`. MUST return promptly and never fail the caller.
+    fn record(&self, event: TelemetryEvent);
+}
+
+/// Telemetry that records nothing.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoopTelemetry;
+
+impl Telemetry for NoopTelemetry {
+    fn record(&self, _event: TelemetryEvent) {}
+}
