@@ -9,3 +9,4 @@ pub mod proto {
 pub mod domain;
 pub mod ports;
 pub mod adapters;
+pub mod app;

@@ -14,6 +14,8 @@ pub use hypervisor::{
     BackendCheck, BackendEvent, BackendKind, EventSink, Hypervisor, HypervisorError, NetworkStats,
     ShutdownMode, StorageStats, VmMetrics, VmmInfo, VmmProcess,
 };
-pub use service::{CreateVm, ListQuery, VmDetails, VmPage, VmService};
+pub use service::{
+    BackendHealth, CreateVm, HealthCheck, ListQuery, ServiceHealth, VmDetails, VmPage, VmService,
+};
 pub use store::{StoreError, VmRecord, VmStore};
 pub use telemetry::{NoopTelemetry, Telemetry, TelemetryEvent};

@@ -76,3 +76,37 @@ pub trait VmService: Send + Sync + 'static {
     /// Lists VMs.
     fn list_vms(&self, query: ListQuery) -> impl Future<Output = Result<VmPage, VmError>> + Send;
 }
+
+/// What `/_/health` reports about the backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendHealth {
+    /// `cloudhypervisor` or `firecracker`.
+    pub kind: &'static str,
+    /// Whether the backend can be used.
+    pub healthy: bool,
+    /// VMM version when healthy.
+    pub version: String,
+    /// What is missing when unhealthy.
+    pub error: String,
+    /// How long the check took (zero when a recent answer was reused).
+    pub duration: std::time::Duration,
+}
+
+/// The state of the service as the health endpoint reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ServiceHealth {
+    /// Start-up recovery is still running; VM calls are not served yet.
+    pub recovering: bool,
+    /// VMs per observed state (lower-case state names).
+    pub vm_counts: BTreeMap<&'static str, u64>,
+    /// Telemetry pipeline state: `disabled`, `ok` or the last export error.
+    pub telemetry: String,
+}
+
+/// Read-only health questions the health endpoint asks the application.
+pub trait HealthCheck: Send + Sync + 'static {
+    /// Checks the backend (cached for a few seconds).
+    fn backend(&self) -> std::pin::Pin<Box<dyn Future<Output = BackendHealth> + Send + '_>>;
+    /// Reports recovery, VM counts and telemetry state.
+    fn service(&self) -> ServiceHealth;
+}

@@ -1,0 +1,191 @@
+//! The ConnectRPC face of the VM service: implements the generated
+//! `vmm.v1.VmService` trait by converting wire messages to domain calls on
+//! the inbound port and mapping errors in one place.
+
+use std::sync::Arc;
+
+use connectrpc::{ConnectError, RequestContext, Response, ServiceRequest, ServiceResult};
+
+use crate::domain::VmError;
+use crate::ports::{CreateVm, ListQuery, VmService};
+use crate::proto::vmm::v1 as pb;
+
+use super::convert::{
+    config_in, details_out, non_negative, optional_vm_id, state_filter_in, state_out, vm_id,
+    vm_info_out,
+};
+use super::errors::to_connect;
+
+/// Adapts a [`VmService`] implementation to the generated ConnectRPC trait.
+pub struct RpcService<S> {
+    inner: Arc<S>,
+}
+
+impl<S> RpcService<S> {
+    /// Wraps the service.
+    pub fn new(inner: Arc<S>) -> Self {
+        Self { inner }
+    }
+}
+
+fn fail(e: VmError) -> ConnectError {
+    to_connect(&e)
+}
+
+fn record_vm_id(id: &str) {
+    tracing::Span::current().record("vm.id", id);
+}
+
+// The generated trait returns `impl Encodable`; naming the concrete message type is the point.
+#[allow(refining_impl_trait)]
+impl<S: VmService> pb::VmService for RpcService<S> {
+    async fn create_vm(
+        &self,
+        _ctx: RequestContext,
+        request: ServiceRequest<'_, pb::CreateVmRequest>,
+    ) -> ServiceResult<pb::CreateVmResponse> {
+        let req = request.to_owned_message();
+        record_vm_id(&req.vm_id);
+        let create = CreateVm {
+            vm_id: optional_vm_id(&req.vm_id).map_err(fail)?,
+            config: config_in(req.config.as_option().ok_or_else(|| {
+                fail(VmError::InvalidArgument(crate::domain::ConfigError::new(
+                    "config",
+                    "is required",
+                )))
+            })?),
+        };
+        let snap = self.inner.create_vm(create).await.map_err(fail)?;
+        record_vm_id(snap.id.as_str());
+        Response::ok(pb::CreateVmResponse {
+            vm_id: snap.id.to_string(),
+            state: state_out(snap.state),
+            ..Default::default()
+        })
+    }
+
+    async fn delete_vm(
+        &self,
+        _ctx: RequestContext,
+        request: ServiceRequest<'_, pb::DeleteVmRequest>,
+    ) -> ServiceResult<pb::DeleteVmResponse> {
+        record_vm_id(request.vm_id);
+        let id = vm_id("vm_id", request.vm_id).map_err(fail)?;
+        self.inner.delete_vm(id, request.force).await.map_err(fail)?;
+        Response::ok(pb::DeleteVmResponse {
+            success: true,
+            ..Default::default()
+        })
+    }
+
+    async fn boot_vm(
+        &self,
+        _ctx: RequestContext,
+        request: ServiceRequest<'_, pb::BootVmRequest>,
+    ) -> ServiceResult<pb::BootVmResponse> {
+        record_vm_id(request.vm_id);
+        let id = vm_id("vm_id", request.vm_id).map_err(fail)?;
+        let state = self.inner.boot_vm(id).await.map_err(fail)?;
+        Response::ok(pb::BootVmResponse {
+            success: true,
+            state: state_out(state),
+            ..Default::default()
+        })
+    }
+
+    async fn shutdown_vm(
+        &self,
+        _ctx: RequestContext,
+        request: ServiceRequest<'_, pb::ShutdownVmRequest>,
+    ) -> ServiceResult<pb::ShutdownVmResponse> {
+        record_vm_id(request.vm_id);
+        let id = vm_id("vm_id", request.vm_id).map_err(fail)?;
+        let timeout = non_negative("timeout_seconds", request.timeout_seconds).map_err(fail)?;
+        let state = self
+            .inner
+            .shutdown_vm(id, request.force, timeout)
+            .await
+            .map_err(fail)?;
+        Response::ok(pb::ShutdownVmResponse {
+            success: true,
+            state: state_out(state),
+            ..Default::default()
+        })
+    }
+
+    async fn pause_vm(
+        &self,
+        _ctx: RequestContext,
+        request: ServiceRequest<'_, pb::PauseVmRequest>,
+    ) -> ServiceResult<pb::PauseVmResponse> {
+        record_vm_id(request.vm_id);
+        let id = vm_id("vm_id", request.vm_id).map_err(fail)?;
+        let state = self.inner.pause_vm(id).await.map_err(fail)?;
+        Response::ok(pb::PauseVmResponse {
+            success: true,
+            state: state_out(state),
+            ..Default::default()
+        })
+    }
+
+    async fn resume_vm(
+        &self,
+        _ctx: RequestContext,
+        request: ServiceRequest<'_, pb::ResumeVmRequest>,
+    ) -> ServiceResult<pb::ResumeVmResponse> {
+        record_vm_id(request.vm_id);
+        let id = vm_id("vm_id", request.vm_id).map_err(fail)?;
+        let state = self.inner.resume_vm(id).await.map_err(fail)?;
+        Response::ok(pb::ResumeVmResponse {
+            success: true,
+            state: state_out(state),
+            ..Default::default()
+        })
+    }
+
+    async fn reboot_vm(
+        &self,
+        _ctx: RequestContext,
+        request: ServiceRequest<'_, pb::RebootVmRequest>,
+    ) -> ServiceResult<pb::RebootVmResponse> {
+        record_vm_id(request.vm_id);
+        let id = vm_id("vm_id", request.vm_id).map_err(fail)?;
+        let state = self.inner.reboot_vm(id, request.force).await.map_err(fail)?;
+        Response::ok(pb::RebootVmResponse {
+            success: true,
+            state: state_out(state),
+            ..Default::default()
+        })
+    }
+
+    async fn get_vm_info(
+        &self,
+        _ctx: RequestContext,
+        request: ServiceRequest<'_, pb::GetVmInfoRequest>,
+    ) -> ServiceResult<pb::GetVmInfoResponse> {
+        record_vm_id(request.vm_id);
+        let id = vm_id("vm_id", request.vm_id).map_err(fail)?;
+        let details = self.inner.get_vm_info(id).await.map_err(fail)?;
+        Response::ok(details_out(&details))
+    }
+
+    async fn list_vms(
+        &self,
+        _ctx: RequestContext,
+        request: ServiceRequest<'_, pb::ListVmsRequest>,
+    ) -> ServiceResult<pb::ListVmsResponse> {
+        let req = request.to_owned_message();
+        let query = ListQuery {
+            states: state_filter_in(&req.state_filter).map_err(fail)?,
+            page_size: non_negative("page_size", req.page_size).map_err(fail)?,
+            page_token: req.page_token.clone(),
+        };
+        let page = self.inner.list_vms(query).await.map_err(fail)?;
+        Response::ok(pb::ListVmsResponse {
+            vms: page.vms.iter().map(vm_info_out).collect(),
+            next_page_token: page.next_page_token,
+            total_count: i32::try_from(page.total_count).unwrap_or(i32::MAX),
+            ..Default::default()
+        })
+    }
+}

@@ -1,0 +1,143 @@
+//! The HTTP server: one port serving Connect (JSON and binary), gRPC and
+//! gRPC-Web over HTTP/1.1 and h2c, plus the health endpoints. Shutdown stops
+//! accepting, lets in-flight requests finish within a bound, and returns.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use connectrpc::{ConnectRpcService, DeadlinePolicy, Limits, Router};
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tower::util::BoxCloneService;
+use tower::{Service, ServiceExt};
+
+use crate::ports::{HealthCheck, VmService};
+use crate::proto::vmm::v1::VmServiceExt;
+
+use super::health;
+use super::rpc::RpcService;
+
+/// Response body used by every route.
+pub type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+/// The RPC route as a type-erased tower service, so telemetry layers can wrap it.
+pub type RpcHttpService = BoxCloneService<Request<Incoming>, Response<Body>, Infallible>;
+
+/// Limits applied to the RPC routes.
+#[derive(Debug, Clone, Copy)]
+pub struct RpcLimits {
+    /// Largest request body (and message) accepted.
+    pub max_request_bytes: usize,
+    /// Cap on client deadlines.
+    pub max_deadline: Duration,
+}
+
+/// Builds the ConnectRPC service for `svc` with `limits`.
+pub fn rpc_service<S: VmService>(svc: Arc<S>, limits: RpcLimits) -> RpcHttpService {
+    let router = Arc::new(RpcService::new(svc)).register(Router::new());
+    let connect = ConnectRpcService::new(router)
+        .with_limits(
+            Limits::default()
+                .with_max_request_body_size(limits.max_request_bytes)
+                .with_max_message_size(limits.max_request_bytes),
+        )
+        .with_deadline_policy(DeadlinePolicy::new().with_max(limits.max_deadline));
+    BoxCloneService::new(
+        ServiceExt::<Request<Incoming>>::map_response(connect, |r: Response<connectrpc::ConnectRpcBody>| {
+            r.map(|b| b.boxed_unsync())
+        }),
+    )
+}
+
+fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())).boxed_unsync());
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    h.insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
+    r
+}
+
+/// Routes one request: health paths here, everything else to the RPC service.
+pub async fn route(
+    req: Request<Incoming>,
+    mut rpc: RpcHttpService,
+    health_check: Arc<dyn HealthCheck>,
+) -> Result<Response<Body>, Infallible> {
+    match req.uri().path() {
+        "/health" | "/_/health" if req.method() != Method::GET && req.method() != Method::HEAD => {
+            let mut r = json_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &serde_json::json!({"error": "use GET"}),
+            );
+            r.headers_mut()
+                .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
+            Ok(r)
+        }
+        "/health" => Ok(json_response(
+            StatusCode::OK,
+            &serde_json::json!({"status": "ok"}),
+        )),
+        "/_/health" => {
+            let (status, body) = health::detailed(&*health_check).await;
+            Ok(json_response(status, &body))
+        }
+        _ => {
+            // The boxed service is always ready (ConnectRpcService::poll_ready is Ready).
+            let svc = rpc.ready().await?;
+            svc.call(req).await
+        }
+    }
+}
+
+/// Serves until `shutdown` resolves, then drains in-flight requests for at most `grace`.
+pub async fn serve(
+    listener: TcpListener,
+    rpc: RpcHttpService,
+    health_check: Arc<dyn HealthCheck>,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+) {
+    let builder = Builder::new(TokioExecutor::new());
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // Resource errors (EMFILE) are transient; back off briefly via the accept loop.
+                        tracing::warn!(error = %e, "accept failed");
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let rpc = rpc.clone();
+                let hc = Arc::clone(&health_check);
+                let svc = hyper::service::service_fn(move |req| route(req, rpc.clone(), Arc::clone(&hc)));
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                let conn = graceful.watch(conn.into_owned());
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            () = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    tracing::info!("shutting down: draining in-flight requests");
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        tracing::warn!(?grace, "in-flight requests did not finish within the grace period");
+    }
+}

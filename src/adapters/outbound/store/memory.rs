@@ -1,0 +1,46 @@
+//! An in-memory `VmStore`: records live as long as the process. Used by tests
+//! and wherever durability is not wanted.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use crate::domain::VmId;
+use crate::ports::{StoreError, VmRecord, VmStore};
+
+/// Records in a map.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    records: Mutex<BTreeMap<VmId, VmRecord>>,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl VmStore for MemoryStore {
+    async fn put(&self, record: &VmRecord) -> Result<(), StoreError> {
+        self.records
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(record.snapshot.id.clone(), record.clone());
+        Ok(())
+    }
+
+    async fn remove(&self, id: &VmId) -> Result<(), StoreError> {
+        self.records.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        Ok(())
+    }
+
+    async fn load_all(&self) -> Result<Vec<VmRecord>, StoreError> {
+        Ok(self
+            .records
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect())
+    }
+}

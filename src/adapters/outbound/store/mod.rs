@@ -1,0 +1,3 @@
+//! VM record stores behind the `VmStore` port.
+
+pub mod memory;

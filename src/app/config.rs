@@ -1,0 +1,479 @@
+//! Service configuration, read from `UNKEY_VMCP_*` environment variables with
+//! envy. Every variable is parsed strictly: a bad value stops start-up with
+//! one line naming the variable and the accepted values; nothing is silently
+//! defaulted. Unknown `UNKEY_VMCP_*` variables are reported so typos surface.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::ports::BackendKind;
+
+/// The prefix of every variable.
+pub const PREFIX: &str = "UNKEY_VMCP_";
+
+/// Every variable VMCP reads, without the prefix.
+pub const KNOWN_VARIABLES: &[&str] = &[
+    "PORT",
+    "ADDRESS",
+    "BACKEND",
+    "CH_ENDPOINT",
+    "CH_BINARY",
+    "FC_ENDPOINT",
+    "FC_BINARY",
+    "FC_JAILER_BINARY",
+    "FC_JAILER_UID",
+    "FC_JAILER_GID",
+    "FC_JAILER_CHROOT_BASE",
+    "RUNTIME_DIR",
+    "DATA_DIR",
+    "LOG_LEVEL",
+    "HYPERVISOR_TIMEOUT_SECONDS",
+    "MAX_REQUEST_BYTES",
+    "MAX_DEADLINE_SECONDS",
+    "SHUTDOWN_GRACE_SECONDS",
+    "OTEL_ENABLED",
+    "OTEL_SERVICE_NAME",
+    "OTEL_SERVICE_VERSION",
+    "OTEL_SAMPLING_RATE",
+    "OTEL_ENDPOINT",
+    "OTEL_PROMETHEUS_ENABLED",
+    "OTEL_PROMETHEUS_PORT",
+];
+
+/// A configuration error: one line naming the variable and what it accepts.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{variable}={value:?} is invalid: {expected}")]
+pub struct ConfigError {
+    /// The full variable name.
+    pub variable: String,
+    /// The value found.
+    pub value: String,
+    /// What would have been accepted.
+    pub expected: String,
+}
+
+fn bad(var: &str, value: &str, expected: impl Into<String>) -> ConfigError {
+    ConfigError {
+        variable: format!("{PREFIX}{var}"),
+        value: value.to_owned(),
+        expected: expected.into(),
+    }
+}
+
+/// Raw values as envy finds them; parsed and checked by [`Config::from_vars`].
+#[derive(Debug, Default, Deserialize)]
+struct Raw {
+    port: Option<String>,
+    address: Option<String>,
+    backend: Option<String>,
+    ch_endpoint: Option<String>,
+    ch_binary: Option<String>,
+    fc_endpoint: Option<String>,
+    fc_binary: Option<String>,
+    fc_jailer_binary: Option<String>,
+    fc_jailer_uid: Option<String>,
+    fc_jailer_gid: Option<String>,
+    fc_jailer_chroot_base: Option<String>,
+    runtime_dir: Option<String>,
+    data_dir: Option<String>,
+    log_level: Option<String>,
+    hypervisor_timeout_seconds: Option<String>,
+    max_request_bytes: Option<String>,
+    max_deadline_seconds: Option<String>,
+    shutdown_grace_seconds: Option<String>,
+    otel_enabled: Option<String>,
+    otel_service_name: Option<String>,
+    otel_service_version: Option<String>,
+    otel_sampling_rate: Option<String>,
+    otel_endpoint: Option<String>,
+    otel_prometheus_enabled: Option<String>,
+    otel_prometheus_port: Option<String>,
+}
+
+/// Firecracker's jailer settings (production mode for Firecracker).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JailerConfig {
+    /// Path of the `jailer` binary.
+    pub binary: PathBuf,
+    /// uid the VMM runs as.
+    pub uid: u32,
+    /// gid the VMM runs as.
+    pub gid: u32,
+    /// Base directory for the per-VM chroots.
+    pub chroot_base: PathBuf,
+}
+
+/// OpenTelemetry settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OtelConfig {
+    /// Whether traces and metrics are pushed over OTLP/HTTP.
+    pub enabled: bool,
+    /// `service.name`.
+    pub service_name: String,
+    /// `service.version`.
+    pub service_version: String,
+    /// Ratio of root traces sampled, in [0, 1]; error traces are always kept.
+    pub sampling_rate: f64,
+    /// OTLP/HTTP collector, `host:port` or a URL.
+    pub endpoint: String,
+    /// Whether `/metrics` is served for Prometheus.
+    pub prometheus_enabled: bool,
+    /// Port of the `/metrics` listener.
+    pub prometheus_port: u16,
+}
+
+/// The whole service configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// API listen port.
+    pub port: u16,
+    /// API listen address.
+    pub address: IpAddr,
+    /// Which VMM backs the VMs.
+    pub backend: BackendKind,
+    /// Seed-compatible Cloud Hypervisor endpoint (`unix:///path`): a VMM already
+    /// listening there at start-up is adopted as the VM `default`.
+    pub ch_endpoint: PathBuf,
+    /// `cloud-hypervisor` binary (a path, or a name looked up on PATH).
+    pub ch_binary: PathBuf,
+    /// Seed-compatible Firecracker endpoint (`unix:///path`): a VMM already
+    /// listening there at start-up is adopted as the VM `default`.
+    pub fc_endpoint: PathBuf,
+    /// `firecracker` binary.
+    pub fc_binary: PathBuf,
+    /// Jailer mode for Firecracker, when configured.
+    pub fc_jailer: Option<JailerConfig>,
+    /// Root of the per-VM runtime directories (sockets, logs, consoles).
+    pub runtime_dir: PathBuf,
+    /// Where durable VM records live.
+    pub data_dir: PathBuf,
+    /// Log filter (tracing-subscriber EnvFilter syntax); RUST_LOG wins when set.
+    pub log_level: String,
+    /// Timeout of one hypervisor call.
+    pub hypervisor_timeout: Duration,
+    /// Largest accepted request body.
+    pub max_request_bytes: usize,
+    /// Cap on client deadlines (Connect-Timeout-Ms / grpc-timeout).
+    pub max_deadline: Duration,
+    /// How long shutdown waits for in-flight requests.
+    pub shutdown_grace: Duration,
+    /// Telemetry.
+    pub otel: OtelConfig,
+}
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_vars(std::env::vars())
+    }
+
+    /// Reads variables from an iterator (tests pass their own).
+    pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
+        let vars: Vec<(String, String)> = vars
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(PREFIX))
+            .collect();
+        let raw: Raw = envy::prefixed(PREFIX)
+            .from_iter(vars)
+            .map_err(|e| bad("*", "", format!("cannot read the environment: {e}")))?;
+
+        let backend = match raw.backend.as_deref() {
+            None | Some("cloudhypervisor") => BackendKind::CloudHypervisor,
+            Some("firecracker") => BackendKind::Firecracker,
+            Some(v) => return Err(bad("BACKEND", v, "one of: cloudhypervisor, firecracker")),
+        };
+        let fc_jailer = match raw.fc_jailer_binary.as_deref() {
+            None => {
+                for (name, v) in [
+                    ("FC_JAILER_UID", &raw.fc_jailer_uid),
+                    ("FC_JAILER_GID", &raw.fc_jailer_gid),
+                    ("FC_JAILER_CHROOT_BASE", &raw.fc_jailer_chroot_base),
+                ] {
+                    if let Some(v) = v {
+                        return Err(bad(name, v, "only meaningful with UNKEY_VMCP_FC_JAILER_BINARY set"));
+                    }
+                }
+                None
+            }
+            Some(bin) => Some(JailerConfig {
+                binary: path("FC_JAILER_BINARY", bin)?,
+                uid: number("FC_JAILER_UID", raw.fc_jailer_uid.as_deref(), 0, 0, u32::MAX as u64)? as u32,
+                gid: number("FC_JAILER_GID", raw.fc_jailer_gid.as_deref(), 0, 0, u32::MAX as u64)? as u32,
+                chroot_base: abs_path(
+                    "FC_JAILER_CHROOT_BASE",
+                    raw.fc_jailer_chroot_base.as_deref().unwrap_or("/srv/jailer"),
+                )?,
+            }),
+        };
+        let sampling_rate = match raw.otel_sampling_rate.as_deref() {
+            None => 1.0,
+            Some(v) => match v.trim().parse::<f64>() {
+                Ok(r) if (0.0..=1.0).contains(&r) => r,
+                _ => return Err(bad("OTEL_SAMPLING_RATE", v, "a number from 0.0 to 1.0")),
+            },
+        };
+        let otel = OtelConfig {
+            enabled: boolean("OTEL_ENABLED", raw.otel_enabled.as_deref(), false)?,
+            service_name: non_empty("OTEL_SERVICE_NAME", raw.otel_service_name.as_deref(), "vmm-controlplane")?,
+            service_version: non_empty("OTEL_SERVICE_VERSION", raw.otel_service_version.as_deref(), "0.0.1")?,
+            sampling_rate,
+            endpoint: non_empty("OTEL_ENDPOINT", raw.otel_endpoint.as_deref(), "localhost:4318")?,
+            prometheus_enabled: boolean("OTEL_PROMETHEUS_ENABLED", raw.otel_prometheus_enabled.as_deref(), true)?,
+            prometheus_port: number("OTEL_PROMETHEUS_PORT", raw.otel_prometheus_port.as_deref(), 9464, 1, 65535)? as u16,
+        };
+        let log_level = non_empty("LOG_LEVEL", raw.log_level.as_deref(), "info")?;
+        if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
+            return Err(bad("LOG_LEVEL", &log_level, "a level (error, warn, info, debug, trace) or a RUST_LOG-style filter"));
+        }
+        Ok(Self {
+            port: number("PORT", raw.port.as_deref(), 8080, 0, 65535)? as u16,
+            address: match raw.address.as_deref() {
+                None => IpAddr::from([0, 0, 0, 0]),
+                Some(v) => v
+                    .trim()
+                    .parse()
+                    .map_err(|_| bad("ADDRESS", v, "an IPv4 or IPv6 address such as 0.0.0.0, 127.0.0.1 or ::"))?,
+            },
+            backend,
+            ch_endpoint: unix_endpoint("CH_ENDPOINT", raw.ch_endpoint.as_deref(), "unix:///tmp/ch.sock")?,
+            ch_binary: path("CH_BINARY", raw.ch_binary.as_deref().unwrap_or("cloud-hypervisor"))?,
+            fc_endpoint: unix_endpoint("FC_ENDPOINT", raw.fc_endpoint.as_deref(), "unix:///tmp/firecracker.sock")?,
+            fc_binary: path("FC_BINARY", raw.fc_binary.as_deref().unwrap_or("firecracker"))?,
+            fc_jailer,
+            runtime_dir: abs_path("RUNTIME_DIR", raw.runtime_dir.as_deref().unwrap_or("/run/vmcp"))?,
+            data_dir: abs_path("DATA_DIR", raw.data_dir.as_deref().unwrap_or("/var/lib/vmcp"))?,
+            log_level,
+            hypervisor_timeout: Duration::from_secs(number(
+                "HYPERVISOR_TIMEOUT_SECONDS",
+                raw.hypervisor_timeout_seconds.as_deref(),
+                30,
+                1,
+                3600,
+            )?),
+            max_request_bytes: number("MAX_REQUEST_BYTES", raw.max_request_bytes.as_deref(), 1 << 20, 1024, 64 << 20)? as usize,
+            max_deadline: Duration::from_secs(number("MAX_DEADLINE_SECONDS", raw.max_deadline_seconds.as_deref(), 600, 1, 86400)?),
+            shutdown_grace: Duration::from_secs(number("SHUTDOWN_GRACE_SECONDS", raw.shutdown_grace_seconds.as_deref(), 30, 0, 3600)?),
+            otel,
+        })
+    }
+
+    /// Unknown `UNKEY_VMCP_*` variables present in `vars` (probably typos).
+    pub fn unknown_variables(vars: impl IntoIterator<Item = (String, String)>) -> Vec<String> {
+        vars.into_iter()
+            .filter_map(|(k, _)| {
+                let rest = k.strip_prefix(PREFIX)?;
+                (!KNOWN_VARIABLES.contains(&rest)).then_some(k)
+            })
+            .collect()
+    }
+}
+
+fn number(var: &str, v: Option<&str>, default: u64, min: u64, max: u64) -> Result<u64, ConfigError> {
+    let Some(v) = v else { return Ok(default) };
+    match v.trim().parse::<u64>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        _ => Err(bad(var, v, format!("a whole number from {min} to {max}"))),
+    }
+}
+
+fn boolean(var: &str, v: Option<&str>, default: bool) -> Result<bool, ConfigError> {
+    match v.map(|s| s.trim().to_ascii_lowercase()).as_deref() {
+        None => Ok(default),
+        Some("true" | "1" | "yes" | "on") => Ok(true),
+        Some("false" | "0" | "no" | "off") => Ok(false),
+        Some(_) => Err(bad(var, v.unwrap_or_default(), "true or false (also 1/0, yes/no, on/off)")),
+    }
+}
+
+fn non_empty(var: &str, v: Option<&str>, default: &str) -> Result<String, ConfigError> {
+    match v {
+        None => Ok(default.to_owned()),
+        Some(s) if !s.trim().is_empty() => Ok(s.trim().to_owned()),
+        Some(s) => Err(bad(var, s, "a non-empty string")),
+    }
+}
+
+fn path(var: &str, v: &str) -> Result<PathBuf, ConfigError> {
+    if v.trim().is_empty() || v.contains('\0') {
+        return Err(bad(var, v, "a non-empty path or command name"));
+    }
+    Ok(PathBuf::from(v))
+}
+
+fn abs_path(var: &str, v: &str) -> Result<PathBuf, ConfigError> {
+    if !v.starts_with('/') || v.contains('\0') {
+        return Err(bad(var, v, "an absolute path"));
+    }
+    Ok(PathBuf::from(v))
+}
+
+fn unix_endpoint(var: &str, v: Option<&str>, default: &str) -> Result<PathBuf, ConfigError> {
+    let v = v.unwrap_or(default);
+    match v.strip_prefix("unix://") {
+        Some(p) if p.starts_with('/') && !p.contains('\0') => Ok(PathBuf::from(p)),
+        _ => Err(bad(var, v, "unix:///absolute/path/to/api.sock")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::from_vars(pairs.iter().map(|(k, v)| (format!("{PREFIX}{k}"), (*v).to_owned())))
+    }
+
+    #[test]
+    fn defaults_match_the_seed() {
+        let c = cfg(&[]).expect("defaults are valid");
+        assert_eq!(c.port, 8080);
+        assert_eq!(c.address.to_string(), "0.0.0.0");
+        assert_eq!(c.backend, BackendKind::CloudHypervisor);
+        assert_eq!(c.ch_endpoint, PathBuf::from("/tmp/ch.sock"));
+        assert_eq!(c.fc_endpoint, PathBuf::from("/tmp/firecracker.sock"));
+        assert_eq!(c.ch_binary, PathBuf::from("cloud-hypervisor"));
+        assert_eq!(c.fc_binary, PathBuf::from("firecracker"));
+        assert_eq!(c.fc_jailer, None);
+        assert_eq!(c.runtime_dir, PathBuf::from("/run/vmcp"));
+        assert_eq!(c.data_dir, PathBuf::from("/var/lib/vmcp"));
+        assert_eq!(c.log_level, "info");
+        assert_eq!(c.hypervisor_timeout, Duration::from_secs(30));
+        assert_eq!(c.max_request_bytes, 1 << 20);
+        assert_eq!(c.max_deadline, Duration::from_secs(600));
+        assert_eq!(c.shutdown_grace, Duration::from_secs(30));
+        assert_eq!(
+            c.otel,
+            OtelConfig {
+                enabled: false,
+                service_name: "vmm-controlplane".into(),
+                service_version: "0.0.1".into(),
+                sampling_rate: 1.0,
+                endpoint: "localhost:4318".into(),
+                prometheus_enabled: true,
+                prometheus_port: 9464,
+            }
+        );
+    }
+
+    #[test]
+    fn every_variable_is_read() {
+        let c = cfg(&[
+            ("PORT", "9000"),
+            ("ADDRESS", "127.0.0.1"),
+            ("BACKEND", "firecracker"),
+            ("CH_ENDPOINT", "unix:///run/ch.sock"),
+            ("CH_BINARY", "/opt/ch"),
+            ("FC_ENDPOINT", "unix:///run/fc.sock"),
+            ("FC_BINARY", "/opt/fc"),
+            ("FC_JAILER_BINARY", "/opt/jailer"),
+            ("FC_JAILER_UID", "123"),
+            ("FC_JAILER_GID", "456"),
+            ("FC_JAILER_CHROOT_BASE", "/srv/j"),
+            ("RUNTIME_DIR", "/tmp/rt"),
+            ("DATA_DIR", "/tmp/data"),
+            ("LOG_LEVEL", "debug"),
+            ("HYPERVISOR_TIMEOUT_SECONDS", "5"),
+            ("MAX_REQUEST_BYTES", "4096"),
+            ("MAX_DEADLINE_SECONDS", "60"),
+            ("SHUTDOWN_GRACE_SECONDS", "3"),
+            ("OTEL_ENABLED", "true"),
+            ("OTEL_SERVICE_NAME", "svc"),
+            ("OTEL_SERVICE_VERSION", "9.9"),
+            ("OTEL_SAMPLING_RATE", "0.25"),
+            ("OTEL_ENDPOINT", "collector:4318"),
+            ("OTEL_PROMETHEUS_ENABLED", "false"),
+            ("OTEL_PROMETHEUS_PORT", "9999"),
+        ])
+        .expect("valid");
+        assert_eq!(c.port, 9000);
+        assert_eq!(c.address.to_string(), "127.0.0.1");
+        assert_eq!(c.backend, BackendKind::Firecracker);
+        assert_eq!(c.ch_endpoint, PathBuf::from("/run/ch.sock"));
+        assert_eq!(c.ch_binary, PathBuf::from("/opt/ch"));
+        assert_eq!(c.fc_endpoint, PathBuf::from("/run/fc.sock"));
+        assert_eq!(c.fc_binary, PathBuf::from("/opt/fc"));
+        assert_eq!(
+            c.fc_jailer,
+            Some(JailerConfig {
+                binary: "/opt/jailer".into(),
+                uid: 123,
+                gid: 456,
+                chroot_base: "/srv/j".into()
+            })
+        );
+        assert_eq!(c.runtime_dir, PathBuf::from("/tmp/rt"));
+        assert_eq!(c.data_dir, PathBuf::from("/tmp/data"));
+        assert_eq!(c.log_level, "debug");
+        assert_eq!(c.hypervisor_timeout, Duration::from_secs(5));
+        assert_eq!(c.max_request_bytes, 4096);
+        assert_eq!(c.max_deadline, Duration::from_secs(60));
+        assert_eq!(c.shutdown_grace, Duration::from_secs(3));
+        assert!(c.otel.enabled);
+        assert_eq!(c.otel.service_name, "svc");
+        assert_eq!(c.otel.service_version, "9.9");
+        assert_eq!(c.otel.sampling_rate, 0.25);
+        assert_eq!(c.otel.endpoint, "collector:4318");
+        assert!(!c.otel.prometheus_enabled);
+        assert_eq!(c.otel.prometheus_port, 9999);
+    }
+
+    #[test]
+    fn bad_values_name_the_variable_and_what_is_accepted() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("PORT", "80a", "whole number"),
+            ("PORT", "70000", "0 to 65535"),
+            ("ADDRESS", "localhost:1", "IPv4 or IPv6"),
+            ("BACKEND", "qemu", "cloudhypervisor, firecracker"),
+            ("CH_ENDPOINT", "/tmp/ch.sock", "unix:///"),
+            ("FC_ENDPOINT", "unix://relative", "unix:///"),
+            ("CH_BINARY", "", "non-empty"),
+            ("FC_BINARY", " ", "non-empty"),
+            ("FC_JAILER_UID", "1", "FC_JAILER_BINARY"),
+            ("RUNTIME_DIR", "run/vmcp", "absolute"),
+            ("DATA_DIR", "", "absolute"),
+            ("LOG_LEVEL", "", "non-empty"),
+            ("HYPERVISOR_TIMEOUT_SECONDS", "0", "1 to 3600"),
+            ("MAX_REQUEST_BYTES", "10", "1024"),
+            ("MAX_DEADLINE_SECONDS", "-1", "whole number"),
+            ("SHUTDOWN_GRACE_SECONDS", "x", "whole number"),
+            ("OTEL_ENABLED", "maybe", "true or false"),
+            ("OTEL_SERVICE_NAME", "", "non-empty"),
+            ("OTEL_SERVICE_VERSION", "", "non-empty"),
+            ("OTEL_SAMPLING_RATE", "1.5", "0.0 to 1.0"),
+            ("OTEL_SAMPLING_RATE", "-0.1", "0.0 to 1.0"),
+            ("OTEL_SAMPLING_RATE", "NaN", "0.0 to 1.0"),
+            ("OTEL_ENDPOINT", "", "non-empty"),
+            ("OTEL_PROMETHEUS_ENABLED", "2", "true or false"),
+            ("OTEL_PROMETHEUS_PORT", "0", "1 to 65535"),
+        ];
+        for (var, value, expected) in cases {
+            let err = cfg(&[(var, value)]).expect_err(&format!("{var}={value} must be rejected"));
+            assert_eq!(err.variable, format!("{PREFIX}{var}"));
+            let line = err.to_string();
+            assert!(line.contains(expected), "{line:?} should mention {expected:?}");
+            assert!(!line.contains('\n'), "one line: {line:?}");
+        }
+        let jailer = cfg(&[("FC_JAILER_BINARY", "/j"), ("FC_JAILER_UID", "x")]).expect_err("bad uid");
+        assert_eq!(jailer.variable, "UNKEY_VMCP_FC_JAILER_UID");
+    }
+
+    #[test]
+    fn boolean_spellings() {
+        for (v, want) in [("TRUE", true), ("1", true), ("on", true), ("no", false), ("0", false)] {
+            assert_eq!(cfg(&[("OTEL_ENABLED", v)]).map(|c| c.otel.enabled), Ok(want), "{v}");
+        }
+    }
+
+    #[test]
+    fn unknown_variables_are_reported() {
+        let unknown = Config::unknown_variables(vec![
+            ("UNKEY_VMCP_PORT".to_owned(), "1".to_owned()),
+            ("UNKEY_VMCP_PROT".to_owned(), "1".to_owned()),
+            ("HOME".to_owned(), "/root".to_owned()),
+        ]);
+        assert_eq!(unknown, vec!["UNKEY_VMCP_PROT".to_owned()]);
+    }
+}

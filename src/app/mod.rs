@@ -1,0 +1,7 @@
+//! The application: configuration, the VM manager with one owner task per
+//! VM, and the wiring that starts the server and shuts it down gracefully.
+
+pub mod config;
+pub mod manager;
+pub mod owner;
+pub mod wiring;

@@ -1,0 +1,120 @@
+//! Wiring: builds the manager over a backend and a store, recovers VMs,
+//! starts the API server and stops it gracefully. VMs are never stopped by
+//! VMCP's own shutdown: their VMMs run in their own sessions.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::adapters::inbound::server::{self, RpcHttpService, RpcLimits};
+use crate::domain::VmError;
+use crate::ports::{BackendEvent, Clock, Hypervisor, Telemetry, VmStore};
+
+use super::manager::{ManagerHealth, VmManager};
+
+/// What `start` needs besides the backend and the store.
+pub struct StartOptions {
+    /// Where to listen.
+    pub addr: SocketAddr,
+    /// Request limits.
+    pub limits: RpcLimits,
+    /// Timeout of one hypervisor call.
+    pub hypervisor_timeout: Duration,
+    /// How long shutdown waits for in-flight requests.
+    pub shutdown_grace: Duration,
+    /// Telemetry sink.
+    pub telemetry: Arc<dyn Telemetry>,
+    /// Telemetry pipeline state for `/_/health`.
+    pub telemetry_status: Arc<dyn Fn() -> String + Send + Sync>,
+    /// Wraps the RPC service (e.g. with the telemetry layer).
+    pub wrap_rpc: Box<dyn FnOnce(RpcHttpService) -> RpcHttpService + Send>,
+    /// Time source.
+    pub clock: Arc<dyn Clock>,
+}
+
+/// A running server.
+pub struct Running {
+    /// The bound address (useful with port 0).
+    pub local_addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    /// Stops accepting, drains in-flight requests (bounded) and waits for the server to end.
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+
+    /// Waits until the server ends on its own.
+    pub async fn wait(mut self) {
+        let _ = (&mut self.task).await;
+    }
+}
+
+/// Why start-up failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Stored VM records could not be read.
+    #[error("cannot recover VMs: {0}")]
+    Recovery(#[source] VmError),
+}
+
+/// Starts the service: recovers stored VMs, then serves the API.
+pub async fn start<H: Hypervisor, S: VmStore>(
+    hypervisor: Arc<H>,
+    events: mpsc::UnboundedReceiver<BackendEvent>,
+    store: Arc<S>,
+    opts: StartOptions,
+) -> Result<Running, StartError> {
+    let listener = TcpListener::bind(opts.addr)
+        .await
+        .map_err(|source| StartError::Bind { addr: opts.addr, source })?;
+    let local_addr = listener
+        .local_addr()
+        .map_err(|source| StartError::Bind { addr: opts.addr, source })?;
+    let manager = VmManager::new(hypervisor, store, opts.telemetry, opts.clock, opts.hypervisor_timeout);
+    manager.spawn_event_router(events);
+    let health = Arc::new(ManagerHealth::new(Arc::clone(&manager), opts.telemetry_status));
+    let rpc = (opts.wrap_rpc)(server::rpc_service(Arc::clone(&manager), opts.limits));
+    // Health is served while recovery runs; VM calls answer `unavailable` until it ends.
+    manager.mark_recovering();
+    let (tx, rx) = oneshot::channel::<()>();
+    let grace = opts.shutdown_grace;
+    let task = tokio::spawn(async move {
+        server::serve(listener, rpc, health, async { let _ = rx.await; }, grace).await;
+    });
+    let mut running = Running { local_addr, shutdown: Some(tx), task };
+    match manager.recover().await {
+        Ok((adopted, dead)) => {
+            if adopted + dead > 0 {
+                tracing::info!(adopted, dead, "recovered VMs from the store");
+            }
+        }
+        Err(e) => {
+            if let Some(tx) = running.shutdown.take() {
+                let _ = tx.send(());
+            }
+            let _ = (&mut running.task).await;
+            return Err(StartError::Recovery(e));
+        }
+    }
+    tracing::info!(%local_addr, "VMCP API listening");
+    Ok(running)
+}
