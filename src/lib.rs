@@ -6,7 +6,7 @@ pub mod proto {
     connectrpc::include_generated!();
 }
 
-pub mod domain;
-pub mod ports;
 pub mod adapters;
 pub mod app;
+pub mod domain;
+pub mod ports;

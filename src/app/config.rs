@@ -171,7 +171,9 @@ impl Config {
     }
 
     /// Reads variables from an iterator (tests pass their own).
-    pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
+    pub fn from_vars(
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
         let vars: Vec<(String, String)> = vars
             .into_iter()
             .filter(|(k, _)| k.starts_with(PREFIX))
@@ -193,18 +195,36 @@ impl Config {
                     ("FC_JAILER_CHROOT_BASE", &raw.fc_jailer_chroot_base),
                 ] {
                     if let Some(v) = v {
-                        return Err(bad(name, v, "only meaningful with UNKEY_VMCP_FC_JAILER_BINARY set"));
+                        return Err(bad(
+                            name,
+                            v,
+                            "only meaningful with UNKEY_VMCP_FC_JAILER_BINARY set",
+                        ));
                     }
                 }
                 None
             }
             Some(bin) => Some(JailerConfig {
                 binary: path("FC_JAILER_BINARY", bin)?,
-                uid: number("FC_JAILER_UID", raw.fc_jailer_uid.as_deref(), 0, 0, u32::MAX as u64)? as u32,
-                gid: number("FC_JAILER_GID", raw.fc_jailer_gid.as_deref(), 0, 0, u32::MAX as u64)? as u32,
+                uid: number(
+                    "FC_JAILER_UID",
+                    raw.fc_jailer_uid.as_deref(),
+                    0,
+                    0,
+                    u32::MAX as u64,
+                )? as u32,
+                gid: number(
+                    "FC_JAILER_GID",
+                    raw.fc_jailer_gid.as_deref(),
+                    0,
+                    0,
+                    u32::MAX as u64,
+                )? as u32,
                 chroot_base: abs_path(
                     "FC_JAILER_CHROOT_BASE",
-                    raw.fc_jailer_chroot_base.as_deref().unwrap_or("/srv/jailer"),
+                    raw.fc_jailer_chroot_base
+                        .as_deref()
+                        .unwrap_or("/srv/jailer"),
                 )?,
             }),
         };
@@ -217,34 +237,83 @@ impl Config {
         };
         let otel = OtelConfig {
             enabled: boolean("OTEL_ENABLED", raw.otel_enabled.as_deref(), false)?,
-            service_name: non_empty("OTEL_SERVICE_NAME", raw.otel_service_name.as_deref(), "vmm-controlplane")?,
-            service_version: non_empty("OTEL_SERVICE_VERSION", raw.otel_service_version.as_deref(), "0.0.1")?,
+            service_name: non_empty(
+                "OTEL_SERVICE_NAME",
+                raw.otel_service_name.as_deref(),
+                "vmm-controlplane",
+            )?,
+            service_version: non_empty(
+                "OTEL_SERVICE_VERSION",
+                raw.otel_service_version.as_deref(),
+                "0.0.1",
+            )?,
             sampling_rate,
-            endpoint: non_empty("OTEL_ENDPOINT", raw.otel_endpoint.as_deref(), "localhost:4318")?,
-            prometheus_enabled: boolean("OTEL_PROMETHEUS_ENABLED", raw.otel_prometheus_enabled.as_deref(), true)?,
-            prometheus_port: number("OTEL_PROMETHEUS_PORT", raw.otel_prometheus_port.as_deref(), 9464, 1, 65535)? as u16,
+            endpoint: non_empty(
+                "OTEL_ENDPOINT",
+                raw.otel_endpoint.as_deref(),
+                "localhost:4318",
+            )?,
+            prometheus_enabled: boolean(
+                "OTEL_PROMETHEUS_ENABLED",
+                raw.otel_prometheus_enabled.as_deref(),
+                true,
+            )?,
+            prometheus_port: number(
+                "OTEL_PROMETHEUS_PORT",
+                raw.otel_prometheus_port.as_deref(),
+                9464,
+                1,
+                65535,
+            )? as u16,
         };
         let log_level = non_empty("LOG_LEVEL", raw.log_level.as_deref(), "info")?;
         if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
-            return Err(bad("LOG_LEVEL", &log_level, "a level (error, warn, info, debug, trace) or a RUST_LOG-style filter"));
+            return Err(bad(
+                "LOG_LEVEL",
+                &log_level,
+                "a level (error, warn, info, debug, trace) or a RUST_LOG-style filter",
+            ));
         }
         Ok(Self {
             port: number("PORT", raw.port.as_deref(), 8080, 0, 65535)? as u16,
             address: match raw.address.as_deref() {
                 None => IpAddr::from([0, 0, 0, 0]),
-                Some(v) => v
-                    .trim()
-                    .parse()
-                    .map_err(|_| bad("ADDRESS", v, "an IPv4 or IPv6 address such as 0.0.0.0, 127.0.0.1 or ::"))?,
+                Some(v) => v.trim().parse().map_err(|_| {
+                    bad(
+                        "ADDRESS",
+                        v,
+                        "an IPv4 or IPv6 address such as 0.0.0.0, 127.0.0.1 or ::",
+                    )
+                })?,
             },
             backend,
-            ch_endpoint: unix_endpoint("CH_ENDPOINT", raw.ch_endpoint.as_deref(), "unix:///tmp/ch.sock")?,
-            ch_binary: path("CH_BINARY", raw.ch_binary.as_deref().unwrap_or("cloud-hypervisor"))?,
-            fc_endpoint: unix_endpoint("FC_ENDPOINT", raw.fc_endpoint.as_deref(), "unix:///tmp/firecracker.sock")?,
-            fc_binary: path("FC_BINARY", raw.fc_binary.as_deref().unwrap_or("firecracker"))?,
+            ch_endpoint: unix_endpoint(
+                "CH_ENDPOINT",
+                raw.ch_endpoint.as_deref(),
+                "unix:///tmp/ch.sock",
+            )?,
+            ch_binary: path(
+                "CH_BINARY",
+                raw.ch_binary.as_deref().unwrap_or("cloud-hypervisor"),
+            )?,
+            fc_endpoint: unix_endpoint(
+                "FC_ENDPOINT",
+                raw.fc_endpoint.as_deref(),
+                "unix:///tmp/firecracker.sock",
+            )?,
+            fc_binary: path(
+                "FC_BINARY",
+                raw.fc_binary.as_deref().unwrap_or("firecracker"),
+            )?,
             fc_jailer,
-            runtime_dir: abs_path("RUNTIME_DIR", raw.runtime_dir.as_deref().unwrap_or("/run/vmcp"))?,
-            data_dir: abs_path("DATA_DIR", raw.data_dir.as_deref().unwrap_or("/var/lib/vmcp"))?,
+            runtime_dir: abs_path(
+                "RUNTIME_DIR",
+                raw.runtime_dir.as_deref().unwrap_or("/run/vmcp"),
+            )?,
+            data_dir: abs_path(
+                "DATA_DIR",
+                raw.data_dir.as_deref().unwrap_or("/var/lib/vmcp"),
+            )?,
             log_level,
             hypervisor_timeout: Duration::from_secs(number(
                 "HYPERVISOR_TIMEOUT_SECONDS",
@@ -253,9 +322,27 @@ impl Config {
                 1,
                 3600,
             )?),
-            max_request_bytes: number("MAX_REQUEST_BYTES", raw.max_request_bytes.as_deref(), 1 << 20, 1024, 64 << 20)? as usize,
-            max_deadline: Duration::from_secs(number("MAX_DEADLINE_SECONDS", raw.max_deadline_seconds.as_deref(), 600, 1, 86400)?),
-            shutdown_grace: Duration::from_secs(number("SHUTDOWN_GRACE_SECONDS", raw.shutdown_grace_seconds.as_deref(), 30, 0, 3600)?),
+            max_request_bytes: number(
+                "MAX_REQUEST_BYTES",
+                raw.max_request_bytes.as_deref(),
+                1 << 20,
+                1024,
+                64 << 20,
+            )? as usize,
+            max_deadline: Duration::from_secs(number(
+                "MAX_DEADLINE_SECONDS",
+                raw.max_deadline_seconds.as_deref(),
+                600,
+                1,
+                86400,
+            )?),
+            shutdown_grace: Duration::from_secs(number(
+                "SHUTDOWN_GRACE_SECONDS",
+                raw.shutdown_grace_seconds.as_deref(),
+                30,
+                0,
+                3600,
+            )?),
             otel,
         })
     }
@@ -271,7 +358,13 @@ impl Config {
     }
 }
 
-fn number(var: &str, v: Option<&str>, default: u64, min: u64, max: u64) -> Result<u64, ConfigError> {
+fn number(
+    var: &str,
+    v: Option<&str>,
+    default: u64,
+    min: u64,
+    max: u64,
+) -> Result<u64, ConfigError> {
     let Some(v) = v else { return Ok(default) };
     match v.trim().parse::<u64>() {
         Ok(n) if (min..=max).contains(&n) => Ok(n),
@@ -284,7 +377,11 @@ fn boolean(var: &str, v: Option<&str>, default: bool) -> Result<bool, ConfigErro
         None => Ok(default),
         Some("true" | "1" | "yes" | "on") => Ok(true),
         Some("false" | "0" | "no" | "off") => Ok(false),
-        Some(_) => Err(bad(var, v.unwrap_or_default(), "true or false (also 1/0, yes/no, on/off)")),
+        Some(_) => Err(bad(
+            var,
+            v.unwrap_or_default(),
+            "true or false (also 1/0, yes/no, on/off)",
+        )),
     }
 }
 
@@ -323,7 +420,11 @@ mod tests {
     use super::*;
 
     fn cfg(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        Config::from_vars(pairs.iter().map(|(k, v)| (format!("{PREFIX}{k}"), (*v).to_owned())))
+        Config::from_vars(
+            pairs
+                .iter()
+                .map(|(k, v)| (format!("{PREFIX}{k}"), (*v).to_owned())),
+        )
     }
 
     #[test]
@@ -453,17 +554,31 @@ mod tests {
             let err = cfg(&[(var, value)]).expect_err(&format!("{var}={value} must be rejected"));
             assert_eq!(err.variable, format!("{PREFIX}{var}"));
             let line = err.to_string();
-            assert!(line.contains(expected), "{line:?} should mention {expected:?}");
+            assert!(
+                line.contains(expected),
+                "{line:?} should mention {expected:?}"
+            );
             assert!(!line.contains('\n'), "one line: {line:?}");
         }
-        let jailer = cfg(&[("FC_JAILER_BINARY", "/j"), ("FC_JAILER_UID", "x")]).expect_err("bad uid");
+        let jailer =
+            cfg(&[("FC_JAILER_BINARY", "/j"), ("FC_JAILER_UID", "x")]).expect_err("bad uid");
         assert_eq!(jailer.variable, "UNKEY_VMCP_FC_JAILER_UID");
     }
 
     #[test]
     fn boolean_spellings() {
-        for (v, want) in [("TRUE", true), ("1", true), ("on", true), ("no", false), ("0", false)] {
-            assert_eq!(cfg(&[("OTEL_ENABLED", v)]).map(|c| c.otel.enabled), Ok(want), "{v}");
+        for (v, want) in [
+            ("TRUE", true),
+            ("1", true),
+            ("on", true),
+            ("no", false),
+            ("0", false),
+        ] {
+            assert_eq!(
+                cfg(&[("OTEL_ENABLED", v)]).map(|c| c.otel.enabled),
+                Ok(want),
+                "{v}"
+            );
         }
     }
 

@@ -13,8 +13,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::domain::{Command, Observation, Vm, VmError, VmId, VmSnapshot, VmState};
 use crate::ports::{
-    BackendEvent, BackendHealth, Clock, CreateVm, Hypervisor, HypervisorError, ListQuery, Telemetry, VmDetails,
-    VmPage, VmRecord, VmService, VmStore,
+    BackendEvent, BackendHealth, Clock, CreateVm, Hypervisor, HypervisorError, ListQuery,
+    Telemetry, VmDetails, VmPage, VmRecord, VmService, VmStore,
 };
 
 use super::owner::{Deps, Owner, QUEUE_DEPTH, Request, hypervisor_to_vm_error, timed_call};
@@ -81,13 +81,19 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
             while let Some(ev) = events.recv().await {
                 let Some(this) = this.upgrade() else { return };
                 match ev {
-                    BackendEvent::Exited { vm_id, state, reason } => {
+                    BackendEvent::Exited {
+                        vm_id,
+                        state,
+                        reason,
+                    } => {
                         tracing::warn!(vm.id = %vm_id, %state, %reason, "VMM process exited");
                         if let Some(h) = this.handle(&vm_id) {
                             // The owner may be busy; deliver without blocking the router.
                             let tx = h.tx.clone();
                             tokio::spawn(async move {
-                                let _ = tx.send(Request::Observe(Observation::Exited { state, reason })).await;
+                                let _ = tx
+                                    .send(Request::Observe(Observation::Exited { state, reason }))
+                                    .await;
                             });
                         }
                     }
@@ -99,15 +105,18 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
     /// Re-adopts VMs from the store (start-up recovery). Returns how many were adopted
     /// and how many were found dead.
     pub async fn recover(self: &Arc<Self>) -> Result<(usize, usize), VmError> {
-        self.recovering.store(true, std::sync::atomic::Ordering::Release);
+        self.recovering
+            .store(true, std::sync::atomic::Ordering::Release);
         let result = self.recover_inner().await;
-        self.recovering.store(false, std::sync::atomic::Ordering::Release);
+        self.recovering
+            .store(false, std::sync::atomic::Ordering::Release);
         result
     }
 
     /// Marks recovery as started (before the server accepts requests).
     pub fn mark_recovering(&self) {
-        self.recovering.store(true, std::sync::atomic::Ordering::Release);
+        self.recovering
+            .store(true, std::sync::atomic::Ordering::Release);
     }
 
     /// Whether start-up recovery is running.
@@ -144,14 +153,23 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
             match state {
                 Ok(s) => {
                     adopted += 1;
-                    vm.handle_observation(Observation::Reported { state: s, reason: snap.reason.clone() }, now);
+                    vm.handle_observation(
+                        Observation::Reported {
+                            state: s,
+                            reason: snap.reason.clone(),
+                        },
+                        now,
+                    );
                 }
                 Err(e) => {
                     dead += 1;
                     let (state, reason) = if snap.state == VmState::Shutdown {
                         (VmState::Shutdown, snap.reason.clone())
                     } else {
-                        (VmState::Failed, format!("VMM exited while VMCP was down ({e})"))
+                        (
+                            VmState::Failed,
+                            format!("VMM exited while VMCP was down ({e})"),
+                        )
                     };
                     vm.handle_observation(Observation::Reported { state, reason }, now);
                 }
@@ -162,7 +180,15 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
                 .write()
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(snap.id.clone(), handle);
-            if let Err(e) = self.deps.store.put(&VmRecord { snapshot: snap, process: rec.process }).await {
+            if let Err(e) = self
+                .deps
+                .store
+                .put(&VmRecord {
+                    snapshot: snap,
+                    process: rec.process,
+                })
+                .await
+            {
                 tracing::error!(error = %e, "could not record recovered VM");
             }
         }
@@ -173,7 +199,11 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let (snap_tx, snap_rx) = watch::channel(vm.snapshot().clone());
         tokio::spawn(Owner::new(vm, process, self.deps.clone(), snap_tx).run(rx));
-        Handle { tx, snapshot: snap_rx, creating: false }
+        Handle {
+            tx,
+            snapshot: snap_rx,
+            creating: false,
+        }
     }
 
     fn handle(&self, id: &VmId) -> Option<Handle> {
@@ -191,7 +221,15 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
         let fresh = cache.at.is_some_and(|at| at.elapsed() < CHECK_TTL);
         if !fresh {
             let h = &*self.deps.hypervisor;
-            cache.result = match timed_call(h, &*self.deps.telemetry, "check", self.deps.call_timeout, h.check()).await {
+            cache.result = match timed_call(
+                h,
+                &*self.deps.telemetry,
+                "check",
+                self.deps.call_timeout,
+                h.check(),
+            )
+            .await
+            {
                 Ok(c) => Ok(c.version),
                 Err(e) => Err(e.to_string()),
             };
@@ -225,7 +263,8 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
 
     /// Number of VMs per observed state.
     pub fn counts_by_state(&self) -> BTreeMap<&'static str, u64> {
-        let mut counts: BTreeMap<&'static str, u64> = VmState::ALL.iter().map(|s| (s.as_str(), 0)).collect();
+        let mut counts: BTreeMap<&'static str, u64> =
+            VmState::ALL.iter().map(|s| (s.as_str(), 0)).collect();
         for h in self.vms.read().unwrap_or_else(|p| p.into_inner()).values() {
             let s = h.snapshot.borrow().state;
             *counts.entry(s.as_str()).or_default() += 1;
@@ -235,17 +274,25 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
 
     async fn command(&self, id: VmId, cmd: Command) -> Result<VmSnapshot, VmError> {
         self.require_backend().await?;
-        let h = self.handle(&id).ok_or_else(|| VmError::NotFound(id.to_string()))?;
+        let h = self
+            .handle(&id)
+            .ok_or_else(|| VmError::NotFound(id.to_string()))?;
         let (reply_tx, reply_rx) = oneshot::channel();
-        h.tx.try_send(Request::Command(cmd, reply_tx)).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => VmError::Unavailable(format!(
-                "vm {id} has {QUEUE_DEPTH} operations queued; retry later"
-            )),
-            mpsc::error::TrySendError::Closed(_) => VmError::NotFound(id.to_string()),
-        })?;
-        let result = reply_rx.await.map_err(|_| VmError::NotFound(id.to_string()))?;
+        h.tx.try_send(Request::Command(cmd, reply_tx))
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => VmError::Unavailable(format!(
+                    "vm {id} has {QUEUE_DEPTH} operations queued; retry later"
+                )),
+                mpsc::error::TrySendError::Closed(_) => VmError::NotFound(id.to_string()),
+            })?;
+        let result = reply_rx
+            .await
+            .map_err(|_| VmError::NotFound(id.to_string()))?;
         if result.as_ref().is_ok_and(|s| s.deleted) {
-            self.vms.write().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            self.vms
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
         }
         result
     }
@@ -278,7 +325,14 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
             let placeholder = Vm::new(id.clone(), req.config.clone(), VmState::Created, now);
             let (snap_tx, snap_rx) = watch::channel(placeholder.snapshot().clone());
             let (tx, _rx) = mpsc::channel(1);
-            vms.insert(id.clone(), Handle { tx, snapshot: snap_rx.clone(), creating: true });
+            vms.insert(
+                id.clone(),
+                Handle {
+                    tx,
+                    snapshot: snap_rx.clone(),
+                    creating: true,
+                },
+            );
             (snap_tx, snap_rx)
         };
         let result = self.create_vmm(&id, &req.config).await;
@@ -289,7 +343,14 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
                 snap_tx.send_replace(snap.clone());
                 let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
                 tokio::spawn(Owner::new(vm, process, self.deps.clone(), snap_tx).run(rx));
-                vms.insert(id, Handle { tx, snapshot: snap_rx, creating: false });
+                vms.insert(
+                    id,
+                    Handle {
+                        tx,
+                        snapshot: snap_rx,
+                        creating: false,
+                    },
+                );
                 Ok(snap)
             }
             Err(e) => {
@@ -299,31 +360,56 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
         }
     }
 
-    async fn create_vmm(&self, id: &VmId, config: &crate::domain::VmConfig) -> Result<(Vm, Option<crate::ports::VmmProcess>), VmError> {
+    async fn create_vmm(
+        &self,
+        id: &VmId,
+        config: &crate::domain::VmConfig,
+    ) -> Result<(Vm, Option<crate::ports::VmmProcess>), VmError> {
         let now = self.deps.clock.now_unix();
         let intent = Vm::new(id.clone(), config.clone(), VmState::Created, now);
         // Intent before action: the record exists before any process does.
         self.deps
             .store
-            .put(&VmRecord { snapshot: intent.snapshot().clone(), process: None })
+            .put(&VmRecord {
+                snapshot: intent.snapshot().clone(),
+                process: None,
+            })
             .await
             .map_err(|e| VmError::Unavailable(format!("cannot record the VM: {e}")))?;
         let h = &*self.deps.hypervisor;
-        let created = timed_call(h, &*self.deps.telemetry, "create", self.deps.call_timeout, h.create(id, config)).await;
+        let created = timed_call(
+            h,
+            &*self.deps.telemetry,
+            "create",
+            self.deps.call_timeout,
+            h.create(id, config),
+        )
+        .await;
         match created {
             Ok((state, process)) => {
                 let vm = Vm::new(id.clone(), config.clone(), state, now);
                 self.deps
                     .store
-                    .put(&VmRecord { snapshot: vm.snapshot().clone(), process: Some(process.clone()) })
+                    .put(&VmRecord {
+                        snapshot: vm.snapshot().clone(),
+                        process: Some(process.clone()),
+                    })
                     .await
                     .map_err(|e| VmError::Unavailable(format!("cannot record the VM: {e}")))?;
                 Ok((vm, Some(process)))
             }
             Err(e) => {
-                let err = hypervisor_to_vm_error(e, intent.snapshot(), crate::domain::Operation::Boot);
+                let err =
+                    hypervisor_to_vm_error(e, intent.snapshot(), crate::domain::Operation::Boot);
                 // Create leaves nothing behind on failure, so the record goes too.
-                let _ = timed_call(h, &*self.deps.telemetry, "delete", self.deps.call_timeout, h.delete(id, true)).await;
+                let _ = timed_call(
+                    h,
+                    &*self.deps.telemetry,
+                    "delete",
+                    self.deps.call_timeout,
+                    h.delete(id, true),
+                )
+                .await;
                 if let Err(e) = self.deps.store.remove(id).await {
                     tracing::error!(vm.id = %id, error = %e, "could not remove the record of a failed create");
                 }
@@ -340,7 +426,12 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
             let candidate = format!("vm-{}", uuid::Uuid::new_v4().simple());
             // uuid hex is always a valid id; the loop guards only against a collision.
             if let Ok(id) = VmId::parse(&candidate) {
-                if !self.vms.read().unwrap_or_else(|p| p.into_inner()).contains_key(&id) {
+                if !self
+                    .vms
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .contains_key(&id)
+                {
                     return id;
                 }
             }
@@ -378,15 +469,30 @@ impl<H: Hypervisor, S: VmStore> VmService for VmManager<H, S> {
     }
 
     async fn delete_vm(&self, id: VmId, force: bool) -> Result<(), VmError> {
-        self.command(id, Command::Delete { force }).await.map(|_| ())
+        self.command(id, Command::Delete { force })
+            .await
+            .map(|_| ())
     }
 
     async fn boot_vm(&self, id: VmId) -> Result<VmState, VmError> {
         self.command(id, Command::Boot).await.map(|s| s.state)
     }
 
-    async fn shutdown_vm(&self, id: VmId, force: bool, timeout_secs: u32) -> Result<VmState, VmError> {
-        self.command(id, Command::Shutdown { force, timeout_secs }).await.map(|s| s.state)
+    async fn shutdown_vm(
+        &self,
+        id: VmId,
+        force: bool,
+        timeout_secs: u32,
+    ) -> Result<VmState, VmError> {
+        self.command(
+            id,
+            Command::Shutdown {
+                force,
+                timeout_secs,
+            },
+        )
+        .await
+        .map(|s| s.state)
     }
 
     async fn pause_vm(&self, id: VmId) -> Result<VmState, VmError> {
@@ -398,15 +504,26 @@ impl<H: Hypervisor, S: VmStore> VmService for VmManager<H, S> {
     }
 
     async fn reboot_vm(&self, id: VmId, force: bool) -> Result<VmState, VmError> {
-        self.command(id, Command::Reboot { force }).await.map(|s| s.state)
+        self.command(id, Command::Reboot { force })
+            .await
+            .map(|s| s.state)
     }
 
     async fn get_vm_info(&self, id: VmId) -> Result<VmDetails, VmError> {
         self.require_backend().await?;
-        let h = self.handle(&id).ok_or_else(|| VmError::NotFound(id.to_string()))?;
+        let h = self
+            .handle(&id)
+            .ok_or_else(|| VmError::NotFound(id.to_string()))?;
         let mut snapshot = h.snapshot.borrow().clone();
         let hv = &*self.deps.hypervisor;
-        let info = timed_call(hv, &*self.deps.telemetry, "info", self.deps.call_timeout, hv.info(&id)).await;
+        let info = timed_call(
+            hv,
+            &*self.deps.telemetry,
+            "info",
+            self.deps.call_timeout,
+            hv.info(&id),
+        )
+        .await;
         let mut backend_info = BTreeMap::new();
         backend_info.insert("backend".to_owned(), hv.kind().as_str().to_owned());
         let metrics = match info {
@@ -414,8 +531,15 @@ impl<H: Hypervisor, S: VmStore> VmService for VmManager<H, S> {
                 if let Some(state) = info.state {
                     if state != snapshot.state {
                         // The VMM's word wins; let the owner record it (it may be mid-operation).
-                        let reason = if info.reason.is_empty() { snapshot.reason.clone() } else { info.reason.clone() };
-                        let _ = h.tx.try_send(Request::Observe(Observation::Reported { state, reason: reason.clone() }));
+                        let reason = if info.reason.is_empty() {
+                            snapshot.reason.clone()
+                        } else {
+                            info.reason.clone()
+                        };
+                        let _ = h.tx.try_send(Request::Observe(Observation::Reported {
+                            state,
+                            reason: reason.clone(),
+                        }));
                         snapshot.state = state;
                         snapshot.reason = reason;
                     }
@@ -428,7 +552,11 @@ impl<H: Hypervisor, S: VmStore> VmService for VmManager<H, S> {
                 None
             }
         };
-        Ok(VmDetails { snapshot, metrics, backend_info })
+        Ok(VmDetails {
+            snapshot,
+            metrics,
+            backend_info,
+        })
     }
 
     async fn list_vms(&self, query: ListQuery) -> Result<VmPage, VmError> {
@@ -454,12 +582,21 @@ impl<H: Hypervisor, S: VmStore> VmService for VmManager<H, S> {
             Some(a) => matching.partition_point(|s| &s.id <= a),
             None => 0,
         };
-        let page: Vec<VmSnapshot> = matching.iter().skip(start).take(page_size as usize).cloned().collect();
+        let page: Vec<VmSnapshot> = matching
+            .iter()
+            .skip(start)
+            .take(page_size as usize)
+            .cloned()
+            .collect();
         let next_page_token = match page.last() {
             Some(last) if start + page.len() < matching.len() => encode_token(&last.id),
             _ => String::new(),
         };
-        Ok(VmPage { vms: page, next_page_token, total_count })
+        Ok(VmPage {
+            vms: page,
+            next_page_token,
+            total_count,
+        })
     }
 }
 
@@ -473,7 +610,10 @@ mod tests {
         assert_eq!(decode_token(&encode_token(&id)), Ok(id));
         for bad in ["", "v1:", "v1:zz", "v1:2", "x:6162", "v1:2f2f", "v1:00"] {
             let err = decode_token(bad).expect_err(bad);
-            assert!(matches!(err, VmError::InvalidArgument(ref e) if e.field == "page_token"), "{bad}: {err:?}");
+            assert!(
+                matches!(err, VmError::InvalidArgument(ref e) if e.field == "page_token"),
+                "{bad}: {err:?}"
+            );
         }
     }
 }
@@ -486,13 +626,18 @@ pub struct ManagerHealth<H, S> {
 
 impl<H: Hypervisor, S: VmStore> ManagerHealth<H, S> {
     /// Health for `manager`; `telemetry` describes the telemetry pipeline.
-    pub fn new(manager: Arc<VmManager<H, S>>, telemetry: Arc<dyn Fn() -> String + Send + Sync>) -> Self {
+    pub fn new(
+        manager: Arc<VmManager<H, S>>,
+        telemetry: Arc<dyn Fn() -> String + Send + Sync>,
+    ) -> Self {
         Self { manager, telemetry }
     }
 }
 
 impl<H: Hypervisor, S: VmStore> crate::ports::HealthCheck for ManagerHealth<H, S> {
-    fn backend(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = BackendHealth> + Send + '_>> {
+    fn backend(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = BackendHealth> + Send + '_>> {
         Box::pin(self.manager.backend_health())
     }
 

@@ -123,9 +123,9 @@ pub fn hypervisor_to_vm_error(e: HypervisorError, snap: &VmSnapshot, op: Operati
             "vm {}: {e}; the VM's state is re-read on the next request",
             snap.id
         )),
-        HypervisorError::Unavailable(_) | HypervisorError::SpawnFailed(_) | HypervisorError::NotFound(_) => {
-            VmError::Unavailable(format!("vm {}: {e}", snap.id))
-        }
+        HypervisorError::Unavailable(_)
+        | HypervisorError::SpawnFailed(_)
+        | HypervisorError::NotFound(_) => VmError::Unavailable(format!("vm {}: {e}", snap.id)),
         HypervisorError::Unsupported(m) => VmError::Unimplemented(m),
         HypervisorError::ResourceExhausted(m) => VmError::ResourceExhausted(m),
         HypervisorError::Protocol(m) => VmError::Internal(format!("vm {}: {m}", snap.id)),
@@ -235,23 +235,41 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
         let started = Instant::now();
         let outcome: Result<Option<VmState>, HypervisorError> = match cmd {
             Command::Boot => timed_call(h, tel, "boot", t, h.boot(&id)).await.map(Some),
-            Command::Shutdown { force, timeout_secs } => {
+            Command::Shutdown {
+                force,
+                timeout_secs,
+            } => {
                 let graceful_timeout = if timeout_secs == 0 {
                     DEFAULT_GRACEFUL_TIMEOUT
                 } else {
                     Duration::from_secs(u64::from(timeout_secs))
                 };
-                let mode = ShutdownMode { force, graceful_timeout };
+                let mode = ShutdownMode {
+                    force,
+                    graceful_timeout,
+                };
                 let budget = if force { t } else { t + graceful_timeout };
-                timed_call(h, tel, "shutdown", budget, h.shutdown(&id, mode)).await.map(Some)
+                timed_call(h, tel, "shutdown", budget, h.shutdown(&id, mode))
+                    .await
+                    .map(Some)
             }
             Command::Pause => timed_call(h, tel, "pause", t, h.pause(&id)).await.map(Some),
-            Command::Resume => timed_call(h, tel, "resume", t, h.resume(&id)).await.map(Some),
-            Command::Reboot { force } => timed_call(h, tel, "reboot", t, h.reboot(&id, force)).await.map(Some),
+            Command::Resume => timed_call(h, tel, "resume", t, h.resume(&id))
+                .await
+                .map(Some),
+            Command::Reboot { force } => timed_call(h, tel, "reboot", t, h.reboot(&id, force))
+                .await
+                .map(Some),
             Command::Delete { force } => {
                 // Deleting may stop a guest gracefully first; give it the same budget as a shutdown.
-                let budget = if force { t } else { t + DEFAULT_GRACEFUL_TIMEOUT };
-                timed_call(h, tel, "delete", budget, h.delete(&id, force)).await.map(|()| None)
+                let budget = if force {
+                    t
+                } else {
+                    t + DEFAULT_GRACEFUL_TIMEOUT
+                };
+                timed_call(h, tel, "delete", budget, h.delete(&id, force))
+                    .await
+                    .map(|()| None)
             }
         };
         let now = self.deps.clock.now_unix();
@@ -268,7 +286,11 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
                     None => None,
                 };
                 self.vm.handle_observation(
-                    Observation::Completed { op, reported, error: None },
+                    Observation::Completed {
+                        op,
+                        reported,
+                        error: None,
+                    },
                     now,
                 );
                 Ok(())
@@ -301,9 +323,19 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
     async fn read_state(&self) -> Option<(VmState, String)> {
         let h = &*self.deps.hypervisor;
         let id = &self.vm.snapshot().id;
-        match timed_call(h, &*self.deps.telemetry, "info", self.deps.call_timeout, h.info(id)).await {
+        match timed_call(
+            h,
+            &*self.deps.telemetry,
+            "info",
+            self.deps.call_timeout,
+            h.info(id),
+        )
+        .await
+        {
             Ok(info) => info.state.map(|s| (s, info.reason)),
-            Err(HypervisorError::NotFound(reason)) => Some((VmState::Failed, format!("VMM is gone: {reason}"))),
+            Err(HypervisorError::NotFound(reason)) => {
+                Some((VmState::Failed, format!("VMM is gone: {reason}")))
+            }
             Err(_) => None,
         }
     }
@@ -318,7 +350,11 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
         if let Some((state, reason)) = self.read_state().await {
             let snap = self.vm.snapshot();
             // Keep the known reason when the VMM reports the same state without one.
-            let reason = if reason.is_empty() && snap.state == state { snap.reason.clone() } else { reason };
+            let reason = if reason.is_empty() && snap.state == state {
+                snap.reason.clone()
+            } else {
+                reason
+            };
             self.observe(Observation::Reported { state, reason }).await;
         }
     }

@@ -85,22 +85,48 @@ pub async fn start<H: Hypervisor, S: VmStore>(
 ) -> Result<Running, StartError> {
     let listener = TcpListener::bind(opts.addr)
         .await
-        .map_err(|source| StartError::Bind { addr: opts.addr, source })?;
-    let local_addr = listener
-        .local_addr()
-        .map_err(|source| StartError::Bind { addr: opts.addr, source })?;
-    let manager = VmManager::new(hypervisor, store, opts.telemetry, opts.clock, opts.hypervisor_timeout);
+        .map_err(|source| StartError::Bind {
+            addr: opts.addr,
+            source,
+        })?;
+    let local_addr = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: opts.addr,
+        source,
+    })?;
+    let manager = VmManager::new(
+        hypervisor,
+        store,
+        opts.telemetry,
+        opts.clock,
+        opts.hypervisor_timeout,
+    );
     manager.spawn_event_router(events);
-    let health = Arc::new(ManagerHealth::new(Arc::clone(&manager), opts.telemetry_status));
+    let health = Arc::new(ManagerHealth::new(
+        Arc::clone(&manager),
+        opts.telemetry_status,
+    ));
     let rpc = (opts.wrap_rpc)(server::rpc_service(Arc::clone(&manager), opts.limits));
     // Health is served while recovery runs; VM calls answer `unavailable` until it ends.
     manager.mark_recovering();
     let (tx, rx) = oneshot::channel::<()>();
     let grace = opts.shutdown_grace;
     let task = tokio::spawn(async move {
-        server::serve(listener, rpc, health, async { let _ = rx.await; }, grace).await;
+        server::serve(
+            listener,
+            rpc,
+            health,
+            async {
+                let _ = rx.await;
+            },
+            grace,
+        )
+        .await;
     });
-    let mut running = Running { local_addr, shutdown: Some(tx), task };
+    let mut running = Running {
+        local_addr,
+        shutdown: Some(tx),
+        task,
+    };
     match manager.recover().await {
         Ok((adopted, dead)) => {
             if adopted + dead > 0 {

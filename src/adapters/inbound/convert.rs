@@ -28,7 +28,10 @@ pub fn optional_vm_id(raw: &str) -> Result<Option<VmId>, VmError> {
 /// A non-negative int32 from the wire as u32, or an error naming the field.
 pub fn non_negative(field: &str, v: i32) -> Result<u32, VmError> {
     u32::try_from(v).map_err(|_| {
-        VmError::InvalidArgument(ConfigError::new(field, format!("must not be negative, got {v}")))
+        VmError::InvalidArgument(ConfigError::new(
+            field,
+            format!("must not be negative, got {v}"),
+        ))
     })
 }
 
@@ -51,11 +54,13 @@ pub fn config_in(c: &pb::VmConfig) -> domain::VmConfig {
         cpu: domain::CpuConfig {
             vcpu_count: cpu.map_or(0, |c| c.vcpu_count),
             max_vcpu_count: cpu.map_or(0, |c| c.max_vcpu_count),
-            topology: cpu.and_then(|c| c.topology.as_option()).map(|t| domain::CpuTopology {
-                sockets: t.sockets,
-                cores_per_socket: t.cores_per_socket,
-                threads_per_core: t.threads_per_core,
-            }),
+            topology: cpu
+                .and_then(|c| c.topology.as_option())
+                .map(|t| domain::CpuTopology {
+                    sockets: t.sockets,
+                    cores_per_socket: t.cores_per_socket,
+                    threads_per_core: t.threads_per_core,
+                }),
             features: cpu.map(|c| map_in(&c.features)).unwrap_or_default(),
         },
         memory: domain::MemoryConfig {
@@ -195,12 +200,12 @@ pub fn state_filter_in(filter: &[EnumValue<pb::VmState>]) -> Result<Vec<VmState>
             Some(pb::VmState::VM_STATE_PAUSED) => Ok(VmState::Paused),
             Some(pb::VmState::VM_STATE_SHUTDOWN) => Ok(VmState::Shutdown),
             Some(pb::VmState::VM_STATE_FAILED) => Ok(VmState::Failed),
-            Some(pb::VmState::VM_STATE_UNSPECIFIED) | None => Err(VmError::InvalidArgument(
-                ConfigError::new(
+            Some(pb::VmState::VM_STATE_UNSPECIFIED) | None => {
+                Err(VmError::InvalidArgument(ConfigError::new(
                     format!("state_filter[{i}]"),
                     format!("must be a concrete VmState, got {}", v.to_i32()),
-                ),
-            )),
+                )))
+            }
         })
         .collect()
 }
@@ -333,10 +338,22 @@ mod tests {
         let domain = config_in(&wire);
         assert_eq!(domain.cpu.max_vcpu_count, 4);
         assert_eq!(domain.cpu.features.get("f").map(String::as_str), Some("1"));
-        assert_eq!(domain.memory.backing.get("b").map(String::as_str), Some("2"));
-        assert_eq!(domain.boot.boot_options.get("o").map(String::as_str), Some("3"));
-        assert_eq!(domain.storage[0].options.get("s").map(String::as_str), Some("4"));
-        assert_eq!(domain.network[0].options.get("n").map(String::as_str), Some("5"));
+        assert_eq!(
+            domain.memory.backing.get("b").map(String::as_str),
+            Some("2")
+        );
+        assert_eq!(
+            domain.boot.boot_options.get("o").map(String::as_str),
+            Some("3")
+        );
+        assert_eq!(
+            domain.storage[0].options.get("s").map(String::as_str),
+            Some("4")
+        );
+        assert_eq!(
+            domain.network[0].options.get("n").map(String::as_str),
+            Some("5")
+        );
         assert_eq!(domain.console.input, "x");
         assert_eq!(config_out(&domain), wire);
         assert_eq!(config_in(&config_out(&domain)), domain);
@@ -345,24 +362,41 @@ mod tests {
     #[test]
     fn missing_sections_become_zero_values_that_validation_names() {
         let d = config_in(&pb::VmConfig::default());
-        assert_eq!(d.validate().map_err(|e| e.field), Err("config.cpu.vcpu_count".to_owned()));
+        assert_eq!(
+            d.validate().map_err(|e| e.field),
+            Err("config.cpu.vcpu_count".to_owned())
+        );
     }
 
     #[test]
     fn state_filter_rejects_unspecified_and_unknown() {
-        let ok = state_filter_in(&[pb::VmState::VM_STATE_RUNNING.into(), pb::VmState::VM_STATE_FAILED.into()]);
+        let ok = state_filter_in(&[
+            pb::VmState::VM_STATE_RUNNING.into(),
+            pb::VmState::VM_STATE_FAILED.into(),
+        ]);
         assert_eq!(ok, Ok(vec![VmState::Running, VmState::Failed]));
-        for bad in [EnumValue::from(pb::VmState::VM_STATE_UNSPECIFIED), EnumValue::Unknown(42)] {
-            let err = state_filter_in(&[pb::VmState::VM_STATE_RUNNING.into(), bad]).expect_err("rejected");
-            assert!(matches!(err, VmError::InvalidArgument(ref e) if e.field == "state_filter[1]"), "{err:?}");
+        for bad in [
+            EnumValue::from(pb::VmState::VM_STATE_UNSPECIFIED),
+            EnumValue::Unknown(42),
+        ] {
+            let err = state_filter_in(&[pb::VmState::VM_STATE_RUNNING.into(), bad])
+                .expect_err("rejected");
+            assert!(
+                matches!(err, VmError::InvalidArgument(ref e) if e.field == "state_filter[1]"),
+                "{err:?}"
+            );
         }
     }
 
     #[test]
     fn ids_and_counts_are_checked() {
         assert_eq!(optional_vm_id(""), Ok(None));
-        assert!(matches!(optional_vm_id("../x"), Err(VmError::InvalidArgument(ref e)) if e.field == "vm_id"));
-        assert!(matches!(non_negative("timeout_seconds", -1), Err(VmError::InvalidArgument(ref e)) if e.field == "timeout_seconds"));
+        assert!(
+            matches!(optional_vm_id("../x"), Err(VmError::InvalidArgument(ref e)) if e.field == "vm_id")
+        );
+        assert!(
+            matches!(non_negative("timeout_seconds", -1), Err(VmError::InvalidArgument(ref e)) if e.field == "timeout_seconds")
+        );
         assert_eq!(non_negative("page_size", 7), Ok(7));
     }
 }

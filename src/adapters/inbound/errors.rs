@@ -44,7 +44,10 @@ mod tests {
 
     #[test]
     fn already_exists() {
-        assert_eq!(code(VmError::AlreadyExists("a".into())).0, ErrorCode::AlreadyExists);
+        assert_eq!(
+            code(VmError::AlreadyExists("a".into())).0,
+            ErrorCode::AlreadyExists
+        );
     }
 
     #[test]
@@ -61,30 +64,48 @@ mod tests {
 
     #[test]
     fn invalid_argument_names_the_field() {
-        let (c, m) = code(VmError::InvalidArgument(ConfigError::new("config.cpu.vcpu_count", "bad")));
+        let (c, m) = code(VmError::InvalidArgument(ConfigError::new(
+            "config.cpu.vcpu_count",
+            "bad",
+        )));
         assert_eq!(c, ErrorCode::InvalidArgument);
         assert!(m.starts_with("config.cpu.vcpu_count"), "{m}");
     }
 
     #[test]
     fn unavailable() {
-        assert_eq!(code(VmError::Unavailable("x".into())).0, ErrorCode::Unavailable);
+        assert_eq!(
+            code(VmError::Unavailable("x".into())).0,
+            ErrorCode::Unavailable
+        );
     }
 
     #[test]
     fn deadline_exceeded() {
-        assert_eq!(code(VmError::DeadlineExceeded("x".into())).0, ErrorCode::DeadlineExceeded);
+        assert_eq!(
+            code(VmError::DeadlineExceeded("x".into())).0,
+            ErrorCode::DeadlineExceeded
+        );
     }
 
     #[test]
     fn resource_exhausted() {
-        assert_eq!(code(VmError::ResourceExhausted("x".into())).0, ErrorCode::ResourceExhausted);
+        assert_eq!(
+            code(VmError::ResourceExhausted("x".into())).0,
+            ErrorCode::ResourceExhausted
+        );
     }
 
     #[test]
     fn permission_denied_and_unimplemented() {
-        assert_eq!(code(VmError::PermissionDenied("x".into())).0, ErrorCode::PermissionDenied);
-        assert_eq!(code(VmError::Unimplemented("x".into())).0, ErrorCode::Unimplemented);
+        assert_eq!(
+            code(VmError::PermissionDenied("x".into())).0,
+            ErrorCode::PermissionDenied
+        );
+        assert_eq!(
+            code(VmError::Unimplemented("x".into())).0,
+            ErrorCode::Unimplemented
+        );
     }
 
     #[test]

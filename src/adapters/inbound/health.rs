@@ -51,7 +51,11 @@ pub async fn detailed(check: &dyn HealthCheck) -> (http::StatusCode, serde_json:
         http::StatusCode::SERVICE_UNAVAILABLE
     };
     let sys = system();
-    let backend_status = if backend.healthy { "healthy" } else { "unhealthy" };
+    let backend_status = if backend.healthy {
+        "healthy"
+    } else {
+        "unhealthy"
+    };
     let body = json!({
         "status": status.as_str(),
         "timestamp": rfc3339_now(),
@@ -83,22 +87,39 @@ fn system() -> serde_json::Value {
         meminfo
             .lines()
             .find_map(|l| l.strip_prefix(key))
-            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .and_then(|rest| {
+                rest.trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
             .unwrap_or(0)
             * 1024
     };
     let total = kib("MemTotal:");
     let available = kib("MemAvailable:");
     let used = total.saturating_sub(available);
-    let used_percent = if total == 0 { 0.0 } else { used as f64 * 100.0 / total as f64 };
+    let used_percent = if total == 0 {
+        0.0
+    } else {
+        used as f64 * 100.0 / total as f64
+    };
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("model name").map(|r| r.trim_start_matches([' ', '\t', ':']).to_owned()))
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|r| r.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
         .unwrap_or_default();
     let uptime = std::fs::read_to_string("/proc/uptime")
         .ok()
-        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()))
+        .and_then(|s| {
+            s.split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+        })
         .unwrap_or(0.0);
     json!({
         "hostname": std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim(),
@@ -168,12 +189,21 @@ mod tests {
 
     #[test]
     fn status_follows_backend_recovery_and_telemetry() {
-        let ok = ServiceHealth { telemetry: "ok".into(), ..Default::default() };
+        let ok = ServiceHealth {
+            telemetry: "ok".into(),
+            ..Default::default()
+        };
         assert_eq!(overall(&backend(true), &ok), Status::Healthy);
         assert_eq!(overall(&backend(false), &ok), Status::Unhealthy);
-        let recovering = ServiceHealth { recovering: true, ..ok.clone() };
+        let recovering = ServiceHealth {
+            recovering: true,
+            ..ok.clone()
+        };
         assert_eq!(overall(&backend(true), &recovering), Status::Degraded);
-        let failing = ServiceHealth { telemetry: "export failed: connection refused".into(), ..ok };
+        let failing = ServiceHealth {
+            telemetry: "export failed: connection refused".into(),
+            ..ok
+        };
         assert_eq!(overall(&backend(true), &failing), Status::Degraded);
     }
 }

@@ -71,7 +71,10 @@ impl<S: VmService> pb::VmService for RpcService<S> {
     ) -> ServiceResult<pb::DeleteVmResponse> {
         record_vm_id(request.vm_id);
         let id = vm_id("vm_id", request.vm_id).map_err(fail)?;
-        self.inner.delete_vm(id, request.force).await.map_err(fail)?;
+        self.inner
+            .delete_vm(id, request.force)
+            .await
+            .map_err(fail)?;
         Response::ok(pb::DeleteVmResponse {
             success: true,
             ..Default::default()
@@ -150,7 +153,11 @@ impl<S: VmService> pb::VmService for RpcService<S> {
     ) -> ServiceResult<pb::RebootVmResponse> {
         record_vm_id(request.vm_id);
         let id = vm_id("vm_id", request.vm_id).map_err(fail)?;
-        let state = self.inner.reboot_vm(id, request.force).await.map_err(fail)?;
+        let state = self
+            .inner
+            .reboot_vm(id, request.force)
+            .await
+            .map_err(fail)?;
         Response::ok(pb::RebootVmResponse {
             success: true,
             state: state_out(state),

@@ -50,19 +50,24 @@ pub fn rpc_service<S: VmService>(svc: Arc<S>, limits: RpcLimits) -> RpcHttpServi
                 .with_max_message_size(limits.max_request_bytes),
         )
         .with_deadline_policy(DeadlinePolicy::new().with_max(limits.max_deadline));
-    BoxCloneService::new(
-        ServiceExt::<Request<Incoming>>::map_response(connect, |r: Response<connectrpc::ConnectRpcBody>| {
-            r.map(|b| b.boxed_unsync())
-        }),
-    )
+    BoxCloneService::new(ServiceExt::<Request<Incoming>>::map_response(
+        connect,
+        |r: Response<connectrpc::ConnectRpcBody>| r.map(|b| b.boxed_unsync()),
+    ))
 }
 
 fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Body> {
     let mut r = Response::new(Full::new(Bytes::from(body.to_string())).boxed_unsync());
     *r.status_mut() = status;
     let h = r.headers_mut();
-    h.insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
-    h.insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
+    h.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
     r
 }
 
@@ -137,7 +142,13 @@ pub async fn serve(
     }
     drop(listener);
     tracing::info!("shutting down: draining in-flight requests");
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
-        tracing::warn!(?grace, "in-flight requests did not finish within the grace period");
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            ?grace,
+            "in-flight requests did not finish within the grace period"
+        );
     }
 }

@@ -30,7 +30,10 @@ impl VmStore for MemoryStore {
     }
 
     async fn remove(&self, id: &VmId) -> Result<(), StoreError> {
-        self.records.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        self.records
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
         Ok(())
     }
 

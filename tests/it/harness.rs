@@ -1,0 +1,223 @@
+//! Starting and stopping the server for a test, and clients for each protocol.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use connectrpc::Protocol;
+use connectrpc::client::{ClientConfig, HttpClient};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::sync::mpsc;
+
+use vmcp::adapters::inbound::server::RpcLimits;
+use vmcp::adapters::outbound::store::memory::MemoryStore;
+use vmcp::app::wiring::{Running, StartOptions, start};
+use vmcp::ports::{NoopTelemetry, SystemClock};
+use vmcp::proto::vmm::v1 as pb;
+use vmcp::proto::vmm::v1::VmServiceClient;
+
+use super::double::Double;
+
+/// Largest request body the test server accepts.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// The test server's hypervisor call timeout.
+pub const HYPERVISOR_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// The wire protocols a client can speak.
+#[derive(Debug, Clone, Copy)]
+pub enum Wire {
+    ConnectJson,
+    ConnectProto,
+    Grpc,
+    GrpcWeb,
+}
+
+pub const ALL_WIRES: [Wire; 4] = [
+    Wire::ConnectJson,
+    Wire::ConnectProto,
+    Wire::Grpc,
+    Wire::GrpcWeb,
+];
+
+/// A running server over the test double.
+pub struct Harness {
+    pub double: Arc<Double>,
+    #[allow(dead_code)] // kept so restart tests can reuse the same store
+    pub store: Arc<MemoryStore>,
+    pub addr: SocketAddr,
+    running: Option<Running>,
+}
+
+impl Harness {
+    /// A fresh server with a fresh double and store.
+    pub async fn start() -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        Self::start_with(Arc::new(Double::new(tx)), rx, Arc::new(MemoryStore::new())).await
+    }
+
+    /// A server over an existing double and store (restart tests).
+    pub async fn start_with(
+        double: Arc<Double>,
+        events: mpsc::UnboundedReceiver<vmcp::ports::BackendEvent>,
+        store: Arc<MemoryStore>,
+    ) -> Self {
+        let running = start(
+            Arc::clone(&double),
+            events,
+            Arc::clone(&store),
+            StartOptions {
+                addr: "127.0.0.1:0".parse().unwrap(),
+                limits: RpcLimits {
+                    max_request_bytes: MAX_REQUEST_BYTES,
+                    max_deadline: Duration::from_secs(30),
+                },
+                hypervisor_timeout: HYPERVISOR_TIMEOUT,
+                shutdown_grace: Duration::from_secs(5),
+                telemetry: Arc::new(NoopTelemetry),
+                telemetry_status: Arc::new(|| "disabled".to_owned()),
+                wrap_rpc: Box::new(|s| s),
+                clock: Arc::new(SystemClock),
+            },
+        )
+        .await
+        .expect("server starts");
+        Self {
+            double,
+            store,
+            addr: running.local_addr,
+            running: Some(running),
+        }
+    }
+
+    /// A client speaking `wire`.
+    pub fn client(&self, wire: Wire) -> VmServiceClient<HttpClient> {
+        let base = format!("http://{}", self.addr).parse().unwrap();
+        let (http, config) = match wire {
+            Wire::ConnectJson => (HttpClient::plaintext(), ClientConfig::new(base).json()),
+            Wire::ConnectProto => (HttpClient::plaintext(), ClientConfig::new(base).proto()),
+            Wire::Grpc => (
+                HttpClient::plaintext_http2_only(),
+                ClientConfig::new(base).with_protocol(Protocol::Grpc),
+            ),
+            Wire::GrpcWeb => (
+                HttpClient::plaintext(),
+                ClientConfig::new(base).with_protocol(Protocol::GrpcWeb),
+            ),
+        };
+        VmServiceClient::new(http, config)
+    }
+
+    /// Raw HTTP/1.1 request; returns status, headers and body.
+    pub async fn raw(
+        &self,
+        method: &str,
+        path_and_query: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> (http::StatusCode, http::HeaderMap, String) {
+        let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(format!("http://{}{}", self.addr, path_and_query));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = client
+            .request(req.body(Full::new(body.into())).unwrap())
+            .await
+            .expect("request sent");
+        let (parts, body) = resp.into_parts();
+        let bytes = body.collect().await.expect("body read").to_bytes();
+        (
+            parts.status,
+            parts.headers,
+            String::from_utf8_lossy(&bytes).into_owned(),
+        )
+    }
+
+    /// POST a Connect JSON request.
+    pub async fn post_json(
+        &self,
+        method: &str,
+        json: &str,
+    ) -> (http::StatusCode, serde_json::Value) {
+        let (status, _, body) = self
+            .raw(
+                "POST",
+                &format!("/vmm.v1.VmService/{method}"),
+                &[("content-type", "application/json")],
+                json.to_owned(),
+            )
+            .await;
+        let value = serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body));
+        (status, value)
+    }
+
+    /// Stops the server gracefully.
+    pub async fn stop(mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await;
+        }
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        // A test that panicked leaves the server task to the runtime's teardown.
+        self.running.take();
+    }
+}
+
+/// A small valid config.
+pub fn config() -> pb::VmConfig {
+    pb::VmConfig {
+        cpu: pb::CpuConfig {
+            vcpu_count: 1,
+            ..Default::default()
+        }
+        .into(),
+        memory: pb::MemoryConfig {
+            size_bytes: 64 << 20,
+            ..Default::default()
+        }
+        .into(),
+        boot: pb::BootConfig {
+            kernel_path: "/var/lib/vmcp/kernel.elf".into(),
+            kernel_args: "console=ttyS0".into(),
+            ..Default::default()
+        }
+        .into(),
+        metadata: [("team".to_owned(), "a".to_owned())].into_iter().collect(),
+        ..Default::default()
+    }
+}
+
+/// A create request for `id` with [`config`].
+pub fn create_req(id: &str) -> pb::CreateVmRequest {
+    pb::CreateVmRequest {
+        vm_id: id.into(),
+        config: config().into(),
+        ..Default::default()
+    }
+}
+
+/// Polls `f` until it returns true or `within` passes.
+pub async fn eventually<F, Fut>(within: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if f().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
