@@ -425,15 +425,14 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
         loop {
             let candidate = format!("vm-{}", uuid::Uuid::new_v4().simple());
             // uuid hex is always a valid id; the loop guards only against a collision.
-            if let Ok(id) = VmId::parse(&candidate) {
-                if !self
+            if let Ok(id) = VmId::parse(&candidate)
+                && !self
                     .vms
                     .read()
                     .unwrap_or_else(|p| p.into_inner())
                     .contains_key(&id)
-                {
-                    return id;
-                }
+            {
+                return id;
             }
         }
     }
@@ -528,8 +527,10 @@ impl<H: Hypervisor, S: VmStore> VmService for VmManager<H, S> {
         backend_info.insert("backend".to_owned(), hv.kind().as_str().to_owned());
         let metrics = match info {
             Ok(info) => {
-                if let Some(state) = info.state {
-                    if state != snapshot.state {
+                if let Some(state) = info.state
+                    && state != snapshot.state
+                {
+                    {
                         // The VMM's word wins; let the owner record it (it may be mid-operation).
                         let reason = if info.reason.is_empty() {
                             snapshot.reason.clone()
@@ -600,24 +601,6 @@ impl<H: Hypervisor, S: VmStore> VmService for VmManager<H, S> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn page_tokens_round_trip_and_garbage_is_rejected() {
-        let id = VmId::parse("vm-1.a_b").expect("valid");
-        assert_eq!(decode_token(&encode_token(&id)), Ok(id));
-        for bad in ["", "v1:", "v1:zz", "v1:2", "x:6162", "v1:2f2f", "v1:00"] {
-            let err = decode_token(bad).expect_err(bad);
-            assert!(
-                matches!(err, VmError::InvalidArgument(ref e) if e.field == "page_token"),
-                "{bad}: {err:?}"
-            );
-        }
-    }
-}
-
 /// Health answers for the health endpoint, from the manager's own view.
 pub struct ManagerHealth<H, S> {
     manager: Arc<VmManager<H, S>>,
@@ -646,6 +629,24 @@ impl<H: Hypervisor, S: VmStore> crate::ports::HealthCheck for ManagerHealth<H, S
             recovering: self.manager.is_recovering(),
             vm_counts: self.manager.counts_by_state(),
             telemetry: (self.telemetry)(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_tokens_round_trip_and_garbage_is_rejected() {
+        let id = VmId::parse("vm-1.a_b").expect("valid");
+        assert_eq!(decode_token(&encode_token(&id)), Ok(id));
+        for bad in ["", "v1:", "v1:zz", "v1:2", "x:6162", "v1:2f2f", "v1:00"] {
+            let err = decode_token(bad).expect_err(bad);
+            assert!(
+                matches!(err, VmError::InvalidArgument(ref e) if e.field == "page_token"),
+                "{bad}: {err:?}"
+            );
         }
     }
 }

@@ -5,3 +5,6 @@ pub mod config;
 pub mod manager;
 pub mod owner;
 pub mod wiring;
+
+#[cfg(test)]
+mod tests;

@@ -281,10 +281,7 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
                         duration: started.elapsed(),
                     });
                 }
-                let reported = match reported {
-                    Some(s) => Some((s, String::new())),
-                    None => None,
-                };
+                let reported = reported.map(|s| (s, String::new()));
                 self.vm.handle_observation(
                     Observation::Completed {
                         op,
@@ -364,10 +361,11 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
         let snap = self.vm.snapshot().clone();
         let changed = self.snapshot_tx.borrow().generation != snap.generation
             || self.snapshot_tx.borrow().desired != snap.desired;
-        if changed && !snap.deleted {
-            if let Err(e) = self.persist().await {
-                tracing::error!(vm.id = %snap.id, error = %e, "could not persist VM state; it is reconciled from the VMM at the next start");
-            }
+        if changed
+            && !snap.deleted
+            && let Err(e) = self.persist().await
+        {
+            tracing::error!(vm.id = %snap.id, error = %e, "could not persist VM state; it is reconciled from the VMM at the next start");
         }
         self.snapshot_tx.send_replace(snap);
         while let Some(ev) = self.vm.poll_event() {

@@ -127,7 +127,7 @@ async fn every_rpc_over_every_protocol() {
         assert!(
             list.vms
                 .iter()
-                .any(|v| v.vm_id == id && v.vcpu_count == 1 && v.metadata.get("team").is_some())
+                .any(|v| v.vm_id == id && v.vcpu_count == 1 && v.metadata.contains_key("team"))
         );
 
         let del = c

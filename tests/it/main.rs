@@ -3,6 +3,9 @@
 //! HTTP for the wire-level cases. Backends are the in-tree test double, fake
 //! VMMs over Unix sockets, and the real VMMs where they are installed.
 
+// Tests may unwrap: a panic is the failure report.
+#![allow(clippy::unwrap_used)]
+
 mod api;
 mod double;
 mod harness;
