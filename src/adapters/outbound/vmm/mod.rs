@@ -8,7 +8,7 @@ pub mod process;
 pub mod uds_http;
 
 pub use process::{
-    ExitClassifier, ExitInfo, ExitReporter, ProcStats, ProcessError, RuntimeDir, SpawnSpec,
-    Supervised,
+    ExitClassifier, ExitExpectation, ExitInfo, ExitReporter, ProcStats, ProcessError, RuntimeDir,
+    SpawnSpec, Supervised,
 };
 pub use uds_http::{Response, UdsClient, UdsHttpError};

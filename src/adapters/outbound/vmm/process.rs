@@ -368,11 +368,26 @@ pub struct SpawnSpec {
     pub ready_timeout: Duration,
 }
 
-/// Exit reporting phases: the reaper reports an exit only in `ARMED`.
+/// Exit reporting phases: the reaper reports any exit in `ARMED`, an
+/// unclean one in `EXPECT_CLEAN`, none in `STARTING` or `EXPECTED`.
 const STARTING: u8 = 0;
 const ARMED: u8 = 1;
 const EXPECTED: u8 = 2;
-const EXITED: u8 = 3;
+const EXPECT_CLEAN: u8 = 3;
+const EXITED: u8 = 4;
+
+/// Which exits of a running VMM the backend is waiting for; those are not
+/// reported as events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitExpectation {
+    /// Any exit is news (the normal case).
+    Unexpected,
+    /// A clean exit (status 0) is expected, e.g. after asking the guest to
+    /// power off; a crash is still reported.
+    CleanOnly,
+    /// Any exit is expected (the VMM is being stopped or killed).
+    Any,
+}
 
 /// CPU and memory of a VMM process, from /proc.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -628,20 +643,26 @@ impl Supervised {
         self.exit.borrow().clone()
     }
 
-    /// Marks the next exit as expected (no event) or, with `false`, as
-    /// unexpected again. Returns false when the process has already exited.
-    pub fn expect_exit(&self, expected: bool) -> bool {
-        let (from, to) = if expected {
-            (ARMED, EXPECTED)
-        } else {
-            (EXPECTED, ARMED)
+    /// Sets which exits are expected (not reported). Returns false when the
+    /// process has already exited.
+    pub fn expect_exit(&self, expectation: ExitExpectation) -> bool {
+        let to = match expectation {
+            ExitExpectation::Unexpected => ARMED,
+            ExitExpectation::CleanOnly => EXPECT_CLEAN,
+            ExitExpectation::Any => EXPECTED,
         };
-        match self
-            .phase
-            .compare_exchange(from, to, Ordering::AcqRel, Ordering::Acquire)
-        {
-            Ok(_) => true,
-            Err(current) => current != EXITED,
+        let mut current = self.phase.load(Ordering::Acquire);
+        loop {
+            if current == EXITED || current == STARTING {
+                return current != EXITED;
+            }
+            match self
+                .phase
+                .compare_exchange(current, to, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return true,
+                Err(now) => current = now,
+            }
         }
     }
 
@@ -681,7 +702,7 @@ impl Supervised {
     /// still running after `grace` (at once when `grace` is zero). Returns
     /// how it ended, or None if it could not be reaped in time.
     pub async fn terminate(&self, grace: Duration) -> Option<ExitInfo> {
-        self.expect_exit(true);
+        self.expect_exit(ExitExpectation::Any);
         if let Some(info) = self.exited() {
             return Some(info);
         }
@@ -726,7 +747,7 @@ fn publish_exit(
 ) {
     let before = phase.swap(EXITED, Ordering::AcqRel);
     tx.send_replace(Some(info.clone()));
-    if before == ARMED {
+    if before == ARMED || (before == EXPECT_CLEAN && !info.is_clean()) {
         let state = (reporter.classify)(&info);
         tracing::warn!(vm_id = %reporter.vm_id, %state, reason = %info.describe_status(), "VMM exited");
         // A closed sink means the application is shutting down; nothing to tell.
@@ -976,6 +997,49 @@ mod tests {
         assert_eq!(info.describe_status(), "killed by signal 15 (SIGTERM)");
         assert!(!is_alive(sup.pid(), sup.start_time()));
         assert!(events.try_recv().is_err(), "no event for an expected exit");
+    }
+
+    #[tokio::test]
+    async fn clean_only_expectation_still_reports_a_crash() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (rep, mut events) = reporter("half");
+        let dir = RuntimeDir::new(tmp.path(), &rep.vm_id);
+        let sup = Supervised::spawn(&sh("exec sleep 600"), dir, rep, ready)
+            .await
+            .expect("spawn");
+        assert!(sup.expect_exit(ExitExpectation::CleanOnly));
+        sup.signal(rustix::process::Signal::KILL).expect("kill");
+        let ev = tokio::time::timeout(Duration::from_secs(1), events.recv())
+            .await
+            .expect("event within a second")
+            .expect("event");
+        let BackendEvent::Exited { state, reason, .. } = ev;
+        assert_eq!(state, VmState::Failed);
+        assert!(reason.contains("SIGKILL"), "{reason}");
+        assert!(
+            !sup.expect_exit(ExitExpectation::Unexpected),
+            "already exited"
+        );
+    }
+
+    #[tokio::test]
+    async fn clean_only_expectation_swallows_a_clean_exit() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (rep, mut events) = reporter("poweroff");
+        let dir = RuntimeDir::new(tmp.path(), &rep.vm_id);
+        let marker = tmp.path().join("go");
+        let script = format!(
+            "while [ ! -e {} ]; do sleep 0.01; done; exit 0",
+            marker.display()
+        );
+        let sup = Supervised::spawn(&sh(&script), dir, rep, ready)
+            .await
+            .expect("spawn");
+        assert!(sup.expect_exit(ExitExpectation::CleanOnly));
+        fs::write(&marker, b"").expect("touch");
+        let info = sup.wait_exit(Duration::from_secs(2)).await.expect("exits");
+        assert!(info.is_clean());
+        assert!(events.try_recv().is_err(), "a clean exit was expected");
     }
 
     #[tokio::test]
