@@ -1,3 +1,5 @@
 //! Outbound adapters: VMM backends, the VM store and telemetry.
 
+pub mod cloud_hypervisor;
 pub mod store;
+pub mod vmm;
