@@ -1,1 +1,3 @@
 //! Outbound adapters: VMM backends, the VM store and telemetry.
+
+pub mod firecracker;

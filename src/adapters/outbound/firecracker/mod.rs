@@ -1,0 +1,3 @@
+//! The Firecracker backend: one supervised `firecracker` process per microVM.
+
+pub mod config;
