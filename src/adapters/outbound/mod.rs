@@ -1,3 +1,4 @@
 //! Outbound adapters: VMM backends, the VM store and telemetry.
 
 pub mod firecracker;
+pub mod vmm;
