@@ -1,6 +1,6 @@
 //! The one place where a [`VmConfig`] becomes Firecracker's pre-boot
 //! requests (`PUT /machine-config`, `/boot-source`, `/drives/{id}`,
-//! `/network-interfaces/{id}`, `/logger`, `/metrics`) and where every field
+//! `/network-interfaces/{id}`, `/metrics`, `/serial`) and where every field
 //! Firecracker v1.16 cannot honour is rejected with a [`ConfigError`] naming
 //! the field and the backend. Pure: no I/O, so `Hypervisor::validate` and
 //! `create` share it and each field's mapping has its own unit test.
@@ -17,16 +17,18 @@
 //!   command line. With none, the guest boots from its initrd or kernel alone.
 //! - **Boot args** are sent exactly as given, even when empty, so Firecracker's
 //!   own default command line never replaces the caller's.
-//! - **Console.** Firecracker's UART writes to the process's stdout (VMCP sets
-//!   no `/serial` path), so VMCP points stdout at the console file: the VM's
-//!   runtime-dir file by default, the caller's `console.output` when given (VMCP
-//!   opens it before the spawn, so this also works under the jailer), or
-//!   `/dev/null` when the console is disabled (the UART always exists in
-//!   Firecracker; its output is then discarded).
+//! - **Console.** Firecracker always emulates the UART. Its output goes to the
+//!   file named by `PUT /serial`: the VM's runtime-dir console file by default,
+//!   the caller's `console.output` when given (not under the jailer, which can
+//!   only reach files inside its chroot), and `/dev/null` when the console is
+//!   disabled (under the jailer, which has no `/dev/null`, a file inside the
+//!   chroot that is removed with the VM). Firecracker's stdout is not the
+//!   console: it carries Firecracker's own log (no `PUT /logger`), which the
+//!   shared supervisor captures and quotes when the VMM fails or exits.
 //! - **vCPUs** are 1 to 32 with SMT off; Firecracker picks the topology itself.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -90,17 +92,11 @@ pub struct NetworkInterface {
     pub guest_mac: Option<String>,
 }
 
-/// Body of `PUT /logger`.
+/// Body of `PUT /serial`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Logger {
-    /// Log file, as Firecracker sees it.
-    pub log_path: String,
-    /// Level name (`Info`).
-    pub level: String,
-    /// Prefix lines with their level.
-    pub show_level: bool,
-    /// Prefix lines with file and line (off: noise for operators).
-    pub show_log_origin: bool,
+pub struct SerialDevice {
+    /// File the guest's UART output goes to, as Firecracker sees it.
+    pub serial_out_path: String,
 }
 
 /// Body of `PUT /metrics`.
@@ -110,7 +106,7 @@ pub struct Metrics {
     pub metrics_path: String,
 }
 
-/// Where the guest's serial output (Firecracker's stdout) goes.
+/// Where the guest's serial output goes, in the caller's terms.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConsoleTarget {
     /// The console file in the VM's runtime directory.
@@ -125,17 +121,17 @@ pub enum ConsoleTarget {
 /// the chroot under the jailer).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuntimeFiles {
-    /// Firecracker's log file.
-    pub log_path: String,
     /// Firecracker's metrics file.
     pub metrics_path: String,
+    /// The console file in the VM's runtime directory.
+    pub console_path: String,
+    /// Where a disabled console's output goes.
+    pub discard_path: String,
 }
 
 /// Everything sent to Firecracker before `InstanceStart`, in sending order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PreBoot {
-    /// `PUT /logger` (first, so later errors land in the log).
-    pub logger: Logger,
     /// `PUT /metrics`.
     pub metrics: Metrics,
     /// `PUT /machine-config`.
@@ -146,7 +142,9 @@ pub struct PreBoot {
     pub drives: Vec<Drive>,
     /// `PUT /network-interfaces/{id}`, in the caller's order.
     pub network_interfaces: Vec<NetworkInterface>,
-    /// Where stdout (the serial console) goes.
+    /// `PUT /serial`.
+    pub serial: SerialDevice,
+    /// What the caller asked for the console (decides which file VMCP prepares).
     pub console: ConsoleTarget,
 }
 
@@ -211,6 +209,20 @@ pub fn check(config: &VmConfig) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// The extra rule under the jailer: Firecracker can only open files inside
+/// its chroot, so a console file elsewhere cannot be honoured.
+pub fn check_jailed(config: &VmConfig) -> Result<(), ConfigError> {
+    if !config.console.output.is_empty() {
+        return Err(unsupported(
+            "config.console.output",
+            format!(
+                "{BACKEND} in jailer mode writes the console inside the chroot (linked as the runtime directory's console file); leave it empty"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Maps a (domain-validated) config to Firecracker's pre-boot requests, with
 /// host paths. Under the jailer, [`super::jailer`] rewrites the paths.
 pub fn map(config: &VmConfig, files: &RuntimeFiles) -> Result<PreBoot, ConfigError> {
@@ -230,13 +242,13 @@ pub fn map(config: &VmConfig, files: &RuntimeFiles) -> Result<PreBoot, ConfigErr
     let drive_ids = device_ids(config.storage.iter().map(|d| d.id.as_str()));
     let iface_ids = device_ids(config.network.iter().map(|n| n.id.as_str()));
     let boot = &config.boot;
+    let console = console_target(config);
+    let serial_out_path = match &console {
+        ConsoleTarget::RuntimeFile => files.console_path.clone(),
+        ConsoleTarget::File(p) => p.to_string_lossy().into_owned(),
+        ConsoleTarget::Discard => files.discard_path.clone(),
+    };
     Ok(PreBoot {
-        logger: Logger {
-            log_path: files.log_path.clone(),
-            level: "Info".into(),
-            show_level: true,
-            show_log_origin: false,
-        },
         metrics: Metrics {
             metrics_path: files.metrics_path.clone(),
         },
@@ -271,7 +283,8 @@ pub fn map(config: &VmConfig, files: &RuntimeFiles) -> Result<PreBoot, ConfigErr
                 guest_mac: (!n.mac_address.is_empty()).then(|| n.mac_address.to_ascii_lowercase()),
             })
             .collect(),
-        console: console_target(config),
+        serial: SerialDevice { serial_out_path },
+        console,
     })
 }
 
@@ -291,6 +304,16 @@ pub fn instance_id(id: &VmId) -> String {
         .take(MAX_INSTANCE_ID_LEN - 9)
         .collect();
     format!("{base}-{:08x}", fnv1a32(s.as_bytes()))
+}
+
+/// Where an operator finds the console output: `runtime_console` (the VM's
+/// runtime-dir console file), the caller's file, or nowhere when disabled.
+pub fn console_path(config: &VmConfig, runtime_console: &Path) -> Option<PathBuf> {
+    match console_target(config) {
+        ConsoleTarget::RuntimeFile => Some(runtime_console.to_owned()),
+        ConsoleTarget::File(p) => Some(p),
+        ConsoleTarget::Discard => None,
+    }
 }
 
 fn console_target(config: &VmConfig) -> ConsoleTarget {
@@ -363,8 +386,9 @@ mod tests {
 
     fn files() -> RuntimeFiles {
         RuntimeFiles {
-            log_path: "/run/vmcp/vm1/firecracker.log".into(),
             metrics_path: "/run/vmcp/vm1/metrics.json".into(),
+            console_path: "/run/vmcp/vm1/serial.log".into(),
+            discard_path: "/dev/null".into(),
         }
     }
 
@@ -637,25 +661,34 @@ mod tests {
     }
 
     #[test]
-    fn logger_and_metrics_point_into_the_runtime_dir() {
+    fn metrics_point_into_the_runtime_dir() {
         let p = mapped(&base());
-        assert_eq!(p.logger.log_path, "/run/vmcp/vm1/firecracker.log");
-        assert_eq!(p.logger.level, "Info");
         assert_eq!(p.metrics.metrics_path, "/run/vmcp/vm1/metrics.json");
     }
 
     #[test]
     fn console_goes_to_runtime_file_caller_file_or_nowhere() {
         let mut c = base();
-        assert_eq!(mapped(&c).console, ConsoleTarget::RuntimeFile);
+        let p = mapped(&c);
+        assert_eq!(p.console, ConsoleTarget::RuntimeFile);
+        assert_eq!(p.serial.serial_out_path, "/run/vmcp/vm1/serial.log");
         c.console.output = "/var/log/vm1.console".into();
+        let p = mapped(&c);
         assert_eq!(
-            mapped(&c).console,
+            p.console,
             ConsoleTarget::File(PathBuf::from("/var/log/vm1.console"))
+        );
+        assert_eq!(p.serial.serial_out_path, "/var/log/vm1.console");
+        assert_eq!(
+            check_jailed(&c).map_err(|e| e.field),
+            Err("config.console.output".into())
         );
         let mut c = base();
         c.console.enabled = false;
-        assert_eq!(mapped(&c).console, ConsoleTarget::Discard);
+        let p = mapped(&c);
+        assert_eq!(p.console, ConsoleTarget::Discard);
+        assert_eq!(p.serial.serial_out_path, "/dev/null");
+        assert_eq!(check_jailed(&c), Ok(()));
     }
 
     #[test]

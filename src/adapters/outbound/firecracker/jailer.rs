@@ -19,8 +19,8 @@ use super::config::{PreBoot, RuntimeFiles};
 /// API socket path inside the jail (short, so the host path stays under the
 /// 108-byte `sun_path` limit; VMCP connects through a symlink anyway).
 pub const JAIL_SOCKET: &str = "/api.sock";
-/// Firecracker's log file inside the jail.
-pub const JAIL_LOG: &str = "/firecracker.log";
+/// The console file inside the jail (the runtime directory links to it).
+pub const JAIL_CONSOLE: &str = "/serial.log";
 /// Firecracker's metrics file inside the jail.
 pub const JAIL_METRICS: &str = "/metrics.json";
 
@@ -75,8 +75,10 @@ impl Jail {
     /// The runtime files as Firecracker sees them inside the jail.
     pub fn runtime_files() -> RuntimeFiles {
         RuntimeFiles {
-            log_path: JAIL_LOG.into(),
             metrics_path: JAIL_METRICS.into(),
+            console_path: JAIL_CONSOLE.into(),
+            // The chroot has no /dev/null; the output stays in the jail.
+            discard_path: JAIL_CONSOLE.into(),
         }
     }
 
@@ -254,10 +256,8 @@ mod tests {
         assert_eq!(pre.boot_source.initrd_path.as_deref(), Some("/initrd"));
         assert_eq!(pre.drives[0].path_on_host, "/drive_root_fs");
         assert_eq!(pre.drives[1].path_on_host, "/drive_data");
-        assert_eq!(
-            pre.logger.log_path, JAIL_LOG,
-            "runtime files are in-jail paths"
-        );
+        assert_eq!(pre.metrics.metrics_path, JAIL_METRICS, "in-jail paths");
+        assert_eq!(pre.serial.serial_out_path, JAIL_CONSOLE);
         let root = Path::new("/srv/jail/firecracker/vm-1/root");
         assert_eq!(
             staged,
