@@ -30,9 +30,14 @@
 //! Firecracker exits with status 0 only when the guest itself reset or powered
 //! off the machine (KVM's reset/shutdown system event, or the i8042 reset
 //! line); a crash is a non-zero status or a signal. So status 0 is reported as
-//! Shutdown and everything else as Failed. For an adopted process (no exit
-//! status available) Firecracker's own last log line decides: it logs
-//! `Firecracker exiting successfully` only on status 0.
+//! Shutdown and everything else as Failed. An adopted process (started by an
+//! earlier VMCP) is not our child, so its exit status is unknown; its exit is
+//! reported as Failed rather than risk hiding a crash.
+//!
+//! Firecracker's own log goes to its stdout, which the shared supervisor
+//! captures as the runtime directory's `vmm.log` and quotes in exit and
+//! start-up errors. It runs with `--level Warning`: at Info it logs two lines
+//! per API call, which periodic info polling would grow without bound.
 
 pub mod client;
 pub mod config;
@@ -65,8 +70,6 @@ use crate::ports::{
 pub const STATE_NOT_STARTED: &str = "Not started";
 /// The metrics file in a VM's runtime directory (outside the jailer).
 const METRICS_FILE: &str = "metrics.json";
-/// What Firecracker logs as its last line when it exits with status 0.
-const CLEAN_EXIT_LOG: &str = "Firecracker exiting successfully";
 /// How long `--version` may take.
 const VERSION_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -169,12 +172,10 @@ impl std::fmt::Debug for Firecracker {
     }
 }
 
-/// Whether a Firecracker exit was the guest's own reset or poweroff.
+/// Whether a Firecracker exit was the guest's own reset or poweroff (status
+/// 0; unknown for an adopted process, which therefore counts as a crash).
 fn exited_cleanly(info: &ExitInfo) -> bool {
-    match info.status {
-        Some(status) => status.success(),
-        None => info.log_tail.contains(CLEAN_EXIT_LOG),
-    }
+    info.is_clean()
 }
 
 /// Maps Firecracker's `GET /` state to VMCP's.
@@ -275,7 +276,7 @@ impl Firecracker {
                 None => vm.runtime.api_socket().into(),
             },
             "--level".into(),
-            "Info".into(),
+            "Warning".into(),
             "--show-level".into(),
         ];
         let spec = match (&self.settings.jailer, &vm.jail) {

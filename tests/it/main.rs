@@ -1,0 +1,4 @@
+//! The integration-test binary: one binary, one module per area.
+
+mod fake_fc;
+mod firecracker;
