@@ -8,4 +8,6 @@
 
 mod api;
 mod double;
+mod fake_fc;
+mod firecracker;
 mod harness;

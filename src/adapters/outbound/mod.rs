@@ -1,5 +1,6 @@
 //! Outbound adapters: VMM backends, the VM store and telemetry.
 
 pub mod cloud_hypervisor;
+pub mod firecracker;
 pub mod store;
 pub mod vmm;

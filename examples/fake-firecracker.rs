@@ -1,0 +1,115 @@
+//! A stand-in `firecracker` binary for the adapter's process-level tests in
+//! CI: it accepts Firecracker's command line (`--api-sock`, `--id`,
+//! `--level`, `--show-level`, `--version`), refuses a stale socket like the
+//! real one, and serves the fake API of `tests/it/fake_fc.rs`. Extra
+//! `--fake-*` flags select failure behaviours; tests pass them through a
+//! wrapper script used as the binary.
+
+// The binary serves the fake; the in-process inspection helpers go unused.
+#[path = "../tests/it/fake_fc.rs"]
+#[allow(dead_code)]
+mod fake_fc;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fake_fc::{Behaviour, FakeFc};
+
+fn log(id: &str, level: &str, msg: &str) {
+    println!("1970-01-01T00:00:00.000000000 [{id}:main:{level}] {msg}");
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let mut socket: Option<PathBuf> = None;
+    let mut id = "anonymous-instance".to_owned();
+    let mut behaviour = Behaviour {
+        id: String::new(),
+        ctrl_alt_del_exits: false,
+        poweroff_after: None,
+        hang_on: Vec::new(),
+        exit_on: Vec::new(),
+        on_exit: Arc::new(|code| std::process::exit(code)),
+    };
+    let mut fail_start = false;
+    let mut never_ready = false;
+    while let Some(a) = args.next() {
+        let mut value = || args.next().unwrap_or_default();
+        match a.as_str() {
+            "--version" => {
+                println!("Firecracker v1.16.1\n");
+                return;
+            }
+            "--api-sock" => socket = Some(PathBuf::from(value())),
+            "--id" => id = value(),
+            "--level" => drop(value()),
+            "--show-level" => {}
+            "--fake-ctrl-alt-del-exits" => behaviour.ctrl_alt_del_exits = true,
+            "--fake-poweroff-after-ms" => {
+                behaviour.poweroff_after =
+                    Some(Duration::from_millis(value().parse().unwrap_or(100)));
+            }
+            "--fake-hang-on" => behaviour.hang_on.push(value()),
+            "--fake-exit-on" => behaviour.exit_on.push(value()),
+            "--fake-fail-start" => fail_start = true,
+            "--fake-never-ready" => never_ready = true,
+            other => {
+                log(
+                    &id,
+                    "ERROR",
+                    &format!(
+                        "Arguments parsing error: Found argument '{other}' which wasn't expected, or isn't valid in this context."
+                    ),
+                );
+                std::process::exit(153);
+            }
+        }
+    }
+    behaviour.id = id.clone();
+    if fail_start {
+        log(&id, "ERROR", "Failed to start: simulated start-up failure");
+        std::process::exit(1);
+    }
+    if never_ready {
+        loop {
+            std::thread::park();
+        }
+    }
+    let Some(socket) = socket else {
+        log(&id, "ERROR", "Missing argument: api-sock");
+        std::process::exit(153);
+    };
+    if socket.exists() {
+        log(
+            &id,
+            "ERROR",
+            &format!(
+                "RunWithApiError error: Failed to open the API socket at: {}. Check that it is not already used.",
+                socket.display()
+            ),
+        );
+        std::process::exit(1);
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            log(&id, "ERROR", &format!("cannot build runtime: {e}"));
+            std::process::exit(1);
+        }
+    };
+    runtime.block_on(async move {
+        let listener = match tokio::net::UnixListener::bind(&socket) {
+            Ok(l) => l,
+            Err(e) => {
+                log(&id, "ERROR", &format!("Failed to bind socket: {e}"));
+                std::process::exit(1);
+            }
+        };
+        log(&id, "INFO", "Running Firecracker v1.16.1");
+        FakeFc::new(behaviour).serve(listener).await;
+    });
+}

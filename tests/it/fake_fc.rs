@@ -1,0 +1,574 @@
+//! A fake Firecracker API server for tests without KVM: the REST subset VMCP
+//! uses, served over a Unix socket with Firecracker v1.16's rules and answers
+//! as observed on the real binary (see /work/vmm-facts.md): pre-boot-only
+//! resources refused after `InstanceStart`, runtime actions refused before it,
+//! ids limited to `[A-Za-z0-9_]`, unknown JSON fields refused, files checked
+//! when configured, every error a 400 with `{"fault_message": ...}`. The
+//! "guest" writes the tiny test guest's marker to the serial file on start,
+//! and each `FlushMetrics` appends a metrics line with fixed deltas, so tests
+//! can check summing.
+//!
+//! The same code runs in-process (tests of the client) and as the
+//! `fake-firecracker` example binary (tests of the adapter, which spawns
+//! processes); behaviours that end the VMM call [`Behaviour::on_exit`].
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::net::UnixListener;
+
+/// What the tiny test guest prints on COM1.
+pub const MARKER: &str = "VMCP-GUEST-OK\n";
+/// Network bytes received per metrics flush.
+pub const RX_BYTES_PER_FLUSH: u64 = 1000;
+/// Block bytes read per metrics flush.
+pub const READ_BYTES_PER_FLUSH: u64 = 4096;
+
+const NOT_BEFORE_START: &str =
+    "The requested operation is not supported before starting the microVM.";
+const NOT_AFTER_START: &str =
+    "The requested operation is not supported after starting the microVM.";
+const BAD_ID: &str = "API Resource IDs can only contain alphanumeric characters and underscores.";
+
+/// How the fake behaves beyond the happy path.
+#[derive(Clone)]
+pub struct Behaviour {
+    /// The `--id` it reports.
+    pub id: String,
+    /// The guest has an i8042 driver: Ctrl-Alt-Del resets it, ending the VMM with status 0.
+    pub ctrl_alt_del_exits: bool,
+    /// The guest powers off this long after `InstanceStart` (VMM exits 0).
+    pub poweroff_after: Option<Duration>,
+    /// `METHOD /path` requests that are accepted but never answered.
+    pub hang_on: Vec<String>,
+    /// `METHOD /path` requests during which the VMM dies (status 3) without answering.
+    pub exit_on: Vec<String>,
+    /// Ends the VMM with this status (the process exits; in-process, the server stops).
+    pub on_exit: Arc<dyn Fn(i32) + Send + Sync>,
+}
+
+impl std::fmt::Debug for Behaviour {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Behaviour")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One request the fake received.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Received {
+    /// `GET`, `PUT`, `PATCH`.
+    pub method: String,
+    /// The path.
+    pub path: String,
+    /// The JSON body, or Null.
+    pub body: Value,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    NotStarted,
+    Running,
+    Paused,
+}
+
+#[derive(Debug)]
+struct State {
+    phase: Phase,
+    machine: Value,
+    boot_source: Option<Value>,
+    drives: BTreeMap<String, Value>,
+    nics: BTreeMap<String, Value>,
+    metrics_path: Option<PathBuf>,
+    serial_path: Option<PathBuf>,
+    received: Vec<Received>,
+}
+
+/// The fake's shared state; clone freely.
+#[derive(Clone)]
+pub struct FakeFc {
+    state: Arc<Mutex<State>>,
+    behaviour: Behaviour,
+}
+
+type Answer = (u16, Option<Value>);
+
+fn fault(msg: impl Into<String>) -> Answer {
+    (400, Some(json!({ "fault_message": msg.into() })))
+}
+
+const NO_CONTENT: Answer = (204, None);
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty() && id.chars().all(|c| c == '_' || c.is_ascii_alphanumeric())
+}
+
+/// Refuses fields outside `allowed` and missing `required` ones, like serde's
+/// `deny_unknown_fields` in Firecracker.
+fn shape(body: &Value, allowed: &[&str], required: &[&str]) -> Result<(), Answer> {
+    let Some(obj) = body.as_object() else {
+        return Err(fault(
+            "An error occurred when deserializing the json body of a request: expected a JSON object.",
+        ));
+    };
+    if let Some(k) = obj.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(fault(format!(
+            "An error occurred when deserializing the json body of a request: unknown field `{k}`."
+        )));
+    }
+    if let Some(k) = required.iter().find(|k| !obj.contains_key(**k)) {
+        return Err(fault(format!(
+            "An error occurred when deserializing the json body of a request: missing field `{k}`."
+        )));
+    }
+    Ok(())
+}
+
+fn missing_file(path: &str) -> bool {
+    !Path::new(path).exists()
+}
+
+impl FakeFc {
+    /// A fresh fake in the `Not started` state.
+    pub fn new(behaviour: Behaviour) -> Self {
+        Self {
+            state: Arc::new(Mutex::new(State {
+                phase: Phase::NotStarted,
+                machine: json!({"vcpu_count": 1, "mem_size_mib": 128, "smt": false,
+                    "track_dirty_pages": false, "huge_pages": "None"}),
+                boot_source: None,
+                drives: BTreeMap::new(),
+                nics: BTreeMap::new(),
+                metrics_path: None,
+                serial_path: None,
+                received: Vec::new(),
+            })),
+            behaviour,
+        }
+    }
+
+    /// Every request received so far.
+    pub fn received(&self) -> Vec<Received> {
+        self.lock().received.clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Serves the API on `listener` until the task is dropped.
+    pub async fn serve(self, listener: UnixListener) {
+        while let Ok((stream, _)) = listener.accept().await {
+            let fake = self.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: hyper::Request<Incoming>| {
+                    let fake = fake.clone();
+                    async move { fake.handle(req).await }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    }
+
+    async fn handle(
+        &self,
+        req: hyper::Request<Incoming>,
+    ) -> Result<hyper::Response<Full<Bytes>>, std::convert::Infallible> {
+        let method = req.method().as_str().to_owned();
+        let path = req.uri().path().to_owned();
+        let bytes = req
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let call = format!("{method} {path}");
+        if self.behaviour.exit_on.contains(&call) {
+            (self.behaviour.on_exit)(3);
+            std::future::pending::<()>().await;
+        }
+        if self.behaviour.hang_on.contains(&call) {
+            std::future::pending::<()>().await;
+        }
+        let (status, body) = match serde_json::from_slice::<Value>(&bytes) {
+            Err(e) if !bytes.is_empty() => fault(format!(
+                "An error occurred when deserializing the json body of a request: {e}."
+            )),
+            parsed => {
+                let body = parsed.unwrap_or(Value::Null);
+                self.lock().received.push(Received {
+                    method: method.clone(),
+                    path: path.clone(),
+                    body: body.clone(),
+                });
+                self.route(&method, &path, &body)
+            }
+        };
+        let mut resp = hyper::Response::builder().status(status);
+        let payload = match body {
+            Some(v) => {
+                resp = resp.header("content-type", "application/json");
+                Bytes::from(v.to_string())
+            }
+            None => Bytes::new(),
+        };
+        Ok(resp
+            .body(Full::new(payload))
+            .unwrap_or_else(|_| hyper::Response::new(Full::new(Bytes::new()))))
+    }
+
+    fn route(&self, method: &str, path: &str, body: &Value) -> Answer {
+        let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        match (method, segments.as_slice()) {
+            ("GET", [""]) => self.describe(),
+            ("GET", ["vm", "config"]) => self.vm_config(),
+            ("PUT", ["machine-config"]) => self.put_machine(body),
+            ("PUT", ["boot-source"]) => self.put_boot_source(body),
+            ("PUT", ["drives", id]) => self.put_drive(id, body),
+            ("PUT", ["network-interfaces", id]) => self.put_nic(id, body),
+            ("PUT", ["metrics"]) => self.put_metrics(body),
+            ("PUT", ["serial"]) => self.put_serial(body),
+            ("PUT", ["actions"]) => self.action(body),
+            ("PATCH", ["vm"]) => self.patch_vm(body),
+            _ => fault(format!(
+                "Invalid request method and/or path: {method} {}.",
+                path.trim_start_matches('/')
+            )),
+        }
+    }
+
+    fn describe(&self) -> Answer {
+        let state = match self.lock().phase {
+            Phase::NotStarted => "Not started",
+            Phase::Running => "Running",
+            Phase::Paused => "Paused",
+        };
+        (
+            200,
+            Some(json!({"id": self.behaviour.id, "state": state,
+                "vmm_version": "1.16.1", "app_name": "Firecracker"})),
+        )
+    }
+
+    fn vm_config(&self) -> Answer {
+        let s = self.lock();
+        (
+            200,
+            Some(json!({
+                "balloon": null,
+                "drives": s.drives.values().collect::<Vec<_>>(),
+                "boot-source": s.boot_source.clone().unwrap_or(json!({"kernel_image_path": "", "initrd_path": null, "boot_args": null})),
+                "machine-config": s.machine,
+                "logger": null,
+                "metrics": null,
+                "network-interfaces": s.nics.values().collect::<Vec<_>>(),
+            })),
+        )
+    }
+
+    fn pre_boot(&self) -> Result<std::sync::MutexGuard<'_, State>, Answer> {
+        let s = self.lock();
+        if s.phase == Phase::NotStarted {
+            Ok(s)
+        } else {
+            Err(fault(NOT_AFTER_START))
+        }
+    }
+
+    fn put_machine(&self, body: &Value) -> Answer {
+        let mut s = match self.pre_boot() {
+            Ok(s) => s,
+            Err(a) => return a,
+        };
+        let allowed = [
+            "vcpu_count",
+            "mem_size_mib",
+            "smt",
+            "track_dirty_pages",
+            "huge_pages",
+            "cpu_template",
+        ];
+        if let Err(a) = shape(body, &allowed, &["vcpu_count", "mem_size_mib"]) {
+            return a;
+        }
+        let vcpus = body["vcpu_count"].as_u64().unwrap_or(0);
+        if !(1..=32).contains(&vcpus) {
+            return fault(
+                "Machine config error: The number of vCPUs must be greater than 0, less than 32 and must be 1 or an even number if SMT is enabled.",
+            );
+        }
+        s.machine = json!({"vcpu_count": vcpus, "mem_size_mib": body["mem_size_mib"],
+            "smt": body.get("smt").cloned().unwrap_or(json!(false)),
+            "track_dirty_pages": false, "huge_pages": "None"});
+        NO_CONTENT
+    }
+
+    fn put_boot_source(&self, body: &Value) -> Answer {
+        let mut s = match self.pre_boot() {
+            Ok(s) => s,
+            Err(a) => return a,
+        };
+        if let Err(a) = shape(
+            body,
+            &["kernel_image_path", "initrd_path", "boot_args"],
+            &["kernel_image_path"],
+        ) {
+            return a;
+        }
+        let kernel = body["kernel_image_path"].as_str().unwrap_or("");
+        if missing_file(kernel) {
+            return fault(
+                "Boot source error: The kernel file cannot be opened: No such file or directory (os error 2)",
+            );
+        }
+        if let Some(initrd) = body.get("initrd_path").and_then(Value::as_str)
+            && missing_file(initrd)
+        {
+            return fault(
+                "Boot source error: The initrd file cannot be opened due to invalid path or invalid permissions. No such file or directory (os error 2)",
+            );
+        }
+        s.boot_source = Some(json!({"kernel_image_path": kernel,
+            "initrd_path": body.get("initrd_path").cloned().unwrap_or(Value::Null),
+            "boot_args": body.get("boot_args").cloned().unwrap_or(Value::Null)}));
+        NO_CONTENT
+    }
+
+    fn put_drive(&self, id: &str, body: &Value) -> Answer {
+        if !valid_id(id) {
+            return fault(BAD_ID);
+        }
+        let mut s = self.lock();
+        if s.phase != Phase::NotStarted {
+            return fault("PCI is not enabled");
+        }
+        let allowed = [
+            "drive_id",
+            "partuuid",
+            "is_root_device",
+            "cache_type",
+            "is_read_only",
+            "path_on_host",
+            "rate_limiter",
+            "io_engine",
+            "socket",
+        ];
+        if let Err(a) = shape(body, &allowed, &["drive_id", "is_root_device"]) {
+            return a;
+        }
+        if body["drive_id"].as_str() != Some(id) {
+            return fault(format!(
+                "The id from the path [{id}] does not match the id from the body [{}]!",
+                body["drive_id"]
+            ));
+        }
+        let path = body["path_on_host"].as_str().unwrap_or("");
+        if missing_file(path) {
+            return fault(format!(
+                "Drive config error: Unable to create the virtio block device: Virtio backend error: Error manipulating the backing file: No such file or directory (os error 2) {path}"
+            ));
+        }
+        let root = body["is_root_device"].as_bool() == Some(true);
+        if root
+            && s.drives
+                .iter()
+                .any(|(k, d)| k != id && d["is_root_device"] == json!(true))
+        {
+            return fault("Drive config error: A root block device already exists!");
+        }
+        s.drives.insert(id.to_owned(), body.clone());
+        NO_CONTENT
+    }
+
+    fn put_nic(&self, id: &str, body: &Value) -> Answer {
+        if !valid_id(id) {
+            return fault(BAD_ID);
+        }
+        let mut s = match self.pre_boot() {
+            Ok(s) => s,
+            Err(a) => return a,
+        };
+        let allowed = [
+            "iface_id",
+            "host_dev_name",
+            "guest_mac",
+            "mtu",
+            "rx_rate_limiter",
+            "tx_rate_limiter",
+        ];
+        if let Err(a) = shape(body, &allowed, &["iface_id", "host_dev_name"]) {
+            return a;
+        }
+        if body["iface_id"].as_str() != Some(id) {
+            return fault(format!(
+                "The id from the path [{id}] does not match the id from the body [{}]!",
+                body["iface_id"]
+            ));
+        }
+        s.nics.insert(id.to_owned(), body.clone());
+        NO_CONTENT
+    }
+
+    fn put_metrics(&self, body: &Value) -> Answer {
+        let mut s = match self.pre_boot() {
+            Ok(s) => s,
+            Err(a) => return a,
+        };
+        if let Err(a) = shape(body, &["metrics_path"], &["metrics_path"]) {
+            return a;
+        }
+        if s.metrics_path.is_some() {
+            return fault("Metrics initialization error: Reinitialization of metrics not allowed.");
+        }
+        let path = PathBuf::from(body["metrics_path"].as_str().unwrap_or(""));
+        if let Err(e) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+        {
+            return fault(format!(
+                "Metrics initialization error: Failed to open target file: {e}"
+            ));
+        }
+        s.metrics_path = Some(path);
+        NO_CONTENT
+    }
+
+    fn put_serial(&self, body: &Value) -> Answer {
+        let mut s = match self.pre_boot() {
+            Ok(s) => s,
+            Err(a) => return a,
+        };
+        if let Err(a) = shape(body, &["serial_out_path", "rate_limiter"], &[]) {
+            return a;
+        }
+        s.serial_path = body["serial_out_path"].as_str().map(PathBuf::from);
+        NO_CONTENT
+    }
+
+    fn action(&self, body: &Value) -> Answer {
+        if let Err(a) = shape(body, &["action_type"], &["action_type"]) {
+            return a;
+        }
+        let mut s = self.lock();
+        match body["action_type"].as_str() {
+            Some("InstanceStart") => {
+                if s.phase != Phase::NotStarted {
+                    return fault(NOT_AFTER_START);
+                }
+                if s.boot_source.is_none() {
+                    return fault(
+                        "Start microvm error: Cannot start microvm without kernel configuration.",
+                    );
+                }
+                s.phase = Phase::Running;
+                write_serial(s.serial_path.as_deref());
+                write_metrics(s.metrics_path.as_deref(), 0);
+                if let Some(after) = self.behaviour.poweroff_after {
+                    let exit = self.behaviour.on_exit.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(after).await;
+                        exit(0);
+                    });
+                }
+                NO_CONTENT
+            }
+            Some("SendCtrlAltDel") => {
+                if s.phase == Phase::NotStarted {
+                    return fault(NOT_BEFORE_START);
+                }
+                if self.behaviour.ctrl_alt_del_exits {
+                    let exit = self.behaviour.on_exit.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        exit(0);
+                    });
+                }
+                NO_CONTENT
+            }
+            Some("FlushMetrics") => {
+                if s.phase == Phase::NotStarted {
+                    return fault(NOT_BEFORE_START);
+                }
+                write_metrics(s.metrics_path.as_deref(), 1);
+                NO_CONTENT
+            }
+            other => fault(format!(
+                "An error occurred when deserializing the json body of a request: unknown variant `{}`, expected one of `FlushMetrics`, `InstanceStart`, `SendCtrlAltDel`.",
+                other.unwrap_or("")
+            )),
+        }
+    }
+
+    fn patch_vm(&self, body: &Value) -> Answer {
+        if let Err(a) = shape(body, &["state"], &["state"]) {
+            return a;
+        }
+        let mut s = self.lock();
+        if s.phase == Phase::NotStarted {
+            return fault(NOT_BEFORE_START);
+        }
+        match body["state"].as_str() {
+            Some("Paused") => s.phase = Phase::Paused,
+            Some("Resumed") => s.phase = Phase::Running,
+            other => {
+                return fault(format!(
+                    "An error occurred when deserializing the json body of a request: unknown variant `{}`, expected `Paused` or `Resumed`.",
+                    other.unwrap_or("")
+                ));
+            }
+        }
+        NO_CONTENT
+    }
+}
+
+/// The guest's COM1 output: to the serial file, or to stdout without one.
+fn write_serial(path: Option<&Path>) {
+    match path {
+        Some(p) => {
+            if let Ok(mut f) = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+            {
+                let _ = f.write_all(MARKER.as_bytes());
+            }
+        }
+        None => {
+            let _ = std::io::stdout().write_all(MARKER.as_bytes());
+        }
+    }
+}
+
+/// Appends one metrics line; `flushes` (0 or 1) scales the counter deltas.
+fn write_metrics(path: Option<&Path>, flushes: u64) {
+    let Some(p) = path else { return };
+    let line = json!({
+        "utc_timestamp_ms": 0,
+        "net": {"rx_bytes_count": RX_BYTES_PER_FLUSH * flushes, "tx_bytes_count": 10 * flushes,
+            "rx_packets_count": flushes, "tx_packets_count": flushes},
+        "block": {"read_bytes": READ_BYTES_PER_FLUSH * flushes, "write_bytes": 512 * flushes,
+            "read_count": flushes, "write_count": flushes},
+    });
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(p)
+    {
+        let _ = writeln!(f, "{line}");
+    }
+}

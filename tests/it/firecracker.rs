@@ -1,0 +1,838 @@
+//! The Firecracker adapter against the fake Firecracker: the client over an
+//! in-process fake socket (fault bodies, refused and hung sockets), and the
+//! whole `Hypervisor` implementation against the `fake-firecracker` example
+//! binary as a real child process (lifecycle, respawn, kill -9, guest
+//! poweroff, VMM exit mid-call, hung calls, start-up failures, adoption).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::UnixListener;
+use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+
+use vmcp::adapters::outbound::firecracker::client::{Action, FcClient, VmRunState};
+use vmcp::adapters::outbound::firecracker::config::{Drive, MachineConfig, SerialDevice};
+use vmcp::adapters::outbound::firecracker::{Firecracker, FirecrackerSettings};
+use vmcp::adapters::outbound::vmm::UdsClient;
+use vmcp::adapters::outbound::vmm::process::is_alive;
+use vmcp::domain::{ConsoleConfig, StorageDevice, VmConfig, VmId, VmState};
+use vmcp::ports::{BackendEvent, Hypervisor, HypervisorError, ShutdownMode, VmmProcess};
+
+use crate::fake_fc::{Behaviour, FakeFc, MARKER, READ_BYTES_PER_FLUSH, RX_BYTES_PER_FLUSH};
+
+const MIB: i64 = 1 << 20;
+
+// ---------------------------------------------------------------- client
+
+fn behaviour() -> Behaviour {
+    Behaviour {
+        id: "inproc".into(),
+        ctrl_alt_del_exits: false,
+        poweroff_after: None,
+        hang_on: Vec::new(),
+        exit_on: Vec::new(),
+        on_exit: Arc::new(|_| {}),
+    }
+}
+
+struct InProc {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+    fake: FakeFc,
+    client: FcClient,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for InProc {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+fn inproc(b: Behaviour) -> InProc {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().to_owned();
+    let sock = dir.join("api.sock");
+    let listener = UnixListener::bind(&sock).expect("bind");
+    let fake = FakeFc::new(b);
+    let server = tokio::spawn(fake.clone().serve(listener));
+    let client = FcClient::new(UdsClient::new(Duration::from_millis(500)), sock);
+    InProc {
+        _tmp: tmp,
+        dir,
+        fake,
+        client,
+        server,
+    }
+}
+
+fn kernel_in(dir: &Path) -> PathBuf {
+    let k = dir.join("vmlinux");
+    std::fs::write(&k, b"not really a kernel").expect("write kernel");
+    k
+}
+
+#[tokio::test]
+async fn client_walks_firecracker_states() {
+    let f = inproc(behaviour());
+    let info = f.client.describe().await.expect("describe");
+    assert_eq!(info.state, "Not started");
+    assert_eq!(info.id, "inproc");
+    f.client
+        .put_machine_config(&MachineConfig {
+            vcpu_count: 2,
+            mem_size_mib: 64,
+            smt: false,
+        })
+        .await
+        .expect("machine-config");
+    let kernel = kernel_in(&f.dir);
+    let serial = f.dir.join("serial.log");
+    f.client
+        .put_serial(&SerialDevice {
+            serial_out_path: serial.to_string_lossy().into_owned(),
+        })
+        .await
+        .expect("serial");
+    f.client
+        .put_boot_source(&vmcp::adapters::outbound::firecracker::config::BootSource {
+            kernel_image_path: kernel.to_string_lossy().into_owned(),
+            initrd_path: None,
+            boot_args: "console=ttyS0".into(),
+        })
+        .await
+        .expect("boot-source");
+    f.client.action(Action::InstanceStart).await.expect("start");
+    assert_eq!(
+        f.client.describe().await.expect("describe").state,
+        "Running"
+    );
+    f.client.patch_vm(VmRunState::Paused).await.expect("pause");
+    assert_eq!(f.client.describe().await.expect("describe").state, "Paused");
+    f.client
+        .patch_vm(VmRunState::Resumed)
+        .await
+        .expect("resume");
+    let cfg = f.client.vm_config().await.expect("vm/config");
+    assert_eq!(cfg["machine-config"]["vcpu_count"], 2);
+    assert_eq!(cfg["boot-source"]["boot_args"], "console=ttyS0");
+    let paths: Vec<String> = f
+        .fake
+        .received()
+        .into_iter()
+        .map(|r| format!("{} {}", r.method, r.path))
+        .collect();
+    assert!(paths.contains(&"PATCH /vm".to_owned()), "{paths:?}");
+}
+
+#[tokio::test]
+async fn client_maps_fault_bodies() {
+    let f = inproc(behaviour());
+    // Runtime actions before InstanceStart: a state refusal.
+    let e = f
+        .client
+        .patch_vm(VmRunState::Paused)
+        .await
+        .expect_err("pre-boot pause");
+    assert!(
+        matches!(&e, HypervisorError::InvalidState(m) if m.contains("before starting")),
+        "{e:?}"
+    );
+    let e = f
+        .client
+        .action(Action::SendCtrlAltDel)
+        .await
+        .expect_err("pre-boot ctrl-alt-del");
+    assert!(matches!(e, HypervisorError::InvalidState(_)), "{e:?}");
+    // A refused resource names the VMCP field it came from.
+    let drive = Drive {
+        drive_id: "bad-id".into(),
+        path_on_host: "/nonexistent".into(),
+        is_root_device: false,
+        is_read_only: true,
+    };
+    let HypervisorError::InvalidConfig(ce) = f
+        .client
+        .put_drive(&drive, "config.storage[3]")
+        .await
+        .expect_err("bad id")
+    else {
+        panic!("expected InvalidConfig");
+    };
+    assert_eq!(ce.field, "config.storage[3]");
+    assert!(ce.reason.contains("alphanumeric"), "{ce}");
+    let e = f
+        .client
+        .put_boot_source(&vmcp::adapters::outbound::firecracker::config::BootSource {
+            kernel_image_path: "/nonexistent/vmlinux".into(),
+            initrd_path: None,
+            boot_args: String::new(),
+        })
+        .await
+        .expect_err("missing kernel");
+    let HypervisorError::InvalidConfig(ce) = e else {
+        panic!("expected InvalidConfig, got {e:?}");
+    };
+    assert_eq!(ce.field, "config.boot.kernel_path");
+    // InstanceStart without a kernel: refused, and the reason says so.
+    let e = f
+        .client
+        .action(Action::InstanceStart)
+        .await
+        .expect_err("no kernel");
+    assert!(
+        matches!(&e, HypervisorError::InvalidConfig(c) if c.reason.contains("without kernel")),
+        "{e:?}"
+    );
+}
+
+#[tokio::test]
+async fn client_post_boot_rules() {
+    let f = inproc(behaviour());
+    let kernel = kernel_in(&f.dir);
+    f.client
+        .put_serial(&SerialDevice {
+            serial_out_path: f.dir.join("serial.log").to_string_lossy().into_owned(),
+        })
+        .await
+        .expect("serial");
+    f.client
+        .put_boot_source(&vmcp::adapters::outbound::firecracker::config::BootSource {
+            kernel_image_path: kernel.to_string_lossy().into_owned(),
+            initrd_path: None,
+            boot_args: String::new(),
+        })
+        .await
+        .expect("boot-source");
+    f.client.action(Action::InstanceStart).await.expect("start");
+    let e = f
+        .client
+        .action(Action::InstanceStart)
+        .await
+        .expect_err("second start");
+    assert!(
+        matches!(&e, HypervisorError::InvalidState(m) if m.contains("after starting")),
+        "{e:?}"
+    );
+    let e = f
+        .client
+        .put_machine_config(&MachineConfig {
+            vcpu_count: 1,
+            mem_size_mib: 64,
+            smt: false,
+        })
+        .await
+        .expect_err("post-boot machine-config");
+    assert!(matches!(e, HypervisorError::InvalidState(_)), "{e:?}");
+    f.client
+        .action(Action::FlushMetrics)
+        .await
+        .expect("flush after boot");
+}
+
+#[tokio::test]
+async fn client_refused_connection_is_unavailable() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let sock = tmp.path().join("stale.sock");
+    // What a killed Firecracker leaves: a socket file nobody listens on.
+    drop(std::os::unix::net::UnixListener::bind(&sock).expect("bind"));
+    let client = FcClient::new(UdsClient::new(Duration::from_secs(1)), sock);
+    let e = client.describe().await.expect_err("refused");
+    assert!(matches!(e, HypervisorError::Unavailable(_)), "{e:?}");
+    let missing = FcClient::new(
+        UdsClient::new(Duration::from_secs(1)),
+        tmp.path().join("none.sock"),
+    );
+    let e = missing.describe().await.expect_err("missing");
+    assert!(matches!(e, HypervisorError::Unavailable(_)), "{e:?}");
+}
+
+#[tokio::test]
+async fn client_hung_socket_times_out() {
+    let mut b = behaviour();
+    b.hang_on.push("PUT /actions".into());
+    let f = inproc(b);
+    let started = Instant::now();
+    let e = f
+        .client
+        .action(Action::InstanceStart)
+        .await
+        .expect_err("hung");
+    assert_eq!(
+        e,
+        HypervisorError::Timeout {
+            operation: "PUT /actions".into(),
+            after: Duration::from_millis(500)
+        }
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+    // Other calls still work on a fresh connection.
+    assert_eq!(
+        f.client.describe().await.expect("describe").state,
+        "Not started"
+    );
+}
+
+// ---------------------------------------------------------------- adapter
+
+/// The `fake-firecracker` example binary, built by `cargo test` (or
+/// `cargo build --example fake-firecracker`) next to this test binary.
+fn fake_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let target = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = target.join("examples").join("fake-firecracker");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo test` (which builds examples) or `cargo build --example fake-firecracker`",
+        bin.display()
+    );
+    bin
+}
+
+struct Env {
+    tmp: tempfile::TempDir,
+    fc: Firecracker,
+    events: UnboundedReceiver<BackendEvent>,
+    kernel: PathBuf,
+}
+
+impl Env {
+    fn root(&self) -> PathBuf {
+        self.tmp.path().join("run")
+    }
+
+    fn config(&self) -> VmConfig {
+        VmConfig {
+            cpu: vmcp::domain::CpuConfig {
+                vcpu_count: 1,
+                ..Default::default()
+            },
+            memory: vmcp::domain::MemoryConfig {
+                size_bytes: 64 * MIB,
+                ..Default::default()
+            },
+            boot: vmcp::domain::BootConfig {
+                kernel_path: self.kernel.to_string_lossy().into_owned(),
+                kernel_args: "console=ttyS0".into(),
+                ..Default::default()
+            },
+            console: ConsoleConfig {
+                enabled: true,
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    async fn next_event(&mut self, within: Duration) -> BackendEvent {
+        tokio::time::timeout(within, self.events.recv())
+            .await
+            .expect("an event in time")
+            .expect("event channel open")
+    }
+
+    fn no_event(&mut self) {
+        assert!(self.events.try_recv().is_err(), "no event expected");
+    }
+}
+
+/// A backend whose binary is the fake with `flags` (through a wrapper script).
+fn env(flags: &[&str]) -> Env {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let script = tmp.path().join("firecracker");
+    let quoted: Vec<String> = flags.iter().map(|f| format!("'{f}'")).collect();
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nexec '{}' {} \"$@\"\n",
+            fake_binary().display(),
+            quoted.join(" ")
+        ),
+    )
+    .expect("write wrapper");
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let kernel = kernel_in(tmp.path());
+    let mut settings = FirecrackerSettings::new(&script, tmp.path().join("run"));
+    settings.call_timeout = Duration::from_millis(800);
+    settings.ready_timeout = Duration::from_secs(3);
+    settings.default_graceful_timeout = Duration::from_secs(2);
+    settings.reboot_grace = Duration::from_millis(200);
+    settings.delete_grace = Duration::from_millis(200);
+    let (tx, events) = unbounded_channel();
+    Env {
+        fc: Firecracker::new(settings, tx),
+        tmp,
+        events,
+        kernel,
+    }
+}
+
+fn id(s: &str) -> VmId {
+    VmId::parse(s).expect("valid id")
+}
+
+fn graceful(ms: u64) -> ShutdownMode {
+    ShutdownMode {
+        force: false,
+        graceful_timeout: Duration::from_millis(ms),
+    }
+}
+
+const FORCE: ShutdownMode = ShutdownMode {
+    force: true,
+    graceful_timeout: Duration::ZERO,
+};
+
+fn pid_of(info: &vmcp::ports::VmmInfo) -> u32 {
+    info.backend_info["pid"].parse().expect("pid")
+}
+
+fn console(e: &Env, vm: &VmId) -> String {
+    std::fs::read_to_string(e.root().join(vm.as_str()).join("serial.log")).unwrap_or_default()
+}
+
+async fn wait_gone(p: &VmmProcess) {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while is_alive(p.pid, p.start_time) {
+        assert!(Instant::now() < deadline, "process {} still alive", p.pid);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn create_boot_pause_resume_info() {
+    let mut e = env(&[]);
+    let vm = id("vm-life");
+    let mut cfg = e.config();
+    let disk = e.tmp.path().join("data.img");
+    std::fs::write(&disk, b"").expect("disk");
+    cfg.storage = vec![StorageDevice {
+        id: "data-1".into(),
+        path: disk.to_string_lossy().into_owned(),
+        read_only: true,
+        ..Default::default()
+    }];
+    let (state, proc_) = e.fc.create(&vm, &cfg).await.expect("create");
+    assert_eq!(state, VmState::Created);
+    assert!(is_alive(proc_.pid, proc_.start_time));
+    let dir = e.root().join("vm-life");
+    let mode = std::fs::metadata(&dir)
+        .expect("runtime dir")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o700);
+    assert_eq!(proc_.socket_path, dir.join("api.sock").to_string_lossy());
+
+    let info = e.fc.info(&vm).await.expect("info");
+    assert_eq!(info.state, Some(VmState::Created));
+    assert_eq!(pid_of(&info), proc_.pid);
+    assert_eq!(info.backend_info["vmm_version"], "Firecracker v1.16.1");
+    assert_eq!(info.backend_info["backend"], "firecracker");
+    let held: serde_json::Value =
+        serde_json::from_str(&info.backend_info["vm_config"]).expect("vm_config json");
+    assert_eq!(held["drives"][0]["drive_id"], "data_1");
+    assert_eq!(held["drives"][0]["is_read_only"], true);
+    assert_eq!(held["machine-config"]["mem_size_mib"], 64);
+    assert_eq!(held["boot-source"]["boot_args"], "console=ttyS0");
+
+    let e2 = e.fc.pause(&vm).await.expect_err("pause before boot");
+    assert!(matches!(e2, HypervisorError::InvalidState(_)), "{e2:?}");
+
+    assert_eq!(e.fc.boot(&vm).await.expect("boot"), VmState::Running);
+    assert_eq!(console(&e, &vm), MARKER);
+    let again = e.fc.boot(&vm).await.expect_err("boot twice");
+    assert!(
+        matches!(again, HypervisorError::InvalidState(_)),
+        "{again:?}"
+    );
+    assert_eq!(e.fc.pause(&vm).await.expect("pause"), VmState::Paused);
+    assert_eq!(
+        e.fc.info(&vm).await.expect("info").state,
+        Some(VmState::Paused)
+    );
+    assert_eq!(e.fc.resume(&vm).await.expect("resume"), VmState::Running);
+
+    // Each info while running flushes once; the counters are summed deltas.
+    let m = e.fc.info(&vm).await.expect("info").metrics;
+    let flushes = m.network.bytes_received / RX_BYTES_PER_FLUSH as i64;
+    assert_eq!(
+        flushes, 2,
+        "the paused and the running info each flushed once: {m:?}"
+    );
+    assert_eq!(m.storage.bytes_read, flushes * READ_BYTES_PER_FLUSH as i64);
+    let m2 = e.fc.info(&vm).await.expect("info").metrics;
+    assert_eq!(
+        m2.network.bytes_received,
+        (flushes + 1) * RX_BYTES_PER_FLUSH as i64
+    );
+    assert!(m2.memory_usage_bytes > 0, "{m2:?}");
+
+    e.fc.delete(&vm, true).await.expect("delete");
+    wait_gone(&proc_).await;
+    e.no_event();
+}
+
+#[tokio::test]
+async fn graceful_shutdown_with_i8042_guest_exits_cleanly_then_boots_again() {
+    let mut e = env(&["--fake-ctrl-alt-del-exits"]);
+    let vm = id("vm-grace");
+    let (_, p1) = e.fc.create(&vm, &e.config()).await.expect("create");
+    e.fc.boot(&vm).await.expect("boot");
+    let started = Instant::now();
+    let state = e.fc.shutdown(&vm, graceful(5000)).await.expect("shutdown");
+    assert_eq!(state, VmState::Shutdown);
+    assert!(started.elapsed() < Duration::from_secs(2), "guest reacted");
+    wait_gone(&p1).await;
+    let info = e.fc.info(&vm).await.expect("info");
+    assert_eq!(info.state, Some(VmState::Shutdown));
+    assert!(!info.backend_info.contains_key("pid"));
+    // Shutdown is not terminal on Firecracker through VMCP: boot respawns.
+    assert_eq!(e.fc.boot(&vm).await.expect("boot again"), VmState::Running);
+    let info = e.fc.info(&vm).await.expect("info");
+    assert_ne!(pid_of(&info), p1.pid);
+    assert_eq!(console(&e, &vm), MARKER, "console starts over each boot");
+    e.fc.delete(&vm, true).await.expect("delete");
+    e.no_event();
+}
+
+#[tokio::test]
+async fn graceful_shutdown_without_i8042_times_out_then_kills() {
+    let mut e = env(&[]);
+    let vm = id("vm-deaf");
+    let (_, p) = e.fc.create(&vm, &e.config()).await.expect("create");
+    e.fc.boot(&vm).await.expect("boot");
+    e.fc.pause(&vm).await.expect("pause");
+    let started = Instant::now();
+    let state = e.fc.shutdown(&vm, graceful(300)).await.expect("shutdown");
+    let took = started.elapsed();
+    assert_eq!(state, VmState::Shutdown);
+    assert!(
+        took >= Duration::from_millis(300),
+        "waited the timeout: {took:?}"
+    );
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    wait_gone(&p).await;
+    assert!(
+        !e.root().join("vm-deaf/api.sock").exists(),
+        "stale socket removed"
+    );
+    assert_eq!(
+        e.fc.info(&vm).await.expect("info").state,
+        Some(VmState::Shutdown)
+    );
+    let again = e.fc.shutdown(&vm, FORCE).await.expect("idempotent");
+    assert_eq!(again, VmState::Shutdown);
+    let paused = e.fc.pause(&vm).await.expect_err("nothing to pause");
+    assert!(matches!(paused, HypervisorError::InvalidState(_)));
+    e.fc.delete(&vm, false).await.expect("delete");
+    e.no_event();
+}
+
+#[tokio::test]
+async fn forced_shutdown_kills_at_once() {
+    let mut e = env(&[]);
+    let vm = id("vm-force");
+    let (_, p) = e.fc.create(&vm, &e.config()).await.expect("create");
+    e.fc.boot(&vm).await.expect("boot");
+    let started = Instant::now();
+    assert_eq!(
+        e.fc.shutdown(&vm, FORCE).await.expect("shutdown"),
+        VmState::Shutdown
+    );
+    assert!(started.elapsed() < Duration::from_secs(1));
+    wait_gone(&p).await;
+    assert_eq!(e.fc.boot(&vm).await.expect("boot"), VmState::Running);
+    e.fc.delete(&vm, true).await.expect("delete");
+    e.no_event();
+}
+
+#[tokio::test]
+async fn reboot_is_a_cold_restart() {
+    let mut e = env(&[]);
+    let vm = id("vm-reboot");
+    e.fc.create(&vm, &e.config()).await.expect("create");
+    e.fc.boot(&vm).await.expect("boot");
+    let before = pid_of(&e.fc.info(&vm).await.expect("info"));
+    assert_eq!(
+        e.fc.reboot(&vm, false).await.expect("reboot"),
+        VmState::Running
+    );
+    let mid = pid_of(&e.fc.info(&vm).await.expect("info"));
+    assert_ne!(before, mid, "a new Firecracker process");
+    assert_eq!(console(&e, &vm), MARKER);
+    assert_eq!(
+        e.fc.reboot(&vm, true).await.expect("reboot"),
+        VmState::Running
+    );
+    assert_ne!(pid_of(&e.fc.info(&vm).await.expect("info")), mid);
+    e.fc.shutdown(&vm, FORCE).await.expect("shutdown");
+    let refused = e.fc.reboot(&vm, true).await.expect_err("not running");
+    assert!(matches!(refused, HypervisorError::InvalidState(_)));
+    e.fc.delete(&vm, true).await.expect("delete");
+    e.no_event();
+}
+
+#[tokio::test]
+async fn delete_kills_reaps_removes_and_is_idempotent() {
+    let mut e = env(&[]);
+    let vm = id("vm-del");
+    let (_, p) = e.fc.create(&vm, &e.config()).await.expect("create");
+    e.fc.boot(&vm).await.expect("boot");
+    e.fc.delete(&vm, false).await.expect("delete");
+    wait_gone(&p).await;
+    assert!(!e.root().join("vm-del").exists());
+    e.fc.delete(&vm, false).await.expect("delete again");
+    assert!(matches!(
+        e.fc.info(&vm).await,
+        Err(HypervisorError::NotFound(_))
+    ));
+    assert!(matches!(
+        e.fc.boot(&vm).await,
+        Err(HypervisorError::NotFound(_))
+    ));
+    e.no_event();
+}
+
+#[tokio::test]
+async fn kill_9_is_failed_within_a_second() {
+    let mut e = env(&[]);
+    let vm = id("vm-kill");
+    let (_, p) = e.fc.create(&vm, &e.config()).await.expect("create");
+    e.fc.boot(&vm).await.expect("boot");
+    let killed = Instant::now();
+    std::process::Command::new("kill")
+        .args(["-9", &p.pid.to_string()])
+        .status()
+        .expect("kill");
+    let BackendEvent::Exited {
+        vm_id,
+        state,
+        reason,
+    } = e.next_event(Duration::from_secs(1)).await;
+    assert!(killed.elapsed() < Duration::from_secs(1));
+    assert_eq!(vm_id, vm);
+    assert_eq!(state, VmState::Failed);
+    assert!(reason.contains("SIGKILL"), "{reason}");
+    let info = e.fc.info(&vm).await.expect("info");
+    assert_eq!(info.state, Some(VmState::Failed));
+    assert!(info.reason.contains("SIGKILL"), "{}", info.reason);
+    e.fc.delete(&vm, true).await.expect("delete");
+    assert!(!e.root().join("vm-kill").exists());
+}
+
+#[tokio::test]
+async fn guest_poweroff_is_shutdown_not_failed() {
+    let mut e = env(&["--fake-poweroff-after-ms", "100"]);
+    let vm = id("vm-off");
+    e.fc.create(&vm, &e.config()).await.expect("create");
+    e.fc.boot(&vm).await.expect("boot");
+    let BackendEvent::Exited { state, reason, .. } = e.next_event(Duration::from_secs(2)).await;
+    assert_eq!(state, VmState::Shutdown, "{reason}");
+    assert!(reason.contains("status 0"), "{reason}");
+    let info = e.fc.info(&vm).await.expect("info");
+    assert_eq!(info.state, Some(VmState::Shutdown));
+    assert!(info.reason.contains("guest"), "{}", info.reason);
+    assert_eq!(e.fc.boot(&vm).await.expect("boot again"), VmState::Running);
+    e.fc.delete(&vm, true).await.expect("delete");
+}
+
+#[tokio::test]
+async fn vmm_exit_mid_call_is_unavailable_and_failed() {
+    let mut e = env(&["--fake-exit-on", "PUT /actions"]);
+    let vm = id("vm-midcall");
+    e.fc.create(&vm, &e.config()).await.expect("create");
+    let err = e.fc.boot(&vm).await.expect_err("VMM died");
+    assert!(
+        matches!(&err, HypervisorError::Unavailable(m) if m.contains("status 3")),
+        "{err:?}"
+    );
+    let BackendEvent::Exited { state, .. } = e.next_event(Duration::from_secs(1)).await;
+    assert_eq!(state, VmState::Failed);
+    assert_eq!(
+        e.fc.info(&vm).await.expect("info").state,
+        Some(VmState::Failed)
+    );
+    e.fc.delete(&vm, true).await.expect("delete");
+}
+
+#[tokio::test]
+async fn hung_socket_times_out() {
+    let mut e = env(&["--fake-hang-on", "PATCH /vm"]);
+    let vm = id("vm-hung");
+    let (_, p) = e.fc.create(&vm, &e.config()).await.expect("create");
+    e.fc.boot(&vm).await.expect("boot");
+    let started = Instant::now();
+    let err = e.fc.pause(&vm).await.expect_err("hung");
+    assert_eq!(
+        err,
+        HypervisorError::Timeout {
+            operation: "PATCH /vm".into(),
+            after: Duration::from_millis(800)
+        }
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+    e.fc.delete(&vm, true).await.expect("delete");
+    wait_gone(&p).await;
+    e.no_event();
+}
+
+#[tokio::test]
+async fn start_failure_reports_the_log_and_leaves_nothing() {
+    let mut e = env(&["--fake-fail-start"]);
+    let vm = id("vm-nostart");
+    let err = e.fc.create(&vm, &e.config()).await.expect_err("fails");
+    assert!(
+        matches!(&err, HypervisorError::SpawnFailed(m) if m.contains("simulated start-up failure")),
+        "{err:?}"
+    );
+    assert!(!e.root().join("vm-nostart").exists());
+    assert!(matches!(
+        e.fc.info(&vm).await,
+        Err(HypervisorError::NotFound(_))
+    ));
+    e.no_event();
+}
+
+#[tokio::test]
+async fn never_ready_is_spawn_failed_within_the_deadline() {
+    let mut e = env(&["--fake-never-ready"]);
+    let vm = id("vm-mute");
+    let started = Instant::now();
+    let err = e.fc.create(&vm, &e.config()).await.expect_err("fails");
+    assert!(
+        matches!(&err, HypervisorError::SpawnFailed(m) if m.contains("did not become ready")),
+        "{err:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(!e.root().join("vm-mute").exists());
+    e.no_event();
+}
+
+#[tokio::test]
+async fn config_the_vmm_refuses_is_invalid_config_and_leaves_nothing() {
+    let mut e = env(&[]);
+    let vm = id("vm-badcfg");
+    let mut cfg = e.config();
+    cfg.storage = vec![StorageDevice {
+        id: "root".into(),
+        path: "/nonexistent/root.img".into(),
+        is_root_device: true,
+        ..Default::default()
+    }];
+    let err = e.fc.create(&vm, &cfg).await.expect_err("refused");
+    let HypervisorError::InvalidConfig(ce) = err else {
+        panic!("expected InvalidConfig, got {err:?}");
+    };
+    assert_eq!(ce.field, "config.storage[0]");
+    assert!(ce.reason.contains("No such file"), "{ce}");
+    assert!(!e.root().join("vm-badcfg").exists());
+    let mut cfg = e.config();
+    cfg.boot.kernel_path = "/nonexistent/vmlinux".into();
+    let err = e.fc.create(&vm, &cfg).await.expect_err("refused");
+    assert!(
+        matches!(&err, HypervisorError::InvalidConfig(c) if c.field == "config.boot.kernel_path"),
+        "{err:?}"
+    );
+    e.no_event();
+}
+
+#[tokio::test]
+async fn validate_rejects_what_firecracker_cannot_honour() {
+    let e = env(&[]);
+    let mut cfg = e.config();
+    cfg.cpu.max_vcpu_count = 4;
+    let err = e.fc.validate(&cfg).expect_err("rejected");
+    assert_eq!(err.field, "config.cpu.max_vcpu_count");
+    assert!(err.reason.contains("firecracker"), "{err}");
+    let created = e.fc.create(&id("vm-x"), &cfg).await.expect_err("rejected");
+    assert!(matches!(created, HypervisorError::InvalidConfig(_)));
+    assert!(!e.root().join("vm-x").exists());
+    assert_eq!(e.fc.validate(&e.config()), Ok(()));
+}
+
+#[tokio::test]
+async fn stale_socket_is_removed_before_spawn() {
+    let mut e = env(&[]);
+    let vm = id("vm-stale");
+    let dir = e.root().join("vm-stale");
+    std::fs::create_dir_all(&dir).expect("dir");
+    drop(std::os::unix::net::UnixListener::bind(dir.join("api.sock")).expect("bind"));
+    let (state, _) = e.fc.create(&vm, &e.config()).await.expect("create");
+    assert_eq!(state, VmState::Created);
+    e.fc.delete(&vm, true).await.expect("delete");
+    e.no_event();
+}
+
+#[tokio::test]
+async fn vm_ids_firecracker_rejects_still_work() {
+    let mut e = env(&[]);
+    let vm = id("vm_with.dots");
+    e.fc.create(&vm, &e.config()).await.expect("create");
+    let info = e.fc.info(&vm).await.expect("info");
+    let iid = &info.backend_info["instance_id"];
+    assert!(iid.starts_with("vm-with-dots-"), "{iid}");
+    e.fc.delete(&vm, true).await.expect("delete");
+    e.no_event();
+}
+
+#[tokio::test]
+async fn adopt_reattaches_to_a_surviving_vmm() {
+    let mut first = env(&[]);
+    let vm = id("vm-adopt");
+    let (_, p) = first.fc.create(&vm, &first.config()).await.expect("create");
+    first.fc.boot(&vm).await.expect("boot");
+    // A second backend (a restarted VMCP) over the same runtime root.
+    let (tx, mut events) = unbounded_channel();
+    let mut settings = first.fc.settings().clone();
+    settings.call_timeout = Duration::from_secs(1);
+    let second = Firecracker::new(settings, tx);
+    let state = second.adopt(&vm, &first.config(), &p).await.expect("adopt");
+    assert_eq!(state, VmState::Running);
+    assert_eq!(pid_of(&second.info(&vm).await.expect("info")), p.pid);
+    let wrong = VmmProcess {
+        start_time: p.start_time + 1,
+        ..p.clone()
+    };
+    assert!(matches!(
+        second.adopt(&id("vm-other"), &first.config(), &wrong).await,
+        Err(HypervisorError::NotFound(_))
+    ));
+    std::process::Command::new("kill")
+        .args(["-9", &p.pid.to_string()])
+        .status()
+        .expect("kill");
+    let ev = tokio::time::timeout(Duration::from_secs(1), events.recv())
+        .await
+        .expect("adopted exit seen within a second")
+        .expect("event");
+    let BackendEvent::Exited { state, .. } = ev;
+    assert_eq!(state, VmState::Failed);
+    second.delete(&vm, true).await.expect("delete");
+    assert!(!first.root().join("vm-adopt").exists());
+    // The first backend's reaper saw the kill too.
+    let BackendEvent::Exited { state, .. } = first.next_event(Duration::from_secs(1)).await;
+    assert_eq!(state, VmState::Failed);
+}
+
+#[tokio::test]
+async fn check_reports_the_version_or_what_is_missing() {
+    let e = env(&[]);
+    match e.fc.check().await {
+        Ok(c) => assert_eq!(c.version, "Firecracker v1.16.1"),
+        Err(HypervisorError::Unavailable(m)) => assert!(m.contains("/dev/kvm"), "{m}"),
+        Err(other) => panic!("unexpected {other:?}"),
+    }
+    let (tx, _rx) = unbounded_channel();
+    let missing = Firecracker::new(
+        FirecrackerSettings::new("/nonexistent/firecracker", e.root()),
+        tx,
+    );
+    let err = missing.check().await.expect_err("no binary");
+    assert!(
+        matches!(&err, HypervisorError::Unavailable(m) if m.contains("/nonexistent/firecracker")),
+        "{err:?}"
+    );
+}
