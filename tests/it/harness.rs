@@ -94,20 +94,7 @@ impl Harness {
 
     /// A client speaking `wire`.
     pub fn client(&self, wire: Wire) -> VmServiceClient<HttpClient> {
-        let base = format!("http://{}", self.addr).parse().unwrap();
-        let (http, config) = match wire {
-            Wire::ConnectJson => (HttpClient::plaintext(), ClientConfig::new(base).json()),
-            Wire::ConnectProto => (HttpClient::plaintext(), ClientConfig::new(base).proto()),
-            Wire::Grpc => (
-                HttpClient::plaintext_http2_only(),
-                ClientConfig::new(base).with_protocol(Protocol::Grpc),
-            ),
-            Wire::GrpcWeb => (
-                HttpClient::plaintext(),
-                ClientConfig::new(base).with_protocol(Protocol::GrpcWeb),
-            ),
-        };
-        VmServiceClient::new(http, config)
+        client_for(self.addr, wire)
     }
 
     /// Raw HTTP/1.1 request; returns status, headers and body.
@@ -220,4 +207,22 @@ where
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A client for the server at `addr` speaking `wire`.
+pub fn client_for(addr: SocketAddr, wire: Wire) -> VmServiceClient<HttpClient> {
+    let base = format!("http://{addr}").parse().unwrap();
+    let (http, config) = match wire {
+        Wire::ConnectJson => (HttpClient::plaintext(), ClientConfig::new(base).json()),
+        Wire::ConnectProto => (HttpClient::plaintext(), ClientConfig::new(base).proto()),
+        Wire::Grpc => (
+            HttpClient::plaintext_http2_only(),
+            ClientConfig::new(base).with_protocol(Protocol::Grpc),
+        ),
+        Wire::GrpcWeb => (
+            HttpClient::plaintext(),
+            ClientConfig::new(base).with_protocol(Protocol::GrpcWeb),
+        ),
+    };
+    VmServiceClient::new(http, config)
 }

@@ -11,3 +11,4 @@ mod double;
 mod fake_fc;
 mod firecracker;
 mod harness;
+mod real_api;
