@@ -4,6 +4,7 @@
 pub mod config;
 pub mod manager;
 pub mod owner;
+pub mod run;
 pub mod wiring;
 
 #[cfg(test)]

@@ -84,7 +84,11 @@ fn env(kind: Kind, test: &str) -> Option<Env> {
         })
     } else {
         // Written straight to stderr: libtest captures eprintln! of passing tests, and a skip must be seen.
-        let _ = writeln!(std::io::stderr(), "SKIPPED: {test}: missing {}", missing.join(", "));
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED: {test}: missing {}",
+            missing.join(", ")
+        );
         None
     }
 }
