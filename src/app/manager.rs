@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::domain::lifecycle::Desired;
 use crate::domain::{Command, Observation, Vm, VmError, VmId, VmSnapshot, VmState};
 use crate::ports::{
-    BackendEvent, BackendHealth, Clock, CreateVm, Hypervisor, HypervisorError, ListQuery,
+    BackendEvent, BackendHealth, Clock, CreateVm, Hypervisor, ListQuery,
     Telemetry, VmDetails, VmPage, VmRecord, VmService, VmStore,
 };
 
@@ -131,68 +132,98 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
             .load_all()
             .await
             .map_err(|e| VmError::Unavailable(e.to_string()))?;
+        let h = &*self.deps.hypervisor;
+        let tel = &*self.deps.telemetry;
+        let t = self.deps.call_timeout;
+        let mut found: BTreeMap<VmId, Option<crate::ports::VmmProcess>> =
+            match timed_call(h, tel, "discover", t, h.discover()).await {
+                Ok(list) => list.into_iter().collect(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not scan for VMM processes; orphans are not cleaned up");
+                    BTreeMap::new()
+                }
+            };
         let (mut adopted, mut dead) = (0, 0);
         for rec in records {
-            let mut snap = rec.snapshot.clone();
-            let h = &*self.deps.hypervisor;
-            let state = match &rec.process {
-                Some(p) => {
-                    timed_call(
-                        h,
-                        &*self.deps.telemetry,
-                        "adopt",
-                        self.deps.call_timeout,
-                        h.adopt(&snap.id, &snap.config, p),
-                    )
-                    .await
+            let snap = rec.snapshot.clone();
+            let id = snap.id.clone();
+            // A VMM found in the runtime directory covers a crash between spawn and record.
+            let process = rec.process.clone().or_else(|| found.get(&id).cloned().flatten());
+            found.remove(&id);
+            if snap.desired == Desired::Deleted {
+                // A delete was interrupted: finish it.
+                let _ = timed_call(h, tel, "adopt", t, h.adopt(&id, &snap.config, process.clone())).await;
+                match timed_call(h, tel, "delete", t, h.delete(&id, true)).await {
+                    Ok(()) => {
+                        self.remove_record(&id).await;
+                        tracing::info!(vm.id = %id, "completed a delete interrupted by a restart");
+                        continue;
+                    }
+                    Err(e) => tracing::error!(vm.id = %id, error = %e, "could not complete an interrupted delete"),
                 }
-                None => Err(HypervisorError::NotFound("no VMM was recorded".into())),
-            };
+            }
+            if process.is_none() && rec.process.is_none() && snap.generation == 1 && snap.desired == Desired::Created {
+                // The create never got a VMM: nothing ran, nothing to keep. A retried CreateVm starts afresh.
+                let _ = timed_call(h, tel, "destroy_orphan", t, h.destroy_orphan(&id, None)).await;
+                self.remove_record(&id).await;
+                tracing::info!(vm.id = %id, "dropped the record of a create interrupted before its VMM started");
+                continue;
+            }
             let now = self.deps.clock.now_unix();
             let mut vm = Vm::restore(snap.clone());
-            match state {
-                Ok(s) => {
+            let result = timed_call(h, tel, "adopt", t, h.adopt(&id, &snap.config, process.clone())).await;
+            let alive = result.is_ok() && process.is_some();
+            let obs = match result {
+                Ok(state) if alive => {
                     adopted += 1;
-                    vm.handle_observation(
-                        Observation::Reported {
-                            state: s,
-                            reason: snap.reason.clone(),
-                        },
-                        now,
-                    );
+                    Observation::Reported { state, reason: snap.reason.clone() }
+                }
+                Ok(state) => {
+                    dead += 1;
+                    let reason = if snap.state == VmState::Shutdown {
+                        snap.reason.clone()
+                    } else {
+                        "VMM exited while VMCP was down".to_owned()
+                    };
+                    Observation::Reported { state, reason }
                 }
                 Err(e) => {
                     dead += 1;
-                    let (state, reason) = if snap.state == VmState::Shutdown {
-                        (VmState::Shutdown, snap.reason.clone())
+                    if snap.state == VmState::Shutdown {
+                        Observation::Reported { state: VmState::Shutdown, reason: snap.reason.clone() }
                     } else {
-                        (
-                            VmState::Failed,
-                            format!("VMM exited while VMCP was down ({e})"),
-                        )
-                    };
-                    vm.handle_observation(Observation::Reported { state, reason }, now);
+                        Observation::Reported {
+                            state: VmState::Failed,
+                            reason: format!("VMM exited while VMCP was down ({e})"),
+                        }
+                    }
                 }
-            }
-            snap = vm.snapshot().clone();
-            let handle = self.spawn_owner(vm, rec.process.clone());
+            };
+            vm.handle_observation(obs, now);
+            let snap = vm.snapshot().clone();
+            let process = if alive { process } else { None };
+            let handle = self.spawn_owner(vm, process.clone());
             self.vms
                 .write()
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(snap.id.clone(), handle);
-            if let Err(e) = self
-                .deps
-                .store
-                .put(&VmRecord {
-                    snapshot: snap,
-                    process: rec.process,
-                })
-                .await
-            {
-                tracing::error!(error = %e, "could not record recovered VM");
+            if let Err(e) = self.deps.store.put(&VmRecord { snapshot: snap, process }).await {
+                tracing::error!(vm.id = %id, error = %e, "could not record a recovered VM");
+            }
+        }
+        for (id, process) in found {
+            tracing::warn!(vm.id = %id, pid = process.as_ref().map(|p| p.pid), "VMM runtime directory belongs to no VM: removing it");
+            if let Err(e) = timed_call(h, tel, "destroy_orphan", t, h.destroy_orphan(&id, process)).await {
+                tracing::error!(vm.id = %id, error = %e, "could not clean up an orphaned VMM");
             }
         }
         Ok((adopted, dead))
+    }
+
+    async fn remove_record(&self, id: &VmId) {
+        if let Err(e) = self.deps.store.remove(id).await {
+            tracing::error!(vm.id = %id, error = %e, "could not remove a VM record");
+        }
     }
 
     fn spawn_owner(&self, vm: Vm, process: Option<crate::ports::VmmProcess>) -> Handle {

@@ -228,13 +228,33 @@ pub trait Hypervisor: Send + Sync + 'static {
     /// no VMM is known for `id`, `Unavailable` if its socket does not answer.
     fn info(&self, id: &VmId) -> impl Future<Output = Result<VmmInfo, HypervisorError>> + Send;
 
-    /// Re-attaches to a VMM that survived a VMCP restart. MUST verify the
-    /// process is the same one (pid and start time) and that its socket
+    /// Re-attaches to a VM after a VMCP restart. With `process`, MUST verify
+    /// the process is the same one (pid and start time) and that its socket
     /// answers, and return the state it reports; `NotFound` if it is gone.
+    /// Without `process` (the VM was stopped and its VMM is gone), MUST
+    /// register the VM so that a later boot can start it again, and return
+    /// the state the VM is in (Shutdown), or `Unsupported` if the backend
+    /// cannot boot a VM without its original VMM.
     fn adopt(
         &self,
         id: &VmId,
         config: &VmConfig,
-        process: &VmmProcess,
+        process: Option<VmmProcess>,
     ) -> impl Future<Output = Result<VmState, HypervisorError>> + Send;
+
+    /// Lists the VMs whose runtime directories this backend finds on the
+    /// host, each with its live VMM process if one still runs (verified by
+    /// pid, start time and command line). Used at start-up to find VMMs that
+    /// no record names.
+    fn discover(
+        &self,
+    ) -> impl Future<Output = Result<Vec<(VmId, Option<VmmProcess>)>, HypervisorError>> + Send;
+
+    /// Ends a VMM that belongs to no VM (if it still runs) and removes its
+    /// runtime files. MUST NOT touch any process other than `process`.
+    fn destroy_orphan(
+        &self,
+        id: &VmId,
+        process: Option<VmmProcess>,
+    ) -> impl Future<Output = Result<(), HypervisorError>> + Send;
 }

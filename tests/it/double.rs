@@ -37,6 +37,8 @@ pub struct Double {
     pub max_concurrency_per_vm: AtomicUsize,
     /// Total mutating calls.
     pub calls: AtomicUsize,
+    /// VMMs removed as orphans at start-up.
+    pub orphans_destroyed: AtomicUsize,
 }
 
 impl Double {
@@ -52,6 +54,7 @@ impl Double {
             in_flight: Mutex::new(HashMap::new()),
             max_concurrency_per_vm: AtomicUsize::new(0),
             calls: AtomicUsize::new(0),
+            orphans_destroyed: AtomicUsize::new(0),
         }
     }
 
@@ -93,6 +96,15 @@ impl Double {
         if let Some(vm) = self.vms.lock().unwrap().get_mut(&id) {
             vm.state = VmState::Shutdown;
         }
+    }
+
+    /// Starts a VMM that no VMCP record knows about (left by a crash).
+    pub fn plant_orphan(&self, id: &str) {
+        let pid = self.next_pid.fetch_add(1, Ordering::SeqCst) as u32;
+        self.vms.lock().unwrap().insert(
+            VmId::parse(id).unwrap(),
+            DoubleVm { state: VmState::Running, pid, boots: 1 },
+        );
     }
 
     /// How many VMMs the double holds.

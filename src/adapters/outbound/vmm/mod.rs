@@ -4,6 +4,7 @@
 //! Nothing here knows which VMM it talks to; backends decide what an exit,
 //! a status code or an error body means.
 
+pub mod discovery;
 pub mod process;
 pub mod uds_http;
 
