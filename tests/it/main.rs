@@ -8,3 +8,4 @@
 
 mod cloud_hypervisor;
 mod fake_ch;
+mod real_ch;
