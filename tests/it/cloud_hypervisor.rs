@@ -973,3 +973,54 @@ async fn futures_join_all<F: std::future::Future>(
     .await;
     out.into_iter().map(Option::unwrap).collect()
 }
+
+#[tokio::test]
+async fn a_vmm_listening_elsewhere_is_discovered_adopted_and_cleaned_up() {
+    let env = Env::new(Behaviour::default());
+    // A VMM VMCP did not start, e.g. at the seed's single endpoint.
+    let ext = env.tmp.path().join("ext");
+    std::fs::create_dir_all(&ext).unwrap();
+    let socket = ext.join("ch.sock");
+    let mut child = std::process::Command::new(env.tmp.path().join("bin/cloud-hypervisor"))
+        .arg("--api-socket")
+        .arg(format!("path={}", socket.display()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let http = UdsClient::new(Duration::from_secs(1));
+    let api = ChApi::new(&http, &socket);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while api.ping(Duration::from_millis(200)).await.is_err() {
+        assert!(Instant::now() < deadline, "external fake never answered");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let cfg = env.config();
+    api.create(&ch_config(env.tmp.path())).await.unwrap();
+
+    let process = env.ch.discover(&socket).await.unwrap();
+    assert_eq!(process.pid, child.id());
+    assert_eq!(process.socket_path, socket.to_string_lossy());
+    let vm = id("seed");
+    assert_eq!(
+        env.ch.adopt(&vm, &cfg, &process).await.unwrap(),
+        VmState::Created
+    );
+    assert_eq!(env.ch.boot(&vm).await.unwrap(), VmState::Running);
+    assert_eq!(
+        env.ch.info(&vm).await.unwrap().backend_info["api_socket"],
+        socket.to_string_lossy()
+    );
+    env.ch.delete(&vm, false).await.unwrap();
+    assert_eq!(
+        child.wait().unwrap().code(),
+        Some(0),
+        "vmm.shutdown ended it"
+    );
+    assert!(!socket.exists());
+    assert!(!env.runtime_dir("seed").exists());
+    assert!(matches!(
+        env.ch.discover(&socket).await,
+        Err(HypervisorError::Unavailable(_))
+    ));
+}
