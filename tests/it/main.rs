@@ -7,8 +7,11 @@
 #![allow(clippy::unwrap_used)]
 
 mod api;
+mod cloud_hypervisor;
 mod double;
+mod fake_ch;
 mod fake_fc;
 mod firecracker;
 mod harness;
 mod real_api;
+mod real_ch;

@@ -29,6 +29,7 @@ use std::time::Duration;
 use tokio::sync::{Mutex, OnceCell};
 use tokio::time::Instant;
 
+use crate::adapters::outbound::vmm::process::{create_private_dir, read_start_time};
 use crate::adapters::outbound::vmm::{
     ExitExpectation, ExitInfo, ExitReporter, RuntimeDir, SpawnSpec, Supervised, UdsClient,
 };
@@ -61,6 +62,9 @@ const VERSION_TIMEOUT: Duration = Duration::from_secs(10);
 struct Slot {
     config: ChVmConfig,
     runtime: RuntimeDir,
+    /// The API socket: in the runtime directory, except for a VMM adopted
+    /// from elsewhere (e.g. the seed's single endpoint) until it is respawned.
+    socket: PathBuf,
     vmm: Supervised,
 }
 
@@ -140,6 +144,31 @@ impl CloudHypervisor {
         ids
     }
 
+    /// Identifies a Cloud Hypervisor already listening on `socket` (for
+    /// example at the seed's single `UNKEY_VMCP_CH_ENDPOINT`) so that it can
+    /// be [adopted](Hypervisor::adopt): its pid from `vmm.ping`, its start
+    /// time from /proc.
+    pub async fn discover(&self, socket: &Path) -> Result<VmmProcess, HypervisorError> {
+        let ping = ChApi::new(&self.http, socket)
+            .ping(self.http.timeout())
+            .await?;
+        let pid = ping
+            .pid
+            .and_then(|p| u32::try_from(p).ok())
+            .ok_or_else(|| HypervisorError::Protocol("vmm.ping reported no pid".to_owned()))?;
+        let start_time = read_start_time(pid).map_err(|e| {
+            HypervisorError::NotFound(format!(
+                "VMM pid {pid} behind {} is not visible in /proc: {e}",
+                socket.display()
+            ))
+        })?;
+        Ok(VmmProcess {
+            pid,
+            start_time,
+            socket_path: socket.to_string_lossy().into_owned(),
+        })
+    }
+
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<VmId, Arc<Mutex<Slot>>>> {
         // A panic while holding this lock cannot leave the map half-updated
         // (every critical section is one insert/remove/get), so use it anyway.
@@ -214,6 +243,7 @@ impl CloudHypervisor {
             }
             tracing::info!(vm_id = %id, "respawning the VMM of a powered-off VM to boot it again");
             slot.vmm = self.start_vmm(id, &slot.runtime, &slot.config).await?;
+            slot.socket = slot.runtime.api_socket();
         }
         Ok(())
     }
@@ -235,8 +265,7 @@ impl CloudHypervisor {
         let slot = self.slot(id)?;
         let slot = slot.lock().await;
         Self::running(&slot.vmm)?;
-        let socket = slot.runtime.api_socket();
-        let api = ChApi::new(&self.http, &socket);
+        let api = ChApi::new(&self.http, &slot.socket);
         let done = match action {
             Action::Pause => api.pause().await,
             Action::Resume => api.resume().await,
@@ -345,8 +374,7 @@ impl CloudHypervisor {
         timeout: Duration,
     ) -> Result<Option<VmState>, HypervisorError> {
         let vmm = &slot.vmm;
-        let socket = slot.runtime.api_socket();
-        let api = ChApi::new(&self.http, &socket);
+        let api = ChApi::new(&self.http, &slot.socket);
         // A paused guest cannot react to the power button.
         if api.state().await? == VmState::Paused {
             return Ok(None);
@@ -456,6 +484,7 @@ impl Hypervisor for CloudHypervisor {
         let slot = Slot {
             config: ch,
             runtime,
+            socket,
             vmm,
         };
         self.map().insert(id.clone(), Arc::new(Mutex::new(slot)));
@@ -467,8 +496,7 @@ impl Hypervisor for CloudHypervisor {
         let mut slot = slot.lock().await;
         self.revive(id, &mut slot).await?;
         let vmm = &slot.vmm;
-        let socket = slot.runtime.api_socket();
-        let api = ChApi::new(&self.http, &socket);
+        let api = ChApi::new(&self.http, &slot.socket);
         if let Err(e) = api.boot().await {
             return Err(explain(vmm, e).await);
         }
@@ -523,8 +551,7 @@ impl Hypervisor for CloudHypervisor {
             if force {
                 vmm.terminate(Duration::ZERO).await;
             } else {
-                let socket = slot_guard.runtime.api_socket();
-                let api = ChApi::new(&self.http, &socket);
+                let api = ChApi::new(&self.http, &slot_guard.socket);
                 // Ask politely; a refusal or a dead socket does not matter,
                 // the process is ended below either way.
                 if let Err(e) = api.delete().await {
@@ -546,6 +573,19 @@ impl Hypervisor for CloudHypervisor {
             }
         }
         slot_guard.runtime.remove()?;
+        if !slot_guard.socket.starts_with(slot_guard.runtime.path()) {
+            // An adopted VMM's socket elsewhere: CH leaves the socket (on a
+            // crash) and its lock file behind.
+            let mut lock = slot_guard.socket.clone().into_os_string();
+            lock.push(".lock");
+            for leftover in [slot_guard.socket.clone(), PathBuf::from(lock)] {
+                if let Err(e) = std::fs::remove_file(&leftover)
+                    && e.kind() != std::io::ErrorKind::NotFound
+                {
+                    tracing::warn!(vm_id = %id, path = %leftover.display(), error = %e, "cannot remove");
+                }
+            }
+        }
         drop(slot_guard);
         self.map().remove(id);
         Ok(())
@@ -555,7 +595,7 @@ impl Hypervisor for CloudHypervisor {
         let slot = self.slot(id)?;
         let slot = slot.lock().await;
         let vmm = &slot.vmm;
-        let socket = slot.runtime.api_socket();
+        let socket = &slot.socket;
         let mut backend_info = BTreeMap::from([
             (
                 "backend".to_owned(),
@@ -592,7 +632,7 @@ impl Hypervisor for CloudHypervisor {
                 backend_info,
             });
         }
-        let api = ChApi::new(&self.http, &socket);
+        let api = ChApi::new(&self.http, socket);
         let info = match api.info().await {
             Ok(info) => info,
             Err(e) => return Err(explain(vmm, e).await),
@@ -636,13 +676,8 @@ impl Hypervisor for CloudHypervisor {
     ) -> Result<VmState, HypervisorError> {
         let socket = PathBuf::from(&process.socket_path);
         let runtime = RuntimeDir::new(&self.runtime_root, id);
-        if socket != runtime.api_socket() {
-            return Err(HypervisorError::NotFound(format!(
-                "vm {id}: recorded socket {} is not under the runtime directory {}",
-                socket.display(),
-                runtime.path().display()
-            )));
-        }
+        // Not `prepare()`: that would remove the live socket of our own VMM.
+        create_private_dir(runtime.path())?;
         let defaults = ConsoleDefaults {
             serial_file: runtime.serial_file().to_string_lossy().into_owned(),
         };
@@ -668,6 +703,7 @@ impl Hypervisor for CloudHypervisor {
         let slot = Slot {
             config: ch,
             runtime,
+            socket,
             vmm,
         };
         self.map().insert(id.clone(), Arc::new(Mutex::new(slot)));

@@ -1,9 +1,10 @@
 //! Supervision of one VMM process per VM, shared by the VMM backends.
 //!
 //! Each VM gets a runtime directory (0700) holding its API socket, pid file,
-//! VMM log and serial output. The VMM is spawned in its own process group
-//! with stdin from /dev/null and stdout/stderr appended to the log, so that
-//! VMCP's own SIGTERM, crash or restart never takes VMs down with it.
+//! VMM log and serial output. The VMM is spawned in its own process group,
+//! with stdin from /dev/null and stdout/stderr in its log (truncated at each
+//! spawn, so a log tail is about this run) rather than a pipe, so that VMCP's
+//! own SIGTERM, crash or restart never takes VMs down with it.
 //! Readiness is observed by polling a caller-supplied probe (the VMM's ping)
 //! until a deadline; a VMM that dies or never answers is killed, its
 //! directory removed, and the error carries the tail of its log.
@@ -445,7 +446,12 @@ impl Supervised {
             if let Some(info) = exit.borrow().clone() {
                 break format!("exited during start-up: {}", info.describe_status());
             }
-            let last = match probe().await {
+            let budget = deadline.saturating_duration_since(Instant::now());
+            let outcome = match tokio::time::timeout(budget, probe()).await {
+                Ok(outcome) => outcome.map_err(|e| e.to_string()),
+                Err(_) => Err("the probe itself did not finish".to_owned()),
+            };
+            let last = match outcome {
                 Ok(()) => {
                     if sup
                         .phase
@@ -456,7 +462,7 @@ impl Supervised {
                     }
                     break "exited right after becoming ready".to_owned();
                 }
-                Err(e) => e.to_string(),
+                Err(e) => e,
             };
             let now = Instant::now();
             if now >= deadline {

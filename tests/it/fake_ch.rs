@@ -1,0 +1,527 @@
+//! A fake Cloud Hypervisor: the REST subset VMCP uses, served over a Unix
+//! socket with CH v53's state rules and error bodies (recorded from the real
+//! binary: 404 `["Error from API","…","VM is not created"]` when no VM,
+//! 500 with the reason when the state forbids the call, `vm.shutdown` →
+//! Created, `vm.reboot` from Paused → Running, `vm.counters` only while
+//! running, `vmm.shutdown` → 200 and exit).
+//!
+//! It runs two ways. In-process ([`FakeCh::start`]) for client-level tests
+//! with fault injection. As a separate process for the adapter, which spawns
+//! `cloud-hypervisor --api-socket path=…`: [`install`] writes a small
+//! `cloud-hypervisor` script that re-executes this test binary, filtered to
+//! [`fake_vmm_entry`], with the arguments and a [`Behaviour`] in the
+//! environment; that test then serves the socket until told to exit. So no
+//! extra binary target is needed and a filtered `cargo test --test it` works.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::net::UnixListener;
+
+/// What the fake guest does with the ACPI power button.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Acpi {
+    /// Nothing (like the tiny test guest): the VM keeps running.
+    #[default]
+    Ignore,
+    /// Powers off: the VMM process exits 0 (like real CH with a Linux guest).
+    PowerOff,
+    /// vm.info reports Shutdown and the process stays.
+    ReportShutdown,
+}
+
+/// Faults and guest behaviour of one fake VMM.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Behaviour {
+    /// Power-button handling.
+    #[serde(default)]
+    pub acpi: Acpi,
+    /// Endpoints (e.g. `vm.info`) that are accepted but never answered.
+    #[serde(default)]
+    pub hang_on: Vec<String>,
+    /// Endpoint on which the process exits with this status mid-call
+    /// (in-process: the connection is dropped without an answer).
+    #[serde(default)]
+    pub exit_on: Option<(String, i32)>,
+    /// Endpoint after which the listener is closed (socket stays, refuses).
+    #[serde(default)]
+    pub stop_listening_after: Option<String>,
+    /// Forced answers: endpoint → (status, body).
+    #[serde(default)]
+    pub answer: BTreeMap<String, (u16, String)>,
+    /// Exit with this status at start-up, after printing to stderr.
+    #[serde(default)]
+    pub fail_at_start: Option<i32>,
+    /// Never create the socket.
+    #[serde(default)]
+    pub never_listen: bool,
+    /// Directory where each fake process writes a file `<pid>` holding
+    /// `<pid> <start time>`, so tests can check none outlives them.
+    #[serde(default)]
+    pub pid_dir: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum St {
+    Created,
+    Running,
+    Paused,
+    Shutdown,
+}
+
+impl St {
+    fn name(self) -> &'static str {
+        match self {
+            St::Created => "Created",
+            St::Running => "Running",
+            St::Paused => "Paused",
+            St::Shutdown => "Shutdown",
+        }
+    }
+}
+
+/// What the fake holds, for assertions.
+#[derive(Debug, Default)]
+pub struct FakeState {
+    vm: Option<(Value, St)>,
+    /// Every request as `METHOD endpoint`, in order.
+    pub calls: Vec<String>,
+    /// Connections accepted.
+    pub connections: usize,
+    /// Whether the listener still accepts.
+    pub listening: bool,
+}
+
+/// What a handler decided.
+enum Outcome {
+    Answer(StatusCode, String),
+    Hang,
+    ExitAfter(i32),
+}
+
+fn err(status: u16, parts: &[&str]) -> Outcome {
+    let mut all = vec!["Error from API"];
+    all.extend_from_slice(parts);
+    Outcome::Answer(
+        StatusCode::from_u16(status).unwrap(),
+        serde_json::to_string(&all).unwrap(),
+    )
+}
+
+fn ok204() -> Outcome {
+    Outcome::Answer(StatusCode::NO_CONTENT, String::new())
+}
+
+/// CH v53's rules for one request.
+fn handle(state: &mut FakeState, b: &Behaviour, method: &str, ep: &str, body: &[u8]) -> Outcome {
+    state.calls.push(format!("{method} {ep}"));
+    if b.hang_on.iter().any(|h| h == ep) {
+        return Outcome::Hang;
+    }
+    if let Some((on, code)) = &b.exit_on
+        && on == ep
+    {
+        return Outcome::ExitAfter(*code);
+    }
+    if let Some((status, body)) = b.answer.get(ep) {
+        return Outcome::Answer(StatusCode::from_u16(*status).unwrap(), body.clone());
+    }
+    let st = state.vm.as_ref().map(|(_, s)| *s);
+    match (method, ep) {
+        ("GET", "vmm.ping") => Outcome::Answer(
+            StatusCode::OK,
+            json!({"build_version": "v53.0-fake", "version": "53.0.0", "pid": std::process::id(), "features": ["kvm"]})
+                .to_string(),
+        ),
+        ("PUT", "vmm.shutdown") => Outcome::ExitAfter(0),
+        ("PUT", "vm.create") => {
+            let Ok(cfg) = serde_json::from_slice::<Value>(body) else {
+                return Outcome::Answer(
+                    StatusCode::BAD_REQUEST,
+                    r#"["Failed to deserialize JSON","expected value at line 1 column 1"]"#.into(),
+                );
+            };
+            if st.is_some() {
+                return err(500, &["The VM could not be created", "VM is already created"]);
+            }
+            if cfg.get("payload").and_then(|p| p.get("kernel")).is_none() {
+                return err(500, &["The VM could not be created", "Error parsing payload", "kernel missing"]);
+            }
+            state.vm = Some((cfg, St::Created));
+            ok204()
+        }
+        ("PUT", "vm.boot") => match st {
+            None => err(404, &["The VM could not boot", "VM config is missing"]),
+            Some(St::Created | St::Shutdown) => {
+                let (cfg, s) = state.vm.as_mut().unwrap();
+                let kernel = cfg["payload"]["kernel"].as_str().unwrap_or_default().to_owned();
+                if !Path::new(&kernel).exists() {
+                    return err(500, &["The VM could not boot", "Cannot open kernel file", "No such file or directory (os error 2)"]);
+                }
+                if cfg["serial"]["mode"] == "File"
+                    && let Some(f) = cfg["serial"]["file"].as_str()
+                {
+                    // CH truncates the serial file on every boot.
+                    let _ = std::fs::write(f, "VMCP-GUEST-OK\n");
+                }
+                *s = St::Running;
+                ok204()
+            }
+            Some(_) => err(500, &["The VM could not boot", "VM is already created"]),
+        },
+        ("PUT", "vm.pause") => match st {
+            Some(St::Running) => {
+                state.vm.as_mut().unwrap().1 = St::Paused;
+                ok204()
+            }
+            Some(St::Paused) => err(500, &["The VM could not be paused", "Cannot pause VM", "Failed to pause migratable component", "Invalid transition: InvalidStateTransition(Paused, Paused)"]),
+            _ => err(500, &["The VM could not be paused", "VM is not running"]),
+        },
+        ("PUT", "vm.resume") => match st {
+            Some(St::Paused) => {
+                state.vm.as_mut().unwrap().1 = St::Running;
+                ok204()
+            }
+            Some(St::Running) => err(500, &["The VM could not resume", "Cannot resume VM", "Failed to resume migratable component", "Invalid transition: InvalidStateTransition(Running, Running)"]),
+            _ => err(500, &["The VM could not resume", "VM is not running"]),
+        },
+        ("PUT", "vm.reboot") => match st {
+            Some(St::Running | St::Paused) => {
+                state.vm.as_mut().unwrap().1 = St::Running;
+                ok204()
+            }
+            _ => err(404, &["The VM could not reboot", "VM is not created"]),
+        },
+        ("PUT", "vm.shutdown") => match st {
+            Some(St::Running | St::Paused) => {
+                state.vm.as_mut().unwrap().1 = St::Created;
+                ok204()
+            }
+            _ => err(500, &["The VM could not shutdown", "VM is not running"]),
+        },
+        ("PUT", "vm.power-button") => match st {
+            Some(St::Running) => match b.acpi {
+                Acpi::Ignore => ok204(),
+                Acpi::PowerOff => {
+                    // Answer first; the guest powers off a moment later.
+                    tokio::spawn(async {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        std::process::exit(0);
+                    });
+                    ok204()
+                }
+                Acpi::ReportShutdown => {
+                    state.vm.as_mut().unwrap().1 = St::Shutdown;
+                    ok204()
+                }
+            },
+            _ => err(500, &["Error triggering power button", "VM is not running"]),
+        },
+        ("PUT", "vm.delete") => {
+            state.vm = None;
+            ok204()
+        }
+        ("GET", "vm.info") => match &state.vm {
+            None => err(404, &["The VM info is not available", "VM is not created"]),
+            Some((cfg, s)) => Outcome::Answer(
+                StatusCode::OK,
+                json!({"config": cfg, "state": s.name(), "memory_actual_size": cfg["memory"]["size"]}).to_string(),
+            ),
+        },
+        ("GET", "vm.counters") => match st {
+            Some(St::Running | St::Paused) => {
+                let cfg = &state.vm.as_ref().unwrap().0;
+                let mut c = serde_json::Map::new();
+                for d in cfg["disks"].as_array().into_iter().flatten() {
+                    c.insert(d["id"].as_str().unwrap_or("_disk").into(), json!({"read_bytes": 4096, "write_bytes": 512, "read_ops": 8, "write_ops": 1}));
+                }
+                for n in cfg["net"].as_array().into_iter().flatten() {
+                    c.insert(n["id"].as_str().unwrap_or("_net").into(), json!({"rx_bytes": 1000, "tx_bytes": 2000, "rx_frames": 10, "tx_frames": 20}));
+                }
+                Outcome::Answer(StatusCode::OK, Value::Object(c).to_string())
+            }
+            _ => err(500, &["The VM info is not available", "VM is not running"]),
+        },
+        _ => Outcome::Answer(StatusCode::NOT_FOUND, r#"["Not Found"]"#.into()),
+    }
+}
+
+/// An in-process fake CH serving one socket.
+pub struct FakeCh {
+    /// The fake's state, for assertions.
+    pub state: Arc<Mutex<FakeState>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeCh {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FakeCh {
+    /// Serves `socket` with `behaviour` in this process. `ExitAfter` drops
+    /// the connection instead of exiting.
+    pub fn start(socket: &Path, behaviour: Behaviour) -> FakeCh {
+        let listener = UnixListener::bind(socket).unwrap();
+        let state = Arc::new(Mutex::new(FakeState {
+            listening: true,
+            ..Default::default()
+        }));
+        let task = tokio::spawn(serve(listener, state.clone(), Arc::new(behaviour), false));
+        FakeCh { state, task }
+    }
+
+    /// The requests seen so far.
+    pub fn calls(&self) -> Vec<String> {
+        self.state.lock().unwrap().calls.clone()
+    }
+}
+
+async fn serve(
+    listener: UnixListener,
+    state: Arc<Mutex<FakeState>>,
+    b: Arc<Behaviour>,
+    process: bool,
+) {
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((s, _)) => s,
+                Err(_) => return,
+            },
+            _ = stop_rx.changed() => {
+                // Close the listener but keep the socket file: connects are refused.
+                state.lock().unwrap().listening = false;
+                drop(listener);
+                std::future::pending::<()>().await;
+                return;
+            }
+        };
+        state.lock().unwrap().connections += 1;
+        let state = state.clone();
+        let b = b.clone();
+        let stop_tx = stop_tx.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let state = state.clone();
+                let b = b.clone();
+                let stop_tx = stop_tx.clone();
+                async move {
+                    let method = req.method().to_string();
+                    let ep = req.uri().path().trim_start_matches("/api/v1/").to_owned();
+                    let body = req
+                        .into_body()
+                        .collect()
+                        .await
+                        .map_err(|e| Dropped(e.to_string()))?
+                        .to_bytes();
+                    let outcome = handle(&mut state.lock().unwrap(), &b, &method, &ep, &body);
+                    if b.stop_listening_after.as_deref() == Some(ep.as_str()) {
+                        let _ = stop_tx.send(true);
+                    }
+                    match outcome {
+                        Outcome::Answer(status, body) => Ok::<_, Dropped>(
+                            Response::builder()
+                                .status(status)
+                                .header("content-type", "application/json")
+                                .body(Full::new(Bytes::from(body)))
+                                .unwrap(),
+                        ),
+                        Outcome::Hang => {
+                            std::future::pending::<()>().await;
+                            unreachable!()
+                        }
+                        Outcome::ExitAfter(0) if ep == "vmm.shutdown" => {
+                            if process {
+                                // Answer, then exit as CH does.
+                                tokio::spawn(async {
+                                    tokio::time::sleep(Duration::from_millis(5)).await;
+                                    std::process::exit(0);
+                                });
+                            }
+                            Ok(Response::builder()
+                                .status(StatusCode::OK)
+                                .body(Full::new(Bytes::new()))
+                                .unwrap())
+                        }
+                        Outcome::ExitAfter(code) => {
+                            if process {
+                                eprintln!(
+                                    "fake cloud-hypervisor: dying on {ep} with status {code}"
+                                );
+                                std::process::exit(code);
+                            }
+                            // In-process: hyper closes the connection unanswered.
+                            Err(Dropped(format!("dropped on {ep}")))
+                        }
+                    }
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+/// Returned by a handler so hyper closes the connection without answering.
+#[derive(Debug)]
+struct Dropped(String);
+
+impl std::fmt::Display for Dropped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Dropped {}
+
+/// Carries the socket path to the fake in process mode.
+const ENV_SOCKET: &str = "VMCP_FAKE_CH_SOCKET";
+/// Carries the [`Behaviour`] (JSON) to the fake in process mode.
+const ENV_BEHAVIOUR: &str = "VMCP_FAKE_CH_BEHAVIOUR";
+
+/// Writes an executable `cloud-hypervisor` in `dir` that runs this test
+/// binary as a fake VMM with `behaviour`, and returns its path.
+pub fn install(dir: &Path, behaviour: &Behaviour) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let json = serde_json::to_string(behaviour).unwrap();
+    assert!(
+        !json.contains('\''),
+        "behaviour must not contain single quotes"
+    );
+    let script = format!(
+        r#"#!/bin/sh
+if [ "$1" = "--version" ]; then echo "cloud-hypervisor v53.0-fake"; echo "Migration Protocol Versions: 0"; exit 0; fi
+if [ "$1" != "--api-socket" ]; then echo "fake cloud-hypervisor: unexpected arguments: $*" >&2; exit 2; fi
+export {ENV_SOCKET}="${{2#path=}}"
+export {ENV_BEHAVIOUR}='{json}'
+exec '{exe}' fake_ch::fake_vmm_entry --exact --nocapture --test-threads=1 -q
+"#,
+        exe = exe.display()
+    );
+    std::fs::create_dir_all(dir).unwrap();
+    let path = dir.join("cloud-hypervisor");
+    std::fs::write(&path, script).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// In process mode, serves the fake VMM until `vmm.shutdown` (or a fault)
+/// ends the process. Otherwise checks that process mode works: spawned
+/// through the script, it answers ping and vm.info like CH and exits 0 on
+/// vmm.shutdown.
+#[test]
+fn fake_vmm_entry() {
+    let Some(socket) = std::env::var_os(ENV_SOCKET) else {
+        return self_test();
+    };
+    let b: Behaviour = std::env::var(ENV_BEHAVIOUR)
+        .ok()
+        .and_then(|j| serde_json::from_str(&j).ok())
+        .unwrap_or_default();
+    eprintln!(
+        "fake cloud-hypervisor: pid {} serving {}",
+        std::process::id(),
+        Path::new(&socket).display()
+    );
+    if let Some(dir) = &b.pid_dir {
+        let me = std::process::id();
+        let start = vmcp::adapters::outbound::vmm::process::read_start_time(me).unwrap();
+        std::fs::write(Path::new(dir).join(me.to_string()), format!("{me} {start}")).unwrap();
+    }
+    if let Some(code) = b.fail_at_start {
+        eprintln!("fake cloud-hypervisor: Error: refusing to start (injected fault)");
+        std::process::exit(code);
+    }
+    // A fake must not outlive the test process that spawned it (a failed
+    // test would otherwise leak it): exit when reparented.
+    let parent = rustix::process::getppid();
+    std::thread::spawn(move || {
+        loop {
+            std::thread::sleep(Duration::from_millis(200));
+            if rustix::process::getppid() != parent {
+                std::process::exit(1);
+            }
+        }
+    });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        if b.never_listen {
+            std::future::pending::<()>().await;
+        }
+        let listener = UnixListener::bind(&socket).unwrap();
+        let state = Arc::new(Mutex::new(FakeState {
+            listening: true,
+            ..Default::default()
+        }));
+        serve(listener, state, Arc::new(b), true).await;
+    });
+    std::process::exit(0);
+}
+
+fn self_test() {
+    use vmcp::adapters::outbound::vmm::UdsClient;
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = install(&tmp.path().join("bin"), &Behaviour::default());
+    let socket = tmp.path().join("api.sock");
+    let mut child = std::process::Command::new(&bin)
+        .arg("--api-socket")
+        .arg(format!("path={}", socket.display()))
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let http = UdsClient::new(Duration::from_secs(2));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let ping = loop {
+            match http
+                .call(&socket, http::Method::GET, "/api/v1/vmm.ping", None)
+                .await
+            {
+                Ok(r) => break r,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(e) => panic!("fake never answered: {e}"),
+            }
+        };
+        assert_eq!(ping.status, StatusCode::OK);
+        let info = http
+            .call(&socket, http::Method::GET, "/api/v1/vm.info", None)
+            .await
+            .unwrap();
+        assert_eq!(info.status, StatusCode::NOT_FOUND);
+        assert_eq!(
+            info.text(),
+            r#"["Error from API","The VM info is not available","VM is not created"]"#
+        );
+        let bye = http
+            .call(&socket, http::Method::PUT, "/api/v1/vmm.shutdown", None)
+            .await
+            .unwrap();
+        assert_eq!(bye.status, StatusCode::OK);
+    });
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+}
