@@ -879,11 +879,11 @@ async fn a_restarted_backend_adopts_a_surviving_vmm() {
         ..p.clone()
     };
     assert!(matches!(
-        restarted.adopt(&vm, &cfg, &wrong).await,
+        restarted.adopt(&vm, &cfg, Some(wrong.clone())).await,
         Err(HypervisorError::NotFound(_))
     ));
     assert_eq!(
-        restarted.adopt(&vm, &cfg, &p).await.unwrap(),
+        restarted.adopt(&vm, &cfg, Some(p.clone())).await.unwrap(),
         VmState::Running
     );
     assert_eq!(restarted.pause(&vm).await.unwrap(), VmState::Paused);
@@ -908,7 +908,7 @@ async fn a_restarted_backend_adopts_a_surviving_vmm() {
     restarted.delete(&vm, false).await.unwrap();
     assert!(!env.runtime_dir("survivor").exists());
     assert!(matches!(
-        restarted.adopt(&vm, &cfg, &p).await,
+        restarted.adopt(&vm, &cfg, Some(p.clone())).await,
         Err(HypervisorError::NotFound(_))
     ));
 }
@@ -998,12 +998,12 @@ async fn a_vmm_listening_elsewhere_is_discovered_adopted_and_cleaned_up() {
     let cfg = env.config();
     api.create(&ch_config(env.tmp.path())).await.unwrap();
 
-    let process = env.ch.discover(&socket).await.unwrap();
+    let process = env.ch.probe_endpoint(&socket).await.unwrap();
     assert_eq!(process.pid, child.id());
     assert_eq!(process.socket_path, socket.to_string_lossy());
     let vm = id("seed");
     assert_eq!(
-        env.ch.adopt(&vm, &cfg, &process).await.unwrap(),
+        env.ch.adopt(&vm, &cfg, Some(process.clone())).await.unwrap(),
         VmState::Created
     );
     assert_eq!(env.ch.boot(&vm).await.unwrap(), VmState::Running);
@@ -1020,7 +1020,7 @@ async fn a_vmm_listening_elsewhere_is_discovered_adopted_and_cleaned_up() {
     assert!(!socket.exists());
     assert!(!env.runtime_dir("seed").exists());
     assert!(matches!(
-        env.ch.discover(&socket).await,
+        env.ch.probe_endpoint(&socket).await,
         Err(HypervisorError::Unavailable(_))
     ));
 }

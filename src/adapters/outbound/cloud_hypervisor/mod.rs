@@ -29,6 +29,7 @@ use std::time::Duration;
 use tokio::sync::{Mutex, OnceCell};
 use tokio::time::Instant;
 
+use crate::adapters::outbound::vmm::discovery;
 use crate::adapters::outbound::vmm::process::{create_private_dir, read_start_time};
 use crate::adapters::outbound::vmm::{
     ExitExpectation, ExitInfo, ExitReporter, RuntimeDir, SpawnSpec, Supervised, UdsClient,
@@ -148,7 +149,7 @@ impl CloudHypervisor {
     /// example at the seed's single `UNKEY_VMCP_CH_ENDPOINT`) so that it can
     /// be [adopted](Hypervisor::adopt): its pid from `vmm.ping`, its start
     /// time from /proc.
-    pub async fn discover(&self, socket: &Path) -> Result<VmmProcess, HypervisorError> {
+    pub async fn probe_endpoint(&self, socket: &Path) -> Result<VmmProcess, HypervisorError> {
         let ping = ChApi::new(&self.http, socket)
             .ping(self.http.timeout())
             .await?;
@@ -672,8 +673,14 @@ impl Hypervisor for CloudHypervisor {
         &self,
         id: &VmId,
         config: &VmConfig,
-        process: &VmmProcess,
+        process: Option<VmmProcess>,
     ) -> Result<VmState, HypervisorError> {
+        let Some(process) = process else {
+            // The VM was stopped and its VMM is gone. A Cloud Hypervisor VM needs a VMM to be
+            // booted, so start one and create the VM in it: it is Created, bootable again,
+            // exactly as after a hard vm.shutdown.
+            return self.create(id, config).await.map(|(state, _)| state);
+        };
         let socket = PathBuf::from(&process.socket_path);
         let runtime = RuntimeDir::new(&self.runtime_root, id);
         // Not `prepare()`: that would remove the live socket of our own VMM.
@@ -708,5 +715,26 @@ impl Hypervisor for CloudHypervisor {
         };
         self.map().insert(id.clone(), Arc::new(Mutex::new(slot)));
         Ok(state)
+    }
+
+    async fn discover(&self) -> Result<Vec<(VmId, Option<VmmProcess>)>, HypervisorError> {
+        let found = discovery::scan(&self.runtime_root).map_err(|e| {
+            HypervisorError::Unavailable(format!(
+                "cannot scan {}: {e}",
+                self.runtime_root.display()
+            ))
+        })?;
+        Ok(found.into_iter().map(|f| (f.id, f.process)).collect())
+    }
+
+    async fn destroy_orphan(
+        &self,
+        id: &VmId,
+        process: Option<VmmProcess>,
+    ) -> Result<(), HypervisorError> {
+        self.map().remove(id);
+        discovery::destroy(&self.runtime_root, id, process.as_ref(), self.stop_grace)
+            .await
+            .map_err(|e| HypervisorError::Unavailable(format!("cannot remove orphan {id}: {e}")))
     }
 }
