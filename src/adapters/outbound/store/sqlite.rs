@@ -3,7 +3,7 @@
 //! can re-adopt or reconcile every VM. Durability wins over speed: WAL mode
 //! with `synchronous=FULL` makes every `put` and `remove` a transaction that
 //! is on disk when it returns. The file is checked at open (application id,
-//! schema version, `PRAGMA quick_check`) and a damaged, foreign or newer file
+//! schema version, `PRAGMA integrity_check`) and a damaged, foreign or newer file
 //! stops start-up with a message naming it; nothing is ever reset silently.
 //! One row per VM, with the searchable parts as columns and the config as
 //! strict JSON (see `config_json`). SQLite calls block, so they run on
@@ -39,7 +39,7 @@ const APPLICATION_ID: i32 = 0x564d_4350;
 /// operator's `sqlite3` shell, say) before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Most problems `quick_check` lists in an open error.
+/// Most problems `integrity_check` lists in an open error.
 const MAX_CHECK_LINES: i64 = 10;
 
 /// One forward migration: brings the schema from version `i` to `i + 1`,
@@ -482,11 +482,12 @@ fn check_identity(conn: &Connection, path: &Path) -> Result<i64, StoreOpenError>
     Ok(version)
 }
 
-/// Runs `PRAGMA quick_check` (every page and record is read and checked,
-/// without cross-checking index contents; linear in the file's size).
+/// Runs `PRAGMA integrity_check`: every page and record is read and the id
+/// index is cross-checked against the table. About 50 ms for 10,000 VMs here,
+/// no slower than `quick_check` with this schema's single index.
 fn check_integrity(conn: &Connection, path: &Path) -> Result<(), StoreOpenError> {
     let mut problems = Vec::new();
-    conn.pragma(None, "quick_check", MAX_CHECK_LINES, |r| {
+    conn.pragma(None, "integrity_check", MAX_CHECK_LINES, |r| {
         problems.push(r.get::<_, String>(0)?);
         Ok(())
     })
@@ -496,7 +497,7 @@ fn check_integrity(conn: &Connection, path: &Path) -> Result<(), StoreOpenError>
     }
     Err(StoreOpenError::Corrupt {
         path: path.to_owned(),
-        detail: format!("quick_check: {}", problems.join("; ")),
+        detail: format!("integrity_check: {}", problems.join("; ")),
     })
 }
 
@@ -1015,10 +1016,11 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn a_damaged_table_page_stops_open() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = open(dir.path());
+    /// Fills a store with `vm-0`..`vm-19`, closes it (which checkpoints the
+    /// WAL into the file) and returns the file's bytes and the byte range of
+    /// the root page of the b-tree `name`.
+    async fn closed_store_with_page(dir: &Path, name: &str) -> (Vec<u8>, std::ops::Range<usize>) {
+        let store = open(dir);
         for i in 0..20 {
             store.put(&record(&format!("vm-{i}"))).await.expect("put");
         }
@@ -1026,8 +1028,8 @@ mod tests {
             let conn = store.inner.conn.lock().expect("lock");
             let root = conn
                 .query_row(
-                    "SELECT rootpage FROM sqlite_schema WHERE name = 'vms'",
-                    [],
+                    "SELECT rootpage FROM sqlite_schema WHERE name = ?1",
+                    [name],
                     |r| r.get(0),
                 )
                 .expect("root page");
@@ -1036,14 +1038,20 @@ mod tests {
                 .expect("page size");
             (root, size)
         };
-        // Closing the last connection checkpoints the WAL into the file.
         drop(store);
-        let path = dir.path().join(DB_FILE_NAME);
-        let mut bytes = fs::read(&path).expect("read");
+        let bytes = fs::read(dir.join(DB_FILE_NAME)).expect("read");
         let start = usize::try_from((root - 1) * page_size).expect("offset");
         let end = start + usize::try_from(page_size).expect("size");
-        assert!(end <= bytes.len(), "the table's root page is in the file");
-        bytes[start..end].fill(0xa5);
+        assert!(end <= bytes.len(), "the root page of {name} is in the file");
+        (bytes, start..end)
+    }
+
+    #[tokio::test]
+    async fn a_damaged_table_page_stops_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut bytes, page) = closed_store_with_page(dir.path(), "vms").await;
+        bytes[page].fill(0xa5);
+        let path = dir.path().join(DB_FILE_NAME);
         fs::write(&path, &bytes).expect("write garbage");
         let err = open_err(dir.path());
         assert!(matches!(err, StoreOpenError::Corrupt { .. }), "{err:?}");
@@ -1051,6 +1059,28 @@ mod tests {
             err.to_string().contains(&path.display().to_string()),
             "{err}"
         );
+    }
+
+    #[tokio::test]
+    async fn an_id_index_that_disagrees_with_the_table_stops_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut bytes, page) = closed_store_with_page(dir.path(), "sqlite_autoindex_vms_1").await;
+        // Rename the largest key in the index only, keeping the page's order
+        // and format valid: only a table-versus-index cross-check sees it.
+        let index_page = &mut bytes[page];
+        let at = index_page
+            .windows(4)
+            .position(|w| w == b"vm-9")
+            .expect("the index holds vm-9");
+        index_page[at + 3] = b':';
+        fs::write(dir.path().join(DB_FILE_NAME), &bytes).expect("write");
+        match open_err(dir.path()) {
+            StoreOpenError::Corrupt { detail, .. } => {
+                assert!(detail.starts_with("integrity_check: "), "{detail}");
+                assert!(detail.contains("sqlite_autoindex_vms_1"), "{detail}");
+            }
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
     }
 
     #[test]
