@@ -166,6 +166,8 @@ pub enum StoreOpenError {
 }
 
 /// VM records in a SQLite file; cheap to clone (clones share the connection).
+/// Writes are serialized; a `put` or `remove` whose future is dropped still
+/// runs to completion (commit or rollback) on the blocking pool.
 #[derive(Clone)]
 pub struct SqliteStore {
     inner: Arc<Inner>,
