@@ -1,3 +1,4 @@
 //! VM record stores behind the `VmStore` port.
 
 pub mod memory;
+pub mod sqlite;
