@@ -11,7 +11,7 @@ use crate::adapters::inbound::server::RpcLimits;
 use crate::adapters::outbound::cloud_hypervisor::CloudHypervisor;
 use crate::adapters::outbound::firecracker::jailer::JailerSettings;
 use crate::adapters::outbound::firecracker::{Firecracker, FirecrackerSettings};
-use crate::adapters::outbound::store::memory::MemoryStore;
+use crate::adapters::outbound::store::sqlite::SqliteStore;
 use crate::ports::{BackendEvent, BackendKind, Hypervisor, NoopTelemetry, SystemClock};
 
 use super::config::Config;
@@ -30,6 +30,15 @@ pub async fn run() -> ExitCode {
     for var in Config::unknown_variables(std::env::vars()) {
         tracing::warn!(variable = %var, "unknown UNKEY_VMCP_ variable ignored (typo?)");
     }
+    // A corrupt or unreadable store stops start-up; it is never silently reset.
+    let store = match SqliteStore::open(&config.data_dir) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot open the VM store");
+            eprintln!("vmcp-api: cannot open the VM store: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let (tx, rx) = mpsc::unbounded_channel();
     let result = match config.backend {
         BackendKind::CloudHypervisor => {
@@ -39,7 +48,7 @@ pub async fn run() -> ExitCode {
                 config.hypervisor_timeout,
                 tx,
             );
-            serve(ch, rx, &config).await
+            serve(ch, rx, store, &config).await
         }
         BackendKind::Firecracker => {
             let mut settings = FirecrackerSettings::new(&config.fc_binary, &config.runtime_dir);
@@ -50,7 +59,7 @@ pub async fn run() -> ExitCode {
                 gid: j.gid,
                 chroot_base: j.chroot_base.clone(),
             });
-            serve(Firecracker::new(settings, tx), rx, &config).await
+            serve(Firecracker::new(settings, tx), rx, store, &config).await
         }
     };
     match result {
@@ -75,12 +84,13 @@ fn init_logging(config: &Config) {
 async fn serve<H: Hypervisor>(
     hypervisor: H,
     events: mpsc::UnboundedReceiver<BackendEvent>,
+    store: Arc<SqliteStore>,
     config: &Config,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let running = start(
         Arc::new(hypervisor),
         events,
-        Arc::new(MemoryStore::new()),
+        store,
         StartOptions {
             addr: (config.address, config.port).into(),
             limits: RpcLimits {
