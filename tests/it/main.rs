@@ -2,3 +2,4 @@
 
 mod fake_fc;
 mod firecracker;
+mod real_fc;

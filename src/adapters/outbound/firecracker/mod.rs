@@ -588,6 +588,18 @@ impl Hypervisor for Firecracker {
             .map_err(|e| HypervisorError::Unavailable(format!("cannot open /dev/kvm: {e}")))?;
         if let Some(js) = &self.settings.jailer {
             run_version(&js.jailer_binary).await?;
+            match jailer::needs_loader(&self.settings.binary) {
+                Ok(false) => {}
+                Ok(true) => {
+                    return Err(HypervisorError::Unavailable(format!(
+                        "{} is dynamically linked; the jailer copies only the binary into its chroot, so jailer mode needs a statically linked (musl) firecracker",
+                        self.settings.binary.display()
+                    )));
+                }
+                Err(e) => {
+                    return Err(io_unavailable("cannot inspect", &self.settings.binary, e));
+                }
+            }
             if !js.chroot_base.is_dir() {
                 return Err(HypervisorError::Unavailable(format!(
                     "jailer chroot base {} is not a directory",
