@@ -862,3 +862,44 @@ fn io_unavailable(what: &str, p: &Path, e: std::io::Error) -> HypervisorError {
 fn path_string(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn firecracker_states_map_to_vmcp_states() {
+        assert_eq!(map_state("Not started"), Ok(VmState::Created));
+        assert_eq!(map_state("Running"), Ok(VmState::Running));
+        assert_eq!(map_state("Paused"), Ok(VmState::Paused));
+        // The seed's mistake: Firecracker never says "NotStarted".
+        assert!(matches!(
+            map_state("NotStarted"),
+            Err(HypervisorError::Protocol(_))
+        ));
+    }
+
+    #[test]
+    fn only_a_clean_exit_is_the_guests_own_shutdown() {
+        use std::os::unix::process::ExitStatusExt;
+        let exit = |raw: i32| ExitInfo {
+            status: Some(std::process::ExitStatus::from_raw(raw)),
+            log_tail: String::new(),
+        };
+        assert!(exited_cleanly(&exit(0)));
+        assert!(!exited_cleanly(&exit(1 << 8)), "exit status 1");
+        assert!(!exited_cleanly(&exit(9)), "SIGKILL");
+        assert!(
+            !exited_cleanly(&exit(15)),
+            "SIGTERM (Firecracker does not catch it)"
+        );
+        let adopted = ExitInfo {
+            status: None,
+            log_tail: "anything".into(),
+        };
+        assert!(
+            !exited_cleanly(&adopted),
+            "unknown status counts as a crash"
+        );
+    }
+}
