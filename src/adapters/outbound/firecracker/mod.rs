@@ -296,11 +296,9 @@ impl Firecracker {
                             io_unavailable("cannot link console file", &console_link, e)
                         })?;
                 }
-                let mut args = jailer::jailer_args(js, &exec, &vm.instance_id, &[]);
-                args.extend(fc_args);
                 SpawnSpec {
                     program: js.jailer_binary.clone(),
-                    args,
+                    args: jailer::jailer_args(js, &exec, &vm.instance_id, &fc_args),
                     ready_timeout: self.settings.ready_timeout,
                 }
             }
