@@ -3,7 +3,8 @@
 //! `--level`, `--show-level`, `--version`), refuses a stale socket like the
 //! real one, and serves the fake API of `tests/it/fake_fc.rs`. Extra
 //! `--fake-*` flags select failure behaviours; tests pass them through a
-//! wrapper script used as the binary.
+//! wrapper script used as the binary. `--fake-chroot DIR` resolves every
+//! path under DIR, standing in for a jailed Firecracker.
 
 // The binary serves the fake; the in-process inspection helpers go unused.
 #[path = "../tests/it/fake_fc.rs"]
@@ -31,6 +32,7 @@ fn main() {
         hang_on: Vec::new(),
         exit_on: Vec::new(),
         on_exit: Arc::new(|code| std::process::exit(code)),
+        chroot: None,
     };
     let mut fail_start = false;
     let mut never_ready = false;
@@ -53,6 +55,7 @@ fn main() {
             "--fake-hang-on" => behaviour.hang_on.push(value()),
             "--fake-exit-on" => behaviour.exit_on.push(value()),
             "--fake-fail-start" => fail_start = true,
+            "--fake-chroot" => behaviour.chroot = Some(PathBuf::from(value())),
             "--fake-never-ready" => never_ready = true,
             other => {
                 log(
@@ -80,6 +83,7 @@ fn main() {
         log(&id, "ERROR", "Missing argument: api-sock");
         std::process::exit(153);
     };
+    let socket = behaviour.host(&socket.to_string_lossy());
     if socket.exists() {
         log(
             &id,

@@ -54,6 +54,18 @@ pub struct Behaviour {
     pub exit_on: Vec<String>,
     /// Ends the VMM with this status (the process exits; in-process, the server stops).
     pub on_exit: Arc<dyn Fn(i32) + Send + Sync>,
+    /// Resolve every path under this directory, as a jailed Firecracker does.
+    pub chroot: Option<PathBuf>,
+}
+
+impl Behaviour {
+    /// The host path of a path Firecracker was given.
+    pub fn host(&self, p: &str) -> PathBuf {
+        match &self.chroot {
+            Some(root) => root.join(p.trim_start_matches('/')),
+            None => PathBuf::from(p),
+        }
+    }
 }
 
 impl std::fmt::Debug for Behaviour {
@@ -132,10 +144,6 @@ fn shape(body: &Value, allowed: &[&str], required: &[&str]) -> Result<(), Answer
         )));
     }
     Ok(())
-}
-
-fn missing_file(path: &str) -> bool {
-    !Path::new(path).exists()
 }
 
 impl FakeFc {
@@ -330,13 +338,13 @@ impl FakeFc {
             return a;
         }
         let kernel = body["kernel_image_path"].as_str().unwrap_or("");
-        if missing_file(kernel) {
+        if !self.behaviour.host(kernel).exists() {
             return fault(
                 "Boot source error: The kernel file cannot be opened: No such file or directory (os error 2)",
             );
         }
         if let Some(initrd) = body.get("initrd_path").and_then(Value::as_str)
-            && missing_file(initrd)
+            && !self.behaviour.host(initrd).exists()
         {
             return fault(
                 "Boot source error: The initrd file cannot be opened due to invalid path or invalid permissions. No such file or directory (os error 2)",
@@ -377,7 +385,7 @@ impl FakeFc {
             ));
         }
         let path = body["path_on_host"].as_str().unwrap_or("");
-        if missing_file(path) {
+        if !self.behaviour.host(path).exists() {
             return fault(format!(
                 "Drive config error: Unable to create the virtio block device: Virtio backend error: Error manipulating the backing file: No such file or directory (os error 2) {path}"
             ));
@@ -434,7 +442,9 @@ impl FakeFc {
         if s.metrics_path.is_some() {
             return fault("Metrics initialization error: Reinitialization of metrics not allowed.");
         }
-        let path = PathBuf::from(body["metrics_path"].as_str().unwrap_or(""));
+        let path = self
+            .behaviour
+            .host(body["metrics_path"].as_str().unwrap_or(""));
         if let Err(e) = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -456,7 +466,9 @@ impl FakeFc {
         if let Err(a) = shape(body, &["serial_out_path", "rate_limiter"], &[]) {
             return a;
         }
-        s.serial_path = body["serial_out_path"].as_str().map(PathBuf::from);
+        s.serial_path = body["serial_out_path"]
+            .as_str()
+            .map(|p| self.behaviour.host(p));
         NO_CONTENT
     }
 

@@ -34,6 +34,7 @@ fn behaviour() -> Behaviour {
         hang_on: Vec::new(),
         exit_on: Vec::new(),
         on_exit: Arc::new(|_| {}),
+        chroot: None,
     }
 }
 
@@ -835,4 +836,140 @@ async fn check_reports_the_version_or_what_is_missing() {
         matches!(&err, HypervisorError::Unavailable(m) if m.contains("/nonexistent/firecracker")),
         "{err:?}"
     );
+}
+
+/// A stand-in `jailer`: checks its flags, builds the chroot directory the
+/// real one would, records its arguments and execs the fake Firecracker with
+/// every path resolved inside that chroot.
+const FAKE_JAILER: &str = r#"#!/bin/sh
+set -e
+base_args="$*"
+while [ "$#" -gt 0 ] && [ "$1" != "--" ]; do
+  case "$1" in
+    --version) echo "Jailer v1.16.1"; exit 0 ;;
+    --id) id="$2" ;;
+    --exec-file) exe="$2" ;;
+    --chroot-base-dir) base="$2" ;;
+    --uid|--gid) ;;
+    *) echo "unexpected jailer argument $1" >&2; exit 1 ;;
+  esac
+  shift 2
+done
+shift
+root="$base/$(basename "$exe")/$id/root"
+mkdir -p "$root"
+echo "$base_args" > "$base/jailer-args"
+exec "$exe" --fake-chroot "$root" --id "$id" "$@"
+"#;
+
+#[tokio::test]
+async fn jailer_mode_stages_files_in_the_chroot_and_cleans_up() {
+    use std::os::unix::fs::MetadataExt;
+    use vmcp::adapters::outbound::firecracker::jailer::JailerSettings;
+
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let jailer = tmp.path().join("jailer");
+    std::fs::write(&jailer, FAKE_JAILER).expect("write jailer");
+    std::fs::set_permissions(&jailer, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let base = tmp.path().join("jail");
+    std::fs::create_dir(&base).expect("chroot base");
+    let kernel = kernel_in(tmp.path());
+    let disk = tmp.path().join("data.img");
+    std::fs::write(&disk, b"data").expect("disk");
+    let mut settings = FirecrackerSettings::new(fake_binary(), tmp.path().join("run"));
+    settings.jailer = Some(JailerSettings {
+        jailer_binary: jailer,
+        uid: 1234,
+        gid: 5678,
+        chroot_base: base.clone(),
+    });
+    settings.call_timeout = Duration::from_secs(1);
+    let (tx, mut events) = unbounded_channel();
+    let fc = Firecracker::new(settings, tx);
+    let mut cfg = VmConfig {
+        cpu: vmcp::domain::CpuConfig {
+            vcpu_count: 1,
+            ..Default::default()
+        },
+        memory: vmcp::domain::MemoryConfig {
+            size_bytes: 64 * MIB,
+            ..Default::default()
+        },
+        boot: vmcp::domain::BootConfig {
+            kernel_path: kernel.to_string_lossy().into_owned(),
+            ..Default::default()
+        },
+        storage: vec![StorageDevice {
+            id: "data".into(),
+            path: disk.to_string_lossy().into_owned(),
+            ..Default::default()
+        }],
+        console: ConsoleConfig {
+            enabled: true,
+            output: tmp
+                .path()
+                .join("elsewhere.log")
+                .to_string_lossy()
+                .into_owned(),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let refused = fc.validate(&cfg).expect_err("console outside the jail");
+    assert_eq!(refused.field, "config.console.output");
+    cfg.console.output.clear();
+
+    let vm = id("jailed");
+    let (state, p) = fc.create(&vm, &cfg).await.expect("create");
+    assert_eq!(state, VmState::Created);
+    let root = std::fs::canonicalize(&base)
+        .expect("canonical")
+        .join("fake-firecracker/jailed/root");
+    assert_eq!(p.socket_path, root.join("api.sock").to_string_lossy());
+    let args = std::fs::read_to_string(base.join("jailer-args")).expect("jailer args");
+    assert!(args.contains("--uid 1234 --gid 5678"), "{args}");
+    assert!(args.contains("--id jailed"), "{args}");
+    assert!(
+        args.ends_with("-- --api-sock /api.sock --level Warning --show-level\n"),
+        "{args}"
+    );
+    // Hard links: the guest's writes reach the caller's files.
+    let ino = |p: &Path| std::fs::metadata(p).expect("meta").ino();
+    assert_eq!(ino(&root.join("kernel")), ino(&kernel));
+    assert_eq!(ino(&root.join("drive_data")), ino(&disk));
+
+    assert_eq!(fc.boot(&vm).await.expect("boot"), VmState::Running);
+    let console = tmp.path().join("run/jailed/serial.log");
+    assert_eq!(
+        std::fs::read_to_string(&console).expect("console via link"),
+        MARKER
+    );
+    let info = fc.info(&vm).await.expect("info");
+    assert_eq!(info.backend_info["jail_root"], root.to_string_lossy());
+    assert_eq!(
+        info.metrics.network.bytes_received,
+        RX_BYTES_PER_FLUSH as i64
+    );
+    assert_eq!(
+        fc.reboot(&vm, true).await.expect("reboot"),
+        VmState::Running
+    );
+
+    match fc.check().await {
+        Err(HypervisorError::Unavailable(m)) => assert!(
+            m.contains("dynamically linked") || m.contains("/dev/kvm"),
+            "{m}"
+        ),
+        other => panic!("the fake is dynamically linked: {other:?}"),
+    }
+
+    fc.delete(&vm, true).await.expect("delete");
+    wait_gone(&p).await;
+    assert!(
+        !root.parent().expect("instance dir").exists(),
+        "jail removed"
+    );
+    assert!(!tmp.path().join("run/jailed").exists());
+    assert_eq!(std::fs::read(&disk).expect("caller's disk kept"), b"data");
+    assert!(events.try_recv().is_err(), "no unexpected exits");
 }

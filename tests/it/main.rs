@@ -15,3 +15,4 @@ mod firecracker;
 mod harness;
 mod real_api;
 mod real_ch;
+mod real_fc;

@@ -25,6 +25,8 @@
 //!   chroot that is removed with the VM). Firecracker's stdout is not the
 //!   console: it carries Firecracker's own log (no `PUT /logger`), which the
 //!   shared supervisor captures and quotes when the VMM fails or exits.
+//!   Firecracker writes the console file from offset 0 without truncating it,
+//!   so VMCP empties it before each process start: it holds the current boot.
 //! - **vCPUs** are 1 to 32 with SMT off; Firecracker picks the topology itself.
 
 use std::collections::BTreeMap;

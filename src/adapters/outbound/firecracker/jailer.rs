@@ -166,6 +166,42 @@ pub fn place(staged: &[Staged]) -> io::Result<()> {
     Ok(())
 }
 
+/// Whether the ELF executable at `path` needs a dynamic loader (has a
+/// `PT_INTERP` program header). The jailer copies only the binary into the
+/// chroot, so a dynamically linked Firecracker cannot start there ("Failed to
+/// exec into Firecracker: No such file or directory"): jailer mode needs a
+/// static (musl) build.
+pub fn needs_loader(path: &Path) -> io::Result<bool> {
+    let bytes = std::fs::read(path)?;
+    elf_has_interp(&bytes).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} is not a 64-bit little-endian ELF file", path.display()),
+        )
+    })
+}
+
+/// `Some(true)` if the 64-bit little-endian ELF image has a `PT_INTERP`
+/// segment, `None` if it is not such an image.
+fn elf_has_interp(elf: &[u8]) -> Option<bool> {
+    const PT_INTERP: u32 = 3;
+    if elf.get(..4)? != b"\x7fELF" || *elf.get(4)? != 2 || *elf.get(5)? != 1 {
+        return None;
+    }
+    let u16_at = |o: usize| Some(u16::from_le_bytes(elf.get(o..o + 2)?.try_into().ok()?));
+    let u32_at = |o: usize| Some(u32::from_le_bytes(elf.get(o..o + 4)?.try_into().ok()?));
+    let u64_at = |o: usize| Some(u64::from_le_bytes(elf.get(o..o + 8)?.try_into().ok()?));
+    let phoff = usize::try_from(u64_at(0x20)?).ok()?;
+    let phentsize = usize::from(u16_at(0x36)?);
+    let phnum = usize::from(u16_at(0x38)?);
+    for i in 0..phnum {
+        if u32_at(phoff.checked_add(i.checked_mul(phentsize)?)?)? == PT_INTERP {
+            return Some(true);
+        }
+    }
+    Some(false)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -284,6 +320,33 @@ mod tests {
                 },
             ]
         );
+    }
+
+    /// A minimal ELF64 header with program headers of the given types.
+    fn elf(types: &[u32]) -> Vec<u8> {
+        let mut b = vec![0u8; 64];
+        b[..4].copy_from_slice(b"\x7fELF");
+        b[4] = 2;
+        b[5] = 1;
+        b[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
+        b[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
+        b[0x38..0x3a].copy_from_slice(&u16::try_from(types.len()).expect("few").to_le_bytes());
+        for t in types {
+            let mut ph = vec![0u8; 56];
+            ph[..4].copy_from_slice(&t.to_le_bytes());
+            b.extend(ph);
+        }
+        b
+    }
+
+    #[test]
+    fn a_loader_is_found_in_the_program_headers() {
+        assert_eq!(elf_has_interp(&elf(&[6, 3, 1])), Some(true));
+        assert_eq!(elf_has_interp(&elf(&[1, 1, 4])), Some(false));
+        assert_eq!(elf_has_interp(b"#!/bin/sh\n"), None);
+        let mut truncated = elf(&[1, 3]);
+        truncated.truncate(100);
+        assert_eq!(elf_has_interp(&truncated), None);
     }
 
     #[test]

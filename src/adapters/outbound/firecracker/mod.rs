@@ -296,11 +296,9 @@ impl Firecracker {
                             io_unavailable("cannot link console file", &console_link, e)
                         })?;
                 }
-                let mut args = jailer::jailer_args(js, &exec, &vm.instance_id, &[]);
-                args.extend(fc_args);
                 SpawnSpec {
                     program: js.jailer_binary.clone(),
-                    args,
+                    args: jailer::jailer_args(js, &exec, &vm.instance_id, &fc_args),
                     ready_timeout: self.settings.ready_timeout,
                 }
             }
@@ -588,6 +586,18 @@ impl Hypervisor for Firecracker {
             .map_err(|e| HypervisorError::Unavailable(format!("cannot open /dev/kvm: {e}")))?;
         if let Some(js) = &self.settings.jailer {
             run_version(&js.jailer_binary).await?;
+            match jailer::needs_loader(&self.settings.binary) {
+                Ok(false) => {}
+                Ok(true) => {
+                    return Err(HypervisorError::Unavailable(format!(
+                        "{} is dynamically linked; the jailer copies only the binary into its chroot, so jailer mode needs a statically linked (musl) firecracker",
+                        self.settings.binary.display()
+                    )));
+                }
+                Err(e) => {
+                    return Err(io_unavailable("cannot inspect", &self.settings.binary, e));
+                }
+            }
             if !js.chroot_base.is_dir() {
                 return Err(HypervisorError::Unavailable(format!(
                     "jailer chroot base {} is not a directory",
@@ -849,4 +859,45 @@ fn io_unavailable(what: &str, p: &Path, e: std::io::Error) -> HypervisorError {
 
 fn path_string(p: &Path) -> String {
     p.to_string_lossy().into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn firecracker_states_map_to_vmcp_states() {
+        assert_eq!(map_state("Not started"), Ok(VmState::Created));
+        assert_eq!(map_state("Running"), Ok(VmState::Running));
+        assert_eq!(map_state("Paused"), Ok(VmState::Paused));
+        // The seed's mistake: Firecracker never says "NotStarted".
+        assert!(matches!(
+            map_state("NotStarted"),
+            Err(HypervisorError::Protocol(_))
+        ));
+    }
+
+    #[test]
+    fn only_a_clean_exit_is_the_guests_own_shutdown() {
+        use std::os::unix::process::ExitStatusExt;
+        let exit = |raw: i32| ExitInfo {
+            status: Some(std::process::ExitStatus::from_raw(raw)),
+            log_tail: String::new(),
+        };
+        assert!(exited_cleanly(&exit(0)));
+        assert!(!exited_cleanly(&exit(1 << 8)), "exit status 1");
+        assert!(!exited_cleanly(&exit(9)), "SIGKILL");
+        assert!(
+            !exited_cleanly(&exit(15)),
+            "SIGTERM (Firecracker does not catch it)"
+        );
+        let adopted = ExitInfo {
+            status: None,
+            log_tail: "anything".into(),
+        };
+        assert!(
+            !exited_cleanly(&adopted),
+            "unknown status counts as a crash"
+        );
+    }
 }
