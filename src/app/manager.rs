@@ -14,8 +14,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::domain::lifecycle::Desired;
 use crate::domain::{Command, Observation, Vm, VmError, VmId, VmSnapshot, VmState};
 use crate::ports::{
-    BackendEvent, BackendHealth, Clock, CreateVm, Hypervisor, ListQuery,
-    Telemetry, VmDetails, VmPage, VmRecord, VmService, VmStore,
+    BackendEvent, BackendHealth, Clock, CreateVm, Hypervisor, ListQuery, Telemetry, VmDetails,
+    VmPage, VmRecord, VmService, VmStore,
 };
 
 use super::owner::{Deps, Owner, QUEUE_DEPTH, Request, hypervisor_to_vm_error, timed_call};
@@ -135,34 +135,57 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
         let h = &*self.deps.hypervisor;
         let tel = &*self.deps.telemetry;
         let t = self.deps.call_timeout;
-        let mut found: BTreeMap<VmId, Option<crate::ports::VmmProcess>> =
-            match timed_call(h, tel, "discover", t, h.discover()).await {
-                Ok(list) => list.into_iter().collect(),
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not scan for VMM processes; orphans are not cleaned up");
-                    BTreeMap::new()
-                }
-            };
+        let mut found: BTreeMap<VmId, Option<crate::ports::VmmProcess>> = match timed_call(
+            h,
+            tel,
+            "discover",
+            t,
+            h.discover(),
+        )
+        .await
+        {
+            Ok(list) => list.into_iter().collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not scan for VMM processes; orphans are not cleaned up");
+                BTreeMap::new()
+            }
+        };
         let (mut adopted, mut dead) = (0, 0);
         for rec in records {
             let snap = rec.snapshot.clone();
             let id = snap.id.clone();
             // A VMM found in the runtime directory covers a crash between spawn and record.
-            let process = rec.process.clone().or_else(|| found.get(&id).cloned().flatten());
+            let process = rec
+                .process
+                .clone()
+                .or_else(|| found.get(&id).cloned().flatten());
             found.remove(&id);
             if snap.desired == Desired::Deleted {
                 // A delete was interrupted: finish it.
-                let _ = timed_call(h, tel, "adopt", t, h.adopt(&id, &snap.config, process.clone())).await;
+                let _ = timed_call(
+                    h,
+                    tel,
+                    "adopt",
+                    t,
+                    h.adopt(&id, &snap.config, process.clone()),
+                )
+                .await;
                 match timed_call(h, tel, "delete", t, h.delete(&id, true)).await {
                     Ok(()) => {
                         self.remove_record(&id).await;
                         tracing::info!(vm.id = %id, "completed a delete interrupted by a restart");
                         continue;
                     }
-                    Err(e) => tracing::error!(vm.id = %id, error = %e, "could not complete an interrupted delete"),
+                    Err(e) => {
+                        tracing::error!(vm.id = %id, error = %e, "could not complete an interrupted delete")
+                    }
                 }
             }
-            if process.is_none() && rec.process.is_none() && snap.generation == 1 && snap.desired == Desired::Created {
+            if process.is_none()
+                && rec.process.is_none()
+                && snap.generation == 1
+                && snap.desired == Desired::Created
+            {
                 // The create never got a VMM: nothing ran, nothing to keep. A retried CreateVm starts afresh.
                 let _ = timed_call(h, tel, "destroy_orphan", t, h.destroy_orphan(&id, None)).await;
                 self.remove_record(&id).await;
@@ -171,12 +194,28 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
             }
             let now = self.deps.clock.now_unix();
             let mut vm = Vm::restore(snap.clone());
-            let result = timed_call(h, tel, "adopt", t, h.adopt(&id, &snap.config, process.clone())).await;
+            let mut result = timed_call(
+                h,
+                tel,
+                "adopt",
+                t,
+                h.adopt(&id, &snap.config, process.clone()),
+            )
+            .await;
+            let mut process = process;
+            if result.is_err() && process.is_some() && snap.state == VmState::Shutdown {
+                // A stopped VM whose VMM is gone stays bootable: register it without a process.
+                process = None;
+                result = timed_call(h, tel, "adopt", t, h.adopt(&id, &snap.config, None)).await;
+            }
             let alive = result.is_ok() && process.is_some();
             let obs = match result {
                 Ok(state) if alive => {
                     adopted += 1;
-                    Observation::Reported { state, reason: snap.reason.clone() }
+                    Observation::Reported {
+                        state,
+                        reason: snap.reason.clone(),
+                    }
                 }
                 Ok(state) => {
                     dead += 1;
@@ -190,7 +229,10 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
                 Err(e) => {
                     dead += 1;
                     if snap.state == VmState::Shutdown {
-                        Observation::Reported { state: VmState::Shutdown, reason: snap.reason.clone() }
+                        Observation::Reported {
+                            state: VmState::Shutdown,
+                            reason: snap.reason.clone(),
+                        }
                     } else {
                         Observation::Reported {
                             state: VmState::Failed,
@@ -207,13 +249,23 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
                 .write()
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(snap.id.clone(), handle);
-            if let Err(e) = self.deps.store.put(&VmRecord { snapshot: snap, process }).await {
+            if let Err(e) = self
+                .deps
+                .store
+                .put(&VmRecord {
+                    snapshot: snap,
+                    process,
+                })
+                .await
+            {
                 tracing::error!(vm.id = %id, error = %e, "could not record a recovered VM");
             }
         }
         for (id, process) in found {
             tracing::warn!(vm.id = %id, pid = process.as_ref().map(|p| p.pid), "VMM runtime directory belongs to no VM: removing it");
-            if let Err(e) = timed_call(h, tel, "destroy_orphan", t, h.destroy_orphan(&id, process)).await {
+            if let Err(e) =
+                timed_call(h, tel, "destroy_orphan", t, h.destroy_orphan(&id, process)).await
+            {
                 tracing::error!(vm.id = %id, error = %e, "could not clean up an orphaned VMM");
             }
         }

@@ -821,7 +821,7 @@ async fn shutdown_drains_in_flight_requests() {
 #[tokio::test]
 async fn restart_completes_interrupted_work_and_removes_orphans() {
     use vmcp::domain::lifecycle::Desired;
-    use vmcp::ports::{VmRecord, VmStore};
+    use vmcp::ports::VmStore;
 
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let double = Arc::new(super::double::Double::new(tx));
@@ -830,15 +830,28 @@ async fn restart_completes_interrupted_work_and_removes_orphans() {
     let c = h.client(Wire::ConnectJson);
     for id in ["deleting", "stopped"] {
         c.create_vm(create_req(id)).await.expect("create");
-        c.boot_vm(pb::BootVmRequest { vm_id: id.into(), ..Default::default() }).await.expect("boot");
+        c.boot_vm(pb::BootVmRequest {
+            vm_id: id.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("boot");
     }
-    c.shutdown_vm(pb::ShutdownVmRequest { vm_id: "stopped".into(), ..Default::default() }).await.expect("stop");
+    c.shutdown_vm(pb::ShutdownVmRequest {
+        vm_id: "stopped".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("stop");
     h.stop().await;
 
     // What a crash leaves behind: a delete whose intent was recorded, a create that never
     // reached its VMM, a VMM that no record names, and a stopped VM whose VMM is gone.
     let mut records = store.load_all().await.expect("records");
-    let deleting = records.iter_mut().find(|r| r.snapshot.id.as_str() == "deleting").expect("record");
+    let deleting = records
+        .iter_mut()
+        .find(|r| r.snapshot.id.as_str() == "deleting")
+        .expect("record");
     deleting.snapshot.desired = Desired::Deleted;
     store.put(deleting).await.expect("put");
     let mut half = records[0].clone();
@@ -855,15 +868,52 @@ async fn restart_completes_interrupted_work_and_removes_orphans() {
     drop(tx2);
     let h = Harness::start_with(Arc::clone(&double), rx2, Arc::clone(&store)).await;
     let c = h.client(Wire::ConnectJson);
-    let list = c.list_vms(pb::ListVmsRequest::default()).await.expect("list").into_owned();
+    let list = c
+        .list_vms(pb::ListVmsRequest::default())
+        .await
+        .expect("list")
+        .into_owned();
     let ids: Vec<&str> = list.vms.iter().map(|v| v.vm_id.as_str()).collect();
-    assert_eq!(ids, vec!["stopped"], "the interrupted delete finished, the half create and the orphan are gone");
-    assert_eq!(state(list.vms[0].state), S::VM_STATE_SHUTDOWN, "a stopped VM stays stopped");
-    assert_eq!(double.orphans_destroyed.load(Ordering::SeqCst), 2, "the ghost VMM and the half-created dir were cleaned up");
-    assert_eq!(double.vmm_count(), 1, "only the stopped VM remains registered with the backend");
-    let ids: Vec<String> = store.load_all().await.expect("records").iter().map(|r| r.snapshot.id.to_string()).collect();
-    assert_eq!(ids, vec!["stopped".to_owned()], "the store equals what the VMMs report");
-    let boot = c.boot_vm(pb::BootVmRequest { vm_id: "stopped".into(), ..Default::default() }).await.expect("boot a recovered stopped VM").into_owned();
+    assert_eq!(
+        ids,
+        vec!["stopped"],
+        "the interrupted delete finished, the half create and the orphan are gone"
+    );
+    assert_eq!(
+        state(list.vms[0].state),
+        S::VM_STATE_SHUTDOWN,
+        "a stopped VM stays stopped"
+    );
+    assert_eq!(
+        double.orphans_destroyed.load(Ordering::SeqCst),
+        2,
+        "the ghost VMM and the half-created dir were cleaned up"
+    );
+    assert_eq!(
+        double.vmm_count(),
+        1,
+        "only the stopped VM remains registered with the backend"
+    );
+    let ids: Vec<String> = store
+        .load_all()
+        .await
+        .expect("records")
+        .iter()
+        .map(|r| r.snapshot.id.to_string())
+        .collect();
+    assert_eq!(
+        ids,
+        vec!["stopped".to_owned()],
+        "the store equals what the VMMs report"
+    );
+    let boot = c
+        .boot_vm(pb::BootVmRequest {
+            vm_id: "stopped".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("boot a recovered stopped VM")
+        .into_owned();
     assert_eq!(state(boot.state), S::VM_STATE_RUNNING);
     h.stop().await;
 }

@@ -1003,7 +1003,10 @@ async fn a_vmm_listening_elsewhere_is_discovered_adopted_and_cleaned_up() {
     assert_eq!(process.socket_path, socket.to_string_lossy());
     let vm = id("seed");
     assert_eq!(
-        env.ch.adopt(&vm, &cfg, Some(process.clone())).await.unwrap(),
+        env.ch
+            .adopt(&vm, &cfg, Some(process.clone()))
+            .await
+            .unwrap(),
         VmState::Created
     );
     assert_eq!(env.ch.boot(&vm).await.unwrap(), VmState::Running);

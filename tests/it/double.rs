@@ -103,7 +103,11 @@ impl Double {
         let pid = self.next_pid.fetch_add(1, Ordering::SeqCst) as u32;
         self.vms.lock().unwrap().insert(
             VmId::parse(id).unwrap(),
-            DoubleVm { state: VmState::Running, pid, boots: 1 },
+            DoubleVm {
+                state: VmState::Running,
+                pid,
+                boots: 1,
+            },
         );
     }
 
@@ -294,15 +298,55 @@ impl Hypervisor for Double {
         &self,
         id: &VmId,
         _config: &VmConfig,
-        process: &VmmProcess,
+        process: Option<VmmProcess>,
     ) -> Result<VmState, HypervisorError> {
-        let vms = self.vms.lock().unwrap();
-        match vms.get(id) {
-            Some(vm) if vm.pid == process.pid => Ok(vm.state),
-            _ => Err(HypervisorError::NotFound(format!(
+        let mut vms = self.vms.lock().unwrap();
+        match (process, vms.get(id)) {
+            (Some(p), Some(vm)) if vm.pid == p.pid => Ok(vm.state),
+            (Some(p), _) => Err(HypervisorError::NotFound(format!(
                 "no VMM with pid {}",
-                process.pid
+                p.pid
             ))),
+            (None, _) => {
+                // Like Firecracker: a stopped VM is registered and can be booted again.
+                let pid = self.next_pid.fetch_add(1, Ordering::SeqCst) as u32;
+                vms.insert(
+                    id.clone(),
+                    DoubleVm {
+                        state: VmState::Shutdown,
+                        pid,
+                        boots: 0,
+                    },
+                );
+                Ok(VmState::Shutdown)
+            }
         }
+    }
+
+    async fn discover(&self) -> Result<Vec<(VmId, Option<VmmProcess>)>, HypervisorError> {
+        Ok(self
+            .vms
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(id, vm)| {
+                let p = VmmProcess {
+                    pid: vm.pid,
+                    start_time: 1,
+                    socket_path: format!("/double/{id}.sock"),
+                };
+                (id.clone(), Some(p))
+            })
+            .collect())
+    }
+
+    async fn destroy_orphan(
+        &self,
+        id: &VmId,
+        _process: Option<VmmProcess>,
+    ) -> Result<(), HypervisorError> {
+        self.vms.lock().unwrap().remove(id);
+        self.orphans_destroyed.fetch_add(1, Ordering::SeqCst);
+        Ok(())
     }
 }

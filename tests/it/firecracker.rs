@@ -790,7 +790,10 @@ async fn adopt_reattaches_to_a_surviving_vmm() {
     let mut settings = first.fc.settings().clone();
     settings.call_timeout = Duration::from_secs(1);
     let second = Firecracker::new(settings, tx);
-    let state = second.adopt(&vm, &first.config(), &p).await.expect("adopt");
+    let state = second
+        .adopt(&vm, &first.config(), Some(p.clone()))
+        .await
+        .expect("adopt");
     assert_eq!(state, VmState::Running);
     assert_eq!(pid_of(&second.info(&vm).await.expect("info")), p.pid);
     let wrong = VmmProcess {
@@ -798,7 +801,9 @@ async fn adopt_reattaches_to_a_surviving_vmm() {
         ..p.clone()
     };
     assert!(matches!(
-        second.adopt(&id("vm-other"), &first.config(), &wrong).await,
+        second
+            .adopt(&id("vm-other"), &first.config(), Some(wrong.clone()))
+            .await,
         Err(HypervisorError::NotFound(_))
     ));
     std::process::Command::new("kill")

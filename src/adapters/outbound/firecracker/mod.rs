@@ -56,6 +56,7 @@ use self::client::{Action, FcClient, VmRunState};
 use self::config::{ConsoleTarget, PreBoot, RuntimeFiles};
 use self::jailer::{JAIL_CONSOLE, JAIL_METRICS, JAIL_SOCKET, Jail, JailerSettings};
 use self::metrics::MetricsReader;
+use crate::adapters::outbound::vmm::discovery;
 use crate::adapters::outbound::vmm::process::{MAX_SOCKET_PATH_LEN, create_private_dir};
 use crate::adapters::outbound::vmm::{
     ExitExpectation, ExitInfo, ExitReporter, RuntimeDir, SpawnSpec, Supervised, UdsClient,
@@ -738,9 +739,16 @@ impl Hypervisor for Firecracker {
         &self,
         id: &VmId,
         config: &VmConfig,
-        process: &VmmProcess,
+        process: Option<VmmProcess>,
     ) -> Result<VmState, HypervisorError> {
         self.all_checks(config)?;
+        let Some(process) = process else {
+            // A stopped microVM has no process: register its config so boot respawns it.
+            let vm = self.new_vm(id, config, None)?;
+            self.lock_vms()
+                .insert(id.clone(), Arc::new(AsyncMutex::new(vm)));
+            return Ok(VmState::Shutdown);
+        };
         let mut vm = self.new_vm(id, config, Some(PathBuf::from(&process.socket_path)))?;
         let adopted = Supervised::adopt(
             process.pid,
@@ -759,6 +767,30 @@ impl Hypervisor for Firecracker {
             Ok(i) => map_state(&i.state),
             Err(e) => Err(self.explain(&vm, e).await),
         }
+    }
+
+    async fn discover(&self) -> Result<Vec<(VmId, Option<VmmProcess>)>, HypervisorError> {
+        let root = &self.settings.runtime_root;
+        let found = discovery::scan(root).map_err(|e| {
+            HypervisorError::Unavailable(format!("cannot scan {}: {e}", root.display()))
+        })?;
+        Ok(found.into_iter().map(|f| (f.id, f.process)).collect())
+    }
+
+    async fn destroy_orphan(
+        &self,
+        id: &VmId,
+        process: Option<VmmProcess>,
+    ) -> Result<(), HypervisorError> {
+        self.lock_vms().remove(id);
+        discovery::destroy(
+            &self.settings.runtime_root,
+            id,
+            process.as_ref(),
+            self.settings.delete_grace,
+        )
+        .await
+        .map_err(|e| HypervisorError::Unavailable(format!("cannot remove orphan {id}: {e}")))
     }
 }
 

@@ -69,13 +69,19 @@ pub fn scan(root: &Path) -> std::io::Result<Vec<Found>> {
 
 /// Ends a VMM that belongs to no VM (SIGKILL, then waits up to `wait` for it to go)
 /// and removes its runtime directory.
-pub async fn destroy(root: &Path, id: &VmId, process: Option<&VmmProcess>, wait: Duration) -> std::io::Result<()> {
+pub async fn destroy(
+    root: &Path,
+    id: &VmId,
+    process: Option<&VmmProcess>,
+    wait: Duration,
+) -> std::io::Result<()> {
     if let Some(p) = process
         && is_alive(p.pid, p.start_time)
     {
         let pid = rustix::process::Pid::from_raw(i32::try_from(p.pid).unwrap_or(i32::MAX))
             .ok_or_else(|| std::io::Error::other("pid 0"))?;
-        rustix::process::kill_process(pid, rustix::process::Signal::KILL).map_err(std::io::Error::from)?;
+        rustix::process::kill_process(pid, rustix::process::Signal::KILL)
+            .map_err(std::io::Error::from)?;
         let deadline = tokio::time::Instant::now() + wait;
         let mut tick = tokio::time::interval(Duration::from_millis(10));
         while is_alive(p.pid, p.start_time) && tokio::time::Instant::now() < deadline {
@@ -120,9 +126,14 @@ mod tests {
         let p = found[0].process.clone().expect("live VMM found");
         assert_eq!(p.pid, pid);
         assert_eq!(found[1].id, stale);
-        assert_eq!(found[1].process, None, "a pid that is not this directory's VMM is not trusted");
+        assert_eq!(
+            found[1].process, None,
+            "a pid that is not this directory's VMM is not trusted"
+        );
 
-        destroy(root.path(), &live, Some(&p), Duration::from_secs(5)).await.expect("destroy");
+        destroy(root.path(), &live, Some(&p), Duration::from_secs(5))
+            .await
+            .expect("destroy");
         let status = child.wait().await.expect("wait");
         assert!(!status.success(), "killed");
         assert!(!dir.exists(), "runtime dir removed");
