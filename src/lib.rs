@@ -6,6 +6,6 @@ pub mod proto {
     connectrpc::include_generated!();
 }
 
+pub mod adapters;
 pub mod domain;
 pub mod ports;
-pub mod adapters;

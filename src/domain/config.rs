@@ -189,8 +189,7 @@ impl CpuConfig {
                 format!("must be between 1 and {MAX_VCPUS}, got {}", self.vcpu_count),
             ));
         }
-        if self.max_vcpu_count != 0
-            && !(self.vcpu_count..=MAX_VCPUS).contains(&self.max_vcpu_count)
+        if self.max_vcpu_count != 0 && !(self.vcpu_count..=MAX_VCPUS).contains(&self.max_vcpu_count)
         {
             return Err(ConfigError::new(
                 "config.cpu.max_vcpu_count",
@@ -303,10 +302,7 @@ impl ConsoleConfig {
         if !matches!(self.console_type.as_str(), "" | "serial") {
             return Err(ConfigError::new(
                 "config.console.console_type",
-                format!(
-                    "must be empty or \"serial\", got {:?}",
-                    self.console_type
-                ),
+                format!("must be empty or \"serial\", got {:?}", self.console_type),
             ));
         }
         if !self.enabled && !self.output.is_empty() {
@@ -343,7 +339,10 @@ fn validate_storage(devices: &[StorageDevice]) -> Result<(), ConfigError> {
         if !matches!(d.interface_type.as_str(), "" | "virtio-blk") {
             return Err(ConfigError::new(
                 format!("{at}.interface_type"),
-                format!("must be empty or \"virtio-blk\", got {:?}", d.interface_type),
+                format!(
+                    "must be empty or \"virtio-blk\", got {:?}",
+                    d.interface_type
+                ),
             ));
         }
         validate_option_map(&format!("{at}.options"), &d.options)?;
@@ -378,7 +377,10 @@ fn validate_network(nets: &[NetworkInterface]) -> Result<(), ConfigError> {
         }
         if !n.mac_address.is_empty() {
             validate_mac(&format!("{at}.mac_address"), &n.mac_address)?;
-            if nets[..i].iter().any(|o| o.mac_address.eq_ignore_ascii_case(&n.mac_address)) {
+            if nets[..i]
+                .iter()
+                .any(|o| o.mac_address.eq_ignore_ascii_case(&n.mac_address))
+            {
                 return Err(ConfigError::new(
                     format!("{at}.mac_address"),
                     format!("duplicate MAC address {}", n.mac_address),
@@ -395,7 +397,10 @@ fn validate_network(nets: &[NetworkInterface]) -> Result<(), ConfigError> {
         if !matches!(n.interface_type.as_str(), "" | "virtio-net") {
             return Err(ConfigError::new(
                 format!("{at}.interface_type"),
-                format!("must be empty or \"virtio-net\", got {:?}", n.interface_type),
+                format!(
+                    "must be empty or \"virtio-net\", got {:?}",
+                    n.interface_type
+                ),
             ));
         }
         validate_option_map(&format!("{at}.options"), &n.options)?;
@@ -414,13 +419,19 @@ fn validate_metadata(m: &BTreeMap<String, String>) -> Result<(), ConfigError> {
         if k.is_empty() || k.len() > MAX_METADATA_KEY_LEN {
             return Err(ConfigError::new(
                 "config.metadata",
-                format!("keys must be 1 to {MAX_METADATA_KEY_LEN} bytes, got {} bytes", k.len()),
+                format!(
+                    "keys must be 1 to {MAX_METADATA_KEY_LEN} bytes, got {} bytes",
+                    k.len()
+                ),
             ));
         }
         if v.len() > MAX_METADATA_VALUE_LEN {
             return Err(ConfigError::new(
                 format!("config.metadata[{k}]"),
-                format!("values must be at most {MAX_METADATA_VALUE_LEN} bytes, got {}", v.len()),
+                format!(
+                    "values must be at most {MAX_METADATA_VALUE_LEN} bytes, got {}",
+                    v.len()
+                ),
             ));
         }
     }
@@ -449,7 +460,10 @@ fn validate_option_map(field: &str, m: &BTreeMap<String, String>) -> Result<(), 
 
 fn validate_abs_path(field: &str, p: &str) -> Result<(), ConfigError> {
     if !p.starts_with('/') {
-        return Err(ConfigError::new(field, format!("must be an absolute path, got {p:?}")));
+        return Err(ConfigError::new(
+            field,
+            format!("must be an absolute path, got {p:?}"),
+        ));
     }
     if p.len() > MAX_PATH_LEN {
         return Err(ConfigError::new(
@@ -507,7 +521,10 @@ fn validate_tap(field: &str, tap: &str) -> Result<(), ConfigError> {
     if tap.len() > MAX_TAP_NAME_LEN {
         return Err(ConfigError::new(
             field,
-            format!("must be at most {MAX_TAP_NAME_LEN} bytes, got {}", tap.len()),
+            format!(
+                "must be at most {MAX_TAP_NAME_LEN} bytes, got {}",
+                tap.len()
+            ),
         ));
     }
     let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
@@ -658,7 +675,12 @@ pub(crate) mod tests {
         let mut c = valid();
         c.network = vec![nic("eth0", "52:54:00:12:34:56", "tap0")];
         assert_eq!(c.validate(), Ok(()));
-        for bad in ["52:54:00:12:34", "52-54-00-12-34-56", "zz:54:00:12:34:56", "01:00:5e:00:00:01"] {
+        for bad in [
+            "52:54:00:12:34",
+            "52-54-00-12-34-56",
+            "zz:54:00:12:34:56",
+            "01:00:5e:00:00:01",
+        ] {
             c.network = vec![nic("eth0", bad, "tap0")];
             assert_eq!(field_of(&c), "config.network[0].mac_address", "{bad}");
         }
@@ -687,7 +709,8 @@ pub(crate) mod tests {
         c.metadata = (0..65).map(|i| (format!("k{i}"), "v".into())).collect();
         assert_eq!(field_of(&c), "config.metadata");
         let mut c = valid();
-        c.metadata.insert("k".into(), "v".repeat(MAX_METADATA_VALUE_LEN + 1));
+        c.metadata
+            .insert("k".into(), "v".repeat(MAX_METADATA_VALUE_LEN + 1));
         assert_eq!(field_of(&c), "config.metadata[k]");
     }
 }

@@ -67,7 +67,10 @@ mod tests {
     #[test]
     fn accepts_the_documented_alphabet() {
         for ok in ["a", "vm-1", "A.b_c-9", &"x".repeat(64)] {
-            assert_eq!(VmId::parse(ok).map(|v| v.as_str().to_owned()), Ok(ok.to_owned()));
+            assert_eq!(
+                VmId::parse(ok).map(|v| v.as_str().to_owned()),
+                Ok(ok.to_owned())
+            );
         }
     }
 

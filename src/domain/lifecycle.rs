@@ -330,13 +330,16 @@ impl Vm {
             return Admission::Denied(VmError::NotFound(self.snap.id.to_string()));
         }
         if let Some(p) = self.pending {
-            return Admission::Denied(self.denied(cmd, format!("{} is in progress", p.operation().as_str())));
+            return Admission::Denied(
+                self.denied(cmd, format!("{} is in progress", p.operation().as_str())),
+            );
         }
         use VmState as S;
         let verdict = match (cmd, state) {
-            (Command::Delete { .. }, S::Created | S::Running | S::Paused | S::Shutdown | S::Failed) => {
-                Verdict::Accept
-            }
+            (
+                Command::Delete { .. },
+                S::Created | S::Running | S::Paused | S::Shutdown | S::Failed,
+            ) => Verdict::Accept,
             (Command::Boot, S::Created | S::Shutdown) => Verdict::Accept,
             (Command::Boot, S::Running) => Verdict::Ignore,
             (Command::Boot, S::Paused | S::Failed) => Verdict::Deny,
@@ -471,7 +474,12 @@ mod tests {
     use proptest::prelude::*;
 
     fn vm() -> Vm {
-        Vm::new(VmId::parse("vm1").expect("valid id"), valid(), VmState::Created, 100)
+        Vm::new(
+            VmId::parse("vm1").expect("valid id"),
+            valid(),
+            VmState::Created,
+            100,
+        )
     }
 
     fn complete(v: &mut Vm, op: Operation, state: VmState) {
@@ -491,13 +499,31 @@ mod tests {
         assert_eq!(v.handle_command(Command::Boot, 150), Admission::Accepted);
         assert_eq!(v.poll_effect(), Some(Effect::Perform(Command::Boot)));
         assert_eq!(v.poll_effect(), None);
-        assert_eq!(v.snapshot().state, VmState::Created, "no state change before the VMM reports");
+        assert_eq!(
+            v.snapshot().state,
+            VmState::Created,
+            "no state change before the VMM reports"
+        );
         complete(&mut v, Operation::Boot, VmState::Running);
         assert_eq!(v.snapshot().state, VmState::Running);
         assert_eq!(v.snapshot().generation, 2);
         assert_eq!(v.snapshot().modified_at, 200);
-        assert!(matches!(v.poll_event(), Some(VmEvent::StateChanged { from: VmState::Created, to: VmState::Running, .. })));
-        assert!(matches!(v.poll_event(), Some(VmEvent::OperationFinished { op: Operation::Boot, ok: true, .. })));
+        assert!(matches!(
+            v.poll_event(),
+            Some(VmEvent::StateChanged {
+                from: VmState::Created,
+                to: VmState::Running,
+                ..
+            })
+        ));
+        assert!(matches!(
+            v.poll_event(),
+            Some(VmEvent::OperationFinished {
+                op: Operation::Boot,
+                ok: true,
+                ..
+            })
+        ));
     }
 
     #[test]
@@ -530,15 +556,24 @@ mod tests {
         );
         assert_eq!(v.snapshot().state, VmState::Failed);
         assert_eq!(v.snapshot().reason, "VMM exited with status 1");
-        assert!(matches!(v.handle_command(Command::Boot, 3), Admission::Denied(_)));
-        assert_eq!(v.handle_command(Command::Delete { force: false }, 3), Admission::Accepted);
+        assert!(matches!(
+            v.handle_command(Command::Boot, 3),
+            Admission::Denied(_)
+        ));
+        assert_eq!(
+            v.handle_command(Command::Delete { force: false }, 3),
+            Admission::Accepted
+        );
     }
 
     #[test]
     fn commands_are_denied_while_one_is_in_flight() {
         let mut v = vm();
         assert_eq!(v.handle_command(Command::Boot, 1), Admission::Accepted);
-        assert!(matches!(v.handle_command(Command::Delete { force: true }, 1), Admission::Denied(_)));
+        assert!(matches!(
+            v.handle_command(Command::Delete { force: true }, 1),
+            Admission::Denied(_)
+        ));
     }
 
     #[test]
@@ -546,14 +581,28 @@ mod tests {
         let mut v = vm();
         v.handle_command(Command::Delete { force: false }, 1);
         v.handle_observation(
-            Observation::Completed { op: Operation::Delete, reported: Some((VmState::Created, String::new())), error: Some(VmError::Unavailable("x".into())) },
+            Observation::Completed {
+                op: Operation::Delete,
+                reported: Some((VmState::Created, String::new())),
+                error: Some(VmError::Unavailable("x".into())),
+            },
             2,
         );
         assert!(!v.snapshot().deleted);
         v.handle_command(Command::Delete { force: false }, 3);
-        v.handle_observation(Observation::Completed { op: Operation::Delete, reported: None, error: None }, 4);
+        v.handle_observation(
+            Observation::Completed {
+                op: Operation::Delete,
+                reported: None,
+                error: None,
+            },
+            4,
+        );
         assert!(v.snapshot().deleted);
-        assert!(matches!(v.handle_command(Command::Boot, 5), Admission::Denied(VmError::NotFound(_))));
+        assert!(matches!(
+            v.handle_command(Command::Boot, 5),
+            Admission::Denied(VmError::NotFound(_))
+        ));
     }
 
     // ---- Property tests against a reference model of legal transitions ----
@@ -565,7 +614,10 @@ mod tests {
     fn arb_command() -> impl Strategy<Value = Command> {
         prop_oneof![
             Just(Command::Boot),
-            (any::<bool>(), 0u32..120).prop_map(|(force, timeout_secs)| Command::Shutdown { force, timeout_secs }),
+            (any::<bool>(), 0u32..120).prop_map(|(force, timeout_secs)| Command::Shutdown {
+                force,
+                timeout_secs
+            }),
             Just(Command::Pause),
             Just(Command::Resume),
             any::<bool>().prop_map(|force| Command::Reboot { force }),
@@ -608,7 +660,10 @@ mod tests {
         use VmState::*;
         matches!(
             (op, s),
-            (Operation::Boot, Running) | (Operation::Shutdown, Shutdown) | (Operation::Pause, Paused) | (Operation::Resume, Running)
+            (Operation::Boot, Running)
+                | (Operation::Shutdown, Shutdown)
+                | (Operation::Pause, Paused)
+                | (Operation::Resume, Running)
         )
     }
 

@@ -70,7 +70,11 @@ pub trait VmService: Send + Sync + 'static {
     /// Resumes a VM.
     fn resume_vm(&self, id: VmId) -> impl Future<Output = Result<VmState, VmError>> + Send;
     /// Reboots a VM.
-    fn reboot_vm(&self, id: VmId, force: bool) -> impl Future<Output = Result<VmState, VmError>> + Send;
+    fn reboot_vm(
+        &self,
+        id: VmId,
+        force: bool,
+    ) -> impl Future<Output = Result<VmState, VmError>> + Send;
     /// Reads one VM.
     fn get_vm_info(&self, id: VmId) -> impl Future<Output = Result<VmDetails, VmError>> + Send;
     /// Lists VMs.

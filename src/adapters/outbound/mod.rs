@@ -1,1 +1,2 @@
 //! Outbound adapters: VMM backends, the VM store and telemetry.
+pub mod otel;
