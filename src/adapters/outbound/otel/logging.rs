@@ -89,6 +89,10 @@ fn trace_targets() -> Targets {
         .with_target("hyper", LevelFilter::OFF)
         .with_target("hyper_util", LevelFilter::OFF)
         .with_target("h2", LevelFilter::OFF)
+        .with_target(
+            crate::adapters::inbound::rpc_layer::ACCESS_LOG_TARGET,
+            LevelFilter::OFF,
+        )
 }
 
 /// One JSON object per event: `timestamp`, `level`, `target`, `message`, the
@@ -161,18 +165,25 @@ where
                 }
             }
             line.push(("span".into(), Value::Object(object)));
+        }
 
-            let id = span.id();
-            let otel_cx = tracing::dispatcher::get_default(|dispatch| {
-                tracing_opentelemetry::get_otel_context(&id, dispatch)
-            });
-            if let Some(cx) = otel_cx {
-                let otel_span = cx.span();
-                let sc = otel_span.span_context();
-                if sc.is_valid() {
-                    line.push(("trace_id".into(), Value::String(sc.trace_id().to_string())));
-                    line.push(("span_id".into(), Value::String(sc.span_id().to_string())));
-                }
+        // The ids come from the innermost span of any layer, not only those
+        // the log filter lets through: with RUST_LOG=warn the INFO RPC span is
+        // hidden from this layer, yet a warning inside it belongs to its trace.
+        let otel_cx = tracing::dispatcher::get_default(|dispatch| {
+            let id = match event.parent() {
+                Some(id) => Some(id.clone()),
+                None if event.is_contextual() => dispatch.current_span().id().cloned(),
+                None => None,
+            };
+            id.and_then(|id| tracing_opentelemetry::get_otel_context(&id, dispatch))
+        });
+        if let Some(cx) = otel_cx {
+            let otel_span = cx.span();
+            let sc = otel_span.span_context();
+            if sc.is_valid() {
+                line.push(("trace_id".into(), Value::String(sc.trace_id().to_string())));
+                line.push(("span_id".into(), Value::String(sc.span_id().to_string())));
             }
         }
 
