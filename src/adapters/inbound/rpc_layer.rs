@@ -461,10 +461,10 @@ impl Watch {
     }
 
     fn on_trailers(&mut self, trailers: &HeaderMap) {
-        if let Watch::GrpcTrailers = self {
-            if let Some((code, message)) = grpc_status(trailers) {
-                *self = Watch::Known(code, message);
-            }
+        if let Watch::GrpcTrailers = self
+            && let Some((code, message)) = grpc_status(trailers)
+        {
+            *self = Watch::Known(code, message);
         }
     }
 
@@ -758,11 +758,9 @@ impl<B: Body> Body for ObservedBody<B> {
             }
             None => true,
         };
-        if ended {
-            if let Some((call, watch)) = this.state.take() {
-                let (code, message) = watch.verdict(true);
-                call.finish(code, message);
-            }
+        if ended && let Some((call, watch)) = this.state.take() {
+            let (code, message) = watch.verdict(true);
+            call.finish(code, message);
         }
         Poll::Ready(result)
     }

@@ -156,35 +156,27 @@ where
             object.insert("name".into(), Value::String(span.name().to_owned()));
             {
                 let ext = span.extensions();
-                if let Some(formatted) = ext.get::<FormattedFields<JsonFields>>() {
-                    if let Ok(Value::Object(span_fields)) =
+                if let Some(formatted) = ext.get::<FormattedFields<JsonFields>>()
+                    && let Ok(Value::Object(span_fields)) =
                         serde_json::from_str::<Value>(&formatted.fields)
-                    {
-                        object.extend(span_fields);
-                    }
+                {
+                    object.extend(span_fields);
                 }
             }
             line.push(("span".into(), Value::Object(object)));
         }
 
-        // The ids come from the innermost span of any layer, not only those
-        // the log filter lets through: with RUST_LOG=warn the INFO RPC span is
-        // hidden from this layer, yet a warning inside it belongs to its trace.
-        let otel_cx = tracing::dispatcher::get_default(|dispatch| {
-            let id = match event.parent() {
-                Some(id) => Some(id.clone()),
-                None if event.is_contextual() => dispatch.current_span().id().cloned(),
-                None => None,
-            };
-            id.and_then(|id| tracing_opentelemetry::get_otel_context(&id, dispatch))
-        });
-        if let Some(cx) = otel_cx {
-            let otel_span = cx.span();
-            let sc = otel_span.span_context();
-            if sc.is_valid() {
-                line.push(("trace_id".into(), Value::String(sc.trace_id().to_string())));
-                line.push(("span_id".into(), Value::String(sc.span_id().to_string())));
-            }
+        // The ids come from the OpenTelemetry context the OpenTelemetry layer
+        // attaches when a span is entered, not from the spans this layer
+        // sees: with RUST_LOG=warn the INFO RPC span is hidden from the log
+        // filter, yet a warning inside it still belongs to its trace. (The
+        // dispatcher cannot be asked here: it is busy dispatching this event.)
+        let otel_cx = opentelemetry::Context::current();
+        let otel_span = otel_cx.span();
+        let sc = otel_span.span_context();
+        if sc.is_valid() {
+            line.push(("trace_id".into(), Value::String(sc.trace_id().to_string())));
+            line.push(("span_id".into(), Value::String(sc.span_id().to_string())));
         }
 
         writer.write_char('{')?;

@@ -322,27 +322,25 @@ impl OtelHandle {
         std::thread::Builder::new()
             .name("otel-shutdown".into())
             .spawn(move || {
-                let mut result = Ok(());
-                if let Some(p) = &inner.tracer_provider {
-                    if let Err(source) = p.shutdown_with_timeout(timeout) {
-                        result = Err(OtelError::Pipeline {
-                            action: "shutdown",
-                            signal: "traces",
-                            source,
-                        });
-                    }
-                }
-                if let Some(p) = &inner.meter_provider {
-                    if let Err(source) = p.shutdown_with_timeout(timeout) {
-                        if result.is_ok() {
-                            result = Err(OtelError::Pipeline {
-                                action: "shutdown",
-                                signal: "metrics",
-                                source,
-                            });
-                        }
-                    }
-                }
+                let traces = inner
+                    .tracer_provider
+                    .as_ref()
+                    .map_or(Ok(()), |p| p.shutdown_with_timeout(timeout))
+                    .map_err(|source| OtelError::Pipeline {
+                        action: "shutdown",
+                        signal: "traces",
+                        source,
+                    });
+                let metrics = inner
+                    .meter_provider
+                    .as_ref()
+                    .map_or(Ok(()), |p| p.shutdown_with_timeout(timeout))
+                    .map_err(|source| OtelError::Pipeline {
+                        action: "shutdown",
+                        signal: "metrics",
+                        source,
+                    });
+                let result = traces.and(metrics);
                 // The receiver may have given up waiting; nothing to do then.
                 let _ = tx.send(result);
             })
