@@ -23,7 +23,7 @@ use tracing_subscriber::fmt::MakeWriter;
 
 use vmcp::adapters::inbound::rpc_layer::{DURATION_BUCKETS, RpcTelemetryLayer};
 use vmcp::adapters::outbound::otel::{self, ExportState, OtelHandle, OtelSettings};
-use vmcp::domain::{VmEvent, VmId, VmState};
+use vmcp::domain::{Operation, VmEvent, VmId, VmState};
 use vmcp::ports::{BackendKind, Telemetry, TelemetryEvent};
 
 use receiver::{Receiver, hex, int_attr, str_attr};
@@ -667,6 +667,17 @@ async fn prometheus_text() -> String {
         backend: BackendKind::CloudHypervisor,
         reason: "crash",
     });
+    handle.record(TelemetryEvent::Vm(VmEvent::StateChanged {
+        vm_id: VmId::parse("vm-9").expect("id"),
+        from: VmState::Running,
+        to: VmState::Paused,
+        reason: String::new(),
+        generation: 3,
+    }));
+    handle.record(TelemetryEvent::Admission {
+        op: Operation::Pause,
+        outcome: "denied",
+    });
     handle
         .render_prometheus()
         .expect("prometheus on")
@@ -772,6 +783,20 @@ async fn prometheus_text_has_exact_names_labels_and_second_buckets() {
         e.value(
             "vmcp_vmm_exits_total",
             &[("backend", "cloudhypervisor"), ("reason", "crash")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        e.value(
+            "vmcp_vm_transitions_total",
+            &[("from", "running"), ("to", "paused")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        e.value(
+            "vmcp_vm_admissions_total",
+            &[("operation", "pause"), ("outcome", "denied")]
         ),
         Some(1.0)
     );
@@ -896,4 +921,88 @@ async fn http_get(
     drop(sender);
     let _ = conn.await;
     (status, ct, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// The PromQL expressions of the provisioned Grafana dashboard, with the
+/// Grafana variables replaced by concrete values.
+fn dashboard_queries() -> Vec<String> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/grafana/dashboards/vmcp-overview.json"
+    );
+    let dashboard: Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("read dashboard"))
+            .expect("dashboard JSON");
+    let mut out = Vec::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        if panel["datasource"]["type"] != "prometheus" {
+            continue;
+        }
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("expr");
+            out.push(expr.replace("$__rate_interval", "1m").replace("$job", ".*"));
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn dashboard_queries_use_only_metrics_vmcp_exports() {
+    let e = prom_text::parse(&prometheus_text().await);
+    let exported: std::collections::HashSet<&str> =
+        e.samples.iter().map(|s| s.name.as_str()).collect();
+    let queries = dashboard_queries();
+    assert!(queries.len() >= 15, "{queries:?}");
+    let mut referenced = 0;
+    for q in &queries {
+        for word in q.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            let ours = ["rpc_server_", "vmcp_", "process_"]
+                .iter()
+                .any(|p| word.starts_with(p));
+            if ours {
+                referenced += 1;
+                assert!(
+                    exported.contains(word),
+                    "dashboard uses {word}, which VMCP does not export: {q}"
+                );
+            }
+        }
+    }
+    assert!(
+        referenced >= queries.len(),
+        "every query reads a VMCP metric"
+    );
+}
+
+#[test]
+fn dashboard_queries_are_valid_promql() {
+    let Some(promtool) = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join("promtool"))
+            .find(|p| p.is_file())
+    }) else {
+        eprintln!("SKIPPED: dashboard_queries_are_valid_promql: promtool not on PATH");
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rules = dir.path().join("rules.yaml");
+    let mut yaml = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for (i, q) in dashboard_queries().iter().enumerate() {
+        yaml.push_str(&format!(
+            "      - record: dashboard:query{i}\n        expr: {}\n",
+            serde_json::to_string(q).expect("quote")
+        ));
+    }
+    std::fs::write(&rules, yaml).expect("write rules");
+    let out = std::process::Command::new(promtool)
+        .args(["check", "rules"])
+        .arg(&rules)
+        .output()
+        .expect("run promtool");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
