@@ -271,15 +271,29 @@ struct RpcCall {
     metrics: RpcMetrics,
 }
 
-/// `(method label, span name)` for a request path.
+/// Span names of [`METHODS`], in the same order.
+const SPAN_NAMES: [&str; 9] = [
+    "vmm.v1.VmService/CreateVm",
+    "vmm.v1.VmService/DeleteVm",
+    "vmm.v1.VmService/BootVm",
+    "vmm.v1.VmService/ShutdownVm",
+    "vmm.v1.VmService/PauseVm",
+    "vmm.v1.VmService/ResumeVm",
+    "vmm.v1.VmService/RebootVm",
+    "vmm.v1.VmService/GetVmInfo",
+    "vmm.v1.VmService/ListVms",
+];
+
+/// `(method label, span name)` for a request path; no span name when the
+/// path is not a method of [`SERVICE`].
 fn route(path: &str) -> (&'static str, Option<&'static str>) {
     let known = path
         .strip_prefix('/')
         .and_then(|p| p.split_once('/'))
         .filter(|(service, _)| *service == SERVICE)
-        .and_then(|(_, method)| METHODS.iter().find(|m| **m == method));
+        .and_then(|(_, method)| METHODS.iter().position(|m| *m == method));
     match known {
-        Some(method) => (method, Some(SERVICE)),
+        Some(i) => (METHODS[i], Some(SPAN_NAMES[i])),
         None => (OTHER_METHOD, None),
     }
 }
@@ -287,18 +301,23 @@ fn route(path: &str) -> (&'static str, Option<&'static str>) {
 impl RpcCall {
     fn start<B>(req: &Request<B>, layer: &RpcTelemetryLayer) -> Self {
         let protocol = Protocol::of(req.headers());
-        let (method, service) = route(req.uri().path());
-        let full_name: Cow<'static, str> = match service {
-            Some(service) => Cow::Owned(format!("{service}/{method}")),
-            None => Cow::Owned(req.method().as_str().to_owned()),
+        let (method, known) = route(req.uri().path());
+        // Unknown paths get the HTTP method as span name (bounded cardinality)
+        // and their path, shortened, in the log line.
+        let (span_name, log_name): (&str, Cow<'static, str>) = match known {
+            Some(name) => (name, Cow::Borrowed(name)),
+            None => (
+                req.method().as_str(),
+                Cow::Owned(truncate(req.uri().path(), 128).to_owned()),
+            ),
         };
         let span = tracing::info_span!(
             target: "vmcp::rpc",
             "rpc",
-            otel.name = %full_name,
+            otel.name = span_name,
             otel.kind = "server",
             rpc.system = protocol.system(),
-            rpc.service = service,
+            rpc.service = known.map(|_| SERVICE),
             rpc.method = method,
             rpc.grpc.status_code = Empty,
             rpc.connect_rpc.error_code = Empty,
@@ -332,11 +351,7 @@ impl RpcCall {
             span,
             start: Instant::now(),
             method,
-            full_name: if service.is_some() {
-                full_name
-            } else {
-                Cow::Owned(truncate(req.uri().path(), 128).to_owned())
-            },
+            full_name: log_name,
             protocol,
             metrics: layer.metrics.clone(),
         }
@@ -794,14 +809,10 @@ mod tests {
 
     #[test]
     fn routes_known_methods_and_folds_the_rest() {
-        assert_eq!(
-            route("/vmm.v1.VmService/CreateVm"),
-            ("CreateVm", Some(SERVICE))
-        );
-        assert_eq!(
-            route("/vmm.v1.VmService/ListVms"),
-            ("ListVms", Some(SERVICE))
-        );
+        for (method, name) in METHODS.iter().zip(SPAN_NAMES) {
+            assert_eq!(name, format!("{SERVICE}/{method}"));
+            assert_eq!(route(&format!("/{name}")), (*method, Some(name)));
+        }
         assert_eq!(route("/vmm.v1.VmService/Bogus"), (OTHER_METHOD, None));
         assert_eq!(route("/other.Service/CreateVm"), (OTHER_METHOD, None));
         assert_eq!(route("/_/health"), (OTHER_METHOD, None));

@@ -238,16 +238,20 @@ pub fn init_with_limits(
 impl OtelHandle {
     /// A handle that records and exports nothing (OTLP and Prometheus off).
     pub fn disabled() -> Self {
-        let settings = OtelSettings {
-            enabled: false,
-            prometheus_enabled: false,
-            ..OtelSettings::default()
-        };
-        // Infallible: the default settings validate and nothing is built
-        // that could fail when both exports are off.
-        match init(&settings) {
-            Ok(handle) => handle,
-            Err(error) => unreachable!("disabled telemetry cannot fail to build: {error}"),
+        let meter = opentelemetry::metrics::noop::NoopMeterProvider::new().meter(SCOPE);
+        OtelHandle {
+            inner: Arc::new(Inner {
+                otlp_enabled: false,
+                tracer_provider: None,
+                meter_provider: None,
+                vm: VmInstruments::new(&meter),
+                meter,
+                registry: None,
+                _process: None,
+                traces: Arc::new(SignalState::new(false)),
+                metrics: Arc::new(SignalState::new(false)),
+                tail: Arc::default(),
+            }),
         }
     }
 
