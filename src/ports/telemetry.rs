@@ -30,6 +30,14 @@ pub enum TelemetryEvent {
         /// Time from the boot request to Running.
         duration: Duration,
     },
+    /// A VMM process ended without VMCP asking it to.
+    VmmExited {
+        /// Backend.
+        backend: BackendKind,
+        /// A reason class for the metric label (`poweroff`, `crash`, `signal`…),
+        /// never free text: the full reason goes to logs and the VM's record.
+        reason: &'static str,
+    },
     /// An admitted operation was denied or ignored (for counters).
     Admission {
         /// The operation.

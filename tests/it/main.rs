@@ -13,6 +13,7 @@ mod fake_ch;
 mod fake_fc;
 mod firecracker;
 mod harness;
+mod otel;
 mod real_api;
 mod real_ch;
 mod real_fc;

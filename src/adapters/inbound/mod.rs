@@ -5,3 +5,4 @@ pub mod errors;
 pub mod health;
 pub mod rpc;
 pub mod server;
+pub mod rpc_layer;

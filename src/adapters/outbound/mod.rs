@@ -4,3 +4,4 @@ pub mod cloud_hypervisor;
 pub mod firecracker;
 pub mod store;
 pub mod vmm;
+pub mod otel;
