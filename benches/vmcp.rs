@@ -83,6 +83,7 @@ pub async fn start_double_server(
             telemetry_status: Arc::new(|| "disabled".to_owned()),
             wrap_rpc: wrap,
             clock: Arc::new(SystemClock),
+            on_vm_counts: None,
         },
     )
     .await

@@ -87,6 +87,16 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
                         state,
                         reason,
                     } => {
+                        this.deps
+                            .telemetry
+                            .record(crate::ports::TelemetryEvent::VmmExited {
+                                backend: this.deps.hypervisor.kind(),
+                                reason: if state == VmState::Shutdown {
+                                    "poweroff"
+                                } else {
+                                    "crash"
+                                },
+                            });
                         tracing::warn!(vm.id = %vm_id, %state, %reason, "VMM process exited");
                         if let Some(h) = this.handle(&vm_id) {
                             // The owner may be busy; deliver without blocking the router.

@@ -12,7 +12,15 @@ use crate::adapters::outbound::cloud_hypervisor::CloudHypervisor;
 use crate::adapters::outbound::firecracker::jailer::JailerSettings;
 use crate::adapters::outbound::firecracker::{Firecracker, FirecrackerSettings};
 use crate::adapters::outbound::store::sqlite::SqliteStore;
-use crate::ports::{BackendEvent, BackendKind, Hypervisor, NoopTelemetry, SystemClock};
+use std::time::Duration;
+
+use http_body_util::BodyExt;
+use tower::util::BoxCloneService;
+use tower::{Layer, ServiceExt};
+
+use crate::adapters::inbound::rpc_layer::RpcTelemetryLayer;
+use crate::adapters::outbound::otel::{self, OtelHandle, OtelSettings, health::TelemetryHealth};
+use crate::ports::{BackendEvent, BackendKind, Hypervisor, SystemClock};
 
 use super::config::Config;
 use super::wiring::{StartOptions, start};
@@ -26,7 +34,28 @@ pub async fn run() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(&config);
+    let settings = OtelSettings {
+        enabled: config.otel.enabled,
+        service_name: config.otel.service_name.clone(),
+        service_version: config.otel.service_version.clone(),
+        sampling_rate: config.otel.sampling_rate,
+        endpoint: config.otel.endpoint.clone(),
+        prometheus_enabled: config.otel.prometheus_enabled,
+        prometheus_port: config.otel.prometheus_port,
+        ..Default::default()
+    };
+    let otel = match otel::init(&settings) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("vmcp-api: telemetry: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| config.log_level.clone());
+    if let Err(e) = otel::init_logging(&filter, &otel) {
+        eprintln!("vmcp-api: logging: {e}");
+        return ExitCode::from(2);
+    }
     for var in Config::unknown_variables(std::env::vars()) {
         tracing::warn!(variable = %var, "unknown UNKEY_VMCP_ variable ignored (typo?)");
     }
@@ -48,7 +77,7 @@ pub async fn run() -> ExitCode {
                 config.hypervisor_timeout,
                 tx,
             );
-            serve(ch, rx, store, &config).await
+            serve(ch, rx, store, &config, &otel).await
         }
         BackendKind::Firecracker => {
             let mut settings = FirecrackerSettings::new(&config.fc_binary, &config.runtime_dir);
@@ -59,9 +88,12 @@ pub async fn run() -> ExitCode {
                 gid: j.gid,
                 chroot_base: j.chroot_base.clone(),
             });
-            serve(Firecracker::new(settings, tx), rx, store, &config).await
+            serve(Firecracker::new(settings, tx), rx, store, &config, &otel).await
         }
     };
+    // Flush what telemetry holds, bounded; the exporters block, so off the runtime.
+    let flushing = otel.clone();
+    let _ = tokio::task::spawn_blocking(move || flushing.shutdown(Duration::from_secs(5))).await;
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -72,21 +104,28 @@ pub async fn run() -> ExitCode {
     }
 }
 
-fn init_logging(config: &Config) {
-    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| config.log_level.clone());
-    let _ = tracing_subscriber::fmt()
-        .json()
-        .with_current_span(false)
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .try_init();
-}
-
 async fn serve<H: Hypervisor>(
     hypervisor: H,
     events: mpsc::UnboundedReceiver<BackendEvent>,
     store: Arc<SqliteStore>,
     config: &Config,
+    otel: &OtelHandle,
 ) -> Result<(), Box<dyn std::error::Error>> {
+    let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    if config.otel.prometheus_enabled {
+        let addr = std::net::SocketAddr::from((config.address, config.otel.prometheus_port));
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen for /metrics on {addr}: {e}"))?;
+        tracing::info!(%addr, "Prometheus metrics at /metrics");
+        tokio::spawn(otel::serve_metrics(listener, otel.clone(), async {
+            let _ = metrics_stopped.await;
+        }));
+    }
+    let meter = otel.meter();
+    let health_handle = otel.clone();
+    let counts_handle = otel.clone();
+    let backend = hypervisor.kind();
     let running = start(
         Arc::new(hypervisor),
         events,
@@ -99,10 +138,19 @@ async fn serve<H: Hypervisor>(
             },
             hypervisor_timeout: config.hypervisor_timeout,
             shutdown_grace: config.shutdown_grace,
-            telemetry: Arc::new(NoopTelemetry),
-            telemetry_status: Arc::new(|| "disabled".to_owned()),
-            wrap_rpc: Box::new(|s| s),
+            telemetry: Arc::new(otel.clone()),
+            telemetry_status: Arc::new(move || telemetry_status(&health_handle.health())),
+            wrap_rpc: Box::new(move |rpc| {
+                BoxCloneService::new(
+                    RpcTelemetryLayer::new(&meter)
+                        .layer(rpc)
+                        .map_response(|r| r.map(|b| b.boxed_unsync())),
+                )
+            }),
             clock: Arc::new(SystemClock),
+            on_vm_counts: Some(Arc::new(move |counts| {
+                counts_handle.set_vm_counts(backend, counts)
+            })),
         },
     )
     .await?;
@@ -110,8 +158,30 @@ async fn serve<H: Hypervisor>(
     shutdown_signal().await;
     tracing::info!("signal received: draining requests; VMs keep running");
     running.shutdown().await;
+    let _ = metrics_stop.send(());
     tracing::info!("vmcp-api stopped");
     Ok(())
+}
+
+/// One word (or the failure) for `/_/health`'s telemetry field.
+fn telemetry_status(h: &TelemetryHealth) -> String {
+    if !h.otlp_enabled {
+        return if h.prometheus_enabled {
+            "ok".to_owned()
+        } else {
+            "disabled".to_owned()
+        };
+    }
+    if h.degraded() {
+        let err = h
+            .traces
+            .last_error
+            .clone()
+            .or_else(|| h.metrics.last_error.clone())
+            .unwrap_or_default();
+        return format!("export failing: {err}");
+    }
+    "ok".to_owned()
 }
 
 async fn shutdown_signal() {

@@ -12,9 +12,13 @@ use tokio::task::JoinHandle;
 
 use crate::adapters::inbound::server::{self, RpcHttpService, RpcLimits};
 use crate::domain::VmError;
+use crate::domain::VmState;
 use crate::ports::{BackendEvent, Clock, Hypervisor, Telemetry, VmStore};
 
 use super::manager::{ManagerHealth, VmManager};
+
+/// Receives VM counts per state.
+pub type VmCountsSink = Arc<dyn Fn(&[(VmState, u64)]) + Send + Sync>;
 
 /// What `start` needs besides the backend and the store.
 pub struct StartOptions {
@@ -34,6 +38,8 @@ pub struct StartOptions {
     pub wrap_rpc: Box<dyn FnOnce(RpcHttpService) -> RpcHttpService + Send>,
     /// Time source.
     pub clock: Arc<dyn Clock>,
+    /// Receives VM counts per state every few seconds (for the VMs-by-state gauge).
+    pub on_vm_counts: Option<VmCountsSink>,
 }
 
 /// A running server.
@@ -140,6 +146,22 @@ pub async fn start<H: Hypervisor, S: VmStore>(
             let _ = (&mut running.task).await;
             return Err(StartError::Recovery(e));
         }
+    }
+    if let Some(sink) = opts.on_vm_counts {
+        let weak = Arc::downgrade(&manager);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                let Some(m) = weak.upgrade() else { return };
+                let counts = m.counts_by_state();
+                let counts: Vec<(VmState, u64)> = VmState::ALL
+                    .iter()
+                    .map(|s| (*s, counts.get(s.as_str()).copied().unwrap_or(0)))
+                    .collect();
+                sink(&counts);
+            }
+        });
     }
     tracing::info!(%local_addr, "VMCP API listening");
     Ok(running)

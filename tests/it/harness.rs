@@ -80,6 +80,7 @@ impl Harness {
                 telemetry_status: Arc::new(|| "disabled".to_owned()),
                 wrap_rpc: Box::new(|s| s),
                 clock: Arc::new(SystemClock),
+                on_vm_counts: None,
             },
         )
         .await

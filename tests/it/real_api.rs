@@ -120,6 +120,7 @@ async fn serve<H: Hypervisor>(
             telemetry_status: Arc::new(|| "disabled".to_owned()),
             wrap_rpc: Box::new(|s| s),
             clock: Arc::new(SystemClock),
+            on_vm_counts: None,
         },
     )
     .await
@@ -150,6 +151,20 @@ async fn server(kind: Kind, env: &Env) -> Server {
         Kind::Fc => {
             let settings = FirecrackerSettings::new(&env.binary, runtime.path());
             serve(Firecracker::new(settings, tx), rx, runtime).await
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // A test that failed half-way must not leave VMMs running: kill every VMM still found
+        // in this test's runtime directory (the tempdir itself is removed by TempDir).
+        if let Ok(found) = vmcp::adapters::outbound::vmm::discovery::scan(self.runtime.path()) {
+            for p in found.into_iter().filter_map(|f| f.process) {
+                let _ = std::process::Command::new("kill")
+                    .args(["-9", &p.pid.to_string()])
+                    .status();
+            }
         }
     }
 }

@@ -4,5 +4,5 @@ pub mod convert;
 pub mod errors;
 pub mod health;
 pub mod rpc;
-pub mod server;
 pub mod rpc_layer;
+pub mod server;

@@ -2,6 +2,6 @@
 
 pub mod cloud_hypervisor;
 pub mod firecracker;
+pub mod otel;
 pub mod store;
 pub mod vmm;
-pub mod otel;

@@ -108,11 +108,16 @@ mod tests {
         let socket = dir.api_socket();
         let mut child = tokio::process::Command::new("sh")
             .arg("-c")
-            .arg("sleep 30")
+            .arg("sleep 30; :")
             .arg(socket.as_os_str())
             .spawn()
             .expect("spawn");
         let pid = child.id().expect("pid");
+        // Between fork and exec the child still shows the test's command line; wait for the exec.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !cmdline_names(pid, &socket) && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         fs::write(dir.pid_file(), format!("{pid}\n")).expect("pid file");
         // A directory whose pid file names a live process that is not its VMM (this test).
         let other = RuntimeDir::new(root.path(), &stale);
