@@ -12,6 +12,7 @@ use crate::adapters::outbound::cloud_hypervisor::CloudHypervisor;
 use crate::adapters::outbound::firecracker::jailer::JailerSettings;
 use crate::adapters::outbound::firecracker::{Firecracker, FirecrackerSettings};
 use crate::adapters::outbound::store::sqlite::SqliteStore;
+use crate::adapters::outbound::vmm::UdsClient;
 use std::time::Duration;
 
 use http_body_util::BodyExt;
@@ -68,6 +69,7 @@ pub async fn run() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    probe_seed_endpoint(&config).await;
     let (tx, rx) = mpsc::unbounded_channel();
     let result = match config.backend {
         BackendKind::CloudHypervisor => {
@@ -161,6 +163,32 @@ async fn serve<H: Hypervisor>(
     let _ = metrics_stop.send(());
     tracing::info!("vmcp-api stopped");
     Ok(())
+}
+
+/// The seed ran one shared VMM on `UNKEY_VMCP_CH_ENDPOINT` / `UNKEY_VMCP_FC_ENDPOINT`. VMCP runs
+/// one VMM per VM under the runtime directory instead; a VMM still answering on the seed's
+/// endpoint is reported at start-up (with its version) so an operator can migrate or stop it.
+/// VMCP never touches it: it has no record of what that VMM runs.
+async fn probe_seed_endpoint(config: &Config) {
+    let (socket, path) = match config.backend {
+        BackendKind::CloudHypervisor => (&config.ch_endpoint, "/api/v1/vmm.ping"),
+        BackendKind::Firecracker => (&config.fc_endpoint, "/"),
+    };
+    if !socket.exists() {
+        tracing::debug!(socket = %socket.display(), "no seed VMM endpoint");
+        return;
+    }
+    let client = UdsClient::new(Duration::from_secs(1));
+    match client.call(socket, http::Method::GET, path, None).await {
+        Ok(r) if r.is_success() => tracing::warn!(
+            socket = %socket.display(),
+            answer = %r.text(),
+            "a VMM from the single-socket setup answers on the seed endpoint; VMCP runs one VMM per VM \
+             under UNKEY_VMCP_RUNTIME_DIR and leaves this one untouched: migrate its VM and stop it"
+        ),
+        Ok(r) => tracing::warn!(socket = %socket.display(), status = %r.status, "something answers on the seed endpoint but it is not a usable VMM"),
+        Err(e) => tracing::info!(socket = %socket.display(), error = %e, "stale seed endpoint socket (nothing answers); VMCP does not use it"),
+    }
 }
 
 /// One word (or the failure) for `/_/health`'s telemetry field.
