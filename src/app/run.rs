@@ -186,8 +186,12 @@ async fn probe_seed_endpoint(config: &Config) {
             "a VMM from the single-socket setup answers on the seed endpoint; VMCP runs one VMM per VM \
              under UNKEY_VMCP_RUNTIME_DIR and leaves this one untouched: migrate its VM and stop it"
         ),
-        Ok(r) => tracing::warn!(socket = %socket.display(), status = %r.status, "something answers on the seed endpoint but it is not a usable VMM"),
-        Err(e) => tracing::info!(socket = %socket.display(), error = %e, "stale seed endpoint socket (nothing answers); VMCP does not use it"),
+        Ok(r) => {
+            tracing::warn!(socket = %socket.display(), status = %r.status, "something answers on the seed endpoint but it is not a usable VMM")
+        }
+        Err(e) => {
+            tracing::info!(socket = %socket.display(), error = %e, "stale seed endpoint socket (nothing answers); VMCP does not use it")
+        }
     }
 }
 

@@ -16,4 +16,5 @@ mod harness;
 mod otel;
 mod real_api;
 mod real_ch;
+mod real_env;
 mod real_fc;

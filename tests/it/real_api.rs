@@ -4,8 +4,7 @@
 //! VMM binary, /dev/kvm and the test guest exist, and otherwise print one
 //! SKIPPED line naming what is missing.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +20,7 @@ use vmcp::proto::vmm::v1 as pb;
 use vmcp::proto::vmm::v1::VmState as S;
 
 use super::harness::{Wire, client_for, eventually};
+use super::real_env::{Real, Vmm, require};
 
 const MARKER: &str = "VMCP-GUEST-OK";
 
@@ -30,67 +30,15 @@ enum Kind {
     Fc,
 }
 
-struct Env {
-    binary: PathBuf,
-    guest: PathBuf,
-}
-
-fn find_on_path(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join(name))
-            .find(|c| c.is_file())
-    })
-}
-
-/// The environment for a real-VMM test, or None after printing one SKIPPED line.
-fn env(kind: Kind, test: &str) -> Option<Env> {
-    let (var, name) = match kind {
-        Kind::Ch => ("VMCP_TEST_CH_BINARY", "cloud-hypervisor"),
-        Kind::Fc => ("VMCP_TEST_FC_BINARY", "firecracker"),
-    };
-    let mut missing = Vec::new();
-    let binary = std::env::var_os(var)
-        .map(PathBuf::from)
-        .or_else(|| find_on_path(name));
-    match &binary {
-        Some(b) if b.is_file() => {}
-        Some(b) => missing.push(format!("{var}={} is not a file", b.display())),
-        None => missing.push(format!("{name} binary (set {var} or put it on PATH)")),
-    }
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
-        missing.push("a usable /dev/kvm".to_owned());
-    }
-    let guest = std::env::var_os("VMCP_TEST_GUEST_KERNEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/guest/vmcp-test-guest.elf")
-        });
-    if !guest.is_file() {
-        missing.push(format!(
-            "the test guest {} (run `make guest`)",
-            guest.display()
-        ));
-    }
-    if missing.is_empty() {
-        Some(Env {
-            binary: binary.unwrap_or_default(),
-            guest,
-        })
-    } else {
-        // Written straight to stderr: libtest captures eprintln! of passing tests, and a skip must be seen.
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED: {test}: missing {}",
-            missing.join(", ")
-        );
-        None
-    }
+fn env(kind: Kind, test: &str) -> Option<Real> {
+    require(
+        if kind == Kind::Ch {
+            Vmm::CloudHypervisor
+        } else {
+            Vmm::Firecracker
+        },
+        test,
+    )
 }
 
 struct Server {
@@ -132,7 +80,7 @@ async fn serve<H: Hypervisor>(
     }
 }
 
-async fn server(kind: Kind, env: &Env) -> Server {
+async fn server(kind: Kind, env: &Real) -> Server {
     // Short runtime paths keep the API socket under the 108-byte sun_path limit.
     let runtime = tempfile::Builder::new()
         .prefix("vmcp-rt")
@@ -249,7 +197,7 @@ async fn lifecycle(kind: Kind) {
     let c = client_for(s.addr, Wire::ConnectProto);
     let id = "life".to_owned();
     let created = c
-        .create_vm(create(&id, &env.guest))
+        .create_vm(create(&id, &env.kernel))
         .await
         .expect("create")
         .into_owned();
@@ -428,7 +376,7 @@ async fn kill_nine(kind: Kind) {
     let Some(env) = env(kind, &name) else { return };
     let s = server(kind, &env).await;
     let c = client_for(s.addr, Wire::ConnectJson);
-    c.create_vm(create("victim", &env.guest))
+    c.create_vm(create("victim", &env.kernel))
         .await
         .expect("create");
     c.boot_vm(pb::BootVmRequest {
@@ -502,7 +450,7 @@ async fn many_and_cycles(kind: Kind) {
     let mut tasks = Vec::new();
     for i in 0..8 {
         let c = c.clone();
-        let guest = env.guest.clone();
+        let guest = env.kernel.clone();
         tasks.push(tokio::spawn(async move {
             let id = format!("many-{i}");
             c.create_vm(create(&id, &guest)).await.expect("create");
@@ -562,7 +510,7 @@ async fn many_and_cycles(kind: Kind) {
     let mut pids = Vec::new();
     for i in 0..20 {
         let id = format!("cycle-{i}");
-        c.create_vm(create(&id, &env.guest)).await.expect("create");
+        c.create_vm(create(&id, &env.kernel)).await.expect("create");
         c.boot_vm(pb::BootVmRequest {
             vm_id: id.clone(),
             ..Default::default()

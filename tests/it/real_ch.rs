@@ -6,7 +6,6 @@
 //! `SKIPPED: <test>: <what is missing>` line. The states asserted here are
 //! the ones the real VMM reports (e.g. `vm.shutdown` → Created).
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -18,61 +17,13 @@ use vmcp::adapters::outbound::vmm::process::is_alive;
 use vmcp::domain::{BootConfig, ConsoleConfig, CpuConfig, MemoryConfig, VmConfig, VmId, VmState};
 use vmcp::ports::{BackendEvent, Hypervisor, HypervisorError, ShutdownMode};
 
+use super::real_env::{Real, Vmm, require};
+
 const MIB: i64 = 1 << 20;
 const MARKER: &str = "VMCP-GUEST-OK";
 
-/// What the real-VMM tests need.
-struct Real {
-    binary: PathBuf,
-    kernel: PathBuf,
-}
-
-fn find_on_path(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join(name))
-            .find(|p| p.is_file())
-    })
-}
-
-/// The binary, KVM and guest, or one SKIPPED line naming what is missing.
 fn real(test: &str) -> Option<Real> {
-    let mut missing = Vec::new();
-    let binary = match std::env::var_os("VMCP_TEST_CH_BINARY") {
-        Some(b) => Some(PathBuf::from(b)).filter(|p| p.is_file()),
-        None => find_on_path("cloud-hypervisor"),
-    };
-    if binary.is_none() {
-        missing
-            .push("cloud-hypervisor binary (set VMCP_TEST_CH_BINARY or put it on PATH)".to_owned());
-    }
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        missing.push(format!("/dev/kvm read-write ({e})"));
-    }
-    let kernel = std::env::var_os("VMCP_TEST_GUEST_KERNEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/guest/vmcp-test-guest.elf")
-        });
-    if !kernel.is_file() {
-        missing.push(format!(
-            "guest kernel {} (run `make guest` or set VMCP_TEST_GUEST_KERNEL)",
-            kernel.display()
-        ));
-    }
-    if !missing.is_empty() {
-        // Straight to the stderr handle: the harness captures eprintln!.
-        let _ = writeln!(std::io::stderr(), "SKIPPED: {test}: {}", missing.join("; "));
-        return None;
-    }
-    Some(Real {
-        binary: binary?,
-        kernel,
-    })
+    require(Vmm::CloudHypervisor, test)
 }
 
 struct Env {

@@ -6,7 +6,7 @@
 //! guest (`VMCP_TEST_GUEST_KERNEL` or `.cache/guest/vmcp-test-guest.elf` from
 //! `make guest`) exist; otherwise it prints one `SKIPPED:` line and returns.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,67 +19,17 @@ use vmcp::adapters::outbound::vmm::process::is_alive;
 use vmcp::domain::{BootConfig, ConsoleConfig, CpuConfig, MemoryConfig, VmConfig, VmId, VmState};
 use vmcp::ports::{BackendEvent, Hypervisor, ShutdownMode, VmmProcess};
 
+use super::real_env::{Real, Vmm, on_path, require, say};
+
 const MARKER: &str = "VMCP-GUEST-OK";
 
 /// Writes a line straight to stderr, past the test harness's capture, so
-/// SKIPPED and MEASURED lines show in a plain `cargo test` run.
-fn say(line: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "{line}");
-}
-
 /// Real-VMM tests share two cores; running them one at a time keeps their
 /// timings meaningful and the leak check's fd count clean.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-struct Real {
-    binary: PathBuf,
-    kernel: PathBuf,
-}
-
-fn on_path(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join(name))
-            .find(|p| p.is_file())
-    })
-}
-
-/// The binary, KVM and guest, or one SKIPPED line naming what is missing.
 fn real(test: &str) -> Option<Real> {
-    let binary = std::env::var_os("VMCP_TEST_FC_BINARY")
-        .map(PathBuf::from)
-        .or_else(|| on_path("firecracker"));
-    let kernel = std::env::var_os("VMCP_TEST_GUEST_KERNEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/guest/vmcp-test-guest.elf")
-        });
-    let kvm = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    let mut missing = Vec::new();
-    match &binary {
-        Some(b) if b.is_file() => {}
-        Some(b) => missing.push(format!("firecracker binary {}", b.display())),
-        None => missing.push("firecracker binary (VMCP_TEST_FC_BINARY or PATH)".to_owned()),
-    }
-    if !kvm {
-        missing.push("/dev/kvm".to_owned());
-    }
-    if !kernel.is_file() {
-        missing.push(format!("guest kernel {} (make guest)", kernel.display()));
-    }
-    if !missing.is_empty() {
-        say(&format!("SKIPPED: {test}: missing {}", missing.join(", ")));
-        return None;
-    }
-    Some(Real {
-        binary: binary?,
-        kernel,
-    })
+    require(Vmm::Firecracker, test)
 }
 
 struct Env {
