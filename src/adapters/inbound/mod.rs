@@ -1,7 +1,12 @@
-//! Inbound adapters: the ConnectRPC API server and the health endpoints.
+//! Inbound adapters: the ConnectRPC API server, the health endpoints, and the
+//! API's protection (authentication, TLS, load limits).
 
+pub mod auth;
 pub mod convert;
 pub mod errors;
+pub mod guard;
 pub mod health;
+pub mod reject;
 pub mod rpc;
 pub mod server;
+pub mod tls;
