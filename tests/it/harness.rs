@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 
 use vmcp::adapters::inbound::server::RpcLimits;
 use vmcp::adapters::outbound::store::memory::MemoryStore;
+use vmcp::app::security::Security;
 use vmcp::app::wiring::{Running, StartOptions, start};
 use vmcp::ports::{NoopTelemetry, SystemClock};
 use vmcp::proto::vmm::v1 as pb;
@@ -80,6 +81,7 @@ impl Harness {
                 telemetry_status: Arc::new(|| "disabled".to_owned()),
                 wrap_rpc: Box::new(|s| s),
                 clock: Arc::new(SystemClock),
+                security: Security::open(),
             },
         )
         .await
