@@ -65,6 +65,27 @@ impl Harness {
         events: mpsc::UnboundedReceiver<vmcp::ports::BackendEvent>,
         store: Arc<MemoryStore>,
     ) -> Self {
+        Self::start_full(double, events, store, Security::open()).await
+    }
+
+    /// A fresh server protected by `security` (auth, TLS, limits, path policy).
+    pub async fn start_secured(security: Security) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        Self::start_full(
+            Arc::new(Double::new(tx)),
+            rx,
+            Arc::new(MemoryStore::new()),
+            security,
+        )
+        .await
+    }
+
+    async fn start_full(
+        double: Arc<Double>,
+        events: mpsc::UnboundedReceiver<vmcp::ports::BackendEvent>,
+        store: Arc<MemoryStore>,
+        security: Security,
+    ) -> Self {
         let running = start(
             Arc::clone(&double),
             events,
@@ -81,7 +102,7 @@ impl Harness {
                 telemetry_status: Arc::new(|| "disabled".to_owned()),
                 wrap_rpc: Box::new(|s| s),
                 clock: Arc::new(SystemClock),
-                security: Security::open(),
+                security,
             },
         )
         .await
@@ -96,6 +117,15 @@ impl Harness {
 
     /// A client speaking `wire`.
     pub fn client(&self, wire: Wire) -> VmServiceClient<HttpClient> {
+        self.client_inner(wire, None)
+    }
+
+    /// A client speaking `wire` that sends `Authorization: Bearer <token>`.
+    pub fn client_with_token(&self, wire: Wire, token: &str) -> VmServiceClient<HttpClient> {
+        self.client_inner(wire, Some(token))
+    }
+
+    fn client_inner(&self, wire: Wire, token: Option<&str>) -> VmServiceClient<HttpClient> {
         let base = format!("http://{}", self.addr).parse().unwrap();
         let (http, config) = match wire {
             Wire::ConnectJson => (HttpClient::plaintext(), ClientConfig::new(base).json()),
@@ -108,6 +138,10 @@ impl Harness {
                 HttpClient::plaintext(),
                 ClientConfig::new(base).with_protocol(Protocol::GrpcWeb),
             ),
+        };
+        let config = match token {
+            Some(t) => config.with_default_header("authorization", format!("Bearer {t}")),
+            None => config,
         };
         VmServiceClient::new(http, config)
     }

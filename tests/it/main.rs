@@ -4,5 +4,7 @@
 //! VMMs over Unix sockets, and the real VMMs where they are installed.
 
 mod api;
+mod auth;
 mod double;
 mod harness;
+mod tls_client;
