@@ -3,6 +3,7 @@
 //! HTTP for the wire-level cases. Backends are the in-tree test double, fake
 //! VMMs over Unix sockets, and the real VMMs where they are installed.
 
+mod admission;
 mod api;
 mod auth;
 mod double;
