@@ -8,4 +8,5 @@ mod api;
 mod auth;
 mod double;
 mod harness;
+mod robustness;
 mod tls_client;

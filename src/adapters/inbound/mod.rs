@@ -6,6 +6,7 @@ pub mod convert;
 pub mod errors;
 pub mod guard;
 pub mod health;
+pub mod intake;
 pub mod reject;
 pub mod rpc;
 pub mod server;

@@ -27,6 +27,7 @@ use crate::proto::vmm::v1::VmServiceExt;
 use super::auth::{AuthLayer, AuthPolicy, ClientCertVerified};
 use super::guard::{ApiLimits, GuardLayer};
 use super::health;
+use super::intake::IntakeLayer;
 use super::rpc::RpcService;
 use super::tls;
 
@@ -55,10 +56,14 @@ pub fn rpc_service<S: VmService>(svc: Arc<S>, limits: RpcLimits) -> RpcHttpServi
                 .with_max_message_size(limits.max_request_bytes),
         )
         .with_deadline_policy(DeadlinePolicy::new().with_max(limits.max_deadline));
-    BoxCloneService::new(ServiceExt::<Request<Incoming>>::map_response(
+    let connect = ServiceExt::<Request<Full<Bytes>>>::map_response(
         connect,
         |r: Response<connectrpc::ConnectRpcBody>| r.map(|b| b.boxed_unsync()),
-    ))
+    );
+    // Bodies are read in full and checked first (see intake.rs), bounded like connectrpc's own reads.
+    BoxCloneService::new(
+        IntakeLayer::new(limits.max_request_bytes, limits.max_deadline).layer(connect),
+    )
 }
 
 /// Wraps the RPC service with authentication (outermost, so unauthenticated
