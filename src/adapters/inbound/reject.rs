@@ -22,10 +22,16 @@ const GRPC_WEB_TRAILERS: u8 = 0x80;
 
 /// Builds the error response for a request with headers `req` in its own protocol.
 pub fn error_response(req: &HeaderMap, code: ErrorCode, message: &str) -> Response<Body> {
-    let detected = Protocol::detect(req).map(|p| p.protocol);
-    match detected {
+    let detected = Protocol::detect(req);
+    match detected.map(|p| p.protocol) {
         Some(Protocol::Grpc) => grpc(req, code, message, false),
-        Some(Protocol::GrpcWeb) => grpc(req, code, message, true),
+        // Text mode would need the frame base64-encoded; its clients read the headers.
+        Some(Protocol::GrpcWeb) => grpc(
+            req,
+            code,
+            message,
+            !detected.is_some_and(|p| p.is_text_mode),
+        ),
         // Connect, Connect GET (no content type) and anything unrecognised get the Connect form.
         _ => connect(code, message),
     }
@@ -138,6 +144,17 @@ mod tests {
         assert_eq!(r.headers()["grpc-status"], "16");
         assert_eq!(r.headers()["grpc-message"], "bad token: 100%25");
         assert_eq!(r.headers()[header::CONTENT_TYPE], "application/grpc+proto");
+        assert!(body(r).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn grpc_web_text_gets_headers_only() {
+        let r = error_response(
+            &headers(Some("application/grpc-web-text")),
+            ErrorCode::Unauthenticated,
+            "no",
+        );
+        assert_eq!(r.headers()["grpc-status"], "16");
         assert!(body(r).await.is_empty());
     }
 
