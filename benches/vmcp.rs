@@ -84,6 +84,7 @@ pub async fn start_double_server(
             wrap_rpc: wrap,
             clock: Arc::new(SystemClock),
             on_vm_counts: None,
+            security: vmcp::app::security::Security::open(),
         },
     )
     .await

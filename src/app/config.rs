@@ -9,7 +9,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::adapters::inbound::guard::ApiLimits;
 use crate::ports::BackendKind;
+
+use super::admission::VmLimits;
 
 /// The prefix of every variable.
 pub const PREFIX: &str = "UNKEY_VMCP_";
@@ -41,6 +44,18 @@ pub const KNOWN_VARIABLES: &[&str] = &[
     "OTEL_ENDPOINT",
     "OTEL_PROMETHEUS_ENABLED",
     "OTEL_PROMETHEUS_PORT",
+    "AUTH_TOKEN_FILE",
+    "TLS_CERT_FILE",
+    "TLS_KEY_FILE",
+    "TLS_CLIENT_CA_FILE",
+    "ASSET_DIRS",
+    "MAX_VMS",
+    "MAX_VCPUS_PER_VM",
+    "MAX_MEMORY_PER_VM_MIB",
+    "MAX_TOTAL_VCPUS",
+    "MAX_TOTAL_MEMORY_MIB",
+    "MAX_CONCURRENT_REQUESTS",
+    "RATE_LIMIT_RPS",
 ];
 
 /// A configuration error: one line naming the variable and what it accepts.
@@ -91,6 +106,18 @@ struct Raw {
     otel_endpoint: Option<String>,
     otel_prometheus_enabled: Option<String>,
     otel_prometheus_port: Option<String>,
+    auth_token_file: Option<String>,
+    tls_cert_file: Option<String>,
+    tls_key_file: Option<String>,
+    tls_client_ca_file: Option<String>,
+    asset_dirs: Option<String>,
+    max_vms: Option<String>,
+    max_vcpus_per_vm: Option<String>,
+    max_memory_per_vm_mib: Option<String>,
+    max_total_vcpus: Option<String>,
+    max_total_memory_mib: Option<String>,
+    max_concurrent_requests: Option<String>,
+    rate_limit_rps: Option<String>,
 }
 
 /// Firecracker's jailer settings (production mode for Firecracker).
@@ -123,6 +150,17 @@ pub struct OtelConfig {
     pub prometheus_enabled: bool,
     /// Port of the `/metrics` listener.
     pub prometheus_port: u16,
+}
+
+/// TLS files for the API port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+    /// PEM CA bundle that client certificates must chain to; set = mutual TLS.
+    pub client_ca: Option<PathBuf>,
 }
 
 /// The whole service configuration.
@@ -162,6 +200,16 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Telemetry.
     pub otel: OtelConfig,
+    /// File holding the bearer token VM API calls must present; unset = no token.
+    pub auth_token_file: Option<PathBuf>,
+    /// TLS (and mutual TLS) for the API port; unset = plaintext.
+    pub tls: Option<TlsFiles>,
+    /// Directories VM assets must resolve into; unset = unrestricted.
+    pub asset_dirs: Option<Vec<PathBuf>>,
+    /// Per-VM and host-wide resource limits.
+    pub vm_limits: VmLimits,
+    /// API concurrency and rate limits.
+    pub api_limits: ApiLimits,
 }
 
 impl Config {
@@ -344,6 +392,34 @@ impl Config {
                 3600,
             )?),
             otel,
+            auth_token_file: raw
+                .auth_token_file
+                .as_deref()
+                .map(|v| abs_path("AUTH_TOKEN_FILE", v))
+                .transpose()?,
+            tls: tls_files(&raw)?,
+            asset_dirs: raw
+                .asset_dirs
+                .as_deref()
+                .map(|v| dir_list("ASSET_DIRS", v))
+                .transpose()?,
+            vm_limits: vm_limits(&raw)?,
+            api_limits: ApiLimits {
+                max_concurrent_requests: number(
+                    "MAX_CONCURRENT_REQUESTS",
+                    raw.max_concurrent_requests.as_deref(),
+                    ApiLimits::default().max_concurrent_requests as u64,
+                    1,
+                    1_000_000,
+                )? as usize,
+                rate_limit_rps: number(
+                    "RATE_LIMIT_RPS",
+                    raw.rate_limit_rps.as_deref(),
+                    u64::from(ApiLimits::default().rate_limit_rps),
+                    0,
+                    1_000_000,
+                )? as u32,
+            },
         })
     }
 
@@ -356,6 +432,86 @@ impl Config {
             })
             .collect()
     }
+}
+
+fn tls_files(raw: &Raw) -> Result<Option<TlsFiles>, ConfigError> {
+    let file = |var, v: &Option<String>| v.as_deref().map(|v| abs_path(var, v)).transpose();
+    let cert = file("TLS_CERT_FILE", &raw.tls_cert_file)?;
+    let key = file("TLS_KEY_FILE", &raw.tls_key_file)?;
+    let client_ca = file("TLS_CLIENT_CA_FILE", &raw.tls_client_ca_file)?;
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(Some(TlsFiles {
+            cert,
+            key,
+            client_ca,
+        })),
+        (None, None) => match &raw.tls_client_ca_file {
+            Some(v) => Err(bad(
+                "TLS_CLIENT_CA_FILE",
+                v,
+                "only meaningful with UNKEY_VMCP_TLS_CERT_FILE and UNKEY_VMCP_TLS_KEY_FILE set",
+            )),
+            None => Ok(None),
+        },
+        (Some(_), None) => Err(bad(
+            "TLS_KEY_FILE",
+            "",
+            "required when UNKEY_VMCP_TLS_CERT_FILE is set",
+        )),
+        (None, Some(_)) => Err(bad(
+            "TLS_CERT_FILE",
+            "",
+            "required when UNKEY_VMCP_TLS_KEY_FILE is set",
+        )),
+    }
+}
+
+fn vm_limits(raw: &Raw) -> Result<VmLimits, ConfigError> {
+    let d = VmLimits::host_defaults();
+    Ok(VmLimits {
+        max_vms: number("MAX_VMS", raw.max_vms.as_deref(), d.max_vms, 1, 1_000_000)?,
+        max_vcpus_per_vm: number(
+            "MAX_VCPUS_PER_VM",
+            raw.max_vcpus_per_vm.as_deref(),
+            d.max_vcpus_per_vm,
+            1,
+            crate::domain::config::MAX_VCPUS as u64,
+        )?,
+        max_memory_per_vm_mib: number(
+            "MAX_MEMORY_PER_VM_MIB",
+            raw.max_memory_per_vm_mib.as_deref(),
+            d.max_memory_per_vm_mib,
+            1,
+            1 << 32,
+        )?,
+        max_total_vcpus: number(
+            "MAX_TOTAL_VCPUS",
+            raw.max_total_vcpus.as_deref(),
+            d.max_total_vcpus,
+            1,
+            u64::from(u32::MAX),
+        )?,
+        max_total_memory_mib: number(
+            "MAX_TOTAL_MEMORY_MIB",
+            raw.max_total_memory_mib.as_deref(),
+            d.max_total_memory_mib,
+            1,
+            1 << 40,
+        )?,
+    })
+}
+
+/// A list of absolute directories separated by commas or colons.
+fn dir_list(var: &str, v: &str) -> Result<Vec<PathBuf>, ConfigError> {
+    let dirs: Vec<&str> = v.split([',', ':']).map(str::trim).collect();
+    if dirs.iter().any(|d| !d.starts_with('/') || d.contains('\0')) {
+        return Err(bad(
+            var,
+            v,
+            "absolute directories separated by commas or colons, e.g. /var/lib/vmcp/images,/srv/kernels",
+        ));
+    }
+    Ok(dirs.into_iter().map(PathBuf::from).collect())
 }
 
 fn number(
@@ -590,5 +746,190 @@ mod tests {
             ("HOME".to_owned(), "/root".to_owned()),
         ]);
         assert_eq!(unknown, vec!["UNKEY_VMCP_PROT".to_owned()]);
+    }
+    #[test]
+    fn hardening_defaults_are_open_but_bounded() {
+        let c = cfg(&[]).expect("defaults are valid");
+        assert_eq!(c.auth_token_file, None);
+        assert_eq!(c.tls, None);
+        assert_eq!(c.asset_dirs, None);
+        assert_eq!(c.vm_limits, VmLimits::host_defaults());
+        assert_eq!(c.vm_limits.max_vms, 256);
+        assert_eq!(c.vm_limits.max_vcpus_per_vm, 32);
+        assert_eq!(c.vm_limits.max_memory_per_vm_mib, 65536);
+        assert_eq!(
+            c.vm_limits.max_total_vcpus,
+            super::super::admission::default_total_vcpus()
+        );
+        assert_eq!(
+            c.vm_limits.max_total_memory_mib,
+            super::super::admission::default_total_memory_mib()
+        );
+        assert_eq!(
+            c.api_limits,
+            ApiLimits {
+                max_concurrent_requests: 512,
+                rate_limit_rps: 1000
+            }
+        );
+    }
+
+    #[test]
+    fn hardening_variables_are_read() {
+        let c = cfg(&[
+            ("AUTH_TOKEN_FILE", "/etc/vmcp/token"),
+            ("TLS_CERT_FILE", "/etc/vmcp/cert.pem"),
+            ("TLS_KEY_FILE", "/etc/vmcp/key.pem"),
+            ("TLS_CLIENT_CA_FILE", "/etc/vmcp/ca.pem"),
+            (
+                "ASSET_DIRS",
+                "/srv/kernels, /srv/disks:/var/lib/vmcp/images",
+            ),
+            ("MAX_VMS", "10"),
+            ("MAX_VCPUS_PER_VM", "4"),
+            ("MAX_MEMORY_PER_VM_MIB", "2048"),
+            ("MAX_TOTAL_VCPUS", "16"),
+            ("MAX_TOTAL_MEMORY_MIB", "8192"),
+            ("MAX_CONCURRENT_REQUESTS", "8"),
+            ("RATE_LIMIT_RPS", "0"),
+        ])
+        .expect("valid");
+        assert_eq!(c.auth_token_file, Some(PathBuf::from("/etc/vmcp/token")));
+        assert_eq!(
+            c.tls,
+            Some(TlsFiles {
+                cert: "/etc/vmcp/cert.pem".into(),
+                key: "/etc/vmcp/key.pem".into(),
+                client_ca: Some("/etc/vmcp/ca.pem".into()),
+            })
+        );
+        assert_eq!(
+            c.asset_dirs,
+            Some(vec![
+                PathBuf::from("/srv/kernels"),
+                PathBuf::from("/srv/disks"),
+                PathBuf::from("/var/lib/vmcp/images"),
+            ])
+        );
+        assert_eq!(
+            c.vm_limits,
+            VmLimits {
+                max_vms: 10,
+                max_vcpus_per_vm: 4,
+                max_memory_per_vm_mib: 2048,
+                max_total_vcpus: 16,
+                max_total_memory_mib: 8192,
+            }
+        );
+        assert_eq!(
+            c.api_limits,
+            ApiLimits {
+                max_concurrent_requests: 8,
+                rate_limit_rps: 0
+            }
+        );
+        let server_only = cfg(&[("TLS_CERT_FILE", "/c"), ("TLS_KEY_FILE", "/k")]).expect("valid");
+        assert_eq!(server_only.tls.and_then(|t| t.client_ca), None);
+    }
+
+    #[test]
+    fn hardening_bad_values_name_the_variable() {
+        type Case<'a> = (&'a [(&'a str, &'a str)], &'a str, &'a str);
+        let cases: &[Case] = &[
+            (
+                &[("AUTH_TOKEN_FILE", "token")],
+                "AUTH_TOKEN_FILE",
+                "absolute",
+            ),
+            (
+                &[("TLS_CERT_FILE", "/c")],
+                "TLS_KEY_FILE",
+                "TLS_CERT_FILE is set",
+            ),
+            (
+                &[("TLS_KEY_FILE", "/k")],
+                "TLS_CERT_FILE",
+                "TLS_KEY_FILE is set",
+            ),
+            (
+                &[("TLS_CLIENT_CA_FILE", "/ca")],
+                "TLS_CLIENT_CA_FILE",
+                "TLS_CERT_FILE",
+            ),
+            (
+                &[("TLS_CERT_FILE", "c.pem"), ("TLS_KEY_FILE", "/k")],
+                "TLS_CERT_FILE",
+                "absolute",
+            ),
+            (&[("ASSET_DIRS", "")], "ASSET_DIRS", "absolute directories"),
+            (
+                &[("ASSET_DIRS", "/a,,/b")],
+                "ASSET_DIRS",
+                "absolute directories",
+            ),
+            (
+                &[("ASSET_DIRS", "/a,images")],
+                "ASSET_DIRS",
+                "absolute directories",
+            ),
+            (&[("MAX_VMS", "0")], "MAX_VMS", "1 to"),
+            (
+                &[("MAX_VCPUS_PER_VM", "255")],
+                "MAX_VCPUS_PER_VM",
+                "1 to 254",
+            ),
+            (
+                &[("MAX_MEMORY_PER_VM_MIB", "x")],
+                "MAX_MEMORY_PER_VM_MIB",
+                "whole number",
+            ),
+            (
+                &[("MAX_TOTAL_VCPUS", "-1")],
+                "MAX_TOTAL_VCPUS",
+                "whole number",
+            ),
+            (
+                &[("MAX_TOTAL_MEMORY_MIB", "0")],
+                "MAX_TOTAL_MEMORY_MIB",
+                "1 to",
+            ),
+            (
+                &[("MAX_CONCURRENT_REQUESTS", "0")],
+                "MAX_CONCURRENT_REQUESTS",
+                "1 to",
+            ),
+            (&[("RATE_LIMIT_RPS", "fast")], "RATE_LIMIT_RPS", "0 to"),
+        ];
+        for (vars, var, expected) in cases {
+            let err = cfg(vars).expect_err(&format!("{vars:?} must be rejected"));
+            assert_eq!(err.variable, format!("{PREFIX}{var}"), "{vars:?}");
+            let line = err.to_string();
+            assert!(
+                line.contains(expected),
+                "{line:?} should mention {expected:?}"
+            );
+            assert!(!line.contains('\n'), "one line: {line:?}");
+        }
+    }
+
+    #[test]
+    fn hardening_variables_are_known() {
+        let vars = [
+            "AUTH_TOKEN_FILE",
+            "TLS_CERT_FILE",
+            "TLS_KEY_FILE",
+            "TLS_CLIENT_CA_FILE",
+            "ASSET_DIRS",
+            "MAX_VMS",
+            "MAX_VCPUS_PER_VM",
+            "MAX_MEMORY_PER_VM_MIB",
+            "MAX_TOTAL_VCPUS",
+            "MAX_TOTAL_MEMORY_MIB",
+            "MAX_CONCURRENT_REQUESTS",
+            "RATE_LIMIT_RPS",
+        ];
+        let unknown =
+            Config::unknown_variables(vars.iter().map(|v| (format!("{PREFIX}{v}"), String::new())));
+        assert!(unknown.is_empty(), "{unknown:?}");
     }
 }

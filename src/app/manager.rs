@@ -18,6 +18,7 @@ use crate::ports::{
     VmPage, VmRecord, VmService, VmStore,
 };
 
+use super::admission::{Admission, Footprint};
 use super::owner::{Deps, Owner, QUEUE_DEPTH, Request, hypervisor_to_vm_error, timed_call};
 
 /// Default ListVms page size.
@@ -47,16 +48,36 @@ pub struct VmManager<H, S> {
     vms: RwLock<BTreeMap<VmId, Handle>>,
     check: tokio::sync::Mutex<CheckCache>,
     recovering: std::sync::atomic::AtomicBool,
+    admission: Admission,
 }
 
 impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
-    /// A manager with no VMs.
+    /// A manager with no VMs that admits any valid config (no path policy, no limits).
     pub fn new(
         hypervisor: Arc<H>,
         store: Arc<S>,
         telemetry: Arc<dyn Telemetry>,
         clock: Arc<dyn Clock>,
         call_timeout: Duration,
+    ) -> Arc<Self> {
+        Self::with_admission(
+            hypervisor,
+            store,
+            telemetry,
+            clock,
+            call_timeout,
+            Admission::unrestricted(),
+        )
+    }
+
+    /// A manager with no VMs that admits creates through `admission` (host paths, limits).
+    pub fn with_admission(
+        hypervisor: Arc<H>,
+        store: Arc<S>,
+        telemetry: Arc<dyn Telemetry>,
+        clock: Arc<dyn Clock>,
+        call_timeout: Duration,
+        admission: Admission,
     ) -> Arc<Self> {
         Arc::new(Self {
             deps: Deps {
@@ -72,6 +93,7 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
                 result: Err("not checked yet".into()),
             }),
             recovering: std::sync::atomic::AtomicBool::new(false),
+            admission,
         })
     }
 
@@ -393,6 +415,8 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
     async fn create_inner(&self, req: CreateVm) -> Result<VmSnapshot, VmError> {
         req.config.validate()?;
         self.deps.hypervisor.validate(&req.config)?;
+        // Per-VM limits and host paths; a few stat calls, cheap enough inline.
+        self.admission.check_vm(&req.config)?;
         self.require_backend().await?;
         let id = match req.vm_id {
             Some(id) => id,
@@ -414,6 +438,12 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
                     Err(VmError::AlreadyExists(id.to_string()))
                 };
             }
+            // Under the registry lock, so concurrent creates cannot overshoot the totals.
+            self.admission.limits.check_host(
+                vms.values()
+                    .map(|h| Footprint::of(&h.snapshot.borrow().config)),
+                &req.config,
+            )?;
             let now = self.deps.clock.now_unix();
             let placeholder = Vm::new(id.clone(), req.config.clone(), VmState::Created, now);
             let (snap_tx, snap_rx) = watch::channel(placeholder.snapshot().clone());

@@ -24,6 +24,7 @@ use crate::adapters::outbound::otel::{self, OtelHandle, OtelSettings, health::Te
 use crate::ports::{BackendEvent, BackendKind, Hypervisor, SystemClock};
 
 use super::config::Config;
+use super::security::{Security, startup_warnings};
 use super::wiring::{StartOptions, start};
 
 /// Runs the service; returns the process exit code.
@@ -57,6 +58,17 @@ pub async fn run() -> ExitCode {
         eprintln!("vmcp-api: logging: {e}");
         return ExitCode::from(2);
     }
+    for warning in startup_warnings(&config) {
+        tracing::warn!("{warning}");
+    }
+    let security = match Security::from_config(&config) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "security settings");
+            eprintln!("vmcp-api: {e}");
+            return ExitCode::from(2);
+        }
+    };
     for var in Config::unknown_variables(std::env::vars()) {
         tracing::warn!(variable = %var, "unknown UNKEY_VMCP_ variable ignored (typo?)");
     }
@@ -79,7 +91,7 @@ pub async fn run() -> ExitCode {
                 config.hypervisor_timeout,
                 tx,
             );
-            serve(ch, rx, store, &config, &otel).await
+            serve(ch, rx, store, &config, &otel, security).await
         }
         BackendKind::Firecracker => {
             let mut settings = FirecrackerSettings::new(&config.fc_binary, &config.runtime_dir);
@@ -90,7 +102,15 @@ pub async fn run() -> ExitCode {
                 gid: j.gid,
                 chroot_base: j.chroot_base.clone(),
             });
-            serve(Firecracker::new(settings, tx), rx, store, &config, &otel).await
+            serve(
+                Firecracker::new(settings, tx),
+                rx,
+                store,
+                &config,
+                &otel,
+                security,
+            )
+            .await
         }
     };
     // Flush what telemetry holds, bounded; the exporters block, so off the runtime.
@@ -112,6 +132,7 @@ async fn serve<H: Hypervisor>(
     store: Arc<SqliteStore>,
     config: &Config,
     otel: &OtelHandle,
+    security: Security,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     if config.otel.prometheus_enabled {
@@ -153,6 +174,7 @@ async fn serve<H: Hypervisor>(
             on_vm_counts: Some(Arc::new(move |counts| {
                 counts_handle.set_vm_counts(backend, counts)
             })),
+            security,
         },
     )
     .await?;

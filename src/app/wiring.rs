@@ -16,6 +16,7 @@ use crate::domain::VmState;
 use crate::ports::{BackendEvent, Clock, Hypervisor, Telemetry, VmStore};
 
 use super::manager::{ManagerHealth, VmManager};
+use super::security::Security;
 
 /// Receives VM counts per state.
 pub type VmCountsSink = Arc<dyn Fn(&[(VmState, u64)]) + Send + Sync>;
@@ -40,6 +41,8 @@ pub struct StartOptions {
     pub clock: Arc<dyn Clock>,
     /// Receives VM counts per state every few seconds (for the VMs-by-state gauge).
     pub on_vm_counts: Option<VmCountsSink>,
+    /// Authentication, TLS, API limits and create admission ([`Security::open`] for none).
+    pub security: Security,
 }
 
 /// A running server.
@@ -99,26 +102,34 @@ pub async fn start<H: Hypervisor, S: VmStore>(
         addr: opts.addr,
         source,
     })?;
-    let manager = VmManager::new(
+    let tls = opts.security.tls_acceptor();
+    let tls_on = tls.is_some();
+    let manager = VmManager::with_admission(
         hypervisor,
         store,
         opts.telemetry,
         opts.clock,
         opts.hypervisor_timeout,
+        opts.security.admission,
     );
     manager.spawn_event_router(events);
     let health = Arc::new(ManagerHealth::new(
         Arc::clone(&manager),
         opts.telemetry_status,
     ));
-    let rpc = (opts.wrap_rpc)(server::rpc_service(Arc::clone(&manager), opts.limits));
+    let rpc = (opts.wrap_rpc)(server::protect(
+        server::rpc_service(Arc::clone(&manager), opts.limits),
+        opts.security.auth,
+        opts.security.api_limits,
+    ));
     // Health is served while recovery runs; VM calls answer `unavailable` until it ends.
     manager.mark_recovering();
     let (tx, rx) = oneshot::channel::<()>();
     let grace = opts.shutdown_grace;
     let task = tokio::spawn(async move {
-        server::serve(
+        server::serve_with_tls(
             listener,
+            tls,
             rpc,
             health,
             async {
@@ -163,6 +174,6 @@ pub async fn start<H: Hypervisor, S: VmStore>(
             }
         });
     }
-    tracing::info!(%local_addr, "VMCP API listening");
+    tracing::info!(%local_addr, tls = tls_on, "VMCP API listening");
     Ok(running)
 }

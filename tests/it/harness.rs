@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 
 use vmcp::adapters::inbound::server::RpcLimits;
 use vmcp::adapters::outbound::store::memory::MemoryStore;
+use vmcp::app::security::Security;
 use vmcp::app::wiring::{Running, StartOptions, start};
 use vmcp::ports::{NoopTelemetry, SystemClock};
 use vmcp::proto::vmm::v1 as pb;
@@ -64,6 +65,27 @@ impl Harness {
         events: mpsc::UnboundedReceiver<vmcp::ports::BackendEvent>,
         store: Arc<MemoryStore>,
     ) -> Self {
+        Self::start_full(double, events, store, Security::open()).await
+    }
+
+    /// A fresh server protected by `security` (auth, TLS, limits, path policy).
+    pub async fn start_secured(security: Security) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        Self::start_full(
+            Arc::new(Double::new(tx)),
+            rx,
+            Arc::new(MemoryStore::new()),
+            security,
+        )
+        .await
+    }
+
+    async fn start_full(
+        double: Arc<Double>,
+        events: mpsc::UnboundedReceiver<vmcp::ports::BackendEvent>,
+        store: Arc<MemoryStore>,
+        security: Security,
+    ) -> Self {
         let running = start(
             Arc::clone(&double),
             events,
@@ -81,6 +103,7 @@ impl Harness {
                 wrap_rpc: Box::new(|s| s),
                 clock: Arc::new(SystemClock),
                 on_vm_counts: None,
+                security,
             },
         )
         .await
@@ -95,7 +118,21 @@ impl Harness {
 
     /// A client speaking `wire`.
     pub fn client(&self, wire: Wire) -> VmServiceClient<HttpClient> {
-        client_for(self.addr, wire)
+        self.client_inner(wire, None)
+    }
+
+    /// A client speaking `wire` that sends `Authorization: Bearer <token>`.
+    pub fn client_with_token(&self, wire: Wire, token: &str) -> VmServiceClient<HttpClient> {
+        self.client_inner(wire, Some(token))
+    }
+
+    fn client_inner(&self, wire: Wire, token: Option<&str>) -> VmServiceClient<HttpClient> {
+        let (http, config) = transport(self.addr, wire);
+        let config = match token {
+            Some(t) => config.with_default_header("authorization", format!("Bearer {t}")),
+            None => config,
+        };
+        VmServiceClient::new(http, config)
     }
 
     /// Raw HTTP/1.1 request; returns status, headers and body.
@@ -212,8 +249,14 @@ where
 
 /// A client for the server at `addr` speaking `wire`.
 pub fn client_for(addr: SocketAddr, wire: Wire) -> VmServiceClient<HttpClient> {
+    let (http, config) = transport(addr, wire);
+    VmServiceClient::new(http, config)
+}
+
+/// The HTTP client and config for `wire` against `addr`.
+fn transport(addr: SocketAddr, wire: Wire) -> (HttpClient, ClientConfig) {
     let base = format!("http://{addr}").parse().unwrap();
-    let (http, config) = match wire {
+    match wire {
         Wire::ConnectJson => (HttpClient::plaintext(), ClientConfig::new(base).json()),
         Wire::ConnectProto => (HttpClient::plaintext(), ClientConfig::new(base).proto()),
         Wire::Grpc => (
@@ -224,6 +267,5 @@ pub fn client_for(addr: SocketAddr, wire: Wire) -> VmServiceClient<HttpClient> {
             HttpClient::plaintext(),
             ClientConfig::new(base).with_protocol(Protocol::GrpcWeb),
         ),
-    };
-    VmServiceClient::new(http, config)
+    }
 }

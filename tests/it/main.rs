@@ -6,7 +6,9 @@
 // Tests may unwrap: a panic is the failure report.
 #![allow(clippy::unwrap_used)]
 
+mod admission;
 mod api;
+mod auth;
 mod cloud_hypervisor;
 mod double;
 mod fake_ch;
@@ -18,3 +20,5 @@ mod real_api;
 mod real_ch;
 mod real_env;
 mod real_fc;
+mod robustness;
+mod tls_client;

@@ -69,6 +69,7 @@ async fn serve<H: Hypervisor>(
             wrap_rpc: Box::new(|s| s),
             clock: Arc::new(SystemClock),
             on_vm_counts: None,
+            security: vmcp::app::security::Security::open(),
         },
     )
     .await

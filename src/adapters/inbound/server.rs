@@ -1,6 +1,8 @@
 //! The HTTP server: one port serving Connect (JSON and binary), gRPC and
-//! gRPC-Web over HTTP/1.1 and h2c, plus the health endpoints. Shutdown stops
-//! accepting, lets in-flight requests finish within a bound, and returns.
+//! gRPC-Web over HTTP/1.1 and h2c (or TLS with ALPN h2/http1.1), plus the
+//! health endpoints, which are routed before the RPC service and therefore
+//! before its authentication. Shutdown stops accepting, lets in-flight
+//! requests finish within a bound, and returns.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -17,13 +19,17 @@ use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tower::util::BoxCloneService;
-use tower::{Service, ServiceExt};
+use tower::{Layer, Service, ServiceExt};
 
 use crate::ports::{HealthCheck, VmService};
 use crate::proto::vmm::v1::VmServiceExt;
 
+use super::auth::{AuthLayer, AuthPolicy, ClientCertVerified};
+use super::guard::{ApiLimits, GuardLayer};
 use super::health;
+use super::intake::IntakeLayer;
 use super::rpc::RpcService;
+use super::tls;
 
 /// Response body used by every route.
 pub type Body = UnsyncBoxBody<Bytes, Infallible>;
@@ -50,10 +56,21 @@ pub fn rpc_service<S: VmService>(svc: Arc<S>, limits: RpcLimits) -> RpcHttpServi
                 .with_max_message_size(limits.max_request_bytes),
         )
         .with_deadline_policy(DeadlinePolicy::new().with_max(limits.max_deadline));
-    BoxCloneService::new(ServiceExt::<Request<Incoming>>::map_response(
+    let connect = ServiceExt::<Request<Full<Bytes>>>::map_response(
         connect,
         |r: Response<connectrpc::ConnectRpcBody>| r.map(|b| b.boxed_unsync()),
-    ))
+    );
+    // Bodies are read in full and checked first (see intake.rs), bounded like connectrpc's own reads.
+    BoxCloneService::new(
+        IntakeLayer::new(limits.max_request_bytes, limits.max_deadline).layer(connect),
+    )
+}
+
+/// Wraps the RPC service with authentication (outermost, so unauthenticated
+/// callers cannot spend the shared rate limit) and the API load limits.
+pub fn protect(rpc: RpcHttpService, auth: AuthPolicy, limits: ApiLimits) -> RpcHttpService {
+    let guarded = GuardLayer::new(limits).layer(rpc);
+    BoxCloneService::new(AuthLayer::new(auth).layer(guarded))
 }
 
 fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Body> {
@@ -111,6 +128,21 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) {
+    serve_with_tls(listener, None, rpc, health_check, shutdown, grace).await;
+}
+
+/// Like [`serve`], accepting only TLS connections when `tls` is set. The
+/// handshake runs in the connection's own task (bounded by
+/// [`tls::HANDSHAKE_TIMEOUT`]), and requests on a connection whose client
+/// certificate verified carry [`ClientCertVerified`].
+pub async fn serve_with_tls(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    rpc: RpcHttpService,
+    health_check: Arc<dyn HealthCheck>,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+) {
     let builder = Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
@@ -128,11 +160,46 @@ pub async fn serve(
                 let _ = stream.set_nodelay(true);
                 let rpc = rpc.clone();
                 let hc = Arc::clone(&health_check);
-                let svc = hyper::service::service_fn(move |req| route(req, rpc.clone(), Arc::clone(&hc)));
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                let conn = graceful.watch(conn.into_owned());
+                let builder = builder.clone();
+                let watcher = graceful.watcher();
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = conn.await {
+                    let Some(acceptor) = tls else {
+                        let svc = hyper::service::service_fn(move |req| {
+                            route(req, rpc.clone(), Arc::clone(&hc))
+                        });
+                        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                        if let Err(e) = watcher.watch(conn.into_owned()).await {
+                            tracing::debug!(%peer, error = %e, "connection ended with an error");
+                        }
+                        return;
+                    };
+                    let stream = match tokio::time::timeout(
+                        tls::HANDSHAKE_TIMEOUT,
+                        acceptor.accept(stream),
+                    )
+                    .await
+                    {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    // rustls only completes a handshake with a certificate that verified.
+                    let verified = stream.get_ref().1.peer_certificates().is_some();
+                    let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                        if verified {
+                            req.extensions_mut().insert(ClientCertVerified);
+                        }
+                        route(req, rpc.clone(), Arc::clone(&hc))
+                    });
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                    if let Err(e) = watcher.watch(conn.into_owned()).await {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
                     }
                 });
