@@ -12,7 +12,7 @@ use vmcp::adapters::inbound::convert::config_in;
 use vmcp::domain::VmId;
 use vmcp::proto::vmm::v1 as pb;
 
-fn walk(v: &Value, depth: usize) {
+fn walk(v: &Value) {
     match v {
         Value::String(s) => {
             if let Ok(id) = VmId::parse(s) {
@@ -20,10 +20,10 @@ fn walk(v: &Value, depth: usize) {
                 assert!(id.as_str() != "." && id.as_str() != "..");
             }
         }
-        Value::Array(a) => a.iter().for_each(|x| walk(x, depth + 1)),
+        Value::Array(a) => a.iter().for_each(walk),
         Value::Object(m) => m.iter().for_each(|(k, x)| {
             let _ = VmId::parse(k);
-            walk(x, depth + 1);
+            walk(x);
         }),
         Value::Null | Value::Bool(_) | Value::Number(_) => {}
     }
@@ -31,7 +31,7 @@ fn walk(v: &Value, depth: usize) {
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(v) = serde_json::from_slice::<Value>(data) {
-        walk(&v, 0);
+        walk(&v);
     }
     if let Ok(c) = serde_json::from_slice::<pb::VmConfig>(data) {
         let _ = config_in(&c).validate();
