@@ -653,20 +653,21 @@ impl<H: Hypervisor, S: VmStore> VmService for VmManager<H, S> {
                 if let Some(state) = info.state
                     && state != snapshot.state
                 {
-                    {
-                        // The VMM's word wins; let the owner record it (it may be mid-operation).
-                        let reason = if info.reason.is_empty() {
-                            snapshot.reason.clone()
-                        } else {
-                            info.reason.clone()
-                        };
-                        let _ = h.tx.try_send(Request::Observe(Observation::Reported {
+                    // The VMM's word wins; let the owner record it unless the VM moved on since.
+                    let reason = if info.reason.is_empty() {
+                        snapshot.reason.clone()
+                    } else {
+                        info.reason.clone()
+                    };
+                    let _ = h.tx.try_send(Request::ObserveAt(
+                        Observation::Reported {
                             state,
                             reason: reason.clone(),
-                        }));
-                        snapshot.state = state;
-                        snapshot.reason = reason;
-                    }
+                        },
+                        snapshot.generation,
+                    ));
+                    snapshot.state = state;
+                    snapshot.reason = reason;
                 }
                 backend_info.extend(info.backend_info);
                 Some(info.metrics)

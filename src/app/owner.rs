@@ -33,8 +33,12 @@ pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(5);
 pub enum Request {
     /// Run a lifecycle command and reply with the resulting snapshot.
     Command(Command, oneshot::Sender<Result<VmSnapshot, VmError>>),
-    /// Record something observed outside the owner (a backend event, a state read by GetVmInfo).
+    /// Record something observed outside the owner (a backend event).
     Observe(Observation),
+    /// Record a state read outside the owner while the VM was at `generation` (GetVmInfo).
+    /// Ignored if the VM has changed since, so a stale read queued behind a command can
+    /// never overwrite what that command's VMM answer established.
+    ObserveAt(Observation, u64),
 }
 
 /// Everything an owner task needs besides its VM.
@@ -172,6 +176,11 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
                             let _ = reply.send(result);
                         }
                         Request::Observe(obs) => self.observe(obs).await,
+                        Request::ObserveAt(obs, generation) => {
+                            if generation == self.vm.snapshot().generation {
+                                self.observe(obs).await;
+                            }
+                        }
                     }
                     if self.vm.snapshot().deleted {
                         rx.close();
