@@ -23,12 +23,17 @@ const RECORDS: usize = 10_000;
 /// Section 5a: restart with 50 VMs to re-adopt.
 pub async fn readopt() {
     println!();
-    println!("== Durability: restart with {VMS} live cloud-hypervisor VMs to re-adopt (SQLite store) ==");
+    println!(
+        "== Durability: restart with {VMS} live cloud-hypervisor VMs to re-adopt (SQLite store) =="
+    );
     let Some(env) = env(Kind::Ch, "durability restart", true) else {
         return;
     };
     let rt = runtime_dir();
-    let data = tempfile::Builder::new().prefix("vbd").tempdir_in("/tmp").unwrap();
+    let data = tempfile::Builder::new()
+        .prefix("vbd")
+        .tempdir_in("/tmp")
+        .unwrap();
     let store = Arc::new(SqliteStore::open(data.path()).expect("store"));
     let running = serve(Kind::Ch, &env, rt.path(), store).await;
     let c = client(running.local_addr, false);
@@ -41,7 +46,12 @@ pub async fn readopt() {
     let created = t.elapsed();
     running.shutdown().await;
     let vmm_pids: Vec<u32> = vmcp::adapters::outbound::vmm::discovery::scan(rt.path())
-        .map(|f| f.into_iter().filter_map(|f| f.process).map(|p| p.pid).collect())
+        .map(|f| {
+            f.into_iter()
+                .filter_map(|f| f.process)
+                .map(|p| p.pid)
+                .collect()
+        })
         .unwrap_or_default();
     println!(
         "created {VMS} VMs (not booted, 64 MiB) in {:.2} s; server stopped, {} VMM processes left running",
@@ -98,14 +108,19 @@ pub async fn readopt() {
 
 /// Section 5b: memory and disk per stored VM at 10,000 records.
 pub async fn per_record() {
-    let data = tempfile::Builder::new().prefix("vbm").tempdir_in("/tmp").unwrap();
+    let data = tempfile::Builder::new()
+        .prefix("vbm")
+        .tempdir_in("/tmp")
+        .unwrap();
     let file = {
         // One real record, written by VMCP through the double, then copied 9,999 times in one
         // SQL transaction (10,000 fsync'd puts would measure the disk, not the store).
         let store = Arc::new(SqliteStore::open(data.path()).expect("store"));
         let (tx, rx) = mpsc::unbounded_channel();
         let d = Arc::new(super::double::Double::new(tx));
-        let running = start(d, rx, Arc::clone(&store), options()).await.expect("start");
+        let running = start(d, rx, Arc::clone(&store), options())
+            .await
+            .expect("start");
         let c = client(running.local_addr, false);
         c.create_vm(create_req(
             "m00000",
@@ -132,7 +147,8 @@ pub async fn per_record() {
             }
         }
         tx.commit().unwrap();
-        conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);").unwrap();
+        conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+            .unwrap();
     }
     let bytes = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
     let store = SqliteStore::open(data.path()).expect("store opens");

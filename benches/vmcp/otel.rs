@@ -173,7 +173,11 @@ pub fn section(bare_rps: f64) {
                 println!("OTel child run failed (round {round}, on={enabled})");
                 return;
             };
-            let label = format!("round {} OTel {}", round + 1, if enabled { "ON " } else { "OFF" });
+            let label = format!(
+                "round {} OTel {}",
+                round + 1,
+                if enabled { "ON " } else { "OFF" }
+            );
             if enabled {
                 println!(
                     "{}   sink: {} trace posts, {} metric posts, {} KiB, degraded={}",

@@ -116,12 +116,7 @@ pub fn options() -> StartOptions {
 }
 
 /// A VMCP server on the real backend `kind`, rooted at `runtime`.
-pub async fn serve<S: VmStore>(
-    kind: Kind,
-    env: &Env,
-    runtime: &Path,
-    store: Arc<S>,
-) -> Running {
+pub async fn serve<S: VmStore>(kind: Kind, env: &Env, runtime: &Path, store: Arc<S>) -> Running {
     let (tx, rx) = mpsc::unbounded_channel();
     match kind {
         Kind::Ch => {
@@ -231,7 +226,11 @@ pub async fn wait_ready(http: &UdsClient, socket: &Path, path: &str) {
         {
             return;
         }
-        assert!(Instant::now() < deadline, "VMM API at {} not ready", socket.display());
+        assert!(
+            Instant::now() < deadline,
+            "VMM API at {} not ready",
+            socket.display()
+        );
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
@@ -340,7 +339,9 @@ pub async fn section(kind: Kind) {
     // (a) GetVmInfo latency, sequential, one Running VM each way.
     let running = serve(kind, &env, rt.path(), Arc::new(MemoryStore::new())).await;
     let c = client(running.local_addr, false);
-    c.create_vm(create_req("info", &env.guest)).await.expect("create");
+    c.create_vm(create_req("info", &env.guest))
+        .await
+        .expect("create");
     c.boot_vm(pb::BootVmRequest {
         vm_id: "info".into(),
         ..Default::default()
@@ -381,10 +382,16 @@ pub async fn section(kind: Kind) {
     }
     let direct = Stats::from(samples, started.elapsed());
     d.kill().await;
-    println!("{}", via.line("GetVmInfo via VMCP (Connect binary, sequential)"));
     println!(
         "{}",
-        direct.line(&format!("GET {} direct (one pooled connection)", info_path(kind)))
+        via.line("GetVmInfo via VMCP (Connect binary, sequential)")
+    );
+    println!(
+        "{}",
+        direct.line(&format!(
+            "GET {} direct (one pooled connection)",
+            info_path(kind)
+        ))
     );
     println!(
         "RATIO {name} GetVmInfo VMCP/direct: p50 {:.2}x, p99 {:.2}x",
@@ -398,7 +405,9 @@ pub async fn section(kind: Kind) {
     for i in 0..ITER {
         let id = format!("cb{i}");
         let t = Instant::now();
-        c.create_vm(create_req(&id, &env.guest)).await.expect("create");
+        c.create_vm(create_req(&id, &env.guest))
+            .await
+            .expect("create");
         let b = c
             .boot_vm(pb::BootVmRequest {
                 vm_id: id.clone(),
