@@ -7,6 +7,12 @@
 #[path = "../tests/it/double.rs"]
 #[allow(dead_code)]
 mod double;
+#[path = "vmcp/durability.rs"]
+mod durability;
+#[path = "vmcp/otel.rs"]
+mod otel;
+#[path = "vmcp/vmm.rs"]
+mod vmm;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -92,7 +98,7 @@ pub async fn start_double_server(
     (running, d)
 }
 
-fn client(addr: std::net::SocketAddr, json: bool) -> VmServiceClient<HttpClient> {
+pub fn client(addr: std::net::SocketAddr, json: bool) -> VmServiceClient<HttpClient> {
     let base = ClientConfig::new(format!("http://{addr}").parse().unwrap());
     VmServiceClient::new(
         HttpClient::plaintext(),
@@ -168,7 +174,17 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(async {
+    // Child mode of the OTel section (see benches/vmcp/otel.rs).
+    if let Ok(mode) = std::env::var("VMCP_BENCH_OTEL") {
+        rt.block_on(otel::child(mode == "on", 32, Duration::from_secs(4)));
+        return;
+    }
+    // Child mode of the store-memory section, so RSS starts from a fresh process.
+    if std::env::var_os("VMCP_BENCH_STORE").is_some() {
+        rt.block_on(durability::per_record());
+        return;
+    }
+    let bare = rt.block_on(async {
         println!("VMCP benchmarks — {}", machine());
         println!();
         println!("== Read throughput against the test double (32 concurrent clients, 5 s each) ==");
@@ -179,7 +195,32 @@ fn main() {
         let json = read_load(addr, true, 32, Duration::from_secs(5)).await;
         println!("{}", json.line("GetVmInfo, Connect JSON"));
         running.shutdown().await;
+        bin.rps()
     });
+    otel::section(bare);
+    rt.block_on(async {
+        vmm::section(vmm::Kind::Ch).await;
+        vmm::section(vmm::Kind::Fc).await;
+        durability::readopt().await;
+    });
+    println!();
+    println!("== Durability: memory and disk per stored VM at 10000 records (own process) ==");
+    match std::env::current_exe().and_then(|exe| {
+        std::process::Command::new(exe)
+            .env("VMCP_BENCH_STORE", "1")
+            .output()
+    }) {
+        Ok(out) => {
+            print!("{}", String::from_utf8_lossy(&out.stdout));
+            if !out.status.success() {
+                println!(
+                    "store-memory child failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        Err(e) => println!("store-memory child could not start: {e}"),
+    }
 }
 
 fn machine() -> String {

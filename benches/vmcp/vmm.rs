@@ -1,0 +1,518 @@
+//! Real VMMs: VMCP's overhead over talking to Cloud Hypervisor or Firecracker
+//! directly (GetVmInfo latency, create+boot to Running), and Firecracker's
+//! spawn-to-API-ready time. Every process started here is ended by pid and
+//! every runtime directory is a tempdir under /tmp.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::Method;
+use tokio::sync::mpsc;
+
+use vmcp::adapters::inbound::server::RpcLimits;
+use vmcp::adapters::outbound::cloud_hypervisor::CloudHypervisor;
+use vmcp::adapters::outbound::firecracker::{Firecracker, FirecrackerSettings};
+use vmcp::adapters::outbound::store::memory::MemoryStore;
+use vmcp::adapters::outbound::vmm::uds_http::UdsClient;
+use vmcp::app::wiring::{Running, StartOptions, start};
+use vmcp::ports::{BackendEvent, Hypervisor, NoopTelemetry, SystemClock, VmStore};
+use vmcp::proto::vmm::v1 as pb;
+
+use super::{Stats, client};
+
+/// Which VMM.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Kind {
+    Ch,
+    Fc,
+}
+
+/// Binary and guest for a section.
+pub struct Env {
+    pub binary: PathBuf,
+    pub guest: PathBuf,
+}
+
+fn find_on_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(name))
+            .find(|c| c.is_file())
+    })
+}
+
+/// The environment, or None after printing `SKIPPED: <section>: <what is missing>`.
+pub fn env(kind: Kind, section: &str, need_guest: bool) -> Option<Env> {
+    let (var, name) = match kind {
+        Kind::Ch => ("VMCP_TEST_CH_BINARY", "cloud-hypervisor"),
+        Kind::Fc => ("VMCP_TEST_FC_BINARY", "firecracker"),
+    };
+    let mut missing = Vec::new();
+    let binary = std::env::var_os(var)
+        .map(PathBuf::from)
+        .or_else(|| find_on_path(name))
+        .or_else(|| Some(PathBuf::from("/opt/vmm").join(name)).filter(|p| p.is_file()));
+    match &binary {
+        Some(b) if b.is_file() => {}
+        Some(b) => missing.push(format!("{var}={} is not a file", b.display())),
+        None => missing.push(format!("{name} binary (set {var} or put it on PATH)")),
+    }
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        missing.push("a usable /dev/kvm".to_owned());
+    }
+    let guest = std::env::var_os("VMCP_TEST_GUEST_KERNEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/guest/vmcp-test-guest.elf")
+        });
+    if need_guest && !guest.is_file() {
+        missing.push(format!(
+            "the test guest {} (run `make guest`)",
+            guest.display()
+        ));
+    }
+    if missing.is_empty() {
+        Some(Env {
+            binary: binary.unwrap_or_default(),
+            guest,
+        })
+    } else {
+        println!("SKIPPED: {section}: missing {}", missing.join(", "));
+        None
+    }
+}
+
+/// A short-named runtime root under /tmp (API sockets must fit in 108 bytes).
+pub fn runtime_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("vb")
+        .tempdir_in("/tmp")
+        .unwrap()
+}
+
+/// Options like vmcp-api's defaults, without telemetry.
+pub fn options() -> StartOptions {
+    StartOptions {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        limits: RpcLimits {
+            max_request_bytes: 1 << 20,
+            max_deadline: Duration::from_secs(120),
+        },
+        hypervisor_timeout: Duration::from_secs(10),
+        shutdown_grace: Duration::from_secs(5),
+        telemetry: Arc::new(NoopTelemetry),
+        telemetry_status: Arc::new(|| "disabled".to_owned()),
+        wrap_rpc: Box::new(|s| s),
+        clock: Arc::new(SystemClock),
+        on_vm_counts: None,
+    }
+}
+
+/// A VMCP server on the real backend `kind`, rooted at `runtime`.
+pub async fn serve<S: VmStore>(kind: Kind, env: &Env, runtime: &Path, store: Arc<S>) -> Running {
+    let (tx, rx) = mpsc::unbounded_channel();
+    match kind {
+        Kind::Ch => {
+            let ch = CloudHypervisor::new(&env.binary, runtime, Duration::from_secs(10), tx);
+            start_with(ch, rx, store).await
+        }
+        Kind::Fc => {
+            let fc = Firecracker::new(FirecrackerSettings::new(&env.binary, runtime), tx);
+            start_with(fc, rx, store).await
+        }
+    }
+}
+
+async fn start_with<H: Hypervisor, S: VmStore>(
+    h: H,
+    rx: mpsc::UnboundedReceiver<BackendEvent>,
+    store: Arc<S>,
+) -> Running {
+    start(Arc::new(h), rx, store, options())
+        .await
+        .expect("server starts")
+}
+
+/// CreateVm request: 1 vCPU, 64 MiB, the test guest, console to the runtime file.
+pub fn create_req(id: &str, guest: &Path) -> pb::CreateVmRequest {
+    pb::CreateVmRequest {
+        vm_id: id.into(),
+        config: pb::VmConfig {
+            cpu: pb::CpuConfig {
+                vcpu_count: 1,
+                ..Default::default()
+            }
+            .into(),
+            memory: pb::MemoryConfig {
+                size_bytes: 64 << 20,
+                ..Default::default()
+            }
+            .into(),
+            boot: pb::BootConfig {
+                kernel_path: guest.display().to_string(),
+                kernel_args: "console=ttyS0".into(),
+                ..Default::default()
+            }
+            .into(),
+            console: pb::ConsoleConfig {
+                enabled: true,
+                ..Default::default()
+            }
+            .into(),
+            ..Default::default()
+        }
+        .into(),
+        ..Default::default()
+    }
+}
+
+/// A VMM started directly (no VMCP), killed by pid on drop.
+pub struct Direct {
+    child: tokio::process::Child,
+    pub socket: PathBuf,
+    pub dir: PathBuf,
+}
+
+impl Direct {
+    /// Spawns the VMM with its API socket in `dir`.
+    pub fn spawn(kind: Kind, binary: &Path, dir: &Path) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let socket = dir.join("api.sock");
+        let mut cmd = tokio::process::Command::new(binary);
+        match kind {
+            Kind::Ch => cmd.arg("--api-socket").arg(&socket),
+            Kind::Fc => cmd.arg("--api-sock").arg(&socket),
+        };
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true);
+        let child = cmd.spawn().expect("spawn VMM");
+        Self {
+            child,
+            socket,
+            dir: dir.to_owned(),
+        }
+    }
+
+    /// The VMM's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id().unwrap_or(0)
+    }
+
+    /// Kills the VMM by pid and reaps it.
+    pub async fn kill(mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Polls `path` with GET until 2xx, bounded by a 10 s deadline.
+pub async fn wait_ready(http: &UdsClient, socket: &Path, path: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(r) = http
+            .call_with_timeout(socket, Method::GET, path, None, Duration::from_millis(500))
+            .await
+            && r.is_success()
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "VMM API at {} not ready",
+            socket.display()
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+async fn put(http: &UdsClient, socket: &Path, path: &str, body: serde_json::Value) {
+    // Cloud Hypervisor's action endpoints (vm.boot) take no body at all.
+    let body = (!body.is_null()).then(|| Bytes::from(serde_json::to_vec(&body).unwrap()));
+    let r = http
+        .call(socket, Method::PUT, path, body)
+        .await
+        .expect("VMM call");
+    assert!(r.is_success(), "{path}: {}", r.text());
+}
+
+/// Direct create + boot: spawn, wait for the API, configure, boot.
+async fn direct_boot(kind: Kind, env: &Env, http: &UdsClient, dir: &Path) -> Direct {
+    let d = Direct::spawn(kind, &env.binary, dir);
+    let kernel = env.guest.display().to_string();
+    match kind {
+        Kind::Ch => {
+            wait_ready(http, &d.socket, "/api/v1/vmm.ping").await;
+            let serial = dir.join("serial").display().to_string();
+            put(
+                http,
+                &d.socket,
+                "/api/v1/vm.create",
+                serde_json::json!({
+                    "cpus": {"boot_vcpus": 1, "max_vcpus": 1},
+                    "memory": {"size": 64u64 << 20},
+                    "payload": {"kernel": kernel, "cmdline": "console=ttyS0"},
+                    "serial": {"mode": "File", "file": serial},
+                    "console": {"mode": "Off"},
+                }),
+            )
+            .await;
+            put(http, &d.socket, "/api/v1/vm.boot", serde_json::Value::Null).await;
+        }
+        Kind::Fc => {
+            wait_ready(http, &d.socket, "/").await;
+            let serial = dir.join("console");
+            std::fs::write(&serial, b"").unwrap();
+            put(
+                http,
+                &d.socket,
+                "/machine-config",
+                serde_json::json!({"vcpu_count": 1, "mem_size_mib": 64, "smt": false}),
+            )
+            .await;
+            put(
+                http,
+                &d.socket,
+                "/boot-source",
+                serde_json::json!({"kernel_image_path": kernel, "boot_args": "console=ttyS0"}),
+            )
+            .await;
+            put(
+                http,
+                &d.socket,
+                "/serial",
+                serde_json::json!({"serial_out_path": serial.display().to_string()}),
+            )
+            .await;
+            put(
+                http,
+                &d.socket,
+                "/actions",
+                serde_json::json!({"action_type": "InstanceStart"}),
+            )
+            .await;
+        }
+    }
+    d
+}
+
+fn info_path(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Ch => "/api/v1/vm.info",
+        Kind::Fc => "/",
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// Sections 3 and 4 for one VMM.
+pub async fn section(kind: Kind) {
+    let name = match kind {
+        Kind::Ch => "cloud-hypervisor",
+        Kind::Fc => "firecracker",
+    };
+    println!();
+    println!("== {name}: VMCP vs the VMM's API directly ==");
+    let Some(env) = env(kind, &format!("{name} overhead"), true) else {
+        return;
+    };
+    let rt = runtime_dir();
+    let http = UdsClient::new(Duration::from_secs(10));
+    const CALLS: usize = 2000;
+
+    // (a) GetVmInfo latency, sequential, one Running VM each way.
+    let running = serve(kind, &env, rt.path(), Arc::new(MemoryStore::new())).await;
+    let c = client(running.local_addr, false);
+    c.create_vm(create_req("info", &env.guest))
+        .await
+        .expect("create");
+    c.boot_vm(pb::BootVmRequest {
+        vm_id: "info".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("boot");
+    let mut samples = Vec::with_capacity(CALLS);
+    let started = Instant::now();
+    for _ in 0..CALLS {
+        let t = Instant::now();
+        c.get_vm_info(pb::GetVmInfoRequest {
+            vm_id: "info".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("GetVmInfo");
+        samples.push(t.elapsed());
+    }
+    let via = Stats::from(samples, started.elapsed());
+    c.delete_vm(pb::DeleteVmRequest {
+        vm_id: "info".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("delete");
+
+    let d = direct_boot(kind, &env, &http, &rt.path().join("d")).await;
+    let mut samples = Vec::with_capacity(CALLS);
+    let started = Instant::now();
+    for _ in 0..CALLS {
+        let t = Instant::now();
+        let r = http
+            .call(&d.socket, Method::GET, info_path(kind), None)
+            .await
+            .expect("direct info");
+        assert!(r.is_success());
+        samples.push(t.elapsed());
+    }
+    let direct = Stats::from(samples, started.elapsed());
+    d.kill().await;
+    println!(
+        "{}",
+        via.line("GetVmInfo via VMCP (Connect binary, sequential)")
+    );
+    println!(
+        "{}",
+        direct.line(&format!(
+            "GET {} direct (one pooled connection)",
+            info_path(kind)
+        ))
+    );
+    println!(
+        "RATIO {name} GetVmInfo VMCP/direct: p50 {:.2}x, p99 {:.2}x",
+        via.p50.as_secs_f64() / direct.p50.as_secs_f64(),
+        via.p99.as_secs_f64() / direct.p99.as_secs_f64()
+    );
+
+    // (b) create + boot to Running, 10 each.
+    const ITER: usize = 10;
+    let mut via = Vec::new();
+    for i in 0..ITER {
+        let id = format!("cb{i}");
+        let t = Instant::now();
+        c.create_vm(create_req(&id, &env.guest))
+            .await
+            .expect("create");
+        let b = c
+            .boot_vm(pb::BootVmRequest {
+                vm_id: id.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("boot")
+            .into_owned();
+        via.push(t.elapsed());
+        assert_eq!(b.state.as_known(), Some(pb::VmState::VM_STATE_RUNNING));
+        c.delete_vm(pb::DeleteVmRequest {
+            vm_id: id,
+            ..Default::default()
+        })
+        .await
+        .expect("delete");
+    }
+    let mut direct = Vec::new();
+    for i in 0..ITER {
+        let t = Instant::now();
+        let d = direct_boot(kind, &env, &http, &rt.path().join(format!("d{i}"))).await;
+        direct.push(t.elapsed());
+        d.kill().await;
+    }
+    running.shutdown().await;
+    let (mv, md) = (median(via.clone()), median(direct.clone()));
+    println!(
+        "create+boot via VMCP   median {:>8.2} ms  max {:>8.2} ms  (n={ITER})",
+        ms(mv),
+        ms(*via.iter().max().unwrap())
+    );
+    println!(
+        "create+boot direct     median {:>8.2} ms  max {:>8.2} ms  (n={ITER})",
+        ms(md),
+        ms(*direct.iter().max().unwrap())
+    );
+    println!(
+        "RATIO {name} create+boot VMCP/direct (medians): {:.2}x",
+        mv.as_secs_f64() / md.as_secs_f64()
+    );
+
+    if kind == Kind::Fc {
+        spawn_ready(&env, rt.path()).await;
+    }
+}
+
+/// CPU time so far of every thread of `pid`, from /proc/<pid>/task/*/schedstat (ns).
+fn cpu_ns(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| {
+            tasks
+                .filter_map(|t| t.ok())
+                .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+                .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Firecracker spawn until its API socket accepts and until `GET /` answers.
+async fn spawn_ready(env: &Env, root: &Path) {
+    println!();
+    println!("== firecracker: spawn to API ready (20 spawns) ==");
+    let http = UdsClient::new(Duration::from_secs(5));
+    let mut accept = Vec::new();
+    let mut answer = Vec::new();
+    let mut cpu = Vec::new();
+    for i in 0..20 {
+        let dir = root.join(format!("s{i}"));
+        let t = Instant::now();
+        let d = Direct::spawn(Kind::Fc, &env.binary, &dir);
+        let socket = d.socket.clone();
+        let deadline = t + Duration::from_secs(10);
+        // Tight poll: a connect that succeeds means the API thread listens.
+        let accepted = tokio::task::spawn_blocking(move || {
+            loop {
+                if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+                    return Some(Instant::now());
+                }
+                if Instant::now() > deadline {
+                    return None;
+                }
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        })
+        .await
+        .unwrap()
+        .expect("firecracker API socket within 10 s");
+        let used = cpu_ns(d.pid());
+        wait_ready(&http, &d.socket, "/").await;
+        answer.push(t.elapsed());
+        accept.push(accepted - t);
+        cpu.push(Duration::from_nanos(used));
+        d.kill().await;
+    }
+    let p = |v: &Vec<Duration>| {
+        let s = Stats::from(v.clone(), Duration::from_secs(1));
+        (ms(s.p50), ms(s.p99))
+    };
+    let (a50, a99) = p(&accept);
+    let (g50, g99) = p(&answer);
+    let (c50, c99) = p(&cpu);
+    println!("spawn -> socket accepts      median {a50:>7.2} ms  p99 {a99:>7.2} ms (wall)");
+    println!("spawn -> GET / answered      median {g50:>7.2} ms  p99 {g99:>7.2} ms (wall)");
+    println!(
+        "VMM CPU time when accepting  median {c50:>7.2} ms  p99 {c99:>7.2} ms (all threads, schedstat; spec: 8 CPU-ms)"
+    );
+}
