@@ -52,8 +52,7 @@ pub fn env(kind: Kind, section: &str, need_guest: bool) -> Option<Env> {
     let mut missing = Vec::new();
     let binary = std::env::var_os(var)
         .map(PathBuf::from)
-        .or_else(|| find_on_path(name))
-        .or_else(|| Some(PathBuf::from("/opt/vmm").join(name)).filter(|p| p.is_file()));
+        .or_else(|| find_on_path(name));
     match &binary {
         Some(b) if b.is_file() => {}
         Some(b) => missing.push(format!("{var}={} is not a file", b.display())),
@@ -112,6 +111,7 @@ pub fn options() -> StartOptions {
         wrap_rpc: Box::new(|s| s),
         clock: Arc::new(SystemClock),
         on_vm_counts: None,
+        security: vmcp::app::security::Security::open(),
     }
 }
 
