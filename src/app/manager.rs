@@ -213,15 +213,14 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
                     }
                 }
             }
-            if process.is_none()
-                && rec.process.is_none()
-                && snap.generation == 1
-                && snap.desired == Desired::Created
-            {
-                // The create never got a VMM: nothing ran, nothing to keep. A retried CreateVm starts afresh.
-                let _ = timed_call(h, tel, "destroy_orphan", t, h.destroy_orphan(&id, None)).await;
+            if rec.process.is_none() && snap.generation == 1 && snap.desired == Desired::Created {
+                // The create was interrupted before its VMM was recorded: the caller never got an
+                // answer, so roll it back (end any VMM it started) and let a retried CreateVm start
+                // afresh rather than adopt a half-configured VMM.
+                let _ =
+                    timed_call(h, tel, "destroy_orphan", t, h.destroy_orphan(&id, process)).await;
                 self.remove_record(&id).await;
-                tracing::info!(vm.id = %id, "dropped the record of a create interrupted before its VMM started");
+                tracing::info!(vm.id = %id, "rolled back a create interrupted by a restart");
                 continue;
             }
             let now = self.deps.clock.now_unix();

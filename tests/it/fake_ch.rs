@@ -69,6 +69,10 @@ pub struct Behaviour {
     /// `<pid> <start time>`, so tests can check none outlives them.
     #[serde(default)]
     pub pid_dir: Option<String>,
+    /// Keep running when the spawning process dies (VMMs must outlive a crashed VMCP);
+    /// the test then ends the fake itself, by the pid it recorded in `pid_dir`.
+    #[serde(default)]
+    pub outlive_parent: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -408,7 +412,9 @@ if [ "$1" = "--version" ]; then echo "cloud-hypervisor v53.0-fake"; echo "Migrat
 if [ "$1" != "--api-socket" ]; then echo "fake cloud-hypervisor: unexpected arguments: $*" >&2; exit 2; fi
 export {ENV_SOCKET}="${{2#path=}}"
 export {ENV_BEHAVIOUR}='{json}'
-exec '{exe}' fake_ch::fake_vmm_entry --exact --nocapture --test-threads=1 -q
+# The socket path rides along as a second (never matching) test filter so that the process's
+# command line names its socket, as a real cloud-hypervisor's does.
+exec '{exe}' fake_ch::fake_vmm_entry "$2" --exact --nocapture --test-threads=1 -q
 "#,
         exe = exe.display()
     );
@@ -449,7 +455,11 @@ fn fake_vmm_entry() {
     // A fake must not outlive the test process that spawned it (a failed
     // test would otherwise leak it): exit when reparented.
     let parent = rustix::process::getppid();
+    let outlive_parent = b.outlive_parent;
     std::thread::spawn(move || {
+        if outlive_parent {
+            return;
+        }
         loop {
             std::thread::sleep(Duration::from_millis(200));
             if rustix::process::getppid() != parent {

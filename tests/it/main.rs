@@ -10,6 +10,7 @@ mod admission;
 mod api;
 mod auth;
 mod cloud_hypervisor;
+mod crash;
 mod double;
 mod fake_ch;
 mod fake_fc;

@@ -1,0 +1,368 @@
+//! kill -9 of the vmcp-api process in the middle of CreateVm, BootVm and
+//! DeleteVm, then a restart: the next start must converge, with every VM
+//! accounted for, the store equal to what the VMMs report, and no stray VMM
+//! process or runtime directory. The VMMs are fake Cloud Hypervisors running
+//! as real processes that outlive VMCP, like real VMMs do; each case makes the
+//! fake hang on the endpoint of the step being interrupted, so the crash lands
+//! while that call is in flight.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use connectrpc::ErrorCode;
+use connectrpc::client::CallOptions;
+use vmcp::adapters::outbound::vmm::process::is_alive;
+use vmcp::proto::vmm::v1 as pb;
+use vmcp::proto::vmm::v1::VmState as S;
+
+use super::fake_ch::{Behaviour, install};
+use super::harness::{Wire, client_for, eventually};
+use super::real_env::say;
+
+struct Vmcp {
+    child: Child,
+    addr: std::net::SocketAddr,
+}
+
+impl Drop for Vmcp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Case {
+    dir: tempfile::TempDir,
+    pids: PathBuf,
+}
+
+impl Case {
+    fn new() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("vc")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let pids = dir.path().join("pids");
+        std::fs::create_dir(&pids).unwrap();
+        Self { dir, pids }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    /// Starts vmcp-api with a fake CH that hangs on `hang_on`.
+    async fn start(&self, hang_on: &[&str]) -> Vmcp {
+        let behaviour = Behaviour {
+            hang_on: hang_on.iter().map(|s| (*s).to_owned()).collect(),
+            pid_dir: Some(self.pids.display().to_string()),
+            outlive_parent: true,
+            ..Default::default()
+        };
+        let bin = install(
+            &self.path(&format!("bin-{}", hang_on.join("-"))),
+            &behaviour,
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(env!("CARGO_BIN_EXE_vmcp-api"))
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("UNKEY_VMCP_ADDRESS", "127.0.0.1")
+            .env("UNKEY_VMCP_PORT", port.to_string())
+            .env("UNKEY_VMCP_CH_BINARY", &bin)
+            .env(
+                "UNKEY_VMCP_CH_ENDPOINT",
+                format!("unix://{}", self.path("seed.sock").display()),
+            )
+            .env("UNKEY_VMCP_RUNTIME_DIR", self.path("rt"))
+            .env("UNKEY_VMCP_DATA_DIR", self.path("data"))
+            .env("UNKEY_VMCP_OTEL_PROMETHEUS_ENABLED", "false")
+            .env("UNKEY_VMCP_HYPERVISOR_TIMEOUT_SECONDS", "30")
+            .env("UNKEY_VMCP_LOG_LEVEL", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("vmcp-api starts");
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let up = eventually(Duration::from_secs(20), || async move {
+            let c = client_for(addr, Wire::ConnectProto);
+            c.list_vms(pb::ListVmsRequest::default()).await.is_ok()
+        })
+        .await;
+        assert!(up, "vmcp-api serves VM calls after recovery");
+        Vmcp { child, addr }
+    }
+
+    /// The fake VMM processes still alive.
+    fn live_vmms(&self) -> Vec<u32> {
+        std::fs::read_dir(&self.pids)
+            .unwrap()
+            .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+            .filter_map(|s| {
+                let mut it = s.split_whitespace();
+                Some((
+                    it.next()?.parse::<u32>().ok()?,
+                    it.next()?.parse::<u64>().ok()?,
+                ))
+            })
+            .filter(|(pid, start)| is_alive(*pid, *start))
+            .map(|(pid, _)| pid)
+            .collect()
+    }
+
+    fn runtime_entries(&self) -> Vec<String> {
+        entries(&self.path("rt"))
+    }
+}
+
+impl Drop for Case {
+    fn drop(&mut self) {
+        for pid in self.live_vmms() {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
+    }
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn kvm_usable() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+}
+
+fn kill9(v: &mut Vmcp) {
+    let _ = Command::new("kill")
+        .args(["-9", &v.child.id().to_string()])
+        .status();
+    let _ = v.child.wait();
+}
+
+/// A create request whose kernel exists (the fake VMM checks it at boot, like CH).
+fn create(case: &Case, id: &str) -> pb::CreateVmRequest {
+    let kernel = case.path("kernel.elf");
+    std::fs::write(&kernel, b"not really a kernel").unwrap();
+    let mut req = super::harness::create_req(id);
+    req.config
+        .get_or_insert_default()
+        .boot
+        .get_or_insert_default()
+        .kernel_path = kernel.display().to_string();
+    req
+}
+
+fn short() -> CallOptions {
+    CallOptions::default().with_timeout(Duration::from_millis(400))
+}
+
+fn st(v: buffa::EnumValue<S>) -> S {
+    v.as_known().expect("known state")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_create_converges() {
+    if !kvm_usable() {
+        return say(
+            "SKIPPED: kill_9_mid_create_converges: missing a read-write /dev/kvm (the backend check needs it)",
+        );
+    }
+    let case = Case::new();
+    let mut v = case.start(&["vm.create"]).await;
+    let c = client_for(v.addr, Wire::ConnectProto);
+    let err = c
+        .create_vm_with_options(create(&case, "a"), short())
+        .await
+        .expect_err("vm.create hangs");
+    assert_eq!(err.code, ErrorCode::DeadlineExceeded);
+    assert_eq!(
+        case.live_vmms().len(),
+        1,
+        "the VMM was spawned before the crash"
+    );
+    kill9(&mut v);
+
+    let v = case.start(&[]).await;
+    let c = client_for(v.addr, Wire::ConnectProto);
+    let list = c
+        .list_vms(pb::ListVmsRequest::default())
+        .await
+        .expect("list")
+        .into_owned();
+    assert_eq!(
+        list.total_count, 0,
+        "a create that never completed leaves no VM"
+    );
+    assert!(
+        case.live_vmms().is_empty(),
+        "its half-created VMM was removed: {:?}",
+        case.live_vmms()
+    );
+    assert!(
+        case.runtime_entries().is_empty(),
+        "no runtime dir left: {:?}",
+        case.runtime_entries()
+    );
+    // The retried create succeeds.
+    let again = c
+        .create_vm(create(&case, "a"))
+        .await
+        .expect("retry")
+        .into_owned();
+    assert_eq!(st(again.state), S::VM_STATE_CREATED);
+    c.delete_vm(pb::DeleteVmRequest {
+        vm_id: "a".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("delete");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_boot_converges() {
+    if !kvm_usable() {
+        return say(
+            "SKIPPED: kill_9_mid_boot_converges: missing a read-write /dev/kvm (the backend check needs it)",
+        );
+    }
+    let case = Case::new();
+    let mut v = case.start(&["vm.boot"]).await;
+    let c = client_for(v.addr, Wire::ConnectProto);
+    c.create_vm(create(&case, "b")).await.expect("create");
+    let pid_before = case.live_vmms();
+    let err = c
+        .boot_vm_with_options(
+            pb::BootVmRequest {
+                vm_id: "b".into(),
+                ..Default::default()
+            },
+            short(),
+        )
+        .await
+        .expect_err("vm.boot hangs");
+    assert_eq!(err.code, ErrorCode::DeadlineExceeded);
+    kill9(&mut v);
+    assert_eq!(case.live_vmms(), pid_before, "the VMM outlived VMCP");
+
+    let v = case.start(&[]).await;
+    let c = client_for(v.addr, Wire::ConnectProto);
+    let info = c
+        .get_vm_info(pb::GetVmInfoRequest {
+            vm_id: "b".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("re-adopted")
+        .into_owned();
+    let pid: u32 = info
+        .backend_info
+        .get("vmm_pid")
+        .and_then(|p| p.parse().ok())
+        .expect("pid");
+    assert_eq!(
+        vec![pid],
+        pid_before,
+        "the same VMM was adopted, not a new one"
+    );
+    let list = c
+        .list_vms(pb::ListVmsRequest::default())
+        .await
+        .expect("list")
+        .into_owned();
+    assert_eq!(list.total_count, 1);
+    assert_eq!(
+        st(list.vms[0].state),
+        st(info.state),
+        "the record equals what the VMM reports"
+    );
+    assert_eq!(case.runtime_entries(), vec!["b".to_owned()]);
+    c.delete_vm(pb::DeleteVmRequest {
+        vm_id: "b".into(),
+        force: true,
+        ..Default::default()
+    })
+    .await
+    .expect("delete");
+    assert!(case.live_vmms().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_delete_converges() {
+    if !kvm_usable() {
+        return say(
+            "SKIPPED: kill_9_mid_delete_converges: missing a read-write /dev/kvm (the backend check needs it)",
+        );
+    }
+    let case = Case::new();
+    let mut v = case.start(&["vm.delete"]).await;
+    let c = client_for(v.addr, Wire::ConnectProto);
+    for id in ["gone", "kept"] {
+        c.create_vm(create(&case, id)).await.expect("create");
+        c.boot_vm(pb::BootVmRequest {
+            vm_id: id.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("boot");
+    }
+    assert_eq!(case.live_vmms().len(), 2);
+    let err = c
+        .delete_vm_with_options(
+            pb::DeleteVmRequest {
+                vm_id: "gone".into(),
+                ..Default::default()
+            },
+            short(),
+        )
+        .await
+        .expect_err("vm.delete hangs");
+    assert_eq!(err.code, ErrorCode::DeadlineExceeded);
+    kill9(&mut v);
+
+    let v = case.start(&[]).await;
+    let c = client_for(v.addr, Wire::ConnectProto);
+    let list = c
+        .list_vms(pb::ListVmsRequest::default())
+        .await
+        .expect("list")
+        .into_owned();
+    let ids: Vec<&str> = list.vms.iter().map(|v| v.vm_id.as_str()).collect();
+    assert_eq!(
+        ids,
+        vec!["kept"],
+        "the interrupted delete completed; the other VM is untouched"
+    );
+    assert_eq!(st(list.vms[0].state), S::VM_STATE_RUNNING);
+    assert_eq!(case.live_vmms().len(), 1, "the deleted VM's VMM is gone");
+    assert_eq!(case.runtime_entries(), vec!["kept".to_owned()]);
+    let gone = c
+        .get_vm_info(pb::GetVmInfoRequest {
+            vm_id: "gone".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("deleted");
+    assert_eq!(gone.code, ErrorCode::NotFound);
+    c.delete_vm(pb::DeleteVmRequest {
+        vm_id: "kept".into(),
+        force: true,
+        ..Default::default()
+    })
+    .await
+    .expect("delete");
+    assert!(case.live_vmms().is_empty());
+}
