@@ -85,6 +85,7 @@ pub async fn start_double_server(
             },
             hypervisor_timeout: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(1),
+            remove_orphans: true,
             telemetry,
             telemetry_status: Arc::new(|| "disabled".to_owned()),
             wrap_rpc: wrap,

@@ -56,6 +56,7 @@ pub const KNOWN_VARIABLES: &[&str] = &[
     "MAX_TOTAL_MEMORY_MIB",
     "MAX_CONCURRENT_REQUESTS",
     "RATE_LIMIT_RPS",
+    "ORPHANS",
 ];
 
 /// A configuration error: one line naming the variable and what it accepts.
@@ -118,6 +119,7 @@ struct Raw {
     max_total_memory_mib: Option<String>,
     max_concurrent_requests: Option<String>,
     rate_limit_rps: Option<String>,
+    orphans: Option<String>,
 }
 
 /// Firecracker's jailer settings (production mode for Firecracker).
@@ -168,6 +170,9 @@ pub struct TlsFiles {
 pub struct Config {
     /// API listen port.
     pub port: u16,
+    /// At start-up, remove VMM processes and runtime directories that belong to no VM
+    /// (`remove`, the default) or only report them (`report`).
+    pub remove_orphans: bool,
     /// API listen address.
     pub address: IpAddr,
     /// Which VMM backs the VMs.
@@ -384,6 +389,11 @@ impl Config {
                 1,
                 86400,
             )?),
+            remove_orphans: match raw.orphans.as_deref().map(str::trim) {
+                None | Some("remove") => true,
+                Some("report") => false,
+                Some(v) => return Err(bad("ORPHANS", v, "remove or report")),
+            },
             shutdown_grace: Duration::from_secs(number(
                 "SHUTDOWN_GRACE_SECONDS",
                 raw.shutdown_grace_seconds.as_deref(),
@@ -601,6 +611,7 @@ mod tests {
         assert_eq!(c.max_request_bytes, 1 << 20);
         assert_eq!(c.max_deadline, Duration::from_secs(600));
         assert_eq!(c.shutdown_grace, Duration::from_secs(30));
+        assert!(c.remove_orphans);
         assert_eq!(
             c.otel,
             OtelConfig {
@@ -705,6 +716,7 @@ mod tests {
             ("OTEL_ENDPOINT", "", "non-empty"),
             ("OTEL_PROMETHEUS_ENABLED", "2", "true or false"),
             ("OTEL_PROMETHEUS_PORT", "0", "1 to 65535"),
+            ("ORPHANS", "kill", "remove or report"),
         ];
         for (var, value, expected) in cases {
             let err = cfg(&[(var, value)]).expect_err(&format!("{var}={value} must be rejected"));
@@ -719,6 +731,18 @@ mod tests {
         let jailer =
             cfg(&[("FC_JAILER_BINARY", "/j"), ("FC_JAILER_UID", "x")]).expect_err("bad uid");
         assert_eq!(jailer.variable, "UNKEY_VMCP_FC_JAILER_UID");
+    }
+
+    #[test]
+    fn orphans_can_be_reported_only() {
+        assert_eq!(
+            cfg(&[("ORPHANS", "report")]).map(|c| c.remove_orphans),
+            Ok(false)
+        );
+        assert_eq!(
+            cfg(&[("ORPHANS", "remove")]).map(|c| c.remove_orphans),
+            Ok(true)
+        );
     }
 
     #[test]

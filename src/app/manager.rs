@@ -48,6 +48,7 @@ pub struct VmManager<H, S> {
     vms: RwLock<BTreeMap<VmId, Handle>>,
     check: tokio::sync::Mutex<CheckCache>,
     recovering: std::sync::atomic::AtomicBool,
+    remove_orphans: std::sync::atomic::AtomicBool,
     admission: Admission,
 }
 
@@ -93,6 +94,7 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
                 result: Err("not checked yet".into()),
             }),
             recovering: std::sync::atomic::AtomicBool::new(false),
+            remove_orphans: std::sync::atomic::AtomicBool::new(true),
             admission,
         })
     }
@@ -144,6 +146,12 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
         self.recovering
             .store(false, std::sync::atomic::Ordering::Release);
         result
+    }
+
+    /// Whether recovery removes VMMs that belong to no VM (true) or only reports them.
+    pub fn set_remove_orphans(&self, remove: bool) {
+        self.remove_orphans
+            .store(remove, std::sync::atomic::Ordering::Release);
     }
 
     /// Marks recovery as started (before the server accepts requests).
@@ -293,6 +301,13 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
             }
         }
         for (id, process) in found {
+            if !self
+                .remove_orphans
+                .load(std::sync::atomic::Ordering::Acquire)
+            {
+                tracing::warn!(vm.id = %id, pid = process.as_ref().map(|p| p.pid), "VMM runtime directory belongs to no VM (left in place: UNKEY_VMCP_ORPHANS=report)");
+                continue;
+            }
             tracing::warn!(vm.id = %id, pid = process.as_ref().map(|p| p.pid), "VMM runtime directory belongs to no VM: removing it");
             if let Err(e) =
                 timed_call(h, tel, "destroy_orphan", t, h.destroy_orphan(&id, process)).await

@@ -161,6 +161,7 @@ async fn serve<H: Hypervisor>(
             },
             hypervisor_timeout: config.hypervisor_timeout,
             shutdown_grace: config.shutdown_grace,
+            remove_orphans: config.remove_orphans,
             telemetry: Arc::new(otel.clone()),
             telemetry_status: Arc::new(move || telemetry_status(&health_handle.health())),
             wrap_rpc: Box::new(move |rpc| {

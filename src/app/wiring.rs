@@ -31,6 +31,8 @@ pub struct StartOptions {
     pub hypervisor_timeout: Duration,
     /// How long shutdown waits for in-flight requests.
     pub shutdown_grace: Duration,
+    /// Remove VMMs that belong to no VM at start-up (else only report them).
+    pub remove_orphans: bool,
     /// Telemetry sink.
     pub telemetry: Arc<dyn Telemetry>,
     /// Telemetry pipeline state for `/_/health`.
@@ -123,6 +125,7 @@ pub async fn start<H: Hypervisor, S: VmStore>(
         opts.security.api_limits,
     ));
     // Health is served while recovery runs; VM calls answer `unavailable` until it ends.
+    manager.set_remove_orphans(opts.remove_orphans);
     manager.mark_recovering();
     let (tx, rx) = oneshot::channel::<()>();
     let grace = opts.shutdown_grace;

@@ -917,3 +917,26 @@ async fn restart_completes_interrupted_work_and_removes_orphans() {
     assert_eq!(state(boot.state), S::VM_STATE_RUNNING);
     h.stop().await;
 }
+
+#[tokio::test]
+async fn orphans_can_be_reported_without_removing_them() {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let double = Arc::new(super::double::Double::new(tx));
+    double.plant_orphan("stray");
+    let store = Arc::new(vmcp::adapters::outbound::store::memory::MemoryStore::new());
+    let h = Harness::start_reporting_orphans(Arc::clone(&double), rx, store).await;
+    assert_eq!(
+        double.orphans_destroyed.load(Ordering::SeqCst),
+        0,
+        "UNKEY_VMCP_ORPHANS=report leaves it"
+    );
+    assert_eq!(double.vmm_count(), 1);
+    let list = h
+        .client(Wire::ConnectJson)
+        .list_vms(pb::ListVmsRequest::default())
+        .await
+        .expect("list")
+        .into_owned();
+    assert_eq!(list.total_count, 0, "an orphan is never adopted as a VM");
+    h.stop().await;
+}

@@ -65,7 +65,16 @@ impl Harness {
         events: mpsc::UnboundedReceiver<vmcp::ports::BackendEvent>,
         store: Arc<MemoryStore>,
     ) -> Self {
-        Self::start_full(double, events, store, Security::open()).await
+        Self::start_full(double, events, store, Security::open(), true).await
+    }
+
+    /// Like [`Harness::start_with`], but orphaned VMMs are only reported, never removed.
+    pub async fn start_reporting_orphans(
+        double: Arc<Double>,
+        events: mpsc::UnboundedReceiver<vmcp::ports::BackendEvent>,
+        store: Arc<MemoryStore>,
+    ) -> Self {
+        Self::start_full(double, events, store, Security::open(), false).await
     }
 
     /// A fresh server protected by `security` (auth, TLS, limits, path policy).
@@ -76,6 +85,7 @@ impl Harness {
             rx,
             Arc::new(MemoryStore::new()),
             security,
+            true,
         )
         .await
     }
@@ -85,6 +95,7 @@ impl Harness {
         events: mpsc::UnboundedReceiver<vmcp::ports::BackendEvent>,
         store: Arc<MemoryStore>,
         security: Security,
+        remove_orphans: bool,
     ) -> Self {
         let running = start(
             Arc::clone(&double),
@@ -98,6 +109,7 @@ impl Harness {
                 },
                 hypervisor_timeout: HYPERVISOR_TIMEOUT,
                 shutdown_grace: Duration::from_secs(5),
+                remove_orphans,
                 telemetry: Arc::new(NoopTelemetry),
                 telemetry_status: Arc::new(|| "disabled".to_owned()),
                 wrap_rpc: Box::new(|s| s),

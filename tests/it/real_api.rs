@@ -64,6 +64,7 @@ async fn serve<H: Hypervisor>(
             },
             hypervisor_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(5),
+            remove_orphans: true,
             telemetry: Arc::new(NoopTelemetry),
             telemetry_status: Arc::new(|| "disabled".to_owned()),
             wrap_rpc: Box::new(|s| s),
