@@ -127,36 +127,13 @@ impl Server {
     }
 }
 
+/// The harness's small config, booting the test guest with its console in the runtime dir.
 fn create(id: &str, guest: &Path) -> pb::CreateVmRequest {
-    pb::CreateVmRequest {
-        vm_id: id.into(),
-        config: pb::VmConfig {
-            cpu: pb::CpuConfig {
-                vcpu_count: 1,
-                ..Default::default()
-            }
-            .into(),
-            memory: pb::MemoryConfig {
-                size_bytes: 64 << 20,
-                ..Default::default()
-            }
-            .into(),
-            boot: pb::BootConfig {
-                kernel_path: guest.display().to_string(),
-                kernel_args: "console=ttyS0".into(),
-                ..Default::default()
-            }
-            .into(),
-            console: pb::ConsoleConfig {
-                enabled: true,
-                ..Default::default()
-            }
-            .into(),
-            ..Default::default()
-        }
-        .into(),
-        ..Default::default()
-    }
+    let mut req = super::harness::create_req(id);
+    let config = req.config.get_or_insert_default();
+    config.boot.get_or_insert_default().kernel_path = guest.display().to_string();
+    config.console.get_or_insert_default().enabled = true;
+    req
 }
 
 fn pid_of(info: &pb::GetVmInfoResponse) -> Option<&String> {
