@@ -18,7 +18,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use connectrpc::client::{ClientConfig, HttpClient};
-use tokio::sync::mpsc;
 
 use vmcp::adapters::inbound::server::RpcLimits;
 use vmcp::adapters::outbound::store::memory::MemoryStore;
@@ -71,11 +70,9 @@ pub async fn start_double_server(
             + Send,
     >,
 ) -> (Running, Arc<double::Double>) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let d = Arc::new(double::Double::new(tx));
+    let d = Arc::new(double::Double::new());
     let running = start(
         Arc::clone(&d),
-        rx,
         Arc::new(MemoryStore::new()),
         StartOptions {
             addr: "127.0.0.1:0".parse().unwrap(),

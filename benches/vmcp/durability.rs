@@ -5,8 +5,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
-
 use vmcp::adapters::outbound::cloud_hypervisor::CloudHypervisor;
 use vmcp::adapters::outbound::otel::process::read_rss_bytes;
 use vmcp::adapters::outbound::store::sqlite::SqliteStore;
@@ -61,9 +59,8 @@ pub async fn readopt() {
 
     let t = Instant::now();
     let store = Arc::new(SqliteStore::open(data.path()).expect("store reopens"));
-    let (tx, rx) = mpsc::unbounded_channel();
-    let ch = CloudHypervisor::new(&env.binary, rt.path(), Duration::from_secs(10), tx);
-    let running = start(Arc::new(ch), rx, store, options())
+    let ch = CloudHypervisor::new(&env.binary, rt.path(), Duration::from_secs(10));
+    let running = start(Arc::new(ch), store, options())
         .await
         .expect("restart");
     let restart = t.elapsed();
@@ -116,9 +113,8 @@ pub async fn per_record() {
         // One real record, written by VMCP through the double, then copied 9,999 times in one
         // SQL transaction (10,000 fsync'd puts would measure the disk, not the store).
         let store = Arc::new(SqliteStore::open(data.path()).expect("store"));
-        let (tx, rx) = mpsc::unbounded_channel();
-        let d = Arc::new(super::double::Double::new(tx));
-        let running = start(d, rx, Arc::clone(&store), options())
+        let d = Arc::new(super::double::Double::new());
+        let running = start(d, Arc::clone(&store), options())
             .await
             .expect("start");
         let c = client(running.local_addr, false);

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::Method;
-use tokio::sync::mpsc;
 
 use vmcp::adapters::inbound::server::RpcLimits;
 use vmcp::adapters::outbound::cloud_hypervisor::CloudHypervisor;
@@ -17,7 +16,7 @@ use vmcp::adapters::outbound::firecracker::{Firecracker, FirecrackerSettings};
 use vmcp::adapters::outbound::store::memory::MemoryStore;
 use vmcp::adapters::outbound::vmm::uds_http::UdsClient;
 use vmcp::app::wiring::{Running, StartOptions, start};
-use vmcp::ports::{BackendEvent, Hypervisor, NoopTelemetry, SystemClock, VmStore};
+use vmcp::ports::{Hypervisor, NoopTelemetry, SystemClock, VmStore};
 use vmcp::proto::vmm::v1 as pb;
 
 use super::{Stats, client};
@@ -118,25 +117,20 @@ pub fn options() -> StartOptions {
 
 /// A VMCP server on the real backend `kind`, rooted at `runtime`.
 pub async fn serve<S: VmStore>(kind: Kind, env: &Env, runtime: &Path, store: Arc<S>) -> Running {
-    let (tx, rx) = mpsc::unbounded_channel();
     match kind {
         Kind::Ch => {
-            let ch = CloudHypervisor::new(&env.binary, runtime, Duration::from_secs(10), tx);
-            start_with(ch, rx, store).await
+            let ch = CloudHypervisor::new(&env.binary, runtime, Duration::from_secs(10));
+            start_with(ch, store).await
         }
         Kind::Fc => {
-            let fc = Firecracker::new(FirecrackerSettings::new(&env.binary, runtime), tx);
-            start_with(fc, rx, store).await
+            let fc = Firecracker::new(FirecrackerSettings::new(&env.binary, runtime));
+            start_with(fc, store).await
         }
     }
 }
 
-async fn start_with<H: Hypervisor, S: VmStore>(
-    h: H,
-    rx: mpsc::UnboundedReceiver<BackendEvent>,
-    store: Arc<S>,
-) -> Running {
-    start(Arc::new(h), rx, store, options())
+async fn start_with<H: Hypervisor, S: VmStore>(h: H, store: Arc<S>) -> Running {
+    start(Arc::new(h), store, options())
         .await
         .expect("server starts")
 }

@@ -158,14 +158,14 @@ fn mem_total_mib(meminfo: &str) -> Option<u64> {
 
 /// Everything a create must pass besides config validation.
 #[derive(Debug, Clone)]
-pub struct Admission {
+pub struct CreatePolicy {
     /// Where host files may come from.
     pub paths: PathPolicy,
     /// Resource limits.
     pub limits: VmLimits,
 }
 
-impl Admission {
+impl CreatePolicy {
     /// No path restriction and no limits.
     pub fn unrestricted() -> Self {
         Self {

@@ -62,7 +62,7 @@ pub const KNOWN_VARIABLES: &[&str] = &[
 /// A configuration error: one line naming the variable and what it accepts.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{variable}={value:?} is invalid: {expected}")]
-pub struct ConfigError {
+pub struct EnvError {
     /// The full variable name.
     pub variable: String,
     /// The value found.
@@ -71,8 +71,8 @@ pub struct ConfigError {
     pub expected: String,
 }
 
-fn bad(var: &str, value: &str, expected: impl Into<String>) -> ConfigError {
-    ConfigError {
+fn bad(var: &str, value: &str, expected: impl Into<String>) -> EnvError {
+    EnvError {
         variable: format!("{PREFIX}{var}"),
         value: value.to_owned(),
         expected: expected.into(),
@@ -219,14 +219,12 @@ pub struct Config {
 
 impl Config {
     /// Reads the process environment.
-    pub fn from_env() -> Result<Self, ConfigError> {
+    pub fn from_env() -> Result<Self, EnvError> {
         Self::from_vars(std::env::vars())
     }
 
     /// Reads variables from an iterator (tests pass their own).
-    pub fn from_vars(
-        vars: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<Self, ConfigError> {
+    pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Result<Self, EnvError> {
         let vars: Vec<(String, String)> = vars
             .into_iter()
             .filter(|(k, _)| k.starts_with(PREFIX))
@@ -444,7 +442,7 @@ impl Config {
     }
 }
 
-fn tls_files(raw: &Raw) -> Result<Option<TlsFiles>, ConfigError> {
+fn tls_files(raw: &Raw) -> Result<Option<TlsFiles>, EnvError> {
     let file = |var, v: &Option<String>| v.as_deref().map(|v| abs_path(var, v)).transpose();
     let cert = file("TLS_CERT_FILE", &raw.tls_cert_file)?;
     let key = file("TLS_KEY_FILE", &raw.tls_key_file)?;
@@ -476,7 +474,7 @@ fn tls_files(raw: &Raw) -> Result<Option<TlsFiles>, ConfigError> {
     }
 }
 
-fn vm_limits(raw: &Raw) -> Result<VmLimits, ConfigError> {
+fn vm_limits(raw: &Raw) -> Result<VmLimits, EnvError> {
     let d = VmLimits::host_defaults();
     Ok(VmLimits {
         max_vms: number("MAX_VMS", raw.max_vms.as_deref(), d.max_vms, 1, 1_000_000)?,
@@ -512,7 +510,7 @@ fn vm_limits(raw: &Raw) -> Result<VmLimits, ConfigError> {
 }
 
 /// A list of absolute directories separated by commas or colons.
-fn dir_list(var: &str, v: &str) -> Result<Vec<PathBuf>, ConfigError> {
+fn dir_list(var: &str, v: &str) -> Result<Vec<PathBuf>, EnvError> {
     let dirs: Vec<&str> = v.split([',', ':']).map(str::trim).collect();
     if dirs.iter().any(|d| !d.starts_with('/') || d.contains('\0')) {
         return Err(bad(
@@ -524,13 +522,7 @@ fn dir_list(var: &str, v: &str) -> Result<Vec<PathBuf>, ConfigError> {
     Ok(dirs.into_iter().map(PathBuf::from).collect())
 }
 
-fn number(
-    var: &str,
-    v: Option<&str>,
-    default: u64,
-    min: u64,
-    max: u64,
-) -> Result<u64, ConfigError> {
+fn number(var: &str, v: Option<&str>, default: u64, min: u64, max: u64) -> Result<u64, EnvError> {
     let Some(v) = v else { return Ok(default) };
     match v.trim().parse::<u64>() {
         Ok(n) if (min..=max).contains(&n) => Ok(n),
@@ -538,7 +530,7 @@ fn number(
     }
 }
 
-fn boolean(var: &str, v: Option<&str>, default: bool) -> Result<bool, ConfigError> {
+fn boolean(var: &str, v: Option<&str>, default: bool) -> Result<bool, EnvError> {
     match v.map(|s| s.trim().to_ascii_lowercase()).as_deref() {
         None => Ok(default),
         Some("true" | "1" | "yes" | "on") => Ok(true),
@@ -551,7 +543,7 @@ fn boolean(var: &str, v: Option<&str>, default: bool) -> Result<bool, ConfigErro
     }
 }
 
-fn non_empty(var: &str, v: Option<&str>, default: &str) -> Result<String, ConfigError> {
+fn non_empty(var: &str, v: Option<&str>, default: &str) -> Result<String, EnvError> {
     match v {
         None => Ok(default.to_owned()),
         Some(s) if !s.trim().is_empty() => Ok(s.trim().to_owned()),
@@ -559,21 +551,21 @@ fn non_empty(var: &str, v: Option<&str>, default: &str) -> Result<String, Config
     }
 }
 
-fn path(var: &str, v: &str) -> Result<PathBuf, ConfigError> {
+fn path(var: &str, v: &str) -> Result<PathBuf, EnvError> {
     if v.trim().is_empty() || v.contains('\0') {
         return Err(bad(var, v, "a non-empty path or command name"));
     }
     Ok(PathBuf::from(v))
 }
 
-fn abs_path(var: &str, v: &str) -> Result<PathBuf, ConfigError> {
+fn abs_path(var: &str, v: &str) -> Result<PathBuf, EnvError> {
     if !v.starts_with('/') || v.contains('\0') {
         return Err(bad(var, v, "an absolute path"));
     }
     Ok(PathBuf::from(v))
 }
 
-fn unix_endpoint(var: &str, v: Option<&str>, default: &str) -> Result<PathBuf, ConfigError> {
+fn unix_endpoint(var: &str, v: Option<&str>, default: &str) -> Result<PathBuf, EnvError> {
     let v = v.unwrap_or(default);
     match v.strip_prefix("unix://") {
         Some(p) if p.starts_with('/') && !p.contains('\0') => Ok(PathBuf::from(p)),
@@ -585,7 +577,7 @@ fn unix_endpoint(var: &str, v: Option<&str>, default: &str) -> Result<PathBuf, C
 mod tests {
     use super::*;
 
-    fn cfg(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    fn cfg(pairs: &[(&str, &str)]) -> Result<Config, EnvError> {
         Config::from_vars(
             pairs
                 .iter()

@@ -1,10 +1,22 @@
-//! One owner task per VM. The task owns the VM's lifecycle core and is the
-//! only code that calls the hypervisor's mutating operations for that VM;
-//! requests reach it over a bounded channel with a oneshot reply, so
-//! operations on one VM are serialized while different VMs run in parallel.
-//! Every hypervisor call has a timeout; after any operation the task reads
-//! the VMM's state back and records that, never what it hoped for.
+//! One owner task per VM. The task owns the VM's lifecycle core and its VMM
+//! handle, and is the only code that touches that VMM: requests reach it
+//! over a bounded channel with a oneshot reply, so operations on one VM are
+//! serialized while different VMs run in parallel. It performs what the core
+//! decides (effects, timers) and feeds back what the VMM reported; it
+//! decides nothing itself.
+//!
+//! The owner keeps the VM's view true by watching, so that reads never call
+//! the VMM: the handle's exit reports and VMM events arrive on the VM's own
+//! event channel, and the core's sample timer re-reads state and metrics
+//! every period. Each change is published on a watch channel that readers
+//! (GetVmInfo, ListVms) borrow from memory.
+//!
+//! Identity and state are recorded together: after every operation the
+//! record holds the state the VMM reported *and* the process that serves
+//! the VM now, so a VMM that an operation replaced is the one a restarted
+//! VMCP re-adopts and a delete ends. Intent is durable before any action.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,30 +27,45 @@ use crate::domain::{
     Admission, Command, Effect, Observation, Operation, Vm, VmError, VmSnapshot, VmState,
 };
 use crate::ports::{
-    Clock, Hypervisor, HypervisorError, ShutdownMode, Telemetry, TelemetryEvent, VmRecord, VmStore,
+    BackendKind, Clock, Hypervisor, HypervisorError, Reported, ShutdownMode, Telemetry,
+    TelemetryEvent, VmMetrics, VmRecord, VmStore, VmmEvent, VmmEventSink, VmmHandle, VmmInfo,
     VmmProcess,
 };
 
 /// Capacity of each VM's request queue; a full queue answers `unavailable`.
 pub const QUEUE_DEPTH: usize = 32;
 
-/// Default graceful-shutdown timeout when the caller sends 0.
-pub const DEFAULT_GRACEFUL_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// How often an idle owner re-reads the VMM's state to notice changes made behind its back.
-pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(5);
-
 /// A request to a VM's owner task.
 #[derive(Debug)]
 pub enum Request {
     /// Run a lifecycle command and reply with the resulting snapshot.
     Command(Command, oneshot::Sender<Result<VmSnapshot, VmError>>),
-    /// Record something observed outside the owner (a backend event).
-    Observe(Observation),
-    /// Record a state read outside the owner while the VM was at `generation` (GetVmInfo).
-    /// Ignored if the VM has changed since, so a stale read queued behind a command can
-    /// never overwrite what that command's VMM answer established.
-    ObserveAt(Observation, u64),
+}
+
+/// What readers see of one VM: the owner's observed state and its latest
+/// sample of the VMM. Published as an `Arc` so a read is a pointer copy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmView {
+    /// Config, state, reason, generation, timestamps.
+    pub snapshot: VmSnapshot,
+    /// Metrics of the latest sample (None until the first one).
+    pub metrics: Option<VmMetrics>,
+    /// Backend details of the latest sample.
+    pub backend_info: BTreeMap<String, String>,
+    /// When the latest sample was taken, Unix milliseconds (None: never).
+    pub sampled_at_ms: Option<i64>,
+}
+
+impl VmView {
+    /// A view of `snapshot` with no sample yet.
+    pub fn of(snapshot: VmSnapshot) -> Self {
+        Self {
+            snapshot,
+            metrics: None,
+            backend_info: BTreeMap::new(),
+            sampled_at_ms: None,
+        }
+    }
 }
 
 /// Everything an owner task needs besides its VM.
@@ -68,8 +95,8 @@ impl<H, S> Clone for Deps<H, S> {
 }
 
 /// Runs `fut` with `timeout`, reporting the call's duration and outcome.
-pub async fn timed_call<H: Hypervisor, T>(
-    deps_h: &H,
+pub async fn timed_call<T>(
+    backend: BackendKind,
     telemetry: &dyn Telemetry,
     operation: &'static str,
     timeout: Duration,
@@ -78,7 +105,7 @@ pub async fn timed_call<H: Hypervisor, T>(
     let started = Instant::now();
     let span = tracing::info_span!(
         "hypervisor.call",
-        backend = deps_h.kind().as_str(),
+        backend = backend.as_str(),
         operation,
         outcome = tracing::field::Empty
     );
@@ -91,21 +118,14 @@ pub async fn timed_call<H: Hypervisor, T>(
     };
     let outcome = match &result {
         Ok(_) => "ok",
-        Err(HypervisorError::Timeout { .. }) => "timeout",
-        Err(HypervisorError::InvalidState(_)) => "invalid_state",
-        Err(HypervisorError::InvalidConfig(_)) => "invalid_config",
-        Err(HypervisorError::NotFound(_)) => "not_found",
-        Err(HypervisorError::Unavailable(_) | HypervisorError::SpawnFailed(_)) => "unavailable",
-        Err(HypervisorError::Unsupported(_)) => "unsupported",
-        Err(HypervisorError::ResourceExhausted(_)) => "resource_exhausted",
-        Err(HypervisorError::Protocol(_)) => "protocol",
+        Err(e) => e.kind(),
     };
     span.record("outcome", outcome);
     if let Err(e) = &result {
-        tracing::warn!(parent: &span, error = %e, "hypervisor call failed");
+        tracing::warn!(parent: &span, error = %e, source = ?std::error::Error::source(e), "hypervisor call failed");
     }
     telemetry.record(TelemetryEvent::HypervisorCall {
-        backend: deps_h.kind(),
+        backend,
         operation,
         outcome,
         duration: started.elapsed(),
@@ -117,6 +137,7 @@ pub async fn timed_call<H: Hypervisor, T>(
 pub fn hypervisor_to_vm_error(e: HypervisorError, snap: &VmSnapshot, op: Operation) -> VmError {
     match e {
         HypervisorError::InvalidConfig(c) => VmError::InvalidArgument(c),
+        HypervisorError::InvalidState(msg) if op == Operation::Create => VmError::Unavailable(msg),
         HypervisorError::InvalidState(msg) => VmError::FailedPrecondition {
             vm_id: snap.id.to_string(),
             operation: op.as_str(),
@@ -124,76 +145,145 @@ pub fn hypervisor_to_vm_error(e: HypervisorError, snap: &VmSnapshot, op: Operati
             reason: msg,
         },
         HypervisorError::Timeout { .. } => VmError::DeadlineExceeded(format!(
-            "vm {}: {e}; the VM's state is re-read on the next request",
+            "vm {}: {e}; the VM's state is re-read from its VMM",
             snap.id
         )),
-        HypervisorError::Unavailable(_)
-        | HypervisorError::SpawnFailed(_)
-        | HypervisorError::NotFound(_) => VmError::Unavailable(format!("vm {}: {e}", snap.id)),
+        HypervisorError::Unavailable { .. }
+        | HypervisorError::SpawnFailed { .. }
+        | HypervisorError::Gone(_) => VmError::Unavailable(format!("vm {}: {e}", snap.id)),
         HypervisorError::Unsupported(m) => VmError::Unimplemented(m),
-        HypervisorError::ResourceExhausted(m) => VmError::ResourceExhausted(m),
+        HypervisorError::ResourceExhausted { message, .. } => VmError::ResourceExhausted(message),
         HypervisorError::Protocol(m) => VmError::Internal(format!("vm {}: {m}", snap.id)),
     }
 }
 
+/// What the record last persisted holds, to persist only on change.
+#[derive(Debug, Clone, PartialEq)]
+struct Persisted {
+    generation: u64,
+    desired: crate::domain::Desired,
+    process: Option<VmmProcess>,
+}
+
 /// The owner task of one VM.
-pub struct Owner<H, S> {
+pub struct Owner<H: Hypervisor, S> {
     vm: Vm,
+    vmm: Option<H::Vm>,
     process: Option<VmmProcess>,
     deps: Deps<H, S>,
-    snapshot_tx: watch::Sender<VmSnapshot>,
+    view: Arc<VmView>,
+    view_tx: watch::Sender<Arc<VmView>>,
+    events_tx: VmmEventSink,
+    events_rx: mpsc::UnboundedReceiver<VmmEvent>,
+    persisted: Option<Persisted>,
+}
+
+/// The VM's event channel: the sink goes to `create`/`adopt`, the receiver to the owner.
+pub fn event_channel() -> (VmmEventSink, mpsc::UnboundedReceiver<VmmEvent>) {
+    mpsc::unbounded_channel()
 }
 
 impl<H: Hypervisor, S: VmStore> Owner<H, S> {
-    /// An owner for `vm`, publishing snapshots on `snapshot_tx`.
-    pub fn new(
+    /// An owner for a VM about to be created (`Vm::creating`); its first
+    /// effect creates the VMM.
+    pub fn creating(vm: Vm, deps: Deps<H, S>) -> (Self, watch::Receiver<Arc<VmView>>) {
+        let (events_tx, events_rx) = event_channel();
+        Self::build(vm, None, None, deps, events_tx, events_rx)
+    }
+
+    /// An owner for a VM recovered at start-up (and already recorded as it
+    /// is), with the handle `adopt` gave, whose events flow into `events`.
+    /// Without a handle the VM can only be read and deleted.
+    pub fn recovered(
         vm: Vm,
+        vmm: Option<H::Vm>,
+        deps: Deps<H, S>,
+        events: (VmmEventSink, mpsc::UnboundedReceiver<VmmEvent>),
+    ) -> (Self, watch::Receiver<Arc<VmView>>) {
+        let process = vmm.as_ref().and_then(VmmHandle::process);
+        Self::build(vm, vmm, process, deps, events.0, events.1)
+    }
+
+    fn build(
+        vm: Vm,
+        vmm: Option<H::Vm>,
         process: Option<VmmProcess>,
         deps: Deps<H, S>,
-        snapshot_tx: watch::Sender<VmSnapshot>,
-    ) -> Self {
-        Self {
+        events_tx: VmmEventSink,
+        events_rx: mpsc::UnboundedReceiver<VmmEvent>,
+    ) -> (Self, watch::Receiver<Arc<VmView>>) {
+        let view = Arc::new(VmView::of(vm.snapshot().clone()));
+        let (view_tx, view_rx) = watch::channel(Arc::clone(&view));
+        let persisted = (vm.snapshot().generation > 0).then(|| Persisted {
+            generation: vm.snapshot().generation,
+            desired: vm.snapshot().desired,
+            process: process.clone(),
+        });
+        let mut owner = Self {
             vm,
+            vmm,
             process,
             deps,
-            snapshot_tx,
-        }
+            view,
+            view_tx,
+            events_tx,
+            events_rx,
+            persisted,
+        };
+        owner.refresh_view();
+        owner.view_tx.send_replace(Arc::clone(&owner.view));
+        (owner, view_rx)
     }
 
     /// Serves requests until the VM is deleted or every sender is gone.
-    pub async fn run(mut self, mut rx: mpsc::Receiver<Request>) {
-        let mut tick = tokio::time::interval(RECONCILE_INTERVAL);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.reset();
-        loop {
+    /// `created` receives the outcome of the create, for an owner made by
+    /// [`Owner::creating`].
+    pub async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Request>,
+        created: Option<oneshot::Sender<Result<VmSnapshot, VmError>>>,
+    ) {
+        self.vm.start_timers(Instant::now());
+        if self.vmm.is_some() {
+            // A recovered VM: metrics and details right away, not one period later.
+            self.vm.sample_soon(Instant::now());
+        }
+        if let Some(reply) = created {
+            let result = self.drain().await;
+            self.publish().await;
+            let _ = reply.send(result.map(|()| self.vm.snapshot().clone()));
+            if result_is_ok_and_alive(&self.vm) {
+                self.vm.sample_soon(Instant::now());
+            }
+        }
+        while !self.vm.snapshot().deleted {
+            let deadline = self.vm.poll_timeout().map(tokio::time::Instant::from_std);
             tokio::select! {
+                biased;
                 req = rx.recv() => {
-                    let Some(req) = req else { return };
-                    match req {
-                        Request::Command(cmd, reply) => {
-                            let result = self.handle(cmd).await;
-                            // The caller may have given up (deadline); the state is recorded either way.
-                            let _ = reply.send(result);
-                        }
-                        Request::Observe(obs) => self.observe(obs).await,
-                        Request::ObserveAt(obs, generation) => {
-                            if generation == self.vm.snapshot().generation {
-                                self.observe(obs).await;
-                            }
-                        }
-                    }
-                    if self.vm.snapshot().deleted {
-                        rx.close();
-                        while let Some(req) = rx.recv().await {
-                            if let Request::Command(_, reply) = req {
-                                let _ = reply.send(Err(VmError::NotFound(self.vm.snapshot().id.to_string())));
-                            }
-                        }
-                        return;
+                    let Some(Request::Command(cmd, reply)) = req else { return };
+                    let result = self.handle(cmd).await;
+                    let ok = result.is_ok();
+                    // The caller may have given up (deadline); the state is recorded either way.
+                    let _ = reply.send(result);
+                    if ok {
+                        // Refresh metrics and backend details after the answer, off the caller's path.
+                        self.vm.sample_soon(Instant::now());
                     }
                 }
-                _ = tick.tick() => self.reconcile().await,
+                Some(event) = self.events_rx.recv() => self.on_event(event).await,
+                () = sleep_until(deadline) => {
+                    self.vm.handle_timeout(Instant::now());
+                    if let Err(e) = self.drain().await {
+                        tracing::debug!(vm.id = %self.vm.snapshot().id, error = %e, "timer effect failed");
+                    }
+                    self.publish().await;
+                }
             }
+        }
+        rx.close();
+        while let Some(Request::Command(_, reply)) = rx.recv().await {
+            let _ = reply.send(Err(VmError::NotFound(self.vm.snapshot().id.to_string())));
         }
     }
 
@@ -227,70 +317,93 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
             );
             return Err(e);
         }
-        let mut result = Ok(());
-        while let Some(Effect::Perform(cmd)) = self.vm.poll_effect() {
-            result = self.perform(cmd).await;
-        }
+        let result = self.drain().await;
         self.publish().await;
         result.map(|()| self.vm.snapshot().clone())
     }
 
+    /// Performs every queued effect; answers with the last command's outcome.
+    async fn drain(&mut self) -> Result<(), VmError> {
+        let mut result = Ok(());
+        while let Some(effect) = self.vm.poll_effect() {
+            match effect {
+                Effect::Perform(cmd) => result = self.perform(cmd).await,
+                Effect::Sample => self.sample().await,
+            }
+        }
+        result
+    }
+
     async fn perform(&mut self, cmd: Command) -> Result<(), VmError> {
         let op = cmd.operation();
-        let h = &*self.deps.hypervisor;
-        let id = self.vm.snapshot().id.clone();
-        let t = self.deps.call_timeout;
+        if op == Operation::Create {
+            return self.create().await;
+        }
+        let kind = self.deps.hypervisor.kind();
         let tel = &*self.deps.telemetry;
+        let t = self.deps.call_timeout;
+        // A graceful stop may take its grace on top of the call timeout.
+        let budget = t + cmd.graceful_timeout().unwrap_or_default();
         let started = Instant::now();
-        let outcome: Result<Option<VmState>, HypervisorError> = match cmd {
-            Command::Boot => timed_call(h, tel, "boot", t, h.boot(&id)).await.map(Some),
-            Command::Shutdown {
-                force,
-                timeout_secs,
-            } => {
-                let graceful_timeout = if timeout_secs == 0 {
-                    DEFAULT_GRACEFUL_TIMEOUT
-                } else {
-                    Duration::from_secs(u64::from(timeout_secs))
-                };
-                let mode = ShutdownMode {
-                    force,
-                    graceful_timeout,
-                };
-                let budget = if force { t } else { t + graceful_timeout };
-                timed_call(h, tel, "shutdown", budget, h.shutdown(&id, mode))
+        let outcome: Result<Option<Reported>, HypervisorError> = match self.vmm.as_mut() {
+            // A VM recovery could not give a handle: nothing runs, so deleting it is forgetting it.
+            None if op == Operation::Delete => Ok(None),
+            None => Err(HypervisorError::Gone(
+                "the VM has no VMM handle (see its reason); it can only be deleted".to_owned(),
+            )),
+            Some(vmm) => match cmd {
+                Command::Create => unreachable_create(),
+                Command::Boot => timed_call(kind, tel, "boot", t, vmm.boot()).await.map(Some),
+                Command::Shutdown { force, .. } => {
+                    let mode = ShutdownMode {
+                        force,
+                        graceful_timeout: cmd.graceful_timeout().unwrap_or_default(),
+                    };
+                    timed_call(kind, tel, "shutdown", budget, vmm.shutdown(mode))
+                        .await
+                        .map(Some)
+                }
+                Command::Pause => timed_call(kind, tel, "pause", t, vmm.pause())
                     .await
-                    .map(Some)
-            }
-            Command::Pause => timed_call(h, tel, "pause", t, h.pause(&id)).await.map(Some),
-            Command::Resume => timed_call(h, tel, "resume", t, h.resume(&id))
-                .await
-                .map(Some),
-            Command::Reboot { force } => timed_call(h, tel, "reboot", t, h.reboot(&id, force))
-                .await
-                .map(Some),
-            Command::Delete { force } => {
-                // Deleting may stop a guest gracefully first; give it the same budget as a shutdown.
-                let budget = if force {
-                    t
-                } else {
-                    t + DEFAULT_GRACEFUL_TIMEOUT
-                };
-                timed_call(h, tel, "delete", budget, h.delete(&id, force))
+                    .map(Some),
+                Command::Resume => timed_call(kind, tel, "resume", t, vmm.resume())
                     .await
-                    .map(|()| None)
-            }
+                    .map(Some),
+                Command::Reboot { force } => timed_call(kind, tel, "reboot", t, vmm.reboot(force))
+                    .await
+                    .map(Some),
+                Command::Delete { force } => {
+                    timed_call(kind, tel, "delete", budget, vmm.delete(force))
+                        .await
+                        .map(|()| None)
+                }
+            },
         };
         let now = self.deps.clock.now_unix();
-        let result = match outcome {
+        match outcome {
             Ok(reported) => {
-                if op == Operation::Boot && reported == Some(VmState::Running) {
-                    self.deps.telemetry.record(TelemetryEvent::BootCompleted {
-                        backend: h.kind(),
+                let reported = reported.map(|r| {
+                    self.process = r.process;
+                    (r.state, r.reason)
+                });
+                if op == Operation::Boot
+                    && reported
+                        .as_ref()
+                        .is_some_and(|(s, _)| *s == VmState::Running)
+                {
+                    tel.record(TelemetryEvent::BootCompleted {
+                        backend: kind,
                         duration: started.elapsed(),
                     });
                 }
-                let reported = reported.map(|s| (s, String::new()));
+                if op == Operation::Delete {
+                    self.process = None;
+                    self.vmm = None;
+                    let id = &self.vm.snapshot().id;
+                    if let Err(e) = self.deps.store.remove(id).await {
+                        tracing::error!(vm.id = %id, error = %e, "VM deleted but its record could not be removed; it is reconciled at the next start");
+                    }
+                }
                 self.vm.handle_observation(
                     Observation::Completed {
                         op,
@@ -302,9 +415,10 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
                 Ok(())
             }
             Err(e) => {
-                let err = hypervisor_to_vm_error(e.clone(), self.vm.snapshot(), op);
-                // The operation failed: read back what the VMM reports now, so the record is true.
-                let reported = self.read_state().await;
+                let err = hypervisor_to_vm_error(e, self.vm.snapshot(), op);
+                // The operation failed: read back what the VMM reports now, and which
+                // process serves the VM, so the record is true.
+                let reported = self.read_back().await;
                 self.vm.handle_observation(
                     Observation::Completed {
                         op,
@@ -315,82 +429,302 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
                 );
                 Err(err)
             }
-        };
-        if op == Operation::Delete && result.is_ok() {
-            if let Err(e) = self.deps.store.remove(&id).await {
-                tracing::error!(vm.id = %id, error = %e, "VM deleted but its record could not be removed; it is reconciled at the next start");
-            }
-            self.process = None;
         }
-        result
     }
 
-    /// Reads the VMM's state; a VMM that is gone reads as Failed with the reason.
-    async fn read_state(&self) -> Option<(VmState, String)> {
-        let h = &*self.deps.hypervisor;
-        let id = &self.vm.snapshot().id;
-        match timed_call(
-            h,
-            &*self.deps.telemetry,
-            "info",
-            self.deps.call_timeout,
-            h.info(id),
-        )
-        .await
-        {
-            Ok(info) => info.state.map(|s| (s, info.reason)),
-            Err(HypervisorError::NotFound(reason)) => {
-                Some((VmState::Failed, format!("VMM is gone: {reason}")))
+    /// Creates the VMM: the record (generation 0, no process) is durable
+    /// first, so a crash during the create is rolled back at the next start.
+    async fn create(&mut self) -> Result<(), VmError> {
+        let id = self.vm.snapshot().id.clone();
+        let config = self.vm.snapshot().config.clone();
+        let now = self.deps.clock.now_unix();
+        let intent = self.persist().await;
+        let intent_recorded = intent.is_ok();
+        let deps = self.deps.clone();
+        let h = &*deps.hypervisor;
+        let kind = h.kind();
+        let tel = &*deps.telemetry;
+        let t = deps.call_timeout;
+        let outcome = match intent {
+            Err(e) => Err(e),
+            Ok(()) => match timed_call(
+                kind,
+                tel,
+                "create",
+                t,
+                h.create(&id, &config, self.events_tx.clone()),
+            )
+            .await
+            {
+                Ok((vmm, reported)) => {
+                    self.process = reported.process.clone();
+                    self.vmm = Some(vmm);
+                    Ok((reported.state, reported.reason))
+                }
+                Err(e) => {
+                    if matches!(e, HypervisorError::Timeout { .. }) {
+                        // The abandoned create may still have started a VMM: find and end it.
+                        end_vmms_of(&deps, &id).await;
+                    }
+                    Err(hypervisor_to_vm_error(
+                        e,
+                        self.vm.snapshot(),
+                        Operation::Create,
+                    ))
+                }
+            },
+        };
+        match outcome {
+            Ok(reported) => {
+                self.vm.handle_observation(
+                    Observation::Completed {
+                        op: Operation::Create,
+                        reported: Some(reported),
+                        error: None,
+                    },
+                    now,
+                );
+                Ok(())
+            }
+            Err(err) => {
+                // Create leaves nothing behind on failure, so the record goes too
+                // (a failed intent write left none).
+                if intent_recorded && let Err(e) = self.deps.store.remove(&id).await {
+                    tracing::error!(vm.id = %id, error = %e, "could not remove the record of a failed create; it is rolled back at the next start");
+                }
+                self.vm.handle_observation(
+                    Observation::Completed {
+                        op: Operation::Create,
+                        reported: None,
+                        error: Some(err.clone()),
+                    },
+                    now,
+                );
+                Err(err)
+            }
+        }
+    }
+
+    /// Asks the handle for a sample, under the call timeout (None without a handle).
+    async fn read_vmm(&mut self) -> Option<Result<VmmInfo, HypervisorError>> {
+        let vmm = self.vmm.as_mut()?;
+        let kind = self.deps.hypervisor.kind();
+        let tel = &*self.deps.telemetry;
+        Some(timed_call(kind, tel, "sample", self.deps.call_timeout, vmm.sample()).await)
+    }
+
+    /// After a failed operation: the state the VMM reports now (None if it
+    /// cannot be read), with the handle's current process recorded.
+    async fn read_back(&mut self) -> Option<(VmState, String)> {
+        self.process = self.vmm.as_ref()?.process();
+        match self.read_vmm().await? {
+            Ok(info) => {
+                let state = info.state.map(|s| (s, info.reason.clone()));
+                self.take_sample(info);
+                state
             }
             Err(_) => None,
         }
     }
 
-    async fn observe(&mut self, obs: Observation) {
+    /// The sample timer fired: read state and metrics, record what changed.
+    async fn sample(&mut self) {
+        let Some(read) = self.read_vmm().await else {
+            return;
+        };
+        match read {
+            Ok(info) => {
+                // With no process before or after, the VMM has nothing to report: the state
+                // the core recorded when the process went away (Shutdown, Failed) stands.
+                let news = self.process.is_some() || info.process.is_some();
+                let state = info.state.filter(|_| news);
+                let reason = info.reason.clone();
+                self.take_sample(info);
+                if let Some(state) = state {
+                    let snap = self.vm.snapshot();
+                    // Keep the known reason when the VMM reports the same state without one.
+                    let reason = if reason.is_empty() && snap.state == state {
+                        snap.reason.clone()
+                    } else {
+                        reason
+                    };
+                    let now = self.deps.clock.now_unix();
+                    self.vm
+                        .handle_observation(Observation::Reported { state, reason }, now);
+                }
+            }
+            Err(e) => {
+                let mut view = (*self.view).clone();
+                view.backend_info
+                    .insert("sample_error".to_owned(), e.to_string());
+                self.view = Arc::new(view);
+            }
+        }
+    }
+
+    fn take_sample(&mut self, info: VmmInfo) {
+        self.process = info.process.clone();
+        let mut backend_info = info.backend_info;
+        backend_info.insert(
+            "backend".to_owned(),
+            self.deps.hypervisor.kind().as_str().to_owned(),
+        );
+        let mut view = (*self.view).clone();
+        view.metrics = Some(info.metrics);
+        view.backend_info = backend_info;
+        view.sampled_at_ms = Some(self.deps.clock.now_unix_ms());
+        self.view = Arc::new(view);
+    }
+
+    /// Something the VMM did on its own. News about a process the owner has
+    /// already replaced is dropped.
+    async fn on_event(&mut self, event: VmmEvent) {
+        let current = self.process.as_ref().map(|p| p.pid);
         let now = self.deps.clock.now_unix();
-        self.vm.handle_observation(obs, now);
+        match event {
+            VmmEvent::Exited { pid, state, reason } => {
+                if current != Some(pid) {
+                    tracing::debug!(vm.id = %self.vm.snapshot().id, pid, "exit of a replaced VMM ignored");
+                    return;
+                }
+                self.deps.telemetry.record(TelemetryEvent::VmmExited {
+                    backend: self.deps.hypervisor.kind(),
+                    reason: if state == VmState::Shutdown {
+                        "poweroff"
+                    } else {
+                        "crash"
+                    },
+                });
+                tracing::warn!(vm.id = %self.vm.snapshot().id, pid, %state, %reason, "VMM process exited");
+                self.process = None;
+                self.vm
+                    .handle_observation(Observation::Exited { state, reason }, now);
+            }
+            VmmEvent::StateChanged { pid, state, reason } => {
+                if current != Some(pid) || state == self.vm.snapshot().state {
+                    return;
+                }
+                // The event may be older than the last operation's answer (it was read
+                // before the operation ran): ask the VMM now rather than trust it.
+                tracing::debug!(vm.id = %self.vm.snapshot().id, pid, %state, %reason, "VMM reported a change");
+                self.sample().await;
+            }
+        }
         self.publish().await;
     }
 
-    async fn reconcile(&mut self) {
-        if let Some((state, reason)) = self.read_state().await {
-            let snap = self.vm.snapshot();
-            // Keep the known reason when the VMM reports the same state without one.
-            let reason = if reason.is_empty() && snap.state == state {
-                snap.reason.clone()
-            } else {
-                reason
-            };
-            self.observe(Observation::Reported { state, reason }).await;
-        }
-    }
-
-    /// Publishes the snapshot to readers, persists it if it changed, and drains events.
+    /// Persists the record if it changed, publishes the view to readers, and drains events.
     async fn publish(&mut self) {
-        let snap = self.vm.snapshot().clone();
-        let changed = self.snapshot_tx.borrow().generation != snap.generation
-            || self.snapshot_tx.borrow().desired != snap.desired;
-        if changed
-            && !snap.deleted
+        let snap = self.vm.snapshot();
+        let now = Persisted {
+            generation: snap.generation,
+            desired: snap.desired,
+            process: self.process.clone(),
+        };
+        if !snap.deleted
+            && self.persisted.as_ref() != Some(&now)
             && let Err(e) = self.persist().await
         {
-            tracing::error!(vm.id = %snap.id, error = %e, "could not persist VM state; it is reconciled from the VMM at the next start");
+            tracing::error!(vm.id = %self.vm.snapshot().id, error = %e, "could not persist VM state; it is reconciled from the VMM at the next start");
         }
-        self.snapshot_tx.send_replace(snap);
+        self.refresh_view();
+        if !Arc::ptr_eq(&self.view, &self.view_tx.borrow()) {
+            self.view_tx.send_replace(Arc::clone(&self.view));
+        }
         while let Some(ev) = self.vm.poll_event() {
             self.deps.telemetry.record(TelemetryEvent::Vm(ev));
         }
     }
 
-    async fn persist(&self) -> Result<(), VmError> {
+    /// Brings the view up to date with the core's snapshot and the VMM's
+    /// identity as the owner knows it (the same keys on every backend, fresh
+    /// after every operation, not only after the next sample).
+    fn refresh_view(&mut self) {
+        let identity = self
+            .process
+            .as_ref()
+            .map(|p| (p.pid.to_string(), p.socket_path.clone()));
+        let shown = (
+            self.view.backend_info.get("vmm_pid").cloned(),
+            self.view.backend_info.get("api_socket").cloned(),
+        );
+        let identity_changed = match &identity {
+            Some((pid, socket)) => {
+                shown.0.as_ref() != Some(pid) || shown.1.as_ref() != Some(socket)
+            }
+            None => shown.0.is_some(),
+        };
+        if self.view.snapshot != *self.vm.snapshot() || identity_changed {
+            let mut view = (*self.view).clone();
+            view.snapshot = self.vm.snapshot().clone();
+            match identity {
+                Some((pid, socket)) => {
+                    view.backend_info.insert("vmm_pid".to_owned(), pid);
+                    view.backend_info.insert("api_socket".to_owned(), socket);
+                }
+                None => {
+                    view.backend_info.remove("vmm_pid");
+                }
+            }
+            self.view = Arc::new(view);
+        }
+    }
+
+    async fn persist(&mut self) -> Result<(), VmError> {
+        let snap = self.vm.snapshot();
         let record = VmRecord {
-            snapshot: self.vm.snapshot().clone(),
+            snapshot: snap.clone(),
             process: self.process.clone(),
         };
         self.deps
             .store
             .put(&record)
             .await
-            .map_err(|e| VmError::Unavailable(format!("cannot record the VM's state: {e}")))
+            .map_err(|e| VmError::Unavailable(format!("cannot record the VM's state: {e}")))?;
+        self.persisted = Some(Persisted {
+            generation: snap.generation,
+            desired: snap.desired,
+            process: self.process.clone(),
+        });
+        Ok(())
+    }
+}
+
+/// Ends any VMM the host shows for `id` (after an abandoned create).
+async fn end_vmms_of<H: Hypervisor, S>(deps: &Deps<H, S>, id: &crate::domain::VmId) {
+    let h = &*deps.hypervisor;
+    let tel = &*deps.telemetry;
+    let t = deps.call_timeout;
+    let Ok(found) = timed_call(h.kind(), tel, "discover", t, h.discover()).await else {
+        return;
+    };
+    for d in found.into_iter().filter(|d| &d.id == id) {
+        let _ = timed_call(
+            h.kind(),
+            tel,
+            "destroy_orphan",
+            t,
+            h.destroy_orphan(id, d.process),
+        )
+        .await;
+    }
+}
+
+fn result_is_ok_and_alive(vm: &Vm) -> bool {
+    !vm.snapshot().deleted
+}
+
+/// `Command::Create` is performed by [`Owner::create`], never through a handle.
+fn unreachable_create() -> Result<Option<Reported>, HypervisorError> {
+    Err(HypervisorError::Protocol(
+        "create performed on an existing VMM handle".to_owned(),
+    ))
+}
+
+/// Sleeps until `deadline`, or forever when there is none.
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
     }
 }

@@ -12,7 +12,7 @@ use std::io;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Component, Path, PathBuf};
 
-use crate::domain::{ConfigError, VmConfig, VmError};
+use crate::domain::{VmConfig, VmConfigError, VmError};
 
 /// Why the allowed directories cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -158,7 +158,7 @@ fn check_path(allowed: &[PathBuf], field: &str, raw: &str, kind: Kind) -> Result
     let p = Path::new(raw);
     if !p.is_absolute() {
         // Validation rejects these first; the policy never resolves against VMCP's cwd.
-        return Err(VmError::InvalidArgument(ConfigError::new(
+        return Err(VmError::InvalidArgument(VmConfigError::new(
             field,
             format!("must be an absolute path, got {raw:?}"),
         )));
@@ -193,7 +193,7 @@ fn check_path(allowed: &[PathBuf], field: &str, raw: &str, kind: Kind) -> Result
             // Say "missing" only for paths that name a place inside the allowed
             // directories, so the answer is no oracle for files elsewhere.
             if inside(allowed, &lexical(p)) {
-                Err(VmError::InvalidArgument(ConfigError::new(
+                Err(VmError::InvalidArgument(VmConfigError::new(
                     field,
                     "does not exist",
                 )))
@@ -225,7 +225,7 @@ fn check_new_file(allowed: &[PathBuf], field: &str, p: &Path) -> Result<(), VmEr
         Ok(_) => Err(outside(field)),
         Err(e) if inside(allowed, &lexical(parent)) => {
             if e.kind() == io::ErrorKind::NotFound {
-                Err(VmError::InvalidArgument(ConfigError::new(
+                Err(VmError::InvalidArgument(VmConfigError::new(
                     field,
                     "its directory does not exist",
                 )))

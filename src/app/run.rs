@@ -5,8 +5,6 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use tokio::sync::mpsc;
-
 use crate::adapters::inbound::server::RpcLimits;
 use crate::adapters::outbound::cloud_hypervisor::CloudHypervisor;
 use crate::adapters::outbound::firecracker::jailer::JailerSettings;
@@ -21,7 +19,7 @@ use tower::{Layer, ServiceExt};
 
 use crate::adapters::inbound::rpc_layer::RpcTelemetryLayer;
 use crate::adapters::outbound::otel::{self, OtelHandle, OtelSettings, health::TelemetryHealth};
-use crate::ports::{BackendEvent, BackendKind, Hypervisor, SystemClock};
+use crate::ports::{BackendKind, Hypervisor, SystemClock};
 
 use super::config::Config;
 use super::security::{Security, startup_warnings};
@@ -82,16 +80,14 @@ pub async fn run() -> ExitCode {
         }
     };
     probe_seed_endpoint(&config).await;
-    let (tx, rx) = mpsc::unbounded_channel();
     let result = match config.backend {
         BackendKind::CloudHypervisor => {
             let ch = CloudHypervisor::new(
                 &config.ch_binary,
                 &config.runtime_dir,
                 config.hypervisor_timeout,
-                tx,
             );
-            serve(ch, rx, store, &config, &otel, security).await
+            serve(ch, store, &config, &otel, security).await
         }
         BackendKind::Firecracker => {
             let mut settings = FirecrackerSettings::new(&config.fc_binary, &config.runtime_dir);
@@ -102,15 +98,7 @@ pub async fn run() -> ExitCode {
                 gid: j.gid,
                 chroot_base: j.chroot_base.clone(),
             });
-            serve(
-                Firecracker::new(settings, tx),
-                rx,
-                store,
-                &config,
-                &otel,
-                security,
-            )
-            .await
+            serve(Firecracker::new(settings), store, &config, &otel, security).await
         }
     };
     // Flush what telemetry holds, bounded; the exporters block, so off the runtime.
@@ -128,7 +116,6 @@ pub async fn run() -> ExitCode {
 
 async fn serve<H: Hypervisor>(
     hypervisor: H,
-    events: mpsc::UnboundedReceiver<BackendEvent>,
     store: Arc<SqliteStore>,
     config: &Config,
     otel: &OtelHandle,
@@ -151,7 +138,6 @@ async fn serve<H: Hypervisor>(
     let backend = hypervisor.kind();
     let running = start(
         Arc::new(hypervisor),
-        events,
         store,
         StartOptions {
             addr: (config.address, config.port).into(),

@@ -17,7 +17,7 @@ use crate::adapters::inbound::guard::ApiLimits;
 use crate::adapters::inbound::tls::{self, TlsError};
 use crate::ports::BackendKind;
 
-use super::admission::{Admission, VmLimits};
+use super::admission::{CreatePolicy, VmLimits};
 use super::config::Config;
 use super::path_policy::{PathPolicy, PathPolicyError};
 
@@ -34,7 +34,7 @@ pub struct Security {
     /// API concurrency and rate limits.
     pub api_limits: ApiLimits,
     /// Host-path policy and resource limits for creates.
-    pub admission: Admission,
+    pub admission: CreatePolicy,
 }
 
 impl std::fmt::Debug for Security {
@@ -69,7 +69,7 @@ impl Security {
             auth: AuthPolicy::open(),
             tls: None,
             api_limits: ApiLimits::default(),
-            admission: Admission::unrestricted(),
+            admission: CreatePolicy::unrestricted(),
         }
     }
 
@@ -98,7 +98,7 @@ impl Security {
             },
             tls,
             api_limits: config.api_limits,
-            admission: Admission {
+            admission: CreatePolicy {
                 paths,
                 limits: config.vm_limits,
             },

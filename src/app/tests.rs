@@ -1,22 +1,22 @@
 //! Orchestration tests of the manager and owner tasks against mockall
-//! doubles of the ports: ordering (intent before action), timeouts, error
-//! mapping and per-VM serialization.
+//! doubles of the ports: ordering (intent before action), identity recorded
+//! with state, timeouts, error mapping, reads from memory and per-VM
+//! serialization.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use mockall::Sequence;
-use mockall::predicate::always;
 
 use crate::app::manager::VmManager;
 use crate::domain::config::tests::valid;
 use crate::domain::{VmError, VmId, VmState};
-use crate::ports::hypervisor::MockHypervisor;
+use crate::ports::hypervisor::{MockHypervisor, MockVmmHandle};
 use crate::ports::store::MockVmStore;
 use crate::ports::{
-    BackendCheck, BackendKind, CreateVm, HypervisorError, NoopTelemetry, SystemClock, VmService,
-    VmmProcess,
+    BackendCheck, BackendKind, CreateVm, HypervisorError, NoopTelemetry, Reported, SystemClock,
+    VmService, VmmEvent, VmmEventSink, VmmInfo, VmmProcess,
 };
 
 fn id(s: &str) -> VmId {
@@ -37,12 +37,56 @@ fn base_hypervisor() -> MockHypervisor {
     h
 }
 
-fn process() -> VmmProcess {
+fn process_with(pid: u32) -> VmmProcess {
     VmmProcess {
-        pid: 42,
-        start_time: 7,
+        pid,
+        start_time: u64::from(pid) * 10,
         socket_path: "/run/vmcp/a/api.sock".into(),
     }
+}
+
+fn process() -> VmmProcess {
+    process_with(42)
+}
+
+fn reported(state: VmState, pid: u32) -> Reported {
+    Reported {
+        state,
+        reason: String::new(),
+        process: Some(process_with(pid)),
+    }
+}
+
+/// A handle whose process is pid 42 and whose sample reports `state`.
+fn handle_reporting(state: VmState) -> MockVmmHandle {
+    let mut v = MockVmmHandle::new();
+    v.expect_process().return_const(Some(process()));
+    v.expect_sample().returning(move || {
+        Box::pin(async move {
+            Ok(VmmInfo {
+                state: Some(state),
+                process: Some(process()),
+                ..Default::default()
+            })
+        })
+    });
+    v
+}
+
+/// `h.create` answers with the handle `make` builds, reporting Created with pid 42,
+/// and hands the VM's event sink to `sinks`.
+fn creates_with(
+    h: &mut MockHypervisor,
+    make: impl Fn() -> MockVmmHandle + Send + Sync + 'static,
+    sinks: Option<Arc<std::sync::Mutex<Vec<VmmEventSink>>>>,
+) {
+    h.expect_create().returning(move |_, _, events| {
+        if let Some(sinks) = &sinks {
+            sinks.lock().expect("lock").push(events);
+        }
+        let vm = make();
+        Box::pin(async move { Ok((vm, reported(VmState::Created, 42))) })
+    });
 }
 
 fn manager(
@@ -59,6 +103,15 @@ fn manager(
     )
 }
 
+async fn create(m: &VmManager<MockHypervisor, MockVmStore>, vm: &str) {
+    m.create_vm(CreateVm {
+        vm_id: Some(id(vm)),
+        config: valid(),
+    })
+    .await
+    .expect("created");
+}
+
 #[tokio::test]
 async fn create_records_intent_before_spawning_and_the_process_after() {
     let mut seq = Sequence::new();
@@ -67,16 +120,21 @@ async fn create_records_intent_before_spawning_and_the_process_after() {
     s.expect_put()
         .times(1)
         .in_sequence(&mut seq)
-        .withf(|r| r.process.is_none() && r.snapshot.id.as_str() == "a")
+        .withf(|r| {
+            r.process.is_none() && r.snapshot.id.as_str() == "a" && r.snapshot.generation == 0
+        })
         .returning(|_| Box::pin(async { Ok(()) }));
     h.expect_create()
         .times(1)
         .in_sequence(&mut seq)
-        .returning(|_, _| Box::pin(async { Ok((VmState::Created, process())) }));
+        .returning(|_, _, _| {
+            let vm = handle_reporting(VmState::Created);
+            Box::pin(async move { Ok((vm, reported(VmState::Created, 42))) })
+        });
     s.expect_put()
         .times(1)
         .in_sequence(&mut seq)
-        .withf(|r| r.process == Some(process()))
+        .withf(|r| r.process == Some(process()) && r.snapshot.generation == 1)
         .returning(|_| Box::pin(async { Ok(()) }));
     let m = manager(h, s, Duration::from_secs(1));
     let snap = m
@@ -96,17 +154,12 @@ async fn a_failed_create_leaves_no_record_and_no_vmm() {
     s.expect_put()
         .times(1)
         .returning(|_| Box::pin(async { Ok(()) }));
-    h.expect_create().returning(|_, _| {
-        Box::pin(async {
-            Err(HypervisorError::SpawnFailed(
-                "exit status 1: bad kernel".into(),
-            ))
-        })
+    h.expect_create().returning(|_, _, _| {
+        Box::pin(async { Err(HypervisorError::spawn_failed("exit status 1: bad kernel")) })
     });
-    h.expect_delete()
-        .times(1)
-        .with(always(), mockall::predicate::eq(true))
-        .returning(|_, _| Box::pin(async { Ok(()) }));
+    // The backend leaves nothing behind on a failed create; nothing is discovered or destroyed.
+    h.expect_discover().never();
+    h.expect_destroy_orphan().never();
     s.expect_remove()
         .times(1)
         .returning(|_| Box::pin(async { Ok(()) }));
@@ -153,36 +206,41 @@ async fn a_hung_hypervisor_is_a_deadline_and_the_state_is_re_read() {
     let mut h = base_hypervisor();
     let mut s = MockVmStore::new();
     s.expect_put().returning(|_| Box::pin(async { Ok(()) }));
-    h.expect_create()
-        .returning(|_, _| Box::pin(async { Ok((VmState::Created, process())) }));
-    h.expect_boot().returning(|_| {
-        Box::pin(async {
-            tokio::time::sleep(Duration::from_secs(10)).await;
-            Ok(VmState::Running)
-        })
-    });
     let infos = Arc::new(AtomicUsize::new(0));
     let seen = Arc::clone(&infos);
-    h.expect_info().returning(move |_| {
-        seen.fetch_add(1, Ordering::SeqCst);
-        Box::pin(async {
-            Ok(crate::ports::VmmInfo {
-                state: Some(VmState::Created),
-                ..Default::default()
-            })
-        })
-    });
+    creates_with(
+        &mut h,
+        move || {
+            let mut v = MockVmmHandle::new();
+            v.expect_process().return_const(Some(process()));
+            v.expect_boot().returning(|| {
+                Box::pin(async {
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                    Ok(reported(VmState::Running, 42))
+                })
+            });
+            let seen = Arc::clone(&seen);
+            v.expect_sample().returning(move || {
+                seen.fetch_add(1, Ordering::SeqCst);
+                Box::pin(async {
+                    Ok(VmmInfo {
+                        state: Some(VmState::Created),
+                        process: Some(process()),
+                        ..Default::default()
+                    })
+                })
+            });
+            v
+        },
+        None,
+    );
     let m = manager(h, s, Duration::from_millis(50));
-    m.create_vm(CreateVm {
-        vm_id: Some(id("a")),
-        config: valid(),
-    })
-    .await
-    .expect("created");
+    create(&m, "a").await;
+    let before = infos.load(Ordering::SeqCst);
     let err = m.boot_vm(id("a")).await.expect_err("hangs");
     assert!(matches!(err, VmError::DeadlineExceeded(_)), "{err:?}");
     assert!(
-        infos.load(Ordering::SeqCst) >= 1,
+        infos.load(Ordering::SeqCst) > before,
         "the VMM's state was read back after the timeout"
     );
     let page = m.list_vms(Default::default()).await.expect("list");
@@ -194,28 +252,21 @@ async fn an_illegal_state_answer_from_the_vmm_is_failed_precondition() {
     let mut h = base_hypervisor();
     let mut s = MockVmStore::new();
     s.expect_put().returning(|_| Box::pin(async { Ok(()) }));
-    h.expect_create()
-        .returning(|_, _| Box::pin(async { Ok((VmState::Created, process())) }));
-    h.expect_boot()
-        .returning(|_| Box::pin(async { Ok(VmState::Running) }));
-    h.expect_pause().returning(|_| {
-        Box::pin(async { Err(HypervisorError::InvalidState("VM is not running".into())) })
-    });
-    h.expect_info().returning(|_| {
-        Box::pin(async {
-            Ok(crate::ports::VmmInfo {
-                state: Some(VmState::Running),
-                ..Default::default()
-            })
-        })
-    });
+    creates_with(
+        &mut h,
+        || {
+            let mut v = handle_reporting(VmState::Running);
+            v.expect_boot()
+                .returning(|| Box::pin(async { Ok(reported(VmState::Running, 42)) }));
+            v.expect_pause().returning(|| {
+                Box::pin(async { Err(HypervisorError::InvalidState("VM is not running".into())) })
+            });
+            v
+        },
+        None,
+    );
     let m = manager(h, s, Duration::from_secs(1));
-    m.create_vm(CreateVm {
-        vm_id: Some(id("a")),
-        config: valid(),
-    })
-    .await
-    .expect("created");
+    create(&m, "a").await;
     m.boot_vm(id("a")).await.expect("booted");
     let err = m.pause_vm(id("a")).await.expect_err("VMM refuses");
     assert!(
@@ -235,8 +286,6 @@ async fn calls_for_one_vm_are_serialized_and_other_vms_run_in_parallel() {
     let mut h = base_hypervisor();
     let mut s = MockVmStore::new();
     s.expect_put().returning(|_| Box::pin(async { Ok(()) }));
-    h.expect_create()
-        .returning(|_, _| Box::pin(async { Ok((VmState::Created, process())) }));
     let active = Arc::new(std::sync::Mutex::new(std::collections::HashMap::<
         String,
         usize,
@@ -250,31 +299,47 @@ async fn calls_for_one_vm_are_serialized_and_other_vms_run_in_parallel() {
         Arc::clone(&total_active),
         Arc::clone(&max_total),
     );
-    h.expect_reboot().returning(move |id, _| {
-        let (a, m1, t, m2) = (
-            Arc::clone(&a),
-            Arc::clone(&m1),
-            Arc::clone(&t),
-            Arc::clone(&m2),
-        );
-        let key = id.to_string();
-        Box::pin(async move {
-            {
-                let mut map = a.lock().expect("lock");
-                let n = map.entry(key.clone()).or_default();
-                *n += 1;
-                m1.fetch_max(*n, Ordering::SeqCst);
-            }
-            let now = t.fetch_add(1, Ordering::SeqCst) + 1;
-            m2.fetch_max(now, Ordering::SeqCst);
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            t.fetch_sub(1, Ordering::SeqCst);
-            *a.lock().expect("lock").get_mut(&key).expect("entry") -= 1;
-            Ok(VmState::Running)
-        })
-    });
-    h.expect_boot()
-        .returning(|_| Box::pin(async { Ok(VmState::Running) }));
+    let names = Arc::new(AtomicUsize::new(0));
+    creates_with(
+        &mut h,
+        move || {
+            let key = format!("vm{}", names.fetch_add(1, Ordering::SeqCst));
+            let mut v = handle_reporting(VmState::Running);
+            v.expect_boot()
+                .returning(|| Box::pin(async { Ok(reported(VmState::Running, 42)) }));
+            let (a, m1, t, m2) = (
+                Arc::clone(&a),
+                Arc::clone(&m1),
+                Arc::clone(&t),
+                Arc::clone(&m2),
+            );
+            v.expect_reboot().returning(move |_| {
+                let (a, m1, t, m2) = (
+                    Arc::clone(&a),
+                    Arc::clone(&m1),
+                    Arc::clone(&t),
+                    Arc::clone(&m2),
+                );
+                let key = key.clone();
+                Box::pin(async move {
+                    {
+                        let mut map = a.lock().expect("lock");
+                        let n = map.entry(key.clone()).or_default();
+                        *n += 1;
+                        m1.fetch_max(*n, Ordering::SeqCst);
+                    }
+                    let now = t.fetch_add(1, Ordering::SeqCst) + 1;
+                    m2.fetch_max(now, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    t.fetch_sub(1, Ordering::SeqCst);
+                    *a.lock().expect("lock").get_mut(&key).expect("entry") -= 1;
+                    Ok(reported(VmState::Running, 42))
+                })
+            });
+            v
+        },
+        None,
+    );
     let m = manager(h, s, Duration::from_secs(5));
     for vm in ["a", "b"] {
         m.create_vm(CreateVm {
@@ -315,8 +380,8 @@ async fn an_unusable_backend_refuses_every_vm_call_naming_what_is_missing() {
     h.expect_validate().returning(|_| Ok(()));
     h.expect_check().returning(|| {
         Box::pin(async {
-            Err(HypervisorError::Unavailable(
-                "/dev/kvm cannot be opened: No such file or directory".into(),
+            Err(HypervisorError::unavailable(
+                "/dev/kvm cannot be opened: No such file or directory",
             ))
         })
     });
@@ -340,4 +405,205 @@ async fn an_unusable_backend_refuses_every_vm_call_naming_what_is_missing() {
         m.list_vms(Default::default()).await,
         Err(VmError::Unavailable(_))
     ));
+}
+
+#[tokio::test]
+async fn a_replaced_vmm_is_recorded_with_its_new_state_in_one_write() {
+    let mut h = base_hypervisor();
+    let mut s = MockVmStore::new();
+    let writes = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let w = Arc::clone(&writes);
+    s.expect_put().returning(move |r| {
+        w.lock().expect("lock").push(r.clone());
+        Box::pin(async { Ok(()) })
+    });
+    creates_with(
+        &mut h,
+        || {
+            let mut v = MockVmmHandle::new();
+            // After the boot the handle serves pid 43: the respawned VMM.
+            let pid = Arc::new(AtomicUsize::new(42));
+            let p = Arc::clone(&pid);
+            v.expect_process()
+                .returning(move || Some(process_with(p.load(Ordering::SeqCst) as u32)));
+            let p = Arc::clone(&pid);
+            v.expect_boot().returning(move || {
+                p.store(43, Ordering::SeqCst);
+                Box::pin(async { Ok(reported(VmState::Running, 43)) })
+            });
+            let p = Arc::clone(&pid);
+            v.expect_sample().returning(move || {
+                let pid = p.load(Ordering::SeqCst) as u32;
+                Box::pin(async move {
+                    Ok(VmmInfo {
+                        state: Some(VmState::Running),
+                        process: Some(process_with(pid)),
+                        ..Default::default()
+                    })
+                })
+            });
+            v
+        },
+        None,
+    );
+    let m = manager(h, s, Duration::from_secs(1));
+    create(&m, "a").await;
+    assert_eq!(m.boot_vm(id("a")).await, Ok(VmState::Running));
+    let writes = writes.lock().expect("lock").clone();
+    let running = writes
+        .iter()
+        .find(|r| r.snapshot.state == VmState::Running)
+        .expect("the Running state was recorded");
+    assert_eq!(
+        running.process,
+        Some(process_with(43)),
+        "the new pid is recorded in the same write as the new state"
+    );
+    assert!(
+        writes
+            .iter()
+            .all(|r| r.snapshot.state != VmState::Running || r.process == Some(process_with(43))),
+        "no record pairs Running with the replaced pid: {writes:?}"
+    );
+}
+
+#[tokio::test]
+async fn exits_of_replaced_vmms_are_ignored_and_exits_of_the_current_one_are_recorded() {
+    let mut h = base_hypervisor();
+    let mut s = MockVmStore::new();
+    s.expect_put().returning(|_| Box::pin(async { Ok(()) }));
+    let sinks = Arc::new(std::sync::Mutex::new(Vec::new()));
+    // What the VMM reports when asked; the test changes it behind VMCP's back.
+    let vmm_state = Arc::new(std::sync::Mutex::new(VmState::Created));
+    let shared = Arc::clone(&vmm_state);
+    creates_with(
+        &mut h,
+        move || {
+            let mut v = MockVmmHandle::new();
+            v.expect_process().return_const(Some(process()));
+            let shared = Arc::clone(&shared);
+            v.expect_sample().returning(move || {
+                let state = *shared.lock().expect("lock");
+                Box::pin(async move {
+                    Ok(VmmInfo {
+                        state: Some(state),
+                        process: Some(process()),
+                        ..Default::default()
+                    })
+                })
+            });
+            v
+        },
+        Some(Arc::clone(&sinks)),
+    );
+    let m = manager(h, s, Duration::from_secs(1));
+    create(&m, "a").await;
+    let sink = sinks.lock().expect("lock").pop().expect("a sink");
+    sink.send(VmmEvent::Exited {
+        pid: 41,
+        state: VmState::Failed,
+        reason: "old VMM killed".into(),
+    })
+    .expect("owner listens");
+    *vmm_state.lock().expect("lock") = VmState::Paused;
+    sink.send(VmmEvent::StateChanged {
+        pid: 42,
+        state: VmState::Paused,
+        reason: "vm/paused".into(),
+    })
+    .expect("owner listens");
+    let paused = wait_for(&m, "a", |d| d.snapshot.state == VmState::Paused).await;
+    assert_eq!(paused.snapshot.generation, 2, "one visible change");
+    // A stale event (the VMM reports something else by the time the owner asks) changes nothing.
+    sink.send(VmmEvent::StateChanged {
+        pid: 42,
+        state: VmState::Running,
+        reason: "vm/resumed".into(),
+    })
+    .expect("owner listens");
+    sink.send(VmmEvent::Exited {
+        pid: 42,
+        state: VmState::Failed,
+        reason: "killed by signal 9".into(),
+    })
+    .expect("owner listens");
+    let failed = wait_for(&m, "a", |d| d.snapshot.state == VmState::Failed).await;
+    assert_eq!(failed.snapshot.reason, "killed by signal 9");
+    assert_eq!(
+        failed.snapshot.generation, 3,
+        "Created → Paused → Failed: the stale Running event and the old pid's exit changed nothing"
+    );
+}
+
+#[tokio::test]
+async fn reads_answer_from_memory_without_calling_the_vmm() {
+    let mut h = base_hypervisor();
+    let mut s = MockVmStore::new();
+    s.expect_put().returning(|_| Box::pin(async { Ok(()) }));
+    let samples = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&samples);
+    creates_with(
+        &mut h,
+        move || {
+            let mut v = MockVmmHandle::new();
+            v.expect_process().return_const(Some(process()));
+            let seen = Arc::clone(&seen);
+            v.expect_sample().returning(move || {
+                seen.fetch_add(1, Ordering::SeqCst);
+                Box::pin(async {
+                    Ok(VmmInfo {
+                        state: Some(VmState::Created),
+                        metrics: crate::ports::VmMetrics {
+                            memory_usage_bytes: 1234,
+                            ..Default::default()
+                        },
+                        process: Some(process()),
+                        ..Default::default()
+                    })
+                })
+            });
+            v
+        },
+        None,
+    );
+    let m = manager(h, s, Duration::from_secs(1));
+    create(&m, "a").await;
+    // The owner samples once right after the create, off the caller's path.
+    let sampled = wait_for(&m, "a", |d| d.sampled_at_ms.is_some()).await;
+    assert_eq!(sampled.metrics.map(|x| x.memory_usage_bytes), Some(1234));
+    let after_first = samples.load(Ordering::SeqCst);
+    for _ in 0..200 {
+        let d = m.get_vm_info(id("a")).await.expect("info");
+        assert_eq!(d.snapshot.state, VmState::Created);
+        assert_eq!(
+            d.backend_info.get("backend").map(String::as_str),
+            Some("cloudhypervisor")
+        );
+        m.list_vms(Default::default()).await.expect("list");
+    }
+    assert_eq!(
+        samples.load(Ordering::SeqCst),
+        after_first,
+        "200 reads made no VMM call"
+    );
+}
+
+/// Polls GetVmInfo until `ok` holds (at most 2 s).
+async fn wait_for(
+    m: &VmManager<MockHypervisor, MockVmStore>,
+    vm: &str,
+    ok: impl Fn(&crate::ports::VmDetails) -> bool,
+) -> crate::ports::VmDetails {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let d = m.get_vm_info(id(vm)).await.expect("info");
+        if ok(&d) {
+            return d;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition never held: {d:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }

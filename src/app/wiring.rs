@@ -7,13 +7,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::adapters::inbound::server::{self, RpcHttpService, RpcLimits};
 use crate::domain::VmError;
 use crate::domain::VmState;
-use crate::ports::{BackendEvent, Clock, Hypervisor, Telemetry, VmStore};
+use crate::ports::{Clock, Hypervisor, Telemetry, VmStore};
 
 use super::manager::{ManagerHealth, VmManager};
 use super::security::Security;
@@ -90,7 +90,6 @@ pub enum StartError {
 /// Starts the service: recovers stored VMs, then serves the API.
 pub async fn start<H: Hypervisor, S: VmStore>(
     hypervisor: Arc<H>,
-    events: mpsc::UnboundedReceiver<BackendEvent>,
     store: Arc<S>,
     opts: StartOptions,
 ) -> Result<Running, StartError> {
@@ -114,7 +113,6 @@ pub async fn start<H: Hypervisor, S: VmStore>(
         opts.hypervisor_timeout,
         opts.security.admission,
     );
-    manager.spawn_event_router(events);
     let health = Arc::new(ManagerHealth::new(
         Arc::clone(&manager),
         opts.telemetry_status,
@@ -148,10 +146,14 @@ pub async fn start<H: Hypervisor, S: VmStore>(
         task,
     };
     match manager.recover().await {
-        Ok((adopted, dead)) => {
-            if adopted + dead > 0 {
-                tracing::info!(adopted, dead, "recovered VMs from the store");
-            }
+        Ok(done) => {
+            tracing::info!(
+                adopted = done.adopted,
+                without_vmm = done.without_vmm,
+                removed = done.removed,
+                orphans = done.orphans,
+                "recovered VMs from the store"
+            );
         }
         Err(e) => {
             if let Some(tx) = running.shutdown.take() {
@@ -168,11 +170,7 @@ pub async fn start<H: Hypervisor, S: VmStore>(
             loop {
                 tick.tick().await;
                 let Some(m) = weak.upgrade() else { return };
-                let counts = m.counts_by_state();
-                let counts: Vec<(VmState, u64)> = VmState::ALL
-                    .iter()
-                    .map(|s| (*s, counts.get(s.as_str()).copied().unwrap_or(0)))
-                    .collect();
+                let counts: Vec<(VmState, u64)> = m.counts_by_state().iter().collect();
                 sink(&counts);
             }
         });

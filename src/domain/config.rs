@@ -32,14 +32,14 @@ const MIB: i64 = 1 << 20;
 /// A configuration error, naming the field by its path in `vmm.v1.CreateVmRequest`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {reason}")]
-pub struct ConfigError {
+pub struct VmConfigError {
     /// Proto field path, e.g. `config.cpu.vcpu_count`.
     pub field: String,
     /// What is wrong with it.
     pub reason: String,
 }
 
-impl ConfigError {
+impl VmConfigError {
     /// Builds an error for `field`.
     pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
         Self {
@@ -165,7 +165,7 @@ pub struct ConsoleConfig {
 
 impl VmConfig {
     /// Checks every backend-independent rule; the first violation names its field.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub fn validate(&self) -> Result<(), VmConfigError> {
         self.cpu.validate()?;
         self.memory.validate()?;
         self.boot.validate()?;
@@ -182,16 +182,16 @@ impl VmConfig {
 }
 
 impl CpuConfig {
-    fn validate(&self) -> Result<(), ConfigError> {
+    fn validate(&self) -> Result<(), VmConfigError> {
         if !(1..=MAX_VCPUS).contains(&self.vcpu_count) {
-            return Err(ConfigError::new(
+            return Err(VmConfigError::new(
                 "config.cpu.vcpu_count",
                 format!("must be between 1 and {MAX_VCPUS}, got {}", self.vcpu_count),
             ));
         }
         if self.max_vcpu_count != 0 && !(self.vcpu_count..=MAX_VCPUS).contains(&self.max_vcpu_count)
         {
-            return Err(ConfigError::new(
+            return Err(VmConfigError::new(
                 "config.cpu.max_vcpu_count",
                 format!(
                     "must be 0 or between vcpu_count ({}) and {MAX_VCPUS}, got {}",
@@ -206,7 +206,7 @@ impl CpuConfig {
                 ("threads_per_core", t.threads_per_core),
             ] {
                 if !(1..=MAX_VCPUS).contains(&v) {
-                    return Err(ConfigError::new(
+                    return Err(VmConfigError::new(
                         format!("config.cpu.topology.{name}"),
                         format!("must be between 1 and {MAX_VCPUS}, got {v}"),
                     ));
@@ -217,7 +217,7 @@ impl CpuConfig {
                 * i64::from(t.threads_per_core);
             let max = i64::from(self.vcpu_count.max(self.max_vcpu_count));
             if product != max {
-                return Err(ConfigError::new(
+                return Err(VmConfigError::new(
                     "config.cpu.topology",
                     format!(
                         "sockets × cores_per_socket × threads_per_core must equal the maximum vCPU count ({max}), got {product}"
@@ -230,9 +230,9 @@ impl CpuConfig {
 }
 
 impl MemoryConfig {
-    fn validate(&self) -> Result<(), ConfigError> {
+    fn validate(&self) -> Result<(), VmConfigError> {
         if self.size_bytes <= 0 || self.size_bytes % MIB != 0 {
-            return Err(ConfigError::new(
+            return Err(VmConfigError::new(
                 "config.memory.size_bytes",
                 format!(
                     "must be a positive whole number of MiB (multiple of 1048576), got {}",
@@ -242,7 +242,7 @@ impl MemoryConfig {
         }
         if self.hotplug_enabled {
             if self.max_size_bytes < self.size_bytes || self.max_size_bytes % MIB != 0 {
-                return Err(ConfigError::new(
+                return Err(VmConfigError::new(
                     "config.memory.max_size_bytes",
                     format!(
                         "with hotplug_enabled must be a whole number of MiB of at least size_bytes ({}), got {}",
@@ -251,7 +251,7 @@ impl MemoryConfig {
                 ));
             }
         } else if self.max_size_bytes != 0 {
-            return Err(ConfigError::new(
+            return Err(VmConfigError::new(
                 "config.memory.max_size_bytes",
                 "must be 0 unless hotplug_enabled is set",
             ));
@@ -261,16 +261,16 @@ impl MemoryConfig {
 }
 
 impl BootConfig {
-    fn validate(&self) -> Result<(), ConfigError> {
+    fn validate(&self) -> Result<(), VmConfigError> {
         if self.kernel_path.is_empty() {
-            return Err(ConfigError::new("config.boot.kernel_path", "is required"));
+            return Err(VmConfigError::new("config.boot.kernel_path", "is required"));
         }
         validate_abs_path("config.boot.kernel_path", &self.kernel_path)?;
         if !self.initrd_path.is_empty() {
             validate_abs_path("config.boot.initrd_path", &self.initrd_path)?;
         }
         if self.kernel_args.len() > MAX_KERNEL_ARGS_LEN {
-            return Err(ConfigError::new(
+            return Err(VmConfigError::new(
                 "config.boot.kernel_args",
                 format!(
                     "must be at most {MAX_KERNEL_ARGS_LEN} bytes, got {}",
@@ -279,7 +279,7 @@ impl BootConfig {
             ));
         }
         if self.kernel_args.contains('\0') {
-            return Err(ConfigError::new(
+            return Err(VmConfigError::new(
                 "config.boot.kernel_args",
                 "must not contain NUL bytes",
             ));
@@ -289,24 +289,24 @@ impl BootConfig {
 }
 
 impl ConsoleConfig {
-    fn validate(&self) -> Result<(), ConfigError> {
+    fn validate(&self) -> Result<(), VmConfigError> {
         if !self.output.is_empty() {
             validate_abs_path("config.console.output", &self.output)?;
         }
         if !self.input.is_empty() {
-            return Err(ConfigError::new(
+            return Err(VmConfigError::new(
                 "config.console.input",
                 "console input is not supported; leave it empty",
             ));
         }
         if !matches!(self.console_type.as_str(), "" | "serial") {
-            return Err(ConfigError::new(
+            return Err(VmConfigError::new(
                 "config.console.console_type",
                 format!("must be empty or \"serial\", got {:?}", self.console_type),
             ));
         }
         if !self.enabled && !self.output.is_empty() {
-            return Err(ConfigError::new(
+            return Err(VmConfigError::new(
                 "config.console.output",
                 "is set but the console is not enabled",
             ));
@@ -315,9 +315,9 @@ impl ConsoleConfig {
     }
 }
 
-fn validate_storage(devices: &[StorageDevice]) -> Result<(), ConfigError> {
+fn validate_storage(devices: &[StorageDevice]) -> Result<(), VmConfigError> {
     if devices.len() > MAX_DEVICES {
-        return Err(ConfigError::new(
+        return Err(VmConfigError::new(
             "config.storage",
             format!("at most {MAX_DEVICES} devices, got {}", devices.len()),
         ));
@@ -327,17 +327,17 @@ fn validate_storage(devices: &[StorageDevice]) -> Result<(), ConfigError> {
         let at = format!("config.storage[{i}]");
         validate_device_id(&format!("{at}.id"), &d.id)?;
         if devices[..i].iter().any(|o| o.id == d.id) {
-            return Err(ConfigError::new(
+            return Err(VmConfigError::new(
                 format!("{at}.id"),
                 format!("duplicate storage id {:?}", d.id),
             ));
         }
         if d.path.is_empty() {
-            return Err(ConfigError::new(format!("{at}.path"), "is required"));
+            return Err(VmConfigError::new(format!("{at}.path"), "is required"));
         }
         validate_abs_path(&format!("{at}.path"), &d.path)?;
         if !matches!(d.interface_type.as_str(), "" | "virtio-blk") {
-            return Err(ConfigError::new(
+            return Err(VmConfigError::new(
                 format!("{at}.interface_type"),
                 format!(
                     "must be empty or \"virtio-blk\", got {:?}",
@@ -349,7 +349,7 @@ fn validate_storage(devices: &[StorageDevice]) -> Result<(), ConfigError> {
         if d.is_root_device {
             roots += 1;
             if roots > 1 {
-                return Err(ConfigError::new(
+                return Err(VmConfigError::new(
                     format!("{at}.is_root_device"),
                     "at most one storage device may be the root device",
                 ));
@@ -359,9 +359,9 @@ fn validate_storage(devices: &[StorageDevice]) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn validate_network(nets: &[NetworkInterface]) -> Result<(), ConfigError> {
+fn validate_network(nets: &[NetworkInterface]) -> Result<(), VmConfigError> {
     if nets.len() > MAX_DEVICES {
-        return Err(ConfigError::new(
+        return Err(VmConfigError::new(
             "config.network",
             format!("at most {MAX_DEVICES} interfaces, got {}", nets.len()),
         ));
@@ -370,7 +370,7 @@ fn validate_network(nets: &[NetworkInterface]) -> Result<(), ConfigError> {
         let at = format!("config.network[{i}]");
         validate_device_id(&format!("{at}.id"), &n.id)?;
         if nets[..i].iter().any(|o| o.id == n.id) {
-            return Err(ConfigError::new(
+            return Err(VmConfigError::new(
                 format!("{at}.id"),
                 format!("duplicate network id {:?}", n.id),
             ));
@@ -381,7 +381,7 @@ fn validate_network(nets: &[NetworkInterface]) -> Result<(), ConfigError> {
                 .iter()
                 .any(|o| o.mac_address.eq_ignore_ascii_case(&n.mac_address))
             {
-                return Err(ConfigError::new(
+                return Err(VmConfigError::new(
                     format!("{at}.mac_address"),
                     format!("duplicate MAC address {}", n.mac_address),
                 ));
@@ -389,13 +389,13 @@ fn validate_network(nets: &[NetworkInterface]) -> Result<(), ConfigError> {
         }
         validate_tap(&format!("{at}.tap_device"), &n.tap_device)?;
         if nets[..i].iter().any(|o| o.tap_device == n.tap_device) {
-            return Err(ConfigError::new(
+            return Err(VmConfigError::new(
                 format!("{at}.tap_device"),
                 format!("tap device {:?} is used twice", n.tap_device),
             ));
         }
         if !matches!(n.interface_type.as_str(), "" | "virtio-net") {
-            return Err(ConfigError::new(
+            return Err(VmConfigError::new(
                 format!("{at}.interface_type"),
                 format!(
                     "must be empty or \"virtio-net\", got {:?}",
@@ -408,16 +408,16 @@ fn validate_network(nets: &[NetworkInterface]) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn validate_metadata(m: &BTreeMap<String, String>) -> Result<(), ConfigError> {
+fn validate_metadata(m: &BTreeMap<String, String>) -> Result<(), VmConfigError> {
     if m.len() > MAX_METADATA_ENTRIES {
-        return Err(ConfigError::new(
+        return Err(VmConfigError::new(
             "config.metadata",
             format!("at most {MAX_METADATA_ENTRIES} entries, got {}", m.len()),
         ));
     }
     for (k, v) in m {
         if k.is_empty() || k.len() > MAX_METADATA_KEY_LEN {
-            return Err(ConfigError::new(
+            return Err(VmConfigError::new(
                 "config.metadata",
                 format!(
                     "keys must be 1 to {MAX_METADATA_KEY_LEN} bytes, got {} bytes",
@@ -426,7 +426,7 @@ fn validate_metadata(m: &BTreeMap<String, String>) -> Result<(), ConfigError> {
             ));
         }
         if v.len() > MAX_METADATA_VALUE_LEN {
-            return Err(ConfigError::new(
+            return Err(VmConfigError::new(
                 format!("config.metadata[{k}]"),
                 format!(
                     "values must be at most {MAX_METADATA_VALUE_LEN} bytes, got {}",
@@ -438,16 +438,16 @@ fn validate_metadata(m: &BTreeMap<String, String>) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn validate_option_map(field: &str, m: &BTreeMap<String, String>) -> Result<(), ConfigError> {
+fn validate_option_map(field: &str, m: &BTreeMap<String, String>) -> Result<(), VmConfigError> {
     if m.len() > MAX_OPTION_ENTRIES {
-        return Err(ConfigError::new(
+        return Err(VmConfigError::new(
             field,
             format!("at most {MAX_OPTION_ENTRIES} entries, got {}", m.len()),
         ));
     }
     for (k, v) in m {
         if k.is_empty() || k.len() > MAX_METADATA_KEY_LEN || v.len() > MAX_METADATA_VALUE_LEN {
-            return Err(ConfigError::new(
+            return Err(VmConfigError::new(
                 field,
                 format!(
                     "keys must be 1 to {MAX_METADATA_KEY_LEN} bytes and values at most {MAX_METADATA_VALUE_LEN} bytes"
@@ -458,21 +458,21 @@ fn validate_option_map(field: &str, m: &BTreeMap<String, String>) -> Result<(), 
     Ok(())
 }
 
-fn validate_abs_path(field: &str, p: &str) -> Result<(), ConfigError> {
+fn validate_abs_path(field: &str, p: &str) -> Result<(), VmConfigError> {
     if !p.starts_with('/') {
-        return Err(ConfigError::new(
+        return Err(VmConfigError::new(
             field,
             format!("must be an absolute path, got {p:?}"),
         ));
     }
     if p.len() > MAX_PATH_LEN {
-        return Err(ConfigError::new(
+        return Err(VmConfigError::new(
             field,
             format!("must be at most {MAX_PATH_LEN} bytes"),
         ));
     }
     if p.contains('\0') || p.contains(',') {
-        return Err(ConfigError::new(
+        return Err(VmConfigError::new(
             field,
             "must not contain NUL bytes or commas",
         ));
@@ -480,10 +480,10 @@ fn validate_abs_path(field: &str, p: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn validate_device_id(field: &str, id: &str) -> Result<(), ConfigError> {
+fn validate_device_id(field: &str, id: &str) -> Result<(), VmConfigError> {
     let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
     if id.is_empty() || id.len() > MAX_DEVICE_ID_LEN || !id.chars().all(ok_char) {
-        return Err(ConfigError::new(
+        return Err(VmConfigError::new(
             field,
             format!("must be 1 to {MAX_DEVICE_ID_LEN} characters of [A-Za-z0-9._-], got {id:?}"),
         ));
@@ -491,14 +491,14 @@ fn validate_device_id(field: &str, id: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn validate_mac(field: &str, mac: &str) -> Result<(), ConfigError> {
+fn validate_mac(field: &str, mac: &str) -> Result<(), VmConfigError> {
     let parts: Vec<&str> = mac.split(':').collect();
     let well_formed = parts.len() == 6
         && parts
             .iter()
             .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()));
     if !well_formed {
-        return Err(ConfigError::new(
+        return Err(VmConfigError::new(
             field,
             format!("must be six colon-separated hex pairs like 52:54:00:12:34:56, got {mac:?}"),
         ));
@@ -506,7 +506,7 @@ fn validate_mac(field: &str, mac: &str) -> Result<(), ConfigError> {
     // Well-formedness was checked just above, so the first pair parses.
     let first = u8::from_str_radix(parts[0], 16).unwrap_or(0);
     if first & 1 == 1 {
-        return Err(ConfigError::new(
+        return Err(VmConfigError::new(
             field,
             format!("must be a unicast address (the multicast bit is set in {mac})"),
         ));
@@ -514,12 +514,12 @@ fn validate_mac(field: &str, mac: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn validate_tap(field: &str, tap: &str) -> Result<(), ConfigError> {
+fn validate_tap(field: &str, tap: &str) -> Result<(), VmConfigError> {
     if tap.is_empty() {
-        return Err(ConfigError::new(field, "is required"));
+        return Err(VmConfigError::new(field, "is required"));
     }
     if tap.len() > MAX_TAP_NAME_LEN {
-        return Err(ConfigError::new(
+        return Err(VmConfigError::new(
             field,
             format!(
                 "must be at most {MAX_TAP_NAME_LEN} bytes, got {}",
@@ -529,7 +529,7 @@ fn validate_tap(field: &str, tap: &str) -> Result<(), ConfigError> {
     }
     let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
     if tap == "." || tap == ".." || !tap.chars().all(ok_char) {
-        return Err(ConfigError::new(
+        return Err(VmConfigError::new(
             field,
             format!("must be a Linux interface name of [A-Za-z0-9._-], got {tap:?}"),
         ));

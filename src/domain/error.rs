@@ -1,7 +1,7 @@
 //! The error vocabulary every layer speaks to callers. The inbound adapter
 //! maps each variant to exactly one Connect code in one tested function.
 
-use super::config::ConfigError;
+use super::config::VmConfigError;
 use super::lifecycle::VmState;
 
 /// An error answered to a caller of the VM service.
@@ -9,7 +9,7 @@ use super::lifecycle::VmState;
 pub enum VmError {
     /// A request field is malformed or out of range.
     #[error("{0}")]
-    InvalidArgument(#[from] ConfigError),
+    InvalidArgument(#[from] VmConfigError),
     /// No VM has this id.
     #[error("vm {0:?} not found")]
     NotFound(String),

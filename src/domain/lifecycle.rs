@@ -4,8 +4,12 @@
 //! last reported (observed). Callers drive it with three inputs and drain its
 //! outputs after each one:
 //!
+//! - [`Vm::creating`] starts a VM's life with the create command queued;
 //! - [`Vm::handle_command`] admits, ignores (idempotent repeat) or denies a
 //!   command; an admitted command queues exactly one [`Effect`];
+//! - [`Vm::handle_timeout`] fires the timers that are due (the periodic
+//!   sample of the VMM, which keeps observed state and metrics true), and
+//!   [`Vm::poll_timeout`] says when the next one is;
 //! - [`Vm::handle_observation`] feeds back what the VMM reported (an
 //!   operation's outcome with the state read back afterwards, a periodic
 //!   report, or the VMM process exiting);
@@ -13,7 +17,10 @@
 //!   events to publish.
 //!
 //! Observed state only changes through observations, never because a call
-//! returned Ok. Every visible change bumps the generation. Time is an argument.
+//! returned Ok. Every visible change bumps the generation. Time is an
+//! argument: wall-clock seconds for the timestamps callers see, a monotonic
+//! [`Instant`] for timers. Policy numbers (the default shutdown grace, the
+//! sample period) live here and nowhere else.
 //!
 //! ```text
 //!                  create
@@ -36,6 +43,7 @@
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::time::{Duration, Instant};
 
 use super::config::VmConfig;
 use super::error::VmError;
@@ -66,6 +74,17 @@ impl VmState {
         VmState::Failed,
     ];
 
+    /// The position of this state in [`VmState::ALL`].
+    pub fn index(self) -> usize {
+        match self {
+            VmState::Created => 0,
+            VmState::Running => 1,
+            VmState::Paused => 2,
+            VmState::Shutdown => 3,
+            VmState::Failed => 4,
+        }
+    }
+
     /// The lower-case name used in metrics labels.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -90,9 +109,21 @@ impl fmt::Display for VmState {
     }
 }
 
-/// What a caller asks of an existing VM.
+/// How long a graceful shutdown may take before the VM is stopped hard, when
+/// the caller gives no timeout (also the graceful part of a non-forced delete).
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// How often an owner samples its VMM (state and metrics) when nothing else
+/// told it about a change: the bound on how stale a read can be for changes
+/// no event reports (Firecracker has no events), and the age bound of metrics.
+pub const DEFAULT_SAMPLE_PERIOD: Duration = Duration::from_secs(5);
+
+/// What a caller asks of a VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
+    /// Start a VMM and configure the VM in it without booting (only as the
+    /// first command of a VM, queued by [`Vm::creating`]).
+    Create,
     /// Start a Created or Shutdown VM.
     Boot,
     /// Stop a Running or Paused VM; graceful first unless `force`.
@@ -121,6 +152,8 @@ pub enum Command {
 /// The operation a command or effect stands for, for errors, metrics and events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Operation {
+    /// Create.
+    Create,
     /// Boot.
     Boot,
     /// Shutdown.
@@ -139,6 +172,7 @@ impl Operation {
     /// Lower-case verb.
     pub fn as_str(self) -> &'static str {
         match self {
+            Operation::Create => "create",
             Operation::Boot => "boot",
             Operation::Shutdown => "shutdown",
             Operation::Pause => "pause",
@@ -153,6 +187,7 @@ impl Command {
     /// The operation this command asks for.
     pub fn operation(self) -> Operation {
         match self {
+            Command::Create => Operation::Create,
             Command::Boot => Operation::Boot,
             Command::Shutdown { .. } => Operation::Shutdown,
             Command::Pause => Operation::Pause,
@@ -163,11 +198,39 @@ impl Command {
     }
 }
 
+impl Command {
+    /// The graceful part of a shutdown or delete, with the default applied
+    /// (None for commands that stop nothing, or a forced stop).
+    pub fn graceful_timeout(self) -> Option<Duration> {
+        match self {
+            Command::Shutdown {
+                force: false,
+                timeout_secs,
+            } => Some(if timeout_secs == 0 {
+                DEFAULT_SHUTDOWN_GRACE
+            } else {
+                Duration::from_secs(u64::from(timeout_secs))
+            }),
+            Command::Delete { force: false } => Some(DEFAULT_SHUTDOWN_GRACE),
+            Command::Shutdown { force: true, .. }
+            | Command::Delete { force: true }
+            | Command::Create
+            | Command::Boot
+            | Command::Pause
+            | Command::Resume
+            | Command::Reboot { .. } => None,
+        }
+    }
+}
+
 /// Work for the caller to perform against the hypervisor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Effect {
     /// Perform the admitted command, then report with [`Observation::Completed`].
     Perform(Command),
+    /// Read the VMM's state and metrics, then report with [`Observation::Reported`]
+    /// (or nothing, if the VMM could not be read).
+    Sample,
 }
 
 /// What the outside world reports back.
@@ -277,6 +340,13 @@ pub struct VmSnapshot {
     pub deleted: bool,
 }
 
+/// The timers of one VM, as data: when the next sample is due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Timers {
+    sample_period: Duration,
+    next_sample: Option<Instant>,
+}
+
 /// One VM's lifecycle core.
 #[derive(Debug)]
 pub struct Vm {
@@ -284,6 +354,7 @@ pub struct Vm {
     pending: Option<Command>,
     effects: VecDeque<Effect>,
     events: VecDeque<VmEvent>,
+    timers: Timers,
 }
 
 impl Vm {
@@ -302,6 +373,17 @@ impl Vm {
         })
     }
 
+    /// A VM about to be created: generation 0, state Created until the VMM
+    /// reports, with [`Command::Create`] admitted and its effect queued. A
+    /// failed create marks the VM deleted (create leaves nothing behind).
+    pub fn creating(id: VmId, config: VmConfig, now: i64) -> Self {
+        let mut vm = Self::new(id, config, VmState::Created, now);
+        vm.snap.generation = 0;
+        vm.pending = Some(Command::Create);
+        vm.effects.push_back(Effect::Perform(Command::Create));
+        vm
+    }
+
     /// A VM rebuilt from a stored snapshot (recovery).
     pub fn restore(snap: VmSnapshot) -> Self {
         Self {
@@ -309,7 +391,54 @@ impl Vm {
             pending: None,
             effects: VecDeque::new(),
             events: VecDeque::new(),
+            timers: Timers {
+                sample_period: DEFAULT_SAMPLE_PERIOD,
+                next_sample: None,
+            },
         }
+    }
+
+    /// Sets how often the VMM is sampled (default [`DEFAULT_SAMPLE_PERIOD`]).
+    pub fn with_sample_period(mut self, period: Duration) -> Self {
+        self.timers.sample_period = period;
+        self
+    }
+
+    /// Starts the timers: the first sample is due one period after `now`.
+    pub fn start_timers(&mut self, now: Instant) {
+        self.timers.next_sample = Some(now + self.timers.sample_period);
+    }
+
+    /// When [`Vm::handle_timeout`] should next be called (None: no timer runs).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.snap.deleted {
+            return None;
+        }
+        self.timers.next_sample
+    }
+
+    /// Makes the next sample due at `now` (after an operation, so metrics and
+    /// backend details follow the VMM without waiting a whole period).
+    pub fn sample_soon(&mut self, now: Instant) {
+        if self.timers.next_sample.is_some_and(|due| due > now) {
+            self.timers.next_sample = Some(now);
+        }
+    }
+
+    /// Fires the timers due at `now`: queues a [`Effect::Sample`] unless an
+    /// operation is in flight (its completion reports the state anyway), and
+    /// re-arms the sample timer one period later.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let Some(due) = self.timers.next_sample else {
+            return;
+        };
+        if now < due || self.snap.deleted {
+            return;
+        }
+        if self.pending.is_none() && !self.effects.contains(&Effect::Sample) {
+            self.effects.push_back(Effect::Sample);
+        }
+        self.timers.next_sample = Some(now + self.timers.sample_period);
     }
 
     /// The current snapshot.
@@ -336,6 +465,10 @@ impl Vm {
         }
         use VmState as S;
         let verdict = match (cmd, state) {
+            // Create is queued by `Vm::creating` only; a VM that exists is created already.
+            (Command::Create, S::Created | S::Running | S::Paused | S::Shutdown | S::Failed) => {
+                Verdict::Ignore
+            }
             (
                 Command::Delete { .. },
                 S::Created | S::Running | S::Paused | S::Shutdown | S::Failed,
@@ -361,6 +494,7 @@ impl Vm {
             Verdict::Accept => {
                 self.pending = Some(cmd);
                 self.snap.desired = match cmd {
+                    Command::Create => Desired::Created,
                     Command::Boot | Command::Resume | Command::Reboot { .. } => Desired::Running,
                     Command::Pause => Desired::Paused,
                     Command::Shutdown { .. } => Desired::Stopped,
@@ -399,10 +533,20 @@ impl Vm {
                 }
                 self.pending = None;
                 let ok = error.is_none();
+                if op == Operation::Create {
+                    if ok {
+                        // Generation 1 is the first state a VMM reported.
+                        self.touch(now);
+                    } else {
+                        self.snap.deleted = true;
+                    }
+                }
                 if op == Operation::Delete && ok {
                     self.snap.deleted = true;
                     self.touch(now);
-                } else if let Some((state, reason)) = reported {
+                } else if let Some((state, reason)) = reported
+                    && !self.snap.deleted
+                {
                     self.set_state(state, reason, now);
                 }
                 self.events.push_back(VmEvent::OperationFinished {
@@ -613,6 +757,7 @@ mod tests {
 
     fn arb_command() -> impl Strategy<Value = Command> {
         prop_oneof![
+            Just(Command::Create),
             Just(Command::Boot),
             (any::<bool>(), 0u32..120).prop_map(|(force, timeout_secs)| Command::Shutdown {
                 force,
@@ -647,6 +792,8 @@ mod tests {
     fn model_allows(op: Operation, s: VmState) -> bool {
         use VmState::*;
         match op {
+            // Only `Vm::creating` queues a create; an existing VM never admits one.
+            Operation::Create => false,
             Operation::Boot => matches!(s, Created | Shutdown),
             Operation::Shutdown => matches!(s, Running | Paused),
             Operation::Pause => s == Running,
@@ -660,11 +807,93 @@ mod tests {
         use VmState::*;
         matches!(
             (op, s),
-            (Operation::Boot, Running)
+            (Operation::Create, _)
+                | (Operation::Boot, Running)
                 | (Operation::Shutdown, Shutdown)
                 | (Operation::Pause, Paused)
                 | (Operation::Resume, Running)
         )
+    }
+
+    #[test]
+    fn create_is_a_command_whose_success_is_generation_one_and_whose_failure_deletes() {
+        let id = VmId::parse("vm1").expect("valid id");
+        let mut v = Vm::creating(id.clone(), valid(), 10);
+        assert_eq!(v.snapshot().generation, 0);
+        assert_eq!(v.poll_effect(), Some(Effect::Perform(Command::Create)));
+        assert!(matches!(
+            v.handle_command(Command::Boot, 11),
+            Admission::Denied(ref e) if e.to_string().contains("create is in progress")
+        ));
+        v.handle_observation(
+            Observation::Completed {
+                op: Operation::Create,
+                reported: Some((VmState::Created, String::new())),
+                error: None,
+            },
+            12,
+        );
+        assert_eq!(v.snapshot().generation, 1);
+        assert_eq!(v.snapshot().state, VmState::Created);
+        assert!(!v.snapshot().deleted);
+        assert_eq!(v.handle_command(Command::Create, 13), Admission::Ignored);
+
+        let mut failed = Vm::creating(id, valid(), 10);
+        failed.poll_effect();
+        failed.handle_observation(
+            Observation::Completed {
+                op: Operation::Create,
+                reported: Some((VmState::Failed, "spawn failed".into())),
+                error: Some(VmError::Unavailable("spawn failed".into())),
+            },
+            12,
+        );
+        assert!(failed.snapshot().deleted, "a failed create leaves no VM");
+        assert_eq!(failed.poll_timeout(), None);
+    }
+
+    #[test]
+    fn the_sample_timer_is_data_and_skips_while_an_operation_is_in_flight() {
+        let t0 = Instant::now();
+        let period = Duration::from_secs(5);
+        let mut v = vm().with_sample_period(period);
+        assert_eq!(v.poll_timeout(), None, "no timer before start");
+        v.start_timers(t0);
+        assert_eq!(v.poll_timeout(), Some(t0 + period));
+        v.handle_timeout(t0 + Duration::from_secs(1));
+        assert_eq!(v.poll_effect(), None, "not due yet");
+        v.handle_timeout(t0 + period);
+        assert_eq!(v.poll_effect(), Some(Effect::Sample));
+        assert_eq!(v.poll_timeout(), Some(t0 + period + period));
+        v.handle_command(Command::Boot, 1);
+        assert_eq!(v.poll_effect(), Some(Effect::Perform(Command::Boot)));
+        v.handle_timeout(t0 + period * 2);
+        assert_eq!(
+            v.poll_effect(),
+            None,
+            "the boot's completion reports the state"
+        );
+        assert_eq!(v.poll_timeout(), Some(t0 + period * 3));
+    }
+
+    #[test]
+    fn the_default_shutdown_grace_is_defined_once_here() {
+        let graceful = |timeout_secs| Command::Shutdown {
+            force: false,
+            timeout_secs,
+        };
+        assert_eq!(graceful(0).graceful_timeout(), Some(DEFAULT_SHUTDOWN_GRACE));
+        assert_eq!(graceful(7).graceful_timeout(), Some(Duration::from_secs(7)));
+        let forced = Command::Shutdown {
+            force: true,
+            timeout_secs: 7,
+        };
+        assert_eq!(forced.graceful_timeout(), None);
+        assert_eq!(
+            Command::Delete { force: false }.graceful_timeout(),
+            Some(DEFAULT_SHUTDOWN_GRACE)
+        );
+        assert_eq!(Command::Delete { force: true }.graceful_timeout(), None);
     }
 
     proptest! {

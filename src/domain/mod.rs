@@ -6,13 +6,15 @@ pub mod config;
 pub mod error;
 pub mod id;
 pub mod lifecycle;
+pub mod recovery;
 
 pub use config::{
-    BootConfig, ConfigError, ConsoleConfig, CpuConfig, CpuTopology, MemoryConfig, NetworkInterface,
-    StorageDevice, VmConfig,
+    BootConfig, ConsoleConfig, CpuConfig, CpuTopology, MemoryConfig, NetworkInterface,
+    StorageDevice, VmConfig, VmConfigError,
 };
 pub use error::VmError;
 pub use id::{VmId, VmIdError};
 pub use lifecycle::{
-    Admission, Command, Effect, Observation, Operation, Vm, VmEvent, VmSnapshot, VmState,
+    Admission, Command, DEFAULT_SAMPLE_PERIOD, DEFAULT_SHUTDOWN_GRACE, Desired, Effect,
+    Observation, Operation, Vm, VmEvent, VmSnapshot, VmState,
 };

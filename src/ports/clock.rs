@@ -4,6 +4,11 @@
 pub trait Clock: Send + Sync + 'static {
     /// Seconds since the Unix epoch.
     fn now_unix(&self) -> i64;
+
+    /// Milliseconds since the Unix epoch (for sample times).
+    fn now_unix_ms(&self) -> i64 {
+        self.now_unix().saturating_mul(1000)
+    }
 }
 
 /// The system clock.
@@ -15,6 +20,13 @@ impl Clock for SystemClock {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+            .unwrap_or(0)
+    }
+
+    fn now_unix_ms(&self) -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
             .unwrap_or(0)
     }
 }

@@ -1,14 +1,22 @@
-//! The outbound port to a VMM backend. One VMM process per VM; the backend
-//! keeps each VM's process handle and socket, keyed by [`VmId`].
+//! The outbound port to a VMM backend. One VMM process per VM.
 //!
-//! Every operation returns the state the VMM *reported after* performing it
-//! (read back, never assumed), so callers can record the truth.
+//! [`Hypervisor::create`] and [`Hypervisor::adopt`] hand back a per-VM
+//! handle ([`VmmHandle`]) that the VM's owner task owns; the backend keeps no
+//! registry of VMs. Every operation on a handle answers with what the VMM
+//! reported afterwards (read back, never assumed) *and* the identity of the
+//! VMM process that now serves the VM, so that when an operation replaces
+//! the process (a respawn to boot a powered-off Cloud Hypervisor VM, a
+//! Firecracker reboot) the owner records the new pid in the same step as
+//! the new state. What a VMM does on its own (an exit, a pause made by
+//! another client on its socket) reaches the owner through the
+//! [`VmmEventSink`] given at create/adopt.
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
-use crate::domain::{ConfigError, VmConfig, VmId, VmState};
+use crate::domain::{VmConfig, VmConfigError, VmId, VmState};
 
 /// Which VMM a backend drives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -34,7 +42,7 @@ impl BackendKind {
 pub struct ShutdownMode {
     /// Skip the graceful attempt.
     pub force: bool,
-    /// How long the graceful attempt may take before a hard stop.
+    /// How long the graceful attempt may take before a hard stop (decided by the core).
     pub graceful_timeout: Duration,
 }
 
@@ -86,7 +94,7 @@ pub struct VmMetrics {
     pub uptime_seconds: i64,
 }
 
-/// What the VMM reports about one VM.
+/// A full sample of one VM: what [`VmmHandle::sample`] answers.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct VmmInfo {
     /// State as reported.
@@ -97,6 +105,8 @@ pub struct VmmInfo {
     pub metrics: VmMetrics,
     /// Backend details for operators: VMM version, pid, socket path.
     pub backend_info: BTreeMap<String, String>,
+    /// The VMM process serving the VM now (None when none runs).
+    pub process: Option<VmmProcess>,
 }
 
 /// The identity of a VMM process, so a restarted VMCP can tell it is the same one.
@@ -110,36 +120,71 @@ pub struct VmmProcess {
     pub socket_path: String,
 }
 
-/// Something the backend noticed on its own.
+/// What the VMM reported after an operation, and which process serves the VM now.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BackendEvent {
-    /// A VMM process ended without VMCP asking it to.
+pub struct Reported {
+    /// The state the VMM reported after the operation.
+    pub state: VmState,
+    /// Why (may be empty), e.g. "stopped by VMCP" when no process runs.
+    pub reason: String,
+    /// The VMM process serving the VM after the operation: a new identity when
+    /// the operation replaced the process, None when no process runs.
+    pub process: Option<VmmProcess>,
+}
+
+/// Something a VMM did on its own, reported by the supervision layer to the
+/// VM's owner. Each event names the pid it is about, so an owner can drop
+/// news about a process it has already replaced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmmEvent {
+    /// The VMM process ended without VMCP asking it to.
     Exited {
-        /// The VM.
-        vm_id: VmId,
+        /// The process that ended.
+        pid: u32,
         /// Shutdown for a guest-initiated poweroff, Failed for a crash.
         state: VmState,
         /// Exit status or signal, and the last lines of the VMM's log.
         reason: String,
     },
+    /// The VMM announced a state change (Cloud Hypervisor's event monitor),
+    /// also for changes another client made directly on its socket.
+    StateChanged {
+        /// The process that reported it.
+        pid: u32,
+        /// The state the VM is in after the event.
+        state: VmState,
+        /// The VMM's own words (e.g. "vm/paused").
+        reason: String,
+    },
 }
 
-/// Where a backend sends [`BackendEvent`]s.
-pub type EventSink = tokio::sync::mpsc::UnboundedSender<BackendEvent>;
+/// Where a VM's handle sends [`VmmEvent`]s: its owner task.
+pub type VmmEventSink = tokio::sync::mpsc::UnboundedSender<VmmEvent>;
 
-/// Why a hypervisor call failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// The underlying cause of a [`HypervisorError`], kept for logs and `source()` chains.
+pub type Cause = Arc<dyn std::error::Error + Send + Sync>;
+
+/// Why a hypervisor call failed. Variants say what the caller can do about
+/// it; the cause (an I/O error, an HTTP error, a process error) is kept as
+/// the `source`, never flattened into the message.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum HypervisorError {
     /// The backend cannot honour a field of the config.
     #[error(transparent)]
-    InvalidConfig(#[from] ConfigError),
+    InvalidConfig(#[from] VmConfigError),
     /// The VMM refused because of the VM's state (CH answers 500 with an error body,
     /// Firecracker 400 with a fault message).
     #[error("the VMM refused: {0}")]
     InvalidState(String),
     /// The VMM (or the backend binary, or KVM) cannot be reached or used.
-    #[error("{0}")]
-    Unavailable(String),
+    #[error("{message}")]
+    Unavailable {
+        /// What could not be reached, in words.
+        message: String,
+        /// The underlying failure, if any.
+        #[source]
+        source: Option<Cause>,
+    },
     /// The VMM did not answer in time.
     #[error("{operation} timed out after {after:?}")]
     Timeout {
@@ -148,27 +193,150 @@ pub enum HypervisorError {
         /// How long we waited.
         after: Duration,
     },
-    /// The backend has no VMM for this VM.
-    #[error("no VMM for vm {0}")]
-    NotFound(String),
+    /// The VMM process this handle or record names is gone (or was never there).
+    #[error("VMM is gone: {0}")]
+    Gone(String),
     /// The VMM process could not be started.
-    #[error("VMM failed to start: {0}")]
-    SpawnFailed(String),
+    #[error("VMM failed to start: {message}")]
+    SpawnFailed {
+        /// What happened, with the VMM's log tail.
+        message: String,
+        /// The underlying failure, if any.
+        #[source]
+        source: Option<Cause>,
+    },
     /// This backend cannot perform the operation at all.
     #[error("{0}")]
     Unsupported(String),
     /// Host resource trouble (disk full, too many processes).
-    #[error("{0}")]
-    ResourceExhausted(String),
+    #[error("{message}")]
+    ResourceExhausted {
+        /// What ran out.
+        message: String,
+        /// The underlying failure, if any.
+        #[source]
+        source: Option<Cause>,
+    },
     /// The VMM answered something VMCP does not understand (a bug on one side).
     #[error("unexpected answer from the VMM: {0}")]
     Protocol(String),
 }
 
-/// One VMM process per VM. Implementations MUST be safe to call concurrently
-/// for different VMs; calls for one VM are serialized by the caller.
+impl HypervisorError {
+    /// `Unavailable` with a message and no further cause.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::Unavailable {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// `Unavailable` with a message and its cause.
+    pub fn unavailable_from(
+        message: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self::Unavailable {
+            message: message.into(),
+            source: Some(Arc::new(source)),
+        }
+    }
+
+    /// `SpawnFailed` with a message and no further cause.
+    pub fn spawn_failed(message: impl Into<String>) -> Self {
+        Self::SpawnFailed {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// `ResourceExhausted` with a message and no further cause.
+    pub fn resource_exhausted(message: impl Into<String>) -> Self {
+        Self::ResourceExhausted {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// A short, stable name of the variant, for metrics labels and tests.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            HypervisorError::InvalidConfig(_) => "invalid_config",
+            HypervisorError::InvalidState(_) => "invalid_state",
+            HypervisorError::Unavailable { .. } => "unavailable",
+            HypervisorError::Timeout { .. } => "timeout",
+            HypervisorError::Gone(_) => "gone",
+            HypervisorError::SpawnFailed { .. } => "spawn_failed",
+            HypervisorError::Unsupported(_) => "unsupported",
+            HypervisorError::ResourceExhausted { .. } => "resource_exhausted",
+            HypervisorError::Protocol(_) => "protocol",
+        }
+    }
+}
+
+/// A VM found on the host by [`Hypervisor::discover`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Discovered {
+    /// The VM the runtime directory is named after.
+    pub id: VmId,
+    /// Its live VMM process, if one still runs (verified by pid, start time and command line).
+    pub process: Option<VmmProcess>,
+}
+
+/// One VM's VMM, owned by the VM's owner task. Calls on one handle are
+/// serialized by `&mut self`; handles of different VMs are independent.
+///
+/// Every operation MUST answer with the state the VMM reports afterwards and
+/// the process that serves the VM then ([`Reported::process`]). When an
+/// operation starts a new process (respawn), the handle MUST end the old one
+/// first and report the new identity. On failure the handle MUST still know
+/// its current process ([`VmmHandle::process`]).
 #[cfg_attr(test, mockall::automock)]
+pub trait VmmHandle: Send + 'static {
+    /// The VMM process serving the VM now, if one runs.
+    fn process(&self) -> Option<VmmProcess>;
+
+    /// Boots the VM, starting a fresh VMM with the stored config first when
+    /// none runs (a powered-off or stopped VM). MUST return `InvalidState` if
+    /// the VMM refuses, `SpawnFailed` if a new VMM does not come up.
+    fn boot(&mut self) -> impl Future<Output = Result<Reported, HypervisorError>> + Send;
+
+    /// Stops the VM, gracefully first unless forced, hard after the timeout.
+    fn shutdown(
+        &mut self,
+        mode: ShutdownMode,
+    ) -> impl Future<Output = Result<Reported, HypervisorError>> + Send;
+
+    /// Pauses the VM.
+    fn pause(&mut self) -> impl Future<Output = Result<Reported, HypervisorError>> + Send;
+
+    /// Resumes the VM.
+    fn resume(&mut self) -> impl Future<Output = Result<Reported, HypervisorError>> + Send;
+
+    /// Reboots the VM (a backend without a reboot restarts its VMM: a new process).
+    fn reboot(
+        &mut self,
+        force: bool,
+    ) -> impl Future<Output = Result<Reported, HypervisorError>> + Send;
+
+    /// Ends the VMM (killed after a grace period, or at once when `force`),
+    /// reaps it and removes the VM's runtime files. MUST succeed when the VMM
+    /// is already gone (idempotent) and MUST NOT touch any other process.
+    fn delete(&mut self, force: bool) -> impl Future<Output = Result<(), HypervisorError>> + Send;
+
+    /// Reads state, metrics and backend details from the VMM and /proc.
+    /// A VMM that is gone reads as its exit state (Shutdown or Failed with
+    /// the reason), not as an error; `Unavailable` if its socket does not answer.
+    fn sample(&mut self) -> impl Future<Output = Result<VmmInfo, HypervisorError>> + Send;
+}
+
+/// A VMM backend: starts and re-attaches VMMs and hands out their handles.
+/// MUST be safe to call concurrently for different VMs.
+#[cfg_attr(test, mockall::automock(type Vm = MockVmmHandle;))]
 pub trait Hypervisor: Send + Sync + 'static {
+    /// The per-VM handle.
+    type Vm: VmmHandle;
+
     /// Which VMM this is.
     fn kind(&self) -> BackendKind;
 
@@ -177,8 +345,8 @@ pub trait Hypervisor: Send + Sync + 'static {
     fn check(&self) -> impl Future<Output = Result<BackendCheck, HypervisorError>> + Send;
 
     /// Rejects any config field this backend cannot honour. MUST return a
-    /// `ConfigError` naming the field and the backend; MUST NOT do I/O.
-    fn validate(&self, config: &VmConfig) -> Result<(), ConfigError>;
+    /// `VmConfigError` naming the field and the backend; MUST NOT do I/O.
+    fn validate(&self, config: &VmConfig) -> Result<(), VmConfigError>;
 
     /// Starts a VMM for `id` and configures the VM without booting it.
     /// MUST leave no process or file behind when it fails; MUST return
@@ -188,67 +356,28 @@ pub trait Hypervisor: Send + Sync + 'static {
         &self,
         id: &VmId,
         config: &VmConfig,
-    ) -> impl Future<Output = Result<(VmState, VmmProcess), HypervisorError>> + Send;
-
-    /// Boots the VM. Returns the state reported afterwards.
-    /// MUST return `InvalidState` if the VMM refuses, `NotFound` if no VMM is known.
-    fn boot(&self, id: &VmId) -> impl Future<Output = Result<VmState, HypervisorError>> + Send;
-
-    /// Stops the VM, gracefully first unless forced, hard after the timeout.
-    /// Returns the state reported afterwards.
-    fn shutdown(
-        &self,
-        id: &VmId,
-        mode: ShutdownMode,
-    ) -> impl Future<Output = Result<VmState, HypervisorError>> + Send;
-
-    /// Pauses the VM. Returns the state reported afterwards.
-    fn pause(&self, id: &VmId) -> impl Future<Output = Result<VmState, HypervisorError>> + Send;
-
-    /// Resumes the VM. Returns the state reported afterwards.
-    fn resume(&self, id: &VmId) -> impl Future<Output = Result<VmState, HypervisorError>> + Send;
-
-    /// Reboots the VM. Returns the state reported afterwards.
-    fn reboot(
-        &self,
-        id: &VmId,
-        force: bool,
-    ) -> impl Future<Output = Result<VmState, HypervisorError>> + Send;
-
-    /// Removes the VM: stops it, ends its VMM (killed after a grace period,
-    /// or at once when `force`), reaps it and removes its runtime files.
-    /// MUST succeed when the VMM is already gone (idempotent).
-    fn delete(
-        &self,
-        id: &VmId,
-        force: bool,
-    ) -> impl Future<Output = Result<(), HypervisorError>> + Send;
-
-    /// Reads state, metrics and backend details. MUST return `NotFound` if
-    /// no VMM is known for `id`, `Unavailable` if its socket does not answer.
-    fn info(&self, id: &VmId) -> impl Future<Output = Result<VmmInfo, HypervisorError>> + Send;
+        events: VmmEventSink,
+    ) -> impl Future<Output = Result<(Self::Vm, Reported), HypervisorError>> + Send;
 
     /// Re-attaches to a VM after a VMCP restart. With `process`, MUST verify
     /// the process is the same one (pid and start time) and that its socket
-    /// answers, and return the state it reports; `NotFound` if it is gone.
-    /// Without `process` (the VM was stopped and its VMM is gone), MUST
-    /// register the VM so that a later boot can start it again, and return
-    /// the state the VM is in (Shutdown), or `Unsupported` if the backend
-    /// cannot boot a VM without its original VMM.
+    /// answers, and report the state it reports; `Gone` if it is not there.
+    /// Without `process`, MUST hand back a handle with no process (reported
+    /// as Shutdown) whose `boot` starts a fresh VMM from `config`; it MUST
+    /// NOT start a process itself.
     fn adopt(
         &self,
         id: &VmId,
         config: &VmConfig,
         process: Option<VmmProcess>,
-    ) -> impl Future<Output = Result<VmState, HypervisorError>> + Send;
+        events: VmmEventSink,
+    ) -> impl Future<Output = Result<(Self::Vm, Reported), HypervisorError>> + Send;
 
     /// Lists the VMs whose runtime directories this backend finds on the
-    /// host, each with its live VMM process if one still runs (verified by
-    /// pid, start time and command line). Used at start-up to find VMMs that
-    /// no record names.
-    fn discover(
-        &self,
-    ) -> impl Future<Output = Result<Vec<(VmId, Option<VmmProcess>)>, HypervisorError>> + Send;
+    /// host, each with its live VMM process if one still runs. Used at
+    /// start-up to find VMMs that no record names, or that replaced the
+    /// recorded one just before a crash.
+    fn discover(&self) -> impl Future<Output = Result<Vec<Discovered>, HypervisorError>> + Send;
 
     /// Ends a VMM that belongs to no VM (if it still runs) and removes its
     /// runtime files. MUST NOT touch any process other than `process`.

@@ -11,11 +11,13 @@ pub mod telemetry;
 
 pub use clock::{Clock, SystemClock};
 pub use hypervisor::{
-    BackendCheck, BackendEvent, BackendKind, EventSink, Hypervisor, HypervisorError, NetworkStats,
-    ShutdownMode, StorageStats, VmMetrics, VmmInfo, VmmProcess,
+    BackendCheck, BackendKind, Cause, Discovered, Hypervisor, HypervisorError, NetworkStats,
+    Reported, ShutdownMode, StorageStats, VmMetrics, VmmEvent, VmmEventSink, VmmHandle, VmmInfo,
+    VmmProcess,
 };
 pub use service::{
-    BackendHealth, CreateVm, HealthCheck, ListQuery, ServiceHealth, VmDetails, VmPage, VmService,
+    BackendHealth, CreateVm, HealthCheck, ListQuery, ServiceHealth, VmCounts, VmDetails, VmPage,
+    VmService,
 };
 pub use store::{StoreError, VmRecord, VmStore};
 pub use telemetry::{NoopTelemetry, Telemetry, TelemetryEvent};

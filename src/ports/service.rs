@@ -26,6 +26,8 @@ pub struct VmDetails {
     pub metrics: Option<VmMetrics>,
     /// Backend details (VMM version, pid, socket, backend type).
     pub backend_info: BTreeMap<String, String>,
+    /// When `metrics` and `backend_info` were sampled, Unix milliseconds.
+    pub sampled_at_ms: Option<i64>,
 }
 
 /// A ListVms query.
@@ -96,13 +98,51 @@ pub struct BackendHealth {
     pub duration: std::time::Duration,
 }
 
+/// How many VMs are in each observed state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct VmCounts {
+    counts: [u64; VmState::ALL.len()],
+}
+
+impl VmCounts {
+    /// Counts one more VM in `state`.
+    pub fn add(&mut self, state: VmState) {
+        self.counts[state.index()] += 1;
+    }
+
+    /// How many VMs are in `state`.
+    pub fn get(&self, state: VmState) -> u64 {
+        self.counts[state.index()]
+    }
+
+    /// Every state with its count, in [`VmState::ALL`] order (zeros included).
+    pub fn iter(&self) -> impl Iterator<Item = (VmState, u64)> + '_ {
+        VmState::ALL.iter().map(|s| (*s, self.get(*s)))
+    }
+
+    /// How many VMs in all.
+    pub fn total(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+}
+
+impl FromIterator<VmState> for VmCounts {
+    fn from_iter<I: IntoIterator<Item = VmState>>(iter: I) -> Self {
+        let mut counts = Self::default();
+        for s in iter {
+            counts.add(s);
+        }
+        counts
+    }
+}
+
 /// The state of the service as the health endpoint reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ServiceHealth {
     /// Start-up recovery is still running; VM calls are not served yet.
     pub recovering: bool,
-    /// VMs per observed state (lower-case state names).
-    pub vm_counts: BTreeMap<&'static str, u64>,
+    /// VMs per observed state.
+    pub vm_counts: VmCounts,
     /// Telemetry pipeline state: `disabled`, `ok` or the last export error.
     pub telemetry: String,
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use connectrpc::ErrorCode;
 use vmcp::adapters::inbound::guard::ApiLimits;
-use vmcp::app::admission::{Admission, VmLimits};
+use vmcp::app::admission::{CreatePolicy, VmLimits};
 use vmcp::app::path_policy::PathPolicy;
 use vmcp::app::security::Security;
 use vmcp::proto::vmm::v1 as pb;
@@ -50,7 +50,7 @@ async fn host_paths_outside_the_asset_directories_are_denied() {
     std::fs::write(root.path().join("secret"), b"secret").expect("write");
     std::os::unix::fs::symlink(root.path().join("secret"), assets.join("link")).expect("symlink");
     let h = Harness::start_secured(Security {
-        admission: Admission {
+        admission: CreatePolicy {
             paths: PathPolicy::new(std::slice::from_ref(&assets)).expect("policy"),
             limits: VmLimits::unlimited(),
         },
@@ -107,7 +107,7 @@ async fn host_paths_outside_the_asset_directories_are_denied() {
 
 fn limited(limits: VmLimits) -> Security {
     Security {
-        admission: Admission {
+        admission: CreatePolicy {
             paths: PathPolicy::unrestricted(),
             limits,
         },

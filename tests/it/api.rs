@@ -48,8 +48,28 @@ async fn every_rpc_over_every_protocol() {
             info.backend_info.get("backend").map(String::as_str),
             Some("cloudhypervisor")
         );
-        assert!(info.metrics.as_option().is_some(), "metrics from the VMM");
         assert!(info.generation >= 1);
+        // Metrics come from the owner's sampler, right after the create answered.
+        let sampled = eventually(Duration::from_secs(2), || {
+            let c = c.clone();
+            let id = id.clone();
+            async move {
+                let info = c
+                    .get_vm_info(pb::GetVmInfoRequest {
+                        vm_id: id,
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("info")
+                    .into_owned();
+                info.metrics.as_option().is_some() && info.metrics_sampled_timestamp_ms > 0
+            }
+        })
+        .await;
+        assert!(
+            sampled,
+            "metrics sampled from the VMM, with their sample time"
+        );
 
         let boot = c
             .boot_vm(pb::BootVmRequest {
@@ -304,7 +324,7 @@ async fn each_error_code() {
 
     h.double.fail(
         "create",
-        HypervisorError::ResourceExhausted("no more VMM processes".into()),
+        HypervisorError::resource_exhausted("no more VMM processes"),
     );
     let re = c
         .create_vm(create_req("full"))
@@ -323,7 +343,7 @@ async fn each_error_code() {
         .expect_err("hung VMM");
     assert_eq!(de.code, ErrorCode::DeadlineExceeded, "{de:?}");
     h.double.reset();
-    // The VM's state stayed consistent: it is still Created and can be booted.
+    // Nothing hoped for: the VMM has not booted yet, so VMCP reads Created...
     let info = c
         .get_vm_info(pb::GetVmInfoRequest {
             vm_id: "fp".into(),
@@ -333,6 +353,26 @@ async fn each_error_code() {
         .expect("info")
         .into_owned();
     assert_eq!(state(info.state), S::VM_STATE_CREATED);
+    // ...and when the late boot does take effect in the VMM, VMCP follows it.
+    let late = eventually(Duration::from_secs(4), || {
+        let c = c.clone();
+        async move {
+            let info = c
+                .get_vm_info(pb::GetVmInfoRequest {
+                    vm_id: "fp".into(),
+                    ..Default::default()
+                })
+                .await
+                .expect("info")
+                .into_owned();
+            state(info.state) == S::VM_STATE_RUNNING
+        }
+    })
+    .await;
+    assert!(
+        late,
+        "the boot that answered too late is seen once the VMM did it"
+    );
     let ok = c
         .boot_vm(pb::BootVmRequest {
             vm_id: "fp".into(),
@@ -700,30 +740,26 @@ async fn a_guest_poweroff_behind_our_back_is_noticed() {
     .await
     .expect("boot");
     h.double.guest_poweroff("quiet");
-    let info = c
-        .get_vm_info(pb::GetVmInfoRequest {
-            vm_id: "quiet".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("info")
-        .into_owned();
-    assert_eq!(
-        state(info.state),
-        S::VM_STATE_SHUTDOWN,
-        "GetVmInfo reports what the VMM says"
-    );
-    let recorded = eventually(Duration::from_secs(2), || {
+    let recorded = eventually(Duration::from_secs(1), || {
         let c = c.clone();
         async move {
-            let list = c
+            let info = c
+                .get_vm_info(pb::GetVmInfoRequest {
+                    vm_id: "quiet".into(),
+                    ..Default::default()
+                })
+                .await
+                .expect("info")
+                .into_owned();
+            let listed = c
                 .list_vms(pb::ListVmsRequest::default())
                 .await
                 .expect("list")
-                .into_owned();
-            list.vms
+                .into_owned()
+                .vms
                 .iter()
-                .any(|v| v.vm_id == "quiet" && state(v.state) == S::VM_STATE_SHUTDOWN)
+                .any(|v| v.vm_id == "quiet" && state(v.state) == S::VM_STATE_SHUTDOWN);
+            state(info.state) == S::VM_STATE_SHUTDOWN && listed
         }
     })
     .await;
@@ -733,10 +769,9 @@ async fn a_guest_poweroff_behind_our_back_is_noticed() {
 
 #[tokio::test]
 async fn restart_readopts_vms_and_reports_dead_ones() {
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let double = Arc::new(super::double::Double::new(tx));
+    let double = Arc::new(super::double::Double::new());
     let store = Arc::new(vmcp::adapters::outbound::store::memory::MemoryStore::new());
-    let h = Harness::start_with(Arc::clone(&double), rx, Arc::clone(&store)).await;
+    let h = Harness::start_with(Arc::clone(&double), Arc::clone(&store)).await;
     let c = h.client(Wire::ConnectProto);
     for id in ["keep", "lose"] {
         c.create_vm(create_req(id)).await.expect("create");
@@ -751,9 +786,8 @@ async fn restart_readopts_vms_and_reports_dead_ones() {
     assert_eq!(double.vmm_count(), 2, "VMCP's shutdown never stops VMs");
     double.kill("lose");
 
-    let (tx2, rx2) = tokio::sync::mpsc::unbounded_channel();
-    drop(tx2);
-    let h = Harness::start_with(Arc::clone(&double), rx2, store).await;
+    let double = Arc::new(double.restarted());
+    let h = Harness::start_with(Arc::clone(&double), store).await;
     let c = h.client(Wire::ConnectProto);
     let keep = c
         .get_vm_info(pb::GetVmInfoRequest {
@@ -823,10 +857,9 @@ async fn restart_completes_interrupted_work_and_removes_orphans() {
     use vmcp::domain::lifecycle::Desired;
     use vmcp::ports::VmStore;
 
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let double = Arc::new(super::double::Double::new(tx));
+    let double = Arc::new(super::double::Double::new());
     let store = Arc::new(vmcp::adapters::outbound::store::memory::MemoryStore::new());
-    let h = Harness::start_with(Arc::clone(&double), rx, Arc::clone(&store)).await;
+    let h = Harness::start_with(Arc::clone(&double), Arc::clone(&store)).await;
     let c = h.client(Wire::ConnectJson);
     for id in ["deleting", "stopped"] {
         c.create_vm(create_req(id)).await.expect("create");
@@ -864,9 +897,8 @@ async fn restart_completes_interrupted_work_and_removes_orphans() {
     double.plant_orphan("ghost");
     double.kill("stopped");
 
-    let (tx2, rx2) = tokio::sync::mpsc::unbounded_channel();
-    drop(tx2);
-    let h = Harness::start_with(Arc::clone(&double), rx2, Arc::clone(&store)).await;
+    let double = Arc::new(double.restarted());
+    let h = Harness::start_with(Arc::clone(&double), Arc::clone(&store)).await;
     let c = h.client(Wire::ConnectJson);
     let list = c
         .list_vms(pb::ListVmsRequest::default())
@@ -886,13 +918,13 @@ async fn restart_completes_interrupted_work_and_removes_orphans() {
     );
     assert_eq!(
         double.orphans_destroyed.load(Ordering::SeqCst),
-        2,
-        "the ghost VMM and the half-created dir were cleaned up"
+        3,
+        "the interrupted delete's VMM, the ghost VMM and the half-created dir were ended"
     );
     assert_eq!(
         double.vmm_count(),
-        1,
-        "only the stopped VM remains registered with the backend"
+        0,
+        "no VMM runs: the stopped VM's guest powered off, the rest were ended"
     );
     let ids: Vec<String> = store
         .load_all()
@@ -920,11 +952,10 @@ async fn restart_completes_interrupted_work_and_removes_orphans() {
 
 #[tokio::test]
 async fn orphans_can_be_reported_without_removing_them() {
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let double = Arc::new(super::double::Double::new(tx));
+    let double = Arc::new(super::double::Double::new());
     double.plant_orphan("stray");
     let store = Arc::new(vmcp::adapters::outbound::store::memory::MemoryStore::new());
-    let h = Harness::start_reporting_orphans(Arc::clone(&double), rx, store).await;
+    let h = Harness::start_reporting_orphans(Arc::clone(&double), store).await;
     assert_eq!(
         double.orphans_destroyed.load(Ordering::SeqCst),
         0,

@@ -1,25 +1,32 @@
 //! The Cloud Hypervisor adapter against the fake CH (tests/it/fake_ch.rs):
 //! the REST client over a real Unix socket with every failure class, and the
-//! `CloudHypervisor` backend spawning the fake as its VMM process through
-//! every operation, crash, hang, refusal and clean-up path.
+//! `CloudHypervisor` backend spawning the fake as its VMM process and
+//! driving it through the VM's handle: every operation, crash, hang,
+//! refusal and clean-up path, a VMM replaced by boot after the guest powered
+//! off (new pid, adoptable after a restart, gone after delete), exit events
+//! naming their pid, and the event monitor reporting a pause made directly
+//! on the VMM's socket.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
-use vmcp::adapters::outbound::cloud_hypervisor::CloudHypervisor;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use vmcp::adapters::outbound::cloud_hypervisor::client::ChApi;
 use vmcp::adapters::outbound::cloud_hypervisor::config::{ChVmConfig, ConsoleDefaults, to_ch};
+use vmcp::adapters::outbound::cloud_hypervisor::{ChVm, CloudHypervisor};
 use vmcp::adapters::outbound::vmm::UdsClient;
 use vmcp::adapters::outbound::vmm::process::{is_alive, read_start_time};
 use vmcp::domain::{
     BootConfig, ConsoleConfig, CpuConfig, MemoryConfig, NetworkInterface, StorageDevice, VmConfig,
     VmId, VmState,
 };
-use vmcp::ports::{BackendEvent, Hypervisor, HypervisorError, ShutdownMode, VmmProcess};
+use vmcp::ports::{
+    Hypervisor, HypervisorError, Reported, ShutdownMode, VmmEvent, VmmHandle, VmmProcess,
+};
 
 use crate::fake_ch::{Acpi, Behaviour, FakeCh, install};
+use crate::real_env::{error_chain, kill9};
 
 const MIB: i64 = 1 << 20;
 
@@ -132,20 +139,16 @@ async fn client_maps_ch_error_bodies_to_invalid_state() {
     let http = UdsClient::new(Duration::from_secs(2));
     let api = ChApi::new(&http, &sock);
     // 404: no VM created.
-    assert_eq!(
+    assert!(matches!(
         api.boot().await,
-        Err(HypervisorError::InvalidState(
-            "vm.boot: The VM could not boot: VM config is missing".into()
-        ))
-    );
+        Err(HypervisorError::InvalidState(m)) if m == "vm.boot: The VM could not boot: VM config is missing"
+    ));
     api.create(&ch_config(tmp.path())).await.unwrap();
     // 500: the state forbids it.
-    assert_eq!(
+    assert!(matches!(
         api.pause().await,
-        Err(HypervisorError::InvalidState(
-            "vm.pause: The VM could not be paused: VM is not running".into()
-        ))
-    );
+        Err(HypervisorError::InvalidState(m)) if m == "vm.pause: The VM could not be paused: VM is not running"
+    ));
     assert!(matches!(
         api.counters().await,
         Err(HypervisorError::InvalidState(_))
@@ -194,15 +197,21 @@ async fn client_refused_connection_is_unavailable() {
     let http = UdsClient::new(Duration::from_secs(2));
     let err = ChApi::new(&http, &sock).state().await.unwrap_err();
     assert!(
-        matches!(&err, HypervisorError::Unavailable(m) if m.contains("unreachable")),
+        matches!(&err, HypervisorError::Unavailable { message, source: Some(_) } if message.contains("unreachable")),
         "{err:?}"
+    );
+    // The transport error is the source, with the socket it could not reach.
+    assert!(
+        error_chain(&err).contains(&sock.display().to_string()),
+        "{}",
+        error_chain(&err)
     );
     let missing = ChApi::new(&http, &tmp.path().join("gone.sock"))
         .state()
         .await
         .unwrap_err();
     assert!(
-        matches!(missing, HypervisorError::Unavailable(_)),
+        matches!(missing, HypervisorError::Unavailable { .. }),
         "{missing:?}"
     );
 }
@@ -221,12 +230,10 @@ async fn client_hung_socket_times_out() {
     let http = UdsClient::new(Duration::from_millis(150));
     let started = Instant::now();
     let err = ChApi::new(&http, &sock).info().await.unwrap_err();
-    assert_eq!(
-        err,
-        HypervisorError::Timeout {
-            operation: "GET /api/v1/vm.info".into(),
-            after: Duration::from_millis(150)
-        }
+    assert!(
+        matches!(&err, HypervisorError::Timeout { operation, after }
+            if operation == "GET /api/v1/vm.info" && *after == Duration::from_millis(150)),
+        "{err:?}"
     );
     assert!(started.elapsed() < Duration::from_secs(1));
 }
@@ -247,7 +254,8 @@ async fn client_connection_dropped_mid_call_is_unavailable() {
     api.create(&ch_config(tmp.path())).await.unwrap();
     let err = api.pause().await.unwrap_err();
     assert!(
-        matches!(&err, HypervisorError::Unavailable(m) if m.contains("closed during PUT /api/v1/vm.pause")),
+        matches!(&err, HypervisorError::Unavailable { message, .. }
+            if message.contains("closed its API connection during PUT /api/v1/vm.pause")),
         "{err:?}"
     );
     // The client recovers on a fresh connection.
@@ -256,12 +264,13 @@ async fn client_connection_dropped_mid_call_is_unavailable() {
 
 // ---------------------------------------------------------------- adapter
 
-/// A backend whose `cloud-hypervisor` is the fake, with its runtime root
-/// and event receiver in a temp dir.
+/// A backend whose `cloud-hypervisor` is the fake, with its runtime root in
+/// a temp dir and the owner's event channel for the VMs it creates.
 struct Env {
     tmp: tempfile::TempDir,
     ch: CloudHypervisor,
-    events: UnboundedReceiver<BackendEvent>,
+    tx: UnboundedSender<VmmEvent>,
+    events: UnboundedReceiver<VmmEvent>,
     pid_files: PathBuf,
 }
 
@@ -275,21 +284,42 @@ impl Env {
         let pid_files = tmp.path().join("pids");
         std::fs::create_dir_all(&pid_files).unwrap();
         b.pid_dir = Some(pid_files.to_string_lossy().into_owned());
-        let bin = install(&tmp.path().join("bin"), &b);
-        let (tx, rx) = unbounded_channel();
-        let ch = CloudHypervisor::new(bin, tmp.path().join("run"), timeout, tx)
-            .with_ready_timeout(Duration::from_secs(10))
-            .with_stop_grace(Duration::from_secs(2));
+        install(&tmp.path().join("bin"), &b);
+        let (tx, events) = unbounded_channel();
         Env {
+            ch: Self::backend(&tmp, timeout),
             tmp,
-            ch,
-            events: rx,
+            tx,
+            events,
             pid_files,
         }
     }
 
+    /// Another backend over the same binary and runtime root: a restarted VMCP.
+    fn backend(tmp: &tempfile::TempDir, timeout: Duration) -> CloudHypervisor {
+        CloudHypervisor::new(
+            tmp.path().join("bin/cloud-hypervisor"),
+            tmp.path().join("run"),
+            timeout,
+        )
+        .with_ready_timeout(Duration::from_secs(10))
+        .with_stop_grace(Duration::from_secs(2))
+    }
+
     fn config(&self) -> VmConfig {
         config(self.tmp.path())
+    }
+
+    async fn create(&self, vm: &VmId) -> (ChVm, VmmProcess) {
+        let (handle, rep) = self
+            .ch
+            .create(vm, &self.config(), self.tx.clone())
+            .await
+            .unwrap();
+        assert_eq!(rep.state, VmState::Created);
+        let p = rep.process.expect("a created VM has a VMM");
+        assert_eq!(handle.process(), Some(p.clone()));
+        (handle, p)
     }
 
     fn runtime_dir(&self, vm: &str) -> PathBuf {
@@ -314,12 +344,71 @@ impl Env {
         }
     }
 
-    async fn next_event(&mut self) -> BackendEvent {
-        tokio::time::timeout(Duration::from_secs(1), self.events.recv())
-            .await
-            .expect("an event within a second")
-            .expect("event channel open")
+    /// The next `Exited` event within a second (state changes the event
+    /// monitor reports on the way are skipped).
+    async fn next_exit(&mut self) -> (u32, VmState, String) {
+        next_exit(&mut self.events).await
     }
+
+    /// Asserts that no VMM exit has been reported (state changes are fine:
+    /// the event monitor reports VMCP's own operations too).
+    fn assert_no_exit(&mut self) {
+        while let Ok(ev) = self.events.try_recv() {
+            assert!(
+                matches!(ev, VmmEvent::StateChanged { .. }),
+                "unexpected {ev:?}"
+            );
+        }
+    }
+}
+
+async fn next_exit(events: &mut UnboundedReceiver<VmmEvent>) -> (u32, VmState, String) {
+    let wait = async {
+        loop {
+            match events.recv().await.expect("event channel open") {
+                VmmEvent::Exited { pid, state, reason } => return (pid, state, reason),
+                VmmEvent::StateChanged { .. } => {}
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(1), wait)
+        .await
+        .expect("an exit within a second")
+}
+
+/// Waits up to `within` for a `StateChanged` to `want`; returns its pid and reason.
+async fn state_change(
+    events: &mut UnboundedReceiver<VmmEvent>,
+    want: VmState,
+    within: Duration,
+) -> (u32, String) {
+    let wait = async {
+        loop {
+            match events.recv().await.expect("event channel open") {
+                VmmEvent::StateChanged { pid, state, reason } if state == want => {
+                    return (pid, reason);
+                }
+                VmmEvent::StateChanged { .. } => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    };
+    tokio::time::timeout(within, wait)
+        .await
+        .unwrap_or_else(|_| panic!("no StateChanged to {want} within {within:?}"))
+}
+
+fn assert_gone(p: &VmmProcess) {
+    assert!(
+        !is_alive(p.pid, p.start_time),
+        "VMM {} (start time {}) still runs",
+        p.pid,
+        p.start_time
+    );
+}
+
+fn ok(r: Reported) -> VmState {
+    r.state
 }
 
 #[tokio::test]
@@ -327,27 +416,19 @@ async fn check_reports_the_version_and_names_what_is_missing() {
     let env = Env::new(Behaviour::default());
     let fake_kvm = env.tmp.path().join("kvm");
     std::fs::write(&fake_kvm, b"").unwrap();
-    let (tx, _rx) = unbounded_channel();
     let bin = env.tmp.path().join("bin/cloud-hypervisor");
-    let ok = CloudHypervisor::new(
-        &bin,
-        env.tmp.path().join("run"),
-        Duration::from_secs(1),
-        tx.clone(),
-    )
-    .with_kvm_device(&fake_kvm);
-    assert_eq!(ok.check().await.unwrap().version, "v53.0-fake");
+    let run = env.tmp.path().join("run");
+    let backend = |bin: &Path| CloudHypervisor::new(bin, &run, Duration::from_secs(1));
+    let usable = backend(&bin).with_kvm_device(&fake_kvm);
+    assert_eq!(usable.check().await.unwrap().version, "v53.0-fake");
 
-    let no_kvm = CloudHypervisor::new(
-        &bin,
-        env.tmp.path().join("run"),
-        Duration::from_secs(1),
-        tx.clone(),
-    )
-    .with_kvm_device(env.tmp.path().join("no-kvm"));
-    let err = no_kvm.check().await.unwrap_err();
+    let err = backend(&bin)
+        .with_kvm_device(env.tmp.path().join("no-kvm"))
+        .check()
+        .await
+        .unwrap_err();
     assert!(
-        matches!(&err, HypervisorError::Unavailable(m) if m.contains("no-kvm")),
+        matches!(&err, HypervisorError::Unavailable { message, source: Some(_) } if message.contains("no-kvm")),
         "{err:?}"
     );
 
@@ -359,34 +440,23 @@ async fn check_reports_the_version_and_names_what_is_missing() {
         .open(&ro_kvm)
         .is_ok();
     if !euid_is_root {
-        let err = CloudHypervisor::new(
-            &bin,
-            env.tmp.path().join("run"),
-            Duration::from_secs(1),
-            tx.clone(),
-        )
-        .with_kvm_device(&ro_kvm)
-        .check()
-        .await
-        .unwrap_err();
+        let err = backend(&bin)
+            .with_kvm_device(&ro_kvm)
+            .check()
+            .await
+            .unwrap_err();
         assert!(
-            matches!(&err, HypervisorError::Unavailable(m) if m.contains("read-write")),
+            matches!(&err, HypervisorError::Unavailable { message, .. } if message.contains("read-write")),
             "{err:?}"
         );
     }
 
-    let missing = env.tmp.path().join("no-such-cloud-hypervisor");
-    let err = CloudHypervisor::new(
-        &missing,
-        env.tmp.path().join("run"),
-        Duration::from_secs(1),
-        tx,
-    )
-    .check()
-    .await
-    .unwrap_err();
+    let err = backend(&env.tmp.path().join("no-such-cloud-hypervisor"))
+        .check()
+        .await
+        .unwrap_err();
     assert!(
-        matches!(&err, HypervisorError::Unavailable(m) if m.contains("no-such-cloud-hypervisor")),
+        matches!(&err, HypervisorError::Unavailable { message, .. } if message.contains("no-such-cloud-hypervisor")),
         "{err:?}"
     );
 }
@@ -409,8 +479,9 @@ async fn every_operation_reports_the_state_the_vmm_reports() {
     }];
     cfg.metadata.insert("owner".into(), "tests".into());
 
-    let (state, process) = env.ch.create(&vm, &cfg).await.unwrap();
-    assert_eq!(state, VmState::Created);
+    let (mut h, rep) = env.ch.create(&vm, &cfg, env.tx.clone()).await.unwrap();
+    assert_eq!(rep.state, VmState::Created);
+    let process = rep.process.unwrap();
     assert!(is_alive(process.pid, process.start_time));
     assert_eq!(read_start_time(process.pid).unwrap(), process.start_time);
     let dir = env.runtime_dir("life");
@@ -424,8 +495,9 @@ async fn every_operation_reports_the_state_the_vmm_reports() {
         process.pid.to_string()
     );
 
-    let info = env.ch.info(&vm).await.unwrap();
+    let info = h.sample().await.unwrap();
     assert_eq!(info.state, Some(VmState::Created));
+    assert_eq!(info.process, Some(process.clone()));
     assert_eq!(info.backend_info["vmm_version"], "v53.0-fake");
     assert_eq!(info.backend_info["vmm_pid"], process.pid.to_string());
     assert_eq!(info.backend_info["api_socket"], process.socket_path);
@@ -435,12 +507,14 @@ async fn every_operation_reports_the_state_the_vmm_reports() {
     );
     assert!(info.metrics.memory_usage_bytes > 0, "RSS from /proc");
 
-    assert_eq!(env.ch.boot(&vm).await.unwrap(), VmState::Running);
+    let booted = h.boot().await.unwrap();
+    assert_eq!(booted.state, VmState::Running);
+    assert_eq!(booted.process, Some(process.clone()), "the same VMM");
     assert_eq!(
         std::fs::read_to_string(dir.join("serial.log")).unwrap(),
         "VMCP-GUEST-OK\n"
     );
-    let info = env.ch.info(&vm).await.unwrap();
+    let info = h.sample().await.unwrap();
     assert_eq!(info.state, Some(VmState::Running));
     assert_eq!(info.metrics.storage.bytes_read, 4096);
     assert_eq!(info.metrics.storage.write_operations, 1);
@@ -448,48 +522,61 @@ async fn every_operation_reports_the_state_the_vmm_reports() {
     assert_eq!(info.metrics.network.packets_received, 10);
 
     assert!(
-        matches!(env.ch.boot(&vm).await, Err(HypervisorError::InvalidState(m)) if m.contains("already created"))
+        matches!(h.boot().await, Err(HypervisorError::InvalidState(m)) if m.contains("already created"))
     );
-    assert_eq!(env.ch.pause(&vm).await.unwrap(), VmState::Paused);
+    assert_eq!(ok(h.pause().await.unwrap()), VmState::Paused);
     assert!(
-        matches!(env.ch.pause(&vm).await, Err(HypervisorError::InvalidState(m)) if m.contains("InvalidStateTransition(Paused, Paused)"))
+        matches!(h.pause().await, Err(HypervisorError::InvalidState(m)) if m.contains("InvalidStateTransition(Paused, Paused)"))
     );
-    assert_eq!(env.ch.resume(&vm).await.unwrap(), VmState::Running);
+    assert_eq!(ok(h.resume().await.unwrap()), VmState::Running);
     assert!(matches!(
-        env.ch.resume(&vm).await,
+        h.resume().await,
         Err(HypervisorError::InvalidState(_))
     ));
-    assert_eq!(env.ch.reboot(&vm, false).await.unwrap(), VmState::Running);
-    assert_eq!(env.ch.reboot(&vm, true).await.unwrap(), VmState::Running);
-    assert_eq!(env.ch.shutdown(&vm, FORCE).await.unwrap(), VmState::Created);
-    assert!(
-        matches!(env.ch.pause(&vm).await, Err(HypervisorError::InvalidState(m)) if m.contains("not running"))
+    assert_eq!(ok(h.reboot(false).await.unwrap()), VmState::Running);
+    let rebooted = h.reboot(true).await.unwrap();
+    assert_eq!(rebooted.state, VmState::Running);
+    assert_eq!(
+        rebooted.process,
+        Some(process.clone()),
+        "CH reboots in place"
     );
-    assert_eq!(env.ch.boot(&vm).await.unwrap(), VmState::Running);
+    let stopped = h.shutdown(FORCE).await.unwrap();
+    assert_eq!(
+        stopped.state,
+        VmState::Created,
+        "CH v53: vm.shutdown → Created"
+    );
+    assert_eq!(stopped.process, Some(process.clone()), "the VMM stays");
+    assert!(
+        matches!(h.pause().await, Err(HypervisorError::InvalidState(m)) if m.contains("not running"))
+    );
+    assert_eq!(ok(h.boot().await.unwrap()), VmState::Running);
 
     // The fake guest ignores the power button (like the tiny guest): the
     // graceful attempt times out and the VM is stopped hard.
     let started = Instant::now();
     assert_eq!(
-        env.ch.shutdown(&vm, graceful(300)).await.unwrap(),
+        ok(h.shutdown(graceful(300)).await.unwrap()),
         VmState::Created
     );
     assert!(started.elapsed() >= Duration::from_millis(300));
     assert!(started.elapsed() < Duration::from_secs(3));
     assert!(matches!(
-        env.ch.shutdown(&vm, graceful(300)).await,
+        h.shutdown(graceful(300)).await,
         Err(HypervisorError::InvalidState(_))
     ));
 
-    env.ch.delete(&vm, false).await.unwrap();
+    h.delete(false).await.unwrap();
     assert!(!dir.exists());
-    assert!(!is_alive(process.pid, process.start_time));
-    assert!(matches!(
-        env.ch.info(&vm).await,
-        Err(HypervisorError::NotFound(_))
-    ));
-    env.ch.delete(&vm, false).await.unwrap();
-    assert!(env.events.try_recv().is_err(), "nothing happened unasked");
+    assert_gone(&process);
+    assert_eq!(h.process(), None);
+    // A deleted VM's handle starts nothing again.
+    assert!(matches!(h.sample().await, Err(HypervisorError::Gone(_))));
+    assert!(matches!(h.boot().await, Err(HypervisorError::Gone(_))));
+    assert!(env.all_pids().len() == 1, "no VMM was started for it");
+    h.delete(false).await.unwrap();
+    env.assert_no_exit();
     env.assert_no_fake_alive();
 }
 
@@ -500,31 +587,32 @@ async fn graceful_shutdown_of_an_acpi_guest_is_a_clean_exit_and_it_boots_again()
         ..Default::default()
     });
     let vm = id("acpi");
-    let (_, first) = env.ch.create(&vm, &env.config()).await.unwrap();
-    env.ch.boot(&vm).await.unwrap();
+    let (mut h, first) = env.create(&vm).await;
+    h.boot().await.unwrap();
     let started = Instant::now();
-    assert_eq!(
-        env.ch.shutdown(&vm, graceful(5000)).await.unwrap(),
-        VmState::Shutdown
-    );
+    let stopped = h.shutdown(graceful(5000)).await.unwrap();
+    assert_eq!(stopped.state, VmState::Shutdown);
+    assert_eq!(stopped.process, None, "the VMM exited with the guest");
     assert!(
         started.elapsed() < Duration::from_secs(2),
         "no waiting for the timeout"
     );
-    assert!(!is_alive(first.pid, first.start_time));
-    let info = env.ch.info(&vm).await.unwrap();
+    assert_gone(&first);
+    let info = h.sample().await.unwrap();
     assert_eq!(info.state, Some(VmState::Shutdown));
     assert_eq!(info.backend_info["vmm_exit"], "exited with status 0");
-    assert!(
-        env.events.try_recv().is_err(),
-        "a requested poweroff is no event"
-    );
+    env.assert_no_exit();
 
-    // Booting a powered-off VM respawns its VMM with the same config.
-    assert_eq!(env.ch.boot(&vm).await.unwrap(), VmState::Running);
-    let info = env.ch.info(&vm).await.unwrap();
-    assert_ne!(info.backend_info["vmm_pid"], first.pid.to_string());
-    env.ch.delete(&vm, false).await.unwrap();
+    // Booting a powered-off VM starts a new VMM with the same config.
+    let booted = h.boot().await.unwrap();
+    assert_eq!(booted.state, VmState::Running);
+    let second = booted.process.unwrap();
+    assert_ne!(second.pid, first.pid);
+    assert_eq!(
+        h.sample().await.unwrap().backend_info["vmm_pid"],
+        second.pid.to_string()
+    );
+    h.delete(false).await.unwrap();
     env.assert_no_fake_alive();
 }
 
@@ -535,14 +623,17 @@ async fn graceful_shutdown_sees_a_reported_shutdown_state() {
         ..Default::default()
     });
     let vm = id("acpi-report");
-    env.ch.create(&vm, &env.config()).await.unwrap();
-    env.ch.boot(&vm).await.unwrap();
+    let (mut h, p) = env.create(&vm).await;
+    h.boot().await.unwrap();
+    let stopped = h.shutdown(graceful(5000)).await.unwrap();
+    assert_eq!(stopped.state, VmState::Shutdown);
     assert_eq!(
-        env.ch.shutdown(&vm, graceful(5000)).await.unwrap(),
-        VmState::Shutdown
+        stopped.process,
+        Some(p),
+        "the VMM reports Shutdown and stays"
     );
-    assert_eq!(env.ch.boot(&vm).await.unwrap(), VmState::Running);
-    env.ch.delete(&vm, true).await.unwrap();
+    assert_eq!(ok(h.boot().await.unwrap()), VmState::Running);
+    h.delete(true).await.unwrap();
     env.assert_no_fake_alive();
 }
 
@@ -553,87 +644,174 @@ async fn graceful_shutdown_of_a_paused_vm_stops_it_hard() {
         ..Default::default()
     });
     let vm = id("paused-stop");
-    env.ch.create(&vm, &env.config()).await.unwrap();
-    env.ch.boot(&vm).await.unwrap();
-    env.ch.pause(&vm).await.unwrap();
+    let (mut h, _) = env.create(&vm).await;
+    h.boot().await.unwrap();
+    h.pause().await.unwrap();
     let started = Instant::now();
     assert_eq!(
-        env.ch.shutdown(&vm, graceful(5000)).await.unwrap(),
+        ok(h.shutdown(graceful(5000)).await.unwrap()),
         VmState::Created
     );
     assert!(started.elapsed() < Duration::from_secs(2));
-    env.ch.delete(&vm, false).await.unwrap();
+    h.delete(false).await.unwrap();
 }
 
+/// The replaced-VMM path: the guest powers off on its own (the VMM exits 0),
+/// boot starts a new VMM and reports its identity, a restarted backend
+/// adopts exactly that process, and delete leaves nothing.
 #[tokio::test]
-async fn a_guest_poweroff_nobody_asked_for_is_reported_as_shutdown() {
+async fn a_powered_off_vm_boots_in_a_new_vmm_that_a_restart_adopts_and_delete_ends() {
     let mut env = Env::new(Behaviour {
         acpi: Acpi::PowerOff,
         ..Default::default()
     });
     let vm = id("self-off");
-    let (_, p) = env.ch.create(&vm, &env.config()).await.unwrap();
-    env.ch.boot(&vm).await.unwrap();
+    let cfg = env.config();
+    let (mut h, first) = env.create(&vm).await;
+    h.boot().await.unwrap();
     // The guest powers itself off (here: someone presses the button directly).
     let http = UdsClient::new(Duration::from_secs(1));
-    ChApi::new(&http, Path::new(&p.socket_path))
+    ChApi::new(&http, Path::new(&first.socket_path))
         .power_button()
         .await
         .unwrap();
-    let BackendEvent::Exited {
-        vm_id,
-        state,
-        reason,
-    } = env.next_event().await;
-    assert_eq!(vm_id, vm);
+    let (pid, state, reason) = env.next_exit().await;
+    assert_eq!(pid, first.pid, "the event names the process that ended");
     assert_eq!(state, VmState::Shutdown);
     assert!(reason.contains("exited with status 0"), "{reason}");
+    assert_eq!(h.process(), None);
+    let info = h.sample().await.unwrap();
+    assert_eq!(info.state, Some(VmState::Shutdown));
+    assert!(info.reason.contains("guest powered off"), "{}", info.reason);
+
+    let booted = h.boot().await.unwrap();
+    assert_eq!(booted.state, VmState::Running);
+    let second = booted.process.clone().expect("a new VMM");
+    assert_ne!(second.pid, first.pid, "a new process");
+    assert_gone(&first);
+    assert!(is_alive(second.pid, second.start_time));
+    assert_eq!(h.process(), Some(second.clone()));
+    let dir = env.runtime_dir("self-off");
+    assert_eq!(Path::new(&second.socket_path), dir.join("api.sock"));
     assert_eq!(
-        env.ch.info(&vm).await.unwrap().state,
-        Some(VmState::Shutdown)
+        std::fs::read_to_string(dir.join("vmm.pid")).unwrap().trim(),
+        second.pid.to_string(),
+        "the pid file names the new VMM"
     );
-    env.ch.delete(&vm, false).await.unwrap();
-    assert!(!env.runtime_dir("self-off").exists());
+    let found = env.ch.discover().await.unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].process, Some(second.clone()));
+    env.assert_no_exit();
+
+    // VMCP restarts: the owner let go of the handle, the VMM runs on.
+    drop(h);
+    let restarted = Env::backend(&env.tmp, Duration::from_secs(2));
+    let (tx, mut events) = unbounded_channel();
+    let (mut adopted, rep) = restarted
+        .adopt(&vm, &cfg, Some(second.clone()), tx)
+        .await
+        .unwrap();
+    assert_eq!(rep.state, VmState::Running);
+    assert_eq!(rep.process, Some(second.clone()));
+    assert_eq!(adopted.process(), Some(second.clone()));
+    adopted.delete(false).await.unwrap();
+    assert_gone(&second);
+    assert!(!dir.exists(), "runtime directory removed");
+    assert_eq!(adopted.process(), None);
+    assert!(
+        matches!(
+            events.try_recv(),
+            Err(_) | Ok(VmmEvent::StateChanged { .. })
+        ),
+        "a requested exit is no news"
+    );
+    env.assert_no_fake_alive();
 }
 
 #[tokio::test]
-async fn a_killed_vmm_is_reported_failed_within_a_second() {
+async fn a_killed_vmm_is_reported_failed_within_a_second_with_its_pid() {
     let mut env = Env::new(Behaviour::default());
     let vm = id("victim");
-    let (_, p) = env.ch.create(&vm, &env.config()).await.unwrap();
-    env.ch.boot(&vm).await.unwrap();
+    let (mut h, p) = env.create(&vm).await;
+    h.boot().await.unwrap();
     let killed = Instant::now();
-    rustix::process::kill_process(
-        rustix::process::Pid::from_raw(p.pid as i32).unwrap(),
-        rustix::process::Signal::KILL,
-    )
-    .unwrap();
-    let BackendEvent::Exited {
-        vm_id,
-        state,
-        reason,
-    } = env.next_event().await;
+    kill9(p.pid);
+    let (pid, state, reason) = env.next_exit().await;
     assert!(killed.elapsed() < Duration::from_secs(1));
-    assert_eq!(vm_id, vm);
+    assert_eq!(pid, p.pid);
     assert_eq!(state, VmState::Failed);
     assert!(reason.contains("killed by signal 9 (SIGKILL)"), "{reason}");
     assert!(
         reason.contains("fake cloud-hypervisor: pid"),
         "log tail: {reason}"
     );
-    let info = env.ch.info(&vm).await.unwrap();
+    let info = h.sample().await.unwrap();
     assert_eq!(info.state, Some(VmState::Failed));
     assert!(info.reason.contains("SIGKILL"));
+    let err = h.pause().await.unwrap_err();
     assert!(
-        matches!(env.ch.boot(&vm).await, Err(HypervisorError::Unavailable(m)) if m.contains("SIGKILL"))
+        matches!(
+            &err,
+            HypervisorError::Unavailable {
+                source: Some(_),
+                ..
+            }
+        ),
+        "{err:?}"
     );
-    assert!(matches!(
-        env.ch.pause(&vm).await,
-        Err(HypervisorError::Unavailable(_))
-    ));
-    env.ch.delete(&vm, false).await.unwrap();
+    assert!(error_chain(&err).contains("SIGKILL"), "{err:?}");
+    h.delete(false).await.unwrap();
     assert!(!env.runtime_dir("victim").exists());
-    assert!(env.events.try_recv().is_err());
+    env.assert_no_exit();
+}
+
+/// Every exit event names the process that ended; the process a respawn
+/// replaces is ended by VMCP, so its exit is no news, and the new process's
+/// exit carries the new pid.
+#[tokio::test]
+async fn exits_name_their_pid_and_a_replaced_vmm_is_no_news() {
+    let mut env = Env::new(Behaviour::default());
+    let vm = id("renewed");
+    let (mut h, first) = env.create(&vm).await;
+    h.boot().await.unwrap();
+    kill9(first.pid);
+    let (pid, state, _) = env.next_exit().await;
+    assert_eq!((pid, state), (first.pid, VmState::Failed));
+    // Booting a crashed VM starts a new VMM (the core decides whether to ask).
+    let booted = h.boot().await.unwrap();
+    assert_eq!(booted.state, VmState::Running);
+    let second = booted.process.unwrap();
+    assert_ne!(second.pid, first.pid);
+    env.assert_no_exit();
+    kill9(second.pid);
+    let (pid, state, _) = env.next_exit().await;
+    assert_eq!((pid, state), (second.pid, VmState::Failed));
+    h.delete(true).await.unwrap();
+    env.assert_no_exit();
+    env.assert_no_fake_alive();
+}
+
+#[tokio::test]
+async fn a_pause_made_directly_on_the_socket_is_reported_within_a_second() {
+    let mut env = Env::new(Behaviour::default());
+    let vm = id("watched");
+    let (mut h, p) = env.create(&vm).await;
+    h.boot().await.unwrap();
+    // Another client, straight to the VMM's socket.
+    let http = UdsClient::new(Duration::from_secs(1));
+    let api = ChApi::new(&http, Path::new(&p.socket_path));
+    let paused_at = Instant::now();
+    api.pause().await.unwrap();
+    let (pid, reason) =
+        state_change(&mut env.events, VmState::Paused, Duration::from_secs(1)).await;
+    assert!(paused_at.elapsed() < Duration::from_secs(1));
+    assert_eq!(pid, p.pid);
+    assert_eq!(reason, "vm/paused");
+    api.resume().await.unwrap();
+    let (_, reason) = state_change(&mut env.events, VmState::Running, Duration::from_secs(1)).await;
+    assert_eq!(reason, "vm/resumed");
+    h.delete(true).await.unwrap();
+    env.assert_no_exit();
 }
 
 #[tokio::test]
@@ -643,17 +821,20 @@ async fn a_vmm_dying_mid_call_is_unavailable_with_its_exit_and_reported() {
         ..Default::default()
     });
     let vm = id("midcall");
-    env.ch.create(&vm, &env.config()).await.unwrap();
-    env.ch.boot(&vm).await.unwrap();
-    let err = env.ch.pause(&vm).await.unwrap_err();
-    let HypervisorError::Unavailable(msg) = err else {
+    let (mut h, p) = env.create(&vm).await;
+    h.boot().await.unwrap();
+    let err = h.pause().await.unwrap_err();
+    let HypervisorError::Unavailable { message, .. } = &err else {
         panic!("expected Unavailable, got {err:?}");
     };
-    assert!(msg.contains("exited with status 3"), "{msg}");
-    assert!(msg.contains("dying on vm.pause"), "{msg}");
-    let BackendEvent::Exited { state, .. } = env.next_event().await;
-    assert_eq!(state, VmState::Failed);
-    env.ch.delete(&vm, false).await.unwrap();
+    assert!(message.contains("exited with status 3"), "{message}");
+    assert!(
+        error_chain(&err).contains("dying on vm.pause"),
+        "the log tail is in the source: {err:?}"
+    );
+    let (pid, state, _) = env.next_exit().await;
+    assert_eq!((pid, state), (p.pid, VmState::Failed));
+    h.delete(false).await.unwrap();
     env.assert_no_fake_alive();
 }
 
@@ -669,14 +850,16 @@ async fn a_hung_vmm_times_out_and_force_delete_still_cleans_up() {
     let vm = id("hung");
     // create reads vm.info back, which hangs: a timeout, and nothing is left.
     let started = Instant::now();
-    let err = env.ch.create(&vm, &env.config()).await.unwrap_err();
+    let err = env
+        .ch
+        .create(&vm, &env.config(), env.tx.clone())
+        .await
+        .unwrap_err();
     assert!(started.elapsed() < Duration::from_secs(3));
-    assert_eq!(
-        err,
-        HypervisorError::Timeout {
-            operation: "GET /api/v1/vm.info".into(),
-            after: Duration::from_millis(300)
-        }
+    assert!(
+        matches!(&err, HypervisorError::Timeout { operation, after }
+            if operation == "GET /api/v1/vm.info" && *after == Duration::from_millis(300)),
+        "{err:?}"
     );
     assert!(!env.runtime_dir("hung").exists());
     env.assert_no_fake_alive();
@@ -692,17 +875,17 @@ async fn a_hung_vmm_is_killed_by_delete_after_the_grace_period() {
         Duration::from_millis(200),
     );
     let vm = id("stuck");
-    let (_, p) = env.ch.create(&vm, &env.config()).await.unwrap();
-    env.ch.boot(&vm).await.unwrap();
+    let (mut h, p) = env.create(&vm).await;
+    h.boot().await.unwrap();
     assert!(matches!(
-        env.ch.pause(&vm).await,
+        h.pause().await,
         Err(HypervisorError::Timeout { .. })
     ));
     let started = Instant::now();
-    env.ch.delete(&vm, false).await.unwrap();
+    h.delete(false).await.unwrap();
     // Two timed-out calls, the 2 s grace, then SIGTERM takes it down.
     assert!(started.elapsed() < Duration::from_secs(6));
-    assert!(!is_alive(p.pid, p.start_time));
+    assert_gone(&p);
     assert!(!env.runtime_dir("stuck").exists());
 }
 
@@ -713,8 +896,8 @@ async fn a_refusing_socket_of_a_live_vmm_is_unavailable() {
         ..Default::default()
     });
     let vm = id("deaf");
-    let (_, p) = env.ch.create(&vm, &env.config()).await.unwrap();
-    env.ch.boot(&vm).await.unwrap();
+    let (mut h, p) = env.create(&vm).await;
+    h.boot().await.unwrap();
     // A fresh client has no pooled connection to the old listener.
     let http = UdsClient::new(Duration::from_secs(1));
     let refused = ChApi::new(&http, Path::new(&p.socket_path))
@@ -722,11 +905,11 @@ async fn a_refusing_socket_of_a_live_vmm_is_unavailable() {
         .await
         .unwrap_err();
     assert!(
-        matches!(&refused, HypervisorError::Unavailable(m) if m.contains("unreachable")),
+        matches!(&refused, HypervisorError::Unavailable { message, .. } if message.contains("unreachable")),
         "{refused:?}"
     );
-    env.ch.delete(&vm, false).await.unwrap();
-    assert!(!is_alive(p.pid, p.start_time));
+    h.delete(false).await.unwrap();
+    assert_gone(&p);
 }
 
 #[tokio::test]
@@ -736,20 +919,23 @@ async fn a_vmm_that_fails_to_start_leaves_nothing_and_quotes_its_log() {
         ..Default::default()
     });
     let vm = id("nostart");
-    let err = env.ch.create(&vm, &env.config()).await.unwrap_err();
-    let HypervisorError::SpawnFailed(msg) = err else {
+    let err = env
+        .ch
+        .create(&vm, &env.config(), env.tx.clone())
+        .await
+        .unwrap_err();
+    let HypervisorError::SpawnFailed { message, .. } = &err else {
         panic!("expected SpawnFailed, got {err:?}");
     };
     assert!(
-        msg.contains("exited during start-up: exited with status 1"),
-        "{msg}"
+        message.contains("exited during start-up: exited with status 1"),
+        "{message}"
     );
-    assert!(msg.contains("refusing to start (injected fault)"), "{msg}");
+    assert!(
+        error_chain(&err).contains("refusing to start (injected fault)"),
+        "{err:?}"
+    );
     assert!(!env.runtime_dir("nostart").exists());
-    assert!(matches!(
-        env.ch.info(&vm).await,
-        Err(HypervisorError::NotFound(_))
-    ));
 }
 
 #[tokio::test]
@@ -758,19 +944,18 @@ async fn a_vmm_that_never_listens_is_killed_at_the_deadline() {
         never_listen: true,
         ..Default::default()
     });
-    env.ch = CloudHypervisor::new(
-        env.tmp.path().join("bin/cloud-hypervisor"),
-        env.tmp.path().join("run"),
-        Duration::from_secs(1),
-        unbounded_channel().0,
-    )
-    .with_ready_timeout(Duration::from_millis(1500));
+    env.ch = Env::backend(&env.tmp, Duration::from_secs(1))
+        .with_ready_timeout(Duration::from_millis(1500));
     let vm = id("mute");
     let started = Instant::now();
-    let err = env.ch.create(&vm, &env.config()).await.unwrap_err();
+    let err = env
+        .ch
+        .create(&vm, &env.config(), env.tx.clone())
+        .await
+        .unwrap_err();
     assert!(started.elapsed() >= Duration::from_millis(1500));
     assert!(
-        matches!(&err, HypervisorError::SpawnFailed(m) if m.contains("did not become ready")),
+        matches!(&err, HypervisorError::SpawnFailed { message, .. } if message.contains("did not become ready")),
         "{err:?}"
     );
     assert!(!env.runtime_dir("mute").exists());
@@ -790,7 +975,11 @@ async fn a_config_the_vmm_rejects_is_invalid_config_and_leaves_nothing() {
     );
     let env = Env::new(b);
     let vm = id("badcfg");
-    let err = env.ch.create(&vm, &env.config()).await.unwrap_err();
+    let err = env
+        .ch
+        .create(&vm, &env.config(), env.tx.clone())
+        .await
+        .unwrap_err();
     assert!(
         matches!(&err, HypervisorError::InvalidConfig(e) if e.reason.contains("Invalid topology")),
         "{err:?}"
@@ -807,8 +996,15 @@ async fn fields_cloud_hypervisor_cannot_honour_are_rejected_before_spawning() {
     let e = env.ch.validate(&cfg).unwrap_err();
     assert_eq!(e.field, "config.cpu.features");
     assert!(e.reason.contains("not supported by cloudhypervisor"));
-    let err = env.ch.create(&id("feat"), &cfg).await.unwrap_err();
-    assert_eq!(err, HypervisorError::InvalidConfig(e));
+    let err = env
+        .ch
+        .create(&id("feat"), &cfg, env.tx.clone())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, HypervisorError::InvalidConfig(c) if *c == e),
+        "{err:?}"
+    );
     assert!(env.all_pids().is_empty(), "no VMM was started");
     assert!(!env.runtime_dir("feat").exists());
     assert_eq!(env.ch.validate(&env.config()), Ok(()));
@@ -822,40 +1018,73 @@ async fn stale_socket_and_lock_are_cleaned_before_spawning() {
     drop(std::os::unix::net::UnixListener::bind(dir.join("api.sock")).unwrap());
     std::fs::write(dir.join("api.sock.lock"), b"").unwrap();
     let vm = id("stale");
-    assert_eq!(
-        env.ch.create(&vm, &env.config()).await.unwrap().0,
-        VmState::Created
-    );
+    let (mut h, _) = env.create(&vm).await;
     assert!(!dir.join("api.sock.lock").exists());
-    env.ch.delete(&vm, true).await.unwrap();
+    h.delete(true).await.unwrap();
 }
 
 #[tokio::test]
-async fn delete_of_an_unknown_vm_succeeds_and_removes_leftovers() {
+async fn a_second_create_never_touches_a_running_vmm() {
     let env = Env::new(Behaviour::default());
-    let dir = env.runtime_dir("ghost");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("vmm.log"), b"old").unwrap();
-    env.ch.delete(&id("ghost"), false).await.unwrap();
-    assert!(!dir.exists());
-    env.ch.delete(&id("ghost"), true).await.unwrap();
+    let vm = id("twice");
+    let (mut h, p) = env.create(&vm).await;
+    let err = env
+        .ch
+        .create(&vm, &env.config(), env.tx.clone())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, HypervisorError::InvalidState(m) if m.contains(&p.pid.to_string())),
+        "{err:?}"
+    );
+    assert!(is_alive(p.pid, p.start_time));
+    assert!(
+        Path::new(&p.socket_path).exists(),
+        "its socket is left alone"
+    );
+    assert_eq!(ok(h.boot().await.unwrap()), VmState::Running);
+    h.delete(true).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_vm_without_a_vmm_is_deleted_or_destroyed_with_its_leftovers() {
+    let env = Env::new(Behaviour::default());
+    let cfg = env.config();
+    for (i, vm) in ["ghost", "orphan"].into_iter().enumerate() {
+        let dir = env.runtime_dir(vm);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("vmm.log"), b"old").unwrap();
+        if i == 0 {
+            let (mut h, rep) = env
+                .ch
+                .adopt(&id(vm), &cfg, None, env.tx.clone())
+                .await
+                .unwrap();
+            assert_eq!(rep.state, VmState::Shutdown);
+            assert_eq!(rep.process, None);
+            assert!(dir.exists(), "adopting without a process starts nothing");
+            h.delete(false).await.unwrap();
+            h.delete(true).await.unwrap();
+        } else {
+            env.ch.destroy_orphan(&id(vm), None).await.unwrap();
+        }
+        assert!(!dir.exists(), "{vm}");
+    }
+    assert!(env.all_pids().is_empty());
 }
 
 #[tokio::test]
 async fn force_delete_kills_at_once_without_an_event() {
     let mut env = Env::new(Behaviour::default());
     let vm = id("forced");
-    let (_, p) = env.ch.create(&vm, &env.config()).await.unwrap();
-    env.ch.boot(&vm).await.unwrap();
-    env.ch.delete(&vm, true).await.unwrap();
-    assert!(!is_alive(p.pid, p.start_time));
+    let (mut h, p) = env.create(&vm).await;
+    h.boot().await.unwrap();
+    h.delete(true).await.unwrap();
+    assert_gone(&p);
     assert!(!env.runtime_dir("forced").exists());
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(
-        env.events.try_recv().is_err(),
-        "an exit we caused is no event"
-    );
-    assert!(env.ch.vm_ids().is_empty());
+    // An exit would be reported within milliseconds; give it the chance.
+    let quiet = tokio::time::timeout(Duration::from_millis(100), env.next_exit()).await;
+    assert!(quiet.is_err(), "an exit we caused is no event");
 }
 
 #[tokio::test]
@@ -863,72 +1092,61 @@ async fn a_restarted_backend_adopts_a_surviving_vmm() {
     let env = Env::new(Behaviour::default());
     let vm = id("survivor");
     let cfg = env.config();
-    let (_, p) = env.ch.create(&vm, &cfg).await.unwrap();
-    env.ch.boot(&vm).await.unwrap();
+    let (mut h, p) = env.create(&vm).await;
+    h.boot().await.unwrap();
+    drop(h);
 
     // A second backend over the same runtime root plays the restarted VMCP.
+    let restarted = Env::backend(&env.tmp, Duration::from_secs(2));
     let (tx, mut events) = unbounded_channel();
-    let restarted = CloudHypervisor::new(
-        env.tmp.path().join("bin/cloud-hypervisor"),
-        env.tmp.path().join("run"),
-        Duration::from_secs(2),
-        tx,
-    );
     let wrong = VmmProcess {
         start_time: p.start_time + 1,
         ..p.clone()
     };
     assert!(matches!(
-        restarted.adopt(&vm, &cfg, Some(wrong.clone())).await,
-        Err(HypervisorError::NotFound(_))
+        restarted.adopt(&vm, &cfg, Some(wrong), tx.clone()).await,
+        Err(HypervisorError::Gone(_))
     ));
-    assert_eq!(
-        restarted.adopt(&vm, &cfg, Some(p.clone())).await.unwrap(),
-        VmState::Running
-    );
-    assert_eq!(restarted.pause(&vm).await.unwrap(), VmState::Paused);
-    assert_eq!(
-        restarted.info(&vm).await.unwrap().state,
-        Some(VmState::Paused)
-    );
+    let (mut h, rep) = restarted
+        .adopt(&vm, &cfg, Some(p.clone()), tx.clone())
+        .await
+        .unwrap();
+    assert_eq!(rep.state, VmState::Running);
+    // The event file's past (create, boot) is not news after a restart.
+    let replay = tokio::time::timeout(Duration::from_millis(300), events.recv()).await;
+    assert!(replay.is_err(), "old events replayed: {replay:?}");
+    assert_eq!(ok(h.pause().await.unwrap()), VmState::Paused);
+    let (pid, reason) = state_change(&mut events, VmState::Paused, Duration::from_secs(1)).await;
+    assert_eq!((pid, reason.as_str()), (p.pid, "vm/paused"));
+    assert_eq!(h.sample().await.unwrap().state, Some(VmState::Paused));
 
     // Its exit is noticed although it is not the new backend's child.
-    rustix::process::kill_process(
-        rustix::process::Pid::from_raw(p.pid as i32).unwrap(),
-        rustix::process::Signal::KILL,
-    )
-    .unwrap();
-    let BackendEvent::Exited { state, reason, .. } =
-        tokio::time::timeout(Duration::from_secs(1), events.recv())
-            .await
-            .expect("event within a second")
-            .unwrap();
-    assert_eq!(state, VmState::Failed);
+    kill9(p.pid);
+    let (pid, state, reason) = next_exit(&mut events).await;
+    assert_eq!((pid, state), (p.pid, VmState::Failed));
     assert!(reason.contains("status unknown"), "{reason}");
-    restarted.delete(&vm, false).await.unwrap();
+    h.delete(false).await.unwrap();
     assert!(!env.runtime_dir("survivor").exists());
     assert!(matches!(
-        restarted.adopt(&vm, &cfg, Some(p.clone())).await,
-        Err(HypervisorError::NotFound(_))
+        restarted.adopt(&vm, &cfg, Some(p.clone()), tx).await,
+        Err(HypervisorError::Gone(_))
     ));
 }
 
 #[tokio::test]
 async fn eight_vms_are_driven_concurrently() {
     let env = Env::new(Behaviour::default());
-    let cfg = env.config();
-    let ch = &env.ch;
     let runs = (0..8).map(|i| {
-        let cfg = cfg.clone();
+        let env = &env;
         async move {
             let vm = id(&format!("par{i}"));
-            let (s, _) = ch.create(&vm, &cfg).await?;
-            assert_eq!(s, VmState::Created);
-            assert_eq!(ch.boot(&vm).await?, VmState::Running);
-            assert_eq!(ch.pause(&vm).await?, VmState::Paused);
-            assert_eq!(ch.resume(&vm).await?, VmState::Running);
-            assert_eq!(ch.shutdown(&vm, FORCE).await?, VmState::Created);
-            ch.delete(&vm, false).await?;
+            let (mut h, rep) = env.ch.create(&vm, &env.config(), env.tx.clone()).await?;
+            assert_eq!(rep.state, VmState::Created);
+            assert_eq!(h.boot().await?.state, VmState::Running);
+            assert_eq!(h.pause().await?.state, VmState::Paused);
+            assert_eq!(h.resume().await?.state, VmState::Running);
+            assert_eq!(h.shutdown(FORCE).await?.state, VmState::Created);
+            h.delete(false).await?;
             Ok::<_, HypervisorError>(())
         }
     });
@@ -1002,19 +1220,18 @@ async fn a_vmm_listening_elsewhere_is_discovered_adopted_and_cleaned_up() {
     assert_eq!(process.pid, child.id());
     assert_eq!(process.socket_path, socket.to_string_lossy());
     let vm = id("seed");
+    let (mut h, rep) = env
+        .ch
+        .adopt(&vm, &cfg, Some(process.clone()), env.tx.clone())
+        .await
+        .unwrap();
+    assert_eq!(rep.state, VmState::Created);
+    assert_eq!(ok(h.boot().await.unwrap()), VmState::Running);
     assert_eq!(
-        env.ch
-            .adopt(&vm, &cfg, Some(process.clone()))
-            .await
-            .unwrap(),
-        VmState::Created
-    );
-    assert_eq!(env.ch.boot(&vm).await.unwrap(), VmState::Running);
-    assert_eq!(
-        env.ch.info(&vm).await.unwrap().backend_info["api_socket"],
+        h.sample().await.unwrap().backend_info["api_socket"],
         socket.to_string_lossy()
     );
-    env.ch.delete(&vm, false).await.unwrap();
+    h.delete(false).await.unwrap();
     assert_eq!(
         child.wait().unwrap().code(),
         Some(0),
@@ -1024,6 +1241,6 @@ async fn a_vmm_listening_elsewhere_is_discovered_adopted_and_cleaned_up() {
     assert!(!env.runtime_dir("seed").exists());
     assert!(matches!(
         env.ch.probe_endpoint(&socket).await,
-        Err(HypervisorError::Unavailable(_))
+        Err(HypervisorError::Unavailable { .. })
     ));
 }

@@ -3,7 +3,12 @@
 //! binary: 404 `["Error from API","…","VM is not created"]` when no VM,
 //! 500 with the reason when the state forbids the call, `vm.shutdown` →
 //! Created, `vm.reboot` from Paused → Running, `vm.counters` only while
-//! running, `vmm.shutdown` → 200 and exit).
+//! running, `vmm.shutdown` → 200 and exit). Started with `--event-monitor
+//! path=FILE` it appends CH v53's events to FILE as CH does: one
+//! pretty-printed JSON object per event, back to back (`vmm/starting`,
+//! `vm/booting`, `vm/booted`, `vm/pausing`, `vm/paused`, `vm/resuming`,
+//! `vm/resumed`, `vm/rebooting`, `vm/rebooted`, `vm/shutdown`, `vm/deleted`,
+//! `vmm/shutdown`), also for calls other clients make on its socket.
 //!
 //! It runs two ways. In-process ([`FakeCh::start`]) for client-level tests
 //! with fault injection. As a separate process for the adapter, which spawns
@@ -14,10 +19,11 @@
 //! extra binary target is needed and a filtered `cargo test --test it` works.
 
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -104,6 +110,42 @@ pub struct FakeState {
     pub connections: usize,
     /// Whether the listener still accepts.
     pub listening: bool,
+    /// The event monitor's file (`--event-monitor path=…`), if any.
+    pub event_file: Option<PathBuf>,
+}
+
+/// When this fake VMM started: CH's event timestamps count from there.
+static STARTED: OnceLock<Instant> = OnceLock::new();
+
+impl FakeState {
+    /// Appends `source/event` to the event file as CH v53 writes it.
+    fn emit(&self, source: &str, event: &str) {
+        let Some(path) = &self.event_file else { return };
+        let since = STARTED.get_or_init(Instant::now).elapsed();
+        let record = json!({
+            "timestamp": {"secs": since.as_secs(), "nanos": since.subsec_nanos()},
+            "source": source,
+            "event": event,
+            "properties": null,
+        });
+        let text = serde_json::to_string_pretty(&record).unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+    }
+
+    /// Moves the VM to `to`, announcing the change as CH does.
+    fn transition(&mut self, to: St, events: &[&str]) {
+        if let Some((_, s)) = self.vm.as_mut() {
+            *s = to;
+        }
+        for e in events {
+            self.emit("vm", e);
+        }
+    }
 }
 
 /// What a handler decided.
@@ -147,7 +189,10 @@ fn handle(state: &mut FakeState, b: &Behaviour, method: &str, ep: &str, body: &[
             json!({"build_version": "v53.0-fake", "version": "53.0.0", "pid": std::process::id(), "features": ["kvm"]})
                 .to_string(),
         ),
-        ("PUT", "vmm.shutdown") => Outcome::ExitAfter(0),
+        ("PUT", "vmm.shutdown") => {
+            state.emit("vmm", "shutdown");
+            Outcome::ExitAfter(0)
+        }
         ("PUT", "vm.create") => {
             let Ok(cfg) = serde_json::from_slice::<Value>(body) else {
                 return Outcome::Answer(
@@ -167,7 +212,7 @@ fn handle(state: &mut FakeState, b: &Behaviour, method: &str, ep: &str, body: &[
         ("PUT", "vm.boot") => match st {
             None => err(404, &["The VM could not boot", "VM config is missing"]),
             Some(St::Created | St::Shutdown) => {
-                let (cfg, s) = state.vm.as_mut().unwrap();
+                let (cfg, _) = state.vm.as_ref().unwrap();
                 let kernel = cfg["payload"]["kernel"].as_str().unwrap_or_default().to_owned();
                 if !Path::new(&kernel).exists() {
                     return err(500, &["The VM could not boot", "Cannot open kernel file", "No such file or directory (os error 2)"]);
@@ -178,14 +223,14 @@ fn handle(state: &mut FakeState, b: &Behaviour, method: &str, ep: &str, body: &[
                     // CH truncates the serial file on every boot.
                     let _ = std::fs::write(f, "VMCP-GUEST-OK\n");
                 }
-                *s = St::Running;
+                state.transition(St::Running, &["booting", "booted"]);
                 ok204()
             }
             Some(_) => err(500, &["The VM could not boot", "VM is already created"]),
         },
         ("PUT", "vm.pause") => match st {
             Some(St::Running) => {
-                state.vm.as_mut().unwrap().1 = St::Paused;
+                state.transition(St::Paused, &["pausing", "paused"]);
                 ok204()
             }
             Some(St::Paused) => err(500, &["The VM could not be paused", "Cannot pause VM", "Failed to pause migratable component", "Invalid transition: InvalidStateTransition(Paused, Paused)"]),
@@ -193,7 +238,7 @@ fn handle(state: &mut FakeState, b: &Behaviour, method: &str, ep: &str, body: &[
         },
         ("PUT", "vm.resume") => match st {
             Some(St::Paused) => {
-                state.vm.as_mut().unwrap().1 = St::Running;
+                state.transition(St::Running, &["resuming", "resumed"]);
                 ok204()
             }
             Some(St::Running) => err(500, &["The VM could not resume", "Cannot resume VM", "Failed to resume migratable component", "Invalid transition: InvalidStateTransition(Running, Running)"]),
@@ -201,14 +246,14 @@ fn handle(state: &mut FakeState, b: &Behaviour, method: &str, ep: &str, body: &[
         },
         ("PUT", "vm.reboot") => match st {
             Some(St::Running | St::Paused) => {
-                state.vm.as_mut().unwrap().1 = St::Running;
+                state.transition(St::Running, &["rebooting", "rebooted"]);
                 ok204()
             }
             _ => err(404, &["The VM could not reboot", "VM is not created"]),
         },
         ("PUT", "vm.shutdown") => match st {
             Some(St::Running | St::Paused) => {
-                state.vm.as_mut().unwrap().1 = St::Created;
+                state.transition(St::Created, &["shutdown"]);
                 ok204()
             }
             _ => err(500, &["The VM could not shutdown", "VM is not running"]),
@@ -217,6 +262,7 @@ fn handle(state: &mut FakeState, b: &Behaviour, method: &str, ep: &str, body: &[
             Some(St::Running) => match b.acpi {
                 Acpi::Ignore => ok204(),
                 Acpi::PowerOff => {
+                    state.emit("vm", "shutdown");
                     // Answer first; the guest powers off a moment later.
                     tokio::spawn(async {
                         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -225,7 +271,7 @@ fn handle(state: &mut FakeState, b: &Behaviour, method: &str, ep: &str, body: &[
                     ok204()
                 }
                 Acpi::ReportShutdown => {
-                    state.vm.as_mut().unwrap().1 = St::Shutdown;
+                    state.transition(St::Shutdown, &["shutdown"]);
                     ok204()
                 }
             },
@@ -233,6 +279,7 @@ fn handle(state: &mut FakeState, b: &Behaviour, method: &str, ep: &str, body: &[
         },
         ("PUT", "vm.delete") => {
             state.vm = None;
+            state.emit("vm", "deleted");
             ok204()
         }
         ("GET", "vm.info") => match &state.vm {
@@ -396,6 +443,8 @@ impl std::error::Error for Dropped {}
 const ENV_SOCKET: &str = "VMCP_FAKE_CH_SOCKET";
 /// Carries the [`Behaviour`] (JSON) to the fake in process mode.
 const ENV_BEHAVIOUR: &str = "VMCP_FAKE_CH_BEHAVIOUR";
+/// Carries the event monitor's file (empty: none) to the fake in process mode.
+const ENV_EVENTS: &str = "VMCP_FAKE_CH_EVENTS";
 
 /// Writes an executable `cloud-hypervisor` in `dir` that runs this test
 /// binary as a fake VMM with `behaviour`, and returns its path.
@@ -409,12 +458,23 @@ pub fn install(dir: &Path, behaviour: &Behaviour) -> PathBuf {
     let script = format!(
         r#"#!/bin/sh
 if [ "$1" = "--version" ]; then echo "cloud-hypervisor v53.0-fake"; echo "Migration Protocol Versions: 0"; exit 0; fi
-if [ "$1" != "--api-socket" ]; then echo "fake cloud-hypervisor: unexpected arguments: $*" >&2; exit 2; fi
-export {ENV_SOCKET}="${{2#path=}}"
+socket=""
+events=""
+while [ "$#" -gt 0 ]; do
+  case "$1" in
+    --api-socket) socket="$2" ;;
+    --event-monitor) events="$2" ;;
+    *) echo "fake cloud-hypervisor: unexpected arguments: $*" >&2; exit 2 ;;
+  esac
+  shift 2 || {{ echo "fake cloud-hypervisor: $1 needs a value" >&2; exit 2; }}
+done
+if [ -z "$socket" ]; then echo "fake cloud-hypervisor: --api-socket is required" >&2; exit 2; fi
+export {ENV_SOCKET}="${{socket#path=}}"
+export {ENV_EVENTS}="${{events#path=}}"
 export {ENV_BEHAVIOUR}='{json}'
 # The socket path rides along as a second (never matching) test filter so that the process's
 # command line names its socket, as a real cloud-hypervisor's does.
-exec '{exe}' fake_ch::fake_vmm_entry "$2" --exact --nocapture --test-threads=1 -q
+exec '{exe}' fake_ch::fake_vmm_entry "$socket" --exact --nocapture --test-threads=1 -q
 "#,
         exe = exe.display()
     );
@@ -471,16 +531,21 @@ fn fake_vmm_entry() {
         .enable_all()
         .build()
         .unwrap();
+    let event_file = std::env::var_os(ENV_EVENTS)
+        .filter(|e| !e.is_empty())
+        .map(PathBuf::from);
     rt.block_on(async move {
         if b.never_listen {
             std::future::pending::<()>().await;
         }
         let listener = UnixListener::bind(&socket).unwrap();
-        let state = Arc::new(Mutex::new(FakeState {
+        let state = FakeState {
             listening: true,
+            event_file,
             ..Default::default()
-        }));
-        serve(listener, state, Arc::new(b), true).await;
+        };
+        state.emit("vmm", "starting");
+        serve(listener, Arc::new(Mutex::new(state)), Arc::new(b), true).await;
     });
     std::process::exit(0);
 }
@@ -490,9 +555,12 @@ fn self_test() {
     let tmp = tempfile::tempdir().unwrap();
     let bin = install(&tmp.path().join("bin"), &Behaviour::default());
     let socket = tmp.path().join("api.sock");
+    let events = tmp.path().join("events.json");
     let mut child = std::process::Command::new(&bin)
         .arg("--api-socket")
         .arg(format!("path={}", socket.display()))
+        .arg("--event-monitor")
+        .arg(format!("path={}", events.display()))
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
@@ -534,4 +602,13 @@ fn self_test() {
     });
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0));
+    // The events as CH writes them, readable by VMCP's own parser.
+    let mut written = std::fs::read(&events).unwrap();
+    let seen: Vec<String> =
+        vmcp::adapters::outbound::cloud_hypervisor::events::drain_events(&mut written)
+            .into_iter()
+            .map(|e| format!("{}/{}", e.source, e.event))
+            .collect();
+    assert_eq!(seen, ["vmm/starting", "vmm/shutdown"]);
+    assert!(written.is_empty(), "nothing left over");
 }

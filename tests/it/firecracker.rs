@@ -1,8 +1,10 @@
 //! The Firecracker adapter against the fake Firecracker: the client over an
 //! in-process fake socket (fault bodies, refused and hung sockets), and the
-//! whole `Hypervisor` implementation against the `fake-firecracker` example
-//! binary as a real child process (lifecycle, respawn, kill -9, guest
-//! poweroff, VMM exit mid-call, hung calls, start-up failures, adoption).
+//! whole `Hypervisor` implementation and its VM handles against the
+//! `fake-firecracker` example binary as a real child process (lifecycle,
+//! the replaced-VMM paths of reboot and of boot after shutdown with a
+//! restart's adoption and delete, kill -9, guest poweroff, VMM exit
+//! mid-call, hung calls, start-up failures, the jailer).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -10,17 +12,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::UnixListener;
-use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use vmcp::adapters::outbound::firecracker::client::{Action, FcClient, VmRunState};
 use vmcp::adapters::outbound::firecracker::config::{Drive, MachineConfig, SerialDevice};
-use vmcp::adapters::outbound::firecracker::{Firecracker, FirecrackerSettings};
+use vmcp::adapters::outbound::firecracker::{FcVm, Firecracker, FirecrackerSettings};
 use vmcp::adapters::outbound::vmm::UdsClient;
 use vmcp::adapters::outbound::vmm::process::is_alive;
 use vmcp::domain::{ConsoleConfig, StorageDevice, VmConfig, VmId, VmState};
-use vmcp::ports::{BackendEvent, Hypervisor, HypervisorError, ShutdownMode, VmmProcess};
+use vmcp::ports::{
+    Hypervisor, HypervisorError, Reported, ShutdownMode, VmmEvent, VmmHandle, VmmInfo, VmmProcess,
+};
 
 use crate::fake_fc::{Behaviour, FakeFc, MARKER, READ_BYTES_PER_FLUSH, RX_BYTES_PER_FLUSH};
+use crate::real_env::{error_chain, kill9, replaced, restart_and_adopt};
 
 const MIB: i64 = 1 << 20;
 
@@ -241,13 +246,14 @@ async fn client_refused_connection_is_unavailable() {
     drop(std::os::unix::net::UnixListener::bind(&sock).expect("bind"));
     let client = FcClient::new(UdsClient::new(Duration::from_secs(1)), sock);
     let e = client.describe().await.expect_err("refused");
-    assert!(matches!(e, HypervisorError::Unavailable(_)), "{e:?}");
+    assert!(matches!(e, HypervisorError::Unavailable { .. }), "{e:?}");
     let missing = FcClient::new(
         UdsClient::new(Duration::from_secs(1)),
         tmp.path().join("none.sock"),
     );
     let e = missing.describe().await.expect_err("missing");
-    assert!(matches!(e, HypervisorError::Unavailable(_)), "{e:?}");
+    assert!(matches!(e, HypervisorError::Unavailable { .. }), "{e:?}");
+    assert!(error_chain(&e).contains("none.sock"), "{}", error_chain(&e));
 }
 
 #[tokio::test]
@@ -261,12 +267,10 @@ async fn client_hung_socket_times_out() {
         .action(Action::InstanceStart)
         .await
         .expect_err("hung");
-    assert_eq!(
-        e,
-        HypervisorError::Timeout {
-            operation: "PUT /actions".into(),
-            after: Duration::from_millis(500)
-        }
+    assert!(
+        matches!(&e, HypervisorError::Timeout { operation, after }
+            if operation == "PUT /actions" && *after == Duration::from_millis(500)),
+        "{e:?}"
     );
     assert!(started.elapsed() < Duration::from_secs(2));
     // Other calls still work on a fresh connection.
@@ -295,7 +299,8 @@ fn fake_binary() -> PathBuf {
 struct Env {
     tmp: tempfile::TempDir,
     fc: Firecracker,
-    events: UnboundedReceiver<BackendEvent>,
+    tx: UnboundedSender<VmmEvent>,
+    events: UnboundedReceiver<VmmEvent>,
     kernel: PathBuf,
 }
 
@@ -327,15 +332,39 @@ impl Env {
         }
     }
 
-    async fn next_event(&mut self, within: Duration) -> BackendEvent {
-        tokio::time::timeout(within, self.events.recv())
+    /// Creates `vm` with the default config; returns its handle and VMM.
+    async fn create(&self, vm: &VmId) -> (FcVm, VmmProcess) {
+        let (h, rep) = self
+            .fc
+            .create(vm, &self.config(), self.tx.clone())
+            .await
+            .expect("create");
+        assert_eq!(rep.state, VmState::Created);
+        let p = rep.process.expect("a created microVM has a process");
+        assert_eq!(h.process(), Some(p.clone()));
+        (h, p)
+    }
+
+    /// Another backend over the same settings: a restarted VMCP.
+    fn restarted(&self) -> Firecracker {
+        Firecracker::new(self.fc.settings().clone())
+    }
+
+    /// The next `Exited` event within `within`.
+    async fn next_exit(&mut self, within: Duration) -> (u32, VmState, String) {
+        let ev = tokio::time::timeout(within, self.events.recv())
             .await
             .expect("an event in time")
-            .expect("event channel open")
+            .expect("event channel open");
+        match ev {
+            VmmEvent::Exited { pid, state, reason } => (pid, state, reason),
+            other => panic!("Firecracker has no event stream: {other:?}"),
+        }
     }
 
     fn no_event(&mut self) {
-        assert!(self.events.try_recv().is_err(), "no event expected");
+        let ev = self.events.try_recv();
+        assert!(ev.is_err(), "no event expected: {ev:?}");
     }
 }
 
@@ -358,13 +387,13 @@ fn env(flags: &[&str]) -> Env {
     let mut settings = FirecrackerSettings::new(&script, tmp.path().join("run"));
     settings.call_timeout = Duration::from_millis(800);
     settings.ready_timeout = Duration::from_secs(3);
-    settings.default_graceful_timeout = Duration::from_secs(2);
     settings.reboot_grace = Duration::from_millis(200);
     settings.delete_grace = Duration::from_millis(200);
     let (tx, events) = unbounded_channel();
     Env {
-        fc: Firecracker::new(settings, tx),
+        fc: Firecracker::new(settings),
         tmp,
+        tx,
         events,
         kernel,
     }
@@ -386,8 +415,8 @@ const FORCE: ShutdownMode = ShutdownMode {
     graceful_timeout: Duration::ZERO,
 };
 
-fn pid_of(info: &vmcp::ports::VmmInfo) -> u32 {
-    info.backend_info["pid"].parse().expect("pid")
+fn pid_of(info: &VmmInfo) -> u32 {
+    info.backend_info["vmm_pid"].parse().expect("pid")
 }
 
 fn console(e: &Env, vm: &VmId) -> String {
@@ -400,6 +429,23 @@ async fn wait_gone(p: &VmmProcess) {
         assert!(Instant::now() < deadline, "process {} still alive", p.pid);
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Checks a report of an operation that replaced the VMM (see
+/// [`replaced`]) and that the pid file names the new process.
+fn replaced_here(e: &Env, vm: &VmId, h: &FcVm, rep: Reported, old: &VmmProcess) -> VmmProcess {
+    let new = replaced(h, rep, old);
+    let pid_file = e.root().join(vm.as_str()).join("vmm.pid");
+    assert_eq!(
+        std::fs::read_to_string(pid_file).expect("pid file").trim(),
+        new.pid.to_string()
+    );
+    new
+}
+
+/// A VMCP restart: a new backend over the same settings adopts `p`.
+async fn restart(e: &Env, vm: &VmId, h: FcVm, p: &VmmProcess) -> FcVm {
+    restart_and_adopt(&e.restarted(), vm, &e.config(), h, p, e.tx.clone()).await
 }
 
 #[tokio::test]
@@ -415,8 +461,9 @@ async fn create_boot_pause_resume_info() {
         read_only: true,
         ..Default::default()
     }];
-    let (state, proc_) = e.fc.create(&vm, &cfg).await.expect("create");
-    assert_eq!(state, VmState::Created);
+    let (mut h, rep) = e.fc.create(&vm, &cfg, e.tx.clone()).await.expect("create");
+    assert_eq!(rep.state, VmState::Created);
+    let proc_ = rep.process.expect("process");
     assert!(is_alive(proc_.pid, proc_.start_time));
     let dir = e.root().join("vm-life");
     let mode = std::fs::metadata(&dir)
@@ -427,9 +474,10 @@ async fn create_boot_pause_resume_info() {
     assert_eq!(mode, 0o700);
     assert_eq!(proc_.socket_path, dir.join("api.sock").to_string_lossy());
 
-    let info = e.fc.info(&vm).await.expect("info");
+    let info = h.sample().await.expect("info");
     assert_eq!(info.state, Some(VmState::Created));
     assert_eq!(pid_of(&info), proc_.pid);
+    assert_eq!(info.process, Some(proc_.clone()));
     assert_eq!(info.backend_info["vmm_version"], "Firecracker v1.16.1");
     assert_eq!(info.backend_info["backend"], "firecracker");
     let held: serde_json::Value =
@@ -439,39 +487,38 @@ async fn create_boot_pause_resume_info() {
     assert_eq!(held["machine-config"]["mem_size_mib"], 64);
     assert_eq!(held["boot-source"]["boot_args"], "console=ttyS0");
 
-    let e2 = e.fc.pause(&vm).await.expect_err("pause before boot");
+    let e2 = h.pause().await.expect_err("pause before boot");
     assert!(matches!(e2, HypervisorError::InvalidState(_)), "{e2:?}");
 
-    assert_eq!(e.fc.boot(&vm).await.expect("boot"), VmState::Running);
+    let booted = h.boot().await.expect("boot");
+    assert_eq!(booted.state, VmState::Running);
+    assert_eq!(booted.process, Some(proc_.clone()), "the same process");
     assert_eq!(console(&e, &vm), MARKER);
-    let again = e.fc.boot(&vm).await.expect_err("boot twice");
+    let again = h.boot().await.expect_err("boot twice");
     assert!(
         matches!(again, HypervisorError::InvalidState(_)),
         "{again:?}"
     );
-    assert_eq!(e.fc.pause(&vm).await.expect("pause"), VmState::Paused);
-    assert_eq!(
-        e.fc.info(&vm).await.expect("info").state,
-        Some(VmState::Paused)
-    );
-    assert_eq!(e.fc.resume(&vm).await.expect("resume"), VmState::Running);
+    assert_eq!(h.pause().await.expect("pause").state, VmState::Paused);
+    assert_eq!(h.sample().await.expect("info").state, Some(VmState::Paused));
+    assert_eq!(h.resume().await.expect("resume").state, VmState::Running);
 
-    // Each info while running flushes once; the counters are summed deltas.
-    let m = e.fc.info(&vm).await.expect("info").metrics;
+    // Each sample while running flushes once; the counters are summed deltas.
+    let m = h.sample().await.expect("info").metrics;
     let flushes = m.network.bytes_received / RX_BYTES_PER_FLUSH as i64;
     assert_eq!(
         flushes, 2,
-        "the paused and the running info each flushed once: {m:?}"
+        "the paused and the running sample each flushed once: {m:?}"
     );
     assert_eq!(m.storage.bytes_read, flushes * READ_BYTES_PER_FLUSH as i64);
-    let m2 = e.fc.info(&vm).await.expect("info").metrics;
+    let m2 = h.sample().await.expect("info").metrics;
     assert_eq!(
         m2.network.bytes_received,
         (flushes + 1) * RX_BYTES_PER_FLUSH as i64
     );
     assert!(m2.memory_usage_bytes > 0, "{m2:?}");
 
-    e.fc.delete(&vm, true).await.expect("delete");
+    h.delete(true).await.expect("delete");
     wait_gone(&proc_).await;
     e.no_event();
 }
@@ -480,22 +527,22 @@ async fn create_boot_pause_resume_info() {
 async fn graceful_shutdown_with_i8042_guest_exits_cleanly_then_boots_again() {
     let mut e = env(&["--fake-ctrl-alt-del-exits"]);
     let vm = id("vm-grace");
-    let (_, p1) = e.fc.create(&vm, &e.config()).await.expect("create");
-    e.fc.boot(&vm).await.expect("boot");
+    let (mut h, p1) = e.create(&vm).await;
+    h.boot().await.expect("boot");
     let started = Instant::now();
-    let state = e.fc.shutdown(&vm, graceful(5000)).await.expect("shutdown");
-    assert_eq!(state, VmState::Shutdown);
+    let stopped = h.shutdown(graceful(5000)).await.expect("shutdown");
+    assert_eq!(stopped.state, VmState::Shutdown);
+    assert_eq!(stopped.process, None);
     assert!(started.elapsed() < Duration::from_secs(2), "guest reacted");
     wait_gone(&p1).await;
-    let info = e.fc.info(&vm).await.expect("info");
+    let info = h.sample().await.expect("info");
     assert_eq!(info.state, Some(VmState::Shutdown));
-    assert!(!info.backend_info.contains_key("pid"));
+    assert!(!info.backend_info.contains_key("vmm_pid"));
     // Shutdown is not terminal on Firecracker through VMCP: boot respawns.
-    assert_eq!(e.fc.boot(&vm).await.expect("boot again"), VmState::Running);
-    let info = e.fc.info(&vm).await.expect("info");
-    assert_ne!(pid_of(&info), p1.pid);
+    let rep = h.boot().await.expect("boot again");
+    replaced_here(&e, &vm, &h, rep, &p1);
     assert_eq!(console(&e, &vm), MARKER, "console starts over each boot");
-    e.fc.delete(&vm, true).await.expect("delete");
+    h.delete(true).await.expect("delete");
     e.no_event();
 }
 
@@ -503,13 +550,13 @@ async fn graceful_shutdown_with_i8042_guest_exits_cleanly_then_boots_again() {
 async fn graceful_shutdown_without_i8042_times_out_then_kills() {
     let mut e = env(&[]);
     let vm = id("vm-deaf");
-    let (_, p) = e.fc.create(&vm, &e.config()).await.expect("create");
-    e.fc.boot(&vm).await.expect("boot");
-    e.fc.pause(&vm).await.expect("pause");
+    let (mut h, p) = e.create(&vm).await;
+    h.boot().await.expect("boot");
+    h.pause().await.expect("pause");
     let started = Instant::now();
-    let state = e.fc.shutdown(&vm, graceful(300)).await.expect("shutdown");
+    let stopped = h.shutdown(graceful(300)).await.expect("shutdown");
     let took = started.elapsed();
-    assert_eq!(state, VmState::Shutdown);
+    assert_eq!(stopped.state, VmState::Shutdown);
     assert!(
         took >= Duration::from_millis(300),
         "waited the timeout: {took:?}"
@@ -521,14 +568,14 @@ async fn graceful_shutdown_without_i8042_times_out_then_kills() {
         "stale socket removed"
     );
     assert_eq!(
-        e.fc.info(&vm).await.expect("info").state,
+        h.sample().await.expect("info").state,
         Some(VmState::Shutdown)
     );
-    let again = e.fc.shutdown(&vm, FORCE).await.expect("idempotent");
-    assert_eq!(again, VmState::Shutdown);
-    let paused = e.fc.pause(&vm).await.expect_err("nothing to pause");
+    let again = h.shutdown(FORCE).await.expect("idempotent");
+    assert_eq!(again.state, VmState::Shutdown);
+    let paused = h.pause().await.expect_err("nothing to pause");
     assert!(matches!(paused, HypervisorError::InvalidState(_)));
-    e.fc.delete(&vm, false).await.expect("delete");
+    h.delete(false).await.expect("delete");
     e.no_event();
 }
 
@@ -536,17 +583,17 @@ async fn graceful_shutdown_without_i8042_times_out_then_kills() {
 async fn forced_shutdown_kills_at_once() {
     let mut e = env(&[]);
     let vm = id("vm-force");
-    let (_, p) = e.fc.create(&vm, &e.config()).await.expect("create");
-    e.fc.boot(&vm).await.expect("boot");
+    let (mut h, p) = e.create(&vm).await;
+    h.boot().await.expect("boot");
     let started = Instant::now();
     assert_eq!(
-        e.fc.shutdown(&vm, FORCE).await.expect("shutdown"),
+        h.shutdown(FORCE).await.expect("shutdown").state,
         VmState::Shutdown
     );
     assert!(started.elapsed() < Duration::from_secs(1));
     wait_gone(&p).await;
-    assert_eq!(e.fc.boot(&vm).await.expect("boot"), VmState::Running);
-    e.fc.delete(&vm, true).await.expect("delete");
+    assert_eq!(h.boot().await.expect("boot").state, VmState::Running);
+    h.delete(true).await.expect("delete");
     e.no_event();
 }
 
@@ -554,25 +601,72 @@ async fn forced_shutdown_kills_at_once() {
 async fn reboot_is_a_cold_restart() {
     let mut e = env(&[]);
     let vm = id("vm-reboot");
-    e.fc.create(&vm, &e.config()).await.expect("create");
-    e.fc.boot(&vm).await.expect("boot");
-    let before = pid_of(&e.fc.info(&vm).await.expect("info"));
-    assert_eq!(
-        e.fc.reboot(&vm, false).await.expect("reboot"),
-        VmState::Running
-    );
-    let mid = pid_of(&e.fc.info(&vm).await.expect("info"));
-    assert_ne!(before, mid, "a new Firecracker process");
+    let (mut h, before) = e.create(&vm).await;
+    h.boot().await.expect("boot");
+    let rep = h.reboot(false).await.expect("reboot");
+    let mid = replaced_here(&e, &vm, &h, rep, &before);
+    assert_eq!(pid_of(&h.sample().await.expect("info")), mid.pid);
     assert_eq!(console(&e, &vm), MARKER);
-    assert_eq!(
-        e.fc.reboot(&vm, true).await.expect("reboot"),
-        VmState::Running
-    );
-    assert_ne!(pid_of(&e.fc.info(&vm).await.expect("info")), mid);
-    e.fc.shutdown(&vm, FORCE).await.expect("shutdown");
-    let refused = e.fc.reboot(&vm, true).await.expect_err("not running");
+    let rep = h.reboot(true).await.expect("reboot");
+    replaced_here(&e, &vm, &h, rep, &mid);
+    h.shutdown(FORCE).await.expect("shutdown");
+    let refused = h.reboot(true).await.expect_err("not running");
     assert!(matches!(refused, HypervisorError::InvalidState(_)));
-    e.fc.delete(&vm, true).await.expect("delete");
+    h.delete(true).await.expect("delete");
+    e.no_event();
+}
+
+/// The replaced-VMM paths: reboot, and boot after shutdown, each start a new
+/// process; after each, a restarted backend adopts exactly that process as
+/// Running, and delete leaves no process and no runtime directory.
+#[tokio::test]
+async fn replaced_vmms_survive_a_restart_and_delete_ends_them() {
+    let mut e = env(&[]);
+    let vm = id("vm-renew");
+    let (mut h, first) = e.create(&vm).await;
+    h.boot().await.expect("boot");
+
+    let rep = h.reboot(false).await.expect("reboot");
+    let second = replaced_here(&e, &vm, &h, rep, &first);
+    let mut h = restart(&e, &vm, h, &second).await;
+
+    assert_eq!(h.shutdown(FORCE).await.expect("stop").process, None);
+    let rep = h.boot().await.expect("boot after shutdown");
+    let third = replaced_here(&e, &vm, &h, rep, &second);
+    let found = e.fc.discover().await.expect("discover");
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].process, Some(third.clone()));
+    let mut h = restart(&e, &vm, h, &third).await;
+
+    h.delete(false).await.expect("delete");
+    assert!(!is_alive(third.pid, third.start_time));
+    assert!(!e.root().join("vm-renew").exists());
+    for p in [&first, &second, &third] {
+        assert!(!is_alive(p.pid, p.start_time), "{} still runs", p.pid);
+    }
+    e.no_event();
+}
+
+/// Every exit event names the process that ended; the processes a respawn
+/// replaces are ended by VMCP, so their exits are no news.
+#[tokio::test]
+async fn exits_name_their_pid_and_a_replaced_vmm_is_no_news() {
+    let mut e = env(&[]);
+    let vm = id("vm-pids");
+    let (mut h, first) = e.create(&vm).await;
+    h.boot().await.expect("boot");
+    kill9(first.pid);
+    let (pid, state, _) = e.next_exit(Duration::from_secs(1)).await;
+    assert_eq!((pid, state), (first.pid, VmState::Failed));
+    let rep = h.boot().await.expect("boot a crashed microVM");
+    let second = replaced_here(&e, &vm, &h, rep, &first);
+    let rep = h.reboot(true).await.expect("reboot");
+    let third = replaced_here(&e, &vm, &h, rep, &second);
+    e.no_event();
+    kill9(third.pid);
+    let (pid, state, _) = e.next_exit(Duration::from_secs(1)).await;
+    assert_eq!((pid, state), (third.pid, VmState::Failed));
+    h.delete(true).await.expect("delete");
     e.no_event();
 }
 
@@ -580,20 +674,15 @@ async fn reboot_is_a_cold_restart() {
 async fn delete_kills_reaps_removes_and_is_idempotent() {
     let mut e = env(&[]);
     let vm = id("vm-del");
-    let (_, p) = e.fc.create(&vm, &e.config()).await.expect("create");
-    e.fc.boot(&vm).await.expect("boot");
-    e.fc.delete(&vm, false).await.expect("delete");
+    let (mut h, p) = e.create(&vm).await;
+    h.boot().await.expect("boot");
+    h.delete(false).await.expect("delete");
     wait_gone(&p).await;
     assert!(!e.root().join("vm-del").exists());
-    e.fc.delete(&vm, false).await.expect("delete again");
-    assert!(matches!(
-        e.fc.info(&vm).await,
-        Err(HypervisorError::NotFound(_))
-    ));
-    assert!(matches!(
-        e.fc.boot(&vm).await,
-        Err(HypervisorError::NotFound(_))
-    ));
+    h.delete(false).await.expect("delete again");
+    assert!(matches!(h.sample().await, Err(HypervisorError::Gone(_))));
+    assert!(matches!(h.boot().await, Err(HypervisorError::Gone(_))));
+    assert!(!e.root().join("vm-del").exists(), "boot started nothing");
     e.no_event();
 }
 
@@ -601,26 +690,19 @@ async fn delete_kills_reaps_removes_and_is_idempotent() {
 async fn kill_9_is_failed_within_a_second() {
     let mut e = env(&[]);
     let vm = id("vm-kill");
-    let (_, p) = e.fc.create(&vm, &e.config()).await.expect("create");
-    e.fc.boot(&vm).await.expect("boot");
+    let (mut h, p) = e.create(&vm).await;
+    h.boot().await.expect("boot");
     let killed = Instant::now();
-    std::process::Command::new("kill")
-        .args(["-9", &p.pid.to_string()])
-        .status()
-        .expect("kill");
-    let BackendEvent::Exited {
-        vm_id,
-        state,
-        reason,
-    } = e.next_event(Duration::from_secs(1)).await;
+    kill9(p.pid);
+    let (pid, state, reason) = e.next_exit(Duration::from_secs(1)).await;
     assert!(killed.elapsed() < Duration::from_secs(1));
-    assert_eq!(vm_id, vm);
+    assert_eq!(pid, p.pid);
     assert_eq!(state, VmState::Failed);
     assert!(reason.contains("SIGKILL"), "{reason}");
-    let info = e.fc.info(&vm).await.expect("info");
+    let info = h.sample().await.expect("info");
     assert_eq!(info.state, Some(VmState::Failed));
     assert!(info.reason.contains("SIGKILL"), "{}", info.reason);
-    e.fc.delete(&vm, true).await.expect("delete");
+    h.delete(true).await.expect("delete");
     assert!(!e.root().join("vm-kill").exists());
 }
 
@@ -628,54 +710,50 @@ async fn kill_9_is_failed_within_a_second() {
 async fn guest_poweroff_is_shutdown_not_failed() {
     let mut e = env(&["--fake-poweroff-after-ms", "100"]);
     let vm = id("vm-off");
-    e.fc.create(&vm, &e.config()).await.expect("create");
-    e.fc.boot(&vm).await.expect("boot");
-    let BackendEvent::Exited { state, reason, .. } = e.next_event(Duration::from_secs(2)).await;
+    let (mut h, p) = e.create(&vm).await;
+    h.boot().await.expect("boot");
+    let (pid, state, reason) = e.next_exit(Duration::from_secs(2)).await;
+    assert_eq!(pid, p.pid);
     assert_eq!(state, VmState::Shutdown, "{reason}");
     assert!(reason.contains("status 0"), "{reason}");
-    let info = e.fc.info(&vm).await.expect("info");
+    let info = h.sample().await.expect("info");
     assert_eq!(info.state, Some(VmState::Shutdown));
     assert!(info.reason.contains("guest"), "{}", info.reason);
-    assert_eq!(e.fc.boot(&vm).await.expect("boot again"), VmState::Running);
-    e.fc.delete(&vm, true).await.expect("delete");
+    assert_eq!(h.boot().await.expect("boot again").state, VmState::Running);
+    h.delete(true).await.expect("delete");
 }
 
 #[tokio::test]
 async fn vmm_exit_mid_call_is_unavailable_and_failed() {
     let mut e = env(&["--fake-exit-on", "PUT /actions"]);
     let vm = id("vm-midcall");
-    e.fc.create(&vm, &e.config()).await.expect("create");
-    let err = e.fc.boot(&vm).await.expect_err("VMM died");
+    let (mut h, p) = e.create(&vm).await;
+    let err = h.boot().await.expect_err("VMM died");
     assert!(
-        matches!(&err, HypervisorError::Unavailable(m) if m.contains("status 3")),
+        matches!(&err, HypervisorError::Unavailable { message, .. } if message.contains("status 3")),
         "{err:?}"
     );
-    let BackendEvent::Exited { state, .. } = e.next_event(Duration::from_secs(1)).await;
-    assert_eq!(state, VmState::Failed);
-    assert_eq!(
-        e.fc.info(&vm).await.expect("info").state,
-        Some(VmState::Failed)
-    );
-    e.fc.delete(&vm, true).await.expect("delete");
+    let (pid, state, _) = e.next_exit(Duration::from_secs(1)).await;
+    assert_eq!((pid, state), (p.pid, VmState::Failed));
+    assert_eq!(h.sample().await.expect("info").state, Some(VmState::Failed));
+    h.delete(true).await.expect("delete");
 }
 
 #[tokio::test]
 async fn hung_socket_times_out() {
     let mut e = env(&["--fake-hang-on", "PATCH /vm"]);
     let vm = id("vm-hung");
-    let (_, p) = e.fc.create(&vm, &e.config()).await.expect("create");
-    e.fc.boot(&vm).await.expect("boot");
+    let (mut h, p) = e.create(&vm).await;
+    h.boot().await.expect("boot");
     let started = Instant::now();
-    let err = e.fc.pause(&vm).await.expect_err("hung");
-    assert_eq!(
-        err,
-        HypervisorError::Timeout {
-            operation: "PATCH /vm".into(),
-            after: Duration::from_millis(800)
-        }
+    let err = h.pause().await.expect_err("hung");
+    assert!(
+        matches!(&err, HypervisorError::Timeout { operation, after }
+            if operation == "PATCH /vm" && *after == Duration::from_millis(800)),
+        "{err:?}"
     );
     assert!(started.elapsed() < Duration::from_secs(2));
-    e.fc.delete(&vm, true).await.expect("delete");
+    h.delete(true).await.expect("delete");
     wait_gone(&p).await;
     e.no_event();
 }
@@ -684,16 +762,19 @@ async fn hung_socket_times_out() {
 async fn start_failure_reports_the_log_and_leaves_nothing() {
     let mut e = env(&["--fake-fail-start"]);
     let vm = id("vm-nostart");
-    let err = e.fc.create(&vm, &e.config()).await.expect_err("fails");
+    let err =
+        e.fc.create(&vm, &e.config(), e.tx.clone())
+            .await
+            .expect_err("fails");
     assert!(
-        matches!(&err, HypervisorError::SpawnFailed(m) if m.contains("simulated start-up failure")),
+        matches!(&err, HypervisorError::SpawnFailed { .. }),
+        "{err:?}"
+    );
+    assert!(
+        error_chain(&err).contains("simulated start-up failure"),
         "{err:?}"
     );
     assert!(!e.root().join("vm-nostart").exists());
-    assert!(matches!(
-        e.fc.info(&vm).await,
-        Err(HypervisorError::NotFound(_))
-    ));
     e.no_event();
 }
 
@@ -702,9 +783,12 @@ async fn never_ready_is_spawn_failed_within_the_deadline() {
     let mut e = env(&["--fake-never-ready"]);
     let vm = id("vm-mute");
     let started = Instant::now();
-    let err = e.fc.create(&vm, &e.config()).await.expect_err("fails");
+    let err =
+        e.fc.create(&vm, &e.config(), e.tx.clone())
+            .await
+            .expect_err("fails");
     assert!(
-        matches!(&err, HypervisorError::SpawnFailed(m) if m.contains("did not become ready")),
+        matches!(&err, HypervisorError::SpawnFailed { message, .. } if message.contains("did not become ready")),
         "{err:?}"
     );
     assert!(started.elapsed() < Duration::from_secs(5));
@@ -723,7 +807,10 @@ async fn config_the_vmm_refuses_is_invalid_config_and_leaves_nothing() {
         is_root_device: true,
         ..Default::default()
     }];
-    let err = e.fc.create(&vm, &cfg).await.expect_err("refused");
+    let err =
+        e.fc.create(&vm, &cfg, e.tx.clone())
+            .await
+            .expect_err("refused");
     let HypervisorError::InvalidConfig(ce) = err else {
         panic!("expected InvalidConfig, got {err:?}");
     };
@@ -732,7 +819,10 @@ async fn config_the_vmm_refuses_is_invalid_config_and_leaves_nothing() {
     assert!(!e.root().join("vm-badcfg").exists());
     let mut cfg = e.config();
     cfg.boot.kernel_path = "/nonexistent/vmlinux".into();
-    let err = e.fc.create(&vm, &cfg).await.expect_err("refused");
+    let err =
+        e.fc.create(&vm, &cfg, e.tx.clone())
+            .await
+            .expect_err("refused");
     assert!(
         matches!(&err, HypervisorError::InvalidConfig(c) if c.field == "config.boot.kernel_path"),
         "{err:?}"
@@ -748,7 +838,10 @@ async fn validate_rejects_what_firecracker_cannot_honour() {
     let err = e.fc.validate(&cfg).expect_err("rejected");
     assert_eq!(err.field, "config.cpu.max_vcpu_count");
     assert!(err.reason.contains("firecracker"), "{err}");
-    let created = e.fc.create(&id("vm-x"), &cfg).await.expect_err("rejected");
+    let created =
+        e.fc.create(&id("vm-x"), &cfg, e.tx.clone())
+            .await
+            .expect_err("rejected");
     assert!(matches!(created, HypervisorError::InvalidConfig(_)));
     assert!(!e.root().join("vm-x").exists());
     assert_eq!(e.fc.validate(&e.config()), Ok(()));
@@ -761,9 +854,8 @@ async fn stale_socket_is_removed_before_spawn() {
     let dir = e.root().join("vm-stale");
     std::fs::create_dir_all(&dir).expect("dir");
     drop(std::os::unix::net::UnixListener::bind(dir.join("api.sock")).expect("bind"));
-    let (state, _) = e.fc.create(&vm, &e.config()).await.expect("create");
-    assert_eq!(state, VmState::Created);
-    e.fc.delete(&vm, true).await.expect("delete");
+    let (mut h, _) = e.create(&vm).await;
+    h.delete(true).await.expect("delete");
     e.no_event();
 }
 
@@ -771,11 +863,11 @@ async fn stale_socket_is_removed_before_spawn() {
 async fn vm_ids_firecracker_rejects_still_work() {
     let mut e = env(&[]);
     let vm = id("vm_with.dots");
-    e.fc.create(&vm, &e.config()).await.expect("create");
-    let info = e.fc.info(&vm).await.expect("info");
+    let (mut h, _) = e.create(&vm).await;
+    let info = h.sample().await.expect("info");
     let iid = &info.backend_info["instance_id"];
     assert!(iid.starts_with("vm-with-dots-"), "{iid}");
-    e.fc.delete(&vm, true).await.expect("delete");
+    h.delete(true).await.expect("delete");
     e.no_event();
 }
 
@@ -783,62 +875,74 @@ async fn vm_ids_firecracker_rejects_still_work() {
 async fn adopt_reattaches_to_a_surviving_vmm() {
     let mut first = env(&[]);
     let vm = id("vm-adopt");
-    let (_, p) = first.fc.create(&vm, &first.config()).await.expect("create");
-    first.fc.boot(&vm).await.expect("boot");
+    let (mut h1, p) = first.create(&vm).await;
+    h1.boot().await.expect("boot");
     // A second backend (a restarted VMCP) over the same runtime root.
     let (tx, mut events) = unbounded_channel();
     let mut settings = first.fc.settings().clone();
     settings.call_timeout = Duration::from_secs(1);
-    let second = Firecracker::new(settings, tx);
-    let state = second
-        .adopt(&vm, &first.config(), Some(p.clone()))
+    let second = Firecracker::new(settings);
+    let (mut h2, rep) = second
+        .adopt(&vm, &first.config(), Some(p.clone()), tx.clone())
         .await
         .expect("adopt");
-    assert_eq!(state, VmState::Running);
-    assert_eq!(pid_of(&second.info(&vm).await.expect("info")), p.pid);
+    assert_eq!(rep.state, VmState::Running);
+    assert_eq!(pid_of(&h2.sample().await.expect("info")), p.pid);
     let wrong = VmmProcess {
         start_time: p.start_time + 1,
         ..p.clone()
     };
     assert!(matches!(
         second
-            .adopt(&id("vm-other"), &first.config(), Some(wrong.clone()))
+            .adopt(&id("vm-other"), &first.config(), Some(wrong), tx)
             .await,
-        Err(HypervisorError::NotFound(_))
+        Err(HypervisorError::Gone(_))
     ));
-    std::process::Command::new("kill")
-        .args(["-9", &p.pid.to_string()])
-        .status()
-        .expect("kill");
+    kill9(p.pid);
     let ev = tokio::time::timeout(Duration::from_secs(1), events.recv())
         .await
         .expect("adopted exit seen within a second")
         .expect("event");
-    let BackendEvent::Exited { state, .. } = ev;
-    assert_eq!(state, VmState::Failed);
-    second.delete(&vm, true).await.expect("delete");
+    assert!(
+        matches!(ev, VmmEvent::Exited { pid, state: VmState::Failed, .. } if pid == p.pid),
+        "{ev:?}"
+    );
+    h2.delete(true).await.expect("delete");
     assert!(!first.root().join("vm-adopt").exists());
     // The first backend's reaper saw the kill too.
-    let BackendEvent::Exited { state, .. } = first.next_event(Duration::from_secs(1)).await;
-    assert_eq!(state, VmState::Failed);
+    let (pid, state, _) = first.next_exit(Duration::from_secs(1)).await;
+    assert_eq!((pid, state), (p.pid, VmState::Failed));
+    drop(h1);
 }
 
 #[tokio::test]
 async fn check_reports_the_version_or_what_is_missing() {
     let e = env(&[]);
-    match e.fc.check().await {
-        Ok(c) => assert_eq!(c.version, "Firecracker v1.16.1"),
-        Err(HypervisorError::Unavailable(m)) => assert!(m.contains("/dev/kvm"), "{m}"),
-        Err(other) => panic!("unexpected {other:?}"),
-    }
-    let (tx, _rx) = unbounded_channel();
-    let missing = Firecracker::new(
-        FirecrackerSettings::new("/nonexistent/firecracker", e.root()),
-        tx,
+    let mut settings = e.fc.settings().clone();
+    let fake_kvm = e.tmp.path().join("kvm");
+    std::fs::write(&fake_kvm, b"").expect("fake kvm");
+    settings.kvm_device = fake_kvm;
+    let usable = Firecracker::new(settings.clone());
+    assert_eq!(
+        usable.check().await.expect("check").version,
+        "Firecracker v1.16.1"
     );
+    settings.kvm_device = e.tmp.path().join("no-kvm");
+    let err = Firecracker::new(settings)
+        .check()
+        .await
+        .expect_err("no KVM");
+    assert!(
+        matches!(&err, HypervisorError::Unavailable { message, .. } if message.contains("no-kvm")),
+        "{err:?}"
+    );
+    let missing = Firecracker::new(FirecrackerSettings::new(
+        "/nonexistent/firecracker",
+        e.root(),
+    ));
     let err = missing.check().await.expect_err("no binary");
     assert!(
-        matches!(&err, HypervisorError::Unavailable(m) if m.contains("/nonexistent/firecracker")),
+        matches!(&err, HypervisorError::Unavailable { message, .. } if message.contains("/nonexistent/firecracker")),
         "{err:?}"
     );
 }
@@ -890,7 +994,7 @@ async fn jailer_mode_stages_files_in_the_chroot_and_cleans_up() {
     });
     settings.call_timeout = Duration::from_secs(1);
     let (tx, mut events) = unbounded_channel();
-    let fc = Firecracker::new(settings, tx);
+    let fc = Firecracker::new(settings);
     let mut cfg = VmConfig {
         cpu: vmcp::domain::CpuConfig {
             vcpu_count: 1,
@@ -925,8 +1029,9 @@ async fn jailer_mode_stages_files_in_the_chroot_and_cleans_up() {
     cfg.console.output.clear();
 
     let vm = id("jailed");
-    let (state, p) = fc.create(&vm, &cfg).await.expect("create");
-    assert_eq!(state, VmState::Created);
+    let (mut h, rep) = fc.create(&vm, &cfg, tx).await.expect("create");
+    assert_eq!(rep.state, VmState::Created);
+    let p = rep.process.expect("process");
     let root = std::fs::canonicalize(&base)
         .expect("canonical")
         .join("fake-firecracker/jailed/root");
@@ -943,33 +1048,34 @@ async fn jailer_mode_stages_files_in_the_chroot_and_cleans_up() {
     assert_eq!(ino(&root.join("kernel")), ino(&kernel));
     assert_eq!(ino(&root.join("drive_data")), ino(&disk));
 
-    assert_eq!(fc.boot(&vm).await.expect("boot"), VmState::Running);
+    assert_eq!(h.boot().await.expect("boot").state, VmState::Running);
     let console = tmp.path().join("run/jailed/serial.log");
     assert_eq!(
         std::fs::read_to_string(&console).expect("console via link"),
         MARKER
     );
-    let info = fc.info(&vm).await.expect("info");
+    let info = h.sample().await.expect("info");
     assert_eq!(info.backend_info["jail_root"], root.to_string_lossy());
     assert_eq!(
         info.metrics.network.bytes_received,
         RX_BYTES_PER_FLUSH as i64
     );
-    assert_eq!(
-        fc.reboot(&vm, true).await.expect("reboot"),
-        VmState::Running
-    );
-
+    let rebooted = h.reboot(true).await.expect("reboot");
+    assert_eq!(rebooted.state, VmState::Running);
+    let p2 = rebooted.process.expect("new process");
+    assert_ne!(p2.pid, p.pid);
+    assert_eq!(p2.socket_path, p.socket_path, "the jail's socket again");
     match fc.check().await {
-        Err(HypervisorError::Unavailable(m)) => assert!(
-            m.contains("dynamically linked") || m.contains("/dev/kvm"),
-            "{m}"
+        Err(HypervisorError::Unavailable { message, .. }) => assert!(
+            message.contains("dynamically linked") || message.contains("/dev/kvm"),
+            "{message}"
         ),
         other => panic!("the fake is dynamically linked: {other:?}"),
     }
 
-    fc.delete(&vm, true).await.expect("delete");
+    h.delete(true).await.expect("delete");
     wait_gone(&p).await;
+    wait_gone(&p2).await;
     assert!(
         !root.parent().expect("instance dir").exists(),
         "jail removed"

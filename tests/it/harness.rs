@@ -10,7 +10,6 @@ use connectrpc::client::{ClientConfig, HttpClient};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use tokio::sync::mpsc;
 
 use vmcp::adapters::inbound::server::RpcLimits;
 use vmcp::adapters::outbound::store::memory::MemoryStore;
@@ -55,34 +54,23 @@ pub struct Harness {
 impl Harness {
     /// A fresh server with a fresh double and store.
     pub async fn start() -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
-        Self::start_with(Arc::new(Double::new(tx)), rx, Arc::new(MemoryStore::new())).await
+        Self::start_with(Arc::new(Double::new()), Arc::new(MemoryStore::new())).await
     }
 
     /// A server over an existing double and store (restart tests).
-    pub async fn start_with(
-        double: Arc<Double>,
-        events: mpsc::UnboundedReceiver<vmcp::ports::BackendEvent>,
-        store: Arc<MemoryStore>,
-    ) -> Self {
-        Self::start_full(double, events, store, Security::open(), true).await
+    pub async fn start_with(double: Arc<Double>, store: Arc<MemoryStore>) -> Self {
+        Self::start_full(double, store, Security::open(), true).await
     }
 
     /// Like [`Harness::start_with`], but orphaned VMMs are only reported, never removed.
-    pub async fn start_reporting_orphans(
-        double: Arc<Double>,
-        events: mpsc::UnboundedReceiver<vmcp::ports::BackendEvent>,
-        store: Arc<MemoryStore>,
-    ) -> Self {
-        Self::start_full(double, events, store, Security::open(), false).await
+    pub async fn start_reporting_orphans(double: Arc<Double>, store: Arc<MemoryStore>) -> Self {
+        Self::start_full(double, store, Security::open(), false).await
     }
 
     /// A fresh server protected by `security` (auth, TLS, limits, path policy).
     pub async fn start_secured(security: Security) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
         Self::start_full(
-            Arc::new(Double::new(tx)),
-            rx,
+            Arc::new(Double::new()),
             Arc::new(MemoryStore::new()),
             security,
             true,
@@ -92,14 +80,12 @@ impl Harness {
 
     async fn start_full(
         double: Arc<Double>,
-        events: mpsc::UnboundedReceiver<vmcp::ports::BackendEvent>,
         store: Arc<MemoryStore>,
         security: Security,
         remove_orphans: bool,
     ) -> Self {
         let running = start(
             Arc::clone(&double),
-            events,
             Arc::clone(&store),
             StartOptions {
                 addr: "127.0.0.1:0".parse().unwrap(),
@@ -279,5 +265,47 @@ fn transport(addr: SocketAddr, wire: Wire) -> (HttpClient, ClientConfig) {
             HttpClient::plaintext(),
             ClientConfig::new(base).with_protocol(Protocol::GrpcWeb),
         ),
+    }
+}
+
+/// A small deterministic generator (xorshift64*) for randomized tests, so a
+/// printed seed replays a run.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// A generator from `VMCP_TEST_SEED` when set, else from the clock; says which.
+    pub fn from_env(test: &str) -> Self {
+        let seed = std::env::var("VMCP_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(7)
+                    | 1
+            });
+        super::real_env::say(&format!(
+            "{test}: seed {seed} (replay with VMCP_TEST_SEED={seed})"
+        ));
+        Self(seed)
+    }
+
+    /// The next number.
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// A number below `n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    /// A new generator for another task, seeded from this one.
+    pub fn fork(&mut self) -> Self {
+        Self(self.next() | 1)
     }
 }

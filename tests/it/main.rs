@@ -9,6 +9,7 @@
 mod admission;
 mod api;
 mod auth;
+mod chaos;
 mod cloud_hypervisor;
 mod crash;
 mod double;
@@ -17,6 +18,7 @@ mod fake_fc;
 mod firecracker;
 mod harness;
 mod otel;
+mod ownership;
 mod real_api;
 mod real_ch;
 mod real_env;

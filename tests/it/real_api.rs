@@ -9,18 +9,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use connectrpc::ErrorCode;
-use tokio::sync::mpsc;
 use vmcp::adapters::inbound::server::RpcLimits;
 use vmcp::adapters::outbound::cloud_hypervisor::CloudHypervisor;
 use vmcp::adapters::outbound::firecracker::{Firecracker, FirecrackerSettings};
 use vmcp::adapters::outbound::store::memory::MemoryStore;
 use vmcp::app::wiring::{Running, StartOptions, start};
-use vmcp::ports::{BackendEvent, Hypervisor, NoopTelemetry, SystemClock};
+use vmcp::ports::{Hypervisor, NoopTelemetry, SystemClock};
 use vmcp::proto::vmm::v1 as pb;
 use vmcp::proto::vmm::v1::VmState as S;
 
 use super::harness::{Wire, client_for, eventually};
-use super::real_env::{Real, Vmm, require};
+use super::real_env::{Real, Vmm, require, say};
 
 const MARKER: &str = "VMCP-GUEST-OK";
 
@@ -44,18 +43,20 @@ fn env(kind: Kind, test: &str) -> Option<Real> {
 struct Server {
     running: Option<Running>,
     addr: std::net::SocketAddr,
-    runtime: tempfile::TempDir,
+    runtime: Arc<tempfile::TempDir>,
+    store: Arc<MemoryStore>,
+    /// Set by a restart: this server's VMMs belong to the next one.
+    handed_over: bool,
 }
 
 async fn serve<H: Hypervisor>(
     h: H,
-    rx: mpsc::UnboundedReceiver<BackendEvent>,
-    runtime: tempfile::TempDir,
+    runtime: Arc<tempfile::TempDir>,
+    store: Arc<MemoryStore>,
 ) -> Server {
     let running = start(
         Arc::new(h),
-        rx,
-        Arc::new(MemoryStore::new()),
+        Arc::clone(&store),
         StartOptions {
             addr: "127.0.0.1:0".parse().unwrap(),
             limits: RpcLimits {
@@ -79,6 +80,8 @@ async fn serve<H: Hypervisor>(
         addr: running.local_addr,
         running: Some(running),
         runtime,
+        store,
+        handed_over: false,
     }
 }
 
@@ -88,25 +91,37 @@ async fn server(kind: Kind, env: &Real) -> Server {
         .prefix("vmcp-rt")
         .tempdir_in("/tmp")
         .unwrap();
-    let (tx, rx) = mpsc::unbounded_channel();
+    server_on(kind, env, Arc::new(runtime), Arc::new(MemoryStore::new())).await
+}
+
+/// A server over an existing runtime directory and store: a VMCP restart.
+async fn server_on(
+    kind: Kind,
+    env: &Real,
+    runtime: Arc<tempfile::TempDir>,
+    store: Arc<MemoryStore>,
+) -> Server {
     match kind {
         Kind::Ch => {
             serve(
-                CloudHypervisor::new(&env.binary, runtime.path(), Duration::from_secs(5), tx),
-                rx,
+                CloudHypervisor::new(&env.binary, runtime.path(), Duration::from_secs(5)),
                 runtime,
+                store,
             )
             .await
         }
         Kind::Fc => {
             let settings = FirecrackerSettings::new(&env.binary, runtime.path());
-            serve(Firecracker::new(settings, tx), rx, runtime).await
+            serve(Firecracker::new(settings), runtime, store).await
         }
     }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
+        if self.handed_over {
+            return;
+        }
         // A test that failed half-way must not leave VMMs running: kill every VMM still found
         // in this test's runtime directory (the tempdir itself is removed by TempDir).
         if let Ok(found) = vmcp::adapters::outbound::vmm::discovery::scan(self.runtime.path()) {
@@ -124,6 +139,20 @@ impl Server {
         if let Some(r) = self.running.take() {
             r.shutdown().await;
         }
+    }
+
+    /// Stops this VMCP (its VMs keep running) and starts another over the same
+    /// runtime directory and store, as a restart of the service does.
+    async fn restart(mut self, kind: Kind, env: &Real) -> Server {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await;
+        }
+        let runtime = Arc::clone(&self.runtime);
+        let store = Arc::clone(&self.store);
+        // Dropping `self` must not kill the VMMs this restart is about.
+        self.handed_over = true;
+        drop(self);
+        server_on(kind, env, runtime, store).await
     }
 }
 
@@ -543,4 +572,238 @@ async fn real_ch_concurrency_and_no_leaks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_fc_concurrency_and_no_leaks() {
     many_and_cycles(Kind::Fc).await;
+}
+
+fn info_req(id: &str) -> pb::GetVmInfoRequest {
+    pb::GetVmInfoRequest {
+        vm_id: id.to_owned(),
+        ..Default::default()
+    }
+}
+
+async fn info_of(
+    c: &vmcp::proto::vmm::v1::VmServiceClient<connectrpc::client::HttpClient>,
+    id: &str,
+) -> pb::GetVmInfoResponse {
+    c.get_vm_info(info_req(id))
+        .await
+        .expect("info")
+        .into_owned()
+}
+
+fn vmm_pid(info: &pb::GetVmInfoResponse) -> u32 {
+    info.backend_info
+        .get("vmm_pid")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("vmm_pid in backend_info: {:?}", info.backend_info))
+}
+
+/// How a test makes VMCP replace a running VM's VMM.
+#[derive(Clone, Copy, Debug)]
+enum Replace {
+    /// The VMM ends cleanly (SIGTERM: Cloud Hypervisor exits 0, read as a guest
+    /// poweroff → Shutdown), then BootVm starts a new one.
+    VmmEndedThenBoot,
+    /// RebootVm (Firecracker restarts its VMM).
+    Reboot,
+    /// A forced ShutdownVm (Firecracker's process ends), then BootVm.
+    ShutdownThenBoot,
+}
+
+/// A VM whose VMM VMCP replaced survives a VMCP restart as Running with the
+/// new pid, and its delete leaves no process.
+async fn replaced_vmm_survives_restart(kind: Kind, how: Replace) {
+    let name = format!("real_{kind:?}_replaced_vmm_{how:?}").to_lowercase();
+    let Some(env) = env(kind, &name) else { return };
+    let s = server(kind, &env).await;
+    let c = client_for(s.addr, Wire::ConnectProto);
+    let id = "replaced";
+    c.create_vm(create(id, &env.kernel)).await.expect("create");
+    let boot = pb::BootVmRequest {
+        vm_id: id.to_owned(),
+        ..Default::default()
+    };
+    assert_eq!(
+        st(c.boot_vm(boot.clone())
+            .await
+            .expect("boot")
+            .into_owned()
+            .state),
+        S::VM_STATE_RUNNING
+    );
+    let first = vmm_pid(&info_of(&c, id).await);
+    assert!(pid_alive(first));
+    match how {
+        Replace::VmmEndedThenBoot => {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &first.to_string()])
+                .status();
+            let stopped = eventually(Duration::from_secs(5), || {
+                let c = c.clone();
+                async move { st(info_of(&c, id).await.state) == S::VM_STATE_SHUTDOWN }
+            })
+            .await;
+            assert!(stopped, "VMCP noticed the VMM's clean exit as Shutdown");
+            let b = c
+                .boot_vm(boot.clone())
+                .await
+                .expect("boot after the VMM ended")
+                .into_owned();
+            assert_eq!(st(b.state), S::VM_STATE_RUNNING);
+        }
+        Replace::Reboot => {
+            let r = c
+                .reboot_vm(pb::RebootVmRequest {
+                    vm_id: id.to_owned(),
+                    ..Default::default()
+                })
+                .await
+                .expect("reboot")
+                .into_owned();
+            assert_eq!(st(r.state), S::VM_STATE_RUNNING);
+        }
+        Replace::ShutdownThenBoot => {
+            let sd = c
+                .shutdown_vm(pb::ShutdownVmRequest {
+                    vm_id: id.to_owned(),
+                    force: true,
+                    ..Default::default()
+                })
+                .await
+                .expect("forced shutdown")
+                .into_owned();
+            assert_eq!(st(sd.state), S::VM_STATE_SHUTDOWN);
+            let b = c
+                .boot_vm(boot.clone())
+                .await
+                .expect("boot from Shutdown")
+                .into_owned();
+            assert_eq!(st(b.state), S::VM_STATE_RUNNING);
+        }
+    }
+    let second = vmm_pid(&info_of(&c, id).await);
+    assert_ne!(second, first, "the VMM was replaced");
+    assert!(!pid_alive(first), "the replaced VMM {first} is gone");
+    assert!(pid_alive(second));
+
+    let s = s.restart(kind, &env).await;
+    let c = client_for(s.addr, Wire::ConnectProto);
+    let after = info_of(&c, id).await;
+    assert_eq!(
+        st(after.state),
+        S::VM_STATE_RUNNING,
+        "reason: {}",
+        after.state_reason
+    );
+    assert_eq!(
+        vmm_pid(&after),
+        second,
+        "the restarted VMCP adopted the new VMM"
+    );
+    c.delete_vm(pb::DeleteVmRequest {
+        vm_id: id.to_owned(),
+        ..Default::default()
+    })
+    .await
+    .expect("delete");
+    assert!(!pid_alive(second), "delete ended the VMM VMCP had adopted");
+    assert!(
+        entries(s.runtime.path()).is_empty(),
+        "runtime dir removed: {:?}",
+        entries(s.runtime.path())
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_ch_boot_after_its_vmm_ended_survives_a_restart() {
+    replaced_vmm_survives_restart(Kind::Ch, Replace::VmmEndedThenBoot).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_fc_reboot_survives_a_restart() {
+    replaced_vmm_survives_restart(Kind::Fc, Replace::Reboot).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_fc_boot_from_shutdown_survives_a_restart() {
+    replaced_vmm_survives_restart(Kind::Fc, Replace::ShutdownThenBoot).await;
+}
+
+/// A pause sent straight to Cloud Hypervisor's socket (not through VMCP)
+/// shows in GetVmInfo through the VMM's event monitor, well before the
+/// 5 s sample period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_ch_pause_on_the_vmm_socket_shows_without_waiting_for_a_sample() {
+    let name = "real_ch_pause_on_the_vmm_socket_shows_without_waiting_for_a_sample";
+    let Some(env) = env(Kind::Ch, name) else {
+        return;
+    };
+    let s = server(Kind::Ch, &env).await;
+    let c = client_for(s.addr, Wire::ConnectProto);
+    let id = "direct";
+    c.create_vm(create(id, &env.kernel)).await.expect("create");
+    c.boot_vm(pb::BootVmRequest {
+        vm_id: id.to_owned(),
+        ..Default::default()
+    })
+    .await
+    .expect("boot");
+    let info = info_of(&c, id).await;
+    let socket = info
+        .backend_info
+        .get("api_socket")
+        .cloned()
+        .expect("api_socket");
+    // Let the post-boot sample land first, so only the event can explain what follows.
+    let sampled = eventually(Duration::from_secs(2), || {
+        let c = c.clone();
+        async move { info_of(&c, id).await.metrics_sampled_timestamp_ms > 0 }
+    })
+    .await;
+    assert!(sampled);
+    let status = put_on_socket(Path::new(&socket), "/api/v1/vm.pause").await;
+    assert!(status.starts_with("HTTP/1.1 204"), "CH answered {status:?}");
+    let started = std::time::Instant::now();
+    let seen = eventually(Duration::from_millis(1500), || {
+        let c = c.clone();
+        async move { st(info_of(&c, id).await.state) == S::VM_STATE_PAUSED }
+    })
+    .await;
+    assert!(
+        seen,
+        "GetVmInfo shows the pause made on the VMM socket within 1.5 s (sample period 5 s)"
+    );
+    say(&format!(
+        "{name}: pause seen through the event monitor after {:?}",
+        started.elapsed()
+    ));
+    c.delete_vm(pb::DeleteVmRequest {
+        vm_id: id.to_owned(),
+        force: true,
+        ..Default::default()
+    })
+    .await
+    .expect("delete");
+    s.stop().await;
+}
+
+/// A raw HTTP/1.1 PUT with an empty body; answers the status line.
+async fn put_on_socket(socket: &Path, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .expect("connect");
+    let req = format!("PUT {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n");
+    stream.write_all(req.as_bytes()).await.expect("write");
+    let mut buf = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+        .await
+        .expect("answer in time")
+        .expect("read");
+    String::from_utf8_lossy(&buf[..n])
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_owned()
 }

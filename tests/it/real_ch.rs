@@ -4,20 +4,23 @@
 //! /dev/kvm and the guest kernel (VMCP_TEST_GUEST_KERNEL or
 //! .cache/guest/vmcp-test-guest.elf) exist, and otherwise prints one
 //! `SKIPPED: <test>: <what is missing>` line. The states asserted here are
-//! the ones the real VMM reports (e.g. `vm.shutdown` → Created).
+//! the ones the real VMM reports (e.g. `vm.shutdown` → Created). Also the
+//! replaced-VMM path on the real binary (its VMM ends with status 0, boot
+//! starts a new one, a restarted backend adopts it, delete ends it) and the
+//! event monitor reporting a pause made with a raw PUT on the socket.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
-use vmcp::adapters::outbound::cloud_hypervisor::CloudHypervisor;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use vmcp::adapters::outbound::cloud_hypervisor::client::ChApi;
+use vmcp::adapters::outbound::cloud_hypervisor::{ChVm, CloudHypervisor};
 use vmcp::adapters::outbound::vmm::UdsClient;
 use vmcp::adapters::outbound::vmm::process::is_alive;
 use vmcp::domain::{BootConfig, ConsoleConfig, CpuConfig, MemoryConfig, VmConfig, VmId, VmState};
-use vmcp::ports::{BackendEvent, Hypervisor, HypervisorError, ShutdownMode};
+use vmcp::ports::{Hypervisor, HypervisorError, ShutdownMode, VmmEvent, VmmHandle, VmmProcess};
 
-use super::real_env::{Real, Vmm, require};
+use super::real_env::{Real, Vmm, kill9, require};
 
 const MIB: i64 = 1 << 20;
 const MARKER: &str = "VMCP-GUEST-OK";
@@ -28,8 +31,10 @@ fn real(test: &str) -> Option<Real> {
 
 struct Env {
     tmp: tempfile::TempDir,
+    binary: PathBuf,
     ch: CloudHypervisor,
-    events: UnboundedReceiver<BackendEvent>,
+    tx: UnboundedSender<VmmEvent>,
+    events: UnboundedReceiver<VmmEvent>,
     kernel: PathBuf,
 }
 
@@ -41,17 +46,34 @@ impl Env {
             .tempdir_in("/tmp")
             .unwrap();
         let (tx, rx) = unbounded_channel();
-        let ch = CloudHypervisor::new(
-            &real.binary,
-            tmp.path().join("run"),
-            Duration::from_secs(10),
-            tx,
-        );
         Env {
+            ch: backend(&real.binary, &tmp),
+            binary: real.binary,
             tmp,
-            ch,
+            tx,
             events: rx,
             kernel: real.kernel,
+        }
+    }
+
+    async fn create(&self, vm: &VmId) -> (ChVm, VmmProcess) {
+        let (h, rep) = self
+            .ch
+            .create(vm, &self.config(), self.tx.clone())
+            .await
+            .unwrap();
+        assert_eq!(rep.state, VmState::Created);
+        (h, rep.process.expect("a VMM"))
+    }
+
+    /// Asserts that no VMM exit has been reported (the event monitor's
+    /// state changes are fine: it reports VMCP's own operations too).
+    fn assert_no_exit(&mut self) {
+        while let Ok(ev) = self.events.try_recv() {
+            assert!(
+                matches!(ev, VmmEvent::StateChanged { .. }),
+                "unexpected {ev:?}"
+            );
         }
     }
 
@@ -109,6 +131,25 @@ fn id(s: &str) -> VmId {
     VmId::parse(s).unwrap()
 }
 
+/// A backend over `tmp`'s runtime root (a second one plays a restarted VMCP).
+fn backend(binary: &Path, tmp: &tempfile::TempDir) -> CloudHypervisor {
+    CloudHypervisor::new(binary, tmp.path().join("run"), Duration::from_secs(10))
+}
+
+/// The next exit reported on `events` within a second, skipping state changes.
+async fn next_exit(events: &mut UnboundedReceiver<VmmEvent>) -> (u32, VmState, String) {
+    let wait = async {
+        loop {
+            if let VmmEvent::Exited { pid, state, reason } = events.recv().await.unwrap() {
+                return (pid, state, reason);
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(1), wait)
+        .await
+        .expect("Exited within a second")
+}
+
 const FORCE: ShutdownMode = ShutdownMode {
     force: true,
     graceful_timeout: Duration::ZERO,
@@ -125,11 +166,16 @@ async fn real_ch_full_lifecycle_reports_what_the_vmm_reports() {
     let vm = id("life");
 
     let t = Instant::now();
-    let (state, p) = env.ch.create(&vm, &env.config()).await.unwrap();
+    let (mut h, rep) = env
+        .ch
+        .create(&vm, &env.config(), env.tx.clone())
+        .await
+        .unwrap();
     let create_time = t.elapsed();
-    assert_eq!(state, VmState::Created);
+    assert_eq!(rep.state, VmState::Created);
+    let p = rep.process.unwrap();
     assert!(is_alive(p.pid, p.start_time));
-    let info = env.ch.info(&vm).await.unwrap();
+    let info = h.sample().await.unwrap();
     assert_eq!(info.state, Some(VmState::Created));
     assert_eq!(info.backend_info["vmm_version"], version);
     assert_eq!(info.backend_info["vmm_pid"], p.pid.to_string());
@@ -139,16 +185,16 @@ async fn real_ch_full_lifecycle_reports_what_the_vmm_reports() {
     );
 
     let t = Instant::now();
-    assert_eq!(env.ch.boot(&vm).await.unwrap(), VmState::Running);
+    assert_eq!(h.boot().await.unwrap().state, VmState::Running);
     let boot_call = t.elapsed();
     let marker = wait_for_marker(&env.serial(&vm)).await + boot_call;
-    let info = env.ch.info(&vm).await.unwrap();
+    let info = h.sample().await.unwrap();
     assert_eq!(info.state, Some(VmState::Running));
     assert!(info.metrics.memory_usage_bytes > 0);
 
     let t = Instant::now();
     for _ in 0..100 {
-        env.ch.info(&vm).await.unwrap();
+        h.sample().await.unwrap();
     }
     let info_avg = t.elapsed() / 100;
     let http = UdsClient::new(Duration::from_secs(5));
@@ -159,20 +205,22 @@ async fn real_ch_full_lifecycle_reports_what_the_vmm_reports() {
     }
     let raw_info_avg = t.elapsed() / 100;
 
-    assert_eq!(env.ch.pause(&vm).await.unwrap(), VmState::Paused);
+    assert_eq!(h.pause().await.unwrap().state, VmState::Paused);
     // CH answers 500 with an error body: a state refusal.
-    let again = env.ch.pause(&vm).await.unwrap_err();
+    let again = h.pause().await.unwrap_err();
     assert!(
         matches!(&again, HypervisorError::InvalidState(m) if m.contains("InvalidStateTransition(Paused, Paused)")),
         "{again:?}"
     );
-    assert_eq!(env.ch.resume(&vm).await.unwrap(), VmState::Running);
+    assert_eq!(h.resume().await.unwrap().state, VmState::Running);
     assert!(matches!(
-        env.ch.resume(&vm).await,
+        h.resume().await,
         Err(HypervisorError::InvalidState(_))
     ));
 
-    assert_eq!(env.ch.reboot(&vm, false).await.unwrap(), VmState::Running);
+    let rebooted = h.reboot(false).await.unwrap();
+    assert_eq!(rebooted.state, VmState::Running);
+    assert_eq!(rebooted.process, Some(p.clone()), "CH reboots in place");
     // CH truncates the serial file on reboot; the guest prints again.
     wait_for_marker(&env.serial(&vm)).await;
 
@@ -183,43 +231,40 @@ async fn real_ch_full_lifecycle_reports_what_the_vmm_reports() {
         force: false,
         graceful_timeout: Duration::from_millis(800),
     };
-    assert_eq!(
-        env.ch.shutdown(&vm, graceful).await.unwrap(),
-        VmState::Created
-    );
+    assert_eq!(h.shutdown(graceful).await.unwrap().state, VmState::Created);
     let graceful_time = t.elapsed();
     assert!(graceful_time >= Duration::from_millis(800));
-    let not_running = env.ch.pause(&vm).await.unwrap_err();
+    let not_running = h.pause().await.unwrap_err();
     assert!(
         matches!(&not_running, HypervisorError::InvalidState(m) if m.contains("VM is not running")),
         "{not_running:?}"
     );
 
     // Bootable again after the hard stop.
-    assert_eq!(env.ch.boot(&vm).await.unwrap(), VmState::Running);
+    assert_eq!(h.boot().await.unwrap().state, VmState::Running);
     wait_for_marker(&env.serial(&vm)).await;
-    assert_eq!(env.ch.pause(&vm).await.unwrap(), VmState::Paused);
+    assert_eq!(h.pause().await.unwrap().state, VmState::Paused);
     assert_eq!(
-        env.ch.shutdown(&vm, FORCE).await.unwrap(),
+        h.shutdown(FORCE).await.unwrap().state,
         VmState::Created,
         "vm.shutdown from Paused"
     );
-    assert_eq!(env.ch.boot(&vm).await.unwrap(), VmState::Running);
-    assert_eq!(env.ch.shutdown(&vm, FORCE).await.unwrap(), VmState::Created);
+    assert_eq!(h.boot().await.unwrap().state, VmState::Running);
+    assert_eq!(h.shutdown(FORCE).await.unwrap().state, VmState::Created);
     assert!(matches!(
-        env.ch.shutdown(&vm, FORCE).await,
+        h.shutdown(FORCE).await,
         Err(HypervisorError::InvalidState(_))
     ));
 
     let t = Instant::now();
-    env.ch.delete(&vm, false).await.unwrap();
+    h.delete(false).await.unwrap();
     let delete_time = t.elapsed();
     assert!(!is_alive(p.pid, p.start_time));
     assert!(!env.runtime_root().join("life").exists());
-    assert!(env.events.try_recv().is_err(), "nothing happened unasked");
+    env.assert_no_exit();
     eprintln!(
         "real_ch lifecycle: version {version}; create {create_time:?}; boot call {boot_call:?}; \
-         boot→marker {marker:?}; adapter info avg {info_avg:?} (vm.info+vm.counters+/proc), raw vm.info avg {raw_info_avg:?}; graceful(800ms)→hard {graceful_time:?}; delete {delete_time:?}"
+         boot→marker {marker:?}; adapter sample avg {info_avg:?} (vm.info+vm.counters+/proc), raw vm.info avg {raw_info_avg:?}; graceful(800ms)→hard {graceful_time:?}; delete {delete_time:?}"
     );
 }
 
@@ -230,33 +275,136 @@ async fn real_ch_kill_9_is_failed_with_a_reason_within_a_second() {
     };
     let mut env = Env::new(real);
     let vm = id("kill9");
-    let (_, p) = env.ch.create(&vm, &env.config()).await.unwrap();
-    env.ch.boot(&vm).await.unwrap();
+    let (mut h, p) = env.create(&vm).await;
+    h.boot().await.unwrap();
     wait_for_marker(&env.serial(&vm)).await;
     let killed = Instant::now();
-    rustix::process::kill_process(
-        rustix::process::Pid::from_raw(p.pid as i32).unwrap(),
-        rustix::process::Signal::KILL,
-    )
-    .unwrap();
-    let BackendEvent::Exited {
-        vm_id,
-        state,
-        reason,
-    } = tokio::time::timeout(Duration::from_secs(1), env.events.recv())
-        .await
-        .expect("Exited within a second")
-        .unwrap();
+    kill9(p.pid);
+    let (pid, state, reason) = next_exit(&mut env.events).await;
     let noticed = killed.elapsed();
-    assert_eq!(vm_id, vm);
+    assert_eq!(pid, p.pid, "the event names the process that died");
     assert_eq!(state, VmState::Failed);
     assert!(reason.contains("killed by signal 9 (SIGKILL)"), "{reason}");
-    let info = env.ch.info(&vm).await.unwrap();
+    let info = h.sample().await.unwrap();
     assert_eq!(info.state, Some(VmState::Failed));
     // SIGKILL leaves CH's socket behind; delete removes it with the directory.
-    env.ch.delete(&vm, false).await.unwrap();
+    h.delete(false).await.unwrap();
     assert!(!env.runtime_root().join("kill9").exists());
     eprintln!("real_ch kill -9 noticed after {noticed:?}");
+}
+
+/// The replaced-VMM path on the real binary: its VMM ends with status 0
+/// (SIGTERM, which CH answers like a guest poweroff), boot starts a new VMM
+/// and reports it, a restarted backend adopts exactly that process as
+/// Running, and delete leaves no process and no runtime directory.
+#[tokio::test]
+async fn real_ch_a_vm_whose_vmm_ended_boots_in_a_new_vmm_that_survives_a_restart() {
+    let Some(real) =
+        real("real_ch_a_vm_whose_vmm_ended_boots_in_a_new_vmm_that_survives_a_restart")
+    else {
+        return;
+    };
+    let mut env = Env::new(real);
+    let vm = id("renew");
+    let (mut h, first) = env.create(&vm).await;
+    h.boot().await.unwrap();
+    wait_for_marker(&env.serial(&vm)).await;
+    let pid = rustix::process::Pid::from_raw(first.pid as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    let (pid, state, reason) = next_exit(&mut env.events).await;
+    assert_eq!(pid, first.pid);
+    assert_eq!(state, VmState::Shutdown, "{reason}");
+    assert!(reason.contains("exited with status 0"), "{reason}");
+    assert_eq!(h.process(), None);
+
+    let booted = h.boot().await.unwrap();
+    assert_eq!(booted.state, VmState::Running);
+    let second = booted.process.clone().expect("a new VMM");
+    assert_ne!(second.pid, first.pid);
+    assert!(!is_alive(first.pid, first.start_time));
+    assert!(is_alive(second.pid, second.start_time));
+    assert_eq!(h.process(), Some(second.clone()));
+    wait_for_marker(&env.serial(&vm)).await;
+    let found = env.ch.discover().await.unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!(
+        found[0].process,
+        Some(second.clone()),
+        "discovery sees the new VMM"
+    );
+
+    // VMCP restarts: the handle is let go, the VMM runs on.
+    drop(h);
+    let restarted = backend(&env.binary, &env.tmp);
+    let (tx, mut events) = unbounded_channel();
+    let (mut adopted, rep) = restarted
+        .adopt(&vm, &env.config(), Some(second.clone()), tx)
+        .await
+        .unwrap();
+    assert_eq!(rep.state, VmState::Running);
+    assert_eq!(rep.process, Some(second.clone()));
+    assert_eq!(adopted.process(), Some(second.clone()));
+    adopted.delete(false).await.unwrap();
+    assert!(!is_alive(second.pid, second.start_time));
+    assert!(!env.runtime_root().join("renew").exists());
+    while let Ok(ev) = events.try_recv() {
+        assert!(matches!(ev, VmmEvent::StateChanged { .. }), "{ev:?}");
+    }
+    env.assert_no_exit();
+}
+
+/// Cloud Hypervisor's event monitor reports a pause another client made with
+/// a raw PUT on the VMM's socket, with the state the VMM then reports.
+#[tokio::test]
+async fn real_ch_a_raw_pause_on_the_socket_is_reported_as_a_state_change() {
+    let Some(real) = real("real_ch_a_raw_pause_on_the_socket_is_reported_as_a_state_change") else {
+        return;
+    };
+    let mut env = Env::new(real);
+    let vm = id("watched");
+    let (mut h, p) = env.create(&vm).await;
+    h.boot().await.unwrap();
+    wait_for_marker(&env.serial(&vm)).await;
+    // The monitor reports the boot too; let those through first.
+    while let Ok(ev) = env.events.try_recv() {
+        assert!(matches!(ev, VmmEvent::StateChanged { .. }), "{ev:?}");
+    }
+    let http = UdsClient::new(Duration::from_secs(5));
+    let t = Instant::now();
+    let r = http
+        .call(
+            Path::new(&p.socket_path),
+            http::Method::PUT,
+            "/api/v1/vm.pause",
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, http::StatusCode::NO_CONTENT, "{}", r.text());
+    let seen = tokio::time::timeout(Duration::from_secs(1), async {
+        loop {
+            match env.events.recv().await.unwrap() {
+                VmmEvent::StateChanged {
+                    pid,
+                    state: VmState::Paused,
+                    reason,
+                } => {
+                    return (pid, reason);
+                }
+                VmmEvent::StateChanged { .. } => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("StateChanged to Paused within a second");
+    let latency = t.elapsed();
+    assert_eq!(seen.0, p.pid);
+    assert!(seen.1.starts_with("vm/paus"), "{}", seen.1);
+    assert_eq!(h.sample().await.unwrap().state, Some(VmState::Paused));
+    h.delete(true).await.unwrap();
+    assert!(!is_alive(p.pid, p.start_time));
+    eprintln!("real_ch raw vm.pause reported by the event monitor after {latency:?}");
 }
 
 #[tokio::test]
@@ -272,18 +420,14 @@ async fn real_ch_eight_vms_concurrently() {
         let env = env.clone();
         set.spawn(async move {
             let vm = id(&format!("par{i}"));
-            let (s, p) = env.ch.create(&vm, &env.config()).await.unwrap();
-            assert_eq!(s, VmState::Created);
-            assert_eq!(env.ch.boot(&vm).await.unwrap(), VmState::Running);
+            let (mut h, p) = env.create(&vm).await;
+            assert_eq!(h.boot().await.unwrap().state, VmState::Running);
             wait_for_marker(&env.serial(&vm)).await;
-            assert_eq!(env.ch.pause(&vm).await.unwrap(), VmState::Paused);
-            assert_eq!(env.ch.resume(&vm).await.unwrap(), VmState::Running);
-            assert_eq!(
-                env.ch.info(&vm).await.unwrap().state,
-                Some(VmState::Running)
-            );
-            assert_eq!(env.ch.shutdown(&vm, FORCE).await.unwrap(), VmState::Created);
-            env.ch.delete(&vm, false).await.unwrap();
+            assert_eq!(h.pause().await.unwrap().state, VmState::Paused);
+            assert_eq!(h.resume().await.unwrap().state, VmState::Running);
+            assert_eq!(h.sample().await.unwrap().state, Some(VmState::Running));
+            assert_eq!(h.shutdown(FORCE).await.unwrap().state, VmState::Created);
+            h.delete(false).await.unwrap();
             assert!(!is_alive(p.pid, p.start_time));
         });
     }
@@ -348,10 +492,11 @@ fn real_ch_twenty_cycles_leave_no_process_socket_dir_or_fd() {
         let mut pids = Vec::new();
         for i in 0..20 {
             let vm = id(&format!("cycle{i}"));
-            let (_, p) = env.ch.create(&vm, &env.config()).await.unwrap();
-            assert_eq!(env.ch.boot(&vm).await.unwrap(), VmState::Running);
+            let (mut h, p) = env.create(&vm).await;
+            assert_eq!(h.boot().await.unwrap().state, VmState::Running);
             wait_for_marker(&env.serial(&vm)).await;
-            env.ch.delete(&vm, false).await.unwrap();
+            h.delete(false).await.unwrap();
+            drop(h);
             pids.push((p.pid, p.start_time));
         }
         let elapsed = started.elapsed();

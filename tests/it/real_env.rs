@@ -1,7 +1,9 @@
 //! What the real-VMM tests need and one place that decides whether they can
 //! run: the VMM binary (an environment variable or PATH), a read-write
 //! /dev/kvm and the tiny test guest (`make guest`). When anything is missing
-//! the test prints one `SKIPPED: <test>: missing …` line and returns.
+//! the test prints one `SKIPPED: <test>: missing …` line and returns. Also
+//! two helpers every VMM adapter test uses: an error with its source chain,
+//! and SIGKILL by pid.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -73,4 +75,64 @@ pub fn require(vmm: Vmm, test: &str) -> Option<Real> {
         binary: binary?,
         kernel,
     })
+}
+
+/// An error with its whole `source()` chain, for assertions on causes kept
+/// as sources (the VMM's log tail, the transport failure).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
+/// Sends SIGKILL to `pid` (a VMM this test started, by its recorded pid).
+pub fn kill9(pid: u32) {
+    let pid = rustix::process::Pid::from_raw(i32::try_from(pid).unwrap()).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::KILL).unwrap();
+}
+
+/// Checks the report of an operation that replaced a VM's VMM (a respawn):
+/// Running, a new process that runs while the old one (by pid and start
+/// time) does not, and the handle names the new one. Returns it.
+pub fn replaced(
+    h: &impl vmcp::ports::VmmHandle,
+    rep: vmcp::ports::Reported,
+    old: &vmcp::ports::VmmProcess,
+) -> vmcp::ports::VmmProcess {
+    use vmcp::adapters::outbound::vmm::process::is_alive;
+    assert_eq!(rep.state, vmcp::domain::VmState::Running);
+    let new = rep.process.expect("the new process is reported");
+    assert_ne!(new.pid, old.pid, "a new VMM process");
+    assert!(!is_alive(old.pid, old.start_time), "the old one was ended");
+    assert!(is_alive(new.pid, new.start_time));
+    assert_eq!(h.process(), Some(new.clone()));
+    new
+}
+
+/// Plays a VMCP restart: lets go of `h` and adopts `p` in `restarted` (a new
+/// backend over the same runtime root), which must report it Running with
+/// that very process; returns the new handle.
+pub async fn restart_and_adopt<H: vmcp::ports::Hypervisor>(
+    restarted: &H,
+    vm: &vmcp::domain::VmId,
+    config: &vmcp::domain::VmConfig,
+    h: H::Vm,
+    p: &vmcp::ports::VmmProcess,
+    events: vmcp::ports::VmmEventSink,
+) -> H::Vm {
+    use vmcp::ports::VmmHandle;
+    drop(h);
+    let (adopted, rep) = restarted
+        .adopt(vm, config, Some(p.clone()), events)
+        .await
+        .expect("adopt");
+    assert_eq!(rep.state, vmcp::domain::VmState::Running);
+    assert_eq!(rep.process.as_ref(), Some(p));
+    assert_eq!(adopted.process().as_ref(), Some(p));
+    adopted
 }

@@ -1,7 +1,8 @@
 //! The Firecracker adapter against the real `firecracker` (v1.16) with the
-//! tiny test guest: full lifecycle, kill -9, 8 concurrent microVMs, 20
-//! create/boot/delete cycles with nothing leaked, the jailer (as root), and a
-//! measurement of spawn-to-API-ready time. Each test runs only when the
+//! tiny test guest: full lifecycle, the replaced-VMM paths (reboot, boot
+//! after shutdown) surviving a restart and ended by delete, kill -9, 8
+//! concurrent microVMs, 20 create/boot/delete cycles with nothing leaked,
+//! the jailer (as root), and a measurement of spawn-to-API-ready time. Each test runs only when the
 //! binary (`VMCP_TEST_FC_BINARY` or `firecracker` on PATH), /dev/kvm and the
 //! guest (`VMCP_TEST_GUEST_KERNEL` or `.cache/guest/vmcp-test-guest.elf` from
 //! `make guest`) exist; otherwise it prints one `SKIPPED:` line and returns.
@@ -10,20 +11,19 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use vmcp::adapters::outbound::firecracker::jailer::{self, JailerSettings};
-use vmcp::adapters::outbound::firecracker::{Firecracker, FirecrackerSettings};
+use vmcp::adapters::outbound::firecracker::{FcVm, Firecracker, FirecrackerSettings};
 use vmcp::adapters::outbound::vmm::UdsClient;
 use vmcp::adapters::outbound::vmm::process::is_alive;
 use vmcp::domain::{BootConfig, ConsoleConfig, CpuConfig, MemoryConfig, VmConfig, VmId, VmState};
-use vmcp::ports::{BackendEvent, Hypervisor, ShutdownMode, VmmProcess};
+use vmcp::ports::{Hypervisor, ShutdownMode, VmmEvent, VmmHandle, VmmProcess};
 
-use super::real_env::{Real, Vmm, on_path, require, say};
+use super::real_env::{Real, Vmm, kill9, on_path, replaced, require, restart_and_adopt, say};
 
 const MARKER: &str = "VMCP-GUEST-OK";
 
-/// Writes a line straight to stderr, past the test harness's capture, so
 /// Real-VMM tests share two cores; running them one at a time keeps their
 /// timings meaningful and the leak check's fd count clean.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -35,7 +35,8 @@ fn real(test: &str) -> Option<Real> {
 struct Env {
     tmp: tempfile::TempDir,
     fc: Arc<Firecracker>,
-    events: UnboundedReceiver<BackendEvent>,
+    tx: UnboundedSender<VmmEvent>,
+    events: UnboundedReceiver<VmmEvent>,
     kernel: PathBuf,
 }
 
@@ -51,11 +52,22 @@ impl Env {
         settings.reboot_grace = Duration::from_millis(500);
         let (tx, events) = unbounded_channel();
         Self {
-            fc: Arc::new(Firecracker::new(settings, tx)),
+            fc: Arc::new(Firecracker::new(settings)),
             tmp,
+            tx,
             events,
             kernel: r.kernel.clone(),
         }
+    }
+
+    async fn create(&self, vm: &VmId) -> (FcVm, VmmProcess) {
+        let (h, rep) = self
+            .fc
+            .create(vm, &self.config(), self.tx.clone())
+            .await
+            .expect("create");
+        assert_eq!(rep.state, VmState::Created);
+        (h, rep.process.expect("a process"))
     }
 
     fn root(&self) -> PathBuf {
@@ -108,8 +120,8 @@ fn id(s: &str) -> VmId {
     VmId::parse(s).expect("valid id")
 }
 
-async fn pid(fc: &Firecracker, vm: &VmId) -> u32 {
-    fc.info(vm).await.expect("info").backend_info["pid"]
+async fn pid(h: &mut FcVm) -> u32 {
+    h.sample().await.expect("info").backend_info["vmm_pid"]
         .parse()
         .expect("pid")
 }
@@ -120,6 +132,12 @@ async fn wait_gone(p: &VmmProcess) {
         assert!(Instant::now() < deadline, "process {} still alive", p.pid);
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// A VMCP restart: a new backend over the same settings adopts `p`.
+async fn restart(e: &Env, vm: &VmId, h: FcVm, p: &VmmProcess) -> FcVm {
+    let restarted = Firecracker::new(e.fc.settings().clone());
+    restart_and_adopt(&restarted, vm, &e.config(), h, p, e.tx.clone()).await
 }
 
 fn open_fds() -> usize {
@@ -134,9 +152,8 @@ async fn real_fc_full_lifecycle() {
     let _serial = SERIAL.lock().await;
     let mut e = Env::new(&r, None);
     let vm = id("life");
-    let (state, p1) = e.fc.create(&vm, &e.config()).await.expect("create");
-    assert_eq!(state, VmState::Created);
-    let info = e.fc.info(&vm).await.expect("info");
+    let (mut h, p1) = e.create(&vm).await;
+    let info = h.sample().await.expect("info");
     assert_eq!(info.state, Some(VmState::Created));
     assert!(info.backend_info["vmm_version"].starts_with("Firecracker v1.16"));
     let held: serde_json::Value =
@@ -144,82 +161,119 @@ async fn real_fc_full_lifecycle() {
     assert_eq!(held["machine-config"]["mem_size_mib"], 64);
     assert_eq!(held["boot-source"]["boot_args"], "console=ttyS0");
 
-    assert_eq!(e.fc.boot(&vm).await.expect("boot"), VmState::Running);
+    assert_eq!(h.boot().await.expect("boot").state, VmState::Running);
     e.marker(&vm).await;
-    let info = e.fc.info(&vm).await.expect("info");
+    let info = h.sample().await.expect("info");
     assert_eq!(info.state, Some(VmState::Running));
     assert!(info.metrics.memory_usage_bytes > 0);
 
-    assert_eq!(e.fc.pause(&vm).await.expect("pause"), VmState::Paused);
-    assert_eq!(
-        e.fc.info(&vm).await.expect("info").state,
-        Some(VmState::Paused)
-    );
-    assert_eq!(e.fc.resume(&vm).await.expect("resume"), VmState::Running);
+    assert_eq!(h.pause().await.expect("pause").state, VmState::Paused);
+    assert_eq!(h.sample().await.expect("info").state, Some(VmState::Paused));
+    assert_eq!(h.resume().await.expect("resume").state, VmState::Running);
 
     // Reboot is VMCP's cold restart: a new process and a fresh console.
-    assert_eq!(
-        e.fc.reboot(&vm, false).await.expect("reboot"),
-        VmState::Running
-    );
-    let p2 = pid(&e.fc, &vm).await;
-    assert_ne!(p2, p1.pid);
+    let rep = h.reboot(false).await.expect("reboot");
+    let p2 = replaced(&h, rep, &p1);
+    assert_eq!(pid(&mut h).await, p2.pid);
     e.marker(&vm).await;
     assert_eq!(e.console(&vm).matches(MARKER).count(), 1);
 
     // The tiny guest has no i8042 driver: Ctrl-Alt-Del is ignored, so the
     // graceful shutdown waits the whole timeout and then kills.
     let started = Instant::now();
-    let state =
-        e.fc.shutdown(
-            &vm,
-            ShutdownMode {
-                force: false,
-                graceful_timeout: Duration::from_secs(1),
-            },
-        )
+    let stopped = h
+        .shutdown(ShutdownMode {
+            force: false,
+            graceful_timeout: Duration::from_secs(1),
+        })
         .await
         .expect("graceful shutdown");
     let took = started.elapsed();
-    assert_eq!(state, VmState::Shutdown);
+    assert_eq!(stopped.state, VmState::Shutdown);
+    assert_eq!(stopped.process, None);
     assert!(took >= Duration::from_secs(1), "{took:?}");
     assert_eq!(
-        e.fc.info(&vm).await.expect("info").state,
+        h.sample().await.expect("info").state,
         Some(VmState::Shutdown)
     );
 
-    assert_eq!(e.fc.boot(&vm).await.expect("boot again"), VmState::Running);
+    let rep = h.boot().await.expect("boot again");
+    let p3 = replaced(&h, rep, &p2);
     e.marker(&vm).await;
-    let p3 = pid(&e.fc, &vm).await;
-    let state =
-        e.fc.shutdown(
-            &vm,
-            ShutdownMode {
-                force: true,
-                graceful_timeout: Duration::ZERO,
-            },
-        )
+    let stopped = h
+        .shutdown(ShutdownMode {
+            force: true,
+            graceful_timeout: Duration::ZERO,
+        })
         .await
         .expect("forced shutdown");
-    assert_eq!(state, VmState::Shutdown);
+    assert_eq!(stopped.state, VmState::Shutdown);
     assert!(
         !e.root().join("life/api.sock").exists(),
         "stale socket removed"
     );
-    assert_eq!(
-        e.fc.boot(&vm).await.expect("boot after force"),
-        VmState::Running
-    );
-    let p4 = pid(&e.fc, &vm).await;
-    assert_ne!(p3, p4);
+    let rep = h.boot().await.expect("boot after force");
+    let p4 = replaced(&h, rep, &p3);
     e.marker(&vm).await;
 
-    e.fc.delete(&vm, false).await.expect("delete");
+    h.delete(false).await.expect("delete");
+    assert!(!is_alive(p4.pid, p4.start_time));
     assert!(!e.root().join("life").exists());
     assert!(e.events.try_recv().is_err(), "no unexpected exits");
     eprintln!(
-        "REAL: real_fc_full_lifecycle: pids {} -> {p2} -> {p3} -> {p4}, graceful shutdown took {took:?}",
-        p1.pid
+        "REAL: real_fc_full_lifecycle: pids {} -> {} -> {} -> {}, graceful shutdown took {took:?}",
+        p1.pid, p2.pid, p3.pid, p4.pid
+    );
+}
+
+/// The replaced-VMM paths on the real binary: reboot and boot after
+/// shutdown each start a new process; after each a restarted backend adopts
+/// exactly that process as Running; delete then leaves no process and no
+/// runtime directory.
+#[tokio::test]
+async fn real_fc_replaced_vmms_survive_a_restart_and_delete_ends_them() {
+    let Some(r) = real("real_fc_replaced_vmms_survive_a_restart_and_delete_ends_them") else {
+        return;
+    };
+    let _serial = SERIAL.lock().await;
+    let mut e = Env::new(&r, None);
+    let vm = id("renew");
+    let (mut h, p1) = e.create(&vm).await;
+    h.boot().await.expect("boot");
+    e.marker(&vm).await;
+
+    let rep = h.reboot(true).await.expect("reboot");
+    let p2 = replaced(&h, rep, &p1);
+    e.marker(&vm).await;
+    let mut h = restart(&e, &vm, h, &p2).await;
+
+    h.shutdown(ShutdownMode {
+        force: true,
+        graceful_timeout: Duration::ZERO,
+    })
+    .await
+    .expect("shutdown");
+    let rep = h.boot().await.expect("boot after shutdown");
+    let p3 = replaced(&h, rep, &p2);
+    e.marker(&vm).await;
+    let found = e.fc.discover().await.expect("discover");
+    assert_eq!(found.len(), 1);
+    assert_eq!(
+        found[0].process,
+        Some(p3.clone()),
+        "discovery sees the new process"
+    );
+    let mut h = restart(&e, &vm, h, &p3).await;
+
+    h.delete(false).await.expect("delete");
+    for p in [&p1, &p2, &p3] {
+        assert!(!is_alive(p.pid, p.start_time), "{} still runs", p.pid);
+    }
+    assert!(!e.root().join("renew").exists());
+    assert!(e.events.try_recv().is_err(), "no unexpected exits");
+    eprintln!(
+        "REAL: real_fc_replaced_vmms: pids {} -> {} (reboot) -> {} (boot after shutdown), each adopted after a restart",
+        p1.pid, p2.pid, p3.pid
     );
 }
 
@@ -231,25 +285,25 @@ async fn real_fc_kill_9_is_failed() {
     let _serial = SERIAL.lock().await;
     let mut e = Env::new(&r, None);
     let vm = id("killed");
-    let (_, p) = e.fc.create(&vm, &e.config()).await.expect("create");
-    e.fc.boot(&vm).await.expect("boot");
+    let (mut h, p) = e.create(&vm).await;
+    h.boot().await.expect("boot");
     e.marker(&vm).await;
     let killed = Instant::now();
-    std::process::Command::new("kill")
-        .args(["-9", &p.pid.to_string()])
-        .status()
-        .expect("kill");
+    kill9(p.pid);
     let ev = tokio::time::timeout(Duration::from_secs(1), e.events.recv())
         .await
         .expect("event within a second")
         .expect("event");
     let seen = killed.elapsed();
-    let BackendEvent::Exited { state, reason, .. } = ev;
+    let VmmEvent::Exited { pid, state, reason } = ev else {
+        panic!("Firecracker has no event stream: {ev:?}");
+    };
+    assert_eq!(pid, p.pid, "the event names the process that died");
     assert_eq!(state, VmState::Failed);
     assert!(reason.contains("SIGKILL"), "{reason}");
-    let info = e.fc.info(&vm).await.expect("info");
+    let info = h.sample().await.expect("info");
     assert_eq!(info.state, Some(VmState::Failed));
-    e.fc.delete(&vm, true).await.expect("delete");
+    h.delete(true).await.expect("delete");
     assert!(!e.root().join("killed").exists());
     eprintln!("REAL: real_fc_kill_9_is_failed: Failed reported after {seen:?}");
 }
@@ -266,14 +320,15 @@ async fn real_fc_eight_concurrent_microvms() {
     for i in 0..8 {
         let fc = e.fc.clone();
         let cfg = e.config();
+        let tx = e.tx.clone();
         tasks.spawn(async move {
             let vm = id(&format!("c{i}"));
-            let (s, p) = fc.create(&vm, &cfg).await.expect("create");
-            assert_eq!(s, VmState::Created);
-            assert_eq!(fc.boot(&vm).await.expect("boot"), VmState::Running);
-            assert_eq!(fc.pause(&vm).await.expect("pause"), VmState::Paused);
-            assert_eq!(fc.resume(&vm).await.expect("resume"), VmState::Running);
-            (vm, p)
+            let (mut h, rep) = fc.create(&vm, &cfg, tx).await.expect("create");
+            assert_eq!(rep.state, VmState::Created);
+            assert_eq!(h.boot().await.expect("boot").state, VmState::Running);
+            assert_eq!(h.pause().await.expect("pause").state, VmState::Paused);
+            assert_eq!(h.resume().await.expect("resume").state, VmState::Running);
+            (vm, h, rep.process.expect("process"))
         });
     }
     let mut vms = Vec::new();
@@ -282,18 +337,17 @@ async fn real_fc_eight_concurrent_microvms() {
     }
     let up = started.elapsed();
     assert_eq!(vms.len(), 8);
-    for (vm, _) in &vms {
+    for (vm, h, _) in &mut vms {
         e.marker(vm).await;
         assert_eq!(
-            e.fc.info(vm).await.expect("info").state,
+            h.sample().await.expect("info").state,
             Some(VmState::Running)
         );
     }
     let mut deletes = tokio::task::JoinSet::new();
-    for (vm, p) in vms.clone() {
-        let fc = e.fc.clone();
+    for (_, mut h, p) in vms {
         deletes.spawn(async move {
-            fc.delete(&vm, true).await.expect("delete");
+            h.delete(true).await.expect("delete");
             p
         });
     }
@@ -319,19 +373,21 @@ async fn real_fc_twenty_cycles_leak_nothing() {
     // One warm-up cycle so lazily opened handles (the version probe, the
     // connection pool's machinery) are not counted as leaks.
     let warm = id("warm");
-    e.fc.create(&warm, &e.config()).await.expect("create");
-    e.fc.boot(&warm).await.expect("boot");
-    e.fc.info(&warm).await.expect("info");
-    e.fc.delete(&warm, true).await.expect("delete");
+    let (mut h, _) = e.create(&warm).await;
+    h.boot().await.expect("boot");
+    h.sample().await.expect("info");
+    h.delete(true).await.expect("delete");
+    drop(h);
     let fds_before = open_fds();
     let started = Instant::now();
     let mut procs = Vec::new();
     for i in 0..20 {
         let vm = id(&format!("cycle{i}"));
-        let (_, p) = e.fc.create(&vm, &e.config()).await.expect("create");
-        assert_eq!(e.fc.boot(&vm).await.expect("boot"), VmState::Running);
-        e.fc.info(&vm).await.expect("info");
-        e.fc.delete(&vm, true).await.expect("delete");
+        let (mut h, p) = e.create(&vm).await;
+        assert_eq!(h.boot().await.expect("boot").state, VmState::Running);
+        h.sample().await.expect("info");
+        h.delete(true).await.expect("delete");
+        drop(h);
         procs.push(p);
     }
     let took = started.elapsed();
@@ -407,24 +463,26 @@ async fn real_fc_jailer_lifecycle() {
         }),
     );
     let vm = id("jailed");
-    let (state, p) = e.fc.create(&vm, &e.config()).await.expect("create");
-    assert_eq!(state, VmState::Created);
+    let (mut h, p) = e.create(&vm).await;
     assert!(
         p.socket_path.starts_with(&*chroot.path().to_string_lossy()),
         "{}",
         p.socket_path
     );
-    assert_eq!(e.fc.boot(&vm).await.expect("boot"), VmState::Running);
+    assert_eq!(h.boot().await.expect("boot").state, VmState::Running);
     e.marker(&vm).await;
-    let info = e.fc.info(&vm).await.expect("info");
+    let info = h.sample().await.expect("info");
     assert!(info.backend_info.contains_key("jail_root"));
-    assert_eq!(
-        e.fc.reboot(&vm, true).await.expect("reboot"),
-        VmState::Running
-    );
+    let rep = h.reboot(true).await.expect("reboot");
+    let p2 = replaced(&h, rep, &p);
     e.marker(&vm).await;
-    e.fc.delete(&vm, true).await.expect("delete");
+    // A restarted VMCP recognises the jailed process by its root, the jail's.
+    let found = e.fc.discover().await.expect("discover");
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].process.as_ref().map(|f| f.pid), Some(p2.pid));
+    h.delete(true).await.expect("delete");
     wait_gone(&p).await;
+    wait_gone(&p2).await;
     let jail_dir = std::fs::canonicalize(chroot.path())
         .expect("canonical")
         .join("firecracker")

@@ -7,13 +7,13 @@ use std::collections::BTreeMap;
 
 use buffa::{EnumValue, MessageField};
 
-use crate::domain::{self, ConfigError, VmError, VmId, VmSnapshot, VmState};
+use crate::domain::{self, VmConfigError, VmError, VmId, VmSnapshot, VmState};
 use crate::ports::{VmDetails, VmMetrics};
 use crate::proto::vmm::v1 as pb;
 
 /// Parses a required vm_id field.
 pub fn vm_id(field: &str, raw: &str) -> Result<VmId, VmError> {
-    VmId::parse(raw).map_err(|e| VmError::InvalidArgument(ConfigError::new(field, e.to_string())))
+    VmId::parse(raw).map_err(|e| VmError::InvalidArgument(VmConfigError::new(field, e.to_string())))
 }
 
 /// Parses an optional vm_id (empty means "generate one").
@@ -28,7 +28,7 @@ pub fn optional_vm_id(raw: &str) -> Result<Option<VmId>, VmError> {
 /// A non-negative int32 from the wire as u32, or an error naming the field.
 pub fn non_negative(field: &str, v: i32) -> Result<u32, VmError> {
     u32::try_from(v).map_err(|_| {
-        VmError::InvalidArgument(ConfigError::new(
+        VmError::InvalidArgument(VmConfigError::new(
             field,
             format!("must not be negative, got {v}"),
         ))
@@ -201,7 +201,7 @@ pub fn state_filter_in(filter: &[EnumValue<pb::VmState>]) -> Result<Vec<VmState>
             Some(pb::VmState::VM_STATE_SHUTDOWN) => Ok(VmState::Shutdown),
             Some(pb::VmState::VM_STATE_FAILED) => Ok(VmState::Failed),
             Some(pb::VmState::VM_STATE_UNSPECIFIED) | None => {
-                Err(VmError::InvalidArgument(ConfigError::new(
+                Err(VmError::InvalidArgument(VmConfigError::new(
                     format!("state_filter[{i}]"),
                     format!("must be a concrete VmState, got {}", v.to_i32()),
                 )))
@@ -250,6 +250,7 @@ pub fn details_out(d: &VmDetails) -> pb::GetVmInfoResponse {
         generation: generation(s.generation),
         created_timestamp: s.created_at,
         modified_timestamp: s.modified_at,
+        metrics_sampled_timestamp_ms: d.sampled_at_ms.unwrap_or(0),
         ..Default::default()
     }
 }

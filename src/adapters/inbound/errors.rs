@@ -28,7 +28,7 @@ pub fn to_connect(e: &VmError) -> ConnectError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{ConfigError, VmState};
+    use crate::domain::{VmConfigError, VmState};
 
     fn code(e: VmError) -> (ErrorCode, String) {
         let c = to_connect(&e);
@@ -64,7 +64,7 @@ mod tests {
 
     #[test]
     fn invalid_argument_names_the_field() {
-        let (c, m) = code(VmError::InvalidArgument(ConfigError::new(
+        let (c, m) = code(VmError::InvalidArgument(VmConfigError::new(
             "config.cpu.vcpu_count",
             "bad",
         )));

@@ -68,7 +68,11 @@ pub async fn detailed(check: &dyn HealthCheck) -> (http::StatusCode, serde_json:
         },
         "system": sys,
         "recovery": if service.recovering { "running" } else { "done" },
-        "vms": service.vm_counts,
+        "vms": service
+            .vm_counts
+            .iter()
+            .map(|(s, n)| (s.as_str(), n))
+            .collect::<std::collections::BTreeMap<_, _>>(),
         "telemetry": service.telemetry,
         "checks": {
             "backend": {

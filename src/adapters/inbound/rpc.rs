@@ -49,7 +49,7 @@ impl<S: VmService> pb::VmService for RpcService<S> {
         let create = CreateVm {
             vm_id: optional_vm_id(&req.vm_id).map_err(fail)?,
             config: config_in(req.config.as_option().ok_or_else(|| {
-                fail(VmError::InvalidArgument(crate::domain::ConfigError::new(
+                fail(VmError::InvalidArgument(crate::domain::VmConfigError::new(
                     "config",
                     "is required",
                 )))

@@ -1,12 +1,12 @@
 //! The one place where VMCP's [`VmConfig`] becomes Cloud Hypervisor's
 //! `VmConfig` JSON (`PUT /api/v1/vm.create`, schema in cloud-hypervisor.yaml
-//! v53). Every field is either mapped or rejected with a [`ConfigError`]
+//! v53). Every field is either mapped or rejected with a [`VmConfigError`]
 //! naming it and saying it is not supported by cloudhypervisor; nothing is
 //! dropped. VmConfig.metadata stays in VMCP and never reaches the VMM.
 
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{ConfigError, VmConfig};
+use crate::domain::{VmConfig, VmConfigError};
 
 /// Where a VM's serial console goes when the caller names no file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -141,13 +141,13 @@ impl ChConsole {
 /// The host entropy source every VM's virtio-rng reads.
 pub const RNG_SOURCE: &str = "/dev/urandom";
 
-fn unsupported(field: impl Into<String>, what: &str) -> ConfigError {
-    ConfigError::new(field, format!("{what} not supported by cloudhypervisor"))
+fn unsupported(field: impl Into<String>, what: &str) -> VmConfigError {
+    VmConfigError::new(field, format!("{what} not supported by cloudhypervisor"))
 }
 
 /// Rejects anything Cloud Hypervisor cannot honour, naming the field.
 /// Assumes `config` passed [`VmConfig::validate`].
-pub fn check(config: &VmConfig) -> Result<(), ConfigError> {
+pub fn check(config: &VmConfig) -> Result<(), VmConfigError> {
     if !config.cpu.features.is_empty() {
         return Err(unsupported(
             "config.cpu.features",
@@ -161,7 +161,7 @@ pub fn check(config: &VmConfig) -> Result<(), ConfigError> {
         ));
     }
     if config.memory.hotplug_enabled && config.memory.max_size_bytes <= config.memory.size_bytes {
-        return Err(ConfigError::new(
+        return Err(VmConfigError::new(
             "config.memory.max_size_bytes",
             "with hotplug_enabled must be larger than size_bytes: a zero-sized hotplug region is not supported by cloudhypervisor",
         ));
@@ -188,15 +188,15 @@ pub fn check(config: &VmConfig) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn count(field: &str, v: i32) -> Result<u32, ConfigError> {
-    u32::try_from(v).map_err(|_| ConfigError::new(field, format!("must be positive, got {v}")))
+fn count(field: &str, v: i32) -> Result<u32, VmConfigError> {
+    u32::try_from(v).map_err(|_| VmConfigError::new(field, format!("must be positive, got {v}")))
 }
 
 /// Maps `config` to Cloud Hypervisor's JSON. The serial port writes to
 /// `console.output` or, when that is empty, to `defaults.serial_file`; with
 /// the console disabled the serial port is off. The virtio console is
 /// always off (VMCP exposes one console, the serial port).
-pub fn to_ch(config: &VmConfig, defaults: &ConsoleDefaults) -> Result<ChVmConfig, ConfigError> {
+pub fn to_ch(config: &VmConfig, defaults: &ConsoleDefaults) -> Result<ChVmConfig, VmConfigError> {
     check(config)?;
     let boot_vcpus = count("config.cpu.vcpu_count", config.cpu.vcpu_count)?;
     let max_vcpus = count("config.cpu.max_vcpu_count", config.effective_max_vcpus())?;
@@ -324,7 +324,7 @@ mod tests {
         serde_json::to_value(to_ch(c, &defaults()).expect("maps")).expect("serializes")
     }
 
-    fn field_of(c: &VmConfig) -> ConfigError {
+    fn field_of(c: &VmConfig) -> VmConfigError {
         to_ch(c, &defaults()).expect_err("rejected")
     }
 

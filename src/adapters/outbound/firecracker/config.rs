@@ -1,7 +1,7 @@
 //! The one place where a [`VmConfig`] becomes Firecracker's pre-boot
 //! requests (`PUT /machine-config`, `/boot-source`, `/drives/{id}`,
 //! `/network-interfaces/{id}`, `/metrics`, `/serial`) and where every field
-//! Firecracker v1.16 cannot honour is rejected with a [`ConfigError`] naming
+//! Firecracker v1.16 cannot honour is rejected with a [`VmConfigError`] naming
 //! the field and the backend. Pure: no I/O, so `Hypervisor::validate` and
 //! `create` share it and each field's mapping has its own unit test.
 //!
@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{ConfigError, VmConfig, VmId};
+use crate::domain::{VmConfig, VmConfigError, VmId};
 
 /// Firecracker's vCPU ceiling (`machine-config.vcpu_count` is 1..=32).
 pub const MAX_FC_VCPUS: i32 = 32;
@@ -151,7 +151,7 @@ pub struct PreBoot {
 }
 
 /// Rejects every field Firecracker cannot honour. No I/O.
-pub fn check(config: &VmConfig) -> Result<(), ConfigError> {
+pub fn check(config: &VmConfig) -> Result<(), VmConfigError> {
     let cpu = &config.cpu;
     if cpu.vcpu_count > MAX_FC_VCPUS {
         return Err(unsupported(
@@ -213,7 +213,7 @@ pub fn check(config: &VmConfig) -> Result<(), ConfigError> {
 
 /// The extra rule under the jailer: Firecracker can only open files inside
 /// its chroot, so a console file elsewhere cannot be honoured.
-pub fn check_jailed(config: &VmConfig) -> Result<(), ConfigError> {
+pub fn check_jailed(config: &VmConfig) -> Result<(), VmConfigError> {
     if !config.console.output.is_empty() {
         return Err(unsupported(
             "config.console.output",
@@ -227,16 +227,16 @@ pub fn check_jailed(config: &VmConfig) -> Result<(), ConfigError> {
 
 /// Maps a (domain-validated) config to Firecracker's pre-boot requests, with
 /// host paths. Under the jailer, [`super::jailer`] rewrites the paths.
-pub fn map(config: &VmConfig, files: &RuntimeFiles) -> Result<PreBoot, ConfigError> {
+pub fn map(config: &VmConfig, files: &RuntimeFiles) -> Result<PreBoot, VmConfigError> {
     check(config)?;
     let vcpu_count = u32::try_from(config.cpu.vcpu_count).map_err(|_| {
-        ConfigError::new(
+        VmConfigError::new(
             "config.cpu.vcpu_count",
             format!("must be positive, got {}", config.cpu.vcpu_count),
         )
     })?;
     let mem_size_mib = u64::try_from(config.memory.size_bytes / MIB).map_err(|_| {
-        ConfigError::new(
+        VmConfigError::new(
             "config.memory.size_bytes",
             format!("must be positive, got {}", config.memory.size_bytes),
         )
@@ -354,7 +354,7 @@ fn device_ids<'a>(ids: impl Iterator<Item = &'a str> + Clone) -> Vec<String> {
     .collect()
 }
 
-fn no_options(field: &str, m: &BTreeMap<String, String>) -> Result<(), ConfigError> {
+fn no_options(field: &str, m: &BTreeMap<String, String>) -> Result<(), VmConfigError> {
     match m.keys().next() {
         None => Ok(()),
         Some(k) => Err(unsupported(
@@ -364,8 +364,8 @@ fn no_options(field: &str, m: &BTreeMap<String, String>) -> Result<(), ConfigErr
     }
 }
 
-fn unsupported(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
-    ConfigError::new(field, reason)
+fn unsupported(field: impl Into<String>, reason: impl Into<String>) -> VmConfigError {
+    VmConfigError::new(field, reason)
 }
 
 /// 32-bit FNV-1a: tiny, dependency-free and stable across Rust versions (unlike `DefaultHasher`).
@@ -399,7 +399,7 @@ mod tests {
         map(c, &files()).expect("config should map")
     }
 
-    fn rejected(c: &VmConfig) -> ConfigError {
+    fn rejected(c: &VmConfig) -> VmConfigError {
         let e = map(c, &files()).expect_err("config should be rejected");
         assert!(
             e.reason.contains("firecracker"),

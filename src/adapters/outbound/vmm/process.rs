@@ -10,13 +10,15 @@
 //! directory removed, and the error carries the tail of its log.
 //!
 //! A reaper task waits on the child (or, for a VMM adopted after a VMCP
-//! restart, by watching /proc) and publishes its exit at once. An exit nobody asked
-//! for is reported through the [`EventSink`] as [`BackendEvent::Exited`],
-//! with a state chosen by the backend's classifier (a crash is Failed; a
-//! backend may call a clean exit a guest poweroff). Exits the backend
-//! expects (delete, a graceful stop) are not reported. Process identity is
-//! pid plus start time (field 22 of /proc/PID/stat), so a recycled pid is
-//! never mistaken for, or killed as, a VMM.
+//! restart, by watching /proc) and publishes its exit at once. An exit nobody
+//! asked for is reported through the VM's [`VmmEventSink`] as
+//! [`VmmEvent::Exited`] naming the pid that ended, with a state chosen by the
+//! backend's classifier (a crash is Failed; a clean exit may be a guest
+//! poweroff). Exits the caller expects (delete, a graceful stop, the old
+//! process of a respawn) are not reported, nor are exits of a process whose
+//! [`Supervised`] was dropped (nobody holds it any more). Process identity
+//! is pid plus start time (field 22 of /proc/PID/stat), so a recycled pid
+//! is never mistaken for, or killed as, a VMM.
 
 use std::ffi::OsString;
 use std::fmt;
@@ -34,7 +36,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::domain::{VmId, VmState};
-use crate::ports::{BackendEvent, EventSink, HypervisorError};
+use crate::ports::{HypervisorError, VmmEvent, VmmEventSink};
 
 /// Longest Unix socket path (sun_path is 108 bytes including the NUL).
 pub const MAX_SOCKET_PATH_LEN: usize = 107;
@@ -96,6 +98,15 @@ pub enum ProcessError {
         /// Expected start time.
         start_time: u64,
     },
+    /// The VMM process ended (while a call to it was in flight, or before
+    /// an operation that needs it).
+    #[error("VMM pid {pid} {}; last log lines:\n{}", .exit.describe_status(), .exit.log_tail)]
+    Ended {
+        /// Process id.
+        pid: u32,
+        /// How it ended.
+        exit: ExitInfo,
+    },
     /// Sending a signal failed.
     #[error("cannot signal process {pid}: {source}")]
     Signal {
@@ -108,24 +119,49 @@ pub enum ProcessError {
 }
 
 impl From<ProcessError> for HypervisorError {
+    /// Classifies by what the caller can do: a VMM that cannot start, a host
+    /// short of resources, or a VMM that cannot be reached. The message says
+    /// what failed in one line; the [`ProcessError`] stays the source.
     fn from(e: ProcessError) -> Self {
+        let exhausted = |io: &io::Error| {
+            matches!(
+                io.raw_os_error(),
+                Some(libc::ENOSPC | libc::EMFILE | libc::ENFILE | libc::EAGAIN | libc::EDQUOT)
+            )
+        };
+        let spawn = |message: String, e: ProcessError| HypervisorError::SpawnFailed {
+            message,
+            source: Some(Arc::new(e)),
+        };
         match &e {
-            ProcessError::Exec { .. } | ProcessError::NotReady { .. } => {
-                HypervisorError::SpawnFailed(e.to_string())
+            ProcessError::Exec { program, .. } => {
+                spawn(format!("cannot run {}", program.display()), e)
             }
-            ProcessError::SocketPathTooLong(_) => HypervisorError::SpawnFailed(e.to_string()),
-            ProcessError::Io { source, .. }
-                if matches!(
-                    source.raw_os_error(),
-                    Some(libc::ENOSPC | libc::EMFILE | libc::ENFILE | libc::EAGAIN | libc::EDQUOT)
-                ) =>
-            {
-                HypervisorError::ResourceExhausted(e.to_string())
+            ProcessError::NotReady {
+                program, reason, ..
+            } => spawn(format!("{} {reason}", program.display()), e),
+            ProcessError::SocketPathTooLong(_) => spawn(
+                "the VMM's API socket path is too long; use a shorter runtime directory".into(),
+                e,
+            ),
+            ProcessError::Io { what, path, source } if exhausted(source) => {
+                HypervisorError::ResourceExhausted {
+                    message: format!("{what} {}", path.display()),
+                    source: Some(Arc::new(e)),
+                }
             }
-            ProcessError::Io { .. } | ProcessError::Signal { .. } => {
-                HypervisorError::Unavailable(e.to_string())
+            ProcessError::Io { what, path, .. } => {
+                let message = format!("{what} {}", path.display());
+                HypervisorError::unavailable_from(message, e)
             }
-            ProcessError::Gone { .. } => HypervisorError::NotFound(e.to_string()),
+            ProcessError::Ended { exit, .. } => {
+                let message = format!("the VMM {}", exit.describe_status());
+                HypervisorError::unavailable_from(message, e)
+            }
+            ProcessError::Signal { pid, .. } => {
+                HypervisorError::unavailable_from(format!("cannot signal VMM pid {pid}"), e)
+            }
+            ProcessError::Gone { .. } => HypervisorError::Gone(e.to_string()),
         }
     }
 }
@@ -231,6 +267,16 @@ impl RuntimeDir {
     pub fn serial_file(&self) -> PathBuf {
         self.path.join("serial.log")
     }
+}
+
+/// Removes a VMM's API socket and the `.lock` file Cloud Hypervisor keeps
+/// beside it, wherever they are: a killed VMM leaves both behind, and
+/// Firecracker will not start on a path whose stale socket still exists.
+pub fn remove_socket(socket: &Path) -> Result<(), ProcessError> {
+    remove_if_exists(socket)?;
+    let mut lock = socket.as_os_str().to_owned();
+    lock.push(".lock");
+    remove_if_exists(Path::new(&lock))
 }
 
 fn remove_if_exists(path: &Path) -> Result<(), ProcessError> {
@@ -342,10 +388,10 @@ pub type ExitClassifier = Arc<dyn Fn(&ExitInfo) -> VmState + Send + Sync>;
 /// Where and how unexpected exits of one VM's VMM are reported.
 #[derive(Clone)]
 pub struct ExitReporter {
-    /// The VM.
+    /// The VM (for logs; the event itself names the pid).
     pub vm_id: VmId,
-    /// Where events go.
-    pub events: EventSink,
+    /// The VM owner's sink.
+    pub events: VmmEventSink,
     /// Maps an unexpected exit to the state to report.
     pub classify: ExitClassifier,
 }
@@ -369,13 +415,65 @@ pub struct SpawnSpec {
     pub ready_timeout: Duration,
 }
 
-/// Exit reporting phases: the reaper reports any exit in `ARMED`, an
-/// unclean one in `EXPECT_CLEAN`, none in `STARTING` or `EXPECTED`.
-const STARTING: u8 = 0;
-const ARMED: u8 = 1;
-const EXPECTED: u8 = 2;
-const EXPECT_CLEAN: u8 = 3;
-const EXITED: u8 = 4;
+/// Where a supervised process is in its life, as far as exit reporting is
+/// concerned: the reaper reports any exit in `Armed`, an unclean one in
+/// `ExpectClean`, none in `Starting` or `Expected`. Stored in an [`AtomicU8`]
+/// shared with the reaper task, so transitions are compare-and-swap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Phase {
+    /// Spawned, not yet answering its readiness probe.
+    Starting = 0,
+    /// Running; any exit is news.
+    Armed = 1,
+    /// Being stopped; no exit is news.
+    Expected = 2,
+    /// Asked to power off; only a crash is news.
+    ExpectClean = 3,
+    /// The reaper has seen the exit.
+    Exited = 4,
+}
+
+impl Phase {
+    /// The phase stored as `v`. Only this module stores phases, always
+    /// through `as u8`, so every other value is unreachable; it reads as
+    /// `Exited`, the state from which nothing is reported or signalled.
+    fn from_u8(v: u8) -> Phase {
+        match v {
+            0 => Phase::Starting,
+            1 => Phase::Armed,
+            2 => Phase::Expected,
+            3 => Phase::ExpectClean,
+            _ => Phase::Exited,
+        }
+    }
+}
+
+/// A [`Phase`] shared between a [`Supervised`] and its reaper.
+#[derive(Debug)]
+struct PhaseCell(AtomicU8);
+
+impl PhaseCell {
+    fn new(phase: Phase) -> Self {
+        Self(AtomicU8::new(phase as u8))
+    }
+
+    fn load(&self) -> Phase {
+        Phase::from_u8(self.0.load(Ordering::Acquire))
+    }
+
+    fn swap(&self, to: Phase) -> Phase {
+        Phase::from_u8(self.0.swap(to as u8, Ordering::AcqRel))
+    }
+
+    /// Moves from `from` to `to`; on failure returns the phase found.
+    fn transition(&self, from: Phase, to: Phase) -> Result<(), Phase> {
+        self.0
+            .compare_exchange(from as u8, to as u8, Ordering::AcqRel, Ordering::Acquire)
+            .map(drop)
+            .map_err(Phase::from_u8)
+    }
+}
 
 /// Which exits of a running VMM the backend is waiting for; those are not
 /// reported as events.
@@ -408,7 +506,7 @@ pub struct Supervised {
     start_time: u64,
     program: PathBuf,
     runtime: RuntimeDir,
-    phase: Arc<AtomicU8>,
+    phase: Arc<PhaseCell>,
     exit: watch::Receiver<Option<ExitInfo>>,
     adopted: bool,
 }
@@ -453,11 +551,7 @@ impl Supervised {
             };
             let last = match outcome {
                 Ok(()) => {
-                    if sup
-                        .phase
-                        .compare_exchange(STARTING, ARMED, Ordering::AcqRel, Ordering::Acquire)
-                        .is_ok()
-                    {
+                    if sup.phase.transition(Phase::Starting, Phase::Armed).is_ok() {
                         return Ok(sup);
                     }
                     break "exited right after becoming ready".to_owned();
@@ -479,9 +573,7 @@ impl Supervised {
             interval = (interval * 2).min(PROBE_INTERVAL_MAX);
         };
         // Silence the reaper: this exit is ours (a no-op if it already exited).
-        let _ = sup
-            .phase
-            .compare_exchange(STARTING, EXPECTED, Ordering::AcqRel, Ordering::Acquire);
+        let _ = sup.phase.transition(Phase::Starting, Phase::Expected);
         let info = sup.kill_and_reap().await;
         let log_tail = info
             .map(|i| i.log_tail)
@@ -554,7 +646,7 @@ impl Supervised {
             }
         };
         let (tx, rx) = watch::channel(None);
-        let phase = Arc::new(AtomicU8::new(STARTING));
+        let phase = Arc::new(PhaseCell::new(Phase::Starting));
         let reaper_phase = phase.clone();
         let reaper_log = log_path.clone();
         tokio::spawn(async move {
@@ -563,7 +655,7 @@ impl Supervised {
                 status,
                 log_tail: log_tail(&reaper_log, LOG_TAIL_LINES),
             };
-            publish_exit(&tx, &reaper_phase, &reporter, info);
+            publish_exit(&tx, &reaper_phase, pid, &reporter, info);
         });
         let sup = Self {
             pid,
@@ -592,21 +684,26 @@ impl Supervised {
             return Err(gone());
         }
         let (tx, rx) = watch::channel(None);
-        let phase = Arc::new(AtomicU8::new(ARMED));
+        let phase = Arc::new(PhaseCell::new(Phase::Armed));
         let reaper_phase = phase.clone();
         let reaper_log = runtime.log_file();
         tokio::spawn(async move {
             // Not our child, so no SIGCHLD or wait(): watch /proc instead,
-            // often enough to report an exit within a second.
+            // often enough to report an exit within a second. Once the
+            // `Supervised` is dropped (its owner let go of the VM) nobody
+            // listens any more, so stop watching.
             let mut tick = tokio::time::interval(ADOPTED_POLL_INTERVAL);
             while is_alive(pid, start_time) {
-                tick.tick().await;
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = tx.closed() => return,
+                }
             }
             let info = ExitInfo {
                 status: None,
                 log_tail: log_tail(&reaper_log, LOG_TAIL_LINES),
             };
-            publish_exit(&tx, &reaper_phase, &reporter, info);
+            publish_exit(&tx, &reaper_phase, pid, &reporter, info);
         });
         Ok(Self {
             pid,
@@ -649,24 +746,38 @@ impl Supervised {
         self.exit.borrow().clone()
     }
 
+    /// The exit as an error ([`ProcessError::Ended`]), if the process has ended.
+    pub fn ended(&self) -> Option<ProcessError> {
+        self.exited().map(|exit| ProcessError::Ended {
+            pid: self.pid,
+            exit,
+        })
+    }
+
+    /// A receiver that sees the exit, for tasks that must stop with the process.
+    pub fn exit_watch(&self) -> watch::Receiver<Option<ExitInfo>> {
+        self.exit.clone()
+    }
+
     /// Sets which exits are expected (not reported). Returns false when the
     /// process has already exited.
     pub fn expect_exit(&self, expectation: ExitExpectation) -> bool {
         let to = match expectation {
-            ExitExpectation::Unexpected => ARMED,
-            ExitExpectation::CleanOnly => EXPECT_CLEAN,
-            ExitExpectation::Any => EXPECTED,
+            ExitExpectation::Unexpected => Phase::Armed,
+            ExitExpectation::CleanOnly => Phase::ExpectClean,
+            ExitExpectation::Any => Phase::Expected,
         };
-        let mut current = self.phase.load(Ordering::Acquire);
+        let mut current = self.phase.load();
         loop {
-            if current == EXITED || current == STARTING {
-                return current != EXITED;
+            match current {
+                Phase::Exited => return false,
+                // Still starting: `spawn` decides, and it only hands out
+                // processes that became ready.
+                Phase::Starting => return true,
+                Phase::Armed | Phase::Expected | Phase::ExpectClean => {}
             }
-            match self
-                .phase
-                .compare_exchange(current, to, Ordering::AcqRel, Ordering::Acquire)
-            {
-                Ok(_) => return true,
+            match self.phase.transition(current, to) {
+                Ok(()) => return true,
                 Err(now) => current = now,
             }
         }
@@ -747,18 +858,29 @@ impl Supervised {
 
 fn publish_exit(
     tx: &watch::Sender<Option<ExitInfo>>,
-    phase: &AtomicU8,
+    phase: &PhaseCell,
+    pid: u32,
     reporter: &ExitReporter,
     info: ExitInfo,
 ) {
-    let before = phase.swap(EXITED, Ordering::AcqRel);
+    let before = phase.swap(Phase::Exited);
+    // Once the `Supervised` is dropped (its owner let go of the VM, e.g. a
+    // VMCP shutting down or handing the VMM to another owner), nobody holds
+    // this process any more: its exit is not that owner's news.
+    let held = !tx.is_closed();
     tx.send_replace(Some(info.clone()));
-    if before == ARMED || (before == EXPECT_CLEAN && !info.is_clean()) {
+    let news = held
+        && match before {
+            Phase::Armed => true,
+            Phase::ExpectClean => !info.is_clean(),
+            Phase::Starting | Phase::Expected | Phase::Exited => false,
+        };
+    if news {
         let state = (reporter.classify)(&info);
-        tracing::warn!(vm_id = %reporter.vm_id, %state, reason = %info.describe_status(), "VMM exited");
-        // A closed sink means the application is shutting down; nothing to tell.
-        let _ = reporter.events.send(BackendEvent::Exited {
-            vm_id: reporter.vm_id.clone(),
+        tracing::warn!(vm_id = %reporter.vm_id, pid, %state, reason = %info.describe_status(), "VMM exited");
+        // A closed sink means the VM's owner is gone; nobody is left to tell.
+        let _ = reporter.events.send(VmmEvent::Exited {
+            pid,
             state,
             reason: info.reason(),
         });
@@ -844,7 +966,7 @@ mod tests {
     use super::*;
     use tokio::sync::mpsc;
 
-    fn reporter(id: &str) -> (ExitReporter, mpsc::UnboundedReceiver<BackendEvent>) {
+    fn reporter(id: &str) -> (ExitReporter, mpsc::UnboundedReceiver<VmmEvent>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let reporter = ExitReporter {
             vm_id: VmId::parse(id).expect("valid id"),
@@ -958,12 +1080,10 @@ mod tests {
             .await
             .expect("event within a second")
             .expect("event");
-        let BackendEvent::Exited {
-            vm_id,
-            state,
-            reason,
-        } = ev;
-        assert_eq!(vm_id.as_str(), "crashy");
+        let VmmEvent::Exited { pid, state, reason } = ev else {
+            panic!("expected Exited, got {ev:?}");
+        };
+        assert_eq!(pid, sup.pid(), "the event names the process that ended");
         assert_eq!(state, VmState::Failed);
         assert!(reason.contains("exited with status 7"), "{reason}");
         assert!(reason.contains("dying"), "{reason}");
@@ -986,8 +1106,16 @@ mod tests {
             .await
             .expect("event within a second")
             .expect("event");
-        let BackendEvent::Exited { state, .. } = ev;
-        assert_eq!(state, VmState::Shutdown);
+        assert!(
+            matches!(
+                ev,
+                VmmEvent::Exited {
+                    state: VmState::Shutdown,
+                    ..
+                }
+            ),
+            "{ev:?}"
+        );
     }
 
     #[tokio::test]
@@ -1006,6 +1134,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_process_nobody_holds_any_more_exits_quietly() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (rep, mut events) = reporter("letgo");
+        let dir = RuntimeDir::new(tmp.path(), &rep.vm_id);
+        let sup = Supervised::spawn(&sh("exec sleep 600"), dir, rep, ready)
+            .await
+            .expect("spawn");
+        let (pid, start) = (sup.pid(), sup.start_time());
+        drop(sup);
+        assert!(is_alive(pid, start), "letting go does not end the VMM");
+        let raw = rustix::process::Pid::from_raw(i32::try_from(pid).expect("pid")).expect("pid");
+        rustix::process::kill_process(raw, rustix::process::Signal::KILL).expect("kill");
+        // The reaper still reaps it, and tells nobody.
+        let quiet = tokio::time::timeout(Duration::from_millis(300), events.recv()).await;
+        assert!(!matches!(quiet, Ok(Some(_))), "{quiet:?}");
+        assert!(!is_alive(pid, start));
+    }
+
+    #[tokio::test]
     async fn clean_only_expectation_still_reports_a_crash() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let (rep, mut events) = reporter("half");
@@ -1019,7 +1166,9 @@ mod tests {
             .await
             .expect("event within a second")
             .expect("event");
-        let BackendEvent::Exited { state, reason, .. } = ev;
+        let VmmEvent::Exited { state, reason, .. } = ev else {
+            panic!("expected Exited, got {ev:?}");
+        };
         assert_eq!(state, VmState::Failed);
         assert!(reason.contains("SIGKILL"), "{reason}");
         assert!(
@@ -1111,14 +1260,18 @@ mod tests {
         .await
         .expect_err("dies");
         assert!(started.elapsed() < Duration::from_secs(2));
-        let HypervisorError::SpawnFailed(msg) = HypervisorError::from(err) else {
-            panic!("expected SpawnFailed");
+        let err = HypervisorError::from(err);
+        let HypervisorError::SpawnFailed { message, source } = &err else {
+            panic!("expected SpawnFailed, got {err:?}");
         };
         assert!(
-            msg.contains("exited during start-up: exited with status 2"),
-            "{msg}"
+            message.contains("exited during start-up: exited with status 2"),
+            "{message}"
         );
-        assert!(msg.contains("bad flag"), "{msg}");
+        // The log tail rides in the source, the ProcessError itself.
+        let cause = source.as_ref().expect("the ProcessError is kept");
+        assert!(cause.downcast_ref::<ProcessError>().is_some(), "{cause:?}");
+        assert!(cause.to_string().contains("bad flag"), "{cause}");
         assert!(!dir.exists());
     }
 
@@ -1168,7 +1321,15 @@ mod tests {
             .await
             .expect("event within a second")
             .expect("event");
-        let BackendEvent::Exited { state, reason, .. } = ev;
+        let VmmEvent::Exited {
+            pid: ended,
+            state,
+            reason,
+        } = ev
+        else {
+            panic!("expected Exited, got {ev:?}");
+        };
+        assert_eq!(ended, pid);
         assert_eq!(state, VmState::Failed);
         assert!(reason.contains("status unknown"), "{reason}");
         reaper.join().expect("join").expect("wait");

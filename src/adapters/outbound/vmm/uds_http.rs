@@ -84,14 +84,24 @@ pub enum UdsHttpError {
 }
 
 impl From<UdsHttpError> for HypervisorError {
+    /// A VMM that does not answer is `Unavailable` (the [`UdsHttpError`]
+    /// kept as the source), one that answers too late a `Timeout`; a request
+    /// VMCP could not build or an answer it could not read is a `Protocol`
+    /// bug on one side.
     fn from(e: UdsHttpError) -> Self {
         match e {
-            UdsHttpError::Unreachable { .. } | UdsHttpError::Closed { .. } => {
-                HypervisorError::Unavailable(e.to_string())
+            UdsHttpError::Unreachable { ref operation, .. } => {
+                let message = format!("the VMM's API socket is unreachable for {operation}");
+                HypervisorError::unavailable_from(message, e)
+            }
+            UdsHttpError::Closed { ref operation, .. } => {
+                let message = format!("the VMM closed its API connection during {operation}");
+                HypervisorError::unavailable_from(message, e)
             }
             UdsHttpError::Timeout {
                 operation, after, ..
             } => HypervisorError::Timeout { operation, after },
+            // `Protocol` carries text only: the port gives it no source.
             UdsHttpError::Request { .. } | UdsHttpError::Decode { .. } => {
                 HypervisorError::Protocol(e.to_string())
             }
@@ -111,6 +121,15 @@ pub struct Response {
 }
 
 impl Response {
+    /// An answer to `operation` (`METHOD path`).
+    pub fn new(status: StatusCode, body: impl Into<Bytes>, operation: impl Into<String>) -> Self {
+        Self {
+            status,
+            body: body.into(),
+            operation: operation.into(),
+        }
+    }
+
     /// Whether the status is 2xx.
     pub fn is_success(&self) -> bool {
         self.status.is_success()
@@ -365,10 +384,18 @@ mod tests {
             .await
             .expect_err("missing");
         assert!(err.is_unreachable(), "{err}");
-        assert!(matches!(
-            HypervisorError::from(err),
-            HypervisorError::Unavailable(_)
-        ));
+        let mapped = HypervisorError::from(err);
+        let HypervisorError::Unavailable { source, .. } = &mapped else {
+            panic!("expected Unavailable, got {mapped:?}");
+        };
+        let cause = source.as_ref().expect("the transport error is kept");
+        assert!(
+            matches!(
+                cause.downcast_ref::<UdsHttpError>(),
+                Some(UdsHttpError::Unreachable { .. })
+            ),
+            "{cause:?}"
+        );
     }
 
     #[tokio::test]
@@ -404,12 +431,14 @@ mod tests {
             .await
             .expect_err("hung");
         assert!(started.elapsed() < Duration::from_secs(1));
-        assert_eq!(
-            HypervisorError::from(err),
-            HypervisorError::Timeout {
-                operation: "GET /api/v1/vm.info".into(),
-                after: Duration::from_millis(100),
-            }
+        let mapped = HypervisorError::from(err);
+        assert!(
+            matches!(
+                &mapped,
+                HypervisorError::Timeout { operation, after }
+                    if operation == "GET /api/v1/vm.info" && *after == Duration::from_millis(100)
+            ),
+            "{mapped:?}"
         );
         holder.abort();
     }
@@ -432,7 +461,7 @@ mod tests {
         assert!(matches!(err, UdsHttpError::Closed { .. }), "{err}");
         assert!(matches!(
             HypervisorError::from(err),
-            HypervisorError::Unavailable(_)
+            HypervisorError::Unavailable { .. }
         ));
     }
 }

@@ -1,0 +1,359 @@
+//! The VM manager: the application's implementation of the inbound
+//! `VmService` port. Split by concern: [`registry`] (which VMs exist, and
+//! their owners), [`recovery`] (start-up), [`health`] (the backend check),
+//! [`paging`] (ListVms pages). This module admits creates, routes commands
+//! to owners, answers reads from the owners' published views (never from
+//! the VMM), and refuses every VM call with `unavailable` while recovery
+//! runs or the backend cannot be used. Each part takes what it needs as
+//! arguments; none calls back into the manager.
+
+pub mod health;
+pub mod paging;
+pub mod recovery;
+pub mod registry;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::domain::{Command, Vm, VmError, VmId, VmSnapshot, VmState};
+use crate::ports::{
+    BackendHealth, Clock, CreateVm, Hypervisor, ListQuery, Telemetry, VmCounts, VmDetails, VmPage,
+    VmService, VmStore,
+};
+
+use super::admission::{CreatePolicy, Footprint};
+use super::owner::{Deps, Owner, QUEUE_DEPTH, Request};
+
+use self::health::BackendHealthCache;
+use self::recovery::Recovered;
+use self::registry::{Entry, Registry};
+
+pub use self::paging::{DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE};
+
+/// The VM manager.
+pub struct VmManager<H, S> {
+    deps: Deps<H, S>,
+    registry: Registry,
+    health: BackendHealthCache,
+    recovering: AtomicBool,
+    remove_orphans: AtomicBool,
+    admission: CreatePolicy,
+}
+
+impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
+    /// A manager with no VMs that admits any valid config (no path policy, no limits).
+    pub fn new(
+        hypervisor: Arc<H>,
+        store: Arc<S>,
+        telemetry: Arc<dyn Telemetry>,
+        clock: Arc<dyn Clock>,
+        call_timeout: Duration,
+    ) -> Arc<Self> {
+        Self::with_admission(
+            hypervisor,
+            store,
+            telemetry,
+            clock,
+            call_timeout,
+            CreatePolicy::unrestricted(),
+        )
+    }
+
+    /// A manager with no VMs that admits creates through `admission` (host paths, limits).
+    pub fn with_admission(
+        hypervisor: Arc<H>,
+        store: Arc<S>,
+        telemetry: Arc<dyn Telemetry>,
+        clock: Arc<dyn Clock>,
+        call_timeout: Duration,
+        admission: CreatePolicy,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            deps: Deps {
+                hypervisor,
+                store,
+                telemetry,
+                clock,
+                call_timeout,
+            },
+            registry: Registry::default(),
+            health: BackendHealthCache::default(),
+            recovering: AtomicBool::new(false),
+            remove_orphans: AtomicBool::new(true),
+            admission,
+        })
+    }
+
+    /// Re-adopts VMs from the store (start-up recovery).
+    pub async fn recover(&self) -> Result<Recovered, VmError> {
+        self.recovering.store(true, Ordering::Release);
+        let result = recovery::recover(
+            &self.deps,
+            &self.registry,
+            self.remove_orphans.load(Ordering::Acquire),
+        )
+        .await;
+        self.recovering.store(false, Ordering::Release);
+        result
+    }
+
+    /// Whether recovery removes VMMs that belong to no VM (true) or only reports them.
+    pub fn set_remove_orphans(&self, remove: bool) {
+        self.remove_orphans.store(remove, Ordering::Release);
+    }
+
+    /// Marks recovery as started (before the server accepts requests).
+    pub fn mark_recovering(&self) {
+        self.recovering.store(true, Ordering::Release);
+    }
+
+    /// Whether start-up recovery is running.
+    pub fn is_recovering(&self) -> bool {
+        self.recovering.load(Ordering::Acquire)
+    }
+
+    /// The backend's health, re-checked when the cached answer is older than a few seconds.
+    pub async fn backend_health(&self) -> BackendHealth {
+        self.health
+            .get(
+                &*self.deps.hypervisor,
+                &*self.deps.telemetry,
+                self.deps.call_timeout,
+            )
+            .await
+    }
+
+    async fn require_backend(&self) -> Result<(), VmError> {
+        if self.is_recovering() {
+            return Err(VmError::Unavailable(
+                "VMCP is re-adopting VMs after a restart; retry shortly".into(),
+            ));
+        }
+        let health = self.backend_health().await;
+        if health.healthy {
+            Ok(())
+        } else {
+            Err(VmError::Unavailable(format!(
+                "backend {} is unavailable: {}",
+                health.kind, health.error
+            )))
+        }
+    }
+
+    /// Number of VMs per observed state.
+    pub fn counts_by_state(&self) -> VmCounts {
+        self.registry.counts()
+    }
+
+    async fn command(&self, id: VmId, cmd: Command) -> Result<VmSnapshot, VmError> {
+        self.require_backend().await?;
+        let entry = self
+            .registry
+            .get(&id)
+            .ok_or_else(|| VmError::NotFound(id.to_string()))?;
+        let (reply_tx, reply_rx) = oneshot::channel();
+        entry
+            .tx
+            .try_send(Request::Command(cmd, reply_tx))
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => VmError::Unavailable(format!(
+                    "vm {id} has {QUEUE_DEPTH} operations queued; retry later"
+                )),
+                mpsc::error::TrySendError::Closed(_) => VmError::NotFound(id.to_string()),
+            })?;
+        let result = reply_rx
+            .await
+            .map_err(|_| VmError::NotFound(id.to_string()))?;
+        if result.as_ref().is_ok_and(|s| s.deleted) {
+            self.registry.remove_if_owned_by(&id, &entry.tx);
+        }
+        result
+    }
+
+    async fn create(&self, req: CreateVm) -> Result<VmSnapshot, VmError> {
+        req.config.validate()?;
+        self.deps.hypervisor.validate(&req.config)?;
+        // Per-VM limits and host paths; a few stat calls, cheap enough inline.
+        self.admission.check_vm(&req.config)?;
+        self.require_backend().await?;
+        let id = match req.vm_id {
+            Some(id) => id,
+            None => self.fresh_id(),
+        };
+        let (tx, created) = {
+            // Check-then-insert under one lock: a concurrent create of the same id
+            // sees this VM, and concurrent creates cannot overshoot the host totals.
+            let mut vms = self.registry.write();
+            if let Some(existing) = vms.get(&id) {
+                if existing.creating() {
+                    return Err(VmError::Unavailable(format!(
+                        "vm {id} is being created by another request; retry"
+                    )));
+                }
+                let snap = existing.current().snapshot.clone();
+                return if snap.config == req.config {
+                    Ok(snap)
+                } else {
+                    Err(VmError::AlreadyExists(id.to_string()))
+                };
+            }
+            self.admission.limits.check_host(
+                vms.values()
+                    .map(|e| Footprint::of(&e.current().snapshot.config)),
+                &req.config,
+            )?;
+            let now = self.deps.clock.now_unix();
+            let vm = Vm::creating(id.clone(), req.config, now);
+            let (owner, view) = Owner::creating(vm, self.deps.clone());
+            let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+            let (created_tx, created_rx) = oneshot::channel();
+            tokio::spawn(owner.run(rx, Some(created_tx)));
+            vms.insert(
+                id.clone(),
+                Entry {
+                    tx: tx.clone(),
+                    view,
+                },
+            );
+            (tx, created_rx)
+        };
+        let result = created.await.unwrap_or_else(|_| {
+            Err(VmError::Internal(format!(
+                "the owner of vm {id} ended during its create"
+            )))
+        });
+        if result.is_err() {
+            self.registry.remove_if_owned_by(&id, &tx);
+        }
+        result
+    }
+
+    fn fresh_id(&self) -> VmId {
+        loop {
+            let candidate = format!("vm-{}", uuid::Uuid::new_v4().simple());
+            // uuid hex is always a valid id; the loop guards only against a collision.
+            if let Ok(id) = VmId::parse(&candidate)
+                && !self.registry.contains(&id)
+            {
+                return id;
+            }
+        }
+    }
+}
+
+impl<H: Hypervisor, S: VmStore> VmService for VmManager<H, S> {
+    async fn create_vm(&self, req: CreateVm) -> Result<VmSnapshot, VmError> {
+        self.create(req).await
+    }
+
+    async fn delete_vm(&self, id: VmId, force: bool) -> Result<(), VmError> {
+        self.command(id, Command::Delete { force })
+            .await
+            .map(|_| ())
+    }
+
+    async fn boot_vm(&self, id: VmId) -> Result<VmState, VmError> {
+        self.command(id, Command::Boot).await.map(|s| s.state)
+    }
+
+    async fn shutdown_vm(
+        &self,
+        id: VmId,
+        force: bool,
+        timeout_secs: u32,
+    ) -> Result<VmState, VmError> {
+        self.command(
+            id,
+            Command::Shutdown {
+                force,
+                timeout_secs,
+            },
+        )
+        .await
+        .map(|s| s.state)
+    }
+
+    async fn pause_vm(&self, id: VmId) -> Result<VmState, VmError> {
+        self.command(id, Command::Pause).await.map(|s| s.state)
+    }
+
+    async fn resume_vm(&self, id: VmId) -> Result<VmState, VmError> {
+        self.command(id, Command::Resume).await.map(|s| s.state)
+    }
+
+    async fn reboot_vm(&self, id: VmId, force: bool) -> Result<VmState, VmError> {
+        self.command(id, Command::Reboot { force })
+            .await
+            .map(|s| s.state)
+    }
+
+    /// Answers from the owner's view: state as last observed (kept true by
+    /// the VMM's events, exits and the sample timer), metrics as last sampled.
+    async fn get_vm_info(&self, id: VmId) -> Result<VmDetails, VmError> {
+        self.require_backend().await?;
+        let entry = self
+            .registry
+            .get(&id)
+            .ok_or_else(|| VmError::NotFound(id.to_string()))?;
+        let view = entry.current();
+        if view.snapshot.generation == 0 {
+            return Err(VmError::NotFound(id.to_string()));
+        }
+        let mut backend_info = view.backend_info.clone();
+        backend_info
+            .entry("backend".to_owned())
+            .or_insert_with(|| self.deps.hypervisor.kind().as_str().to_owned());
+        Ok(VmDetails {
+            snapshot: view.snapshot.clone(),
+            metrics: view.metrics,
+            backend_info,
+            sampled_at_ms: view.sampled_at_ms,
+        })
+    }
+
+    async fn list_vms(&self, query: ListQuery) -> Result<VmPage, VmError> {
+        self.require_backend().await?;
+        let views: Vec<_> = self
+            .registry
+            .views(&query.states)
+            .into_iter()
+            .filter(|v| v.snapshot.generation > 0)
+            .collect();
+        paging::page(&views, &query)
+    }
+}
+
+/// Health answers for the health endpoint, from the manager's own view.
+pub struct ManagerHealth<H, S> {
+    manager: Arc<VmManager<H, S>>,
+    telemetry: Arc<dyn Fn() -> String + Send + Sync>,
+}
+
+impl<H: Hypervisor, S: VmStore> ManagerHealth<H, S> {
+    /// Health for `manager`; `telemetry` describes the telemetry pipeline.
+    pub fn new(
+        manager: Arc<VmManager<H, S>>,
+        telemetry: Arc<dyn Fn() -> String + Send + Sync>,
+    ) -> Self {
+        Self { manager, telemetry }
+    }
+}
+
+impl<H: Hypervisor, S: VmStore> crate::ports::HealthCheck for ManagerHealth<H, S> {
+    fn backend(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = BackendHealth> + Send + '_>> {
+        Box::pin(self.manager.backend_health())
+    }
+
+    fn service(&self) -> crate::ports::ServiceHealth {
+        crate::ports::ServiceHealth {
+            recovering: self.manager.is_recovering(),
+            vm_counts: self.manager.counts_by_state(),
+            telemetry: (self.telemetry)(),
+        }
+    }
+}

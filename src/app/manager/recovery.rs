@@ -1,0 +1,250 @@
+//! Start-up recovery, performed: loads every stored record, asks the host
+//! what runs (one discovery scan), lets the core's decision table
+//! ([`crate::domain::recovery::decide`]) say what to do with each VM, and
+//! does it: adopt the live VMM, register a VM without one, finish an
+//! interrupted delete or roll back an interrupted create. VMMs whose
+//! runtime directory belongs to no record are removed or reported.
+
+use std::collections::BTreeMap;
+
+use tokio::sync::mpsc;
+
+use crate::domain::recovery::{Decision, Live, decide};
+use crate::domain::{Observation, Vm, VmError, VmId, VmSnapshot};
+use crate::ports::{Hypervisor, VmRecord, VmStore, VmmHandle, VmmProcess};
+
+use crate::app::owner::{Deps, Owner, QUEUE_DEPTH, event_channel, timed_call};
+
+use super::registry::{Entry, Registry};
+
+/// What recovery did, for the start-up log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Recovered {
+    /// VMs whose VMM runs and was re-adopted.
+    pub adopted: usize,
+    /// VMs registered without a VMM (stopped, or whose VMM died while VMCP was down).
+    pub without_vmm: usize,
+    /// Records removed (interrupted deletes finished, interrupted creates rolled back).
+    pub removed: usize,
+    /// VMMs or runtime directories that belonged to no VM.
+    pub orphans: usize,
+}
+
+/// Whether two identities name the same process.
+fn same_process(a: &VmmProcess, b: &VmmProcess) -> bool {
+    a.pid == b.pid && a.start_time == b.start_time
+}
+
+/// What the host shows for a record: which process is live, and its identity.
+/// A recorded process that the scan did not find is still tried (its socket
+/// may live outside the runtime directory); adopting it verifies it.
+fn live_process(
+    recorded: Option<&VmmProcess>,
+    discovered: Option<VmmProcess>,
+) -> (Live, Option<VmmProcess>) {
+    match (discovered, recorded) {
+        (Some(d), Some(r)) if same_process(&d, r) => (Live::Recorded, Some(r.clone())),
+        (Some(d), _) => (Live::Replacement, Some(d)),
+        (None, Some(r)) => (Live::Recorded, Some(r.clone())),
+        (None, None) => (Live::Nothing, None),
+    }
+}
+
+/// Recovers every stored VM into `registry`.
+pub async fn recover<H: Hypervisor, S: VmStore>(
+    deps: &Deps<H, S>,
+    registry: &Registry,
+    remove_orphans: bool,
+) -> Result<Recovered, VmError> {
+    let records = deps
+        .store
+        .load_all()
+        .await
+        .map_err(|e| VmError::Unavailable(e.to_string()))?;
+    let h = &*deps.hypervisor;
+    let tel = &*deps.telemetry;
+    let t = deps.call_timeout;
+    let mut found: BTreeMap<VmId, Option<VmmProcess>> = match timed_call(
+        h.kind(),
+        tel,
+        "discover",
+        t,
+        h.discover(),
+    )
+    .await
+    {
+        Ok(list) => list.into_iter().map(|d| (d.id, d.process)).collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not scan for VMM processes; orphans are not cleaned up");
+            BTreeMap::new()
+        }
+    };
+    let mut done = Recovered::default();
+    for rec in records {
+        let id = rec.snapshot.id.clone();
+        let discovered = found.remove(&id).flatten();
+        let (live, candidate) = live_process(rec.process.as_ref(), discovered);
+        let has_process = rec.process.is_some();
+        let mut decision = decide(&rec.snapshot, has_process, live);
+        tracing::debug!(vm.id = %id, ?live, ?decision, "recovery decision");
+        let events = event_channel();
+        let mut adopted = None;
+        if let Decision::Adopt(_) = decision {
+            match timed_call(
+                h.kind(),
+                tel,
+                "adopt",
+                t,
+                h.adopt(
+                    &id,
+                    &rec.snapshot.config,
+                    candidate.clone(),
+                    events.0.clone(),
+                ),
+            )
+            .await
+            {
+                Ok(pair) => adopted = Some(pair),
+                Err(e) => {
+                    tracing::warn!(vm.id = %id, error = %e, "the VM's VMM cannot be adopted");
+                    decision = decide(&rec.snapshot, has_process, Live::Nothing);
+                }
+            }
+        }
+        match decision {
+            Decision::FinishDelete(_) | Decision::RollBackCreate(_) => {
+                let what = if matches!(decision, Decision::FinishDelete(_)) {
+                    "completed a delete interrupted by a restart"
+                } else {
+                    "rolled back a create interrupted by a restart"
+                };
+                match timed_call(
+                    h.kind(),
+                    tel,
+                    "destroy_orphan",
+                    t,
+                    h.destroy_orphan(&id, candidate),
+                )
+                .await
+                {
+                    Ok(()) => {
+                        if let Err(e) = deps.store.remove(&id).await {
+                            tracing::error!(vm.id = %id, error = %e, "could not remove a VM record");
+                        }
+                        tracing::info!(vm.id = %id, "{what}");
+                        done.removed += 1;
+                        continue;
+                    }
+                    Err(e) => {
+                        // Keep the record (desired Deleted, or the half-made create) so the
+                        // next start tries again; serve the VM meanwhile so it can be deleted.
+                        tracing::error!(vm.id = %id, error = %e, "could not end the VM's VMM; the next start tries again");
+                        let state = rec.snapshot.state;
+                        let reason = format!("recovery could not end its VMM: {e}");
+                        register(deps, registry, rec.snapshot, None, events, state, reason).await;
+                        done.without_vmm += 1;
+                    }
+                }
+            }
+            Decision::Adopt(_) => {
+                let Some((vmm, reported)) = adopted else {
+                    continue;
+                };
+                let snap = rec.snapshot;
+                let reason = if reported.reason.is_empty() && reported.state == snap.state {
+                    snap.reason.clone()
+                } else {
+                    reported.reason
+                };
+                register(
+                    deps,
+                    registry,
+                    snap,
+                    Some(vmm),
+                    events,
+                    reported.state,
+                    reason,
+                )
+                .await;
+                done.adopted += 1;
+            }
+            Decision::Register { state, reason } => {
+                let vmm = match timed_call(
+                    h.kind(),
+                    tel,
+                    "adopt",
+                    t,
+                    h.adopt(&id, &rec.snapshot.config, None, events.0.clone()),
+                )
+                .await
+                {
+                    Ok((vmm, _)) => Some(vmm),
+                    Err(e) => {
+                        tracing::error!(vm.id = %id, error = %e, "the VM cannot get a VMM handle; it can only be deleted");
+                        None
+                    }
+                };
+                register(deps, registry, rec.snapshot, vmm, events, state, reason).await;
+                done.without_vmm += 1;
+            }
+        }
+    }
+    for (id, process) in found {
+        done.orphans += 1;
+        let pid = process.as_ref().map(|p| p.pid);
+        if !remove_orphans {
+            tracing::warn!(vm.id = %id, pid, "VMM runtime directory belongs to no VM (left in place: UNKEY_VMCP_ORPHANS=report)");
+            continue;
+        }
+        tracing::warn!(vm.id = %id, pid, "VMM runtime directory belongs to no VM: removing it");
+        if let Err(e) = timed_call(
+            h.kind(),
+            tel,
+            "destroy_orphan",
+            t,
+            h.destroy_orphan(&id, process),
+        )
+        .await
+        {
+            tracing::error!(vm.id = %id, error = %e, "could not clean up an orphaned VMM");
+        }
+    }
+    Ok(done)
+}
+
+/// Records the recovered state (with the VMM's identity) and starts the VM's owner.
+async fn register<H: Hypervisor, S: VmStore>(
+    deps: &Deps<H, S>,
+    registry: &Registry,
+    snap: VmSnapshot,
+    vmm: Option<H::Vm>,
+    events: (
+        crate::ports::VmmEventSink,
+        mpsc::UnboundedReceiver<crate::ports::VmmEvent>,
+    ),
+    state: crate::domain::VmState,
+    reason: String,
+) {
+    let id = snap.id.clone();
+    let mut vm = Vm::restore(snap);
+    vm.handle_observation(
+        Observation::Reported { state, reason },
+        deps.clock.now_unix(),
+    );
+    while vm.poll_event().is_some() {}
+    let process = vmm.as_ref().and_then(VmmHandle::process);
+    if let Err(e) = deps
+        .store
+        .put(&VmRecord {
+            snapshot: vm.snapshot().clone(),
+            process,
+        })
+        .await
+    {
+        tracing::error!(vm.id = %id, error = %e, "could not record a recovered VM");
+    }
+    let (owner, view) = Owner::recovered(vm, vmm, deps.clone(), events);
+    let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+    tokio::spawn(owner.run(rx, None));
+    registry.insert(id, Entry { tx, view });
+}

@@ -1,0 +1,336 @@
+//! Start-up recovery as a pure decision: from a stored VM record and what
+//! the host shows for it (is a VMM live in its runtime directory, and is it
+//! the one the record names?) to exactly one [`Decision`]. The app gathers
+//! the facts (store, discovery scan) and performs the decision; it decides
+//! nothing itself. When adopting the live VMM fails (its socket does not
+//! answer, its identity does not match), the app decides again with
+//! [`Live::Nothing`], which never adopts.
+//!
+//! The table, top row first (the first row that matches wins):
+//!
+//! | desired  | record                                  | live VMM          | decision                                  |
+//! |----------|-----------------------------------------|-------------------|-------------------------------------------|
+//! | Deleted  | any                                     | any               | finish the delete: end it, drop the record |
+//! | Created  | generation ≤ 1, Created, no process yet | any               | roll the create back: end it, drop the record |
+//! | any      | any                                     | recorded          | adopt it                                  |
+//! | any      | any                                     | replacement       | adopt it (the VMM replaced just before a crash) |
+//! | Stopped  | any                                     | nothing           | Shutdown ("stopped while VMCP was down" unless it already was) |
+//! | any      | Shutdown or Failed                      | nothing           | keep state and reason                     |
+//! | any      | Created, Running or Paused              | nothing           | Failed ("VMM exited while VMCP was down") |
+//!
+//! A VM without a live VMM is never registered as Created, Running or Paused:
+//! there is nothing that could report such a state.
+
+use super::lifecycle::{Desired, VmSnapshot, VmState};
+
+/// The reason recorded for a VM whose VMM vanished while VMCP was down.
+pub const VMM_EXITED_WHILE_DOWN: &str = "VMM exited while VMCP was down";
+/// The reason recorded for a VM that was being stopped when VMCP went down.
+pub const STOPPED_WHILE_DOWN: &str = "stopped while VMCP was down";
+
+/// What the host shows for one VM at start-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Live {
+    /// No VMM of this VM runs.
+    Nothing,
+    /// The VMM the record names runs (pid and start time match).
+    Recorded,
+    /// A VMM of this VM runs that the record does not name: it replaced the
+    /// recorded one (a respawn) just before VMCP went down.
+    Replacement,
+}
+
+/// What recovery does with one stored VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Re-attach to the live VMM and take the state it reports.
+    Adopt(Live),
+    /// Register the VM without a VMM in this state, with this reason (it can
+    /// be booted again, or deleted).
+    Register {
+        /// The state to record.
+        state: VmState,
+        /// Why.
+        reason: String,
+    },
+    /// A delete was interrupted: end the live VMM, if any, and remove the record.
+    FinishDelete(Live),
+    /// A create was interrupted before its VMM was recorded (the caller never
+    /// got an answer): end the live VMM, if any, and remove the record, so a
+    /// retried CreateVm starts afresh instead of adopting a half-made VMM.
+    RollBackCreate(Live),
+}
+
+impl Decision {
+    /// Whether this decision leaves the live VMM, if any, either adopted or
+    /// ended: no VMM process is left that belongs to no VM.
+    pub fn disposes_of(&self, live: Live) -> bool {
+        match self {
+            Decision::Adopt(which) => *which == live && live != Live::Nothing,
+            Decision::Register { .. } => live == Live::Nothing,
+            Decision::FinishDelete(which) | Decision::RollBackCreate(which) => *which == live,
+        }
+    }
+}
+
+/// Decides what to do with the VM `record` (whose stored process identity
+/// exists when `has_process`) given what the host shows.
+pub fn decide(record: &VmSnapshot, has_process: bool, live: Live) -> Decision {
+    if record.desired == Desired::Deleted {
+        return Decision::FinishDelete(live);
+    }
+    let create_interrupted = record.desired == Desired::Created
+        && record.generation <= 1
+        && record.state == VmState::Created
+        && !has_process;
+    if create_interrupted {
+        return Decision::RollBackCreate(live);
+    }
+    match live {
+        Live::Recorded | Live::Replacement => return Decision::Adopt(live),
+        Live::Nothing => {}
+    }
+    if record.desired == Desired::Stopped && record.state != VmState::Failed {
+        let reason = if record.state == VmState::Shutdown {
+            record.reason.clone()
+        } else {
+            STOPPED_WHILE_DOWN.to_owned()
+        };
+        return Decision::Register {
+            state: VmState::Shutdown,
+            reason,
+        };
+    }
+    match record.state {
+        VmState::Shutdown | VmState::Failed => Decision::Register {
+            state: record.state,
+            reason: record.reason.clone(),
+        },
+        VmState::Created | VmState::Running | VmState::Paused => Decision::Register {
+            state: VmState::Failed,
+            reason: VMM_EXITED_WHILE_DOWN.to_owned(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::VmId;
+    use crate::domain::config::tests::valid;
+    use proptest::prelude::*;
+
+    fn record(desired: Desired, state: VmState, generation: u64) -> VmSnapshot {
+        VmSnapshot {
+            id: VmId::parse("vm1").expect("valid id"),
+            config: valid(),
+            state,
+            reason: "earlier reason".into(),
+            generation,
+            created_at: 1,
+            modified_at: 2,
+            desired,
+            deleted: false,
+        }
+    }
+
+    fn arb_desired() -> impl Strategy<Value = Desired> {
+        prop_oneof![
+            Just(Desired::Created),
+            Just(Desired::Running),
+            Just(Desired::Paused),
+            Just(Desired::Stopped),
+            Just(Desired::Deleted),
+        ]
+    }
+
+    fn arb_state() -> impl Strategy<Value = VmState> {
+        prop::sample::select(VmState::ALL.to_vec())
+    }
+
+    fn arb_live() -> impl Strategy<Value = Live> {
+        prop_oneof![
+            Just(Live::Nothing),
+            Just(Live::Recorded),
+            Just(Live::Replacement)
+        ]
+    }
+
+    #[test]
+    fn the_table_row_by_row() {
+        use Desired as D;
+        use VmState as S;
+        let cases: &[(D, S, u64, bool, Live, Decision)] = &[
+            (
+                D::Deleted,
+                S::Running,
+                5,
+                true,
+                Live::Recorded,
+                Decision::FinishDelete(Live::Recorded),
+            ),
+            (
+                D::Deleted,
+                S::Running,
+                5,
+                true,
+                Live::Nothing,
+                Decision::FinishDelete(Live::Nothing),
+            ),
+            (
+                D::Created,
+                S::Created,
+                0,
+                false,
+                Live::Replacement,
+                Decision::RollBackCreate(Live::Replacement),
+            ),
+            (
+                D::Created,
+                S::Created,
+                1,
+                false,
+                Live::Nothing,
+                Decision::RollBackCreate(Live::Nothing),
+            ),
+            (
+                D::Created,
+                S::Created,
+                1,
+                true,
+                Live::Recorded,
+                Decision::Adopt(Live::Recorded),
+            ),
+            (
+                D::Running,
+                S::Running,
+                4,
+                true,
+                Live::Replacement,
+                Decision::Adopt(Live::Replacement),
+            ),
+            (
+                D::Running,
+                S::Shutdown,
+                4,
+                false,
+                Live::Replacement,
+                Decision::Adopt(Live::Replacement),
+            ),
+            (
+                D::Stopped,
+                S::Running,
+                4,
+                true,
+                Live::Nothing,
+                Decision::Register {
+                    state: S::Shutdown,
+                    reason: STOPPED_WHILE_DOWN.into(),
+                },
+            ),
+            (
+                D::Running,
+                S::Shutdown,
+                4,
+                false,
+                Live::Nothing,
+                Decision::Register {
+                    state: S::Shutdown,
+                    reason: "earlier reason".into(),
+                },
+            ),
+            (
+                D::Running,
+                S::Failed,
+                4,
+                true,
+                Live::Nothing,
+                Decision::Register {
+                    state: S::Failed,
+                    reason: "earlier reason".into(),
+                },
+            ),
+            (
+                D::Running,
+                S::Running,
+                4,
+                true,
+                Live::Nothing,
+                Decision::Register {
+                    state: S::Failed,
+                    reason: VMM_EXITED_WHILE_DOWN.into(),
+                },
+            ),
+            (
+                D::Paused,
+                S::Paused,
+                4,
+                true,
+                Live::Nothing,
+                Decision::Register {
+                    state: S::Failed,
+                    reason: VMM_EXITED_WHILE_DOWN.into(),
+                },
+            ),
+            (
+                D::Created,
+                S::Created,
+                2,
+                true,
+                Live::Nothing,
+                Decision::Register {
+                    state: S::Failed,
+                    reason: VMM_EXITED_WHILE_DOWN.into(),
+                },
+            ),
+        ];
+        for (desired, state, generation, has_process, live, expected) in cases {
+            let got = decide(&record(*desired, *state, *generation), *has_process, *live);
+            assert_eq!(
+                &got, expected,
+                "{desired:?} {state:?} gen {generation} process {has_process} live {live:?}"
+            );
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2048))]
+        #[test]
+        fn every_decision_accounts_for_the_vm_and_its_vmm(
+            desired in arb_desired(),
+            state in arb_state(),
+            generation in 0u64..6,
+            has_process in any::<bool>(),
+            live in arb_live(),
+        ) {
+            let rec = record(desired, state, generation);
+            let d = decide(&rec, has_process, live);
+            // No VMM process is left that belongs to no VM.
+            prop_assert!(d.disposes_of(live), "{d:?} leaves {live:?} unaccounted");
+            match &d {
+                Decision::Adopt(_) => {
+                    prop_assert!(live != Live::Nothing);
+                    prop_assert!(desired != Desired::Deleted);
+                }
+                Decision::Register { state: registered, reason } => {
+                    // Nothing runs, so nothing can report Created, Running or Paused.
+                    prop_assert!(matches!(registered, VmState::Shutdown | VmState::Failed));
+                    prop_assert!(!reason.is_empty() || rec.reason.is_empty());
+                    prop_assert!(live == Live::Nothing);
+                }
+                Decision::FinishDelete(_) => prop_assert_eq!(desired, Desired::Deleted),
+                Decision::RollBackCreate(_) => {
+                    prop_assert!(!has_process);
+                    prop_assert!(generation <= 1);
+                }
+            }
+            // A failed adoption decides again with nothing live: never another adoption,
+            // and the VM stays accounted for (registered or removed on purpose).
+            if matches!(d, Decision::Adopt(_)) {
+                let again = decide(&rec, has_process, Live::Nothing);
+                let is_register = matches!(again, Decision::Register { .. });
+                prop_assert!(is_register, "{again:?}");
+            }
+        }
+    }
+}
