@@ -88,7 +88,7 @@ pub async fn start_double_server(
             wrap_rpc: wrap,
             clock: Arc::new(SystemClock),
             on_vm_counts: None,
-            security: vmcp::app::security::Security::open(),
+            security: unlimited(),
         },
     )
     .await
@@ -182,6 +182,27 @@ fn main() {
         rt.block_on(durability::per_record());
         return;
     }
+    // `VMCP_BENCH_SECTIONS=ch,fc` runs only those sections (read, otel, ch, fc, durability, store).
+    let only = std::env::var("VMCP_BENCH_SECTIONS").ok();
+    let run = |name: &str| {
+        only.as_deref()
+            .is_none_or(|o| o.split(',').any(|s| s == name))
+    };
+    if !run("read") && !run("otel") {
+        rt.block_on(async {
+            println!("VMCP benchmarks — {}", machine());
+            if run("ch") {
+                vmm::section(vmm::Kind::Ch).await;
+            }
+            if run("fc") {
+                vmm::section(vmm::Kind::Fc).await;
+            }
+            if run("durability") {
+                durability::readopt().await;
+            }
+        });
+        return;
+    }
     let bare = rt.block_on(async {
         println!("VMCP benchmarks — {}", machine());
         println!();
@@ -241,4 +262,12 @@ fn machine() -> String {
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
             .unwrap_or_default()
     )
+}
+
+/// The open server with the request rate limit off: the benches measure the
+/// stack, not the limiter (which would answer `resource_exhausted` past 1000 req/s).
+pub fn unlimited() -> vmcp::app::security::Security {
+    let mut security = vmcp::app::security::Security::open();
+    security.api_limits.rate_limit_rps = 0;
+    security
 }

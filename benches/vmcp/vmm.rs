@@ -13,13 +13,12 @@ use http::Method;
 use vmcp::adapters::inbound::server::RpcLimits;
 use vmcp::adapters::outbound::cloud_hypervisor::CloudHypervisor;
 use vmcp::adapters::outbound::firecracker::{Firecracker, FirecrackerSettings};
-use vmcp::adapters::outbound::store::memory::MemoryStore;
 use vmcp::adapters::outbound::vmm::uds_http::UdsClient;
 use vmcp::app::wiring::{Running, StartOptions, start};
 use vmcp::ports::{Hypervisor, NoopTelemetry, SystemClock, VmStore};
 use vmcp::proto::vmm::v1 as pb;
 
-use super::{Stats, client};
+use super::{Stats, client, unlimited};
 
 /// Which VMM.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -111,7 +110,7 @@ pub fn options() -> StartOptions {
         wrap_rpc: Box::new(|s| s),
         clock: Arc::new(SystemClock),
         on_vm_counts: None,
-        security: vmcp::app::security::Security::open(),
+        security: unlimited(),
     }
 }
 
@@ -133,6 +132,108 @@ async fn start_with<H: Hypervisor, S: VmStore>(h: H, store: Arc<S>) -> Running {
     start(Arc::new(h), store, options())
         .await
         .expect("server starts")
+}
+
+/// Creates and boots a VM through the server at `addr`, times `calls` sequential
+/// GetVmInfo calls on it, and deletes it.
+async fn info_latency(addr: std::net::SocketAddr, env: &Env, calls: usize) -> Stats {
+    let c = client(addr, false);
+    c.create_vm(create_req("info", &env.guest))
+        .await
+        .expect("create");
+    c.boot_vm(pb::BootVmRequest {
+        vm_id: "info".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("boot");
+    let mut samples = Vec::with_capacity(calls);
+    let started = Instant::now();
+    for _ in 0..calls {
+        let t = Instant::now();
+        c.get_vm_info(pb::GetVmInfoRequest {
+            vm_id: "info".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("GetVmInfo");
+        samples.push(t.elapsed());
+    }
+    let stats = Stats::from(samples, started.elapsed());
+    c.delete_vm(pb::DeleteVmRequest {
+        vm_id: "info".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("delete");
+    stats
+}
+
+/// The `vmcp-api` binary serving `kind` from its own process, with production defaults
+/// except the request rate limit (off: the bench measures the stack, not the limiter) and
+/// Prometheus (off: no fixed port). Its JSON logs go to /dev/null.
+pub struct Server {
+    child: std::process::Child,
+    /// Where it listens.
+    pub addr: std::net::SocketAddr,
+}
+
+impl Server {
+    /// Starts the server and waits until it answers ListVms.
+    pub async fn spawn(kind: Kind, env: &Env, root: &Path) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let (backend, binary_var) = match kind {
+            Kind::Ch => ("cloudhypervisor", "UNKEY_VMCP_CH_BINARY"),
+            Kind::Fc => ("firecracker", "UNKEY_VMCP_FC_BINARY"),
+        };
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_vmcp-api"))
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("UNKEY_VMCP_ADDRESS", "127.0.0.1")
+            .env("UNKEY_VMCP_PORT", port.to_string())
+            .env("UNKEY_VMCP_BACKEND", backend)
+            .env(binary_var, &env.binary)
+            .env(
+                "UNKEY_VMCP_CH_ENDPOINT",
+                format!("unix://{}/seed-ch.sock", root.display()),
+            )
+            .env(
+                "UNKEY_VMCP_FC_ENDPOINT",
+                format!("unix://{}/seed-fc.sock", root.display()),
+            )
+            .env("UNKEY_VMCP_RUNTIME_DIR", root.join("vmcp-rt"))
+            .env("UNKEY_VMCP_DATA_DIR", root.join("vmcp-data"))
+            .env("UNKEY_VMCP_OTEL_PROMETHEUS_ENABLED", "false")
+            .env("UNKEY_VMCP_RATE_LIMIT_RPS", "0")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("vmcp-api starts");
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let c = client(addr, false);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        // Serving VM calls means recovery is over.
+        while c.list_vms(pb::ListVmsRequest::default()).await.is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "vmcp-api did not serve within 20 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Self { child, addr }
+    }
+
+    /// Ends the server (SIGTERM: it drains and exits; VMs were deleted by the caller).
+    pub fn stop(mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
 }
 
 /// CreateVm request: 1 vCPU, 64 MiB, the test guest, console to the runtime file.
@@ -331,37 +432,22 @@ pub async fn section(kind: Kind) {
     let http = UdsClient::new(Duration::from_secs(10));
     const CALLS: usize = 2000;
 
-    // (a) GetVmInfo latency, sequential, one Running VM each way.
-    let running = serve(kind, &env, rt.path(), Arc::new(MemoryStore::new())).await;
-    let c = client(running.local_addr, false);
-    c.create_vm(create_req("info", &env.guest))
-        .await
-        .expect("create");
-    c.boot_vm(pb::BootVmRequest {
-        vm_id: "info".into(),
-        ..Default::default()
-    })
-    .await
-    .expect("boot");
-    let mut samples = Vec::with_capacity(CALLS);
-    let started = Instant::now();
-    for _ in 0..CALLS {
-        let t = Instant::now();
-        c.get_vm_info(pb::GetVmInfoRequest {
-            vm_id: "info".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("GetVmInfo");
-        samples.push(t.elapsed());
-    }
-    let via = Stats::from(samples, started.elapsed());
-    c.delete_vm(pb::DeleteVmRequest {
-        vm_id: "info".into(),
-        ..Default::default()
-    })
-    .await
-    .expect("delete");
+    // (a) GetVmInfo latency, sequential, one Running VM each way, measured two ways: VMCP
+    // in this process (as in earlier runs), and VMCP as it runs in production, the
+    // `vmcp-api` binary in its own process (SQLite store, auth and limit layers, JSON logs),
+    // just as the VMM answers from its own process on the direct side.
+    let in_process = serve(
+        kind,
+        &env,
+        &rt.path().join("in"),
+        Arc::new(vmcp::adapters::outbound::store::memory::MemoryStore::new()),
+    )
+    .await;
+    let via_in = info_latency(in_process.local_addr, &env, CALLS).await;
+    in_process.shutdown().await;
+    let server = Server::spawn(kind, &env, rt.path()).await;
+    let via = info_latency(server.addr, &env, CALLS).await;
+    let c = client(server.addr, false);
 
     let d = direct_boot(kind, &env, &http, &rt.path().join("d")).await;
     let mut samples = Vec::with_capacity(CALLS);
@@ -379,7 +465,11 @@ pub async fn section(kind: Kind) {
     d.kill().await;
     println!(
         "{}",
-        via.line("GetVmInfo via VMCP (Connect binary, sequential)")
+        via_in.line("GetVmInfo via VMCP in-process (Connect binary, sequential)")
+    );
+    println!(
+        "{}",
+        via.line("GetVmInfo via vmcp-api process (Connect binary, sequential)")
     );
     println!(
         "{}",
@@ -389,7 +479,12 @@ pub async fn section(kind: Kind) {
         ))
     );
     println!(
-        "RATIO {name} GetVmInfo VMCP/direct: p50 {:.2}x, p99 {:.2}x",
+        "RATIO {name} GetVmInfo VMCP in-process/direct: p50 {:.2}x, p99 {:.2}x",
+        via_in.p50.as_secs_f64() / direct.p50.as_secs_f64(),
+        via_in.p99.as_secs_f64() / direct.p99.as_secs_f64()
+    );
+    println!(
+        "RATIO {name} GetVmInfo vmcp-api process/direct: p50 {:.2}x, p99 {:.2}x",
         via.p50.as_secs_f64() / direct.p50.as_secs_f64(),
         via.p99.as_secs_f64() / direct.p99.as_secs_f64()
     );
@@ -427,7 +522,7 @@ pub async fn section(kind: Kind) {
         direct.push(t.elapsed());
         d.kill().await;
     }
-    running.shutdown().await;
+    server.stop();
     let (mv, md) = (median(via.clone()), median(direct.clone()));
     println!(
         "create+boot via VMCP   median {:>8.2} ms  max {:>8.2} ms  (n={ITER})",

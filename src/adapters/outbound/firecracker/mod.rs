@@ -431,11 +431,9 @@ impl Flavour for FcFlavour {
         {
             tracing::warn!(error = %e, "FlushMetrics failed");
         }
-        let mut backend_info = BTreeMap::new();
-        match c.vm_config().await {
-            Ok(v) => backend_info.insert("vm_config".to_owned(), v.to_string()),
-            Err(e) => backend_info.insert("vm_config_error".to_owned(), e.to_string()),
-        };
+        // No `GET /vm/config` here: the VM's config is GetVmInfo's `config` already, and
+        // backend_info carries the same keys on every backend.
+        let backend_info = BTreeMap::new();
         if let Err(e) = vm.metrics.read_new(&vm.metrics_path) {
             tracing::warn!(error = %e, "cannot read the metrics file");
         }
