@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::adapters::inbound::connections::{ConnectionLimits, H2Limits};
 use crate::adapters::inbound::guard::ApiLimits;
 use crate::ports::BackendKind;
 
@@ -57,6 +58,18 @@ pub const KNOWN_VARIABLES: &[&str] = &[
     "MAX_CONCURRENT_REQUESTS",
     "RATE_LIMIT_RPS",
     "ORPHANS",
+    "HEADER_READ_TIMEOUT_SECONDS",
+    "IDLE_TIMEOUT_SECONDS",
+    "TLS_HANDSHAKE_TIMEOUT_SECONDS",
+    "MAX_CONNECTIONS",
+    "MAX_CONNECTIONS_PER_CLIENT",
+    "RESERVED_FDS",
+    "H2_MAX_CONCURRENT_STREAMS",
+    "H2_MAX_HEADER_LIST_BYTES",
+    "H2_MAX_PENDING_RESET_STREAMS",
+    "H2_MAX_LOCAL_ERROR_RESETS",
+    "H2_KEEPALIVE_INTERVAL_SECONDS",
+    "H2_KEEPALIVE_TIMEOUT_SECONDS",
 ];
 
 /// A configuration error: one line naming the variable and what it accepts.
@@ -120,6 +133,18 @@ struct Raw {
     max_concurrent_requests: Option<String>,
     rate_limit_rps: Option<String>,
     orphans: Option<String>,
+    header_read_timeout_seconds: Option<String>,
+    idle_timeout_seconds: Option<String>,
+    tls_handshake_timeout_seconds: Option<String>,
+    max_connections: Option<String>,
+    max_connections_per_client: Option<String>,
+    reserved_fds: Option<String>,
+    h2_max_concurrent_streams: Option<String>,
+    h2_max_header_list_bytes: Option<String>,
+    h2_max_pending_reset_streams: Option<String>,
+    h2_max_local_error_resets: Option<String>,
+    h2_keepalive_interval_seconds: Option<String>,
+    h2_keepalive_timeout_seconds: Option<String>,
 }
 
 /// Firecracker's jailer settings (production mode for Firecracker).
@@ -215,6 +240,10 @@ pub struct Config {
     pub vm_limits: VmLimits,
     /// API concurrency and rate limits.
     pub api_limits: ApiLimits,
+    /// Connection timeouts, caps and HTTP/2 limits.
+    pub connections: ConnectionLimits,
+    /// Descriptors kept for VM work; `None` for the default (a quarter of the limit, at most 4096).
+    pub reserved_fds: Option<u64>,
 }
 
 impl Config {
@@ -428,6 +457,12 @@ impl Config {
                     1_000_000,
                 )? as u32,
             },
+            connections: connection_limits(&raw)?,
+            reserved_fds: raw
+                .reserved_fds
+                .as_deref()
+                .map(|v| number("RESERVED_FDS", Some(v), 0, 64, 1 << 30))
+                .transpose()?,
         })
     }
 
@@ -506,6 +541,98 @@ fn vm_limits(raw: &Raw) -> Result<VmLimits, EnvError> {
             1,
             1 << 40,
         )?,
+    })
+}
+
+fn connection_limits(raw: &Raw) -> Result<ConnectionLimits, EnvError> {
+    let d = ConnectionLimits::default();
+    let secs = |var: &str, v: &Option<String>, default: Duration, max: u64| {
+        number(var, v.as_deref(), default.as_secs(), 1, max).map(Duration::from_secs)
+    };
+    let max_connections = raw
+        .max_connections
+        .as_deref()
+        .map(|v| number("MAX_CONNECTIONS", Some(v), 0, 1, 10_000_000).map(|n| n as usize))
+        .transpose()?;
+    let per_client = number(
+        "MAX_CONNECTIONS_PER_CLIENT",
+        raw.max_connections_per_client.as_deref(),
+        d.max_connections_per_client as u64,
+        1,
+        10_000_000,
+    )? as usize;
+    if let (Some(total), Some(v)) = (max_connections, raw.max_connections_per_client.as_deref())
+        && per_client > total
+    {
+        return Err(bad(
+            "MAX_CONNECTIONS_PER_CLIENT",
+            v,
+            format!("at most UNKEY_VMCP_MAX_CONNECTIONS ({total})"),
+        ));
+    }
+    Ok(ConnectionLimits {
+        header_read_timeout: secs(
+            "HEADER_READ_TIMEOUT_SECONDS",
+            &raw.header_read_timeout_seconds,
+            d.header_read_timeout,
+            3600,
+        )?,
+        tls_handshake_timeout: secs(
+            "TLS_HANDSHAKE_TIMEOUT_SECONDS",
+            &raw.tls_handshake_timeout_seconds,
+            d.tls_handshake_timeout,
+            3600,
+        )?,
+        idle_timeout: secs(
+            "IDLE_TIMEOUT_SECONDS",
+            &raw.idle_timeout_seconds,
+            d.idle_timeout,
+            86400,
+        )?,
+        max_connections,
+        max_connections_per_client: per_client,
+        h2: H2Limits {
+            max_concurrent_streams: number(
+                "H2_MAX_CONCURRENT_STREAMS",
+                raw.h2_max_concurrent_streams.as_deref(),
+                u64::from(d.h2.max_concurrent_streams),
+                1,
+                10_000,
+            )? as u32,
+            max_header_list_bytes: number(
+                "H2_MAX_HEADER_LIST_BYTES",
+                raw.h2_max_header_list_bytes.as_deref(),
+                u64::from(d.h2.max_header_list_bytes),
+                1024,
+                1 << 20,
+            )? as u32,
+            max_pending_reset_streams: number(
+                "H2_MAX_PENDING_RESET_STREAMS",
+                raw.h2_max_pending_reset_streams.as_deref(),
+                d.h2.max_pending_reset_streams as u64,
+                1,
+                10_000,
+            )? as usize,
+            max_local_error_resets: number(
+                "H2_MAX_LOCAL_ERROR_RESETS",
+                raw.h2_max_local_error_resets.as_deref(),
+                d.h2.max_local_error_resets as u64,
+                1,
+                100_000,
+            )? as usize,
+            keepalive_interval: secs(
+                "H2_KEEPALIVE_INTERVAL_SECONDS",
+                &raw.h2_keepalive_interval_seconds,
+                d.h2.keepalive_interval,
+                3600,
+            )?,
+            keepalive_timeout: secs(
+                "H2_KEEPALIVE_TIMEOUT_SECONDS",
+                &raw.h2_keepalive_timeout_seconds,
+                d.h2.keepalive_timeout,
+                3600,
+            )?,
+        },
     })
 }
 
@@ -926,6 +1053,167 @@ mod tests {
             );
             assert!(!line.contains('\n'), "one line: {line:?}");
         }
+    }
+
+    #[test]
+    fn connection_defaults_are_safe() {
+        let c = cfg(&[]).expect("defaults are valid");
+        assert_eq!(c.connections, ConnectionLimits::default());
+        assert_eq!(c.connections.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.connections.tls_handshake_timeout, Duration::from_secs(10));
+        assert_eq!(c.connections.idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.connections.max_connections, None);
+        assert_eq!(c.connections.max_connections_per_client, 512);
+        assert_eq!(
+            c.connections.h2,
+            H2Limits {
+                max_concurrent_streams: 100,
+                max_header_list_bytes: 16384,
+                max_pending_reset_streams: 20,
+                max_local_error_resets: 1024,
+                keepalive_interval: Duration::from_secs(30),
+                keepalive_timeout: Duration::from_secs(10),
+            }
+        );
+        assert_eq!(c.reserved_fds, None);
+    }
+
+    #[test]
+    fn connection_variables_are_read() {
+        let c = cfg(&[
+            ("HEADER_READ_TIMEOUT_SECONDS", "3"),
+            ("IDLE_TIMEOUT_SECONDS", "120"),
+            ("TLS_HANDSHAKE_TIMEOUT_SECONDS", "4"),
+            ("MAX_CONNECTIONS", "2000"),
+            ("MAX_CONNECTIONS_PER_CLIENT", "100"),
+            ("RESERVED_FDS", "8192"),
+            ("H2_MAX_CONCURRENT_STREAMS", "50"),
+            ("H2_MAX_HEADER_LIST_BYTES", "8192"),
+            ("H2_MAX_PENDING_RESET_STREAMS", "10"),
+            ("H2_MAX_LOCAL_ERROR_RESETS", "100"),
+            ("H2_KEEPALIVE_INTERVAL_SECONDS", "15"),
+            ("H2_KEEPALIVE_TIMEOUT_SECONDS", "5"),
+        ])
+        .expect("valid");
+        assert_eq!(
+            c.connections,
+            ConnectionLimits {
+                header_read_timeout: Duration::from_secs(3),
+                tls_handshake_timeout: Duration::from_secs(4),
+                idle_timeout: Duration::from_secs(120),
+                max_connections: Some(2000),
+                max_connections_per_client: 100,
+                h2: H2Limits {
+                    max_concurrent_streams: 50,
+                    max_header_list_bytes: 8192,
+                    max_pending_reset_streams: 10,
+                    max_local_error_resets: 100,
+                    keepalive_interval: Duration::from_secs(15),
+                    keepalive_timeout: Duration::from_secs(5),
+                },
+            }
+        );
+        assert_eq!(c.reserved_fds, Some(8192));
+    }
+
+    #[test]
+    fn connection_bad_values_name_the_variable() {
+        type Case<'a> = (&'a [(&'a str, &'a str)], &'a str, &'a str);
+        let cases: &[Case] = &[
+            (
+                &[("HEADER_READ_TIMEOUT_SECONDS", "0")],
+                "HEADER_READ_TIMEOUT_SECONDS",
+                "1 to 3600",
+            ),
+            (
+                &[("IDLE_TIMEOUT_SECONDS", "1m")],
+                "IDLE_TIMEOUT_SECONDS",
+                "whole number",
+            ),
+            (
+                &[("TLS_HANDSHAKE_TIMEOUT_SECONDS", "0")],
+                "TLS_HANDSHAKE_TIMEOUT_SECONDS",
+                "1 to",
+            ),
+            (&[("MAX_CONNECTIONS", "0")], "MAX_CONNECTIONS", "1 to"),
+            (
+                &[("MAX_CONNECTIONS_PER_CLIENT", "-5")],
+                "MAX_CONNECTIONS_PER_CLIENT",
+                "whole number",
+            ),
+            (
+                &[
+                    ("MAX_CONNECTIONS", "10"),
+                    ("MAX_CONNECTIONS_PER_CLIENT", "11"),
+                ],
+                "MAX_CONNECTIONS_PER_CLIENT",
+                "at most UNKEY_VMCP_MAX_CONNECTIONS (10)",
+            ),
+            (&[("RESERVED_FDS", "10")], "RESERVED_FDS", "64 to"),
+            (
+                &[("H2_MAX_CONCURRENT_STREAMS", "0")],
+                "H2_MAX_CONCURRENT_STREAMS",
+                "1 to 10000",
+            ),
+            (
+                &[("H2_MAX_HEADER_LIST_BYTES", "100")],
+                "H2_MAX_HEADER_LIST_BYTES",
+                "1024 to",
+            ),
+            (
+                &[("H2_MAX_PENDING_RESET_STREAMS", "x")],
+                "H2_MAX_PENDING_RESET_STREAMS",
+                "whole number",
+            ),
+            (
+                &[("H2_MAX_LOCAL_ERROR_RESETS", "0")],
+                "H2_MAX_LOCAL_ERROR_RESETS",
+                "1 to",
+            ),
+            (
+                &[("H2_KEEPALIVE_INTERVAL_SECONDS", "0")],
+                "H2_KEEPALIVE_INTERVAL_SECONDS",
+                "1 to",
+            ),
+            (
+                &[("H2_KEEPALIVE_TIMEOUT_SECONDS", "")],
+                "H2_KEEPALIVE_TIMEOUT_SECONDS",
+                "whole number",
+            ),
+        ];
+        for (vars, var, expected) in cases {
+            let err = cfg(vars).expect_err(&format!("{vars:?} must be rejected"));
+            assert_eq!(err.variable, format!("{PREFIX}{var}"), "{vars:?}");
+            let line = err.to_string();
+            assert!(
+                line.contains(expected),
+                "{line:?} should mention {expected:?}"
+            );
+            assert!(!line.contains('\n'), "one line: {line:?}");
+        }
+        // The per-client cap alone may exceed the default total; start-up lowers it to fit.
+        assert!(cfg(&[("MAX_CONNECTIONS_PER_CLIENT", "100000")]).is_ok());
+    }
+
+    #[test]
+    fn connection_variables_are_known() {
+        let vars = [
+            "HEADER_READ_TIMEOUT_SECONDS",
+            "IDLE_TIMEOUT_SECONDS",
+            "TLS_HANDSHAKE_TIMEOUT_SECONDS",
+            "MAX_CONNECTIONS",
+            "MAX_CONNECTIONS_PER_CLIENT",
+            "RESERVED_FDS",
+            "H2_MAX_CONCURRENT_STREAMS",
+            "H2_MAX_HEADER_LIST_BYTES",
+            "H2_MAX_PENDING_RESET_STREAMS",
+            "H2_MAX_LOCAL_ERROR_RESETS",
+            "H2_KEEPALIVE_INTERVAL_SECONDS",
+            "H2_KEEPALIVE_TIMEOUT_SECONDS",
+        ];
+        let unknown =
+            Config::unknown_variables(vars.iter().map(|v| (format!("{PREFIX}{v}"), String::new())));
+        assert!(unknown.is_empty(), "{unknown:?}");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 pub mod admission;
 pub mod config;
+pub mod descriptors;
 pub mod manager;
 pub mod owner;
 pub mod path_policy;

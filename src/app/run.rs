@@ -22,6 +22,7 @@ use crate::adapters::outbound::otel::{self, OtelHandle, OtelSettings, health::Te
 use crate::ports::{BackendKind, Hypervisor, SystemClock};
 
 use super::config::Config;
+use super::descriptors::raise_nofile_limit;
 use super::security::{Security, startup_warnings};
 use super::wiring::{StartOptions, start};
 
@@ -55,6 +56,20 @@ pub async fn run() -> ExitCode {
     if let Err(e) = otel::init_logging(&filter, &otel) {
         eprintln!("vmcp-api: logging: {e}");
         return ExitCode::from(2);
+    }
+    // Before anything opens descriptors: the budget is measured against the raised limit.
+    match raise_nofile_limit() {
+        Ok((before, after)) if after > before => {
+            tracing::info!(
+                from = before,
+                to = after,
+                "raised the soft descriptor limit to the hard limit"
+            );
+        }
+        Ok((_, limit)) => {
+            tracing::debug!(limit, "the soft descriptor limit is already the hard limit")
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot raise the soft descriptor limit"),
     }
     for warning in startup_warnings(&config) {
         tracing::warn!("{warning}");

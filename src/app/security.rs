@@ -1,6 +1,6 @@
 //! The API's protection, assembled once at start-up from the configuration:
 //! who may call (bearer token, client certificates), over what (TLS), how
-//! much (API load limits), and what a create may ask for (host paths,
+//! much (API load limits, connection caps and timeouts), and what a create may ask for (host paths,
 //! resource limits). Loading fails loudly on anything unusable (an empty
 //! token file, a key that does not match its certificate, a missing asset
 //! directory); what is merely unsafe (an open API on a public address,
@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::adapters::inbound::auth::{AuthPolicy, BearerToken, TokenError};
+use crate::adapters::inbound::connections::ConnectionLimits;
 use crate::adapters::inbound::guard::ApiLimits;
 use crate::adapters::inbound::tls::{self, TlsError};
 use crate::ports::BackendKind;
@@ -35,6 +36,10 @@ pub struct Security {
     pub api_limits: ApiLimits,
     /// Host-path policy and resource limits for creates.
     pub admission: CreatePolicy,
+    /// Connection timeouts, caps and HTTP/2 limits.
+    pub connections: ConnectionLimits,
+    /// Descriptors kept for VM work; `None` for the default (a quarter of the limit, at most 4096).
+    pub reserved_descriptors: Option<u64>,
 }
 
 impl std::fmt::Debug for Security {
@@ -44,6 +49,8 @@ impl std::fmt::Debug for Security {
             .field("tls", &self.tls.is_some())
             .field("api_limits", &self.api_limits)
             .field("admission", &self.admission)
+            .field("connections", &self.connections)
+            .field("reserved_descriptors", &self.reserved_descriptors)
             .finish()
     }
 }
@@ -63,13 +70,16 @@ pub enum SecurityError {
 }
 
 impl Security {
-    /// No credentials, no TLS, unrestricted paths, no resource limits, default API limits.
+    /// No credentials, no TLS, unrestricted paths, no resource limits, default
+    /// API and connection limits.
     pub fn open() -> Self {
         Self {
             auth: AuthPolicy::open(),
             tls: None,
             api_limits: ApiLimits::default(),
             admission: CreatePolicy::unrestricted(),
+            connections: ConnectionLimits::default(),
+            reserved_descriptors: None,
         }
     }
 
@@ -102,6 +112,8 @@ impl Security {
                 paths,
                 limits: config.vm_limits,
             },
+            connections: config.connections,
+            reserved_descriptors: config.reserved_fds,
         })
     }
 

@@ -607,3 +607,47 @@ async fn wait_for(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+#[tokio::test]
+async fn vm_work_is_refused_naming_descriptors_when_the_budget_is_tight() {
+    use crate::app::descriptors::{DescriptorBudget, VM_OPERATION_DESCRIPTORS};
+    // No create or put is expected: a refusal must happen before anything is spawned or stored.
+    let m = manager(
+        base_hypervisor(),
+        MockVmStore::new(),
+        Duration::from_secs(1),
+    );
+    let open = Arc::new(AtomicUsize::new(
+        1000 - VM_OPERATION_DESCRIPTORS as usize + 1,
+    ));
+    let counted = Arc::clone(&open);
+    m.set_descriptor_budget(DescriptorBudget::new(
+        1000,
+        200,
+        Arc::new(move || Some(counted.load(Ordering::SeqCst) as u64)),
+    ));
+    let err = m
+        .create_vm(CreateVm {
+            vm_id: Some(id("a")),
+            config: valid(),
+        })
+        .await
+        .expect_err("refused");
+    match &err {
+        VmError::ResourceExhausted(msg) => {
+            assert!(msg.contains("file descriptors"), "{msg}");
+        }
+        other => panic!("expected resource_exhausted, got {other:?}"),
+    }
+    assert_eq!(m.counts_by_state().total(), 0, "nothing half-created");
+    // Commands that open descriptors are refused the same way, before the VM is looked up.
+    assert!(matches!(
+        m.boot_vm(id("a")).await,
+        Err(VmError::ResourceExhausted(_))
+    ));
+    // Deleting frees descriptors, so it is not refused for lack of them.
+    assert!(matches!(
+        m.delete_vm(id("a"), true).await,
+        Err(VmError::NotFound(_))
+    ));
+}

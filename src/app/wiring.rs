@@ -1,5 +1,6 @@
-//! Wiring: builds the manager over a backend and a store, recovers VMs,
-//! starts the API server and stops it gracefully. VMs are never stopped by
+//! Wiring: builds the manager over a backend and a store, fits the
+//! connection cap into the descriptor budget, recovers VMs, starts the API
+//! server and stops it gracefully. VMs are never stopped by
 //! VMCP's own shutdown: their VMMs run in their own sessions.
 
 use std::net::SocketAddr;
@@ -10,11 +11,13 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::adapters::inbound::server::{self, RpcHttpService, RpcLimits};
+use crate::adapters::inbound::connections::ConnectionGate;
+use crate::adapters::inbound::server::{self, ConnectionPolicy, RpcHttpService, RpcLimits};
 use crate::domain::VmError;
 use crate::domain::VmState;
 use crate::ports::{Clock, Hypervisor, Telemetry, VmStore};
 
+use super::descriptors::{BudgetError, DescriptorBudget};
 use super::manager::{ManagerHealth, VmManager};
 use super::security::Security;
 
@@ -85,6 +88,9 @@ pub enum StartError {
     /// Stored VM records could not be read.
     #[error("cannot recover VMs: {0}")]
     Recovery(#[source] VmError),
+    /// The descriptor limit leaves no room for the reserve and the connections.
+    #[error(transparent)]
+    Descriptors(#[from] BudgetError),
 }
 
 /// Starts the service: recovers stored VMs, then serves the API.
@@ -105,6 +111,28 @@ pub async fn start<H: Hypervisor, S: VmStore>(
     })?;
     let tls = opts.security.tls_acceptor();
     let tls_on = tls.is_some();
+    // Measured after the listener and the store are open, so the cap fits what is left.
+    let budget = DescriptorBudget::of_this_process(opts.security.reserved_descriptors);
+    let limits = opts.security.connections;
+    let max_connections = budget.connection_cap(limits.max_connections)?;
+    let gate = Arc::new(ConnectionGate::new(
+        max_connections,
+        limits.max_connections_per_client.min(max_connections),
+    ));
+    let fds = budget.now();
+    tracing::info!(
+        limit = fds.limit,
+        in_use = fds.in_use,
+        reserved_for_vms = fds.reserved,
+        max_connections,
+        max_connections_per_client = gate.max_per_client(),
+        "descriptor budget"
+    );
+    let policy = ConnectionPolicy {
+        limits,
+        gate: Arc::clone(&gate),
+        telemetry: Arc::clone(&opts.telemetry),
+    };
     let manager = VmManager::with_admission(
         hypervisor,
         store,
@@ -113,10 +141,18 @@ pub async fn start<H: Hypervisor, S: VmStore>(
         opts.hypervisor_timeout,
         opts.security.admission,
     );
-    let health = Arc::new(ManagerHealth::new(
-        Arc::clone(&manager),
-        opts.telemetry_status,
-    ));
+    manager.set_descriptor_budget(budget);
+    let health = Arc::new(
+        ManagerHealth::new(Arc::clone(&manager), opts.telemetry_status).with_connections(Arc::new(
+            move || {
+                (
+                    gate.open() as u64,
+                    gate.max_total() as u64,
+                    gate.max_per_client() as u64,
+                )
+            },
+        )),
+    );
     let rpc = (opts.wrap_rpc)(server::protect(
         server::rpc_service(Arc::clone(&manager), opts.limits),
         opts.security.auth,
@@ -133,6 +169,7 @@ pub async fn start<H: Hypervisor, S: VmStore>(
             tls,
             rpc,
             health,
+            policy,
             async {
                 let _ = rx.await;
             },

@@ -16,8 +16,8 @@ pub use hypervisor::{
     VmmProcess,
 };
 pub use service::{
-    BackendHealth, CreateVm, HealthCheck, ListQuery, ServiceHealth, VmCounts, VmDetails, VmPage,
-    VmService,
+    BackendHealth, CreateVm, DescriptorHealth, HealthCheck, ListQuery, ServiceHealth, VmCounts,
+    VmDetails, VmPage, VmService,
 };
 pub use store::{StoreError, VmRecord, VmStore};
 pub use telemetry::{NoopTelemetry, Telemetry, TelemetryEvent};

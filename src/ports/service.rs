@@ -136,6 +136,34 @@ impl FromIterator<VmState> for VmCounts {
     }
 }
 
+/// File descriptors and client connections, as the health endpoint reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DescriptorHealth {
+    /// The soft `RLIMIT_NOFILE`.
+    pub limit: u64,
+    /// Descriptors open now.
+    pub in_use: u64,
+    /// `limit - in_use`.
+    pub free: u64,
+    /// Kept for VM work; client connections are capped below the limit minus this.
+    pub reserved_for_vms: u64,
+    /// Free descriptors one VM operation needs; fewer and VM operations are refused.
+    pub vm_operation_needs: u64,
+    /// Client connections open now.
+    pub connections_open: u64,
+    /// The connection cap.
+    pub max_connections: u64,
+    /// The per-client-address connection cap.
+    pub max_connections_per_client: u64,
+}
+
+impl DescriptorHealth {
+    /// Too few free descriptors for one more VM operation.
+    pub fn tight(&self) -> bool {
+        self.free < self.vm_operation_needs
+    }
+}
+
 /// The state of the service as the health endpoint reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ServiceHealth {
@@ -145,6 +173,8 @@ pub struct ServiceHealth {
     pub vm_counts: VmCounts,
     /// Telemetry pipeline state: `disabled`, `ok` or the last export error.
     pub telemetry: String,
+    /// Descriptor budget and connections, when the service tracks them.
+    pub descriptors: Option<DescriptorHealth>,
 }
 
 /// Read-only health questions the health endpoint asks the application.

@@ -38,6 +38,16 @@ pub enum TelemetryEvent {
         /// never free text: the full reason goes to logs and the VM's record.
         reason: &'static str,
     },
+    /// A client connection was refused at accept because a connection cap was reached.
+    ConnectionRefused {
+        /// The cap: `max_connections` or `max_connections_per_client`.
+        reason: &'static str,
+    },
+    /// VMCP closed a client connection that ran out of time.
+    ConnectionTimedOut {
+        /// `header` (request head or HTTP/2 preface), `idle` or `tls_handshake`.
+        reason: &'static str,
+    },
     /// An admitted operation was denied or ignored (for counters).
     Admission {
         /// The operation.

@@ -15,7 +15,7 @@ use vmcp::adapters::inbound::server::RpcLimits;
 use vmcp::adapters::outbound::store::memory::MemoryStore;
 use vmcp::app::security::Security;
 use vmcp::app::wiring::{Running, StartOptions, start};
-use vmcp::ports::{NoopTelemetry, SystemClock};
+use vmcp::ports::{NoopTelemetry, SystemClock, Telemetry};
 use vmcp::proto::vmm::v1 as pb;
 use vmcp::proto::vmm::v1::VmServiceClient;
 
@@ -78,11 +78,41 @@ impl Harness {
         .await
     }
 
+    /// A fresh server protected by `security` (connection limits included)
+    /// that reports to `telemetry` (connection refusals and timeouts).
+    pub async fn start_observed(security: Security, telemetry: Arc<dyn Telemetry>) -> Self {
+        Self::start_reporting(
+            Arc::new(Double::new()),
+            Arc::new(MemoryStore::new()),
+            security,
+            true,
+            telemetry,
+        )
+        .await
+    }
+
     async fn start_full(
         double: Arc<Double>,
         store: Arc<MemoryStore>,
         security: Security,
         remove_orphans: bool,
+    ) -> Self {
+        Self::start_reporting(
+            double,
+            store,
+            security,
+            remove_orphans,
+            Arc::new(NoopTelemetry),
+        )
+        .await
+    }
+
+    async fn start_reporting(
+        double: Arc<Double>,
+        store: Arc<MemoryStore>,
+        security: Security,
+        remove_orphans: bool,
+        telemetry: Arc<dyn Telemetry>,
     ) -> Self {
         let running = start(
             Arc::clone(&double),
@@ -96,7 +126,7 @@ impl Harness {
                 hypervisor_timeout: HYPERVISOR_TIMEOUT,
                 shutdown_grace: Duration::from_secs(5),
                 remove_orphans,
-                telemetry: Arc::new(NoopTelemetry),
+                telemetry,
                 telemetry_status: Arc::new(|| "disabled".to_owned()),
                 wrap_rpc: Box::new(|s| s),
                 clock: Arc::new(SystemClock),

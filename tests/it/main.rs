@@ -11,6 +11,7 @@ mod api;
 mod auth;
 mod chaos;
 mod cloud_hypervisor;
+mod connections;
 mod crash;
 mod double;
 mod fake_ch;

@@ -1,6 +1,6 @@
 //! Health endpoints: `GET /health` (liveness, always `{"status":"ok"}`) and
-//! `GET /_/health` (readiness with backend, system and check details; 503
-//! unless healthy). Both are served without credentials and never cached.
+//! `GET /_/health` (readiness with backend, system, descriptor, connection and
+//! check details; 503 unless healthy). Both are served without credentials and never cached.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -33,7 +33,10 @@ impl Status {
 pub fn overall(backend: &BackendHealth, service: &ServiceHealth) -> Status {
     if !backend.healthy {
         Status::Unhealthy
-    } else if service.recovering || !matches!(service.telemetry.as_str(), "ok" | "disabled") {
+    } else if service.recovering
+        || !matches!(service.telemetry.as_str(), "ok" | "disabled")
+        || service.descriptors.is_some_and(|d| d.tight())
+    {
         Status::Degraded
     } else {
         Status::Healthy
@@ -74,6 +77,19 @@ pub async fn detailed(check: &dyn HealthCheck) -> (http::StatusCode, serde_json:
             .map(|(s, n)| (s.as_str(), n))
             .collect::<std::collections::BTreeMap<_, _>>(),
         "telemetry": service.telemetry,
+        "descriptors": service.descriptors.map(|d| json!({
+            "status": if d.tight() { "tight" } else { "ok" },
+            "limit": d.limit,
+            "in_use": d.in_use,
+            "free": d.free,
+            "reserved_for_vms": d.reserved_for_vms,
+            "vm_operation_needs": d.vm_operation_needs,
+        })),
+        "connections": service.descriptors.map(|d| json!({
+            "open": d.connections_open,
+            "max": d.max_connections,
+            "max_per_client": d.max_connections_per_client,
+        })),
         "checks": {
             "backend": {
                 "status": backend_status,
@@ -172,6 +188,7 @@ fn rfc3339(secs: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ports::DescriptorHealth;
     use std::time::Duration;
 
     #[test]
@@ -209,5 +226,34 @@ mod tests {
             ..ok
         };
         assert_eq!(overall(&backend(true), &failing), Status::Degraded);
+    }
+
+    #[test]
+    fn tight_descriptors_degrade_the_status() {
+        let fds = DescriptorHealth {
+            limit: 1000,
+            in_use: 900,
+            free: 100,
+            reserved_for_vms: 200,
+            vm_operation_needs: 32,
+            connections_open: 700,
+            max_connections: 700,
+            max_connections_per_client: 64,
+        };
+        let roomy = ServiceHealth {
+            telemetry: "ok".into(),
+            descriptors: Some(fds),
+            ..Default::default()
+        };
+        assert_eq!(overall(&backend(true), &roomy), Status::Healthy);
+        let tight = ServiceHealth {
+            descriptors: Some(DescriptorHealth {
+                in_use: 990,
+                free: 10,
+                ..fds
+            }),
+            ..roomy
+        };
+        assert_eq!(overall(&backend(true), &tight), Status::Degraded);
     }
 }

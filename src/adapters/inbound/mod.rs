@@ -2,6 +2,7 @@
 //! API's protection (authentication, TLS, load limits).
 
 pub mod auth;
+pub mod connections;
 pub mod convert;
 pub mod errors;
 pub mod guard;

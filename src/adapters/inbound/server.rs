@@ -1,8 +1,9 @@
 //! The HTTP server: one port serving Connect (JSON and binary), gRPC and
 //! gRPC-Web over HTTP/1.1 and h2c (or TLS with ALPN h2/http1.1), plus the
 //! health endpoints, which are routed before the RPC service and therefore
-//! before its authentication. Shutdown stops accepting, lets in-flight
-//! requests finish within a bound, and returns.
+//! before its authentication. Connections are capped and timed out at accept
+//! and while idle (see [`super::connections`]). Shutdown stops accepting, lets
+//! in-flight requests finish within a bound, and returns.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -14,22 +15,24 @@ use connectrpc::{ConnectRpcService, DeadlinePolicy, Limits, Router};
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto::Builder;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tower::util::BoxCloneService;
 use tower::{Layer, Service, ServiceExt};
 
-use crate::ports::{HealthCheck, VmService};
+use crate::ports::{HealthCheck, Telemetry, TelemetryEvent, VmService};
 use crate::proto::vmm::v1::VmServiceExt;
 
 use super::auth::{AuthLayer, AuthPolicy, ClientCertVerified};
+use super::connections::{
+    self, Activity, ConnectionGate, ConnectionLimits, Ended, GuardedBody, Observed,
+    REFUSAL_LOG_INTERVAL, RefusalLog,
+};
 use super::guard::{ApiLimits, GuardLayer};
 use super::health;
 use super::intake::IntakeLayer;
 use super::rpc::RpcService;
-use super::tls;
 
 /// Response body used by every route.
 pub type Body = UnsyncBoxBody<Bytes, Infallible>;
@@ -120,31 +123,36 @@ pub async fn route(
     }
 }
 
-/// Serves until `shutdown` resolves, then drains in-flight requests for at most `grace`.
-pub async fn serve(
-    listener: TcpListener,
-    rpc: RpcHttpService,
-    health_check: Arc<dyn HealthCheck>,
-    shutdown: impl Future<Output = ()>,
-    grace: Duration,
-) {
-    serve_with_tls(listener, None, rpc, health_check, shutdown, grace).await;
+/// What the accept loop needs to bound client connections.
+#[derive(Clone)]
+pub struct ConnectionPolicy {
+    /// Timeouts and HTTP/2 limits.
+    pub limits: ConnectionLimits,
+    /// The caps, shared with whoever reports open connections.
+    pub gate: Arc<ConnectionGate>,
+    /// Receives refusals and timeouts for the metrics.
+    pub telemetry: Arc<dyn Telemetry>,
 }
 
-/// Like [`serve`], accepting only TLS connections when `tls` is set. The
-/// handshake runs in the connection's own task (bounded by
-/// [`tls::HANDSHAKE_TIMEOUT`]), and requests on a connection whose client
-/// certificate verified carry [`ClientCertVerified`].
+/// Serves until `shutdown` resolves, accepting only TLS connections when
+/// `tls` is set, then drains in-flight requests for at most `grace`.
+/// Connections over the caps of `policy.gate` are closed at accept before a
+/// byte is read; admitted ones are driven by [`connections::drive`]
+/// (header-read and idle timeouts). The TLS handshake runs in the
+/// connection's own task, bounded by the handshake timeout, and requests on a
+/// connection whose client certificate verified carry [`ClientCertVerified`].
 pub async fn serve_with_tls(
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     rpc: RpcHttpService,
     health_check: Arc<dyn HealthCheck>,
+    policy: ConnectionPolicy,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) {
-    let builder = Builder::new(TokioExecutor::new());
-    let graceful = GracefulShutdown::new();
+    let builder = policy.limits.configure();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut refusals = RefusalLog::new(REFUSAL_LOG_INTERVAL);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -152,8 +160,33 @@ pub async fn serve_with_tls(
                 let (stream, peer) = match accepted {
                     Ok(x) => x,
                     Err(e) => {
-                        // Resource errors (EMFILE) are transient; back off briefly via the accept loop.
+                        // Out of descriptors (EMFILE/ENFILE) or memory: retrying at once would
+                        // spin; pause briefly so closing connections can free some.
                         tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                        continue;
+                    }
+                };
+                let permit = match policy.gate.admit(peer.ip()) {
+                    Ok(p) => p,
+                    Err(refusal) => {
+                        // Closed before a byte is read: a refused client costs no parsing.
+                        drop(stream);
+                        policy.telemetry.record(TelemetryEvent::ConnectionRefused {
+                            reason: refusal.as_str(),
+                        });
+                        if let Some(n) = refusals.note(tokio::time::Instant::now()) {
+                            tracing::warn!(
+                                %peer,
+                                cap = refusal.as_str(),
+                                refused = n,
+                                open = policy.gate.open(),
+                                max_connections = policy.gate.max_total(),
+                                max_connections_per_client = policy.gate.max_per_client(),
+                                "connections refused at the connection cap (logged at most every {}s)",
+                                REFUSAL_LOG_INTERVAL.as_secs()
+                            );
+                        }
                         continue;
                     }
                 };
@@ -161,21 +194,25 @@ pub async fn serve_with_tls(
                 let rpc = rpc.clone();
                 let hc = Arc::clone(&health_check);
                 let builder = builder.clone();
-                let watcher = graceful.watcher();
+                let stop = stop_rx.clone();
                 let tls = tls.clone();
+                let limits = policy.limits;
+                let telemetry = Arc::clone(&policy.telemetry);
                 tokio::spawn(async move {
+                    let _permit = permit;
                     let Some(acceptor) = tls else {
-                        let svc = hyper::service::service_fn(move |req| {
+                        let activity = Activity::new();
+                        let svc = tracked(Arc::clone(&activity), move |req| {
                             route(req, rpc.clone(), Arc::clone(&hc))
                         });
-                        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                        if let Err(e) = watcher.watch(conn.into_owned()).await {
-                            tracing::debug!(%peer, error = %e, "connection ended with an error");
-                        }
+                        let io = TokioIo::new(Observed::new(stream, Arc::clone(&activity)));
+                        let conn = builder.serve_connection_with_upgrades(io, svc);
+                        let ended = connections::drive(conn, activity, limits, stop).await;
+                        report(ended, peer, &*telemetry);
                         return;
                     };
                     let stream = match tokio::time::timeout(
-                        tls::HANDSHAKE_TIMEOUT,
+                        limits.tls_handshake_timeout,
                         acceptor.accept(stream),
                     )
                     .await
@@ -187,35 +224,88 @@ pub async fn serve_with_tls(
                         }
                         Err(_) => {
                             tracing::debug!(%peer, "TLS handshake timed out");
+                            telemetry.record(TelemetryEvent::ConnectionTimedOut {
+                                reason: "tls_handshake",
+                            });
                             return;
                         }
                     };
                     // rustls only completes a handshake with a certificate that verified.
                     let verified = stream.get_ref().1.peer_certificates().is_some();
-                    let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                    let activity = Activity::new();
+                    let svc = tracked(Arc::clone(&activity), move |mut req: Request<Incoming>| {
                         if verified {
                             req.extensions_mut().insert(ClientCertVerified);
                         }
                         route(req, rpc.clone(), Arc::clone(&hc))
                     });
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                    if let Err(e) = watcher.watch(conn.into_owned()).await {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
-                    }
+                    let io = TokioIo::new(Observed::new(stream, Arc::clone(&activity)));
+                    let conn = builder.serve_connection_with_upgrades(io, svc);
+                    let ended = connections::drive(conn, activity, limits, stop).await;
+                    report(ended, peer, &*telemetry);
                 });
             }
             () = &mut shutdown => break,
         }
     }
     drop(listener);
+    drop(stop_rx);
     tracing::info!("shutting down: draining in-flight requests");
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    let _ = stop_tx.send(true);
+    // Every connection task holds a receiver: `closed` resolves when the last one ends.
+    if tokio::time::timeout(grace, stop_tx.closed()).await.is_err() {
         tracing::warn!(
             ?grace,
             "in-flight requests did not finish within the grace period"
         );
+    }
+}
+
+/// How long the accept loop pauses after an accept error.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
+/// Wraps `f` so each request counts as in flight until its response body is done.
+fn tracked<F, Fut>(
+    activity: Arc<Activity>,
+    f: F,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<GuardedBody>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Response<GuardedBody>, Infallible>> + Send + 'static,
+> + Clone
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
+{
+    hyper::service::service_fn(move |req| {
+        let guard = activity.begin();
+        let fut = f(req);
+        async move {
+            let resp = fut.await?;
+            Ok(resp.map(|b| GuardedBody::new(b, guard)))
+        }
+    })
+}
+
+fn report<E: std::fmt::Display>(
+    ended: Ended<E>,
+    peer: std::net::SocketAddr,
+    telemetry: &dyn Telemetry,
+) {
+    match ended {
+        Ended::Done(Ok(())) => {}
+        Ended::Done(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "connection ended with an error");
+        }
+        Ended::Closed(why) => {
+            tracing::debug!(%peer, reason = why.as_str(), "connection closed by VMCP");
+            telemetry.record(TelemetryEvent::ConnectionTimedOut {
+                reason: why.as_str(),
+            });
+        }
+        Ended::Abandoned => {
+            tracing::debug!(%peer, "connection dropped: graceful close did not finish");
+        }
     }
 }

@@ -15,7 +15,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ServerConfig, crypto::CryptoProvider};
 
-/// How long a client may take to finish the TLS handshake.
+/// The default of how long a client may take to finish the TLS handshake
+/// (`UNKEY_VMCP_TLS_HANDSHAKE_TIMEOUT_SECONDS`).
 pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Why the TLS configuration cannot be built.

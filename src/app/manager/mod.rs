@@ -12,8 +12,8 @@ pub mod paging;
 pub mod recovery;
 pub mod registry;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
@@ -25,6 +25,7 @@ use crate::ports::{
 };
 
 use super::admission::{CreatePolicy, Footprint};
+use super::descriptors::{DescriptorBudget, VM_OPERATION_DESCRIPTORS};
 use super::owner::{Deps, Owner, QUEUE_DEPTH, Request};
 
 use self::health::BackendHealthCache;
@@ -41,6 +42,7 @@ pub struct VmManager<H, S> {
     recovering: AtomicBool,
     remove_orphans: AtomicBool,
     admission: CreatePolicy,
+    descriptors: OnceLock<DescriptorBudget>,
 }
 
 impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
@@ -84,6 +86,7 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
             recovering: AtomicBool::new(false),
             remove_orphans: AtomicBool::new(true),
             admission,
+            descriptors: OnceLock::new(),
         })
     }
 
@@ -103,6 +106,24 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
     /// Whether recovery removes VMMs that belong to no VM (true) or only reports them.
     pub fn set_remove_orphans(&self, remove: bool) {
         self.remove_orphans.store(remove, Ordering::Release);
+    }
+
+    /// Refuses VM operations that open descriptors while too few are free (set once, at start-up).
+    pub fn set_descriptor_budget(&self, budget: DescriptorBudget) {
+        let _ = self.descriptors.set(budget);
+    }
+
+    /// The descriptor budget, when one is set.
+    pub fn descriptor_budget(&self) -> Option<&DescriptorBudget> {
+        self.descriptors.get()
+    }
+
+    /// `resource_exhausted` naming descriptors when VM work could not open what it needs.
+    fn require_descriptors(&self) -> Result<(), VmError> {
+        match self.descriptors.get() {
+            Some(budget) => budget.check_vm_work(),
+            None => Ok(()),
+        }
     }
 
     /// Marks recovery as started (before the server accepts requests).
@@ -150,6 +171,15 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
 
     async fn command(&self, id: VmId, cmd: Command) -> Result<VmSnapshot, VmError> {
         self.require_backend().await?;
+        // Stopping and deleting free descriptors, so they are never refused for lack of them.
+        match cmd {
+            Command::Create
+            | Command::Boot
+            | Command::Pause
+            | Command::Resume
+            | Command::Reboot { .. } => self.require_descriptors()?,
+            Command::Shutdown { .. } | Command::Delete { .. } => {}
+        }
         let entry = self
             .registry
             .get(&id)
@@ -179,6 +209,8 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
         // Per-VM limits and host paths; a few stat calls, cheap enough inline.
         self.admission.check_vm(&req.config)?;
         self.require_backend().await?;
+        // Before anything is registered or spawned: a refusal leaves nothing half-created.
+        self.require_descriptors()?;
         let id = match req.vm_id {
             Some(id) => id,
             None => self.fresh_id(),
@@ -326,10 +358,14 @@ impl<H: Hypervisor, S: VmStore> VmService for VmManager<H, S> {
     }
 }
 
+/// Open connections and the caps, for the health endpoint.
+pub type ConnectionCounts = Arc<dyn Fn() -> (u64, u64, u64) + Send + Sync>;
+
 /// Health answers for the health endpoint, from the manager's own view.
 pub struct ManagerHealth<H, S> {
     manager: Arc<VmManager<H, S>>,
     telemetry: Arc<dyn Fn() -> String + Send + Sync>,
+    connections: Option<ConnectionCounts>,
 }
 
 impl<H: Hypervisor, S: VmStore> ManagerHealth<H, S> {
@@ -338,7 +374,17 @@ impl<H: Hypervisor, S: VmStore> ManagerHealth<H, S> {
         manager: Arc<VmManager<H, S>>,
         telemetry: Arc<dyn Fn() -> String + Send + Sync>,
     ) -> Self {
-        Self { manager, telemetry }
+        Self {
+            manager,
+            telemetry,
+            connections: None,
+        }
+    }
+
+    /// Also reports client connections: `counts` gives (open, cap, per-client cap).
+    pub fn with_connections(mut self, counts: ConnectionCounts) -> Self {
+        self.connections = Some(counts);
+        self
     }
 }
 
@@ -354,6 +400,20 @@ impl<H: Hypervisor, S: VmStore> crate::ports::HealthCheck for ManagerHealth<H, S
             recovering: self.manager.is_recovering(),
             vm_counts: self.manager.counts_by_state(),
             telemetry: (self.telemetry)(),
+            descriptors: self.manager.descriptor_budget().map(|b| {
+                let now = b.now();
+                let (open, max, per_client) = self.connections.as_ref().map_or((0, 0, 0), |c| c());
+                crate::ports::DescriptorHealth {
+                    limit: now.limit,
+                    in_use: now.in_use,
+                    free: now.free,
+                    reserved_for_vms: now.reserved,
+                    vm_operation_needs: VM_OPERATION_DESCRIPTORS,
+                    connections_open: open,
+                    max_connections: max,
+                    max_connections_per_client: per_client,
+                }
+            }),
         }
     }
 }

@@ -42,6 +42,8 @@ pub struct VmInstruments {
     hypervisor_calls: Histogram<f64>,
     boots: Histogram<f64>,
     vmm_exits: Counter<u64>,
+    connections_refused: Counter<u64>,
+    connections_timed_out: Counter<u64>,
     counts: VmCounts,
     _vms: ObservableGauge<u64>,
 }
@@ -100,6 +102,20 @@ impl VmInstruments {
                 .u64_counter("vmcp.vmm.exits")
                 .with_description("VMM processes that ended without being asked to")
                 .with_unit("{exit}")
+                .build(),
+            connections_refused: meter
+                .u64_counter("vmcp.connections.refused")
+                .with_description(
+                    "Client connections refused at accept, by the cap that refused them",
+                )
+                .with_unit("{connection}")
+                .build(),
+            connections_timed_out: meter
+                .u64_counter("vmcp.connections.timed_out")
+                .with_description(
+                    "Client connections VMCP closed: header, idle or TLS handshake timeout",
+                )
+                .with_unit("{connection}")
                 .build(),
             counts,
             _vms: vms,
@@ -161,6 +177,12 @@ impl VmInstruments {
                     KeyValue::new("outcome", *outcome),
                 ],
             ),
+            TelemetryEvent::ConnectionRefused { reason } => self
+                .connections_refused
+                .add(1, &[KeyValue::new("reason", *reason)]),
+            TelemetryEvent::ConnectionTimedOut { reason } => self
+                .connections_timed_out
+                .add(1, &[KeyValue::new("reason", *reason)]),
             TelemetryEvent::VmmExited { backend, reason } => self.vmm_exits.add(
                 1,
                 &[

@@ -1,0 +1,254 @@
+//! File descriptors kept for VM work. Every client connection costs VMCP one
+//! descriptor, and so does every VMM socket, log, console file and store
+//! handle; without a budget, clients could take them all and leave VMCP
+//! unable to start or talk to a VMM. At start-up the soft `RLIMIT_NOFILE` is
+//! raised to the hard limit ([`raise_nofile_limit`]), a reserve is set aside
+//! for VM work, and the connection cap is fitted below what is left
+//! ([`DescriptorBudget::connection_cap`]). VM operations that open
+//! descriptors are refused with `resource_exhausted` when fewer than
+//! [`VM_OPERATION_DESCRIPTORS`] are free ([`DescriptorBudget::check_vm_work`]),
+//! before anything is created.
+
+use std::sync::Arc;
+
+use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+
+use crate::domain::VmError;
+
+/// Descriptors one VM operation may need at once (VMM API socket connections,
+/// spawn pipes, log, console and pid files, the event monitor, store journal).
+pub const VM_OPERATION_DESCRIPTORS: u64 = 32;
+
+/// The default reserve is a quarter of the limit, at most this many.
+pub const DEFAULT_MAX_RESERVE: u64 = 4096;
+
+/// The connection cap when `UNKEY_VMCP_MAX_CONNECTIONS` is unset (lowered to fit the budget).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+
+/// Why the descriptor budget cannot be set up.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct BudgetError(pub String);
+
+/// Raises the soft descriptor limit to the hard limit (capped at the kernel's
+/// `fs.nr_open` when the hard limit is unlimited). Returns the soft limit
+/// before and after.
+pub fn raise_nofile_limit() -> std::io::Result<(u64, u64)> {
+    let now = getrlimit(Resource::Nofile);
+    let before = now.current.unwrap_or(u64::MAX);
+    let target = match now.maximum {
+        Some(hard) => hard,
+        None => std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(1 << 20),
+    };
+    if before >= target {
+        return Ok((before, before));
+    }
+    setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: Some(target),
+            maximum: now.maximum,
+        },
+    )?;
+    Ok((before, target))
+}
+
+/// The soft descriptor limit of this process.
+pub fn nofile_limit() -> u64 {
+    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
+}
+
+/// Descriptors this process has open (entries of `/proc/self/fd`, the listing's own included).
+pub fn count_open() -> Option<u64> {
+    Some(
+        std::fs::read_dir("/proc/self/fd")
+            .ok()?
+            .filter(|e| e.is_ok())
+            .count() as u64,
+    )
+}
+
+/// Counts open descriptors; `None` when they cannot be counted.
+pub type InUse = Arc<dyn Fn() -> Option<u64> + Send + Sync>;
+
+/// How the descriptor budget stands right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DescriptorUse {
+    /// The soft `RLIMIT_NOFILE`.
+    pub limit: u64,
+    /// Open now.
+    pub in_use: u64,
+    /// `limit - in_use`.
+    pub free: u64,
+    /// Kept for VM work: client connections are capped below `limit - reserved`.
+    pub reserved: u64,
+}
+
+impl DescriptorUse {
+    /// Too few free for one more VM operation.
+    pub fn tight(&self) -> bool {
+        self.free < VM_OPERATION_DESCRIPTORS
+    }
+}
+
+/// The descriptor limit, the reserve for VM work, and a way to count what is open.
+#[derive(Clone)]
+pub struct DescriptorBudget {
+    limit: u64,
+    reserved: u64,
+    in_use: InUse,
+}
+
+impl std::fmt::Debug for DescriptorBudget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DescriptorBudget")
+            .field("limit", &self.limit)
+            .field("reserved", &self.reserved)
+            .finish()
+    }
+}
+
+impl DescriptorBudget {
+    /// A budget over `limit` descriptors keeping `reserved` for VM work, counting with `in_use`.
+    pub fn new(limit: u64, reserved: u64, in_use: InUse) -> Self {
+        Self {
+            limit,
+            reserved,
+            in_use,
+        }
+    }
+
+    /// This process's budget: its soft limit, `reserved` (default a quarter of
+    /// the limit, at most [`DEFAULT_MAX_RESERVE`]), counted from `/proc/self/fd`.
+    pub fn of_this_process(reserved: Option<u64>) -> Self {
+        let limit = nofile_limit();
+        let reserved = reserved.unwrap_or((limit / 4).min(DEFAULT_MAX_RESERVE));
+        Self::new(limit, reserved, Arc::new(count_open))
+    }
+
+    /// The reserve.
+    pub fn reserved(&self) -> u64 {
+        self.reserved
+    }
+
+    /// The current use. When descriptors cannot be counted, none are reported in use.
+    pub fn now(&self) -> DescriptorUse {
+        let in_use = (self.in_use)().unwrap_or(0).min(self.limit);
+        DescriptorUse {
+            limit: self.limit,
+            in_use,
+            free: self.limit - in_use,
+            reserved: self.reserved,
+        }
+    }
+
+    /// The connection cap: `wanted` (or [`DEFAULT_MAX_CONNECTIONS`], lowered
+    /// to fit) must leave the reserve free on top of what is open now.
+    pub fn connection_cap(&self, wanted: Option<usize>) -> Result<usize, BudgetError> {
+        let now = self.now();
+        let room = now.free.saturating_sub(self.reserved);
+        if room == 0 {
+            return Err(BudgetError(format!(
+                "UNKEY_VMCP_RESERVED_FDS={} leaves no descriptors for client connections: \
+                 the limit is {} and {} are open; raise the hard RLIMIT_NOFILE (LimitNOFILE=) \
+                 or lower UNKEY_VMCP_RESERVED_FDS",
+                self.reserved, now.limit, now.in_use
+            )));
+        }
+        let room = usize::try_from(room).unwrap_or(usize::MAX);
+        match wanted {
+            None => Ok(DEFAULT_MAX_CONNECTIONS.min(room)),
+            Some(n) if n <= room => Ok(n),
+            Some(n) => Err(BudgetError(format!(
+                "UNKEY_VMCP_MAX_CONNECTIONS={n} does not fit the descriptor budget: at most {room} \
+                 (limit {}, {} open, {} reserved for VM work by UNKEY_VMCP_RESERVED_FDS)",
+                now.limit, now.in_use, self.reserved
+            ))),
+        }
+    }
+
+    /// `Ok` when one more VM operation has the descriptors it may need.
+    pub fn check_vm_work(&self) -> Result<(), VmError> {
+        let now = self.now();
+        if now.tight() {
+            return Err(VmError::ResourceExhausted(format!(
+                "too few file descriptors free for VM work: {} of {} free, {} needed; \
+                 delete VMs, or raise RLIMIT_NOFILE or UNKEY_VMCP_RESERVED_FDS",
+                now.free, now.limit, VM_OPERATION_DESCRIPTORS
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn budget(limit: u64, reserved: u64, open: u64) -> DescriptorBudget {
+        DescriptorBudget::new(limit, reserved, Arc::new(move || Some(open)))
+    }
+
+    #[test]
+    fn the_connection_cap_leaves_the_reserve_free() {
+        let b = budget(1000, 200, 50);
+        assert_eq!(b.connection_cap(None), Ok(750));
+        assert_eq!(b.connection_cap(Some(100)), Ok(100));
+        assert_eq!(b.connection_cap(Some(750)), Ok(750));
+        let err = b.connection_cap(Some(751)).expect_err("over the room");
+        assert!(err.0.contains("UNKEY_VMCP_MAX_CONNECTIONS=751"), "{err}");
+        assert!(err.0.contains("at most 750"), "{err}");
+        assert_eq!(
+            budget(1 << 20, 4096, 10).connection_cap(None),
+            Ok(DEFAULT_MAX_CONNECTIONS)
+        );
+    }
+
+    #[test]
+    fn a_reserve_that_leaves_nothing_is_refused_naming_the_variable() {
+        let err = budget(300, 290, 10)
+            .connection_cap(None)
+            .expect_err("no room");
+        assert!(err.0.starts_with("UNKEY_VMCP_RESERVED_FDS=290"), "{err}");
+        assert!(!err.0.contains('\n'));
+    }
+
+    #[test]
+    fn vm_work_is_refused_naming_descriptors_only_when_tight() {
+        assert_eq!(
+            budget(1000, 100, 1000 - VM_OPERATION_DESCRIPTORS).check_vm_work(),
+            Ok(())
+        );
+        match budget(1000, 100, 1000 - VM_OPERATION_DESCRIPTORS + 1).check_vm_work() {
+            Err(VmError::ResourceExhausted(m)) => {
+                assert!(m.contains("file descriptors"), "{m}");
+                assert!(m.contains("31 of 1000 free"), "{m}");
+            }
+            other => panic!("expected resource_exhausted, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_default_reserve_is_a_quarter_capped() {
+        let b = DescriptorBudget::of_this_process(None);
+        let limit = nofile_limit();
+        assert_eq!(b.reserved(), (limit / 4).min(DEFAULT_MAX_RESERVE));
+        assert_eq!(DescriptorBudget::of_this_process(Some(77)).reserved(), 77);
+        let now = b.now();
+        assert!(now.in_use >= 3, "stdin, stdout, stderr at least: {now:?}");
+        assert_eq!(now.free + now.in_use, now.limit);
+    }
+
+    #[test]
+    fn raising_the_limit_reaches_the_hard_limit() {
+        let (before, after) = raise_nofile_limit().expect("raise");
+        assert!(after >= before);
+        let hard = getrlimit(Resource::Nofile).maximum;
+        if let Some(hard) = hard {
+            assert_eq!(nofile_limit(), hard);
+        }
+    }
+}
