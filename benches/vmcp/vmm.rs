@@ -176,6 +176,8 @@ pub struct Server {
     child: std::process::Child,
     /// Where it listens.
     pub addr: std::net::SocketAddr,
+    /// Its host-local API socket.
+    pub socket: PathBuf,
 }
 
 impl Server {
@@ -208,6 +210,7 @@ impl Server {
             .env("UNKEY_VMCP_DATA_DIR", root.join("vmcp-data"))
             .env("UNKEY_VMCP_OTEL_PROMETHEUS_ENABLED", "false")
             .env("UNKEY_VMCP_RATE_LIMIT_RPS", "0")
+            .env("UNKEY_VMCP_API_SOCKET", root.join("vmcp-api.sock"))
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -224,7 +227,11 @@ impl Server {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Self { child, addr }
+        Self {
+            child,
+            addr,
+            socket: root.join("vmcp-api.sock"),
+        }
     }
 
     /// Ends the server (SIGTERM: it drains and exits; VMs were deleted by the caller).
@@ -448,6 +455,41 @@ pub async fn section(kind: Kind) {
     let server = Server::spawn(kind, &env, rt.path()).await;
     let via = info_latency(server.addr, &env, CALLS).await;
     let c = client(server.addr, false);
+    // The same client on both sides: vmcp's own pooled Unix-socket client, Connect JSON
+    // against vmcp-api's API socket, plain GET against the VMM's.
+    c.create_vm(create_req("info", &env.guest))
+        .await
+        .expect("create");
+    c.boot_vm(pb::BootVmRequest {
+        vm_id: "info".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("boot");
+    let request = Bytes::from_static(br#"{"vmId":"info"}"#);
+    let mut samples = Vec::with_capacity(CALLS);
+    let started = Instant::now();
+    for _ in 0..CALLS {
+        let t = Instant::now();
+        let r = http
+            .call(
+                &server.socket,
+                Method::POST,
+                "/vmm.v1.VmService/GetVmInfo",
+                Some(request.clone()),
+            )
+            .await
+            .expect("GetVmInfo over the API socket");
+        assert!(r.is_success());
+        samples.push(t.elapsed());
+    }
+    let via_socket = Stats::from(samples, started.elapsed());
+    c.delete_vm(pb::DeleteVmRequest {
+        vm_id: "info".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("delete");
 
     let d = direct_boot(kind, &env, &http, &rt.path().join("d")).await;
     let mut samples = Vec::with_capacity(CALLS);
@@ -477,6 +519,15 @@ pub async fn section(kind: Kind) {
             "GET {} direct (one pooled connection)",
             info_path(kind)
         ))
+    );
+    println!(
+        "{}",
+        via_socket.line("GetVmInfo via vmcp-api API socket (UdsClient, Connect JSON)")
+    );
+    println!(
+        "RATIO {name} GetVmInfo vmcp-api API socket/direct (same client): p50 {:.2}x, p99 {:.2}x",
+        via_socket.p50.as_secs_f64() / direct.p50.as_secs_f64(),
+        via_socket.p99.as_secs_f64() / direct.p99.as_secs_f64()
     );
     println!(
         "RATIO {name} GetVmInfo VMCP in-process/direct: p50 {:.2}x, p99 {:.2}x",

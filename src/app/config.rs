@@ -46,6 +46,7 @@ pub const KNOWN_VARIABLES: &[&str] = &[
     "OTEL_PROMETHEUS_ENABLED",
     "OTEL_PROMETHEUS_PORT",
     "AUTH_TOKEN_FILE",
+    "API_SOCKET",
     "TLS_CERT_FILE",
     "TLS_KEY_FILE",
     "TLS_CLIENT_CA_FILE",
@@ -121,6 +122,7 @@ struct Raw {
     otel_prometheus_enabled: Option<String>,
     otel_prometheus_port: Option<String>,
     auth_token_file: Option<String>,
+    api_socket: Option<String>,
     tls_cert_file: Option<String>,
     tls_key_file: Option<String>,
     tls_client_ca_file: Option<String>,
@@ -232,6 +234,8 @@ pub struct Config {
     pub otel: OtelConfig,
     /// File holding the bearer token VM API calls must present; unset = no token.
     pub auth_token_file: Option<PathBuf>,
+    /// Also serve the API on this Unix socket (mode 0600), for clients on the host.
+    pub api_socket: Option<PathBuf>,
     /// TLS (and mutual TLS) for the API port; unset = plaintext.
     pub tls: Option<TlsFiles>,
     /// Directories VM assets must resolve into; unset = unrestricted.
@@ -429,6 +433,11 @@ impl Config {
                 3600,
             )?),
             otel,
+            api_socket: raw
+                .api_socket
+                .as_deref()
+                .map(|v| socket_path("API_SOCKET", v))
+                .transpose()?,
             auth_token_file: raw
                 .auth_token_file
                 .as_deref()
@@ -692,6 +701,14 @@ fn abs_path(var: &str, v: &str) -> Result<PathBuf, EnvError> {
     Ok(PathBuf::from(v))
 }
 
+/// An absolute path short enough for a Unix socket (sun_path holds 107 bytes and a NUL).
+fn socket_path(var: &str, v: &str) -> Result<PathBuf, EnvError> {
+    if v.len() > 107 {
+        return Err(bad(var, v, "an absolute path of at most 107 bytes"));
+    }
+    abs_path(var, v)
+}
+
 fn unix_endpoint(var: &str, v: Option<&str>, default: &str) -> Result<PathBuf, EnvError> {
     let v = v.unwrap_or(default);
     match v.strip_prefix("unix://") {
@@ -894,6 +911,7 @@ mod tests {
     fn hardening_defaults_are_open_but_bounded() {
         let c = cfg(&[]).expect("defaults are valid");
         assert_eq!(c.auth_token_file, None);
+        assert_eq!(c.api_socket, None, "the API socket is off unless asked for");
         assert_eq!(c.tls, None);
         assert_eq!(c.asset_dirs, None);
         assert_eq!(c.vm_limits, VmLimits::host_defaults());
@@ -921,6 +939,7 @@ mod tests {
     fn hardening_variables_are_read() {
         let c = cfg(&[
             ("AUTH_TOKEN_FILE", "/etc/vmcp/token"),
+            ("API_SOCKET", "/run/vmcp/api.sock"),
             ("TLS_CERT_FILE", "/etc/vmcp/cert.pem"),
             ("TLS_KEY_FILE", "/etc/vmcp/key.pem"),
             ("TLS_CLIENT_CA_FILE", "/etc/vmcp/ca.pem"),
@@ -938,6 +957,7 @@ mod tests {
         ])
         .expect("valid");
         assert_eq!(c.auth_token_file, Some(PathBuf::from("/etc/vmcp/token")));
+        assert_eq!(c.api_socket, Some(PathBuf::from("/run/vmcp/api.sock")));
         assert_eq!(
             c.tls,
             Some(TlsFiles {
@@ -978,7 +998,10 @@ mod tests {
     #[test]
     fn hardening_bad_values_name_the_variable() {
         type Case<'a> = (&'a [(&'a str, &'a str)], &'a str, &'a str);
+        let long = format!("/{}", "s".repeat(120));
         let cases: &[Case] = &[
+            (&[("API_SOCKET", "api.sock")], "API_SOCKET", "absolute"),
+            (&[("API_SOCKET", &long)], "API_SOCKET", "107 bytes"),
             (
                 &[("AUTH_TOKEN_FILE", "token")],
                 "AUTH_TOKEN_FILE",

@@ -40,6 +40,8 @@ pub struct Security {
     pub connections: ConnectionLimits,
     /// Descriptors kept for VM work; `None` for the default (a quarter of the limit, at most 4096).
     pub reserved_descriptors: Option<u64>,
+    /// Also serve the API on this Unix socket (mode 0600), for clients on the host.
+    pub api_socket: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for Security {
@@ -51,6 +53,7 @@ impl std::fmt::Debug for Security {
             .field("admission", &self.admission)
             .field("connections", &self.connections)
             .field("reserved_descriptors", &self.reserved_descriptors)
+            .field("api_socket", &self.api_socket)
             .finish()
     }
 }
@@ -80,6 +83,7 @@ impl Security {
             admission: CreatePolicy::unrestricted(),
             connections: ConnectionLimits::default(),
             reserved_descriptors: None,
+            api_socket: None,
         }
     }
 
@@ -114,6 +118,7 @@ impl Security {
             },
             connections: config.connections,
             reserved_descriptors: config.reserved_fds,
+            api_socket: config.api_socket.clone(),
         })
     }
 

@@ -85,6 +85,15 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    /// The host-local API socket could not be bound.
+    #[error("cannot listen on the API socket {path}: {source}")]
+    BindSocket {
+        /// The socket path.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// Stored VM records could not be read.
     #[error("cannot recover VMs: {0}")]
     Recovery(#[source] VmError),
@@ -109,6 +118,16 @@ pub async fn start<H: Hypervisor, S: VmStore>(
         addr: opts.addr,
         source,
     })?;
+    let api_socket = match &opts.security.api_socket {
+        Some(path) => Some((
+            server::bind_api_socket(path).map_err(|source| StartError::BindSocket {
+                path: path.clone(),
+                source,
+            })?,
+            path.clone(),
+        )),
+        None => None,
+    };
     let tls = opts.security.tls_acceptor();
     let tls_on = tls.is_some();
     // Measured after the listener and the store are open, so the cap fits what is left.
@@ -164,9 +183,13 @@ pub async fn start<H: Hypervisor, S: VmStore>(
     let (tx, rx) = oneshot::channel::<()>();
     let grace = opts.shutdown_grace;
     let task = tokio::spawn(async move {
+        let (unix, socket_path) = api_socket.unzip();
         server::serve_with_tls(
-            listener,
-            tls,
+            server::Listeners {
+                tcp: listener,
+                unix,
+                tls,
+            },
             rpc,
             health,
             policy,
@@ -176,6 +199,11 @@ pub async fn start<H: Hypervisor, S: VmStore>(
             grace,
         )
         .await;
+        if let Some(path) = socket_path
+            && let Err(e) = std::fs::remove_file(&path)
+        {
+            tracing::warn!(path = %path.display(), error = %e, "cannot remove the API socket");
+        }
     });
     let mut running = Running {
         local_addr,

@@ -8,6 +8,7 @@
 
 mod admission;
 mod api;
+mod api_socket;
 mod auth;
 mod chaos;
 mod cloud_hypervisor;

@@ -16,7 +16,7 @@ use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 use tower::util::BoxCloneService;
 use tower::{Layer, Service, ServiceExt};
@@ -123,6 +123,17 @@ pub async fn route(
     }
 }
 
+/// Where the API is served: the TCP port (with TLS when set) and, optionally,
+/// the host-local API socket (never TLS: the socket's mode guards it).
+pub struct Listeners {
+    /// The API port.
+    pub tcp: TcpListener,
+    /// The host-local API socket, when configured.
+    pub unix: Option<UnixListener>,
+    /// TLS for the port.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
 /// What the accept loop needs to bound client connections.
 #[derive(Clone)]
 pub struct ConnectionPolicy {
@@ -142,14 +153,18 @@ pub struct ConnectionPolicy {
 /// connection's own task, bounded by the handshake timeout, and requests on a
 /// connection whose client certificate verified carry [`ClientCertVerified`].
 pub async fn serve_with_tls(
-    listener: TcpListener,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    listeners: Listeners,
     rpc: RpcHttpService,
     health_check: Arc<dyn HealthCheck>,
     policy: ConnectionPolicy,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) {
+    let Listeners {
+        tcp: listener,
+        unix,
+        tls,
+    } = listeners;
     let builder = policy.limits.configure();
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut refusals = RefusalLog::new(REFUSAL_LOG_INTERVAL);
@@ -201,15 +216,8 @@ pub async fn serve_with_tls(
                 tokio::spawn(async move {
                     let _permit = permit;
                     let Some(acceptor) = tls else {
-                        let activity = Activity::new();
-                        let svc = tracked(Arc::clone(&activity), move |req| {
-                            route(req, rpc.clone(), Arc::clone(&hc))
-                        });
-                        let io = TokioIo::new(Observed::new(stream, Arc::clone(&activity)));
-                        let conn = builder.serve_connection_with_upgrades(io, svc);
-                        let ended = connections::drive(conn, activity, limits, stop).await;
-                        report(ended, peer, &*telemetry);
-                        return;
+                        let conn = Conn { rpc, hc, builder, limits, stop, telemetry };
+                        return conn.serve_plain(stream, peer).await;
                     };
                     let stream = match tokio::time::timeout(
                         limits.tls_handshake_timeout,
@@ -245,10 +253,40 @@ pub async fn serve_with_tls(
                     report(ended, peer, &*telemetry);
                 });
             }
+            accepted = accept_unix(unix.as_ref()) => {
+                let stream = match accepted {
+                    Ok(stream) => stream,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept on the API socket failed");
+                        tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                        continue;
+                    }
+                };
+                // Every client of the host-local socket counts as one client address.
+                let Ok(permit) = policy.gate.admit(UNIX_CLIENT) else {
+                    drop(stream);
+                    policy.telemetry.record(TelemetryEvent::ConnectionRefused {
+                        reason: "max_connections_unix",
+                    });
+                    continue;
+                };
+                let rpc = rpc.clone();
+                let hc = Arc::clone(&health_check);
+                let builder = builder.clone();
+                let stop = stop_rx.clone();
+                let limits = policy.limits;
+                let telemetry = Arc::clone(&policy.telemetry);
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    let conn = Conn { rpc, hc, builder, limits, stop, telemetry };
+                    conn.serve_plain(stream, UNIX_PEER).await;
+                });
+            }
             () = &mut shutdown => break,
         }
     }
     drop(listener);
+    drop(unix);
     drop(stop_rx);
     tracing::info!("shutting down: draining in-flight requests");
     let _ = stop_tx.send(true);
@@ -259,6 +297,77 @@ pub async fn serve_with_tls(
             "in-flight requests did not finish within the grace period"
         );
     }
+}
+
+/// What serving one admitted connection needs.
+struct Conn {
+    rpc: RpcHttpService,
+    hc: Arc<dyn HealthCheck>,
+    builder: hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
+    limits: ConnectionLimits,
+    stop: watch::Receiver<bool>,
+    telemetry: Arc<dyn Telemetry>,
+}
+
+impl Conn {
+    /// Serves a connection without TLS (TCP, or the host-local API socket)
+    /// under the header-read and idle timeouts until it ends.
+    async fn serve_plain<T>(self, stream: T, peer: std::net::SocketAddr)
+    where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let Conn {
+            rpc,
+            hc,
+            builder,
+            limits,
+            stop,
+            telemetry,
+        } = self;
+        let activity = Activity::new();
+        let svc = tracked(Arc::clone(&activity), move |req| {
+            route(req, rpc.clone(), Arc::clone(&hc))
+        });
+        let io = TokioIo::new(Observed::new(stream, Arc::clone(&activity)));
+        let conn = builder.serve_connection_with_upgrades(io, svc);
+        let ended = connections::drive(conn, activity, limits, stop).await;
+        report(ended, peer, &*telemetry);
+    }
+}
+
+/// The address the connection caps count clients of the API socket under:
+/// no TCP peer can have it.
+const UNIX_CLIENT: std::net::IpAddr = std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED);
+/// How clients of the API socket appear in logs.
+const UNIX_PEER: std::net::SocketAddr = std::net::SocketAddr::new(UNIX_CLIENT, 0);
+
+/// The next connection on the API socket, or never when there is none.
+async fn accept_unix(unix: Option<&UnixListener>) -> std::io::Result<tokio::net::UnixStream> {
+    match unix {
+        Some(l) => l.accept().await.map(|(stream, _)| stream),
+        None => std::future::pending().await,
+    }
+}
+
+/// Binds the host-local API socket at `path` with mode 0600 (only VMCP's
+/// user may connect), replacing a stale socket file a previous VMCP left.
+/// Anything else at `path` is an error: it is never removed.
+pub fn bind_api_socket(path: &std::path::Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
+        Ok(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket", path.display()),
+            ));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
 }
 
 /// How long the accept loop pauses after an accept error.
