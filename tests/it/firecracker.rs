@@ -481,7 +481,7 @@ async fn create_boot_pause_resume_info() {
     assert_eq!(info.backend_info["vmm_version"], "Firecracker v1.16.1");
     assert_eq!(info.backend_info["backend"], "firecracker");
     // What Firecracker itself holds, asked on its socket.
-    let held = vm_config_of(info.process.as_ref().expect("a process")).await;
+    let held = super::real_env::vm_config_of(info.process.as_ref().expect("a process")).await;
     assert_eq!(held["drives"][0]["drive_id"], "data_1");
     assert_eq!(held["drives"][0]["is_read_only"], true);
     assert_eq!(held["machine-config"]["mem_size_mib"], 64);
@@ -1083,15 +1083,4 @@ async fn jailer_mode_stages_files_in_the_chroot_and_cleans_up() {
     assert!(!tmp.path().join("run/jailed").exists());
     assert_eq!(std::fs::read(&disk).expect("caller's disk kept"), b"data");
     assert!(events.try_recv().is_err(), "no unexpected exits");
-}
-
-/// `GET /vm/config` on the VMM's own socket.
-async fn vm_config_of(p: &vmcp::ports::VmmProcess) -> serde_json::Value {
-    vmcp::adapters::outbound::firecracker::client::FcClient::new(
-        vmcp::adapters::outbound::vmm::UdsClient::new(std::time::Duration::from_secs(5)),
-        std::path::PathBuf::from(&p.socket_path),
-    )
-    .vm_config()
-    .await
-    .expect("GET /vm/config")
 }

@@ -136,3 +136,14 @@ pub async fn restart_and_adopt<H: vmcp::ports::Hypervisor>(
     assert_eq!(adopted.process().as_ref(), Some(p));
     adopted
 }
+
+/// `GET /vm/config` on a Firecracker's own socket: what it holds, not what VMCP says.
+pub async fn vm_config_of(p: &vmcp::ports::VmmProcess) -> serde_json::Value {
+    vmcp::adapters::outbound::firecracker::client::FcClient::new(
+        vmcp::adapters::outbound::vmm::UdsClient::new(std::time::Duration::from_secs(5)),
+        std::path::PathBuf::from(&p.socket_path),
+    )
+    .vm_config()
+    .await
+    .expect("GET /vm/config")
+}

@@ -157,7 +157,7 @@ async fn real_fc_full_lifecycle() {
     assert_eq!(info.state, Some(VmState::Created));
     assert!(info.backend_info["vmm_version"].starts_with("Firecracker v1.16"));
     // What Firecracker itself holds, asked on its socket.
-    let held = vm_config_of(info.process.as_ref().expect("a process")).await;
+    let held = super::real_env::vm_config_of(info.process.as_ref().expect("a process")).await;
     assert_eq!(held["machine-config"]["mem_size_mib"], 64);
     assert_eq!(held["boot-source"]["boot_args"], "console=ttyS0");
 
@@ -543,15 +543,4 @@ async fn real_fc_spawn_to_api_ready() {
         ms(samples[samples.len() - 1])
     ));
     assert!(samples[samples.len() / 2] < Duration::from_secs(2));
-}
-
-/// `GET /vm/config` on the VMM's own socket.
-async fn vm_config_of(p: &vmcp::ports::VmmProcess) -> serde_json::Value {
-    vmcp::adapters::outbound::firecracker::client::FcClient::new(
-        vmcp::adapters::outbound::vmm::UdsClient::new(std::time::Duration::from_secs(5)),
-        std::path::PathBuf::from(&p.socket_path),
-    )
-    .vm_config()
-    .await
-    .expect("GET /vm/config")
 }
