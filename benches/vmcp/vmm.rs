@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::Method;
 
+use connectrpc::client::HttpClient;
 use vmcp::adapters::inbound::server::RpcLimits;
 use vmcp::adapters::outbound::cloud_hypervisor::CloudHypervisor;
 use vmcp::adapters::outbound::firecracker::{Firecracker, FirecrackerSettings};
@@ -17,6 +18,7 @@ use vmcp::adapters::outbound::vmm::uds_http::UdsClient;
 use vmcp::app::wiring::{Running, StartOptions, start};
 use vmcp::ports::{Hypervisor, NoopTelemetry, SystemClock, VmStore};
 use vmcp::proto::vmm::v1 as pb;
+use vmcp::proto::vmm::v1::VmServiceClient;
 
 use super::{Stats, client, unlimited};
 
@@ -134,9 +136,29 @@ async fn start_with<H: Hypervisor, S: VmStore>(h: H, store: Arc<S>) -> Running {
         .expect("server starts")
 }
 
-/// Creates and boots a VM through the server at `addr`, times `calls` sequential
-/// GetVmInfo calls on it, and deletes it.
-async fn info_latency(addr: std::net::SocketAddr, env: &Env, calls: usize) -> Stats {
+/// Times `calls` sequential calls of `read`.
+async fn time_reads<F, Fut>(calls: usize, mut read: F) -> Stats
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut samples = Vec::with_capacity(calls);
+    let started = Instant::now();
+    for _ in 0..calls {
+        let t = Instant::now();
+        read().await;
+        samples.push(t.elapsed());
+    }
+    Stats::from(samples, started.elapsed())
+}
+
+/// Creates and boots the VM "info" through the server at `addr`, times `calls`
+/// sequential `read`s of it (given the server's Connect client), and deletes it.
+async fn info_latency<F, Fut>(addr: std::net::SocketAddr, env: &Env, calls: usize, read: F) -> Stats
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     let c = client(addr, false);
     c.create_vm(create_req("info", &env.guest))
         .await
@@ -147,19 +169,7 @@ async fn info_latency(addr: std::net::SocketAddr, env: &Env, calls: usize) -> St
     })
     .await
     .expect("boot");
-    let mut samples = Vec::with_capacity(calls);
-    let started = Instant::now();
-    for _ in 0..calls {
-        let t = Instant::now();
-        c.get_vm_info(pb::GetVmInfoRequest {
-            vm_id: "info".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("GetVmInfo");
-        samples.push(t.elapsed());
-    }
-    let stats = Stats::from(samples, started.elapsed());
+    let stats = time_reads(calls, read).await;
     c.delete_vm(pb::DeleteVmRequest {
         vm_id: "info".into(),
         ..Default::default()
@@ -167,6 +177,16 @@ async fn info_latency(addr: std::net::SocketAddr, env: &Env, calls: usize) -> St
     .await
     .expect("delete");
     stats
+}
+
+/// One GetVmInfo of the VM "info" with the Connect binary client.
+async fn connect_info(c: &VmServiceClient<HttpClient>) {
+    c.get_vm_info(pb::GetVmInfoRequest {
+        vm_id: "info".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("GetVmInfo");
 }
 
 /// The `vmcp-api` binary serving `kind` from its own process, with production defaults
@@ -450,27 +470,16 @@ pub async fn section(kind: Kind) {
         Arc::new(vmcp::adapters::outbound::store::memory::MemoryStore::new()),
     )
     .await;
-    let via_in = info_latency(in_process.local_addr, &env, CALLS).await;
+    let c = client(in_process.local_addr, false);
+    let via_in = info_latency(in_process.local_addr, &env, CALLS, || connect_info(&c)).await;
     in_process.shutdown().await;
     let server = Server::spawn(kind, &env, rt.path()).await;
-    let via = info_latency(server.addr, &env, CALLS).await;
     let c = client(server.addr, false);
+    let via = info_latency(server.addr, &env, CALLS, || connect_info(&c)).await;
     // The same client on both sides: vmcp's own pooled Unix-socket client, Connect JSON
     // against vmcp-api's API socket, plain GET against the VMM's.
-    c.create_vm(create_req("info", &env.guest))
-        .await
-        .expect("create");
-    c.boot_vm(pb::BootVmRequest {
-        vm_id: "info".into(),
-        ..Default::default()
-    })
-    .await
-    .expect("boot");
     let request = Bytes::from_static(br#"{"vmId":"info"}"#);
-    let mut samples = Vec::with_capacity(CALLS);
-    let started = Instant::now();
-    for _ in 0..CALLS {
-        let t = Instant::now();
+    let via_socket = info_latency(server.addr, &env, CALLS, || async {
         let r = http
             .call(
                 &server.socket,
@@ -481,29 +490,18 @@ pub async fn section(kind: Kind) {
             .await
             .expect("GetVmInfo over the API socket");
         assert!(r.is_success());
-        samples.push(t.elapsed());
-    }
-    let via_socket = Stats::from(samples, started.elapsed());
-    c.delete_vm(pb::DeleteVmRequest {
-        vm_id: "info".into(),
-        ..Default::default()
     })
-    .await
-    .expect("delete");
+    .await;
 
     let d = direct_boot(kind, &env, &http, &rt.path().join("d")).await;
-    let mut samples = Vec::with_capacity(CALLS);
-    let started = Instant::now();
-    for _ in 0..CALLS {
-        let t = Instant::now();
+    let direct = time_reads(CALLS, || async {
         let r = http
             .call(&d.socket, Method::GET, info_path(kind), None)
             .await
             .expect("direct info");
         assert!(r.is_success());
-        samples.push(t.elapsed());
-    }
-    let direct = Stats::from(samples, started.elapsed());
+    })
+    .await;
     d.kill().await;
     println!(
         "{}",

@@ -212,7 +212,13 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
         events_tx: VmmEventSink,
         events_rx: mpsc::UnboundedReceiver<VmmEvent>,
     ) -> (Self, watch::Receiver<Arc<VmView>>) {
-        let view = Arc::new(VmView::of(vm.snapshot().clone()));
+        let mut view = VmView::of(vm.snapshot().clone());
+        // Known before any sample; every sample keeps it.
+        view.backend_info.insert(
+            "backend".to_owned(),
+            deps.hypervisor.kind().as_str().to_owned(),
+        );
+        let view = Arc::new(view);
         let (view_tx, view_rx) = watch::channel(Arc::clone(&view));
         let persisted = (vm.snapshot().generation > 0).then(|| Persisted {
             generation: vm.snapshot().generation,
@@ -252,9 +258,8 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
             let result = self.drain().await;
             self.publish().await;
             let _ = reply.send(result.map(|()| self.vm.snapshot().clone()));
-            if result_is_ok_and_alive(&self.vm) {
-                self.vm.sample_soon(Instant::now());
-            }
+            // Metrics and details right after the answer (a failed create ends the loop below).
+            self.vm.sample_soon(Instant::now());
         }
         while !self.vm.snapshot().deleted {
             let deadline = self.vm.poll_timeout().map(tokio::time::Instant::from_std);
@@ -352,7 +357,10 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
                 "the VM has no VMM handle (see its reason); it can only be deleted".to_owned(),
             )),
             Some(vmm) => match cmd {
-                Command::Create => unreachable_create(),
+                // Performed by `Owner::create` above, never through a handle.
+                Command::Create => Err(HypervisorError::Protocol(
+                    "create performed on an existing VMM handle".to_owned(),
+                )),
                 Command::Boot => timed_call(kind, tel, "boot", t, vmm.boot()).await.map(Some),
                 Command::Shutdown { force, .. } => {
                     let mode = ShutdownMode {
@@ -708,17 +716,6 @@ async fn end_vmms_of<H: Hypervisor, S>(deps: &Deps<H, S>, id: &crate::domain::Vm
         )
         .await;
     }
-}
-
-fn result_is_ok_and_alive(vm: &Vm) -> bool {
-    !vm.snapshot().deleted
-}
-
-/// `Command::Create` is performed by [`Owner::create`], never through a handle.
-fn unreachable_create() -> Result<Option<Reported>, HypervisorError> {
-    Err(HypervisorError::Protocol(
-        "create performed on an existing VMM handle".to_owned(),
-    ))
 }
 
 /// Sleeps until `deadline`, or forever when there is none.

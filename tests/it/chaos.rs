@@ -15,7 +15,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -25,7 +25,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use vmcp::proto::vmm::v1 as pb;
 use vmcp::proto::vmm::v1::VmState as S;
 
-use super::harness::{Rng, Wire, client_for, eventually};
+use super::harness::{Rng, Wire, client_for, free_port, vmcp_api_env, wait_serving};
 use super::real_env::{Real, Vmm, require, say};
 
 /// VMs the clients work on.
@@ -59,47 +59,23 @@ impl Chaos {
     }
 
     async fn start(&self) -> Vmcp {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let binary_var = if self.backend == "firecracker" {
             "UNKEY_VMCP_FC_BINARY"
         } else {
             "UNKEY_VMCP_CH_BINARY"
         };
-        let child = Command::new(env!("CARGO_BIN_EXE_vmcp-api"))
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("UNKEY_VMCP_ADDRESS", "127.0.0.1")
-            .env("UNKEY_VMCP_PORT", port.to_string())
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmcp-api"));
+        vmcp_api_env(&mut cmd, self.dir.path(), port);
+        let child = cmd
             .env("UNKEY_VMCP_BACKEND", self.backend)
             .env(binary_var, &self.env.binary)
-            .env(
-                "UNKEY_VMCP_CH_ENDPOINT",
-                format!("unix://{}", self.dir.path().join("seed-ch.sock").display()),
-            )
-            .env(
-                "UNKEY_VMCP_FC_ENDPOINT",
-                format!("unix://{}", self.dir.path().join("seed-fc.sock").display()),
-            )
-            .env("UNKEY_VMCP_RUNTIME_DIR", self.runtime())
-            .env("UNKEY_VMCP_DATA_DIR", self.dir.path().join("data"))
             .env("UNKEY_VMCP_OTEL_PROMETHEUS_ENABLED", "false")
             .env("UNKEY_VMCP_HYPERVISOR_TIMEOUT_SECONDS", "10")
-            .env("UNKEY_VMCP_LOG_LEVEL", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
             .spawn()
             .expect("vmcp-api starts");
         let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let up = eventually(Duration::from_secs(30), || async move {
-            let c = client_for(addr, Wire::ConnectProto);
-            c.list_vms(pb::ListVmsRequest::default()).await.is_ok()
-        })
-        .await;
-        assert!(up, "vmcp-api serves VM calls after recovery");
+        wait_serving(addr, Duration::from_secs(30)).await;
         Vmcp { child, addr }
     }
 

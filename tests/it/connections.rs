@@ -7,7 +7,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,7 +23,7 @@ use vmcp::app::security::Security;
 use vmcp::ports::{Telemetry, TelemetryEvent};
 
 use super::fake_ch::{Behaviour, install};
-use super::harness::{Harness, eventually};
+use super::harness::{Harness, eventually, free_port, vmcp_api_env};
 use super::real_env::say;
 use super::tls_client::Pki;
 
@@ -488,14 +488,6 @@ impl Drop for Vmcp {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Starts vmcp-api with `env`, its descriptor limit at `soft`:`hard`, and waits until it answers.
 async fn spawn_vmcp(dir: &Path, env: &[(&str, String)], soft: u64, hard: u64) -> Vmcp {
     let port = free_port();
@@ -505,21 +497,9 @@ async fn spawn_vmcp(dir: &Path, env: &[(&str, String)], soft: u64, hard: u64) ->
         .arg(format!(
             "ulimit -S -n {soft} && ulimit -H -n {hard} && exec \"$0\""
         ))
-        .arg(env!("CARGO_BIN_EXE_vmcp-api"))
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("UNKEY_VMCP_ADDRESS", "127.0.0.1")
-        .env("UNKEY_VMCP_PORT", port.to_string())
-        .env("UNKEY_VMCP_OTEL_PROMETHEUS_PORT", metrics_port.to_string())
-        .env(
-            "UNKEY_VMCP_CH_ENDPOINT",
-            format!("unix://{}", dir.join("seed.sock").display()),
-        )
-        .env("UNKEY_VMCP_RUNTIME_DIR", dir.join("rt"))
-        .env("UNKEY_VMCP_DATA_DIR", dir.join("data"))
-        .env("UNKEY_VMCP_LOG_LEVEL", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .arg(env!("CARGO_BIN_EXE_vmcp-api"));
+    vmcp_api_env(&mut cmd, dir, port);
+    cmd.env("UNKEY_VMCP_OTEL_PROMETHEUS_PORT", metrics_port.to_string());
     for (k, v) in env {
         cmd.env(format!("UNKEY_VMCP_{k}"), v);
     }

@@ -7,7 +7,7 @@
 //! while that call is in flight.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use connectrpc::ErrorCode;
@@ -17,7 +17,7 @@ use vmcp::proto::vmm::v1 as pb;
 use vmcp::proto::vmm::v1::VmState as S;
 
 use super::fake_ch::{Behaviour, install};
-use super::harness::{Wire, client_for, eventually};
+use super::harness::{Wire, client_for, free_port, vmcp_api_env, wait_serving};
 use super::real_env::say;
 
 struct Vmcp {
@@ -64,37 +64,17 @@ impl Case {
             &self.path(&format!("bin-{}", hang_on.join("-"))),
             &behaviour,
         );
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new(env!("CARGO_BIN_EXE_vmcp-api"))
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("UNKEY_VMCP_ADDRESS", "127.0.0.1")
-            .env("UNKEY_VMCP_PORT", port.to_string())
+        let port = free_port();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmcp-api"));
+        vmcp_api_env(&mut cmd, self.dir.path(), port);
+        let child = cmd
             .env("UNKEY_VMCP_CH_BINARY", &bin)
-            .env(
-                "UNKEY_VMCP_CH_ENDPOINT",
-                format!("unix://{}", self.path("seed.sock").display()),
-            )
-            .env("UNKEY_VMCP_RUNTIME_DIR", self.path("rt"))
-            .env("UNKEY_VMCP_DATA_DIR", self.path("data"))
             .env("UNKEY_VMCP_OTEL_PROMETHEUS_ENABLED", "false")
             .env("UNKEY_VMCP_HYPERVISOR_TIMEOUT_SECONDS", "30")
-            .env("UNKEY_VMCP_LOG_LEVEL", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
             .spawn()
             .expect("vmcp-api starts");
         let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let up = eventually(Duration::from_secs(20), || async move {
-            let c = client_for(addr, Wire::ConnectProto);
-            c.list_vms(pb::ListVmsRequest::default()).await.is_ok()
-        })
-        .await;
-        assert!(up, "vmcp-api serves VM calls after recovery");
+        wait_serving(addr, Duration::from_secs(20)).await;
         Vmcp { child, addr }
     }
 

@@ -339,3 +339,46 @@ impl Rng {
         Self(self.next() | 1)
     }
 }
+
+/// A free loopback port (bound, then released for the child to take).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// What every test that runs the real `vmcp-api` binary gives it: none of the
+/// test's own environment but PATH, the API on loopback `port`, runtime and data
+/// directories under `dir`, seed endpoints that do not exist, warnings only, and
+/// its output discarded. The caller adds the backend and anything else.
+pub fn vmcp_api_env(cmd: &mut std::process::Command, dir: &std::path::Path, port: u16) {
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("UNKEY_VMCP_ADDRESS", "127.0.0.1")
+        .env("UNKEY_VMCP_PORT", port.to_string())
+        .env(
+            "UNKEY_VMCP_CH_ENDPOINT",
+            format!("unix://{}", dir.join("seed-ch.sock").display()),
+        )
+        .env(
+            "UNKEY_VMCP_FC_ENDPOINT",
+            format!("unix://{}", dir.join("seed-fc.sock").display()),
+        )
+        .env("UNKEY_VMCP_RUNTIME_DIR", dir.join("rt"))
+        .env("UNKEY_VMCP_DATA_DIR", dir.join("data"))
+        .env("UNKEY_VMCP_LOG_LEVEL", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+}
+
+/// Waits until the server at `addr` serves VM calls (recovery is over).
+pub async fn wait_serving(addr: SocketAddr, within: Duration) {
+    let up = eventually(within, || async move {
+        let c = client_for(addr, Wire::ConnectProto);
+        c.list_vms(pb::ListVmsRequest::default()).await.is_ok()
+    })
+    .await;
+    assert!(up, "vmcp-api serves VM calls after recovery");
+}

@@ -334,14 +334,10 @@ impl<H: Hypervisor, S: VmStore> VmService for VmManager<H, S> {
         if view.snapshot.generation == 0 {
             return Err(VmError::NotFound(id.to_string()));
         }
-        let mut backend_info = view.backend_info.clone();
-        backend_info
-            .entry("backend".to_owned())
-            .or_insert_with(|| self.deps.hypervisor.kind().as_str().to_owned());
         Ok(VmDetails {
             snapshot: view.snapshot.clone(),
             metrics: view.metrics,
-            backend_info,
+            backend_info: view.backend_info.clone(),
             sampled_at_ms: view.sampled_at_ms,
         })
     }
