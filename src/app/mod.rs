@@ -4,6 +4,7 @@
 pub mod admission;
 pub mod config;
 pub mod descriptors;
+pub mod feed;
 pub mod manager;
 pub mod owner;
 pub mod path_policy;

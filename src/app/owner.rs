@@ -23,13 +23,15 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::feed::ChangeFeed;
+
 use crate::domain::{
     Admission, Command, Effect, Observation, Operation, Vm, VmError, VmSnapshot, VmState,
 };
 use crate::ports::{
     BackendKind, Clock, Hypervisor, HypervisorError, Reported, ShutdownMode, Telemetry,
     TelemetryEvent, VmMetrics, VmRecord, VmStore, VmmEvent, VmmEventSink, VmmHandle, VmmInfo,
-    VmmProcess,
+    VmmProcess, WatchEventKind,
 };
 
 /// Capacity of each VM's request queue; a full queue answers `unavailable`.
@@ -80,6 +82,8 @@ pub struct Deps<H, S> {
     pub clock: Arc<dyn Clock>,
     /// Timeout of one hypervisor call.
     pub call_timeout: Duration,
+    /// Where recorded changes get their revision and reach watchers.
+    pub feed: Arc<ChangeFeed>,
 }
 
 impl<H, S> Clone for Deps<H, S> {
@@ -90,6 +94,7 @@ impl<H, S> Clone for Deps<H, S> {
             telemetry: Arc::clone(&self.telemetry),
             clock: Arc::clone(&self.clock),
             call_timeout: self.call_timeout,
+            feed: Arc::clone(&self.feed),
         }
     }
 }
@@ -176,6 +181,8 @@ pub struct Owner<H: Hypervisor, S> {
     events_tx: VmmEventSink,
     events_rx: mpsc::UnboundedReceiver<VmmEvent>,
     persisted: Option<Persisted>,
+    /// The generation and state watchers last heard of (0: none yet).
+    announced: (u64, Option<VmState>),
 }
 
 /// The VM's event channel: the sink goes to `create`/`adopt`, the receiver to the owner.
@@ -191,17 +198,34 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
         Self::build(vm, None, None, deps, events_tx, events_rx)
     }
 
-    /// An owner for a VM recovered at start-up (and already recorded as it
-    /// is), with the handle `adopt` gave, whose events flow into `events`.
-    /// Without a handle the VM can only be read and deleted.
+    /// An owner for a VM recovered at start-up, as it was recorded (with
+    /// `stored`, the process in its record), with the handle `adopt` gave,
+    /// whose events flow into `events`. Without a handle the VM can only be
+    /// read and deleted. [`Owner::settle`] then records what recovery found.
     pub fn recovered(
         vm: Vm,
+        stored: Option<VmmProcess>,
         vmm: Option<H::Vm>,
         deps: Deps<H, S>,
         events: (VmmEventSink, mpsc::UnboundedReceiver<VmmEvent>),
     ) -> (Self, watch::Receiver<Arc<VmView>>) {
         let process = vmm.as_ref().and_then(VmmHandle::process);
-        Self::build(vm, vmm, process, deps, events.0, events.1)
+        let (mut owner, view) = Self::build(vm, vmm, process, deps, events.0, events.1);
+        if let Some(p) = owner.persisted.as_mut() {
+            p.process = stored;
+        }
+        (owner, view)
+    }
+
+    /// Recovery found the VM in `state`: records it, with the process that
+    /// serves the VM now; a visible change reaches watchers. Transitions
+    /// found at recovery are not counted as lifecycle events.
+    pub async fn settle(&mut self, state: VmState, reason: String) {
+        let now = self.deps.clock.now_unix();
+        self.vm
+            .handle_observation(Observation::Reported { state, reason }, now);
+        while self.vm.poll_event().is_some() {}
+        self.publish().await;
     }
 
     fn build(
@@ -220,11 +244,13 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
         );
         let view = Arc::new(view);
         let (view_tx, view_rx) = watch::channel(Arc::clone(&view));
-        let persisted = (vm.snapshot().generation > 0).then(|| Persisted {
-            generation: vm.snapshot().generation,
-            desired: vm.snapshot().desired,
+        let snap = vm.snapshot();
+        let persisted = (snap.generation > 0).then(|| Persisted {
+            generation: snap.generation,
+            desired: snap.desired,
             process: process.clone(),
         });
+        let announced = (snap.generation, (snap.generation > 0).then_some(snap.state));
         let mut owner = Self {
             vm,
             vmm,
@@ -235,6 +261,7 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
             events_tx,
             events_rx,
             persisted,
+            announced,
         };
         owner.refresh_view();
         owner.view_tx.send_replace(Arc::clone(&owner.view));
@@ -405,12 +432,9 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
                     });
                 }
                 if op == Operation::Delete {
+                    // The record goes when the delete is published (see `publish`).
                     self.process = None;
                     self.vmm = None;
-                    let id = &self.vm.snapshot().id;
-                    if let Err(e) = self.deps.store.remove(id).await {
-                        tracing::error!(vm.id = %id, error = %e, "VM deleted but its record could not be removed; it is reconciled at the next start");
-                    }
                 }
                 self.vm.handle_observation(
                     Observation::Completed {
@@ -497,7 +521,10 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
             Err(err) => {
                 // Create leaves nothing behind on failure, so the record goes too
                 // (a failed intent write left none).
-                if intent_recorded && let Err(e) = self.deps.store.remove(&id).await {
+                // The VM was never announced, so its removal is no change: no new revision.
+                if intent_recorded
+                    && let Err(e) = self.deps.store.remove(&id, self.deps.feed.revision()).await
+                {
                     tracing::error!(vm.id = %id, error = %e, "could not remove the record of a failed create; it is rolled back at the next start");
                 }
                 self.vm.handle_observation(
@@ -621,23 +648,67 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
         self.publish().await;
     }
 
-    /// Persists the record if it changed, publishes the view to readers, and drains events.
+    /// Records the VM if it changed, publishes the view to readers and,
+    /// for a visible change, to watchers; drains lifecycle events.
+    ///
+    /// A visible change (a new generation, or the delete of an announced
+    /// VM) is recorded while the owner holds the feed: the change takes the
+    /// next revision, the record is written with it, the view is published,
+    /// then the change is committed, so every reader and watcher sees
+    /// revisions in one order (see feed.rs).
     async fn publish(&mut self) {
         let snap = self.vm.snapshot();
-        let now = Persisted {
-            generation: snap.generation,
-            desired: snap.desired,
-            process: self.process.clone(),
+        let (announced, before) = self.announced;
+        let kind = if snap.deleted {
+            (announced > 0).then_some(WatchEventKind::Deleted)
+        } else if snap.generation > 0 && snap.generation != announced {
+            Some(if announced == 0 {
+                WatchEventKind::Added
+            } else {
+                WatchEventKind::Changed
+            })
+        } else {
+            None
         };
-        if !snap.deleted
-            && self.persisted.as_ref() != Some(&now)
-            && let Err(e) = self.persist().await
-        {
-            tracing::error!(vm.id = %self.vm.snapshot().id, error = %e, "could not persist VM state; it is reconciled from the VMM at the next start");
+        let feed = Arc::clone(&self.deps.feed);
+        let recording = match kind {
+            Some(_) => Some(feed.record().await),
+            None => None,
+        };
+        if let Some(rec) = &recording {
+            self.vm.set_revision(rec.revision());
+        }
+        let snap = self.vm.snapshot();
+        if snap.deleted {
+            if let Some(rec) = &recording
+                && let Err(e) = self.deps.store.remove(&snap.id, rec.revision()).await
+            {
+                tracing::error!(vm.id = %snap.id, error = %e, "VM deleted but its record could not be removed; it is reconciled at the next start");
+            }
+        } else {
+            let now = Persisted {
+                generation: snap.generation,
+                desired: snap.desired,
+                process: self.process.clone(),
+            };
+            if (recording.is_some() || self.persisted.as_ref() != Some(&now))
+                && let Err(e) = self.persist().await
+            {
+                tracing::error!(vm.id = %self.vm.snapshot().id, error = %e, "could not persist VM state; it is reconciled from the VMM at the next start");
+            }
         }
         self.refresh_view();
         if !Arc::ptr_eq(&self.view, &self.view_tx.borrow()) {
             self.view_tx.send_replace(Arc::clone(&self.view));
+        }
+        if let (Some(rec), Some(kind)) = (recording, kind) {
+            let snap = self.vm.snapshot();
+            self.announced = if snap.deleted {
+                (0, None)
+            } else {
+                (snap.generation, Some(snap.state))
+            };
+            rec.commit(kind, Arc::new(snap.clone()), before);
         }
         while let Some(ev) = self.vm.poll_event() {
             self.deps.telemetry.record(TelemetryEvent::Vm(ev));

@@ -42,6 +42,8 @@ pub struct Security {
     pub reserved_descriptors: Option<u64>,
     /// Also serve the API on this Unix socket (mode 0600), for clients on the host.
     pub api_socket: Option<std::path::PathBuf>,
+    /// WatchVms history, queues, watcher cap and heartbeat.
+    pub watch: super::feed::WatchSettings,
 }
 
 impl std::fmt::Debug for Security {
@@ -54,6 +56,7 @@ impl std::fmt::Debug for Security {
             .field("connections", &self.connections)
             .field("reserved_descriptors", &self.reserved_descriptors)
             .field("api_socket", &self.api_socket)
+            .field("watch", &self.watch)
             .finish()
     }
 }
@@ -84,6 +87,7 @@ impl Security {
             connections: ConnectionLimits::default(),
             reserved_descriptors: None,
             api_socket: None,
+            watch: super::feed::WatchSettings::default(),
         }
     }
 
@@ -119,6 +123,7 @@ impl Security {
             connections: config.connections,
             reserved_descriptors: config.reserved_fds,
             api_socket: config.api_socket.clone(),
+            watch: super::feed::WatchSettings::default(),
         })
     }
 

@@ -162,7 +162,7 @@ async fn a_failed_create_leaves_no_record_and_no_vmm() {
     h.expect_destroy_orphan().never();
     s.expect_remove()
         .times(1)
-        .returning(|_| Box::pin(async { Ok(()) }));
+        .returning(|_, _| Box::pin(async { Ok(()) }));
     let m = manager(h, s, Duration::from_secs(1));
     let err = m
         .create_vm(CreateVm {

@@ -159,6 +159,7 @@ pub async fn start<H: Hypervisor, S: VmStore>(
         opts.clock,
         opts.hypervisor_timeout,
         opts.security.admission,
+        opts.security.watch,
     );
     manager.set_descriptor_budget(budget);
     let health = Arc::new(
@@ -182,6 +183,7 @@ pub async fn start<H: Hypervisor, S: VmStore>(
     manager.mark_recovering();
     let (tx, rx) = oneshot::channel::<()>();
     let grace = opts.shutdown_grace;
+    let feed = Arc::clone(manager.feed());
     let task = tokio::spawn(async move {
         let (unix, socket_path) = api_socket.unzip();
         server::serve_with_tls(
@@ -193,8 +195,10 @@ pub async fn start<H: Hypervisor, S: VmStore>(
             rpc,
             health,
             policy,
-            async {
+            async move {
                 let _ = rx.await;
+                // Watch streams end (telling clients where to resume) so the drain is not held up.
+                feed.close().await;
             },
             grace,
         )

@@ -40,6 +40,9 @@ pub enum VmError {
     /// The caller may not use a host resource (e.g. a path outside the allowed directories).
     #[error("{0}")]
     PermissionDenied(String),
+    /// A position (such as a watch revision) outside what the service can serve.
+    #[error("{0}")]
+    OutOfRange(String),
     /// The backend cannot do this at all.
     #[error("{0}")]
     Unimplemented(String),

@@ -338,6 +338,10 @@ pub struct VmSnapshot {
     pub desired: Desired,
     /// Whether a delete has completed (the VM is gone).
     pub deleted: bool,
+    /// The host-wide revision of the last recorded change of this VM (0
+    /// before its first). The application assigns it when it records a
+    /// change; the core carries it and never changes it.
+    pub revision: u64,
 }
 
 /// The timers of one VM, as data: when the next sample is due.
@@ -370,6 +374,7 @@ impl Vm {
             modified_at: now,
             desired: Desired::Created,
             deleted: false,
+            revision: 0,
         })
     }
 
@@ -439,6 +444,11 @@ impl Vm {
             self.effects.push_back(Effect::Sample);
         }
         self.timers.next_sample = Some(now + self.timers.sample_period);
+    }
+
+    /// Stamps the host-wide revision under which the current snapshot is recorded.
+    pub fn set_revision(&mut self, revision: u64) {
+        self.snap.revision = revision;
     }
 
     /// The current snapshot.

@@ -131,6 +131,7 @@ mod tests {
             modified_at: 2,
             desired,
             deleted: false,
+            revision: 7,
         }
     }
 

@@ -17,7 +17,7 @@ pub use hypervisor::{
 };
 pub use service::{
     BackendHealth, CreateVm, DescriptorHealth, HealthCheck, ListQuery, ServiceHealth, VmCounts,
-    VmDetails, VmPage, VmService,
+    VmDetails, VmPage, VmService, WatchEvent, WatchEventKind, WatchQuery, WatchStream,
 };
 pub use store::{StoreError, VmRecord, VmStore};
 pub use telemetry::{NoopTelemetry, Telemetry, TelemetryEvent};

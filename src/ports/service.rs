@@ -44,6 +44,8 @@ pub struct ListQuery {
 /// A page of VMs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VmPage {
+    /// The host revision the page reflects: every change up to it is in it.
+    pub revision: u64,
     /// The VMs on this page, ordered by id.
     pub vms: Vec<VmSnapshot>,
     /// Token for the next page, empty on the last one.
@@ -51,6 +53,63 @@ pub struct VmPage {
     /// How many VMs match the filter in all.
     pub total_count: u32,
 }
+
+/// A WatchVms request after the wire layer parsed it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct WatchQuery {
+    /// Only these VMs; empty means all.
+    pub vm_ids: Vec<VmId>,
+    /// Only changes into or out of one of these states; empty means all.
+    pub states: Vec<VmState>,
+    /// Replay the changes after this revision first (None: live changes only).
+    pub since_revision: Option<u64>,
+    /// Send every matching VM first, then [`WatchEventKind::Synced`].
+    pub send_initial: bool,
+}
+
+/// What a watch message says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WatchEventKind {
+    /// The VM was created (or, in an initial list, exists).
+    Added,
+    /// The VM changed.
+    Changed,
+    /// The VM was deleted.
+    Deleted,
+    /// Everything up to the revision has been sent.
+    Synced,
+    /// Nothing to send; the stream is alive.
+    Heartbeat,
+}
+
+impl WatchEventKind {
+    /// Metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Added => "added",
+            Self::Changed => "changed",
+            Self::Deleted => "deleted",
+            Self::Synced => "synced",
+            Self::Heartbeat => "heartbeat",
+        }
+    }
+}
+
+/// One watch message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WatchEvent {
+    /// What happened.
+    pub kind: WatchEventKind,
+    /// The VM after the change (before it, for a delete); None for synced and heartbeat.
+    pub vm: Option<std::sync::Arc<VmSnapshot>>,
+    /// The host revision of the change, or the revision synced or current.
+    pub revision: u64,
+}
+
+/// A stream of watch messages; it ends with an error that says why and
+/// where to resume (overflow, shutdown).
+pub type WatchStream =
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<WatchEvent, VmError>> + Send>>;
 
 /// The VM API.
 pub trait VmService: Send + Sync + 'static {
@@ -81,6 +140,11 @@ pub trait VmService: Send + Sync + 'static {
     fn get_vm_info(&self, id: VmId) -> impl Future<Output = Result<VmDetails, VmError>> + Send;
     /// Lists VMs.
     fn list_vms(&self, query: ListQuery) -> impl Future<Output = Result<VmPage, VmError>> + Send;
+    /// Streams changes of the host's VMs.
+    fn watch_vms(
+        &self,
+        query: WatchQuery,
+    ) -> impl Future<Output = Result<WatchStream, VmError>> + Send;
 }
 
 /// What `/_/health` reports about the backend.

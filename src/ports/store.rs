@@ -9,7 +9,8 @@ use super::hypervisor::VmmProcess;
 /// Everything needed to re-adopt or reconcile a VM after a restart.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VmRecord {
-    /// Config, desired and observed state, reason, generation, timestamps.
+    /// Config, desired and observed state, reason, generation, timestamps,
+    /// and the revision of the VM's last recorded change.
     pub snapshot: VmSnapshot,
     /// The VMM process, once one was started.
     pub process: Option<VmmProcess>,
@@ -34,9 +35,20 @@ pub trait VmStore: Send + Sync + 'static {
     fn put(&self, record: &VmRecord) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Removes the record for `id`; removing a missing record succeeds.
-    fn remove(&self, id: &VmId) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// `revision` is the host revision of the delete: the store keeps the
+    /// highest revision it was ever given (see [`VmStore::revision`]).
+    fn remove(
+        &self,
+        id: &VmId,
+        revision: u64,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Reads every record, ordered by id. MUST return `Corrupt` rather than
     /// skip a record it cannot decode.
     fn load_all(&self) -> impl Future<Output = Result<Vec<VmRecord>, StoreError>> + Send;
+
+    /// The highest revision ever recorded: of any record put (its
+    /// `snapshot.revision`) or removed. Revisions continue from it after a
+    /// restart, so they never go backwards.
+    fn revision(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
 }

@@ -48,6 +48,21 @@ pub enum TelemetryEvent {
         /// `header` (request head or HTTP/2 preface), `idle` or `tls_handshake`.
         reason: &'static str,
     },
+    /// A watcher opened (+1) or closed (-1).
+    WatchersOpen {
+        /// +1 or -1.
+        delta: i64,
+    },
+    /// A watch message was sent to a client.
+    WatchSent {
+        /// `added`, `changed`, `deleted`, `synced` or `heartbeat`.
+        kind: &'static str,
+    },
+    /// A change could not be queued for a watcher, which was dropped.
+    WatchDropped {
+        /// `overflow`.
+        reason: &'static str,
+    },
     /// An admitted operation was denied or ignored (for counters).
     Admission {
         /// The operation.

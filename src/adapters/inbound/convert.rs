@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use buffa::{EnumValue, MessageField};
 
 use crate::domain::{self, VmConfigError, VmError, VmId, VmSnapshot, VmState};
-use crate::ports::{VmDetails, VmMetrics};
+use crate::ports::{VmDetails, VmMetrics, WatchEvent, WatchEventKind, WatchQuery};
 use crate::proto::vmm::v1 as pb;
 
 /// Parses a required vm_id field.
@@ -267,6 +267,43 @@ pub fn vm_info_out(s: &VmSnapshot) -> pb::VmInfo {
         metadata: map_out(&s.config.metadata),
         state_reason: s.reason.clone(),
         generation: generation(s.generation),
+        revision: s.revision,
+        ..Default::default()
+    }
+}
+
+/// Parses a WatchVms request; bad ids and states name their field.
+pub fn watch_query_in(req: &pb::WatchVmsRequest) -> Result<WatchQuery, VmError> {
+    let vm_ids = req
+        .vm_ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| vm_id(&format!("vm_ids[{i}]"), id))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(WatchQuery {
+        vm_ids,
+        states: state_filter_in(&req.state_filter)?,
+        since_revision: (req.since_revision > 0).then_some(req.since_revision),
+        send_initial: req.send_initial,
+    })
+}
+
+/// The wire form of one watch message.
+pub fn watch_event_out(e: &WatchEvent) -> pb::WatchVmsResponse {
+    let kind = match e.kind {
+        WatchEventKind::Added => pb::WatchEventType::WATCH_EVENT_TYPE_ADDED,
+        WatchEventKind::Changed => pb::WatchEventType::WATCH_EVENT_TYPE_CHANGED,
+        WatchEventKind::Deleted => pb::WatchEventType::WATCH_EVENT_TYPE_DELETED,
+        WatchEventKind::Synced => pb::WatchEventType::WATCH_EVENT_TYPE_SYNCED,
+        WatchEventKind::Heartbeat => pb::WatchEventType::WATCH_EVENT_TYPE_HEARTBEAT,
+    };
+    pb::WatchVmsResponse {
+        r#type: kind.into(),
+        vm: match &e.vm {
+            Some(vm) => MessageField::some(vm_info_out(vm)),
+            None => MessageField::none(),
+        },
+        revision: e.revision,
         ..Default::default()
     }
 }

@@ -16,6 +16,7 @@ pub fn to_connect(e: &VmError) -> ConnectError {
         VmError::DeadlineExceeded(_) => ErrorCode::DeadlineExceeded,
         VmError::ResourceExhausted(_) => ErrorCode::ResourceExhausted,
         VmError::PermissionDenied(_) => ErrorCode::PermissionDenied,
+        VmError::OutOfRange(_) => ErrorCode::OutOfRange,
         VmError::Unimplemented(_) => ErrorCode::Unimplemented,
         VmError::Internal(detail) => {
             tracing::error!(error = %detail, "internal error");

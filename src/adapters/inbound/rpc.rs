@@ -4,7 +4,10 @@
 
 use std::sync::Arc;
 
-use connectrpc::{ConnectError, RequestContext, Response, ServiceRequest, ServiceResult};
+use connectrpc::{
+    ConnectError, RequestContext, Response, ServiceRequest, ServiceResult, ServiceStream,
+};
+use futures_util::StreamExt;
 
 use crate::domain::VmError;
 use crate::ports::{CreateVm, ListQuery, VmService};
@@ -12,7 +15,7 @@ use crate::proto::vmm::v1 as pb;
 
 use super::convert::{
     config_in, details_out, non_negative, optional_vm_id, state_filter_in, state_out, vm_id,
-    vm_info_out,
+    vm_info_out, watch_event_out, watch_query_in,
 };
 use super::errors::to_connect;
 
@@ -192,7 +195,18 @@ impl<S: VmService> pb::VmService for RpcService<S> {
             vms: page.vms.iter().map(vm_info_out).collect(),
             next_page_token: page.next_page_token,
             total_count: i32::try_from(page.total_count).unwrap_or(i32::MAX),
+            revision: page.revision,
             ..Default::default()
         })
+    }
+
+    async fn watch_vms(
+        &self,
+        _ctx: RequestContext,
+        request: ServiceRequest<'_, pb::WatchVmsRequest>,
+    ) -> ServiceResult<ServiceStream<pb::WatchVmsResponse>> {
+        let query = watch_query_in(&request.to_owned_message()).map_err(fail)?;
+        let events = self.inner.watch_vms(query).await.map_err(fail)?;
+        Response::stream_ok(events.map(|e| e.map(|e| watch_event_out(&e)).map_err(fail)))
     }
 }

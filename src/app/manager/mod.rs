@@ -21,11 +21,12 @@ use tokio::sync::{mpsc, oneshot};
 use crate::domain::{Command, Vm, VmError, VmId, VmSnapshot, VmState};
 use crate::ports::{
     BackendHealth, Clock, CreateVm, Hypervisor, ListQuery, Telemetry, VmCounts, VmDetails, VmPage,
-    VmService, VmStore,
+    VmService, VmStore, WatchQuery, WatchStream,
 };
 
 use super::admission::{CreatePolicy, Footprint};
 use super::descriptors::{DescriptorBudget, VM_OPERATION_DESCRIPTORS};
+use super::feed::{ChangeFeed, WatchSettings};
 use super::owner::{Deps, Owner, QUEUE_DEPTH, Request};
 
 use self::health::BackendHealthCache;
@@ -61,10 +62,12 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
             clock,
             call_timeout,
             CreatePolicy::unrestricted(),
+            WatchSettings::default(),
         )
     }
 
-    /// A manager with no VMs that admits creates through `admission` (host paths, limits).
+    /// A manager with no VMs that admits creates through `admission` (host
+    /// paths, limits) and serves watches within `watch`.
     pub fn with_admission(
         hypervisor: Arc<H>,
         store: Arc<S>,
@@ -72,7 +75,10 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
         clock: Arc<dyn Clock>,
         call_timeout: Duration,
         admission: CreatePolicy,
+        watch: WatchSettings,
     ) -> Arc<Self> {
+        // Revisions continue from the store's once recovery has read it.
+        let feed = ChangeFeed::new(0, watch, Arc::clone(&telemetry));
         Arc::new(Self {
             deps: Deps {
                 hypervisor,
@@ -80,6 +86,7 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
                 telemetry,
                 clock,
                 call_timeout,
+                feed,
             },
             registry: Registry::default(),
             health: BackendHealthCache::default(),
@@ -88,6 +95,11 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
             admission,
             descriptors: OnceLock::new(),
         })
+    }
+
+    /// The change feed (WatchVms), for shutdown and tests.
+    pub fn feed(&self) -> &Arc<ChangeFeed> {
+        &self.deps.feed
     }
 
     /// Re-adopts VMs from the store (start-up recovery).
@@ -344,13 +356,31 @@ impl<H: Hypervisor, S: VmStore> VmService for VmManager<H, S> {
 
     async fn list_vms(&self, query: ListQuery) -> Result<VmPage, VmError> {
         self.require_backend().await?;
+        // The revision first, then the views: every change up to it is in them (see feed.rs).
+        let revision = self.deps.feed.revision();
         let views: Vec<_> = self
             .registry
             .views(&query.states)
             .into_iter()
             .filter(|v| v.snapshot.generation > 0)
             .collect();
-        paging::page(&views, &query)
+        paging::page(&views, &query, revision)
+    }
+
+    async fn watch_vms(&self, query: WatchQuery) -> Result<WatchStream, VmError> {
+        self.require_backend().await?;
+        let registry = &self.registry;
+        self.deps
+            .feed
+            .subscribe(query, || {
+                registry
+                    .views(&[])
+                    .into_iter()
+                    .filter(|v| v.snapshot.generation > 0)
+                    .map(|v| Arc::new(v.snapshot.clone()))
+                    .collect()
+            })
+            .await
     }
 }
 

@@ -40,8 +40,9 @@ pub fn decode_token(token: &str) -> Result<VmId, VmError> {
     VmId::parse(&s).map_err(|_| invalid())
 }
 
-/// Cuts the page `query` asks for out of `matching` (ordered by id, already filtered).
-pub fn page(matching: &[Arc<VmView>], query: &ListQuery) -> Result<VmPage, VmError> {
+/// Cuts the page `query` asks for out of `matching` (ordered by id, already
+/// filtered), which reflects every change up to `revision`.
+pub fn page(matching: &[Arc<VmView>], query: &ListQuery, revision: u64) -> Result<VmPage, VmError> {
     let page_size = match query.page_size {
         0 => DEFAULT_PAGE_SIZE,
         n => n.min(MAX_PAGE_SIZE),
@@ -63,6 +64,7 @@ pub fn page(matching: &[Arc<VmView>], query: &ListQuery) -> Result<VmPage, VmErr
         _ => String::new(),
     };
     Ok(VmPage {
+        revision,
         vms,
         next_page_token,
         total_count: u32::try_from(matching.len()).unwrap_or(u32::MAX),
@@ -108,9 +110,11 @@ mod tests {
                     page_size: 3,
                     page_token: token,
                 },
+                42,
             )
             .expect("page");
             assert_eq!(p.total_count, 7);
+            assert_eq!(p.revision, 42);
             assert!(p.vms.len() <= 3);
             seen.extend(p.vms.iter().map(|s| s.id.to_string()));
             if p.next_page_token.is_empty() {

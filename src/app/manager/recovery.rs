@@ -6,12 +6,13 @@
 //! runtime directory belongs to no record are removed or reported.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
 use crate::domain::recovery::{Decision, Live, decide};
-use crate::domain::{Observation, Vm, VmError, VmId, VmSnapshot};
-use crate::ports::{Hypervisor, VmRecord, VmStore, VmmHandle, VmmProcess};
+use crate::domain::{Vm, VmError, VmId, VmSnapshot};
+use crate::ports::{Hypervisor, VmStore, VmmProcess, WatchEventKind};
 
 use crate::app::owner::{Deps, Owner, QUEUE_DEPTH, event_channel, timed_call};
 
@@ -61,6 +62,13 @@ pub async fn recover<H: Hypervisor, S: VmStore>(
         .load_all()
         .await
         .map_err(|e| VmError::Unavailable(e.to_string()))?;
+    // Revisions continue from the highest ever recorded, never backwards.
+    let revision = deps
+        .store
+        .revision()
+        .await
+        .map_err(|e| VmError::Unavailable(e.to_string()))?;
+    deps.feed.resume_after(revision).await;
     let h = &*deps.hypervisor;
     let tel = &*deps.telemetry;
     let t = deps.call_timeout;
@@ -128,9 +136,7 @@ pub async fn recover<H: Hypervisor, S: VmStore>(
                 .await
                 {
                     Ok(()) => {
-                        if let Err(e) = deps.store.remove(&id).await {
-                            tracing::error!(vm.id = %id, error = %e, "could not remove a VM record");
-                        }
+                        forget(deps, rec.snapshot).await;
                         tracing::info!(vm.id = %id, "{what}");
                         done.removed += 1;
                         continue;
@@ -141,7 +147,18 @@ pub async fn recover<H: Hypervisor, S: VmStore>(
                         tracing::error!(vm.id = %id, error = %e, "could not end the VM's VMM; the next start tries again");
                         let state = rec.snapshot.state;
                         let reason = format!("recovery could not end its VMM: {e}");
-                        register(deps, registry, rec.snapshot, None, events, state, reason).await;
+                        let stored = rec.process;
+                        register(
+                            deps,
+                            registry,
+                            rec.snapshot,
+                            stored,
+                            None,
+                            events,
+                            state,
+                            reason,
+                        )
+                        .await;
                         done.without_vmm += 1;
                     }
                 }
@@ -160,6 +177,7 @@ pub async fn recover<H: Hypervisor, S: VmStore>(
                     deps,
                     registry,
                     snap,
+                    rec.process,
                     Some(vmm),
                     events,
                     reported.state,
@@ -184,7 +202,17 @@ pub async fn recover<H: Hypervisor, S: VmStore>(
                         None
                     }
                 };
-                register(deps, registry, rec.snapshot, vmm, events, state, reason).await;
+                register(
+                    deps,
+                    registry,
+                    rec.snapshot,
+                    rec.process,
+                    vmm,
+                    events,
+                    state,
+                    reason,
+                )
+                .await;
                 done.without_vmm += 1;
             }
         }
@@ -212,11 +240,32 @@ pub async fn recover<H: Hypervisor, S: VmStore>(
     Ok(done)
 }
 
+/// Removes the record of a VM whose delete (or create) recovery finished.
+/// A VM clients knew of (generation > 0) is gone: watchers hear of it.
+async fn forget<H: Hypervisor, S: VmStore>(deps: &Deps<H, S>, mut snap: VmSnapshot) {
+    let id = snap.id.clone();
+    if snap.generation == 0 {
+        if let Err(e) = deps.store.remove(&id, deps.feed.revision()).await {
+            tracing::error!(vm.id = %id, error = %e, "could not remove a VM record");
+        }
+        return;
+    }
+    let rec = deps.feed.record().await;
+    snap.revision = rec.revision();
+    if let Err(e) = deps.store.remove(&id, snap.revision).await {
+        tracing::error!(vm.id = %id, error = %e, "could not remove a VM record");
+    }
+    let state = snap.state;
+    rec.commit(WatchEventKind::Deleted, Arc::new(snap), Some(state));
+}
+
 /// Records the recovered state (with the VMM's identity) and starts the VM's owner.
+#[allow(clippy::too_many_arguments)]
 async fn register<H: Hypervisor, S: VmStore>(
     deps: &Deps<H, S>,
     registry: &Registry,
     snap: VmSnapshot,
+    stored: Option<VmmProcess>,
     vmm: Option<H::Vm>,
     events: (
         crate::ports::VmmEventSink,
@@ -226,24 +275,8 @@ async fn register<H: Hypervisor, S: VmStore>(
     reason: String,
 ) {
     let id = snap.id.clone();
-    let mut vm = Vm::restore(snap);
-    vm.handle_observation(
-        Observation::Reported { state, reason },
-        deps.clock.now_unix(),
-    );
-    while vm.poll_event().is_some() {}
-    let process = vmm.as_ref().and_then(VmmHandle::process);
-    if let Err(e) = deps
-        .store
-        .put(&VmRecord {
-            snapshot: vm.snapshot().clone(),
-            process,
-        })
-        .await
-    {
-        tracing::error!(vm.id = %id, error = %e, "could not record a recovered VM");
-    }
-    let (owner, view) = Owner::recovered(vm, vmm, deps.clone(), events);
+    let (mut owner, view) = Owner::recovered(Vm::restore(snap), stored, vmm, deps.clone(), events);
+    owner.settle(state, reason).await;
     let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
     tokio::spawn(owner.run(rx, None));
     registry.insert(id, Entry { tx, view });

@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use opentelemetry::KeyValue;
-use opentelemetry::metrics::{Counter, Histogram, Meter, ObservableCounter, ObservableGauge};
+use opentelemetry::metrics::{
+    Counter, Histogram, Meter, ObservableCounter, ObservableGauge, UpDownCounter,
+};
 
 use crate::domain::{VmEvent, VmState};
 use crate::ports::{BackendKind, TelemetryEvent};
@@ -44,6 +46,9 @@ pub struct VmInstruments {
     vmm_exits: Counter<u64>,
     connections_refused: Counter<u64>,
     connections_timed_out: Counter<u64>,
+    watchers: UpDownCounter<i64>,
+    watch_sent: Counter<u64>,
+    watch_dropped: Counter<u64>,
     counts: VmCounts,
     _vms: ObservableGauge<u64>,
 }
@@ -117,6 +122,23 @@ impl VmInstruments {
                 )
                 .with_unit("{connection}")
                 .build(),
+            watchers: meter
+                .i64_up_down_counter("vmcp.watch.watchers")
+                .with_description("WatchVms streams open")
+                .with_unit("{watcher}")
+                .build(),
+            watch_sent: meter
+                .u64_counter("vmcp.watch.events")
+                .with_description("WatchVms messages sent, by type")
+                .with_unit("{event}")
+                .build(),
+            watch_dropped: meter
+                .u64_counter("vmcp.watch.dropped")
+                .with_description(
+                    "Changes a watcher could not take (its queue was full); the watcher was dropped",
+                )
+                .with_unit("{event}")
+                .build(),
             counts,
             _vms: vms,
         }
@@ -182,6 +204,13 @@ impl VmInstruments {
                 .add(1, &[KeyValue::new("reason", *reason)]),
             TelemetryEvent::ConnectionTimedOut { reason } => self
                 .connections_timed_out
+                .add(1, &[KeyValue::new("reason", *reason)]),
+            TelemetryEvent::WatchersOpen { delta } => self.watchers.add(*delta, &[]),
+            TelemetryEvent::WatchSent { kind } => {
+                self.watch_sent.add(1, &[KeyValue::new("type", *kind)])
+            }
+            TelemetryEvent::WatchDropped { reason } => self
+                .watch_dropped
                 .add(1, &[KeyValue::new("reason", *reason)]),
             TelemetryEvent::VmmExited { backend, reason } => self.vmm_exits.add(
                 1,

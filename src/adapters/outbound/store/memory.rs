@@ -11,6 +11,7 @@ use crate::ports::{StoreError, VmRecord, VmStore};
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     records: Mutex<BTreeMap<VmId, VmRecord>>,
+    revision: std::sync::atomic::AtomicU64,
 }
 
 impl MemoryStore {
@@ -20,8 +21,21 @@ impl MemoryStore {
     }
 }
 
+impl MemoryStore {
+    fn raise(&self, revision: u64) {
+        self.revision
+            .fetch_max(revision, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 impl VmStore for MemoryStore {
     async fn put(&self, record: &VmRecord) -> Result<(), StoreError> {
+        self.raise(record.snapshot.revision);
+        if record.snapshot.deleted {
+            return self
+                .remove(&record.snapshot.id, record.snapshot.revision)
+                .await;
+        }
         self.records
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -29,7 +43,8 @@ impl VmStore for MemoryStore {
         Ok(())
     }
 
-    async fn remove(&self, id: &VmId) -> Result<(), StoreError> {
+    async fn remove(&self, id: &VmId, revision: u64) -> Result<(), StoreError> {
+        self.raise(revision);
         self.records
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -45,5 +60,9 @@ impl VmStore for MemoryStore {
             .values()
             .cloned()
             .collect())
+    }
+
+    async fn revision(&self) -> Result<u64, StoreError> {
+        Ok(self.revision.load(std::sync::atomic::Ordering::Acquire))
     }
 }

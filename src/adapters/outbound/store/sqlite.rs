@@ -48,7 +48,7 @@ const MAX_CHECK_LINES: i64 = 10;
 type Migration = fn(&Connection) -> rusqlite::Result<()>;
 
 /// Every migration in order; the schema version is their count.
-const MIGRATIONS: &[Migration] = &[migrate_to_v1];
+const MIGRATIONS: &[Migration] = &[migrate_to_v1, migrate_to_v2];
 
 /// Version 1: one row per VM. Columns for what recovery and listing look at,
 /// the config as JSON. `STRICT` makes SQLite enforce the column types; the
@@ -72,6 +72,30 @@ fn migrate_to_v1(conn: &Connection) -> rusqlite::Result<()> {
         ) STRICT;",
     )?;
     conn.pragma_update(None, "application_id", APPLICATION_ID)
+}
+
+/// Version 2: host-wide revisions (WatchVms). Each record keeps the revision
+/// of its VM's last recorded change; `meta` keeps the highest revision ever
+/// recorded, deletes included, so revisions never go backwards after a
+/// restart even when the newest VM is gone. Records written by version 1
+/// read as revision 0.
+fn migrate_to_v2(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(
+        "ALTER TABLE vms ADD COLUMN revision INTEGER NOT NULL DEFAULT 0 CHECK (revision >= 0);
+         CREATE TABLE meta (
+            key   TEXT    NOT NULL PRIMARY KEY,
+            value INTEGER NOT NULL
+         ) STRICT;
+         INSERT INTO meta (key, value) VALUES ('revision', 0);",
+    )
+}
+
+/// Raises the stored high-water revision to `revision` (never lowers it).
+fn raise_revision(tx: &Connection, revision: u64) -> rusqlite::Result<()> {
+    let revision = i64::try_from(revision).unwrap_or(i64::MAX);
+    tx.prepare_cached("UPDATE meta SET value = max(value, ?1) WHERE key = 'revision'")?
+        .execute([revision])
+        .map(drop)
 }
 
 /// Why the store could not be opened. Every variant names the path.
@@ -253,15 +277,19 @@ impl VmStore for SqliteStore {
     /// completed, and storing it would bring it back at the next start.
     async fn put(&self, record: &VmRecord) -> Result<(), StoreError> {
         if record.snapshot.deleted {
-            return self.remove(&record.snapshot.id).await;
+            return self
+                .remove(&record.snapshot.id, record.snapshot.revision)
+                .await;
         }
         let row = Row::encode(record)?;
+        let record_revision = record.snapshot.revision;
         self.blocking(move |conn, path| {
             write(conn, |tx| {
                 tx.prepare_cached(
                     "INSERT INTO vms (id, config, desired, state, reason, generation,
-                                      created_at, modified_at, vmm_pid, vmm_start_time, socket_path)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                                      created_at, modified_at, vmm_pid, vmm_start_time, socket_path,
+                                      revision)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
                      ON CONFLICT (id) DO UPDATE SET
                         config = excluded.config,
                         desired = excluded.desired,
@@ -272,7 +300,8 @@ impl VmStore for SqliteStore {
                         modified_at = excluded.modified_at,
                         vmm_pid = excluded.vmm_pid,
                         vmm_start_time = excluded.vmm_start_time,
-                        socket_path = excluded.socket_path",
+                        socket_path = excluded.socket_path,
+                        revision = excluded.revision",
                 )?
                 .execute(params![
                     row.id,
@@ -286,21 +315,22 @@ impl VmStore for SqliteStore {
                     row.vmm_pid,
                     row.vmm_start_time,
                     row.socket_path,
-                ])
-                .map(drop)
+                    row.revision,
+                ])?;
+                raise_revision(tx, record_revision)
             })
             .map_err(|e| write_error(path, "write", &row.id, &e))
         })
         .await
     }
 
-    async fn remove(&self, id: &VmId) -> Result<(), StoreError> {
+    async fn remove(&self, id: &VmId, revision: u64) -> Result<(), StoreError> {
         let id = id.as_str().to_owned();
         self.blocking(move |conn, path| {
             write(conn, |tx| {
                 tx.prepare_cached("DELETE FROM vms WHERE id = ?1")?
-                    .execute([&id])
-                    .map(drop)
+                    .execute([&id])?;
+                raise_revision(tx, revision)
             })
             .map_err(|e| write_error(path, "remove", &id, &e))
         })
@@ -313,7 +343,7 @@ impl VmStore for SqliteStore {
             let mut stmt = conn
                 .prepare_cached(
                     "SELECT id, config, desired, state, reason, generation, created_at,
-                            modified_at, vmm_pid, vmm_start_time, socket_path
+                            modified_at, vmm_pid, vmm_start_time, socket_path, revision
                      FROM vms ORDER BY id",
                 )
                 .map_err(read_err)?;
@@ -323,6 +353,22 @@ impl VmStore for SqliteStore {
                 records.push(Row::read(r, path)?.decode(path)?);
             }
             Ok(records)
+        })
+        .await
+    }
+
+    async fn revision(&self) -> Result<u64, StoreError> {
+        self.blocking(|conn, path| {
+            let value: i64 = conn
+                .prepare_cached(
+                    "SELECT max((SELECT value FROM meta WHERE key = 'revision'),
+                                (SELECT coalesce(max(revision), 0) FROM vms))",
+                )
+                .and_then(|mut stmt| stmt.query_row([], |r| r.get(0)))
+                .map_err(|e| read_error(path, &e))?;
+            u64::try_from(value).map_err(|_| {
+                StoreError::Corrupt(format!("{}: negative revision {value}", path.display()))
+            })
         })
         .await
     }
@@ -541,6 +587,7 @@ struct Row {
     vmm_pid: Option<i64>,
     vmm_start_time: Option<i64>,
     socket_path: Option<String>,
+    revision: i64,
 }
 
 impl Row {
@@ -556,6 +603,7 @@ impl Row {
             desired,
             // Deleted snapshots never reach here (see `put`).
             deleted: _,
+            revision,
         } = &record.snapshot;
         let unstorable = |what: &str| {
             StoreError::Unavailable(format!("cannot store VM {id}: {what} does not fit"))
@@ -586,6 +634,7 @@ impl Row {
             vmm_pid,
             vmm_start_time,
             socket_path,
+            revision: i64::try_from(*revision).map_err(|_| unstorable("revision"))?,
         })
     }
 
@@ -610,6 +659,7 @@ impl Row {
             vmm_pid: r.get(8).map_err(bad)?,
             vmm_start_time: r.get(9).map_err(bad)?,
             socket_path: r.get(10).map_err(bad)?,
+            revision: r.get(11).map_err(bad)?,
             id,
         })
     }
@@ -627,6 +677,7 @@ impl Row {
             vmm_pid,
             vmm_start_time,
             socket_path,
+            revision,
         } = self;
         let bad = |what: String| {
             StoreError::Corrupt(format!("{}: record {id:?}: {what}", path.display()))
@@ -639,6 +690,8 @@ impl Row {
         let state = parse_state(&state).ok_or_else(|| bad(format!("unknown state {state:?}")))?;
         let generation = u64::try_from(generation)
             .map_err(|_| bad(format!("negative generation {generation}")))?;
+        let revision =
+            u64::try_from(revision).map_err(|_| bad(format!("negative revision {revision}")))?;
         let process = match (vmm_pid, vmm_start_time, socket_path) {
             (None, None, None) => None,
             (Some(pid), Some(start_time), Some(socket_path)) => Some(VmmProcess {
@@ -660,6 +713,7 @@ impl Row {
                 modified_at,
                 desired,
                 deleted: false,
+                revision,
             },
             process,
         })
@@ -798,6 +852,7 @@ mod tests {
                 modified_at: 1_700_000_123,
                 desired: Desired::Paused,
                 deleted: false,
+                revision: 41,
             },
             process: Some(VmmProcess {
                 pid: 4_000_000_000,
@@ -892,10 +947,10 @@ mod tests {
         store.put(&record("vm-1")).await.expect("put");
         store.put(&record("vm-2")).await.expect("put");
         let id = VmId::parse("vm-1").expect("id");
-        store.remove(&id).await.expect("remove");
-        store.remove(&id).await.expect("remove again");
+        store.remove(&id, 0).await.expect("remove");
+        store.remove(&id, 0).await.expect("remove again");
         store
-            .remove(&VmId::parse("never-stored").expect("id"))
+            .remove(&VmId::parse("never-stored").expect("id"), 0)
             .await
             .expect("remove unknown");
         assert_eq!(ids(&store.load_all().await.expect("load")), ["vm-2"]);
@@ -910,6 +965,67 @@ mod tests {
         rec.snapshot.deleted = true;
         store.put(&rec).await.expect("put deleted");
         assert_eq!(store.load_all().await.expect("load"), vec![]);
+    }
+
+    #[tokio::test]
+    async fn the_revision_is_the_highest_ever_recorded_and_survives_removal_and_reopening() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path());
+        assert_eq!(store.revision().await.expect("revision"), 0);
+        let mut a = record("vm-a");
+        a.snapshot.revision = 3;
+        let mut b = record("vm-b");
+        b.snapshot.revision = 9;
+        store.put(&a).await.expect("put a");
+        store.put(&b).await.expect("put b");
+        assert_eq!(store.revision().await.expect("revision"), 9);
+        let loaded = store.load_all().await.expect("load");
+        assert_eq!(
+            loaded
+                .iter()
+                .map(|r| r.snapshot.revision)
+                .collect::<Vec<_>>(),
+            [3, 9]
+        );
+        // The newest VM goes: its delete's revision is the high-water mark.
+        store.remove(&b.snapshot.id, 12).await.expect("remove b");
+        // A lower revision never lowers it.
+        store.remove(&a.snapshot.id, 4).await.expect("remove a");
+        drop(store);
+        let store = open(dir.path());
+        assert!(store.load_all().await.expect("load").is_empty());
+        assert_eq!(store.revision().await.expect("revision"), 12);
+    }
+
+    #[test]
+    fn a_version_1_store_migrates_and_its_records_read_as_revision_0() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("vmcp.db");
+        {
+            let conn = Connection::open(&path).expect("open");
+            migrate_to_v1(&conn).expect("v1 schema");
+            conn.pragma_update(None, "user_version", 1)
+                .expect("version");
+            conn.execute(
+                "INSERT INTO vms (id, config, desired, state, reason, generation, created_at, modified_at)
+                 VALUES ('old', ?1, 'running', 'running', '', 4, 1, 2)",
+                [config_json::encode(&full_config()).expect("config")],
+            )
+            .expect("insert a v1 row");
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let store = open(dir.path());
+        let records = rt.block_on(store.load_all()).expect("load");
+        assert_eq!(ids(&records), ["old"]);
+        assert_eq!(records[0].snapshot.revision, 0);
+        assert_eq!(records[0].snapshot.generation, 4);
+        assert_eq!(rt.block_on(store.revision()).expect("revision"), 0);
+        let mut rec = records[0].clone();
+        rec.snapshot.revision = 5;
+        rt.block_on(store.put(&rec)).expect("put");
+        assert_eq!(rt.block_on(store.revision()).expect("revision"), 5);
     }
 
     #[tokio::test]
@@ -942,7 +1058,7 @@ mod tests {
         for r in &recs {
             store.put(r).await.expect("put");
         }
-        store.remove(&recs[0].snapshot.id).await.expect("remove");
+        store.remove(&recs[0].snapshot.id, 0).await.expect("remove");
         drop(store);
         let store = open(dir.path());
         assert_eq!(store.load_all().await.expect("load"), recs[1..]);
@@ -993,7 +1109,7 @@ mod tests {
             (version, app, journal.as_str()),
             (SCHEMA_VERSION, APPLICATION_ID, "wal")
         );
-        assert_eq!(SCHEMA_VERSION, 1);
+        assert_eq!(SCHEMA_VERSION, 2);
     }
 
     #[test]
@@ -1541,6 +1657,8 @@ mod tests {
                             modified_at: modified,
                             desired,
                             deleted: false,
+                            // Revisions are stored like generations (non-negative i64).
+                            revision: generation.unsigned_abs() / 2,
                         },
                         process: process.map(|(pid, start, socket)| VmmProcess {
                             pid,
@@ -1583,7 +1701,7 @@ mod tests {
                             model.insert(rec.snapshot.id.clone(), *rec);
                         }
                         Op::Remove(id) => {
-                            store.remove(&id).await.expect("remove");
+                            store.remove(&id, 0).await.expect("remove");
                             model.remove(&id);
                         }
                     }

@@ -1,0 +1,866 @@
+//! The host's change feed: every recorded change of a VM gets the next
+//! host-wide revision, goes into a bounded history, and fans out to the
+//! watchers whose filter it matches.
+//!
+//! Ordering is the feed's whole job. An owner records a change while it
+//! holds the feed ([`ChangeFeed::record`]): it takes the next revision,
+//! writes the record with it, publishes its view, then commits the change.
+//! So revisions reach the store, the readers and the watchers in one order,
+//! and a reader that sees revision `r` ([`ChangeFeed::revision`]) already
+//! sees every view up to `r` (ListVms reads the revision first, then the
+//! views: a list may hold changes newer than its revision, which a watch
+//! from that revision replays; clients apply changes as upserts by
+//! revision, so a replay is harmless, and nothing is ever skipped).
+//!
+//! A watcher is a bounded queue. A commit never waits for a watcher: a
+//! watcher whose queue is full is dropped from the feed, and its stream,
+//! after yielding what it had, ends with `resource_exhausted` naming the
+//! revision to resume from. History is in memory: after a restart it starts
+//! empty at the store's revision, so a client that saw everything resumes
+//! seamlessly, and one that did not is told to list again.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{Mutex, MutexGuard, mpsc};
+
+use crate::domain::{VmError, VmId, VmSnapshot, VmState};
+use crate::ports::{
+    Telemetry, TelemetryEvent, WatchEvent, WatchEventKind, WatchQuery, WatchStream,
+};
+
+/// Watch limits and timing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WatchSettings {
+    /// Changes kept for resuming (`UNKEY_VMCP_WATCH_HISTORY`).
+    pub history: usize,
+    /// Changes queued per watcher before it is dropped (`UNKEY_VMCP_WATCH_BUFFER`).
+    pub buffer: usize,
+    /// Watchers open at once (`UNKEY_VMCP_MAX_WATCHERS`).
+    pub max_watchers: usize,
+    /// Interval of heartbeats on a quiet stream (`UNKEY_VMCP_WATCH_HEARTBEAT_SECONDS`).
+    pub heartbeat: Duration,
+}
+
+impl Default for WatchSettings {
+    fn default() -> Self {
+        Self {
+            history: 4096,
+            buffer: 1024,
+            max_watchers: 1024,
+            heartbeat: Duration::from_secs(15),
+        }
+    }
+}
+
+/// One recorded change.
+#[derive(Debug)]
+pub struct Change {
+    /// Its host-wide revision.
+    pub revision: u64,
+    /// Added, changed or deleted.
+    pub kind: WatchEventKind,
+    /// The VM after the change (as it was last, for a delete).
+    pub vm: Arc<VmSnapshot>,
+    /// The VM's state before the change (None for an add).
+    pub before: Option<VmState>,
+}
+
+/// Which changes a watcher wants.
+#[derive(Debug, Clone, Default)]
+struct Filter {
+    ids: BTreeSet<VmId>,
+    states: Vec<VmState>,
+}
+
+impl Filter {
+    fn of(query: &WatchQuery) -> Self {
+        Self {
+            ids: query.vm_ids.iter().cloned().collect(),
+            states: query.states.clone(),
+        }
+    }
+
+    fn wants_vm(&self, id: &VmId) -> bool {
+        self.ids.is_empty() || self.ids.contains(id)
+    }
+
+    fn wants_state(&self, state: VmState) -> bool {
+        self.states.is_empty() || self.states.contains(&state)
+    }
+
+    /// A change into or out of a wanted state is sent, so that a client
+    /// that mirrors "the VMs in these states" sees a VM leave.
+    fn matches(&self, change: &Change) -> bool {
+        self.wants_vm(&change.vm.id)
+            && (self.wants_state(change.vm.state)
+                || change.before.is_some_and(|s| self.wants_state(s)))
+    }
+}
+
+struct Subscriber {
+    tx: mpsc::Sender<Arc<Change>>,
+    filter: Filter,
+    overflowed: Arc<AtomicBool>,
+}
+
+struct Inner {
+    /// The revision of the last committed change.
+    revision: u64,
+    /// A resume from any revision at or after this one is complete.
+    floor: u64,
+    history: VecDeque<Arc<Change>>,
+    subscribers: Vec<Subscriber>,
+    closed: bool,
+}
+
+/// The change feed (one per VMCP).
+pub struct ChangeFeed {
+    inner: Mutex<Inner>,
+    /// The revision of the last committed change, for lock-free reads.
+    published: AtomicU64,
+    watchers: AtomicUsize,
+    closed: AtomicBool,
+    settings: WatchSettings,
+    telemetry: Arc<dyn Telemetry>,
+}
+
+impl std::fmt::Debug for ChangeFeed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChangeFeed")
+            .field("revision", &self.revision())
+            .field("watchers", &self.watchers())
+            .field("settings", &self.settings)
+            .finish()
+    }
+}
+
+/// A change being recorded: holds the feed, so revisions are taken,
+/// stored, published and committed in one order.
+pub struct Recording<'a> {
+    feed: &'a ChangeFeed,
+    inner: MutexGuard<'a, Inner>,
+}
+
+impl Recording<'_> {
+    /// The revision the change gets.
+    pub fn revision(&self) -> u64 {
+        self.inner.revision + 1
+    }
+
+    /// Commits the change: into the history and every matching watcher's
+    /// queue. A watcher whose queue is full is dropped, never waited for.
+    pub fn commit(mut self, kind: WatchEventKind, vm: Arc<VmSnapshot>, before: Option<VmState>) {
+        let revision = self.revision();
+        let change = Arc::new(Change {
+            revision,
+            kind,
+            vm,
+            before,
+        });
+        let inner = &mut *self.inner;
+        inner.revision = revision;
+        inner.history.push_back(Arc::clone(&change));
+        while inner.history.len() > self.feed.settings.history.max(1) {
+            if let Some(old) = inner.history.pop_front() {
+                inner.floor = old.revision;
+            }
+        }
+        let telemetry = &*self.feed.telemetry;
+        inner.subscribers.retain(|s| {
+            if !s.filter.matches(&change) {
+                return !s.tx.is_closed();
+            }
+            match s.tx.try_send(Arc::clone(&change)) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    s.overflowed.store(true, Ordering::Release);
+                    telemetry.record(TelemetryEvent::WatchDropped { reason: "overflow" });
+                    false
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            }
+        });
+        // After the sends: a reader that sees this revision finds the change queued.
+        self.feed.published.store(revision, Ordering::Release);
+    }
+}
+
+impl ChangeFeed {
+    /// A feed that continues after `revision` (the store's highest).
+    pub fn new(revision: u64, settings: WatchSettings, telemetry: Arc<dyn Telemetry>) -> Arc<Self> {
+        Arc::new(Self {
+            inner: Mutex::new(Inner {
+                revision,
+                floor: revision,
+                history: VecDeque::new(),
+                subscribers: Vec::new(),
+                closed: false,
+            }),
+            published: AtomicU64::new(revision),
+            watchers: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
+            settings,
+            telemetry,
+        })
+    }
+
+    /// Continues after `revision` when it is newer than the feed's (the
+    /// store is read after the feed is built, before any change).
+    pub async fn resume_after(&self, revision: u64) {
+        let mut inner = self.inner.lock().await;
+        if revision > inner.revision && inner.history.is_empty() {
+            inner.revision = revision;
+            inner.floor = revision;
+            self.published.store(revision, Ordering::Release);
+        }
+    }
+
+    /// The revision of the last committed change.
+    pub fn revision(&self) -> u64 {
+        self.published.load(Ordering::Acquire)
+    }
+
+    /// Watchers open now.
+    pub fn watchers(&self) -> usize {
+        self.watchers.load(Ordering::Acquire)
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> WatchSettings {
+        self.settings
+    }
+
+    /// Starts recording a change (waits while another is recorded).
+    pub async fn record(&self) -> Recording<'_> {
+        Recording {
+            feed: self,
+            inner: self.inner.lock().await,
+        }
+    }
+
+    /// Ends every stream (server shutdown): each ends, after what it had
+    /// queued, with `unavailable` naming the revision to resume from; new
+    /// watches are refused.
+    pub async fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        let mut inner = self.inner.lock().await;
+        inner.closed = true;
+        inner.subscribers.clear();
+    }
+
+    /// Opens a watch. `current` lists the VMs as they are (called with the
+    /// feed held, so it is exact at the synced revision) for `send_initial`.
+    pub async fn subscribe(
+        self: &Arc<Self>,
+        query: WatchQuery,
+        current: impl FnOnce() -> Vec<Arc<VmSnapshot>>,
+    ) -> Result<WatchStream, VmError> {
+        if query.send_initial && query.since_revision.is_some() {
+            return Err(VmError::InvalidArgument(crate::domain::VmConfigError::new(
+                "since_revision",
+                "cannot be combined with send_initial (the initial list replaces a resume)",
+            )));
+        }
+        let slot = WatcherSlot::take(self)?;
+        let filter = Filter::of(&query);
+        let mut inner = self.inner.lock().await;
+        if inner.closed {
+            return Err(VmError::Unavailable(
+                "VMCP is shutting down; watch again when it is back".into(),
+            ));
+        }
+        let mut first = VecDeque::new();
+        if let Some(since) = query.since_revision {
+            if since < inner.floor || since > inner.revision {
+                let why = if since > inner.revision {
+                    "is newer than this host's revision"
+                } else {
+                    "is older than the history this VMCP keeps"
+                };
+                return Err(VmError::OutOfRange(format!(
+                    "since_revision {since} {why} (resumable: {} to {}); list the VMs again and watch from the list's revision",
+                    inner.floor, inner.revision
+                )));
+            }
+            first.extend(
+                inner
+                    .history
+                    .iter()
+                    .filter(|c| c.revision > since && filter.matches(c))
+                    .map(|c| event_of(c)),
+            );
+        } else if query.send_initial {
+            first.extend(
+                current()
+                    .into_iter()
+                    .filter(|vm| filter.wants_vm(&vm.id) && filter.wants_state(vm.state))
+                    .map(|vm| WatchEvent {
+                        kind: WatchEventKind::Added,
+                        revision: vm.revision,
+                        vm: Some(vm),
+                    }),
+            );
+        }
+        first.push_back(WatchEvent {
+            kind: WatchEventKind::Synced,
+            vm: None,
+            revision: inner.revision,
+        });
+        let (tx, rx) = mpsc::channel(self.settings.buffer.max(1));
+        let overflowed = Arc::new(AtomicBool::new(false));
+        inner.subscribers.push(Subscriber {
+            tx,
+            filter,
+            overflowed: Arc::clone(&overflowed),
+        });
+        let last = inner.revision;
+        drop(inner);
+        let stream = Subscription {
+            feed: Arc::clone(self),
+            first,
+            rx,
+            overflowed,
+            last,
+            ended: false,
+            _slot: slot,
+        };
+        Ok(Box::pin(futures_util::stream::unfold(
+            stream,
+            |mut s| async move {
+                let item = s.next().await?;
+                Some((item, s))
+            },
+        )))
+    }
+}
+
+fn event_of(change: &Change) -> WatchEvent {
+    WatchEvent {
+        kind: change.kind,
+        vm: Some(Arc::clone(&change.vm)),
+        revision: change.revision,
+    }
+}
+
+/// One open watcher, counted while it lives.
+struct WatcherSlot {
+    feed: Arc<ChangeFeed>,
+}
+
+impl WatcherSlot {
+    fn take(feed: &Arc<ChangeFeed>) -> Result<Self, VmError> {
+        let max = feed.settings.max_watchers;
+        feed.watchers
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .map_err(|_| {
+                VmError::ResourceExhausted(format!(
+                    "{max} watchers are open (UNKEY_VMCP_MAX_WATCHERS); close one or retry later"
+                ))
+            })?;
+        feed.telemetry
+            .record(TelemetryEvent::WatchersOpen { delta: 1 });
+        Ok(Self {
+            feed: Arc::clone(feed),
+        })
+    }
+}
+
+impl Drop for WatcherSlot {
+    fn drop(&mut self) {
+        self.feed.watchers.fetch_sub(1, Ordering::AcqRel);
+        self.feed
+            .telemetry
+            .record(TelemetryEvent::WatchersOpen { delta: -1 });
+    }
+}
+
+struct Subscription {
+    feed: Arc<ChangeFeed>,
+    /// Replayed or initial events, then the synced marker.
+    first: VecDeque<WatchEvent>,
+    rx: mpsc::Receiver<Arc<Change>>,
+    overflowed: Arc<AtomicBool>,
+    /// The revision a client has everything up to, after what was yielded.
+    last: u64,
+    ended: bool,
+    _slot: WatcherSlot,
+}
+
+impl Subscription {
+    async fn next(&mut self) -> Option<Result<WatchEvent, VmError>> {
+        let event = self.next_event().await?;
+        if let Ok(e) = &event {
+            self.last = self.last.max(e.revision);
+            self.feed.telemetry.record(TelemetryEvent::WatchSent {
+                kind: e.kind.as_str(),
+            });
+        }
+        Some(event)
+    }
+
+    async fn next_event(&mut self) -> Option<Result<WatchEvent, VmError>> {
+        if let Some(e) = self.first.pop_front() {
+            return Some(Ok(e));
+        }
+        if self.ended {
+            return None;
+        }
+        let heartbeat = self.feed.settings.heartbeat;
+        tokio::select! {
+            biased;
+            change = self.rx.recv() => match change {
+                Some(c) => Some(Ok(event_of(&c))),
+                None => {
+                    self.ended = true;
+                    Some(Err(self.why_ended()))
+                }
+            },
+            () = tokio::time::sleep(heartbeat) => {
+                // The revision first, then the queue: a change up to that
+                // revision is already queued, so it is sent before any
+                // heartbeat that claims it.
+                let revision = self.feed.revision();
+                match self.rx.try_recv() {
+                    Ok(c) => Some(Ok(event_of(&c))),
+                    Err(_) => Some(Ok(WatchEvent {
+                        kind: WatchEventKind::Heartbeat,
+                        vm: None,
+                        revision: revision.max(self.last),
+                    })),
+                }
+            }
+        }
+    }
+
+    fn why_ended(&self) -> VmError {
+        if self.overflowed.load(Ordering::Acquire) {
+            VmError::ResourceExhausted(format!(
+                "this watcher fell more than {} changes behind and was dropped; watch again with since_revision={}",
+                self.feed.settings.buffer, self.last
+            ))
+        } else {
+            VmError::Unavailable(format!(
+                "VMCP is shutting down; watch again with since_revision={} when it is back",
+                self.last
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::config::tests::valid;
+    use crate::domain::{Desired, VmConfig};
+    use crate::ports::NoopTelemetry;
+    use futures_util::StreamExt;
+    use proptest::prelude::*;
+
+    fn vm(id: &str, state: VmState, generation: u64) -> VmSnapshot {
+        VmSnapshot {
+            id: VmId::parse(id).expect("id"),
+            config: VmConfig { ..valid() },
+            state,
+            reason: String::new(),
+            generation,
+            created_at: 1,
+            modified_at: 1,
+            desired: Desired::Created,
+            deleted: false,
+            revision: 0,
+        }
+    }
+
+    fn settings(history: usize, buffer: usize) -> WatchSettings {
+        WatchSettings {
+            history,
+            buffer,
+            max_watchers: 4,
+            heartbeat: Duration::from_secs(3600),
+        }
+    }
+
+    async fn change(
+        feed: &ChangeFeed,
+        kind: WatchEventKind,
+        id: &str,
+        before: Option<VmState>,
+        state: VmState,
+    ) -> u64 {
+        let rec = feed.record().await;
+        let revision = rec.revision();
+        let mut snap = vm(id, state, revision);
+        snap.revision = revision;
+        rec.commit(kind, Arc::new(snap), before);
+        revision
+    }
+
+    async fn take(
+        stream: &mut WatchStream,
+        n: usize,
+    ) -> Vec<(WatchEventKind, Option<String>, u64)> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let e = stream
+                .next()
+                .await
+                .expect("an event")
+                .expect("not an error");
+            out.push((e.kind, e.vm.map(|v| v.id.to_string()), e.revision));
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn revisions_continue_after_the_store_and_a_resume_replays_what_followed() {
+        let feed = ChangeFeed::new(10, settings(8, 8), Arc::new(NoopTelemetry));
+        assert_eq!(
+            change(&feed, WatchEventKind::Added, "a", None, VmState::Created).await,
+            11
+        );
+        assert_eq!(
+            change(
+                &feed,
+                WatchEventKind::Changed,
+                "a",
+                Some(VmState::Created),
+                VmState::Running
+            )
+            .await,
+            12
+        );
+        let q = WatchQuery {
+            since_revision: Some(11),
+            ..Default::default()
+        };
+        let mut s = feed.subscribe(q, Vec::new).await.expect("watch");
+        assert_eq!(
+            take(&mut s, 2).await,
+            [
+                (WatchEventKind::Changed, Some("a".into()), 12),
+                (WatchEventKind::Synced, None, 12)
+            ]
+        );
+        change(
+            &feed,
+            WatchEventKind::Deleted,
+            "a",
+            Some(VmState::Running),
+            VmState::Running,
+        )
+        .await;
+        assert_eq!(
+            take(&mut s, 1).await,
+            [(WatchEventKind::Deleted, Some("a".into()), 13)]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_revision_older_than_the_history_or_newer_than_the_host_is_out_of_range() {
+        let feed = ChangeFeed::new(0, settings(2, 8), Arc::new(NoopTelemetry));
+        for id in ["a", "b", "c", "d"] {
+            change(&feed, WatchEventKind::Added, id, None, VmState::Created).await;
+        }
+        // History holds 3 and 4: resuming after 2 is complete, after 1 is not.
+        let at = |since| WatchQuery {
+            since_revision: Some(since),
+            ..Default::default()
+        };
+        let mut s = feed
+            .subscribe(at(2), Vec::new)
+            .await
+            .expect("resume at the floor");
+        assert_eq!(
+            take(&mut s, 3)
+                .await
+                .iter()
+                .map(|e| e.2)
+                .collect::<Vec<_>>(),
+            [3, 4, 4]
+        );
+        for since in [1, 5] {
+            match feed.subscribe(at(since), Vec::new).await {
+                Err(VmError::OutOfRange(m)) => {
+                    assert!(m.contains(&format!("since_revision {since}")), "{m}");
+                    assert!(m.contains("list"), "{m}");
+                }
+                Err(e) => panic!("since {since}: {e}"),
+                Ok(_) => panic!("since {since} accepted"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn send_initial_lists_matching_vms_then_syncs_and_refuses_a_resume_with_it() {
+        let feed = ChangeFeed::new(5, settings(8, 8), Arc::new(NoopTelemetry));
+        let mut a = vm("a", VmState::Running, 3);
+        a.revision = 4;
+        let b = vm("b", VmState::Shutdown, 1);
+        let current = vec![Arc::new(a), Arc::new(b)];
+        let q = WatchQuery {
+            states: vec![VmState::Running],
+            send_initial: true,
+            ..Default::default()
+        };
+        let mut s = feed.subscribe(q, || current.clone()).await.expect("watch");
+        assert_eq!(
+            take(&mut s, 2).await,
+            [
+                (WatchEventKind::Added, Some("a".into()), 4),
+                (WatchEventKind::Synced, None, 5)
+            ]
+        );
+        let both = WatchQuery {
+            send_initial: true,
+            since_revision: Some(5),
+            ..Default::default()
+        };
+        assert!(matches!(
+            feed.subscribe(both, Vec::new).await,
+            Err(VmError::InvalidArgument(e)) if e.to_string().contains("since_revision")
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_state_filter_sends_changes_into_and_out_of_its_states_only() {
+        let feed = ChangeFeed::new(0, settings(8, 8), Arc::new(NoopTelemetry));
+        let q = WatchQuery {
+            states: vec![VmState::Running],
+            vm_ids: vec![VmId::parse("a").expect("id")],
+            ..Default::default()
+        };
+        let mut s = feed.subscribe(q, Vec::new).await.expect("watch");
+        assert_eq!(take(&mut s, 1).await[0].0, WatchEventKind::Synced);
+        change(&feed, WatchEventKind::Added, "a", None, VmState::Created).await; // 1: not wanted
+        change(
+            &feed,
+            WatchEventKind::Changed,
+            "b",
+            Some(VmState::Created),
+            VmState::Running,
+        )
+        .await; // 2: other VM
+        change(
+            &feed,
+            WatchEventKind::Changed,
+            "a",
+            Some(VmState::Created),
+            VmState::Running,
+        )
+        .await; // 3: into
+        change(
+            &feed,
+            WatchEventKind::Changed,
+            "a",
+            Some(VmState::Running),
+            VmState::Paused,
+        )
+        .await; // 4: out of
+        change(
+            &feed,
+            WatchEventKind::Changed,
+            "a",
+            Some(VmState::Paused),
+            VmState::Shutdown,
+        )
+        .await; // 5: neither
+        change(
+            &feed,
+            WatchEventKind::Deleted,
+            "a",
+            Some(VmState::Shutdown),
+            VmState::Shutdown,
+        )
+        .await; // 6
+        change(&feed, WatchEventKind::Added, "a", None, VmState::Running).await; // 7: into
+        assert_eq!(
+            take(&mut s, 3)
+                .await
+                .iter()
+                .map(|e| e.2)
+                .collect::<Vec<_>>(),
+            [3, 4, 7]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_full_watcher_is_dropped_without_blocking_and_told_where_to_resume() {
+        let feed = ChangeFeed::new(0, settings(64, 2), Arc::new(NoopTelemetry));
+        let mut slow = feed
+            .subscribe(WatchQuery::default(), Vec::new)
+            .await
+            .expect("watch");
+        let mut fast = feed
+            .subscribe(WatchQuery::default(), Vec::new)
+            .await
+            .expect("watch");
+        assert_eq!(take(&mut slow, 1).await[0].0, WatchEventKind::Synced);
+        assert_eq!(take(&mut fast, 1).await[0].0, WatchEventKind::Synced);
+        for i in 0..5 {
+            change(
+                &feed,
+                WatchEventKind::Added,
+                &format!("vm{i}"),
+                None,
+                VmState::Created,
+            )
+            .await;
+            // The fast watcher keeps up; the slow one reads nothing.
+            assert_eq!(take(&mut fast, 1).await[0].2, i + 1);
+        }
+        // The slow one gets what fitted (1, 2), then the error naming revision 2.
+        assert_eq!(
+            take(&mut slow, 2)
+                .await
+                .iter()
+                .map(|e| e.2)
+                .collect::<Vec<_>>(),
+            [1, 2]
+        );
+        match slow.next().await {
+            Some(Err(VmError::ResourceExhausted(m))) => {
+                assert!(m.contains("since_revision=2"), "{m}")
+            }
+            other => panic!("expected resource_exhausted, got {other:?}"),
+        }
+        assert!(
+            slow.next().await.is_none(),
+            "the stream ends after its error"
+        );
+        // Resuming from there replays the rest.
+        let q = WatchQuery {
+            since_revision: Some(2),
+            ..Default::default()
+        };
+        let mut again = feed.subscribe(q, Vec::new).await.expect("resume");
+        assert_eq!(
+            take(&mut again, 4)
+                .await
+                .iter()
+                .map(|e| e.2)
+                .collect::<Vec<_>>(),
+            [3, 4, 5, 5]
+        );
+    }
+
+    #[tokio::test]
+    async fn watchers_are_limited_and_counted_until_their_stream_is_dropped() {
+        let feed = ChangeFeed::new(0, settings(8, 8), Arc::new(NoopTelemetry));
+        let mut open = Vec::new();
+        for _ in 0..4 {
+            open.push(
+                feed.subscribe(WatchQuery::default(), Vec::new)
+                    .await
+                    .expect("watch"),
+            );
+        }
+        assert_eq!(feed.watchers(), 4);
+        assert!(matches!(
+            feed.subscribe(WatchQuery::default(), Vec::new).await,
+            Err(VmError::ResourceExhausted(m)) if m.contains("UNKEY_VMCP_MAX_WATCHERS")
+        ));
+        open.pop();
+        assert_eq!(feed.watchers(), 3);
+        let _again = feed
+            .subscribe(WatchQuery::default(), Vec::new)
+            .await
+            .expect("a slot is free again");
+    }
+
+    #[tokio::test]
+    async fn close_ends_every_stream_with_unavailable_and_refuses_new_ones() {
+        let feed = ChangeFeed::new(0, settings(8, 8), Arc::new(NoopTelemetry));
+        let mut s = feed
+            .subscribe(WatchQuery::default(), Vec::new)
+            .await
+            .expect("watch");
+        change(&feed, WatchEventKind::Added, "a", None, VmState::Created).await;
+        feed.close().await;
+        assert_eq!(
+            take(&mut s, 2)
+                .await
+                .iter()
+                .map(|e| e.2)
+                .collect::<Vec<_>>(),
+            [0, 1]
+        );
+        match s.next().await {
+            Some(Err(VmError::Unavailable(m))) => assert!(m.contains("since_revision=1"), "{m}"),
+            other => panic!("expected unavailable, got {other:?}"),
+        }
+        assert!(matches!(
+            feed.subscribe(WatchQuery::default(), Vec::new).await,
+            Err(VmError::Unavailable(_))
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_stream_gets_heartbeats_with_the_current_revision() {
+        let mut st = settings(8, 8);
+        st.heartbeat = Duration::from_secs(15);
+        let feed = ChangeFeed::new(7, st, Arc::new(NoopTelemetry));
+        let mut s = feed
+            .subscribe(
+                WatchQuery {
+                    vm_ids: vec![VmId::parse("a").expect("id")],
+                    ..Default::default()
+                },
+                Vec::new,
+            )
+            .await
+            .expect("watch");
+        assert_eq!(take(&mut s, 1).await, [(WatchEventKind::Synced, None, 7)]);
+        // A change the filter does not want still moves the heartbeat's revision.
+        change(&feed, WatchEventKind::Added, "b", None, VmState::Created).await;
+        let started = tokio::time::Instant::now();
+        assert_eq!(
+            take(&mut s, 1).await,
+            [(WatchEventKind::Heartbeat, None, 8)]
+        );
+        assert_eq!(started.elapsed(), Duration::from_secs(15));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        /// Any mix of changes, history size and resume point: a watcher that
+        /// resumes gets exactly the changes after its revision, in order,
+        /// or a clear out_of_range when they are no longer all kept.
+        #[test]
+        fn a_resume_gets_exactly_the_changes_after_its_revision(
+            start in 0u64..5,
+            n in 0usize..30,
+            history in 1usize..12,
+            since_back in 0u64..35,
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("rt");
+            rt.block_on(async {
+                let feed = ChangeFeed::new(start, settings(history, 64), Arc::new(NoopTelemetry));
+                for i in 0..n {
+                    change(&feed, WatchEventKind::Added, &format!("vm{i}"), None, VmState::Created).await;
+                }
+                let top = start + n as u64;
+                let since = top.saturating_sub(since_back);
+                let q = WatchQuery { since_revision: Some(since), ..Default::default() };
+                let kept_from = top.saturating_sub(history as u64).max(start);
+                match feed.subscribe(q, Vec::new).await {
+                    Ok(mut s) => {
+                        prop_assert!(since >= kept_from, "since {} < floor {}", since, kept_from);
+                        let want: Vec<u64> = (since + 1..=top).collect();
+                        let got = take(&mut s, want.len() + 1).await;
+                        prop_assert_eq!(got.iter().take(want.len()).map(|e| e.2).collect::<Vec<_>>(), want);
+                        prop_assert_eq!(got.last().map(|e| (e.0, e.2)), Some((WatchEventKind::Synced, top)));
+                    }
+                    Err(VmError::OutOfRange(_)) => prop_assert!(since < kept_from),
+                    Err(e) => prop_assert!(false, "unexpected {}", e),
+                }
+                Ok(())
+            })?;
+        }
+    }
+}
