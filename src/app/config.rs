@@ -1,13 +1,14 @@
-//! Service configuration, read from `UNKEY_VMCP_*` environment variables with
-//! envy. Every variable is parsed strictly: a bad value stops start-up with
-//! one line naming the variable and the accepted values; nothing is silently
-//! defaulted. Unknown `UNKEY_VMCP_*` variables are reported so typos surface.
+//! Service configuration, read from `UNKEY_VMCP_*` environment variables.
+//! Every variable is declared once, in [`VARIABLES`] (name, default,
+//! description); that one table drives unknown-variable detection, the
+//! defaults used when parsing, and `vmcp-api --help`. Every variable is
+//! parsed strictly: a bad value stops start-up with one line naming the
+//! variable and the accepted values; nothing is silently defaulted. Unknown
+//! `UNKEY_VMCP_*` variables are reported so typos surface.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
-
-use serde::Deserialize;
 
 use crate::adapters::inbound::connections::{ConnectionLimits, H2Limits};
 use crate::adapters::inbound::guard::ApiLimits;
@@ -18,60 +19,125 @@ use super::admission::VmLimits;
 /// The prefix of every variable.
 pub const PREFIX: &str = "UNKEY_VMCP_";
 
-/// Every variable VMCP reads, without the prefix.
-pub const KNOWN_VARIABLES: &[&str] = &[
-    "PORT",
-    "ADDRESS",
-    "BACKEND",
-    "CH_ENDPOINT",
-    "CH_BINARY",
-    "FC_ENDPOINT",
-    "FC_BINARY",
-    "FC_JAILER_BINARY",
-    "FC_JAILER_UID",
-    "FC_JAILER_GID",
-    "FC_JAILER_CHROOT_BASE",
-    "RUNTIME_DIR",
-    "DATA_DIR",
-    "LOG_LEVEL",
-    "HYPERVISOR_TIMEOUT_SECONDS",
-    "MAX_REQUEST_BYTES",
-    "MAX_DEADLINE_SECONDS",
-    "SHUTDOWN_GRACE_SECONDS",
-    "OTEL_ENABLED",
-    "OTEL_SERVICE_NAME",
-    "OTEL_SERVICE_VERSION",
-    "OTEL_SAMPLING_RATE",
-    "OTEL_ENDPOINT",
-    "OTEL_PROMETHEUS_ENABLED",
-    "OTEL_PROMETHEUS_PORT",
-    "AUTH_TOKEN_FILE",
-    "API_SOCKET",
-    "TLS_CERT_FILE",
-    "TLS_KEY_FILE",
-    "TLS_CLIENT_CA_FILE",
-    "ASSET_DIRS",
-    "MAX_VMS",
-    "MAX_VCPUS_PER_VM",
-    "MAX_MEMORY_PER_VM_MIB",
-    "MAX_TOTAL_VCPUS",
-    "MAX_TOTAL_MEMORY_MIB",
-    "MAX_CONCURRENT_REQUESTS",
-    "RATE_LIMIT_RPS",
-    "ORPHANS",
-    "HEADER_READ_TIMEOUT_SECONDS",
-    "IDLE_TIMEOUT_SECONDS",
-    "TLS_HANDSHAKE_TIMEOUT_SECONDS",
-    "MAX_CONNECTIONS",
-    "MAX_CONNECTIONS_PER_CLIENT",
-    "RESERVED_FDS",
-    "H2_MAX_CONCURRENT_STREAMS",
-    "H2_MAX_HEADER_LIST_BYTES",
-    "H2_MAX_PENDING_RESET_STREAMS",
-    "H2_MAX_LOCAL_ERROR_RESETS",
-    "H2_KEEPALIVE_INTERVAL_SECONDS",
-    "H2_KEEPALIVE_TIMEOUT_SECONDS",
-];
+/// What a variable means when it is not set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DefaultValue {
+    /// This text, parsed and checked exactly like a value from the environment.
+    Text(&'static str),
+    /// No value: the feature is off (or unrestricted).
+    Unset,
+    /// Computed at start-up from the host; the text says how.
+    Computed(&'static str),
+}
+
+impl std::fmt::Display for DefaultValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DefaultValue::Text(t) | DefaultValue::Computed(t) => f.write_str(t),
+            DefaultValue::Unset => f.write_str("unset"),
+        }
+    }
+}
+
+/// One declared variable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Variable {
+    /// Which variable, for lookups that a typo cannot break.
+    pub var: Var,
+    /// The name without [`PREFIX`].
+    pub name: &'static str,
+    /// What applies when it is not set.
+    pub default: DefaultValue,
+    /// One line saying what it does.
+    pub about: &'static str,
+}
+
+impl Variable {
+    /// The full name, with [`PREFIX`].
+    pub fn full_name(&self) -> String {
+        format!("{PREFIX}{}", self.name)
+    }
+}
+
+/// Declares the variables: the [`Var`] enum and the [`VARIABLES`] table in
+/// the same order, so `VARIABLES[var as usize]` is `var`'s own entry.
+macro_rules! variables {
+    ($($id:ident $name:literal $default:expr, $about:literal;)*) => {
+        /// A variable VMCP reads; `VARIABLES[v as usize]` declares it.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum Var { $($id),* }
+
+        /// Every variable VMCP reads, in the order `vmcp-api --help` lists them.
+        pub const VARIABLES: &[Variable] = &[
+            $(Variable { var: Var::$id, name: $name, default: $default, about: $about }),*
+        ];
+    };
+}
+
+use DefaultValue::{Computed, Text, Unset};
+
+// Adding a variable: one line here, then read it in `Config::from_vars`.
+variables! {
+    Port "PORT" Text("8080"), "API port";
+    Address "ADDRESS" Text("0.0.0.0"), "API listen address (IPv4 or IPv6)";
+    ApiSocket "API_SOCKET" Unset, "Also serve the API on this Unix socket (absolute path, mode 0600) for clients on the host";
+    Backend "BACKEND" Text("cloudhypervisor"), "VMM backend: cloudhypervisor or firecracker";
+    ChEndpoint "CH_ENDPOINT" Text("unix:///tmp/ch.sock"), "Seed compatibility: where a pre-VMCP shared Cloud Hypervisor may still listen";
+    ChBinary "CH_BINARY" Text("cloud-hypervisor"), "Cloud Hypervisor binary (path or name on PATH)";
+    FcEndpoint "FC_ENDPOINT" Text("unix:///tmp/firecracker.sock"), "Seed compatibility: where a pre-VMCP shared Firecracker may still listen";
+    FcBinary "FC_BINARY" Text("firecracker"), "Firecracker binary (path or name on PATH)";
+    FcJailerBinary "FC_JAILER_BINARY" Unset, "Run Firecracker under this jailer (production mode)";
+    FcJailerUid "FC_JAILER_UID" Text("0"), "uid the jailed VMM runs as (with FC_JAILER_BINARY)";
+    FcJailerGid "FC_JAILER_GID" Text("0"), "gid the jailed VMM runs as (with FC_JAILER_BINARY)";
+    FcJailerChrootBase "FC_JAILER_CHROOT_BASE" Text("/srv/jailer"), "Base of the jailer chroots (with FC_JAILER_BINARY)";
+    RuntimeDir "RUNTIME_DIR" Text("/run/vmcp"), "Per-VM runtime directories (socket, pid, log, console)";
+    DataDir "DATA_DIR" Text("/var/lib/vmcp"), "Durable VM records";
+    LogLevel "LOG_LEVEL" Text("info"), "Log filter; RUST_LOG wins when set";
+    HypervisorTimeoutSeconds "HYPERVISOR_TIMEOUT_SECONDS" Text("30"), "Timeout of one VMM call";
+    MaxRequestBytes "MAX_REQUEST_BYTES" Text("1048576"), "Largest request body";
+    MaxDeadlineSeconds "MAX_DEADLINE_SECONDS" Text("600"), "Cap on client deadlines (Connect-Timeout-Ms, grpc-timeout)";
+    ShutdownGraceSeconds "SHUTDOWN_GRACE_SECONDS" Text("30"), "How long shutdown drains in-flight requests";
+    Orphans "ORPHANS" Text("remove"), "At start-up, remove VMM processes and runtime directories of no VM, or only report them";
+    OtelEnabled "OTEL_ENABLED" Text("false"), "Push traces and metrics over OTLP/HTTP";
+    OtelServiceName "OTEL_SERVICE_NAME" Text("vmm-controlplane"), "service.name";
+    OtelServiceVersion "OTEL_SERVICE_VERSION" Text("0.0.1"), "service.version";
+    OtelSamplingRate "OTEL_SAMPLING_RATE" Text("1.0"), "Root trace sampling ratio in [0, 1]; error traces are always kept";
+    OtelEndpoint "OTEL_ENDPOINT" Text("localhost:4318"), "OTLP/HTTP collector";
+    OtelPrometheusEnabled "OTEL_PROMETHEUS_ENABLED" Text("true"), "Serve /metrics";
+    OtelPrometheusPort "OTEL_PROMETHEUS_PORT" Text("9464"), "/metrics port";
+    AuthTokenFile "AUTH_TOKEN_FILE" Unset, "File holding the bearer token every VM call must send";
+    TlsCertFile "TLS_CERT_FILE" Unset, "Serve the API over TLS with this PEM certificate chain (with TLS_KEY_FILE)";
+    TlsKeyFile "TLS_KEY_FILE" Unset, "PEM private key for TLS_CERT_FILE";
+    TlsClientCaFile "TLS_CLIENT_CA_FILE" Unset, "Require client certificates from this CA for VM calls (mutual TLS)";
+    AssetDirs "ASSET_DIRS" Unset, "Directories (comma- or colon-separated) VM assets must resolve into; unset is unrestricted";
+    MaxVms "MAX_VMS" Text("256"), "VMs per host";
+    MaxVcpusPerVm "MAX_VCPUS_PER_VM" Text("32"), "vCPUs per VM";
+    MaxMemoryPerVmMib "MAX_MEMORY_PER_VM_MIB" Text("65536"), "Memory per VM, MiB";
+    MaxTotalVcpus "MAX_TOTAL_VCPUS" Computed("16 x host CPUs"), "vCPUs of all VMs together";
+    MaxTotalMemoryMib "MAX_TOTAL_MEMORY_MIB" Computed("host memory"), "Memory of all VMs together, MiB";
+    MaxConcurrentRequests "MAX_CONCURRENT_REQUESTS" Text("512"), "In-flight API requests; more are shed as unavailable";
+    RateLimitRps "RATE_LIMIT_RPS" Text("1000"), "API requests per second (0 disables)";
+    MaxConnections "MAX_CONNECTIONS" Computed("4096, lowered to fit the descriptor limit"), "Open client connections in all";
+    MaxConnectionsPerClient "MAX_CONNECTIONS_PER_CLIENT" Text("512"), "Open connections per client IP address";
+    ReservedFds "RESERVED_FDS" Computed("1/4 of the descriptor limit, at most 4096"), "Descriptors kept for VM work";
+    HeaderReadTimeoutSeconds "HEADER_READ_TIMEOUT_SECONDS" Text("10"), "Time to send a request head or the HTTP/2 preface";
+    IdleTimeoutSeconds "IDLE_TIMEOUT_SECONDS" Text("60"), "A connection without a request in flight this long is closed";
+    TlsHandshakeTimeoutSeconds "TLS_HANDSHAKE_TIMEOUT_SECONDS" Text("10"), "Time to finish the TLS handshake";
+    H2MaxConcurrentStreams "H2_MAX_CONCURRENT_STREAMS" Text("100"), "HTTP/2 streams per connection";
+    H2MaxHeaderListBytes "H2_MAX_HEADER_LIST_BYTES" Text("16384"), "HTTP/2 header list size";
+    H2MaxPendingResetStreams "H2_MAX_PENDING_RESET_STREAMS" Text("20"), "HTTP/2 streams reset before being accepted";
+    H2MaxLocalErrorResets "H2_MAX_LOCAL_ERROR_RESETS" Text("1024"), "HTTP/2 streams reset for client errors before the connection is ended";
+    H2KeepaliveIntervalSeconds "H2_KEEPALIVE_INTERVAL_SECONDS" Text("30"), "HTTP/2 ping interval";
+    H2KeepaliveTimeoutSeconds "H2_KEEPALIVE_TIMEOUT_SECONDS" Text("10"), "How long a ping answer may take before the connection is closed";
+}
+
+impl Var {
+    /// This variable's declaration.
+    pub fn declaration(self) -> &'static Variable {
+        // In range: the macro builds `Var` and `VARIABLES` from one list, in one order.
+        &VARIABLES[self as usize]
+    }
+}
 
 /// A configuration error: one line naming the variable and what it accepts.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -85,68 +151,71 @@ pub struct EnvError {
     pub expected: String,
 }
 
-fn bad(var: &str, value: &str, expected: impl Into<String>) -> EnvError {
+fn bad(var: Var, value: &str, expected: impl Into<String>) -> EnvError {
     EnvError {
-        variable: format!("{PREFIX}{var}"),
+        variable: var.declaration().full_name(),
         value: value.to_owned(),
         expected: expected.into(),
     }
 }
 
-/// Raw values as envy finds them; parsed and checked by [`Config::from_vars`].
-#[derive(Debug, Default, Deserialize)]
-struct Raw {
-    port: Option<String>,
-    address: Option<String>,
-    backend: Option<String>,
-    ch_endpoint: Option<String>,
-    ch_binary: Option<String>,
-    fc_endpoint: Option<String>,
-    fc_binary: Option<String>,
-    fc_jailer_binary: Option<String>,
-    fc_jailer_uid: Option<String>,
-    fc_jailer_gid: Option<String>,
-    fc_jailer_chroot_base: Option<String>,
-    runtime_dir: Option<String>,
-    data_dir: Option<String>,
-    log_level: Option<String>,
-    hypervisor_timeout_seconds: Option<String>,
-    max_request_bytes: Option<String>,
-    max_deadline_seconds: Option<String>,
-    shutdown_grace_seconds: Option<String>,
-    otel_enabled: Option<String>,
-    otel_service_name: Option<String>,
-    otel_service_version: Option<String>,
-    otel_sampling_rate: Option<String>,
-    otel_endpoint: Option<String>,
-    otel_prometheus_enabled: Option<String>,
-    otel_prometheus_port: Option<String>,
-    auth_token_file: Option<String>,
-    api_socket: Option<String>,
-    tls_cert_file: Option<String>,
-    tls_key_file: Option<String>,
-    tls_client_ca_file: Option<String>,
-    asset_dirs: Option<String>,
-    max_vms: Option<String>,
-    max_vcpus_per_vm: Option<String>,
-    max_memory_per_vm_mib: Option<String>,
-    max_total_vcpus: Option<String>,
-    max_total_memory_mib: Option<String>,
-    max_concurrent_requests: Option<String>,
-    rate_limit_rps: Option<String>,
-    orphans: Option<String>,
-    header_read_timeout_seconds: Option<String>,
-    idle_timeout_seconds: Option<String>,
-    tls_handshake_timeout_seconds: Option<String>,
-    max_connections: Option<String>,
-    max_connections_per_client: Option<String>,
-    reserved_fds: Option<String>,
-    h2_max_concurrent_streams: Option<String>,
-    h2_max_header_list_bytes: Option<String>,
-    h2_max_pending_reset_streams: Option<String>,
-    h2_max_local_error_resets: Option<String>,
-    h2_keepalive_interval_seconds: Option<String>,
-    h2_keepalive_timeout_seconds: Option<String>,
+/// A parser turns a value's text into a setting, or says what it accepts.
+type Parsed<T> = Result<T, String>;
+
+/// The declared variables' values as found in the environment.
+struct Env {
+    set: Vec<Option<String>>,
+}
+
+impl Env {
+    fn new(vars: impl IntoIterator<Item = (String, String)>) -> Self {
+        let mut set = vec![None; VARIABLES.len()];
+        for (key, value) in vars {
+            let Some(name) = key.strip_prefix(PREFIX) else {
+                continue;
+            };
+            if let Some(v) = VARIABLES.iter().find(|v| v.name == name) {
+                set[v.var as usize] = Some(value);
+            }
+        }
+        Self { set }
+    }
+
+    /// The value the environment holds, if any.
+    fn set(&self, var: Var) -> Option<&str> {
+        self.set[var as usize].as_deref()
+    }
+
+    /// The value set, else the declared default text (none for unset or computed defaults).
+    fn get(&self, var: Var) -> Option<&str> {
+        match (self.set(var), var.declaration().default) {
+            (Some(v), _) => Some(v),
+            (None, Text(t)) => Some(t),
+            (None, Unset | Computed(_)) => None,
+        }
+    }
+
+    /// Parses the value (set or default) when there is one.
+    fn optional<T>(
+        &self,
+        var: Var,
+        parse: impl Fn(&str) -> Parsed<T>,
+    ) -> Result<Option<T>, EnvError> {
+        self.get(var)
+            .map(|v| parse(v).map_err(|expected| bad(var, v, expected)))
+            .transpose()
+    }
+
+    /// Parses the value of a variable declared with a default text.
+    fn value<T>(&self, var: Var, parse: impl Fn(&str) -> Parsed<T>) -> Result<T, EnvError> {
+        self.optional(var, parse)?.ok_or_else(|| {
+            bad(
+                var,
+                "",
+                "a value (VMCP declares no default for this variable)",
+            )
+        })
+    }
 }
 
 /// Firecracker's jailer settings (production mode for Firecracker).
@@ -258,29 +327,14 @@ impl Config {
 
     /// Reads variables from an iterator (tests pass their own).
     pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Result<Self, EnvError> {
-        let vars: Vec<(String, String)> = vars
-            .into_iter()
-            .filter(|(k, _)| k.starts_with(PREFIX))
-            .collect();
-        let raw: Raw = envy::prefixed(PREFIX)
-            .from_iter(vars)
-            .map_err(|e| bad("*", "", format!("cannot read the environment: {e}")))?;
-
-        let backend = match raw.backend.as_deref() {
-            None | Some("cloudhypervisor") => BackendKind::CloudHypervisor,
-            Some("firecracker") => BackendKind::Firecracker,
-            Some(v) => return Err(bad("BACKEND", v, "one of: cloudhypervisor, firecracker")),
-        };
-        let fc_jailer = match raw.fc_jailer_binary.as_deref() {
+        use Var::*;
+        let env = Env::new(vars);
+        let fc_jailer = match env.set(FcJailerBinary) {
             None => {
-                for (name, v) in [
-                    ("FC_JAILER_UID", &raw.fc_jailer_uid),
-                    ("FC_JAILER_GID", &raw.fc_jailer_gid),
-                    ("FC_JAILER_CHROOT_BASE", &raw.fc_jailer_chroot_base),
-                ] {
-                    if let Some(v) = v {
+                for var in [FcJailerUid, FcJailerGid, FcJailerChrootBase] {
+                    if let Some(v) = env.set(var) {
                         return Err(bad(
-                            name,
+                            var,
                             v,
                             "only meaningful with UNKEY_VMCP_FC_JAILER_BINARY set",
                         ));
@@ -288,190 +342,61 @@ impl Config {
                 }
                 None
             }
-            Some(bin) => Some(JailerConfig {
-                binary: path("FC_JAILER_BINARY", bin)?,
-                uid: number(
-                    "FC_JAILER_UID",
-                    raw.fc_jailer_uid.as_deref(),
-                    0,
-                    0,
-                    u32::MAX as u64,
-                )? as u32,
-                gid: number(
-                    "FC_JAILER_GID",
-                    raw.fc_jailer_gid.as_deref(),
-                    0,
-                    0,
-                    u32::MAX as u64,
-                )? as u32,
-                chroot_base: abs_path(
-                    "FC_JAILER_CHROOT_BASE",
-                    raw.fc_jailer_chroot_base
-                        .as_deref()
-                        .unwrap_or("/srv/jailer"),
-                )?,
+            Some(_) => Some(JailerConfig {
+                binary: env.value(FcJailerBinary, path)?,
+                uid: env.value(FcJailerUid, number(0, u32::MAX.into()))? as u32,
+                gid: env.value(FcJailerGid, number(0, u32::MAX.into()))? as u32,
+                chroot_base: env.value(FcJailerChrootBase, abs_path)?,
             }),
         };
-        let sampling_rate = match raw.otel_sampling_rate.as_deref() {
-            None => 1.0,
-            Some(v) => match v.trim().parse::<f64>() {
-                Ok(r) if (0.0..=1.0).contains(&r) => r,
-                _ => return Err(bad("OTEL_SAMPLING_RATE", v, "a number from 0.0 to 1.0")),
-            },
-        };
         let otel = OtelConfig {
-            enabled: boolean("OTEL_ENABLED", raw.otel_enabled.as_deref(), false)?,
-            service_name: non_empty(
-                "OTEL_SERVICE_NAME",
-                raw.otel_service_name.as_deref(),
-                "vmm-controlplane",
-            )?,
-            service_version: non_empty(
-                "OTEL_SERVICE_VERSION",
-                raw.otel_service_version.as_deref(),
-                "0.0.1",
-            )?,
-            sampling_rate,
-            endpoint: non_empty(
-                "OTEL_ENDPOINT",
-                raw.otel_endpoint.as_deref(),
-                "localhost:4318",
-            )?,
-            prometheus_enabled: boolean(
-                "OTEL_PROMETHEUS_ENABLED",
-                raw.otel_prometheus_enabled.as_deref(),
-                true,
-            )?,
-            prometheus_port: number(
-                "OTEL_PROMETHEUS_PORT",
-                raw.otel_prometheus_port.as_deref(),
-                9464,
-                1,
-                65535,
-            )? as u16,
+            enabled: env.value(OtelEnabled, boolean)?,
+            service_name: env.value(OtelServiceName, non_empty)?,
+            service_version: env.value(OtelServiceVersion, non_empty)?,
+            sampling_rate: env.value(OtelSamplingRate, ratio)?,
+            endpoint: env.value(OtelEndpoint, non_empty)?,
+            prometheus_enabled: env.value(OtelPrometheusEnabled, boolean)?,
+            prometheus_port: env.value(OtelPrometheusPort, number(1, 65535))? as u16,
         };
-        let log_level = non_empty("LOG_LEVEL", raw.log_level.as_deref(), "info")?;
+        let log_level = env.value(LogLevel, non_empty)?;
         if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
             return Err(bad(
-                "LOG_LEVEL",
+                LogLevel,
                 &log_level,
                 "a level (error, warn, info, debug, trace) or a RUST_LOG-style filter",
             ));
         }
+        let secs = |min, max| move |v: &str| number(min, max)(v).map(Duration::from_secs);
         Ok(Self {
-            port: number("PORT", raw.port.as_deref(), 8080, 0, 65535)? as u16,
-            address: match raw.address.as_deref() {
-                None => IpAddr::from([0, 0, 0, 0]),
-                Some(v) => v.trim().parse().map_err(|_| {
-                    bad(
-                        "ADDRESS",
-                        v,
-                        "an IPv4 or IPv6 address such as 0.0.0.0, 127.0.0.1 or ::",
-                    )
-                })?,
-            },
-            backend,
-            ch_endpoint: unix_endpoint(
-                "CH_ENDPOINT",
-                raw.ch_endpoint.as_deref(),
-                "unix:///tmp/ch.sock",
-            )?,
-            ch_binary: path(
-                "CH_BINARY",
-                raw.ch_binary.as_deref().unwrap_or("cloud-hypervisor"),
-            )?,
-            fc_endpoint: unix_endpoint(
-                "FC_ENDPOINT",
-                raw.fc_endpoint.as_deref(),
-                "unix:///tmp/firecracker.sock",
-            )?,
-            fc_binary: path(
-                "FC_BINARY",
-                raw.fc_binary.as_deref().unwrap_or("firecracker"),
-            )?,
+            port: env.value(Port, number(0, 65535))? as u16,
+            address: env.value(Address, address)?,
+            backend: env.value(Backend, backend)?,
+            ch_endpoint: env.value(ChEndpoint, unix_endpoint)?,
+            ch_binary: env.value(ChBinary, path)?,
+            fc_endpoint: env.value(FcEndpoint, unix_endpoint)?,
+            fc_binary: env.value(FcBinary, path)?,
             fc_jailer,
-            runtime_dir: abs_path(
-                "RUNTIME_DIR",
-                raw.runtime_dir.as_deref().unwrap_or("/run/vmcp"),
-            )?,
-            data_dir: abs_path(
-                "DATA_DIR",
-                raw.data_dir.as_deref().unwrap_or("/var/lib/vmcp"),
-            )?,
+            runtime_dir: env.value(RuntimeDir, abs_path)?,
+            data_dir: env.value(DataDir, abs_path)?,
             log_level,
-            hypervisor_timeout: Duration::from_secs(number(
-                "HYPERVISOR_TIMEOUT_SECONDS",
-                raw.hypervisor_timeout_seconds.as_deref(),
-                30,
-                1,
-                3600,
-            )?),
-            max_request_bytes: number(
-                "MAX_REQUEST_BYTES",
-                raw.max_request_bytes.as_deref(),
-                1 << 20,
-                1024,
-                64 << 20,
-            )? as usize,
-            max_deadline: Duration::from_secs(number(
-                "MAX_DEADLINE_SECONDS",
-                raw.max_deadline_seconds.as_deref(),
-                600,
-                1,
-                86400,
-            )?),
-            remove_orphans: match raw.orphans.as_deref().map(str::trim) {
-                None | Some("remove") => true,
-                Some("report") => false,
-                Some(v) => return Err(bad("ORPHANS", v, "remove or report")),
-            },
-            shutdown_grace: Duration::from_secs(number(
-                "SHUTDOWN_GRACE_SECONDS",
-                raw.shutdown_grace_seconds.as_deref(),
-                30,
-                0,
-                3600,
-            )?),
+            hypervisor_timeout: env.value(HypervisorTimeoutSeconds, secs(1, 3600))?,
+            max_request_bytes: env.value(MaxRequestBytes, number(1024, 64 << 20))? as usize,
+            max_deadline: env.value(MaxDeadlineSeconds, secs(1, 86400))?,
+            remove_orphans: env.value(Orphans, orphans)?,
+            shutdown_grace: env.value(ShutdownGraceSeconds, secs(0, 3600))?,
             otel,
-            api_socket: raw
-                .api_socket
-                .as_deref()
-                .map(|v| socket_path("API_SOCKET", v))
-                .transpose()?,
-            auth_token_file: raw
-                .auth_token_file
-                .as_deref()
-                .map(|v| abs_path("AUTH_TOKEN_FILE", v))
-                .transpose()?,
-            tls: tls_files(&raw)?,
-            asset_dirs: raw
-                .asset_dirs
-                .as_deref()
-                .map(|v| dir_list("ASSET_DIRS", v))
-                .transpose()?,
-            vm_limits: vm_limits(&raw)?,
+            api_socket: env.optional(ApiSocket, socket_path)?,
+            auth_token_file: env.optional(AuthTokenFile, abs_path)?,
+            tls: tls_files(&env)?,
+            asset_dirs: env.optional(AssetDirs, dir_list)?,
+            vm_limits: vm_limits(&env)?,
             api_limits: ApiLimits {
-                max_concurrent_requests: number(
-                    "MAX_CONCURRENT_REQUESTS",
-                    raw.max_concurrent_requests.as_deref(),
-                    ApiLimits::default().max_concurrent_requests as u64,
-                    1,
-                    1_000_000,
-                )? as usize,
-                rate_limit_rps: number(
-                    "RATE_LIMIT_RPS",
-                    raw.rate_limit_rps.as_deref(),
-                    u64::from(ApiLimits::default().rate_limit_rps),
-                    0,
-                    1_000_000,
-                )? as u32,
+                max_concurrent_requests: env.value(MaxConcurrentRequests, number(1, 1_000_000))?
+                    as usize,
+                rate_limit_rps: env.value(RateLimitRps, number(0, 1_000_000))? as u32,
             },
-            connections: connection_limits(&raw)?,
-            reserved_fds: raw
-                .reserved_fds
-                .as_deref()
-                .map(|v| number("RESERVED_FDS", Some(v), 0, 64, 1 << 30))
-                .transpose()?,
+            connections: connection_limits(&env)?,
+            reserved_fds: env.optional(ReservedFds, number(64, 1 << 30))?,
         })
     }
 
@@ -480,240 +405,182 @@ impl Config {
         vars.into_iter()
             .filter_map(|(k, _)| {
                 let rest = k.strip_prefix(PREFIX)?;
-                (!KNOWN_VARIABLES.contains(&rest)).then_some(k)
+                (!VARIABLES.iter().any(|v| v.name == rest)).then_some(k)
             })
             .collect()
     }
 }
 
-fn tls_files(raw: &Raw) -> Result<Option<TlsFiles>, EnvError> {
-    let file = |var, v: &Option<String>| v.as_deref().map(|v| abs_path(var, v)).transpose();
-    let cert = file("TLS_CERT_FILE", &raw.tls_cert_file)?;
-    let key = file("TLS_KEY_FILE", &raw.tls_key_file)?;
-    let client_ca = file("TLS_CLIENT_CA_FILE", &raw.tls_client_ca_file)?;
+fn tls_files(env: &Env) -> Result<Option<TlsFiles>, EnvError> {
+    let cert = env.optional(Var::TlsCertFile, abs_path)?;
+    let key = env.optional(Var::TlsKeyFile, abs_path)?;
+    let client_ca = env.optional(Var::TlsClientCaFile, abs_path)?;
     match (cert, key) {
         (Some(cert), Some(key)) => Ok(Some(TlsFiles {
             cert,
             key,
             client_ca,
         })),
-        (None, None) => match &raw.tls_client_ca_file {
+        (None, None) => match env.set(Var::TlsClientCaFile) {
             Some(v) => Err(bad(
-                "TLS_CLIENT_CA_FILE",
+                Var::TlsClientCaFile,
                 v,
                 "only meaningful with UNKEY_VMCP_TLS_CERT_FILE and UNKEY_VMCP_TLS_KEY_FILE set",
             )),
             None => Ok(None),
         },
         (Some(_), None) => Err(bad(
-            "TLS_KEY_FILE",
+            Var::TlsKeyFile,
             "",
             "required when UNKEY_VMCP_TLS_CERT_FILE is set",
         )),
         (None, Some(_)) => Err(bad(
-            "TLS_CERT_FILE",
+            Var::TlsCertFile,
             "",
             "required when UNKEY_VMCP_TLS_KEY_FILE is set",
         )),
     }
 }
 
-fn vm_limits(raw: &Raw) -> Result<VmLimits, EnvError> {
-    let d = VmLimits::host_defaults();
+fn vm_limits(env: &Env) -> Result<VmLimits, EnvError> {
+    use Var::*;
     Ok(VmLimits {
-        max_vms: number("MAX_VMS", raw.max_vms.as_deref(), d.max_vms, 1, 1_000_000)?,
-        max_vcpus_per_vm: number(
-            "MAX_VCPUS_PER_VM",
-            raw.max_vcpus_per_vm.as_deref(),
-            d.max_vcpus_per_vm,
-            1,
-            crate::domain::config::MAX_VCPUS as u64,
+        max_vms: env.value(MaxVms, number(1, 1_000_000))?,
+        max_vcpus_per_vm: env.value(
+            MaxVcpusPerVm,
+            number(1, crate::domain::config::MAX_VCPUS as u64),
         )?,
-        max_memory_per_vm_mib: number(
-            "MAX_MEMORY_PER_VM_MIB",
-            raw.max_memory_per_vm_mib.as_deref(),
-            d.max_memory_per_vm_mib,
-            1,
-            1 << 32,
-        )?,
-        max_total_vcpus: number(
-            "MAX_TOTAL_VCPUS",
-            raw.max_total_vcpus.as_deref(),
-            d.max_total_vcpus,
-            1,
-            u64::from(u32::MAX),
-        )?,
-        max_total_memory_mib: number(
-            "MAX_TOTAL_MEMORY_MIB",
-            raw.max_total_memory_mib.as_deref(),
-            d.max_total_memory_mib,
-            1,
-            1 << 40,
-        )?,
+        max_memory_per_vm_mib: env.value(MaxMemoryPerVmMib, number(1, 1 << 32))?,
+        max_total_vcpus: env
+            .optional(MaxTotalVcpus, number(1, u64::from(u32::MAX)))?
+            .unwrap_or_else(super::admission::default_total_vcpus),
+        max_total_memory_mib: env
+            .optional(MaxTotalMemoryMib, number(1, 1 << 40))?
+            .unwrap_or_else(super::admission::default_total_memory_mib),
     })
 }
 
-fn connection_limits(raw: &Raw) -> Result<ConnectionLimits, EnvError> {
-    let d = ConnectionLimits::default();
-    let secs = |var: &str, v: &Option<String>, default: Duration, max: u64| {
-        number(var, v.as_deref(), default.as_secs(), 1, max).map(Duration::from_secs)
-    };
-    let max_connections = raw
-        .max_connections
-        .as_deref()
-        .map(|v| number("MAX_CONNECTIONS", Some(v), 0, 1, 10_000_000).map(|n| n as usize))
-        .transpose()?;
-    let per_client = number(
-        "MAX_CONNECTIONS_PER_CLIENT",
-        raw.max_connections_per_client.as_deref(),
-        d.max_connections_per_client as u64,
-        1,
-        10_000_000,
-    )? as usize;
-    if let (Some(total), Some(v)) = (max_connections, raw.max_connections_per_client.as_deref())
+fn connection_limits(env: &Env) -> Result<ConnectionLimits, EnvError> {
+    use Var::*;
+    let secs = |max| move |v: &str| number(1, max)(v).map(Duration::from_secs);
+    let max_connections = env
+        .optional(MaxConnections, number(1, 10_000_000))?
+        .map(|n| n as usize);
+    let per_client = env.value(MaxConnectionsPerClient, number(1, 10_000_000))? as usize;
+    if let (Some(total), Some(v)) = (max_connections, env.set(MaxConnectionsPerClient))
         && per_client > total
     {
         return Err(bad(
-            "MAX_CONNECTIONS_PER_CLIENT",
+            MaxConnectionsPerClient,
             v,
             format!("at most UNKEY_VMCP_MAX_CONNECTIONS ({total})"),
         ));
     }
     Ok(ConnectionLimits {
-        header_read_timeout: secs(
-            "HEADER_READ_TIMEOUT_SECONDS",
-            &raw.header_read_timeout_seconds,
-            d.header_read_timeout,
-            3600,
-        )?,
-        tls_handshake_timeout: secs(
-            "TLS_HANDSHAKE_TIMEOUT_SECONDS",
-            &raw.tls_handshake_timeout_seconds,
-            d.tls_handshake_timeout,
-            3600,
-        )?,
-        idle_timeout: secs(
-            "IDLE_TIMEOUT_SECONDS",
-            &raw.idle_timeout_seconds,
-            d.idle_timeout,
-            86400,
-        )?,
+        header_read_timeout: env.value(HeaderReadTimeoutSeconds, secs(3600))?,
+        tls_handshake_timeout: env.value(TlsHandshakeTimeoutSeconds, secs(3600))?,
+        idle_timeout: env.value(IdleTimeoutSeconds, secs(86400))?,
         max_connections,
         max_connections_per_client: per_client,
         h2: H2Limits {
-            max_concurrent_streams: number(
-                "H2_MAX_CONCURRENT_STREAMS",
-                raw.h2_max_concurrent_streams.as_deref(),
-                u64::from(d.h2.max_concurrent_streams),
-                1,
-                10_000,
-            )? as u32,
-            max_header_list_bytes: number(
-                "H2_MAX_HEADER_LIST_BYTES",
-                raw.h2_max_header_list_bytes.as_deref(),
-                u64::from(d.h2.max_header_list_bytes),
-                1024,
-                1 << 20,
-            )? as u32,
-            max_pending_reset_streams: number(
-                "H2_MAX_PENDING_RESET_STREAMS",
-                raw.h2_max_pending_reset_streams.as_deref(),
-                d.h2.max_pending_reset_streams as u64,
-                1,
-                10_000,
-            )? as usize,
-            max_local_error_resets: number(
-                "H2_MAX_LOCAL_ERROR_RESETS",
-                raw.h2_max_local_error_resets.as_deref(),
-                d.h2.max_local_error_resets as u64,
-                1,
-                100_000,
-            )? as usize,
-            keepalive_interval: secs(
-                "H2_KEEPALIVE_INTERVAL_SECONDS",
-                &raw.h2_keepalive_interval_seconds,
-                d.h2.keepalive_interval,
-                3600,
-            )?,
-            keepalive_timeout: secs(
-                "H2_KEEPALIVE_TIMEOUT_SECONDS",
-                &raw.h2_keepalive_timeout_seconds,
-                d.h2.keepalive_timeout,
-                3600,
-            )?,
+            max_concurrent_streams: env.value(H2MaxConcurrentStreams, number(1, 10_000))? as u32,
+            max_header_list_bytes: env.value(H2MaxHeaderListBytes, number(1024, 1 << 20))? as u32,
+            max_pending_reset_streams: env.value(H2MaxPendingResetStreams, number(1, 10_000))?
+                as usize,
+            max_local_error_resets: env.value(H2MaxLocalErrorResets, number(1, 100_000))? as usize,
+            keepalive_interval: env.value(H2KeepaliveIntervalSeconds, secs(3600))?,
+            keepalive_timeout: env.value(H2KeepaliveTimeoutSeconds, secs(3600))?,
         },
     })
 }
 
 /// A list of absolute directories separated by commas or colons.
-fn dir_list(var: &str, v: &str) -> Result<Vec<PathBuf>, EnvError> {
+fn dir_list(v: &str) -> Parsed<Vec<PathBuf>> {
     let dirs: Vec<&str> = v.split([',', ':']).map(str::trim).collect();
     if dirs.iter().any(|d| !d.starts_with('/') || d.contains('\0')) {
-        return Err(bad(
-            var,
-            v,
-            "absolute directories separated by commas or colons, e.g. /var/lib/vmcp/images,/srv/kernels",
-        ));
+        return Err("absolute directories separated by commas or colons, e.g. /var/lib/vmcp/images,/srv/kernels".to_owned());
     }
     Ok(dirs.into_iter().map(PathBuf::from).collect())
 }
 
-fn number(var: &str, v: Option<&str>, default: u64, min: u64, max: u64) -> Result<u64, EnvError> {
-    let Some(v) = v else { return Ok(default) };
-    match v.trim().parse::<u64>() {
+fn number(min: u64, max: u64) -> impl Fn(&str) -> Parsed<u64> {
+    move |v| match v.trim().parse::<u64>() {
         Ok(n) if (min..=max).contains(&n) => Ok(n),
-        _ => Err(bad(var, v, format!("a whole number from {min} to {max}"))),
+        _ => Err(format!("a whole number from {min} to {max}")),
     }
 }
 
-fn boolean(var: &str, v: Option<&str>, default: bool) -> Result<bool, EnvError> {
-    match v.map(|s| s.trim().to_ascii_lowercase()).as_deref() {
-        None => Ok(default),
-        Some("true" | "1" | "yes" | "on") => Ok(true),
-        Some("false" | "0" | "no" | "off") => Ok(false),
-        Some(_) => Err(bad(
-            var,
-            v.unwrap_or_default(),
-            "true or false (also 1/0, yes/no, on/off)",
-        )),
+fn ratio(v: &str) -> Parsed<f64> {
+    match v.trim().parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err("a number from 0.0 to 1.0".to_owned()),
     }
 }
 
-fn non_empty(var: &str, v: Option<&str>, default: &str) -> Result<String, EnvError> {
+fn boolean(v: &str) -> Parsed<bool> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err("true or false (also 1/0, yes/no, on/off)".to_owned()),
+    }
+}
+
+fn non_empty(v: &str) -> Parsed<String> {
+    match v.trim() {
+        "" => Err("a non-empty string".to_owned()),
+        s => Ok(s.to_owned()),
+    }
+}
+
+fn address(v: &str) -> Parsed<IpAddr> {
+    v.trim()
+        .parse()
+        .map_err(|_| "an IPv4 or IPv6 address such as 0.0.0.0, 127.0.0.1 or ::".to_owned())
+}
+
+fn backend(v: &str) -> Parsed<BackendKind> {
     match v {
-        None => Ok(default.to_owned()),
-        Some(s) if !s.trim().is_empty() => Ok(s.trim().to_owned()),
-        Some(s) => Err(bad(var, s, "a non-empty string")),
+        "cloudhypervisor" => Ok(BackendKind::CloudHypervisor),
+        "firecracker" => Ok(BackendKind::Firecracker),
+        _ => Err("one of: cloudhypervisor, firecracker".to_owned()),
     }
 }
 
-fn path(var: &str, v: &str) -> Result<PathBuf, EnvError> {
+/// `remove` (true) or `report` (false).
+fn orphans(v: &str) -> Parsed<bool> {
+    match v.trim() {
+        "remove" => Ok(true),
+        "report" => Ok(false),
+        _ => Err("remove or report".to_owned()),
+    }
+}
+
+fn path(v: &str) -> Parsed<PathBuf> {
     if v.trim().is_empty() || v.contains('\0') {
-        return Err(bad(var, v, "a non-empty path or command name"));
+        return Err("a non-empty path or command name".to_owned());
     }
     Ok(PathBuf::from(v))
 }
 
-fn abs_path(var: &str, v: &str) -> Result<PathBuf, EnvError> {
+fn abs_path(v: &str) -> Parsed<PathBuf> {
     if !v.starts_with('/') || v.contains('\0') {
-        return Err(bad(var, v, "an absolute path"));
+        return Err("an absolute path".to_owned());
     }
     Ok(PathBuf::from(v))
 }
 
 /// An absolute path short enough for a Unix socket (sun_path holds 107 bytes and a NUL).
-fn socket_path(var: &str, v: &str) -> Result<PathBuf, EnvError> {
+fn socket_path(v: &str) -> Parsed<PathBuf> {
     if v.len() > 107 {
-        return Err(bad(var, v, "an absolute path of at most 107 bytes"));
+        return Err("an absolute path of at most 107 bytes".to_owned());
     }
-    abs_path(var, v)
+    abs_path(v)
 }
 
-fn unix_endpoint(var: &str, v: Option<&str>, default: &str) -> Result<PathBuf, EnvError> {
-    let v = v.unwrap_or(default);
+fn unix_endpoint(v: &str) -> Parsed<PathBuf> {
     match v.strip_prefix("unix://") {
         Some(p) if p.starts_with('/') && !p.contains('\0') => Ok(PathBuf::from(p)),
-        _ => Err(bad(var, v, "unix:///absolute/path/to/api.sock")),
+        _ => Err("unix:///absolute/path/to/api.sock".to_owned()),
     }
 }
 
@@ -896,6 +763,41 @@ mod tests {
                 "{v}"
             );
         }
+    }
+
+    #[test]
+    fn the_table_declares_each_variable_once_in_enum_order() {
+        for (i, v) in VARIABLES.iter().enumerate() {
+            assert_eq!(v.var as usize, i, "{} is out of order", v.name);
+            assert_eq!(v.var.declaration(), v);
+            assert!(!v.about.is_empty(), "{} has no description", v.name);
+            assert_eq!(
+                VARIABLES.iter().filter(|w| w.name == v.name).count(),
+                1,
+                "{} is declared twice",
+                v.name
+            );
+        }
+    }
+
+    #[test]
+    fn every_declared_variable_is_read_and_checked() {
+        // An empty value is invalid for every variable, so a declared variable that
+        // `from_vars` never reads would be accepted here.
+        for v in VARIABLES {
+            let err = cfg(&[(v.name, "")]).expect_err(&format!("{} is not read", v.name));
+            assert_eq!(err.variable, v.full_name());
+        }
+    }
+
+    #[test]
+    fn declared_defaults_are_what_help_prints() {
+        assert_eq!(Var::Port.declaration().default.to_string(), "8080");
+        assert_eq!(Var::ApiSocket.declaration().default.to_string(), "unset");
+        assert_eq!(
+            Var::MaxTotalMemoryMib.declaration().default.to_string(),
+            "host memory"
+        );
     }
 
     #[test]
