@@ -13,6 +13,8 @@ mod durability;
 mod otel;
 #[path = "vmcp/vmm.rs"]
 mod vmm;
+#[path = "vmcp/watch.rs"]
+mod watch;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -182,7 +184,7 @@ fn main() {
         rt.block_on(durability::per_record());
         return;
     }
-    // `VMCP_BENCH_SECTIONS=ch,fc` runs only those sections (read, otel, ch, fc, durability, store).
+    // `VMCP_BENCH_SECTIONS=ch,fc` runs only those sections (read, otel, ch, fc, durability, watch, store).
     let only = std::env::var("VMCP_BENCH_SECTIONS").ok();
     let run = |name: &str| {
         only.as_deref()
@@ -199,6 +201,9 @@ fn main() {
             }
             if run("durability") {
                 durability::readopt().await;
+            }
+            if run("watch") {
+                watch::section().await;
             }
         });
         return;
@@ -221,6 +226,7 @@ fn main() {
         vmm::section(vmm::Kind::Ch).await;
         vmm::section(vmm::Kind::Fc).await;
         durability::readopt().await;
+        watch::section().await;
     });
     println!();
     println!("== Durability: memory and disk per stored VM at 10000 records (own process) ==");

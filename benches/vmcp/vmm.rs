@@ -193,7 +193,8 @@ async fn connect_info(c: &VmServiceClient<HttpClient>) {
 /// except the request rate limit (off: the bench measures the stack, not the limiter) and
 /// Prometheus (off: no fixed port). Its JSON logs go to /dev/null.
 pub struct Server {
-    child: std::process::Child,
+    /// The vmcp-api process.
+    pub child: std::process::Child,
     /// Where it listens.
     pub addr: std::net::SocketAddr,
     /// Its host-local API socket.
@@ -203,6 +204,11 @@ pub struct Server {
 impl Server {
     /// Starts the server and waits until it answers ListVms.
     pub async fn spawn(kind: Kind, env: &Env, root: &Path) -> Self {
+        Self::spawn_with(kind, env, root, &[]).await
+    }
+
+    /// Like [`Server::spawn`], with more `UNKEY_VMCP_*` variables.
+    pub async fn spawn_with(kind: Kind, env: &Env, root: &Path, extra: &[(&str, &str)]) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
@@ -231,6 +237,7 @@ impl Server {
             .env("UNKEY_VMCP_OTEL_PROMETHEUS_ENABLED", "false")
             .env("UNKEY_VMCP_RATE_LIMIT_RPS", "0")
             .env("UNKEY_VMCP_API_SOCKET", root.join("vmcp-api.sock"))
+            .envs(extra.iter().copied())
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())

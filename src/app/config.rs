@@ -15,6 +15,7 @@ use crate::adapters::inbound::guard::ApiLimits;
 use crate::ports::BackendKind;
 
 use super::admission::VmLimits;
+use super::feed::WatchSettings;
 
 /// The prefix of every variable.
 pub const PREFIX: &str = "UNKEY_VMCP_";
@@ -129,6 +130,10 @@ variables! {
     H2MaxLocalErrorResets "H2_MAX_LOCAL_ERROR_RESETS" Text("1024"), "HTTP/2 streams reset for client errors before the connection is ended";
     H2KeepaliveIntervalSeconds "H2_KEEPALIVE_INTERVAL_SECONDS" Text("30"), "HTTP/2 ping interval";
     H2KeepaliveTimeoutSeconds "H2_KEEPALIVE_TIMEOUT_SECONDS" Text("10"), "How long a ping answer may take before the connection is closed";
+    WatchHistory "WATCH_HISTORY" Text("4096"), "VM changes kept so a WatchVms client can resume from its last revision";
+    WatchBuffer "WATCH_BUFFER" Text("1024"), "Changes queued per watcher; a watcher further behind is ended with resource_exhausted";
+    MaxWatchers "MAX_WATCHERS" Text("1024"), "WatchVms streams open at once";
+    WatchHeartbeatSeconds "WATCH_HEARTBEAT_SECONDS" Text("15"), "Heartbeat interval on a quiet WatchVms stream";
 }
 
 impl Var {
@@ -317,6 +322,8 @@ pub struct Config {
     pub connections: ConnectionLimits,
     /// Descriptors kept for VM work; `None` for the default (a quarter of the limit, at most 4096).
     pub reserved_fds: Option<u64>,
+    /// WatchVms history, queues, watcher cap and heartbeat.
+    pub watch: WatchSettings,
 }
 
 impl Config {
@@ -397,6 +404,14 @@ impl Config {
             },
             connections: connection_limits(&env)?,
             reserved_fds: env.optional(ReservedFds, number(64, 1 << 30))?,
+            watch: WatchSettings {
+                history: env.value(WatchHistory, number(1, 1 << 20))? as usize,
+                buffer: env.value(WatchBuffer, number(1, 1 << 20))? as usize,
+                max_watchers: env.value(MaxWatchers, number(1, 1_000_000))? as usize,
+                heartbeat: env
+                    .value(WatchHeartbeatSeconds, number(1, 3600))
+                    .map(Duration::from_secs)?,
+            },
         })
     }
 
@@ -1001,6 +1016,36 @@ mod tests {
             }
         );
         assert_eq!(c.reserved_fds, None);
+    }
+
+    #[test]
+    fn watch_defaults_are_the_feeds_and_the_variables_are_read_and_checked() {
+        assert_eq!(cfg(&[]).expect("defaults").watch, WatchSettings::default());
+        let c = cfg(&[
+            ("WATCH_HISTORY", "10"),
+            ("WATCH_BUFFER", "3"),
+            ("MAX_WATCHERS", "7"),
+            ("WATCH_HEARTBEAT_SECONDS", "2"),
+        ])
+        .expect("valid");
+        assert_eq!(
+            c.watch,
+            WatchSettings {
+                history: 10,
+                buffer: 3,
+                max_watchers: 7,
+                heartbeat: Duration::from_secs(2),
+            }
+        );
+        for var in [
+            "WATCH_HISTORY",
+            "WATCH_BUFFER",
+            "MAX_WATCHERS",
+            "WATCH_HEARTBEAT_SECONDS",
+        ] {
+            let e = cfg(&[(var, "0")]).expect_err("zero is refused");
+            assert!(e.to_string().contains(&format!("UNKEY_VMCP_{var}")), "{e}");
+        }
     }
 
     #[test]

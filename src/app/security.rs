@@ -123,7 +123,7 @@ impl Security {
             connections: config.connections,
             reserved_descriptors: config.reserved_fds,
             api_socket: config.api_socket.clone(),
-            watch: super::feed::WatchSettings::default(),
+            watch: config.watch,
         })
     }
 

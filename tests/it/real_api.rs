@@ -20,6 +20,7 @@ use vmcp::proto::vmm::v1::VmState as S;
 
 use super::harness::{Wire, client_for, eventually};
 use super::real_env::{Real, Vmm, require, say};
+use super::watch;
 
 const MARKER: &str = "VMCP-GUEST-OK";
 
@@ -410,6 +411,20 @@ async fn kill_nine(kind: Kind) {
         .expect("info")
         .into_owned();
     let pid: i32 = pid_of(&info).and_then(|p| p.parse().ok()).expect("pid");
+    // A watcher from the list's revision hears of the death.
+    let revision = c
+        .list_vms(pb::ListVmsRequest::default())
+        .await
+        .expect("list")
+        .into_owned()
+        .revision;
+    let mut w = watch::watch(s.addr, Wire::Grpc, watch::since(revision));
+    let synced = watch::next_ok(&mut w).await;
+    assert_eq!(
+        (watch::kind(&synced), synced.revision),
+        (pb::WatchEventType::WATCH_EVENT_TYPE_SYNCED, revision)
+    );
+    let killed = std::time::Instant::now();
     // SAFETY-free: a plain kill(2) of the VMM this test started.
     let rc = std::process::Command::new("kill")
         .args(["-9", &pid.to_string()])
@@ -431,6 +446,21 @@ async fn kill_nine(kind: Kind) {
     })
     .await;
     assert!(failed, "Failed with a reason within a second of kill -9");
+    let change = watch::next_ok(&mut w).await;
+    assert_eq!(
+        (watch::kind(&change), watch::vm_of(&change)),
+        (
+            pb::WatchEventType::WATCH_EVENT_TYPE_CHANGED,
+            ("victim", S::VM_STATE_FAILED)
+        )
+    );
+    assert_eq!(change.revision, revision + 1);
+    let reason = &change.vm.as_option().expect("vm").state_reason;
+    assert!(!reason.is_empty(), "the watcher gets the reason");
+    say(&format!(
+        "{name}: kill -9 reached a watcher as FAILED in {:?} ({reason})",
+        killed.elapsed()
+    ));
     let list = c
         .list_vms(pb::ListVmsRequest::default())
         .await

@@ -28,7 +28,11 @@ use super::harness::{ALL_WIRES, Harness, Rng, Wire, client_for, create_req};
 type Msg = Result<pb::WatchVmsResponse, ConnectError>;
 
 /// Reads a watch into a channel, message by message, until it ends.
-fn watch(addr: SocketAddr, wire: Wire, req: pb::WatchVmsRequest) -> mpsc::UnboundedReceiver<Msg> {
+pub fn watch(
+    addr: SocketAddr,
+    wire: Wire,
+    req: pb::WatchVmsRequest,
+) -> mpsc::UnboundedReceiver<Msg> {
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         match client_for(addr, wire).watch_vms(req).await {
@@ -59,27 +63,27 @@ fn watch(addr: SocketAddr, wire: Wire, req: pb::WatchVmsRequest) -> mpsc::Unboun
     rx
 }
 
-async fn next(rx: &mut mpsc::UnboundedReceiver<Msg>) -> Msg {
+pub async fn next(rx: &mut mpsc::UnboundedReceiver<Msg>) -> Msg {
     tokio::time::timeout(Duration::from_secs(10), rx.recv())
         .await
         .expect("a watch message within 10 s")
         .expect("the watch is still open")
 }
 
-async fn next_ok(rx: &mut mpsc::UnboundedReceiver<Msg>) -> pb::WatchVmsResponse {
+pub async fn next_ok(rx: &mut mpsc::UnboundedReceiver<Msg>) -> pb::WatchVmsResponse {
     next(rx).await.expect("a message, not an error")
 }
 
-fn kind(m: &pb::WatchVmsResponse) -> T {
+pub fn kind(m: &pb::WatchVmsResponse) -> T {
     m.r#type.as_known().expect("known type")
 }
 
-fn vm_of(m: &pb::WatchVmsResponse) -> (&str, S) {
+pub fn vm_of(m: &pb::WatchVmsResponse) -> (&str, S) {
     let vm = m.vm.as_option().expect("a VM");
     (vm.vm_id.as_str(), vm.state.as_known().expect("known state"))
 }
 
-fn since(revision: u64) -> pb::WatchVmsRequest {
+pub fn since(revision: u64) -> pb::WatchVmsRequest {
     pb::WatchVmsRequest {
         since_revision: revision,
         ..Default::default()
