@@ -16,6 +16,7 @@ use crate::ports::BackendKind;
 
 use super::admission::VmLimits;
 use super::feed::WatchSettings;
+use crate::domain::restart::{RestartPolicy, RestartSettings};
 
 /// The prefix of every variable.
 pub const PREFIX: &str = "UNKEY_VMCP_";
@@ -134,6 +135,11 @@ variables! {
     WatchBuffer "WATCH_BUFFER" Text("1024"), "Changes queued per watcher; a watcher further behind is ended with resource_exhausted";
     MaxWatchers "MAX_WATCHERS" Text("1024"), "WatchVms streams open at once";
     WatchHeartbeatSeconds "WATCH_HEARTBEAT_SECONDS" Text("15"), "Heartbeat interval on a quiet WatchVms stream";
+    DefaultRestartPolicy "DEFAULT_RESTART_POLICY" Text("never"), "Restart policy of VMs that name none: never, on-failure or always";
+    RestartBackoffInitialMs "RESTART_BACKOFF_INITIAL_MS" Text("1000"), "Delay before a policy's first restart; doubled per restart in the window";
+    RestartBackoffMaxMs "RESTART_BACKOFF_MAX_MS" Text("60000"), "Longest delay between a policy's restarts";
+    RestartLimit "RESTART_LIMIT" Text("5"), "Restarts within RESTART_WINDOW_SECONDS before a VM is left FAILED (restart limit reached)";
+    RestartWindowSeconds "RESTART_WINDOW_SECONDS" Text("600"), "The crash-loop window";
 }
 
 impl Var {
@@ -324,6 +330,8 @@ pub struct Config {
     pub reserved_fds: Option<u64>,
     /// WatchVms history, queues, watcher cap and heartbeat.
     pub watch: WatchSettings,
+    /// Restart policy default, backoff and crash-loop limit.
+    pub restart: RestartSettings,
 }
 
 impl Config {
@@ -412,6 +420,7 @@ impl Config {
                     .value(WatchHeartbeatSeconds, number(1, 3600))
                     .map(Duration::from_secs)?,
             },
+            restart: restart_settings(&env)?,
         })
     }
 
@@ -472,6 +481,37 @@ fn vm_limits(env: &Env) -> Result<VmLimits, EnvError> {
         max_total_memory_mib: env
             .optional(MaxTotalMemoryMib, number(1, 1 << 40))?
             .unwrap_or_else(super::admission::default_total_memory_mib),
+    })
+}
+
+fn restart_settings(env: &Env) -> Result<RestartSettings, EnvError> {
+    use Var::*;
+    let ms = |v: &str| number(1, 3_600_000)(v).map(Duration::from_millis);
+    let initial = env.value(RestartBackoffInitialMs, ms)?;
+    let max = env.value(RestartBackoffMaxMs, ms)?;
+    if max < initial {
+        return Err(bad(
+            RestartBackoffMaxMs,
+            env.get(RestartBackoffMaxMs).unwrap_or_default(),
+            format!(
+                "at least UNKEY_VMCP_RESTART_BACKOFF_INITIAL_MS ({})",
+                initial.as_millis()
+            ),
+        ));
+    }
+    Ok(RestartSettings {
+        default_policy: env.value(DefaultRestartPolicy, |v: &str| match v.trim() {
+            "never" => Ok(RestartPolicy::Never),
+            "on-failure" => Ok(RestartPolicy::OnFailure),
+            "always" => Ok(RestartPolicy::Always),
+            _ => Err("one of: never, on-failure, always".to_owned()),
+        })?,
+        backoff_initial: initial,
+        backoff_max: max,
+        limit: env.value(RestartLimit, number(1, 1000))? as u32,
+        window: env
+            .value(RestartWindowSeconds, number(1, 86400))
+            .map(Duration::from_secs)?,
     })
 }
 

@@ -25,6 +25,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::feed::ChangeFeed;
 
+use crate::domain::restart::{Cause, RestartSettings};
 use crate::domain::{
     Admission, Command, Effect, Observation, Operation, Vm, VmError, VmSnapshot, VmState,
 };
@@ -82,6 +83,8 @@ pub struct Deps<H, S> {
     pub clock: Arc<dyn Clock>,
     /// Timeout of one hypervisor call.
     pub call_timeout: Duration,
+    /// Restart policy default, backoff and crash-loop limit.
+    pub restart: RestartSettings,
     /// Where recorded changes get their revision and reach watchers.
     pub feed: Arc<ChangeFeed>,
 }
@@ -94,6 +97,7 @@ impl<H, S> Clone for Deps<H, S> {
             telemetry: Arc::clone(&self.telemetry),
             clock: Arc::clone(&self.clock),
             call_timeout: self.call_timeout,
+            restart: self.restart,
             feed: Arc::clone(&self.feed),
         }
     }
@@ -217,6 +221,16 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
         (owner, view)
     }
 
+    /// Recovery found the VM's VMM gone for `cause`: its restart policy
+    /// boots it again (at once for a host restart).
+    pub async fn restart(&mut self, cause: Cause) {
+        let reason = self.vm.snapshot().reason.clone();
+        let wall = self.deps.clock.now_unix();
+        self.vm
+            .consider_restart(cause, reason, Instant::now(), wall);
+        self.publish().await;
+    }
+
     /// Recovery found the VM in `state`: records it, with the process that
     /// serves the VM now; a visible change reaches watchers. Transitions
     /// found at recovery are not counted as lifecycle events.
@@ -236,6 +250,7 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
         events_tx: VmmEventSink,
         events_rx: mpsc::UnboundedReceiver<VmmEvent>,
     ) -> (Self, watch::Receiver<Arc<VmView>>) {
+        let vm = vm.with_restarts(deps.restart);
         let mut view = VmView::of(vm.snapshot().clone());
         // Known before any sample; every sample keeps it.
         view.backend_info.insert(
@@ -371,6 +386,26 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
         if op == Operation::Create {
             return self.create().await;
         }
+        if op == Operation::Boot && self.vmm.is_none() {
+            // Recovery could not give this VM a handle: get a fresh one to boot it with.
+            let deps = self.deps.clone();
+            let h = &*deps.hypervisor;
+            let snap = self.vm.snapshot();
+            match timed_call(
+                h.kind(),
+                &*deps.telemetry,
+                "adopt",
+                deps.call_timeout,
+                h.adopt(&snap.id, &snap.config, None, self.events_tx.clone()),
+            )
+            .await
+            {
+                Ok((vmm, _)) => self.vmm = Some(vmm),
+                Err(e) => {
+                    tracing::warn!(vm.id = %snap.id, error = %e, "no VMM handle to boot the VM with");
+                }
+            }
+        }
         let kind = self.deps.hypervisor.kind();
         let tel = &*self.deps.telemetry;
         let t = self.deps.call_timeout;
@@ -459,6 +494,15 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
                     },
                     now,
                 );
+                if op == Operation::Boot && self.vm.restarting() {
+                    // The policy's own boot failed: back off and try again, or give up.
+                    self.vm.consider_restart(
+                        Cause::FailedStart,
+                        err.to_string(),
+                        Instant::now(),
+                        now,
+                    );
+                }
                 Err(err)
             }
         }
@@ -632,8 +676,19 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
                 });
                 tracing::warn!(vm.id = %self.vm.snapshot().id, pid, %state, %reason, "VMM process exited");
                 self.process = None;
-                self.vm
-                    .handle_observation(Observation::Exited { state, reason }, now);
+                self.vm.handle_observation(
+                    Observation::Exited {
+                        state,
+                        reason: reason.clone(),
+                    },
+                    now,
+                );
+                let cause = if state == VmState::Shutdown {
+                    Cause::Poweroff
+                } else {
+                    Cause::Crash
+                };
+                self.vm.consider_restart(cause, reason, Instant::now(), now);
             }
             VmmEvent::StateChanged { pid, state, reason } => {
                 if current != Some(pid) || state == self.vm.snapshot().state {

@@ -44,6 +44,8 @@ pub struct Security {
     pub api_socket: Option<std::path::PathBuf>,
     /// WatchVms history, queues, watcher cap and heartbeat.
     pub watch: super::feed::WatchSettings,
+    /// Restart policy default, backoff and crash-loop limit.
+    pub restart: crate::domain::restart::RestartSettings,
 }
 
 impl std::fmt::Debug for Security {
@@ -57,6 +59,7 @@ impl std::fmt::Debug for Security {
             .field("reserved_descriptors", &self.reserved_descriptors)
             .field("api_socket", &self.api_socket)
             .field("watch", &self.watch)
+            .field("restart", &self.restart)
             .finish()
     }
 }
@@ -88,6 +91,7 @@ impl Security {
             reserved_descriptors: None,
             api_socket: None,
             watch: super::feed::WatchSettings::default(),
+            restart: crate::domain::restart::RestartSettings::default(),
         }
     }
 
@@ -124,6 +128,7 @@ impl Security {
             reserved_descriptors: config.reserved_fds,
             api_socket: config.api_socket.clone(),
             watch: config.watch,
+            restart: config.restart,
         })
     }
 

@@ -159,7 +159,10 @@ pub async fn start<H: Hypervisor, S: VmStore>(
         opts.clock,
         opts.hypervisor_timeout,
         opts.security.admission,
-        opts.security.watch,
+        super::manager::Policies {
+            watch: opts.security.watch,
+            restart: opts.security.restart,
+        },
     );
     manager.set_descriptor_budget(budget);
     let health = Arc::new(

@@ -66,6 +66,8 @@ pub struct VmConfig {
     pub console: ConsoleConfig,
     /// Caller-owned labels, kept by VMCP and returned as given.
     pub metadata: BTreeMap<String, String>,
+    /// What VMCP does when the VM's VMM goes away without being asked to.
+    pub restart_policy: super::restart::RestartPolicy,
 }
 
 /// vCPU configuration.

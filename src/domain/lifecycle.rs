@@ -48,6 +48,7 @@ use std::time::{Duration, Instant};
 use super::config::VmConfig;
 use super::error::VmError;
 use super::id::VmId;
+use super::restart::{self, Cause, History, RestartPolicy, RestartSettings};
 
 /// A VM's lifecycle state as the VMM reported it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -300,6 +301,20 @@ pub enum VmEvent {
         /// Whether it succeeded.
         ok: bool,
     },
+    /// The restart policy booted the VM again.
+    Restarted {
+        /// The VM.
+        vm_id: VmId,
+        /// 1 for the first restart in the crash-loop window.
+        attempt: u32,
+        /// Why it had gone.
+        cause: Cause,
+    },
+    /// The restart policy gave up: too many restarts in the window.
+    RestartLimitReached {
+        /// The VM.
+        vm_id: VmId,
+    },
 }
 
 /// What the caller wants the VM to be; kept apart from what the VMM reports.
@@ -351,6 +366,19 @@ struct Timers {
     next_sample: Option<Instant>,
 }
 
+/// The restart policy's state for one VM.
+#[derive(Debug, Clone, Default)]
+struct Restarts {
+    settings: RestartSettings,
+    history: History,
+    /// When the next restart boots the VM.
+    due: Option<Instant>,
+    /// Why the VM went down, for the restart's event.
+    cause: Option<Cause>,
+    /// A boot started by the policy is in flight or just failed.
+    restarting: bool,
+}
+
 /// One VM's lifecycle core.
 #[derive(Debug)]
 pub struct Vm {
@@ -359,6 +387,7 @@ pub struct Vm {
     effects: VecDeque<Effect>,
     events: VecDeque<VmEvent>,
     timers: Timers,
+    restarts: Restarts,
 }
 
 impl Vm {
@@ -400,6 +429,73 @@ impl Vm {
                 sample_period: DEFAULT_SAMPLE_PERIOD,
                 next_sample: None,
             },
+            restarts: Restarts::default(),
+        }
+    }
+
+    /// Sets the host's restart settings (default policy, backoff, crash-loop limit).
+    pub fn with_restarts(mut self, settings: RestartSettings) -> Self {
+        self.restarts.settings = settings;
+        self
+    }
+
+    /// The restart policy in force for this VM.
+    pub fn restart_policy(&self) -> RestartPolicy {
+        self.snap
+            .config
+            .restart_policy
+            .or(self.restarts.settings.default_policy)
+    }
+
+    /// Whether a boot started by the restart policy is in flight (or just failed).
+    pub fn restarting(&self) -> bool {
+        self.restarts.restarting
+    }
+
+    /// The VMM went away for `cause` (`reason` says how): the restart policy
+    /// decides, at `now`, whether the VM is booted again and when. A restart
+    /// shows in the reason ("restarting (attempt N in D): …"); giving up
+    /// leaves the VM Failed with "restart limit reached: …".
+    pub fn consider_restart(&mut self, cause: Cause, reason: String, now: Instant, wall: i64) {
+        if self.snap.deleted {
+            return;
+        }
+        let r = &mut self.restarts;
+        let decision = restart::decide(
+            self.snap.config.restart_policy,
+            self.snap.desired,
+            cause,
+            &mut r.history,
+            now,
+            &r.settings,
+        );
+        match decision {
+            restart::Decision::Stay => {
+                r.restarting = false;
+                r.due = None;
+            }
+            restart::Decision::Restart { attempt, after } => {
+                r.due = Some(now + after);
+                r.cause = Some(cause);
+                let text = format!(
+                    "restarting (attempt {attempt} in {:.1} s): {reason}",
+                    after.as_secs_f64()
+                );
+                self.set_state(self.snap.state, text, wall);
+            }
+            restart::Decision::GiveUp => {
+                let (limit, window) = (r.settings.limit, r.settings.window.as_secs());
+                r.restarting = false;
+                r.due = None;
+                self.set_state(
+                    VmState::Failed,
+                    format!("restart limit reached ({limit} restarts in {window} s): {reason}"),
+                    wall,
+                );
+                self.events.push_back(VmEvent::RestartLimitReached {
+                    vm_id: self.snap.id.clone(),
+                });
+            }
         }
     }
 
@@ -419,7 +515,10 @@ impl Vm {
         if self.snap.deleted {
             return None;
         }
-        self.timers.next_sample
+        match (self.timers.next_sample, self.restarts.due) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Makes the next sample due at `now` (after an operation, so metrics and
@@ -434,10 +533,36 @@ impl Vm {
     /// operation is in flight (its completion reports the state anyway), and
     /// re-arms the sample timer one period later.
     pub fn handle_timeout(&mut self, now: Instant) {
+        if self.snap.deleted {
+            return;
+        }
+        if let Some(due) = self.restarts.due
+            && now >= due
+            && self.pending.is_none()
+        {
+            self.restarts.due = None;
+            if self.snap.desired == Desired::Running {
+                // The policy's boot: recorded in the crash-loop history when it starts.
+                let attempt = self
+                    .restarts
+                    .history
+                    .recent(now, self.restarts.settings.window)
+                    + 1;
+                self.restarts.history.record(now);
+                self.restarts.restarting = true;
+                self.pending = Some(Command::Boot);
+                self.effects.push_back(Effect::Perform(Command::Boot));
+                self.events.push_back(VmEvent::Restarted {
+                    vm_id: self.snap.id.clone(),
+                    attempt,
+                    cause: self.restarts.cause.unwrap_or(Cause::Crash),
+                });
+            }
+        }
         let Some(due) = self.timers.next_sample else {
             return;
         };
-        if now < due || self.snap.deleted {
+        if now < due {
             return;
         }
         if self.pending.is_none() && !self.effects.contains(&Effect::Sample) {
@@ -475,6 +600,10 @@ impl Vm {
         }
         use VmState as S;
         let verdict = match (cmd, state) {
+            // Stopping a VM the policy is about to restart cancels the restart.
+            (Command::Shutdown { .. }, S::Shutdown | S::Failed) if self.restarts.due.is_some() => {
+                Verdict::Accept
+            }
             // Create is queued by `Vm::creating` only; a VM that exists is created already.
             (Command::Create, S::Created | S::Running | S::Paused | S::Shutdown | S::Failed) => {
                 Verdict::Ignore
@@ -483,9 +612,10 @@ impl Vm {
                 Command::Delete { .. },
                 S::Created | S::Running | S::Paused | S::Shutdown | S::Failed,
             ) => Verdict::Accept,
-            (Command::Boot, S::Created | S::Shutdown) => Verdict::Accept,
+            // A Failed VM boots again from its stored config with a fresh VMM.
+            (Command::Boot, S::Created | S::Shutdown | S::Failed) => Verdict::Accept,
             (Command::Boot, S::Running) => Verdict::Ignore,
-            (Command::Boot, S::Paused | S::Failed) => Verdict::Deny,
+            (Command::Boot, S::Paused) => Verdict::Deny,
             (Command::Shutdown { .. }, S::Running | S::Paused) => Verdict::Accept,
             (Command::Shutdown { .. }, S::Shutdown) => Verdict::Ignore,
             (Command::Shutdown { .. }, S::Created | S::Failed) => Verdict::Deny,
@@ -502,6 +632,9 @@ impl Vm {
         };
         match verdict {
             Verdict::Accept => {
+                // The caller takes over: a scheduled restart is dropped.
+                self.restarts.due = None;
+                self.restarts.restarting = false;
                 self.pending = Some(cmd);
                 self.snap.desired = match cmd {
                     Command::Create => Desired::Created,
@@ -710,14 +843,151 @@ mod tests {
         );
         assert_eq!(v.snapshot().state, VmState::Failed);
         assert_eq!(v.snapshot().reason, "VMM exited with status 1");
-        assert!(matches!(
-            v.handle_command(Command::Boot, 3),
-            Admission::Denied(_)
-        ));
+        // No dead end: a Failed VM boots again (with a fresh VMM), keeping its
+        // reason until the boot succeeds.
+        assert_eq!(v.handle_command(Command::Boot, 3), Admission::Accepted);
+        assert_eq!(v.snapshot().reason, "VMM exited with status 1");
+        v.handle_observation(
+            Observation::Completed {
+                op: Operation::Boot,
+                reported: Some((VmState::Running, String::new())),
+                error: None,
+            },
+            4,
+        );
         assert_eq!(
-            v.handle_command(Command::Delete { force: false }, 3),
+            (v.snapshot().state, v.snapshot().reason.as_str()),
+            (VmState::Running, "")
+        );
+        assert_eq!(
+            v.handle_command(Command::Delete { force: false }, 5),
             Admission::Accepted
         );
+    }
+
+    fn running_with(policy: RestartPolicy) -> Vm {
+        let mut config = valid();
+        config.restart_policy = policy;
+        let mut v = Vm::new(VmId::parse("vm1").expect("id"), config, VmState::Running, 1)
+            .with_restarts(RestartSettings {
+                default_policy: RestartPolicy::Never,
+                backoff_initial: Duration::from_secs(1),
+                backoff_max: Duration::from_secs(4),
+                limit: 3,
+                window: Duration::from_secs(100),
+            });
+        v.snap.desired = Desired::Running;
+        v
+    }
+
+    fn crash(v: &mut Vm, now: Instant) {
+        v.handle_observation(
+            Observation::Exited {
+                state: VmState::Failed,
+                reason: "killed by signal 9".into(),
+            },
+            5,
+        );
+        v.consider_restart(Cause::Crash, "killed by signal 9".into(), now, 5);
+    }
+
+    #[test]
+    fn a_crash_under_on_failure_boots_again_after_the_backoff_then_gives_up_at_the_limit() {
+        let mut v = running_with(RestartPolicy::OnFailure);
+        let t0 = Instant::now();
+        let mut now = t0;
+        for attempt in 1..=3u32 {
+            crash(&mut v, now);
+            assert_eq!(v.snapshot().state, VmState::Failed);
+            assert!(
+                v.snapshot()
+                    .reason
+                    .starts_with(&format!("restarting (attempt {attempt} in ")),
+                "{}",
+                v.snapshot().reason
+            );
+            let due = v.poll_timeout().expect("a restart is scheduled");
+            assert_eq!(due, now + Duration::from_secs(1 << (attempt - 1)));
+            // Not before its time.
+            v.handle_timeout(due - Duration::from_millis(1));
+            assert_ne!(v.poll_effect(), Some(Effect::Perform(Command::Boot)));
+            v.handle_timeout(due);
+            assert_eq!(v.poll_effect(), Some(Effect::Perform(Command::Boot)));
+            assert!(v.restarting());
+            v.handle_observation(
+                Observation::Completed {
+                    op: Operation::Boot,
+                    reported: Some((VmState::Running, String::new())),
+                    error: None,
+                },
+                6,
+            );
+            assert_eq!(v.snapshot().state, VmState::Running);
+            now = due + Duration::from_secs(1);
+        }
+        // The fourth crash in the window: the limit.
+        crash(&mut v, now);
+        assert_eq!(v.snapshot().state, VmState::Failed);
+        assert!(
+            v.snapshot()
+                .reason
+                .starts_with("restart limit reached (3 restarts in 100 s): killed by signal 9"),
+            "{}",
+            v.snapshot().reason
+        );
+        assert_eq!(v.poll_timeout(), None);
+        let events: Vec<_> = std::iter::from_fn(|| v.poll_event()).collect();
+        assert_eq!(
+            events
+                .iter()
+                .filter(|e| matches!(e, VmEvent::Restarted { .. }))
+                .count(),
+            3
+        );
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, VmEvent::RestartLimitReached { .. }))
+        );
+    }
+
+    #[test]
+    fn no_policy_restarts_what_the_caller_stopped_and_never_restarts_nothing() {
+        // Never: a crash stays Failed.
+        let mut v = running_with(RestartPolicy::Never);
+        crash(&mut v, Instant::now());
+        assert_eq!(v.poll_timeout(), None);
+        assert_eq!(v.snapshot().reason, "killed by signal 9");
+        // Always, but the caller shut it down while a restart was scheduled: cancelled.
+        let mut v = running_with(RestartPolicy::Always);
+        let now = Instant::now();
+        crash(&mut v, now);
+        assert!(v.poll_timeout().is_some());
+        assert_eq!(
+            v.handle_command(
+                Command::Shutdown {
+                    force: true,
+                    timeout_secs: 0
+                },
+                6
+            ),
+            Admission::Accepted
+        );
+        assert_eq!(v.snapshot().desired, Desired::Stopped);
+        v.handle_timeout(now + Duration::from_secs(60));
+        assert_eq!(
+            v.poll_effect(),
+            Some(Effect::Perform(Command::Shutdown {
+                force: true,
+                timeout_secs: 0
+            }))
+        );
+        assert_eq!(v.poll_effect(), None, "no boot after an explicit shutdown");
+        // A paused VM whose VMM died is not resumed into running by a policy.
+        let mut v = running_with(RestartPolicy::Always);
+        v.snap.desired = Desired::Paused;
+        crash(&mut v, Instant::now());
+        assert_eq!(v.poll_timeout(), None);
     }
 
     #[test]
@@ -804,7 +1074,7 @@ mod tests {
         match op {
             // Only `Vm::creating` queues a create; an existing VM never admits one.
             Operation::Create => false,
-            Operation::Boot => matches!(s, Created | Shutdown),
+            Operation::Boot => matches!(s, Created | Shutdown | Failed),
             Operation::Shutdown => matches!(s, Running | Paused),
             Operation::Pause => s == Running,
             Operation::Resume => s == Paused,

@@ -7,6 +7,7 @@ pub mod error;
 pub mod id;
 pub mod lifecycle;
 pub mod recovery;
+pub mod restart;
 
 pub use config::{
     BootConfig, ConsoleConfig, CpuConfig, CpuTopology, MemoryConfig, NetworkInterface,

@@ -16,17 +16,29 @@
 //! | any      | any                                     | replacement       | adopt it (the VMM replaced just before a crash) |
 //! | Stopped  | any                                     | nothing           | Shutdown ("stopped while VMCP was down" unless it already was) |
 //! | any      | Shutdown or Failed                      | nothing           | keep state and reason                     |
-//! | any      | Created, Running or Paused              | nothing           | Failed ("VMM exited while VMCP was down") |
+//! | any      | Created or Paused                       | nothing           | Shutdown, bootable ("host restarted" / "VMM exited while VMCP was down", noting a pause) |
+//! | Running  | Running, policy restarts                | nothing           | restart it (Shutdown or Failed with the reason, then booted at once) |
+//! | any      | Running, host restarted                 | nothing           | Shutdown ("host restarted")                |
+//! | any      | Running                                 | nothing           | Failed ("VMM exited while VMCP was down") |
+//!
+//! "Host restarted" is what the host shows: the VM's VMM *and* its runtime
+//! directory are gone (the runtime directory lives on tmpfs, `/run/vmcp`,
+//! which a reboot empties); a VMM gone from a directory that is still
+//! there died while VMCP was down. A paused VM is never restarted by a
+//! policy (its pause was the caller's), nor one the caller stopped.
 //!
 //! A VM without a live VMM is never registered as Created, Running or Paused:
 //! there is nothing that could report such a state.
 
 use super::lifecycle::{Desired, VmSnapshot, VmState};
+use super::restart::RestartPolicy;
 
 /// The reason recorded for a VM whose VMM vanished while VMCP was down.
 pub const VMM_EXITED_WHILE_DOWN: &str = "VMM exited while VMCP was down";
 /// The reason recorded for a VM that was being stopped when VMCP went down.
 pub const STOPPED_WHILE_DOWN: &str = "stopped while VMCP was down";
+/// The reason recorded for a VM whose VMM vanished with its runtime directory.
+pub const HOST_RESTARTED: &str = "host restarted";
 
 /// What the host shows for one VM at start-up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -59,6 +71,14 @@ pub enum Decision {
     /// got an answer): end the live VMM, if any, and remove the record, so a
     /// retried CreateVm starts afresh instead of adopting a half-made VMM.
     RollBackCreate(Live),
+    /// Its VMM is gone and its restart policy brings it back: register it in
+    /// this state with this reason, then boot it at once.
+    Restart {
+        /// The state to record until the boot.
+        state: VmState,
+        /// Why it went down.
+        reason: String,
+    },
 }
 
 impl Decision {
@@ -67,15 +87,31 @@ impl Decision {
     pub fn disposes_of(&self, live: Live) -> bool {
         match self {
             Decision::Adopt(which) => *which == live && live != Live::Nothing,
-            Decision::Register { .. } => live == Live::Nothing,
+            Decision::Register { .. } | Decision::Restart { .. } => live == Live::Nothing,
             Decision::FinishDelete(which) | Decision::RollBackCreate(which) => *which == live,
         }
     }
 }
 
+/// What the host shows for one VM at start-up, besides its VMM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Host {
+    /// What runs.
+    pub live: Live,
+    /// The VM's runtime directory is gone too (the host restarted).
+    pub restarted: bool,
+}
+
 /// Decides what to do with the VM `record` (whose stored process identity
-/// exists when `has_process`) given what the host shows.
-pub fn decide(record: &VmSnapshot, has_process: bool, live: Live) -> Decision {
+/// exists when `has_process`) given what the host shows and the restart
+/// policy in force.
+pub fn decide(
+    record: &VmSnapshot,
+    has_process: bool,
+    host: Host,
+    policy: RestartPolicy,
+) -> Decision {
+    let live = host.live;
     if record.desired == Desired::Deleted {
         return Decision::FinishDelete(live);
     }
@@ -101,15 +137,43 @@ pub fn decide(record: &VmSnapshot, has_process: bool, live: Live) -> Decision {
             reason,
         };
     }
+    let gone = if host.restarted {
+        HOST_RESTARTED
+    } else {
+        VMM_EXITED_WHILE_DOWN
+    };
     match record.state {
         VmState::Shutdown | VmState::Failed => Decision::Register {
             state: record.state,
             reason: record.reason.clone(),
         },
-        VmState::Created | VmState::Running | VmState::Paused => Decision::Register {
-            state: VmState::Failed,
-            reason: VMM_EXITED_WHILE_DOWN.to_owned(),
+        VmState::Created => Decision::Register {
+            state: VmState::Shutdown,
+            reason: gone.to_owned(),
         },
+        VmState::Paused => Decision::Register {
+            state: VmState::Shutdown,
+            reason: format!("{gone} (the VM was paused)"),
+        },
+        VmState::Running => {
+            let state = if host.restarted {
+                VmState::Shutdown
+            } else {
+                VmState::Failed
+            };
+            let restarts = match policy {
+                RestartPolicy::OnFailure | RestartPolicy::Always => {
+                    record.desired == Desired::Running
+                }
+                RestartPolicy::Never | RestartPolicy::Unspecified => false,
+            };
+            let reason = gone.to_owned();
+            if restarts {
+                Decision::Restart { state, reason }
+            } else {
+                Decision::Register { state, reason }
+            }
+        }
     }
 }
 
@@ -269,8 +333,8 @@ mod tests {
                 true,
                 Live::Nothing,
                 Decision::Register {
-                    state: S::Failed,
-                    reason: VMM_EXITED_WHILE_DOWN.into(),
+                    state: S::Shutdown,
+                    reason: format!("{VMM_EXITED_WHILE_DOWN} (the VM was paused)"),
                 },
             ),
             (
@@ -280,18 +344,94 @@ mod tests {
                 true,
                 Live::Nothing,
                 Decision::Register {
-                    state: S::Failed,
+                    state: S::Shutdown,
                     reason: VMM_EXITED_WHILE_DOWN.into(),
                 },
             ),
         ];
         for (desired, state, generation, has_process, live, expected) in cases {
-            let got = decide(&record(*desired, *state, *generation), *has_process, *live);
+            let host = Host {
+                live: *live,
+                restarted: false,
+            };
+            let got = decide(
+                &record(*desired, *state, *generation),
+                *has_process,
+                host,
+                RestartPolicy::Never,
+            );
             assert_eq!(
                 &got, expected,
                 "{desired:?} {state:?} gen {generation} process {has_process} live {live:?}"
             );
         }
+    }
+
+    #[test]
+    fn after_a_host_restart_a_running_vm_follows_its_policy_and_nothing_is_failed() {
+        use Desired as D;
+        use VmState as S;
+        let host = Host {
+            live: Live::Nothing,
+            restarted: true,
+        };
+        let run = record(D::Running, S::Running, 4);
+        assert_eq!(
+            decide(&run, true, host, RestartPolicy::Never),
+            Decision::Register {
+                state: S::Shutdown,
+                reason: HOST_RESTARTED.into()
+            }
+        );
+        for p in [RestartPolicy::OnFailure, RestartPolicy::Always] {
+            assert_eq!(
+                decide(&run, true, host, p),
+                Decision::Restart {
+                    state: S::Shutdown,
+                    reason: HOST_RESTARTED.into()
+                }
+            );
+        }
+        // A VMM that died while VMCP was down (its directory is still there) is a crash.
+        let crashed = Host {
+            restarted: false,
+            ..host
+        };
+        assert_eq!(
+            decide(&run, true, crashed, RestartPolicy::OnFailure),
+            Decision::Restart {
+                state: S::Failed,
+                reason: VMM_EXITED_WHILE_DOWN.into()
+            }
+        );
+        // Never-booted and paused VMs become bootable, whatever the policy.
+        let created = record(D::Created, S::Created, 2);
+        let paused = record(D::Paused, S::Paused, 5);
+        for p in [RestartPolicy::Never, RestartPolicy::Always] {
+            assert_eq!(
+                decide(&created, true, host, p),
+                Decision::Register {
+                    state: S::Shutdown,
+                    reason: HOST_RESTARTED.into()
+                }
+            );
+            assert_eq!(
+                decide(&paused, true, host, p),
+                Decision::Register {
+                    state: S::Shutdown,
+                    reason: "host restarted (the VM was paused)".into()
+                }
+            );
+        }
+    }
+
+    fn arb_policy() -> impl Strategy<Value = RestartPolicy> {
+        prop_oneof![
+            Just(RestartPolicy::Unspecified),
+            Just(RestartPolicy::Never),
+            Just(RestartPolicy::OnFailure),
+            Just(RestartPolicy::Always),
+        ]
     }
 
     proptest! {
@@ -303,9 +443,12 @@ mod tests {
             generation in 0u64..6,
             has_process in any::<bool>(),
             live in arb_live(),
+            restarted in any::<bool>(),
+            policy in arb_policy(),
         ) {
             let rec = record(desired, state, generation);
-            let d = decide(&rec, has_process, live);
+            let host = Host { live, restarted };
+            let d = decide(&rec, has_process, host, policy);
             // No VMM process is left that belongs to no VM.
             prop_assert!(d.disposes_of(live), "{d:?} leaves {live:?} unaccounted");
             match &d {
@@ -319,6 +462,14 @@ mod tests {
                     prop_assert!(!reason.is_empty() || rec.reason.is_empty());
                     prop_assert!(live == Live::Nothing);
                 }
+                Decision::Restart { state: registered, reason } => {
+                    // Only a VM the caller wants running, under a policy that restarts.
+                    prop_assert_eq!(desired, Desired::Running);
+                    prop_assert!(matches!(policy, RestartPolicy::OnFailure | RestartPolicy::Always));
+                    prop_assert!(matches!(registered, VmState::Shutdown | VmState::Failed));
+                    prop_assert!(!reason.is_empty());
+                    prop_assert!(live == Live::Nothing);
+                }
                 Decision::FinishDelete(_) => prop_assert_eq!(desired, Desired::Deleted),
                 Decision::RollBackCreate(_) => {
                     prop_assert!(!has_process);
@@ -328,9 +479,15 @@ mod tests {
             // A failed adoption decides again with nothing live: never another adoption,
             // and the VM stays accounted for (registered or removed on purpose).
             if matches!(d, Decision::Adopt(_)) {
-                let again = decide(&rec, has_process, Live::Nothing);
-                let is_register = matches!(again, Decision::Register { .. });
+                let again = decide(&rec, has_process, Host { live: Live::Nothing, restarted }, policy);
+                let is_register = matches!(again, Decision::Register { .. } | Decision::Restart { .. });
                 prop_assert!(is_register, "{again:?}");
+            }
+            // After a host restart nothing newly turns Failed: a VM is Failed only if it was.
+            if restarted && live == Live::Nothing
+                && let Decision::Register { state: VmState::Failed, .. } | Decision::Restart { state: VmState::Failed, .. } = d
+            {
+                prop_assert_eq!(state, VmState::Failed);
             }
         }
     }

@@ -693,7 +693,8 @@ async fn a_killed_vmm_shows_failed_with_a_reason() {
     })
     .await
     .expect("boot");
-    h.double.kill("doomed");
+    let killed = h.double.kill("doomed");
+    assert_eq!(killed.len(), 1);
     let failed = eventually(Duration::from_secs(1), || {
         let c = c.clone();
         async move {
@@ -711,14 +712,18 @@ async fn a_killed_vmm_shows_failed_with_a_reason() {
     })
     .await;
     assert!(failed, "Failed with the reason within a second");
-    let denied = c
+    // No dead end: BootVm starts it again from its stored config in a fresh VMM.
+    let booted = c
         .boot_vm(pb::BootVmRequest {
             vm_id: "doomed".into(),
             ..Default::default()
         })
         .await
-        .expect_err("Failed VMs only delete");
-    assert_eq!(denied.code, ErrorCode::FailedPrecondition);
+        .expect("a Failed VM boots again")
+        .into_owned();
+    assert_eq!(state(booted.state), S::VM_STATE_RUNNING);
+    let fresh = h.double.pid_of("doomed").expect("a new VMM runs");
+    assert!(!killed.contains(&fresh), "a new pid, not the killed one");
     c.delete_vm(pb::DeleteVmRequest {
         vm_id: "doomed".into(),
         ..Default::default()

@@ -751,6 +751,23 @@ impl Double {
         self.host.mutate(|s| s.spawn(&id, VmState::Running, None))
     }
 
+    /// What a host reboot does (with VMCP stopped): every VMM ends, nobody
+    /// is told, and every runtime directory is gone (tmpfs).
+    pub fn host_reboot(&self) {
+        self.host.mutate(|s| {
+            let keys: Vec<Key> = s
+                .procs
+                .iter()
+                .filter(|(_, p)| p.alive)
+                .map(|(k, _)| *k)
+                .collect();
+            for k in keys {
+                s.end(k, VmState::Failed, "the host rebooted", false);
+            }
+            s.dirs.clear();
+        });
+    }
+
     /// Leaves a runtime directory for `vm` with no process (a create cut short).
     pub fn plant_stale_dir(&self, vm: &str) {
         let id = vm_id(vm);

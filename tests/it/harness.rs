@@ -62,6 +62,15 @@ impl Harness {
         Self::start_full(double, store, Security::open(), true).await
     }
 
+    /// A server over an existing double and store, protected by `security` (restart tests).
+    pub async fn start_with_security(
+        double: Arc<Double>,
+        store: Arc<MemoryStore>,
+        security: Security,
+    ) -> Self {
+        Self::start_full(double, store, security, true).await
+    }
+
     /// Like [`Harness::start_with`], but orphaned VMMs are only reported, never removed.
     pub async fn start_reporting_orphans(double: Arc<Double>, store: Arc<MemoryStore>) -> Self {
         Self::start_full(double, store, Security::open(), false).await

@@ -25,6 +25,7 @@ mod real_api;
 mod real_ch;
 mod real_env;
 mod real_fc;
+mod restart;
 mod robustness;
 mod tls_client;
 mod watch;

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use buffa::{EnumValue, MessageField};
 
+use crate::domain::restart::RestartPolicy;
 use crate::domain::{self, VmConfigError, VmError, VmId, VmSnapshot, VmState};
 use crate::ports::{VmDetails, VmMetrics, WatchEvent, WatchEventKind, WatchQuery};
 use crate::proto::vmm::v1 as pb;
@@ -105,6 +106,29 @@ pub fn config_in(c: &pb::VmConfig) -> domain::VmConfig {
             console_type: console.map(|c| c.console_type.clone()).unwrap_or_default(),
         },
         metadata: map_in(&c.metadata),
+        restart_policy: match c.restart_policy.as_known() {
+            Some(pb::RestartPolicy::RESTART_POLICY_NEVER) => RestartPolicy::Never,
+            Some(pb::RestartPolicy::RESTART_POLICY_ON_FAILURE) => RestartPolicy::OnFailure,
+            Some(pb::RestartPolicy::RESTART_POLICY_ALWAYS) => RestartPolicy::Always,
+            // Unknown numbers are refused by `VmConfig::validate` through `restart_policy_in`.
+            Some(pb::RestartPolicy::RESTART_POLICY_UNSPECIFIED) | None => {
+                RestartPolicy::Unspecified
+            }
+        },
+    }
+}
+
+/// Checks the wire restart policy: an unknown number is `invalid_argument` naming the field.
+pub fn restart_policy_in(c: &pb::VmConfig) -> Result<(), VmError> {
+    match c.restart_policy.as_known() {
+        Some(_) => Ok(()),
+        None => Err(VmError::InvalidArgument(VmConfigError::new(
+            "config.restart_policy",
+            format!(
+                "unknown value {}; use RESTART_POLICY_NEVER, _ON_FAILURE or _ALWAYS",
+                c.restart_policy.to_i32()
+            ),
+        ))),
     }
 }
 
@@ -174,6 +198,13 @@ pub fn config_out(c: &domain::VmConfig) -> pb::VmConfig {
             ..Default::default()
         }),
         metadata: map_out(&c.metadata),
+        restart_policy: match c.restart_policy {
+            RestartPolicy::Unspecified => pb::RestartPolicy::RESTART_POLICY_UNSPECIFIED,
+            RestartPolicy::Never => pb::RestartPolicy::RESTART_POLICY_NEVER,
+            RestartPolicy::OnFailure => pb::RestartPolicy::RESTART_POLICY_ON_FAILURE,
+            RestartPolicy::Always => pb::RestartPolicy::RESTART_POLICY_ALWAYS,
+        }
+        .into(),
         ..Default::default()
     }
 }

@@ -14,8 +14,8 @@ use crate::ports::{CreateVm, ListQuery, VmService};
 use crate::proto::vmm::v1 as pb;
 
 use super::convert::{
-    config_in, details_out, non_negative, optional_vm_id, state_filter_in, state_out, vm_id,
-    vm_info_out, watch_event_out, watch_query_in,
+    config_in, details_out, non_negative, optional_vm_id, restart_policy_in, state_filter_in,
+    state_out, vm_id, vm_info_out, watch_event_out, watch_query_in,
 };
 use super::errors::to_connect;
 
@@ -49,6 +49,9 @@ impl<S: VmService> pb::VmService for RpcService<S> {
     ) -> ServiceResult<pb::CreateVmResponse> {
         let req = request.to_owned_message();
         record_vm_id(&req.vm_id);
+        if let Some(c) = req.config.as_option() {
+            restart_policy_in(c).map_err(fail)?;
+        }
         let create = CreateVm {
             vm_id: optional_vm_id(&req.vm_id).map_err(fail)?,
             config: config_in(req.config.as_option().ok_or_else(|| {

@@ -27,6 +27,16 @@ use crate::ports::{
 use super::admission::{CreatePolicy, Footprint};
 use super::descriptors::{DescriptorBudget, VM_OPERATION_DESCRIPTORS};
 use super::feed::{ChangeFeed, WatchSettings};
+use crate::domain::restart::RestartSettings;
+
+/// Host-wide policies for VMs and watchers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Policies {
+    /// WatchVms history, queues, watcher cap and heartbeat.
+    pub watch: WatchSettings,
+    /// Restart policy default, backoff and crash-loop limit.
+    pub restart: RestartSettings,
+}
 use super::owner::{Deps, Owner, QUEUE_DEPTH, Request};
 
 use self::health::BackendHealthCache;
@@ -62,12 +72,12 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
             clock,
             call_timeout,
             CreatePolicy::unrestricted(),
-            WatchSettings::default(),
+            Policies::default(),
         )
     }
 
     /// A manager with no VMs that admits creates through `admission` (host
-    /// paths, limits) and serves watches within `watch`.
+    /// paths, limits) and applies `policies` (watchers, restarts).
     pub fn with_admission(
         hypervisor: Arc<H>,
         store: Arc<S>,
@@ -75,10 +85,10 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
         clock: Arc<dyn Clock>,
         call_timeout: Duration,
         admission: CreatePolicy,
-        watch: WatchSettings,
+        policies: Policies,
     ) -> Arc<Self> {
         // Revisions continue from the store's once recovery has read it.
-        let feed = ChangeFeed::new(0, watch, Arc::clone(&telemetry));
+        let feed = ChangeFeed::new(0, policies.watch, Arc::clone(&telemetry));
         Arc::new(Self {
             deps: Deps {
                 hypervisor,
@@ -86,6 +96,7 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
                 telemetry,
                 clock,
                 call_timeout,
+                restart: policies.restart,
                 feed,
             },
             registry: Registry::default(),

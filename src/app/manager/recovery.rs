@@ -10,7 +10,8 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use crate::domain::recovery::{Decision, Live, decide};
+use crate::domain::recovery::{Decision, Host, Live, decide};
+use crate::domain::restart::Cause;
 use crate::domain::{Vm, VmError, VmId, VmSnapshot};
 use crate::ports::{Hypervisor, VmStore, VmmProcess, WatchEventKind};
 
@@ -72,6 +73,7 @@ pub async fn recover<H: Hypervisor, S: VmStore>(
     let h = &*deps.hypervisor;
     let tel = &*deps.telemetry;
     let t = deps.call_timeout;
+    let mut discovery_failed = false;
     let mut found: BTreeMap<VmId, Option<VmmProcess>> = match timed_call(
         h.kind(),
         tel,
@@ -84,16 +86,26 @@ pub async fn recover<H: Hypervisor, S: VmStore>(
         Ok(list) => list.into_iter().map(|d| (d.id, d.process)).collect(),
         Err(e) => {
             tracing::warn!(error = %e, "could not scan for VMM processes; orphans are not cleaned up");
+            discovery_failed = true;
             BTreeMap::new()
         }
     };
     let mut done = Recovered::default();
     for rec in records {
         let id = rec.snapshot.id.clone();
-        let discovered = found.remove(&id).flatten();
+        let listed = found.remove(&id);
+        // Its VMM and its runtime directory are both gone: the host restarted.
+        let restarted = listed.is_none() && !discovery_failed;
+        let discovered = listed.flatten();
         let (live, candidate) = live_process(rec.process.as_ref(), discovered);
         let has_process = rec.process.is_some();
-        let mut decision = decide(&rec.snapshot, has_process, live);
+        let policy = rec
+            .snapshot
+            .config
+            .restart_policy
+            .or(deps.restart.default_policy);
+        let host = |live| Host { live, restarted };
+        let mut decision = decide(&rec.snapshot, has_process, host(live), policy);
         tracing::debug!(vm.id = %id, ?live, ?decision, "recovery decision");
         let events = event_channel();
         let mut adopted = None;
@@ -115,11 +127,17 @@ pub async fn recover<H: Hypervisor, S: VmStore>(
                 Ok(pair) => adopted = Some(pair),
                 Err(e) => {
                     tracing::warn!(vm.id = %id, error = %e, "the VM's VMM cannot be adopted");
-                    decision = decide(&rec.snapshot, has_process, Live::Nothing);
+                    decision = decide(&rec.snapshot, has_process, host(Live::Nothing), policy);
                 }
             }
         }
+        // A restart is a registration whose owner then boots the VM.
+        let (decision, restart) = match decision {
+            Decision::Restart { state, reason } => (Decision::Register { state, reason }, true),
+            d => (d, false),
+        };
         match decision {
+            Decision::Restart { .. } => {}
             Decision::FinishDelete(_) | Decision::RollBackCreate(_) => {
                 let what = if matches!(decision, Decision::FinishDelete(_)) {
                     "completed a delete interrupted by a restart"
@@ -157,6 +175,7 @@ pub async fn recover<H: Hypervisor, S: VmStore>(
                             events,
                             state,
                             reason,
+                            None,
                         )
                         .await;
                         done.without_vmm += 1;
@@ -182,6 +201,7 @@ pub async fn recover<H: Hypervisor, S: VmStore>(
                     events,
                     reported.state,
                     reason,
+                    None,
                 )
                 .await;
                 done.adopted += 1;
@@ -211,6 +231,11 @@ pub async fn recover<H: Hypervisor, S: VmStore>(
                     events,
                     state,
                     reason,
+                    restart.then_some(if restarted {
+                        Cause::HostRestart
+                    } else {
+                        Cause::Crash
+                    }),
                 )
                 .await;
                 done.without_vmm += 1;
@@ -273,10 +298,14 @@ async fn register<H: Hypervisor, S: VmStore>(
     ),
     state: crate::domain::VmState,
     reason: String,
+    restart: Option<Cause>,
 ) {
     let id = snap.id.clone();
     let (mut owner, view) = Owner::recovered(Vm::restore(snap), stored, vmm, deps.clone(), events);
     owner.settle(state, reason).await;
+    if let Some(cause) = restart {
+        owner.restart(cause).await;
+    }
     let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
     tokio::spawn(owner.run(rx, None));
     registry.insert(id, Entry { tx, view });

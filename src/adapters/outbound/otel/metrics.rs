@@ -47,6 +47,7 @@ pub struct VmInstruments {
     connections_refused: Counter<u64>,
     connections_timed_out: Counter<u64>,
     watchers: UpDownCounter<i64>,
+    restarts: Counter<u64>,
     watch_sent: Counter<u64>,
     watch_dropped: Counter<u64>,
     counts: VmCounts,
@@ -121,6 +122,13 @@ impl VmInstruments {
                     "Client connections VMCP closed: header, idle or TLS handshake timeout",
                 )
                 .with_unit("{connection}")
+                .build(),
+            restarts: meter
+                .u64_counter("vmcp.vm.restarts")
+                .with_description(
+                    "Boots by a restart policy, by why the VM had gone (crash, poweroff, host_restart, failed_start); limit_reached when it gave up",
+                )
+                .with_unit("{restart}")
                 .build(),
             watchers: meter
                 .i64_up_down_counter("vmcp.watch.watchers")
@@ -205,6 +213,12 @@ impl VmInstruments {
             TelemetryEvent::ConnectionTimedOut { reason } => self
                 .connections_timed_out
                 .add(1, &[KeyValue::new("reason", *reason)]),
+            TelemetryEvent::Vm(VmEvent::Restarted { cause, .. }) => self
+                .restarts
+                .add(1, &[KeyValue::new("cause", cause.as_str())]),
+            TelemetryEvent::Vm(VmEvent::RestartLimitReached { .. }) => self
+                .restarts
+                .add(1, &[KeyValue::new("cause", "limit_reached")]),
             TelemetryEvent::WatchersOpen { delta } => self.watchers.add(*delta, &[]),
             TelemetryEvent::WatchSent { kind } => {
                 self.watch_sent.add(1, &[KeyValue::new("type", *kind)])

@@ -837,6 +837,7 @@ mod tests {
                 console_type: "serial".into(),
             },
             metadata: map(&[("owner", "deploy"), ("tier", "gold")]),
+            restart_policy: crate::domain::restart::RestartPolicy::OnFailure,
         }
     }
 
@@ -1628,6 +1629,11 @@ mod tests {
                         console_type: String::new(),
                     },
                     metadata,
+                    restart_policy: if flag {
+                        crate::domain::restart::RestartPolicy::Always
+                    } else {
+                        crate::domain::restart::RestartPolicy::Unspecified
+                    },
                 },
             )
     }

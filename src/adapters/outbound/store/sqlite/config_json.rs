@@ -11,6 +11,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::domain::restart::RestartPolicy;
+
 use crate::domain::{
     BootConfig, ConsoleConfig, CpuConfig, CpuTopology, MemoryConfig, NetworkInterface,
     StorageDevice, VmConfig,
@@ -36,6 +38,17 @@ struct ConfigJson {
     network: Vec<NetworkJson>,
     console: ConsoleJson,
     metadata: BTreeMap<String, String>,
+    /// Absent in records written before restart policies (and for the host default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    restart_policy: Option<PolicyJson>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum PolicyJson {
+    Never,
+    OnFailure,
+    Always,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -113,6 +126,7 @@ impl From<&VmConfig> for ConfigJson {
             network,
             console,
             metadata,
+            restart_policy,
         } = c;
         Self {
             cpu: cpu.into(),
@@ -122,6 +136,12 @@ impl From<&VmConfig> for ConfigJson {
             network: network.iter().map(NetworkJson::from).collect(),
             console: console.into(),
             metadata: metadata.clone(),
+            restart_policy: match restart_policy {
+                RestartPolicy::Unspecified => None,
+                RestartPolicy::Never => Some(PolicyJson::Never),
+                RestartPolicy::OnFailure => Some(PolicyJson::OnFailure),
+                RestartPolicy::Always => Some(PolicyJson::Always),
+            },
         }
     }
 }
@@ -136,6 +156,7 @@ impl From<ConfigJson> for VmConfig {
             network,
             console,
             metadata,
+            restart_policy,
         } = c;
         Self {
             cpu: cpu.into(),
@@ -145,6 +166,12 @@ impl From<ConfigJson> for VmConfig {
             network: network.into_iter().map(NetworkInterface::from).collect(),
             console: console.into(),
             metadata,
+            restart_policy: match restart_policy {
+                None => RestartPolicy::Unspecified,
+                Some(PolicyJson::Never) => RestartPolicy::Never,
+                Some(PolicyJson::OnFailure) => RestartPolicy::OnFailure,
+                Some(PolicyJson::Always) => RestartPolicy::Always,
+            },
         }
     }
 }
