@@ -845,3 +845,148 @@ async fn put_on_socket(socket: &Path, path: &str) -> String {
         .unwrap_or("")
         .to_owned()
 }
+
+fn create_with_policy(id: &str, guest: &Path, policy: pb::RestartPolicy) -> pb::CreateVmRequest {
+    let mut req = create(id, guest);
+    if let Some(c) = req.config.as_option_mut() {
+        c.restart_policy = policy.into();
+    }
+    req
+}
+
+/// A VMM killed with -9 under on-failure comes back Running with a new pid;
+/// then a simulated host restart (VMCP stopped, every VMM killed, the
+/// runtime directory emptied, VMCP started again): the on-failure and always
+/// VMs run again in fresh VMMs, the never VM is SHUTDOWN "host restarted" and
+/// boots on request; every pid any VM ever had is gone after the deletes.
+async fn host_restart_by_policy(kind: Kind) {
+    use pb::RestartPolicy as P;
+    let name = format!("real_{kind:?}_host_restart_by_policy").to_lowercase();
+    let Some(env) = env(kind, &name) else { return };
+    let mut s = server(kind, &env).await;
+    let c = client_for(s.addr, Wire::ConnectProto);
+    let vms = [
+        ("never", P::RESTART_POLICY_NEVER),
+        ("onf", P::RESTART_POLICY_ON_FAILURE),
+        ("always", P::RESTART_POLICY_ALWAYS),
+    ];
+    let mut ever: Vec<u32> = Vec::new();
+    for (id, p) in vms {
+        c.create_vm(create_with_policy(id, &env.kernel, p))
+            .await
+            .expect("create");
+        c.boot_vm(pb::BootVmRequest {
+            vm_id: id.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("boot");
+        ever.push(vmm_pid(&info_of(&c, id).await));
+    }
+    // kill -9 under on-failure: back, in a new VMM (the default backoff starts at 1 s).
+    let old = vmm_pid(&info_of(&c, "onf").await);
+    std::process::Command::new("kill")
+        .args(["-9", &old.to_string()])
+        .status()
+        .expect("kill");
+    let back = eventually(Duration::from_secs(8), || {
+        let c = c.clone();
+        async move {
+            let i = info_of(&c, "onf").await;
+            st(i.state) == S::VM_STATE_RUNNING && pid_of(&i).is_some_and(|p| p != &old.to_string())
+        }
+    })
+    .await;
+    let i = info_of(&c, "onf").await;
+    assert!(back, "{name}: {:?} {}", st(i.state), i.state_reason);
+    ever.push(vmm_pid(&i));
+    // The host restarts.
+    if let Some(r) = s.running.take() {
+        r.shutdown().await;
+    }
+    for p in vmcp::adapters::outbound::vmm::discovery::scan(s.runtime.path())
+        .expect("scan")
+        .into_iter()
+        .filter_map(|f| f.process)
+    {
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &p.pid.to_string()])
+            .status();
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let ever = ever.clone();
+            async move { ever.iter().all(|p| !pid_alive(*p)) }
+        })
+        .await
+    );
+    for e in std::fs::read_dir(s.runtime.path()).expect("runtime dir") {
+        let path = e.expect("entry").path();
+        if path.is_dir() {
+            std::fs::remove_dir_all(&path).expect("empty the runtime dir");
+        } else {
+            std::fs::remove_file(&path).expect("empty the runtime dir");
+        }
+    }
+    let (runtime, store) = (Arc::clone(&s.runtime), Arc::clone(&s.store));
+    s.handed_over = true;
+    drop(s);
+    let s = server_on(kind, &env, runtime, store).await;
+    let c = client_for(s.addr, Wire::ConnectProto);
+    for id in ["onf", "always"] {
+        let up = eventually(Duration::from_secs(8), || {
+            let c = c.clone();
+            async move { st(info_of(&c, id).await.state) == S::VM_STATE_RUNNING }
+        })
+        .await;
+        let i = info_of(&c, id).await;
+        assert!(up, "{name}: {id} {:?} {}", st(i.state), i.state_reason);
+        let pid = vmm_pid(&i);
+        assert!(!ever.contains(&pid), "{name}: {id} runs in a fresh VMM");
+        ever.push(pid);
+    }
+    let never = info_of(&c, "never").await;
+    assert_eq!(
+        (st(never.state), never.state_reason.as_str()),
+        (S::VM_STATE_SHUTDOWN, "host restarted"),
+        "{name}"
+    );
+    c.boot_vm(pb::BootVmRequest {
+        vm_id: "never".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("boot after the host restart");
+    ever.push(vmm_pid(&info_of(&c, "never").await));
+    say(&format!(
+        "{name}: kill -9 restarted in a new VMM; after the host restart on-failure and always run again, never is SHUTDOWN \"host restarted\" and booted on request"
+    ));
+    for (id, _) in vms {
+        c.delete_vm(pb::DeleteVmRequest {
+            vm_id: id.into(),
+            force: true,
+            ..Default::default()
+        })
+        .await
+        .expect("delete");
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let ever = ever.clone();
+            async move { ever.iter().all(|p| !pid_alive(*p)) }
+        })
+        .await,
+        "{name}: every pid any VM ever had is gone"
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_ch_restart_policies_through_a_kill_and_a_host_restart() {
+    host_restart_by_policy(Kind::Ch).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_fc_restart_policies_through_a_kill_and_a_host_restart() {
+    host_restart_by_policy(Kind::Fc).await;
+}
