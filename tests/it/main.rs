@@ -21,6 +21,7 @@ mod firecracker;
 mod harness;
 mod otel;
 mod ownership;
+mod packaging;
 mod real_api;
 mod real_ch;
 mod real_env;
