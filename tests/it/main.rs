@@ -28,3 +28,4 @@ mod real_env;
 mod real_fc;
 mod robustness;
 mod tls_client;
+mod vmcpctl;
