@@ -786,3 +786,21 @@ async fn completions_and_the_man_page_come_from_the_command_definitions() {
         "{version:?}"
     );
 }
+
+#[tokio::test]
+async fn the_readme_documents_the_exit_codes_that_help_prints() {
+    let help = vmcpctl_env(&[], &["--help"]).await.ok();
+    let readme = include_str!("../../README.md").replace('`', "");
+    let table: Vec<&str> = help
+        .stdout
+        .lines()
+        .skip_while(|l| *l != "Exit codes:")
+        .skip(1)
+        .collect();
+    assert_eq!(table.len(), 9, "{}", help.stdout);
+    for line in table {
+        let (code, meaning) = line.trim().split_once("  ").expect("code and meaning");
+        let row = format!("| {code} | {meaning} |");
+        assert!(readme.contains(&row), "README.md has {row:?}");
+    }
+}

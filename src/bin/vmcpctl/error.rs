@@ -19,13 +19,11 @@ pub const EXIT_CODES: &[(u8, &str)] = &[
     (NOT_FOUND, "not found: no such VM"),
     (
         INVALID,
-        "invalid argument, or failed precondition (the VM's state does not allow it; a --wait \
-         whose VM failed)",
+        "invalid argument or failed precondition (not in this state; the VM failed during --wait)",
     ),
     (
         UNAVAILABLE,
-        "unavailable: cannot connect, server or VMM unavailable, deadline exceeded, resource \
-         exhausted (retry later)",
+        "unavailable: cannot connect, server or VMM unavailable, deadline exceeded, resource exhausted",
     ),
     (
         DENIED,
