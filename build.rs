@@ -1,7 +1,10 @@
 //! Generates the vmm.v1 message types and service stubs from proto/ with
-//! protox (pure Rust, so no system protoc is needed) and connectrpc-build.
+//! protox (pure Rust, so no system protoc is needed) and connectrpc-build,
+//! and records the git revision the binaries are built from
+//! (`VMCP_GIT_REVISION`, printed by `--version`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use prost::Message;
 
@@ -25,4 +28,42 @@ fn main() {
         .compile()
         .expect("connectrpc code generation");
     println!("cargo:rerun-if-changed=proto");
+    println!("cargo:rustc-env=VMCP_GIT_REVISION={}", git_revision());
+}
+
+/// The commit being built: `VMCP_GIT_REVISION` when the packager sets it,
+/// else `git rev-parse`, else "unknown" (a source tarball has no .git).
+fn git_revision() -> String {
+    println!("cargo:rerun-if-env-changed=VMCP_GIT_REVISION");
+    if let Ok(rev) = std::env::var("VMCP_GIT_REVISION")
+        && !rev.trim().is_empty()
+    {
+        return rev.trim().to_owned();
+    }
+    let Some(rev) = git(&["rev-parse", "--short=12", "HEAD"]) else {
+        return "unknown".to_owned();
+    };
+    // Run again when HEAD moves: HEAD itself (checkout), the branch it names
+    // (commit), packed refs. Only files that exist: a missing one would make
+    // cargo run this script on every build.
+    let mut watched: Vec<PathBuf> = Vec::new();
+    if let Some(dir) = git(&["rev-parse", "--git-dir"]) {
+        watched.push(Path::new(&dir).join("HEAD"));
+    }
+    if let Some(common) = git(&["rev-parse", "--git-common-dir"]) {
+        watched.push(Path::new(&common).join("packed-refs"));
+        if let Some(branch) = git(&["symbolic-ref", "-q", "HEAD"]) {
+            watched.push(Path::new(&common).join(branch));
+        }
+    }
+    for path in watched.iter().filter(|p| p.exists()) {
+        println!("cargo:rerun-if-changed={}", path.display());
+    }
+    rev
+}
+
+fn git(args: &[&str]) -> Option<String> {
+    let out = Command::new("git").args(args).output().ok()?;
+    let text = String::from_utf8(out.stdout).ok()?;
+    (out.status.success() && !text.trim().is_empty()).then(|| text.trim().to_owned())
 }
