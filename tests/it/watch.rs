@@ -825,3 +825,40 @@ async fn watchers_on_every_protocol_mirror_the_host_through_random_operations_cr
     }
     h.stop().await;
 }
+
+#[tokio::test]
+async fn a_watch_needs_the_token_like_every_vm_call() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("token");
+    let token = "watch-token-0123456789abcdef0123456789";
+    std::fs::write(&path, format!("{token}\n")).expect("write");
+    let security = Security {
+        auth: vmcp::adapters::inbound::auth::AuthPolicy {
+            token: Some(
+                vmcp::adapters::inbound::auth::BearerToken::from_file(&path).expect("token"),
+            ),
+            require_client_cert: false,
+        },
+        ..Security::open()
+    };
+    let h = Harness::start_secured(security).await;
+    for wire in ALL_WIRES {
+        let e = match h.client(wire).watch_vms(since(0)).await {
+            Err(e) => e,
+            Ok(mut s) => s.message().await.expect_err("refused without a token"),
+        };
+        assert_eq!(e.code, ErrorCode::Unauthenticated, "{wire:?}: {e:?}");
+        let mut s = h
+            .client_with_token(wire, token)
+            .watch_vms(since(0))
+            .await
+            .expect("with the token");
+        let m = s.message().await.expect("a message").expect("not the end");
+        assert_eq!(
+            m.to_owned_message().r#type.as_known(),
+            Some(T::WATCH_EVENT_TYPE_SYNCED),
+            "{wire:?}"
+        );
+    }
+    h.stop().await;
+}
