@@ -454,7 +454,7 @@ impl Vm {
 
     /// The VMM went away for `cause` (`reason` says how): the restart policy
     /// decides, at `now`, whether the VM is booted again and when. A restart
-    /// shows in the reason ("restarting (attempt N in D): …"); giving up
+    /// shows in the reason ("restarting (attempt N) in D s: …"); giving up
     /// leaves the VM Failed with "restart limit reached: …".
     pub fn consider_restart(&mut self, cause: Cause, reason: String, now: Instant, wall: i64) {
         if self.snap.deleted {
@@ -478,7 +478,7 @@ impl Vm {
                 r.due = Some(now + after);
                 r.cause = Some(cause);
                 let text = format!(
-                    "restarting (attempt {attempt} in {:.1} s): {reason}",
+                    "restarting (attempt {attempt}) in {:.1} s: {reason}",
                     after.as_secs_f64()
                 );
                 self.set_state(self.snap.state, text, wall);
@@ -902,7 +902,7 @@ mod tests {
             assert!(
                 v.snapshot()
                     .reason
-                    .starts_with(&format!("restarting (attempt {attempt} in ")),
+                    .starts_with(&format!("restarting (attempt {attempt}) in ")),
                 "{}",
                 v.snapshot().reason
             );

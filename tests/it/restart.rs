@@ -298,6 +298,8 @@ async fn a_vmm_that_dies_on_every_start_ends_failed_after_the_limit_backing_off(
     for _ in 0..10 {
         h.double.fail_respawn("loop");
     }
+    let mut w = super::watch::watch(h.addr, Wire::Grpc, super::watch::since(0));
+    super::watch::next_ok(&mut w).await;
     let started = Instant::now();
     h.double.kill("loop");
     // Visible while it happens.
@@ -309,6 +311,17 @@ async fn a_vmm_that_dies_on_every_start_ends_failed_after_the_limit_backing_off(
     })
     .await;
     assert!(restarting, "the restart shows in the reason");
+    // And reaches watchers as a change, attempt by attempt.
+    let mut attempts = Vec::new();
+    while attempts.len() < 3 {
+        let m = super::watch::next_ok(&mut w).await;
+        if let Some(vm) = m.vm.as_option()
+            && let Some(rest) = vm.state_reason.strip_prefix("restarting (attempt ")
+        {
+            attempts.push(rest.chars().next().unwrap());
+        }
+    }
+    assert_eq!(attempts, ['1', '2', '3']);
     let gave_up = eventually(Duration::from_secs(5), || async {
         info(&h, "loop")
             .await
