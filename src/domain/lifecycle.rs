@@ -478,8 +478,9 @@ impl Vm {
                 r.due = Some(now + after);
                 r.cause = Some(cause);
                 let text = format!(
-                    "restarting (attempt {attempt}) in {:.1} s: {reason}",
-                    after.as_secs_f64()
+                    "restarting (attempt {attempt}) in {:.1} s: {}",
+                    after.as_secs_f64(),
+                    restart::underlying(&reason)
                 );
                 self.set_state(self.snap.state, text, wall);
             }
@@ -487,6 +488,10 @@ impl Vm {
                 let (limit, window) = (r.settings.limit, r.settings.window.as_secs());
                 r.restarting = false;
                 r.due = None;
+                // No longer wanted running by the policy: a restart of VMCP does not
+                // start the loop again; a BootVm does.
+                self.snap.desired = Desired::Stopped;
+                let reason = restart::underlying(&reason).to_owned();
                 self.set_state(
                     VmState::Failed,
                     format!("restart limit reached ({limit} restarts in {window} s): {reason}"),

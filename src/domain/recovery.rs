@@ -15,6 +15,7 @@
 //! | any      | any                                     | recorded          | adopt it                                  |
 //! | any      | any                                     | replacement       | adopt it (the VMM replaced just before a crash) |
 //! | Stopped  | any                                     | nothing           | Shutdown ("stopped while VMCP was down" unless it already was) |
+//! | Running  | Failed (Shutdown: always), policy restarts | nothing        | restart it (a restart was due when VMCP went down) |
 //! | any      | Shutdown or Failed                      | nothing           | keep state and reason                     |
 //! | any      | Created or Paused                       | nothing           | Shutdown, bootable ("host restarted" / "VMM exited while VMCP was down", noting a pause) |
 //! | Running  | Running, policy restarts                | nothing           | restart it (Shutdown or Failed with the reason, then booted at once) |
@@ -31,7 +32,7 @@
 //! there is nothing that could report such a state.
 
 use super::lifecycle::{Desired, VmSnapshot, VmState};
-use super::restart::RestartPolicy;
+use super::restart::{self, RestartPolicy};
 
 /// The reason recorded for a VM whose VMM vanished while VMCP was down.
 pub const VMM_EXITED_WHILE_DOWN: &str = "VMM exited while VMCP was down";
@@ -142,7 +143,24 @@ pub fn decide(
     } else {
         VMM_EXITED_WHILE_DOWN
     };
+    let restarts = |cause_is_poweroff: bool| {
+        record.desired == Desired::Running
+            && match policy {
+                RestartPolicy::OnFailure => !cause_is_poweroff,
+                RestartPolicy::Always => true,
+                RestartPolicy::Never | RestartPolicy::Unspecified => false,
+            }
+    };
     match record.state {
+        // Down before VMCP went down, with a restart due (VMCP stopped during its
+        // backoff): the restart still happens. A VM the policy gave up on is no
+        // longer desired running, so it stays.
+        VmState::Shutdown | VmState::Failed if restarts(record.state == VmState::Shutdown) => {
+            Decision::Restart {
+                state: record.state,
+                reason: restart::underlying(&record.reason).to_owned(),
+            }
+        }
         VmState::Shutdown | VmState::Failed => Decision::Register {
             state: record.state,
             reason: record.reason.clone(),
@@ -161,14 +179,8 @@ pub fn decide(
             } else {
                 VmState::Failed
             };
-            let restarts = match policy {
-                RestartPolicy::OnFailure | RestartPolicy::Always => {
-                    record.desired == Desired::Running
-                }
-                RestartPolicy::Never | RestartPolicy::Unspecified => false,
-            };
             let reason = gone.to_owned();
-            if restarts {
+            if restarts(false) {
                 Decision::Restart { state, reason }
             } else {
                 Decision::Register { state, reason }
@@ -404,6 +416,35 @@ mod tests {
                 reason: VMM_EXITED_WHILE_DOWN.into()
             }
         );
+        // VMCP went down while a restart was due: it still happens, with the underlying reason.
+        let mut due = record(D::Running, S::Failed, 6);
+        due.reason = "restarting (attempt 2) in 2.0 s: killed by signal 9".into();
+        assert_eq!(
+            decide(&due, false, crashed, RestartPolicy::OnFailure),
+            Decision::Restart {
+                state: S::Failed,
+                reason: "killed by signal 9".into()
+            }
+        );
+        let mut off = record(D::Running, S::Shutdown, 6);
+        off.reason = "guest powered off".into();
+        assert!(matches!(
+            decide(&off, false, crashed, RestartPolicy::OnFailure),
+            Decision::Register { .. }
+        ));
+        assert!(matches!(
+            decide(&off, false, crashed, RestartPolicy::Always),
+            Decision::Restart { .. }
+        ));
+        // Given up on (no longer desired running): stays Failed.
+        let given_up = record(D::Stopped, S::Failed, 7);
+        assert!(matches!(
+            decide(&given_up, false, crashed, RestartPolicy::Always),
+            Decision::Register {
+                state: S::Failed,
+                ..
+            }
+        ));
         // Never-booted and paused VMs become bootable, whatever the policy.
         let created = record(D::Created, S::Created, 2);
         let paused = record(D::Paused, S::Paused, 5);

@@ -132,6 +132,19 @@ pub fn backoff(attempt: u32, s: &RestartSettings) -> Duration {
         .min(s.backoff_max)
 }
 
+/// The reason under any "restarting (attempt N) in D s: " prefixes, so a
+/// reason carried across a restart does not nest.
+pub fn underlying(reason: &str) -> &str {
+    let mut r = reason;
+    while let Some(rest) = r.strip_prefix("restarting (attempt ") {
+        match rest.split_once(": ") {
+            Some((_, inner)) => r = inner,
+            None => break,
+        }
+    }
+    r
+}
+
 /// When recent restarts happened (those older than the window are forgotten).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct History {
@@ -276,6 +289,17 @@ mod tests {
                 after: Duration::ZERO
             }
         );
+    }
+
+    #[test]
+    fn the_underlying_reason_loses_every_restart_prefix() {
+        assert_eq!(
+            underlying(
+                "restarting (attempt 2) in 0.4 s: restarting (attempt 1) in 0.0 s: host restarted"
+            ),
+            "host restarted"
+        );
+        assert_eq!(underlying("killed by signal 9"), "killed by signal 9");
     }
 
     #[test]

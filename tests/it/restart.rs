@@ -355,3 +355,37 @@ async fn a_vmm_that_dies_on_every_start_ends_failed_after_the_limit_backing_off(
     );
     h.stop().await;
 }
+
+#[tokio::test]
+async fn a_restart_due_when_vmcp_stops_still_happens_after_it_starts_again() {
+    let double = Arc::new(Double::new());
+    let store = Arc::new(MemoryStore::new());
+    // A long backoff: the restart cannot happen before VMCP stops.
+    let mut slow = security(RestartPolicy::OnFailure);
+    slow.restart.backoff_initial = Duration::from_secs(30);
+    slow.restart.backoff_max = Duration::from_secs(30);
+    let h = Harness::start_with_security(Arc::clone(&double), Arc::clone(&store), slow).await;
+    let c = h.client(Wire::ConnectProto);
+    c.create_vm(create_req("due")).await.expect("create");
+    boot(&h, "due").await.expect("boot");
+    let killed = double.kill("due");
+    let ok = eventually(Duration::from_secs(2), || async {
+        info(&h, "due")
+            .await
+            .state_reason
+            .starts_with("restarting (attempt 1) in 30.0 s: ")
+    })
+    .await;
+    assert!(ok, "{}", info(&h, "due").await.state_reason);
+    h.stop().await;
+    let h = Harness::start_with_security(
+        Arc::clone(&double),
+        Arc::clone(&store),
+        security(RestartPolicy::OnFailure),
+    )
+    .await;
+    let i = until_state(&h, "due", S::VM_STATE_RUNNING).await;
+    let pid: u32 = i.backend_info["vmm_pid"].parse().unwrap();
+    assert!(!killed.contains(&pid));
+    h.stop().await;
+}

@@ -233,6 +233,8 @@ pub async fn recover<H: Hypervisor, S: VmStore>(
                     reason,
                     restart.then_some(if restarted {
                         Cause::HostRestart
+                    } else if state == crate::domain::VmState::Shutdown {
+                        Cause::Poweroff
                     } else {
                         Cause::Crash
                     }),
