@@ -636,48 +636,20 @@ mod tests {
         };
         let mut s = feed.subscribe(q, Vec::new).await.expect("watch");
         assert_eq!(take(&mut s, 1).await[0].0, WatchEventKind::Synced);
-        change(&feed, WatchEventKind::Added, "a", None, VmState::Created).await; // 1: not wanted
-        change(
-            &feed,
-            WatchEventKind::Changed,
-            "b",
-            Some(VmState::Created),
-            VmState::Running,
-        )
-        .await; // 2: other VM
-        change(
-            &feed,
-            WatchEventKind::Changed,
-            "a",
-            Some(VmState::Created),
-            VmState::Running,
-        )
-        .await; // 3: into
-        change(
-            &feed,
-            WatchEventKind::Changed,
-            "a",
-            Some(VmState::Running),
-            VmState::Paused,
-        )
-        .await; // 4: out of
-        change(
-            &feed,
-            WatchEventKind::Changed,
-            "a",
-            Some(VmState::Paused),
-            VmState::Shutdown,
-        )
-        .await; // 5: neither
-        change(
-            &feed,
-            WatchEventKind::Deleted,
-            "a",
-            Some(VmState::Shutdown),
-            VmState::Shutdown,
-        )
-        .await; // 6
-        change(&feed, WatchEventKind::Added, "a", None, VmState::Running).await; // 7: into
+        use VmState::*;
+        use WatchEventKind::*;
+        let changes = [
+            (Added, "a", None, Created),              // 1: not wanted
+            (Changed, "b", Some(Created), Running),   // 2: another VM
+            (Changed, "a", Some(Created), Running),   // 3: into Running
+            (Changed, "a", Some(Running), Paused),    // 4: out of Running
+            (Changed, "a", Some(Paused), Shutdown),   // 5: neither
+            (Deleted, "a", Some(Shutdown), Shutdown), // 6: neither
+            (Added, "a", None, Running),              // 7: into Running
+        ];
+        for (kind, id, before, state) in changes {
+            change(&feed, kind, id, before, state).await;
+        }
         assert_eq!(
             take(&mut s, 3)
                 .await

@@ -194,6 +194,7 @@ mod tests {
     use super::*;
     use crate::domain::VmId;
     use crate::domain::config::tests::valid;
+    use crate::domain::restart::tests::{arb_desired, arb_policy};
     use proptest::prelude::*;
 
     fn record(desired: Desired, state: VmState, generation: u64) -> VmSnapshot {
@@ -209,16 +210,6 @@ mod tests {
             deleted: false,
             revision: 7,
         }
-    }
-
-    fn arb_desired() -> impl Strategy<Value = Desired> {
-        prop_oneof![
-            Just(Desired::Created),
-            Just(Desired::Running),
-            Just(Desired::Paused),
-            Just(Desired::Stopped),
-            Just(Desired::Deleted),
-        ]
     }
 
     fn arb_state() -> impl Strategy<Value = VmState> {
@@ -464,15 +455,6 @@ mod tests {
                 }
             );
         }
-    }
-
-    fn arb_policy() -> impl Strategy<Value = RestartPolicy> {
-        prop_oneof![
-            Just(RestartPolicy::Unspecified),
-            Just(RestartPolicy::Never),
-            Just(RestartPolicy::OnFailure),
-            Just(RestartPolicy::Always),
-        ]
     }
 
     proptest! {

@@ -211,7 +211,7 @@ pub fn decide(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
@@ -310,7 +310,7 @@ mod tests {
         assert_eq!(backoff(u32::MAX, &s), s.backoff_max);
     }
 
-    fn arb_policy() -> impl Strategy<Value = RestartPolicy> {
+    pub(crate) fn arb_policy() -> impl Strategy<Value = RestartPolicy> {
         prop_oneof![
             Just(RestartPolicy::Unspecified),
             Just(RestartPolicy::Never),
@@ -319,7 +319,7 @@ mod tests {
         ]
     }
 
-    fn arb_desired() -> impl Strategy<Value = Desired> {
+    pub(crate) fn arb_desired() -> impl Strategy<Value = Desired> {
         prop_oneof![
             Just(Desired::Created),
             Just(Desired::Running),

@@ -153,6 +153,18 @@ impl Harness {
         }
     }
 
+    /// GetVmInfo of `id` over Connect binary; panics if it fails.
+    pub async fn info(&self, id: &str) -> pb::GetVmInfoResponse {
+        self.client(Wire::ConnectProto)
+            .get_vm_info(pb::GetVmInfoRequest {
+                vm_id: id.into(),
+                ..Default::default()
+            })
+            .await
+            .expect("info")
+            .into_owned()
+    }
+
     /// A client speaking `wire`.
     pub fn client(&self, wire: Wire) -> VmServiceClient<HttpClient> {
         self.client_inner(wire, None)

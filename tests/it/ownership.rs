@@ -23,14 +23,7 @@ fn st(v: buffa::EnumValue<S>) -> S {
 }
 
 async fn info(h: &Harness, id: &str) -> pb::GetVmInfoResponse {
-    h.client(Wire::ConnectProto)
-        .get_vm_info(pb::GetVmInfoRequest {
-            vm_id: id.into(),
-            ..Default::default()
-        })
-        .await
-        .expect("info")
-        .into_owned()
+    h.info(id).await
 }
 
 fn shown_pid(i: &pb::GetVmInfoResponse) -> Option<u32> {

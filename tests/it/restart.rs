@@ -43,14 +43,7 @@ fn create_with(id: &str, policy: pb::RestartPolicy) -> pb::CreateVmRequest {
 }
 
 async fn info(h: &Harness, id: &str) -> pb::GetVmInfoResponse {
-    h.client(Wire::ConnectProto)
-        .get_vm_info(pb::GetVmInfoRequest {
-            vm_id: id.into(),
-            ..Default::default()
-        })
-        .await
-        .expect("info")
-        .into_owned()
+    h.info(id).await
 }
 
 fn st(i: &pb::GetVmInfoResponse) -> S {
