@@ -11,6 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use vmcp::adapters::outbound::store::memory::MemoryStore;
+use vmcp::app::security::Security;
+use vmcp::domain::restart::{RestartPolicy, RestartSettings};
 use vmcp::ports::HypervisorError;
 use vmcp::proto::vmm::v1 as pb;
 use vmcp::proto::vmm::v1::VmState as S;
@@ -288,11 +290,30 @@ async fn check(h: &Harness, d: &Double, when: &str) {
     }
 }
 
-async fn random_run(make: fn() -> Double, name: &str) {
+/// The server's policies for a run: the seed's (restart policy never), or
+/// every VM restarted by `always` with a short backoff.
+fn policies(always: bool) -> Security {
+    let mut s = Security::open();
+    if always {
+        s.restart = RestartSettings {
+            default_policy: RestartPolicy::Always,
+            backoff_initial: Duration::from_millis(5),
+            backoff_max: Duration::from_millis(50),
+            limit: 4,
+            window: Duration::from_secs(2),
+        };
+    }
+    s
+}
+
+async fn random_run(make: fn() -> Double, name: &str, always: bool) {
     let mut rng = Rng::from_env(name);
     let store = Arc::new(MemoryStore::new());
     let mut double = Arc::new(make());
-    let mut h = Harness::start_with(Arc::clone(&double), Arc::clone(&store)).await;
+    let start = |d: &Arc<Double>| {
+        Harness::start_with_security(Arc::clone(d), Arc::clone(&store), policies(always))
+    };
+    let mut h = start(&double).await;
     for round in 0..6 {
         for _ in 0..25 {
             if rng.below(4) == 0 {
@@ -305,8 +326,12 @@ async fn random_run(make: fn() -> Double, name: &str) {
         double.reset();
         check(&h, &double, &format!("round {round}, before the restart")).await;
         h.stop().await;
+        if always && rng.below(3) == 0 {
+            // The host reboots while VMCP is down: every VMM and runtime directory goes.
+            double.host_reboot();
+        }
         double = Arc::new(double.restarted());
-        h = Harness::start_with(Arc::clone(&double), Arc::clone(&store)).await;
+        h = start(&double).await;
         check(&h, &double, &format!("round {round}, after the restart")).await;
     }
     let c = h.client(Wire::ConnectProto);
@@ -336,6 +361,19 @@ async fn random_operations_faults_and_restarts_keep_every_vm_accounted_for_ch() 
     random_run(
         Double::new,
         "random_operations_faults_and_restarts_keep_every_vm_accounted_for_ch",
+        false,
+    )
+    .await;
+}
+
+/// The same under restart policy `always` (crashes, poweroffs and host
+/// reboots bring VMs back on their own, racing the callers' operations).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_operations_with_policy_always_and_host_reboots_keep_every_vm_accounted_for() {
+    random_run(
+        Double::new,
+        "random_operations_with_policy_always_and_host_reboots_keep_every_vm_accounted_for",
+        true,
     )
     .await;
 }
@@ -345,6 +383,7 @@ async fn random_operations_faults_and_restarts_keep_every_vm_accounted_for_fc() 
     random_run(
         Double::firecracker,
         "random_operations_faults_and_restarts_keep_every_vm_accounted_for_fc",
+        false,
     )
     .await;
 }
