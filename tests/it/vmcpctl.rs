@@ -804,3 +804,60 @@ async fn the_readme_documents_the_exit_codes_that_help_prints() {
         assert!(readme.contains(&row), "README.md has {row:?}");
     }
 }
+
+#[tokio::test]
+async fn create_sets_the_restart_policy_and_info_shows_it() {
+    let h = Harness::start().await;
+    let kernel = ["--kernel", "/var/lib/vmcp/kernel.elf"];
+    vmcpctl(
+        &h,
+        &[
+            &["create", "vm-o", "--restart-policy", "on-failure"][..],
+            &kernel,
+        ]
+        .concat(),
+    )
+    .await
+    .ok();
+    let info = vmcpctl(&h, &["info", "vm-o", "-o", "json"])
+        .await
+        .ok()
+        .json();
+    assert_eq!(
+        info["config"]["restartPolicy"], "RESTART_POLICY_ON_FAILURE",
+        "{info}"
+    );
+    let text = vmcpctl(&h, &["info", "vm-o"]).await.ok();
+    assert!(
+        text.stdout
+            .lines()
+            .any(|l| l.starts_with("Restart policy:") && l.ends_with(" on-failure")),
+        "{text:?}"
+    );
+    vmcpctl(&h, &[&["create", "vm-d"][..], &kernel].concat())
+        .await
+        .ok();
+    let default = vmcpctl(&h, &["info", "vm-d"]).await.ok();
+    assert!(
+        default
+            .stdout
+            .lines()
+            .any(|l| l.starts_with("Restart policy:") && l.ends_with(" host default")),
+        "{default:?}"
+    );
+    let bad = vmcpctl(
+        &h,
+        &[
+            &["create", "vm-x", "--restart-policy", "sometimes"][..],
+            &kernel,
+        ]
+        .concat(),
+    )
+    .await;
+    assert_eq!(bad.code, 2, "{bad:?}");
+    assert!(
+        bad.stderr.contains("on-failure"),
+        "names the choices: {bad:?}"
+    );
+    h.stop().await;
+}

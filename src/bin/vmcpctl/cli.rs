@@ -163,7 +163,8 @@ pub struct CreateArgs {
     /// a VmConfig or a whole CreateVmRequest ({"vmId": ..., "config": ...}), in the API's
     /// proto3 JSON field names. Unknown fields are refused.
     #[arg(long, short, value_name = "FILE", conflicts_with_all = [
-        "vcpus", "memory", "kernel", "initrd", "cmdline", "disks", "nets", "metadata", "console"
+        "vcpus", "memory", "kernel", "initrd", "cmdline", "disks", "nets", "metadata", "console",
+        "restart_policy"
     ])]
     pub file: Option<PathBuf>,
     /// Number of vCPUs.
@@ -193,8 +194,23 @@ pub struct CreateArgs {
     /// Record the serial console (its output path is in `info`).
     #[arg(long)]
     pub console: bool,
+    /// What VMCP does when the VM's VMM goes away unasked (default: the host's
+    /// UNKEY_VMCP_DEFAULT_RESTART_POLICY, itself never).
+    #[arg(long, value_enum, value_name = "POLICY")]
+    pub restart_policy: Option<RestartPolicy>,
     #[command(flatten)]
     pub wait: WaitArgs,
+}
+
+/// `create --restart-policy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RestartPolicy {
+    /// A VMM that dies leaves the VM FAILED.
+    Never,
+    /// Boot it again when its VMM is killed or exits non-zero, or vanished with the host.
+    OnFailure,
+    /// As on-failure, and also after the guest powered off or reset.
+    Always,
 }
 
 /// `shutdown`.
