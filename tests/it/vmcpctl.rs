@@ -1095,6 +1095,127 @@ async fn watch_resumes_after_a_server_restart_from_the_revision_it_printed() {
     h.stop().await;
 }
 
+/// Counts the watchers the server opened.
+#[derive(Default)]
+struct WatchersOpened(std::sync::atomic::AtomicU64);
+
+impl vmcp::ports::Telemetry for WatchersOpened {
+    fn record(&self, event: vmcp::ports::TelemetryEvent) {
+        if let vmcp::ports::TelemetryEvent::WatchersOpen { delta } = event
+            && delta > 0
+        {
+            self.0
+                .fetch_add(delta.unsigned_abs(), std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
+#[tokio::test]
+async fn wait_resolves_through_a_watch_of_the_vm() {
+    let opened = std::sync::Arc::new(WatchersOpened::default());
+    let h = Harness::start_observed(Security::open(), opened.clone()).await;
+    let c = h.client(Wire::ConnectProto);
+    c.create_vm(create_req("vm-r")).await.expect("create");
+    let booted = vmcpctl(
+        &h,
+        &[
+            "boot",
+            "vm-r",
+            "--wait",
+            "running",
+            "--timeout",
+            "10s",
+            "-o",
+            "json",
+        ],
+    )
+    .await
+    .ok();
+    assert_eq!(booted.json()["state"], "VM_STATE_RUNNING");
+    let watchers = opened.0.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        watchers >= 1,
+        "the wait watched the VM ({watchers} watchers)"
+    );
+    // A state reached while waiting, by another client: the watch sees the change.
+    let addr = format!("http://{}", h.addr);
+    let waiter = tokio::spawn(async move {
+        vmcpctl_env(
+            &[("VMCP_ADDRESS", &addr)],
+            &["info", "vm-r", "--wait", "paused", "--timeout", "20s"],
+        )
+        .await
+    });
+    assert!(
+        super::harness::eventually(Duration::from_secs(10), || async {
+            opened.0.load(std::sync::atomic::Ordering::SeqCst) > watchers
+        })
+        .await,
+        "the second wait is watching"
+    );
+    c.pause_vm(pb::PauseVmRequest {
+        vm_id: "vm-r".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("pause");
+    let run = waiter.await.unwrap().ok();
+    assert!(
+        run.stdout.contains("State:") && run.stdout.contains("PAUSED"),
+        "{run:?}"
+    );
+    // delete --wait: the watch's initial list no longer has the VM.
+    vmcpctl(&h, &["delete", "vm-r", "--wait", "--timeout", "10s"])
+        .await
+        .ok();
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn wait_polls_a_server_without_watch_vms() {
+    use tower::ServiceExt as _;
+    // The server answers WatchVms as a server that does not have it (HTTP 404: unimplemented).
+    let h = Harness::start_wrapped(Box::new(|inner| {
+        tower::util::BoxCloneService::new(tower::service_fn(
+            move |req: http::Request<hyper::body::Incoming>| {
+                let inner = inner.clone();
+                async move {
+                    if req.uri().path().ends_with("/WatchVms") {
+                        let body = http_body_util::BodyExt::boxed_unsync(http_body_util::Full::<
+                            bytes::Bytes,
+                        >::default(
+                        ));
+                        let mut resp = http::Response::new(body);
+                        *resp.status_mut() = http::StatusCode::NOT_FOUND;
+                        return Ok(resp);
+                    }
+                    inner.oneshot(req).await
+                }
+            },
+        ))
+    }))
+    .await;
+    let watch = vmcpctl(&h, &["watch"]).await;
+    assert_eq!(watch.code, 1, "watch itself needs WatchVms: {watch:?}");
+    assert!(watch.stderr.contains("unimplemented"), "{watch:?}");
+    let c = h.client(Wire::ConnectProto);
+    c.create_vm(create_req("vm-p")).await.expect("create");
+    let booted = vmcpctl(&h, &["boot", "vm-p", "--wait", "--timeout", "10s"])
+        .await
+        .ok();
+    assert_eq!(booted.stdout, "vm-p\tRUNNING\n");
+    let timed_out = vmcpctl(
+        &h,
+        &["info", "vm-p", "--wait", "paused", "--timeout", "300ms"],
+    )
+    .await;
+    assert_eq!(timed_out.code, 8, "{timed_out:?}");
+    assert!(timed_out.stderr.contains("RUNNING"), "{timed_out:?}");
+    let missing = vmcpctl(&h, &["info", "ghost", "--wait", "--timeout", "5s"]).await;
+    assert_eq!(missing.code, 3, "{missing:?}");
+    h.stop().await;
+}
+
 #[tokio::test]
 async fn create_sets_the_restart_policy_and_info_shows_it() {
     let h = Harness::start().await;
