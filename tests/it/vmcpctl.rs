@@ -1042,7 +1042,12 @@ async fn watch_since_a_revision_no_longer_kept_exits_4_saying_list_again() {
     let too_old = vmcpctl(&h, &["watch", "--since", "1"]).await;
     assert_eq!(too_old.code, 4, "{too_old:?}");
     assert!(too_old.stderr.contains("out_of_range"), "{too_old:?}");
-    assert!(too_old.stderr.contains("list again"), "{too_old:?}");
+    assert!(
+        too_old
+            .stderr
+            .contains("list again: `vmcpctl list -o json`"),
+        "vmcpctl says how to list again: {too_old:?}"
+    );
     assert!(too_old.stdout.is_empty(), "{too_old:?}");
     // A revision still kept replays what followed it.
     let mut w = Watcher::spawn(h.addr, &["--since", "3", "-o", "json"]);
