@@ -11,7 +11,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-use vmcp::adapters::inbound::server::RpcLimits;
+use vmcp::adapters::inbound::server::{RpcHttpService, RpcLimits};
 use vmcp::adapters::outbound::store::memory::MemoryStore;
 use vmcp::app::security::Security;
 use vmcp::app::wiring::{Running, StartOptions, start};
@@ -41,6 +41,9 @@ pub const ALL_WIRES: [Wire; 4] = [
     Wire::Grpc,
     Wire::GrpcWeb,
 ];
+
+/// Wraps the server's RPC route (see [`StartOptions::wrap_rpc`]).
+pub type WrapRpc = Box<dyn FnOnce(RpcHttpService) -> RpcHttpService + Send>;
 
 /// A running server over the test double.
 pub struct Harness {
@@ -100,6 +103,39 @@ impl Harness {
         .await
     }
 
+    /// A fresh server whose RPC route is wrapped by `wrap` (a server missing an RPC, say).
+    #[allow(dead_code)] // used by some test modules only
+    pub async fn start_wrapped(wrap: WrapRpc) -> Self {
+        Self::start_at(
+            Arc::new(Double::new()),
+            Arc::new(MemoryStore::new()),
+            Security::open(),
+            Arc::new(NoopTelemetry),
+            "127.0.0.1:0".parse().unwrap(),
+            wrap,
+        )
+        .await
+    }
+
+    /// A server over an existing double and store on a given address: the same
+    /// server restarted where its clients reconnect.
+    #[allow(dead_code)] // used by some test modules only
+    pub async fn restart_at(
+        double: Arc<Double>,
+        store: Arc<MemoryStore>,
+        addr: SocketAddr,
+    ) -> Self {
+        Self::start_at(
+            double,
+            store,
+            Security::open(),
+            Arc::new(NoopTelemetry),
+            addr,
+            Box::new(|s| s),
+        )
+        .await
+    }
+
     async fn start_full(
         double: Arc<Double>,
         store: Arc<MemoryStore>,
@@ -123,11 +159,43 @@ impl Harness {
         remove_orphans: bool,
         telemetry: Arc<dyn Telemetry>,
     ) -> Self {
+        Self::start_options(
+            double,
+            store,
+            security,
+            remove_orphans,
+            telemetry,
+            "127.0.0.1:0".parse().unwrap(),
+            Box::new(|s| s),
+        )
+        .await
+    }
+
+    async fn start_at(
+        double: Arc<Double>,
+        store: Arc<MemoryStore>,
+        security: Security,
+        telemetry: Arc<dyn Telemetry>,
+        addr: SocketAddr,
+        wrap: WrapRpc,
+    ) -> Self {
+        Self::start_options(double, store, security, true, telemetry, addr, wrap).await
+    }
+
+    async fn start_options(
+        double: Arc<Double>,
+        store: Arc<MemoryStore>,
+        security: Security,
+        remove_orphans: bool,
+        telemetry: Arc<dyn Telemetry>,
+        addr: SocketAddr,
+        wrap_rpc: WrapRpc,
+    ) -> Self {
         let running = start(
             Arc::clone(&double),
             Arc::clone(&store),
             StartOptions {
-                addr: "127.0.0.1:0".parse().unwrap(),
+                addr,
                 limits: RpcLimits {
                     max_request_bytes: MAX_REQUEST_BYTES,
                     max_deadline: Duration::from_secs(30),
@@ -137,7 +205,7 @@ impl Harness {
                 remove_orphans,
                 telemetry,
                 telemetry_status: Arc::new(|| "disabled".to_owned()),
-                wrap_rpc: Box::new(|s| s),
+                wrap_rpc,
                 clock: Arc::new(SystemClock),
                 on_vm_counts: None,
                 security,

@@ -531,6 +531,11 @@ async fn list_pages_and_follows_every_page_with_all() {
         .json();
     assert_eq!(ids(&all), ["vm-0", "vm-1", "vm-2", "vm-3", "vm-4"]);
     assert!(all.get("nextPageToken").is_none(), "{all}");
+    assert_eq!(
+        all["revision"], first["revision"],
+        "the merged list keeps the first page's revision, to watch from"
+    );
+    assert_eq!(first["revision"], "6", "five creates and a boot");
 
     let running = vmcpctl(&h, &["list", "--state", "running", "-o", "json"])
         .await
@@ -803,4 +808,472 @@ async fn the_readme_documents_the_exit_codes_that_help_prints() {
         let row = format!("| {code} | {meaning} |");
         assert!(readme.contains(&row), "README.md has {row:?}");
     }
+}
+
+/// A `vmcpctl watch` running in the background, its stdout read line by line.
+struct Watcher {
+    child: tokio::process::Child,
+    stdout: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+impl Watcher {
+    fn spawn(addr: std::net::SocketAddr, args: &[&str]) -> Self {
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_vmcpctl"))
+            .env_clear()
+            .env("VMCP_ADDRESS", format!("http://{addr}"))
+            .arg("watch")
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("vmcpctl watch starts");
+        let stdout = child.stdout.take().expect("stdout is piped");
+        Self {
+            child,
+            stdout: tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout)),
+        }
+    }
+
+    /// The next line it prints.
+    async fn line(&mut self) -> String {
+        tokio::time::timeout(Duration::from_secs(20), self.stdout.next_line())
+            .await
+            .expect("a line within 20 s")
+            .expect("stdout reads")
+            .expect("the watch is still printing")
+    }
+
+    /// The next JSON line that is not a heartbeat.
+    async fn event(&mut self) -> Value {
+        loop {
+            let line = self.line().await;
+            let doc: Value = serde_json::from_str(&line)
+                .unwrap_or_else(|e| panic!("one JSON document per line ({e}): {line}"));
+            if doc["type"] != "WATCH_EVENT_TYPE_HEARTBEAT" {
+                return doc;
+            }
+        }
+    }
+
+    /// Ctrl-C (SIGINT, by its pid), then how it exited.
+    async fn interrupt(self) -> Run {
+        let pid = self.child.id().expect("still running (not waited for yet)");
+        let sent = tokio::process::Command::new("kill")
+            .args(["-INT", &pid.to_string()])
+            .status()
+            .await
+            .expect("kill runs");
+        assert!(sent.success(), "SIGINT sent to {pid}");
+        self.finish().await
+    }
+
+    /// Waits for it to exit by itself.
+    async fn finish(self) -> Run {
+        let out = tokio::time::timeout(Duration::from_secs(20), self.child.wait_with_output())
+            .await
+            .expect("vmcpctl watch exits within 20 s")
+            .expect("vmcpctl watch is waited for");
+        Run {
+            code: out.status.code().expect("exited, not killed by a signal"),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
+/// A uint64 in proto3 JSON (a string).
+fn rev(v: &Value) -> u64 {
+    v.as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("a uint64 as a string: {v}"))
+}
+
+/// `(type, id, state)` of a watch event, without the prefixes.
+fn event_of(doc: &Value) -> (String, String, String) {
+    let text = |v: &Value, prefix: &str| {
+        v.as_str()
+            .map(|s| s.trim_start_matches(prefix).to_owned())
+            .unwrap_or_default()
+    };
+    (
+        text(&doc["type"], "WATCH_EVENT_TYPE_"),
+        text(&doc["vm"]["vmId"], ""),
+        text(&doc["vm"]["state"], "VM_STATE_"),
+    )
+}
+
+fn ev(kind: &str, id: &str, state: &str) -> (String, String, String) {
+    (kind.to_owned(), id.to_owned(), state.to_owned())
+}
+
+#[tokio::test]
+async fn watch_prints_changes_made_by_another_client_as_json_lines() {
+    let h = Harness::start().await;
+    let c = h.client(Wire::ConnectProto);
+    c.create_vm(create_req("before")).await.expect("create");
+    let mut w = Watcher::spawn(h.addr, &["-o", "json"]);
+    // Live only: SYNCED at the host's revision, and nothing about `before`.
+    let synced = w.event().await;
+    assert_eq!(event_of(&synced), ev("SYNCED", "", ""));
+    let mut last = rev(&synced["revision"]);
+    assert_eq!(last, 1, "one change so far: {synced}");
+
+    c.create_vm(create_req("a")).await.expect("create");
+    c.boot_vm(pb::BootVmRequest {
+        vm_id: "a".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("boot");
+    c.delete_vm(pb::DeleteVmRequest {
+        vm_id: "a".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("delete");
+    let mut got = Vec::new();
+    loop {
+        let doc = w.event().await;
+        let revision = rev(&doc["revision"]);
+        assert!(revision > last, "revisions increase: {doc}");
+        assert_eq!(rev(&doc["vm"]["revision"]), revision, "{doc}");
+        last = revision;
+        got.push(event_of(&doc));
+        if got.last().is_some_and(|e| e.0 == "DELETED") {
+            break;
+        }
+    }
+    assert_eq!(got.first(), Some(&ev("ADDED", "a", "CREATED")), "{got:?}");
+    assert!(
+        got.contains(&ev("CHANGED", "a", "RUNNING")),
+        "the boot is seen: {got:?}"
+    );
+    assert_eq!(got.last().map(|e| &e.1), Some(&"a".to_owned()), "{got:?}");
+    let run = w.interrupt().await;
+    assert_eq!(run.code, 0, "Ctrl-C ends a watch successfully: {run:?}");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn watch_initial_lists_the_vms_then_synced_in_json_and_in_a_table() {
+    let h = Harness::start().await;
+    let c = h.client(Wire::ConnectProto);
+    c.create_vm(create_req("x")).await.expect("create");
+    c.create_vm(create_req("y")).await.expect("create");
+    c.boot_vm(pb::BootVmRequest {
+        vm_id: "y".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("boot");
+    let mut w = Watcher::spawn(h.addr, &["--initial", "-o", "json"]);
+    let mut initial = vec![event_of(&w.event().await), event_of(&w.event().await)];
+    initial.sort();
+    assert_eq!(
+        initial,
+        [ev("ADDED", "x", "CREATED"), ev("ADDED", "y", "RUNNING")]
+    );
+    let synced = w.event().await;
+    assert_eq!(event_of(&synced), ev("SYNCED", "", ""));
+    assert_eq!(rev(&synced["revision"]), 3);
+    assert_eq!(w.interrupt().await.code, 0);
+
+    // For people: a header, then one aligned line per event; only x, as asked.
+    let mut w = Watcher::spawn(h.addr, &["--initial", "x"]);
+    let header = w.line().await;
+    let added = w.line().await;
+    let synced = w.line().await;
+    assert_eq!(
+        header.split_whitespace().collect::<Vec<_>>(),
+        ["TYPE", "ID", "STATE", "REVISION", "REASON"]
+    );
+    let at = |name: &str| header.find(name).expect(name);
+    assert!(added.starts_with("ADDED"), "{added}");
+    assert_eq!(&added[at("ID")..at("ID") + 2], "x ", "{added}");
+    assert_eq!(&added[at("STATE")..at("STATE") + 7], "CREATED", "{added}");
+    assert_eq!(&added[at("REVISION")..at("REVISION") + 1], "1", "{added}");
+    assert!(synced.starts_with("SYNCED"), "{synced}");
+    assert_eq!(&synced[at("REVISION")..], "3", "{synced}");
+    c.pause_vm(pb::PauseVmRequest {
+        vm_id: "y".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("pause y");
+    c.boot_vm(pb::BootVmRequest {
+        vm_id: "x".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("boot x");
+    let changed = w.line().await;
+    assert!(
+        changed.starts_with("CHANGED"),
+        "y is filtered out: {changed}"
+    );
+    assert_eq!(
+        &changed[at("STATE")..at("STATE") + 7],
+        "RUNNING",
+        "{changed}"
+    );
+    assert_eq!(w.interrupt().await.code, 0);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn watch_since_a_revision_no_longer_kept_exits_4_saying_list_again() {
+    let h = Harness::start_secured(Security {
+        watch: vmcp::app::feed::WatchSettings {
+            history: 2,
+            ..Default::default()
+        },
+        ..Security::open()
+    })
+    .await;
+    let c = h.client(Wire::ConnectProto);
+    for id in ["a", "b", "c", "d", "e"] {
+        c.create_vm(create_req(id)).await.expect("create");
+    }
+    let list = vmcpctl(&h, &["list", "-o", "json"]).await.ok().json();
+    let now = rev(&list["revision"]);
+    assert_eq!(now, 5, "list -o json says the revision to watch from");
+    let too_old = vmcpctl(&h, &["watch", "--since", "1"]).await;
+    assert_eq!(too_old.code, 4, "{too_old:?}");
+    assert!(too_old.stderr.contains("out_of_range"), "{too_old:?}");
+    assert!(
+        too_old
+            .stderr
+            .contains("list again: `vmcpctl list -o json`"),
+        "vmcpctl says how to list again: {too_old:?}"
+    );
+    assert!(too_old.stdout.is_empty(), "{too_old:?}");
+    // A revision still kept replays what followed it.
+    let mut w = Watcher::spawn(h.addr, &["--since", "3", "-o", "json"]);
+    assert_eq!(event_of(&w.event().await), ev("ADDED", "d", "CREATED"));
+    assert_eq!(event_of(&w.event().await), ev("ADDED", "e", "CREATED"));
+    assert_eq!(rev(&w.event().await["revision"]), 5, "then SYNCED");
+    assert_eq!(w.interrupt().await.code, 0);
+    for usage in [
+        &["watch", "--since", "1", "--initial"][..],
+        &["watch", "--since", "-1"][..],
+        &["watch", "--state", "sleeping"][..],
+    ] {
+        let run = vmcpctl(&h, usage).await;
+        assert_eq!(run.code, 2, "{usage:?}: {run:?}");
+    }
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn watch_resumes_after_a_server_restart_from_the_revision_it_printed() {
+    let h = Harness::start().await;
+    let (double, store, addr) = (
+        std::sync::Arc::clone(&h.double),
+        std::sync::Arc::clone(&h.store),
+        h.addr,
+    );
+    let c = h.client(Wire::ConnectProto);
+    let mut w = Watcher::spawn(addr, &["-o", "json"]);
+    assert_eq!(event_of(&w.event().await), ev("SYNCED", "", ""));
+    c.create_vm(create_req("a")).await.expect("create");
+    assert_eq!(event_of(&w.event().await), ev("ADDED", "a", "CREATED"));
+    h.stop().await;
+    let h = Harness::restart_at(double, store, addr).await;
+    let c = h.client(Wire::ConnectProto);
+    c.create_vm(create_req("b")).await.expect("create");
+    // The restarted server's history is empty: only a watch from the last revision
+    // printed resumes (an older one is out_of_range, a live one would have missed b).
+    let mut next = w.event().await;
+    if event_of(&next).0 == "SYNCED" {
+        next = w.event().await;
+    }
+    assert_eq!(event_of(&next), ev("ADDED", "b", "CREATED"), "{next}");
+    assert_eq!(rev(&next["revision"]), 2);
+    let run = w.interrupt().await;
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(
+        run.stderr.contains("watching again from revision 1"),
+        "says so on stderr: {run:?}"
+    );
+    h.stop().await;
+}
+
+/// Counts the watchers the server opened.
+#[derive(Default)]
+struct WatchersOpened(std::sync::atomic::AtomicU64);
+
+impl vmcp::ports::Telemetry for WatchersOpened {
+    fn record(&self, event: vmcp::ports::TelemetryEvent) {
+        if let vmcp::ports::TelemetryEvent::WatchersOpen { delta } = event
+            && delta > 0
+        {
+            self.0
+                .fetch_add(delta.unsigned_abs(), std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
+#[tokio::test]
+async fn wait_resolves_through_a_watch_of_the_vm() {
+    let opened = std::sync::Arc::new(WatchersOpened::default());
+    let h = Harness::start_observed(Security::open(), opened.clone()).await;
+    let c = h.client(Wire::ConnectProto);
+    c.create_vm(create_req("vm-r")).await.expect("create");
+    let booted = vmcpctl(
+        &h,
+        &[
+            "boot",
+            "vm-r",
+            "--wait",
+            "running",
+            "--timeout",
+            "10s",
+            "-o",
+            "json",
+        ],
+    )
+    .await
+    .ok();
+    assert_eq!(booted.json()["state"], "VM_STATE_RUNNING");
+    let watchers = opened.0.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        watchers >= 1,
+        "the wait watched the VM ({watchers} watchers)"
+    );
+    // A state reached while waiting, by another client: the watch sees the change.
+    let addr = format!("http://{}", h.addr);
+    let waiter = tokio::spawn(async move {
+        vmcpctl_env(
+            &[("VMCP_ADDRESS", &addr)],
+            &["info", "vm-r", "--wait", "paused", "--timeout", "20s"],
+        )
+        .await
+    });
+    assert!(
+        super::harness::eventually(Duration::from_secs(10), || async {
+            opened.0.load(std::sync::atomic::Ordering::SeqCst) > watchers
+        })
+        .await,
+        "the second wait is watching"
+    );
+    c.pause_vm(pb::PauseVmRequest {
+        vm_id: "vm-r".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("pause");
+    let run = waiter.await.unwrap().ok();
+    assert!(
+        run.stdout.contains("State:") && run.stdout.contains("PAUSED"),
+        "{run:?}"
+    );
+    // delete --wait: the watch's initial list no longer has the VM.
+    vmcpctl(&h, &["delete", "vm-r", "--wait", "--timeout", "10s"])
+        .await
+        .ok();
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn wait_polls_a_server_without_watch_vms() {
+    use tower::ServiceExt as _;
+    // The server answers WatchVms as a server that does not have it (HTTP 404: unimplemented).
+    let h = Harness::start_wrapped(Box::new(|inner| {
+        tower::util::BoxCloneService::new(tower::service_fn(
+            move |req: http::Request<hyper::body::Incoming>| {
+                let inner = inner.clone();
+                async move {
+                    if req.uri().path().ends_with("/WatchVms") {
+                        let body = http_body_util::BodyExt::boxed_unsync(http_body_util::Full::<
+                            bytes::Bytes,
+                        >::default(
+                        ));
+                        let mut resp = http::Response::new(body);
+                        *resp.status_mut() = http::StatusCode::NOT_FOUND;
+                        return Ok(resp);
+                    }
+                    inner.oneshot(req).await
+                }
+            },
+        ))
+    }))
+    .await;
+    let watch = vmcpctl(&h, &["watch"]).await;
+    assert_eq!(watch.code, 1, "watch itself needs WatchVms: {watch:?}");
+    assert!(watch.stderr.contains("unimplemented"), "{watch:?}");
+    let c = h.client(Wire::ConnectProto);
+    c.create_vm(create_req("vm-p")).await.expect("create");
+    let booted = vmcpctl(&h, &["boot", "vm-p", "--wait", "--timeout", "10s"])
+        .await
+        .ok();
+    assert_eq!(booted.stdout, "vm-p\tRUNNING\n");
+    let timed_out = vmcpctl(
+        &h,
+        &["info", "vm-p", "--wait", "paused", "--timeout", "300ms"],
+    )
+    .await;
+    assert_eq!(timed_out.code, 8, "{timed_out:?}");
+    assert!(timed_out.stderr.contains("RUNNING"), "{timed_out:?}");
+    let missing = vmcpctl(&h, &["info", "ghost", "--wait", "--timeout", "5s"]).await;
+    assert_eq!(missing.code, 3, "{missing:?}");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn create_sets_the_restart_policy_and_info_shows_it() {
+    let h = Harness::start().await;
+    let kernel = ["--kernel", "/var/lib/vmcp/kernel.elf"];
+    vmcpctl(
+        &h,
+        &[
+            &["create", "vm-o", "--restart-policy", "on-failure"][..],
+            &kernel,
+        ]
+        .concat(),
+    )
+    .await
+    .ok();
+    let info = vmcpctl(&h, &["info", "vm-o", "-o", "json"])
+        .await
+        .ok()
+        .json();
+    assert_eq!(
+        info["config"]["restartPolicy"], "RESTART_POLICY_ON_FAILURE",
+        "{info}"
+    );
+    let text = vmcpctl(&h, &["info", "vm-o"]).await.ok();
+    assert!(
+        text.stdout
+            .lines()
+            .any(|l| l.starts_with("Restart policy:") && l.ends_with(" on-failure")),
+        "{text:?}"
+    );
+    vmcpctl(&h, &[&["create", "vm-d"][..], &kernel].concat())
+        .await
+        .ok();
+    let default = vmcpctl(&h, &["info", "vm-d"]).await.ok();
+    assert!(
+        default
+            .stdout
+            .lines()
+            .any(|l| l.starts_with("Restart policy:") && l.ends_with(" host default")),
+        "{default:?}"
+    );
+    let bad = vmcpctl(
+        &h,
+        &[
+            &["create", "vm-x", "--restart-policy", "sometimes"][..],
+            &kernel,
+        ]
+        .concat(),
+    )
+    .await;
+    assert_eq!(bad.code, 2, "{bad:?}");
+    assert!(
+        bad.stderr.contains("on-failure"),
+        "names the choices: {bad:?}"
+    );
+    h.stop().await;
 }

@@ -113,7 +113,21 @@ pub enum VmCommand {
     Info(VmArgs),
     /// List VMs, ordered by id.
     List(ListArgs),
+    /// Follow changes of VMs as they happen (WatchVms), until interrupted (Ctrl-C).
+    #[command(after_help = WATCH_HELP)]
+    Watch(WatchArgs),
 }
+
+/// `watch --help`, after the flags.
+const WATCH_HELP: &str = "\
+One line per message: TYPE (ADDED, CHANGED, DELETED, or SYNCED once everything up to REVISION
+has been sent), ID, STATE, REVISION and REASON; heartbeats are not shown. With -o json, one
+WatchVmsResponse per line in the API's proto3 JSON, heartbeats included.
+
+When the server goes away (a restart) or drops a watcher that fell behind, vmcpctl watches again
+from the highest revision it has printed, after a short backoff, so no change is missed or
+printed twice. A revision the server no longer keeps exits 4: list again (`list -o json` prints
+a `revision` to watch --since), or use --initial.";
 
 /// A VM, and whether to wait for a state.
 #[derive(Debug, Args)]
@@ -163,7 +177,8 @@ pub struct CreateArgs {
     /// a VmConfig or a whole CreateVmRequest ({"vmId": ..., "config": ...}), in the API's
     /// proto3 JSON field names. Unknown fields are refused.
     #[arg(long, short, value_name = "FILE", conflicts_with_all = [
-        "vcpus", "memory", "kernel", "initrd", "cmdline", "disks", "nets", "metadata", "console"
+        "vcpus", "memory", "kernel", "initrd", "cmdline", "disks", "nets", "metadata", "console",
+        "restart_policy"
     ])]
     pub file: Option<PathBuf>,
     /// Number of vCPUs.
@@ -193,8 +208,23 @@ pub struct CreateArgs {
     /// Record the serial console (its output path is in `info`).
     #[arg(long)]
     pub console: bool,
+    /// What VMCP does when the VM's VMM goes away unasked (default: the host's
+    /// UNKEY_VMCP_DEFAULT_RESTART_POLICY, itself never).
+    #[arg(long, value_enum, value_name = "POLICY")]
+    pub restart_policy: Option<RestartPolicy>,
     #[command(flatten)]
     pub wait: WaitArgs,
+}
+
+/// `create --restart-policy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RestartPolicy {
+    /// A VMM that dies leaves the VM FAILED.
+    Never,
+    /// Boot it again when its VMM is killed or exits non-zero, or vanished with the host.
+    OnFailure,
+    /// As on-failure, and also after the guest powered off or reset.
+    Always,
 }
 
 /// `shutdown`.
@@ -242,9 +272,28 @@ pub struct ListArgs {
     /// Continue from this page token (printed by the previous page).
     #[arg(long, conflicts_with = "all")]
     pub page_token: Option<String>,
-    /// Follow every page and print all VMs as one list.
+    /// Follow every page and print all VMs as one list (its `revision` is the first page's:
+    /// watch from this revision to follow the host from the list on).
     #[arg(long)]
     pub all: bool,
+}
+
+/// `watch`.
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// Only these VMs (all VMs when none is named).
+    #[arg(value_name = "VM_ID")]
+    pub vm_ids: Vec<String>,
+    /// Only changes that bring a VM into, or take it out of, this state (repeatable).
+    #[arg(long = "state", value_enum)]
+    pub states: Vec<ListState>,
+    /// First replay every change after this revision (the `revision` of `list -o json`, or
+    /// the last one a watch printed); without it, only changes from now on.
+    #[arg(long, value_name = "REV", conflicts_with = "initial")]
+    pub since: Option<u64>,
+    /// First print every matching VM as ADDED, then SYNCED, then the changes.
+    #[arg(long)]
+    pub initial: bool,
 }
 
 /// A state `list --state` can filter on.

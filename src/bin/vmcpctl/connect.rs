@@ -88,9 +88,18 @@ impl ClientTransport for Transport {
     }
 }
 
-/// A client for the server the flags name. Reads the token and TLS files;
-/// nothing is sent yet.
+/// A client for the server the flags name, every call bounded by
+/// `--request-timeout`. Reads the token and TLS files; nothing is sent yet.
 pub fn client(conn: &Connection) -> Result<Client, CtlError> {
+    build(conn, Some(conn.request_timeout))
+}
+
+/// A client for `watch`, whose one call lasts until interrupted: no default deadline.
+pub fn streaming_client(conn: &Connection) -> Result<Client, CtlError> {
+    build(conn, None)
+}
+
+fn build(conn: &Connection, timeout: Option<std::time::Duration>) -> Result<Client, CtlError> {
     let address = parse_address(&conn.address)?;
     let tls_flags = conn.tls_ca.is_some() || conn.tls_cert.is_some();
     let (transport, base) = match address {
@@ -112,7 +121,10 @@ pub fn client(conn: &Connection) -> Result<Client, CtlError> {
             (Transport::Tcp(Box::new(http)), uri)
         }
     };
-    let mut config = ClientConfig::new(base).with_default_timeout(conn.request_timeout);
+    let mut config = ClientConfig::new(base);
+    if let Some(timeout) = timeout {
+        config = config.with_default_timeout(timeout);
+    }
     if let Some(path) = &conn.token_file {
         config = config.with_default_header(http::header::AUTHORIZATION, bearer(path)?);
     }

@@ -10,7 +10,7 @@ use std::path::Path;
 use serde_json::Value;
 use vmcp::proto::vmm::v1 as pb;
 
-use crate::cli::CreateArgs;
+use crate::cli::{CreateArgs, RestartPolicy};
 use crate::error::CtlError;
 
 /// The request `create` sends.
@@ -87,6 +87,14 @@ fn from_flags(args: &CreateArgs) -> pb::VmConfig {
             Default::default()
         },
         metadata: args.metadata.iter().cloned().collect(),
+        restart_policy: args.restart_policy.map_or_else(Default::default, |p| {
+            match p {
+                RestartPolicy::Never => pb::RestartPolicy::RESTART_POLICY_NEVER,
+                RestartPolicy::OnFailure => pb::RestartPolicy::RESTART_POLICY_ON_FAILURE,
+                RestartPolicy::Always => pb::RestartPolicy::RESTART_POLICY_ALWAYS,
+            }
+            .into()
+        }),
         ..Default::default()
     }
 }

@@ -19,7 +19,7 @@ pub const EXIT_CODES: &[(u8, &str)] = &[
     (NOT_FOUND, "not found: no such VM"),
     (
         INVALID,
-        "invalid argument or failed precondition (not in this state; the VM failed during --wait)",
+        "invalid argument, failed precondition (not in this state, VM failed in --wait), out of range",
     ),
     (
         UNAVAILABLE,
@@ -94,6 +94,13 @@ pub enum CtlError {
         target: String,
         reason: String,
     },
+    /// `watch` asked for changes the server no longer keeps (out_of_range).
+    #[error(
+        "{}; list again: `vmcpctl list -o json` prints a revision to watch --since, \
+         or use watch --initial",
+        describe(.0)
+    )]
+    ListAgain(#[source] ConnectError),
     /// Writing the output failed.
     #[error("cannot write the output: {0}")]
     Output(#[source] std::io::Error),
@@ -115,7 +122,7 @@ impl CtlError {
             CtlError::Usage(_) => USAGE,
             CtlError::Rpc(e) => rpc_exit_code(e.code),
             CtlError::WaitTimeout { .. } => WAIT_TIMEOUT,
-            CtlError::WaitFailed { .. } => INVALID,
+            CtlError::WaitFailed { .. } | CtlError::ListAgain(_) => INVALID,
             // A reader that went away (`vmcpctl list | head`) is not a failure.
             CtlError::Output(e) if e.kind() == std::io::ErrorKind::BrokenPipe => OK,
             CtlError::Output(_) | CtlError::Runtime(_) => OTHER,

@@ -19,6 +19,7 @@ mod error;
 mod output;
 mod parse;
 mod wait;
+mod watch;
 
 use cli::{Cli, Command, ListArgs, ListState, VmArgs, VmCommand, WaitArgs, WaitState};
 use connect::Client;
@@ -38,7 +39,12 @@ fn main() -> ExitCode {
             .build()
         {
             Ok(rt) => rt.block_on(async {
-                let client = connect::client(&cli.connection)?;
+                // A watch lasts until interrupted: no --request-timeout on it.
+                let client = if matches!(*command, VmCommand::Watch(_)) {
+                    connect::streaming_client(&cli.connection)?
+                } else {
+                    connect::client(&cli.connection)?
+                };
                 run(&client, printer, *command).await
             }),
             Err(e) => Err(CtlError::Runtime(e)),
@@ -173,6 +179,7 @@ async fn run(client: &Client, printer: Printer, command: VmCommand) -> Result<()
         }
         VmCommand::Info(vm) => info(client, printer, &vm).await,
         VmCommand::List(args) => printer.list(&list(client, &args).await?),
+        VmCommand::Watch(args) => watch::run(client, printer.output, &args).await,
     }
 }
 
@@ -242,7 +249,7 @@ async fn list(client: &Client, args: &ListArgs) -> Result<pb::ListVmsResponse, C
     Ok(all)
 }
 
-fn list_state(state: ListState) -> pb::VmState {
+pub(crate) fn list_state(state: ListState) -> pb::VmState {
     match state {
         ListState::Created => pb::VmState::VM_STATE_CREATED,
         ListState::Running => pb::VmState::VM_STATE_RUNNING,

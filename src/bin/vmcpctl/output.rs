@@ -34,6 +34,17 @@ fn state_text(state: &EnumValue<pb::VmState>) -> String {
     }
 }
 
+/// `on-failure` for `RESTART_POLICY_ON_FAILURE`, as `create --restart-policy` takes it.
+fn restart_policy_text(policy: &EnumValue<pb::RestartPolicy>) -> String {
+    match policy.as_known() {
+        Some(pb::RestartPolicy::RESTART_POLICY_UNSPECIFIED) => "host default".to_owned(),
+        Some(pb::RestartPolicy::RESTART_POLICY_NEVER) => "never".to_owned(),
+        Some(pb::RestartPolicy::RESTART_POLICY_ON_FAILURE) => "on-failure".to_owned(),
+        Some(pb::RestartPolicy::RESTART_POLICY_ALWAYS) => "always".to_owned(),
+        None => format!("UNKNOWN({})", policy.to_i32()),
+    }
+}
+
 /// Prints to stdout in the chosen format.
 #[derive(Debug, Clone, Copy)]
 pub struct Printer {
@@ -174,6 +185,10 @@ fn info_text(info: &pb::GetVmInfoResponse, now: i64) -> String {
     if !config.metadata.is_empty() {
         lines.push(("Metadata", sorted_pairs(&config.metadata)));
     }
+    lines.push((
+        "Restart policy",
+        restart_policy_text(&config.restart_policy),
+    ));
     if info.metrics_sampled_timestamp_ms > 0 {
         let m = &info.metrics;
         lines.push((
