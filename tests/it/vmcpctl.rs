@@ -535,7 +535,10 @@ async fn list_pages_and_follows_every_page_with_all() {
         all["revision"], first["revision"],
         "the merged list keeps the first page's revision, to watch from"
     );
-    assert_eq!(first["revision"], "6", "five creates and a boot");
+    assert_eq!(
+        first["revision"], "7",
+        "five creates and a boot, on a host that starts at revision 1"
+    );
 
     let running = vmcpctl(&h, &["list", "--state", "running", "-o", "json"])
         .await
@@ -918,7 +921,7 @@ async fn watch_prints_changes_made_by_another_client_as_json_lines() {
     let synced = w.event().await;
     assert_eq!(event_of(&synced), ev("SYNCED", "", ""));
     let mut last = rev(&synced["revision"]);
-    assert_eq!(last, 1, "one change so far: {synced}");
+    assert_eq!(last, 2, "one change after revision 1: {synced}");
 
     c.create_vm(create_req("a")).await.expect("create");
     c.boot_vm(pb::BootVmRequest {
@@ -977,7 +980,7 @@ async fn watch_initial_lists_the_vms_then_synced_in_json_and_in_a_table() {
     );
     let synced = w.event().await;
     assert_eq!(event_of(&synced), ev("SYNCED", "", ""));
-    assert_eq!(rev(&synced["revision"]), 3);
+    assert_eq!(rev(&synced["revision"]), 4);
     assert_eq!(w.interrupt().await.code, 0);
 
     // For people: a header, then one aligned line per event; only x, as asked.
@@ -993,9 +996,9 @@ async fn watch_initial_lists_the_vms_then_synced_in_json_and_in_a_table() {
     assert!(added.starts_with("ADDED"), "{added}");
     assert_eq!(&added[at("ID")..at("ID") + 2], "x ", "{added}");
     assert_eq!(&added[at("STATE")..at("STATE") + 7], "CREATED", "{added}");
-    assert_eq!(&added[at("REVISION")..at("REVISION") + 1], "1", "{added}");
+    assert_eq!(&added[at("REVISION")..at("REVISION") + 1], "2", "{added}");
     assert!(synced.starts_with("SYNCED"), "{synced}");
-    assert_eq!(&synced[at("REVISION")..], "3", "{synced}");
+    assert_eq!(&synced[at("REVISION")..], "4", "{synced}");
     c.pause_vm(pb::PauseVmRequest {
         vm_id: "y".into(),
         ..Default::default()
@@ -1038,7 +1041,7 @@ async fn watch_since_a_revision_no_longer_kept_exits_4_saying_list_again() {
     }
     let list = vmcpctl(&h, &["list", "-o", "json"]).await.ok().json();
     let now = rev(&list["revision"]);
-    assert_eq!(now, 5, "list -o json says the revision to watch from");
+    assert_eq!(now, 6, "list -o json says the revision to watch from");
     let too_old = vmcpctl(&h, &["watch", "--since", "1"]).await;
     assert_eq!(too_old.code, 4, "{too_old:?}");
     assert!(too_old.stderr.contains("out_of_range"), "{too_old:?}");
@@ -1050,10 +1053,10 @@ async fn watch_since_a_revision_no_longer_kept_exits_4_saying_list_again() {
     );
     assert!(too_old.stdout.is_empty(), "{too_old:?}");
     // A revision still kept replays what followed it.
-    let mut w = Watcher::spawn(h.addr, &["--since", "3", "-o", "json"]);
+    let mut w = Watcher::spawn(h.addr, &["--since", "4", "-o", "json"]);
     assert_eq!(event_of(&w.event().await), ev("ADDED", "d", "CREATED"));
     assert_eq!(event_of(&w.event().await), ev("ADDED", "e", "CREATED"));
-    assert_eq!(rev(&w.event().await["revision"]), 5, "then SYNCED");
+    assert_eq!(rev(&w.event().await["revision"]), 6, "then SYNCED");
     assert_eq!(w.interrupt().await.code, 0);
     for usage in [
         &["watch", "--since", "1", "--initial"][..],
@@ -1090,11 +1093,11 @@ async fn watch_resumes_after_a_server_restart_from_the_revision_it_printed() {
         next = w.event().await;
     }
     assert_eq!(event_of(&next), ev("ADDED", "b", "CREATED"), "{next}");
-    assert_eq!(rev(&next["revision"]), 2);
+    assert_eq!(rev(&next["revision"]), 3);
     let run = w.interrupt().await;
     assert_eq!(run.code, 0, "{run:?}");
     assert!(
-        run.stderr.contains("watching again from revision 1"),
+        run.stderr.contains("watching again from revision 2"),
         "says so on stderr: {run:?}"
     );
     h.stop().await;

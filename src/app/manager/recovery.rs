@@ -19,6 +19,9 @@ use crate::app::owner::{Deps, Owner, QUEUE_DEPTH, event_channel, timed_call};
 
 use super::registry::{Entry, Registry};
 
+/// The revision of a host that never recorded a change (see `recover`).
+pub const FIRST_REVISION: u64 = 1;
+
 /// What recovery did, for the start-up log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Recovered {
@@ -63,13 +66,15 @@ pub async fn recover<H: Hypervisor, S: VmStore>(
         .load_all()
         .await
         .map_err(|e| VmError::Unavailable(e.to_string()))?;
-    // Revisions continue from the highest ever recorded, never backwards.
+    // Revisions continue from the highest ever recorded, never backwards. A host
+    // that never recorded a change is at revision 1, not 0: 0 in a watch request
+    // means "live changes only", so a list's revision must never be 0.
     let revision = deps
         .store
         .revision()
         .await
         .map_err(|e| VmError::Unavailable(e.to_string()))?;
-    deps.feed.resume_after(revision).await;
+    deps.feed.resume_after(revision.max(FIRST_REVISION)).await;
     let h = &*deps.hypervisor;
     let tel = &*deps.telemetry;
     let t = deps.call_timeout;
