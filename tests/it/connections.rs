@@ -304,7 +304,10 @@ async fn idle_connections_are_closed_after_the_idle_timeout_but_not_mid_request(
         .expect("answered and closed");
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    assert!(answer.contains("\r\n{}\r\n"), "the empty page: {answer}");
+    assert!(
+        answer.contains("\r\n{\"revision\":\"1\"}\r\n"),
+        "the empty page of a host at revision 1: {answer}"
+    );
     drop(s);
     let r = &*rec;
     assert!(
