@@ -83,14 +83,114 @@ mod tests {
         }
     }
 
+    /// The grammar as a regex, independent of `parse`'s hand-written checks.
+    fn grammar_accepts(s: &str) -> bool {
+        let mut chars = s.chars();
+        let Some(first) = chars.next() else {
+            return false;
+        };
+        s.len() <= MAX_VM_ID_LEN
+            && first.is_ascii_alphanumeric()
+            && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    }
+
+    /// One edit of a string: insert, replace or delete a character (any
+    /// Unicode scalar, weighted towards the characters that matter), or
+    /// repeat it past the length limit.
+    #[derive(Debug, Clone)]
+    enum Mutation {
+        Insert(usize, char),
+        Replace(usize, char),
+        Delete(usize),
+        Repeat(usize),
+    }
+
+    fn arb_char() -> impl Strategy<Value = char> {
+        prop_oneof![
+            3 => prop::sample::select(vec!['/', '.', '_', '-', ' ', '\0', '\\', 'é', 'Ａ', '\n', ':', '%']),
+            2 => prop::char::range('a', 'z'),
+            1 => any::<char>(),
+        ]
+    }
+
+    fn arb_mutation() -> impl Strategy<Value = Mutation> {
+        prop_oneof![
+            (any::<usize>(), arb_char()).prop_map(|(i, c)| Mutation::Insert(i, c)),
+            (any::<usize>(), arb_char()).prop_map(|(i, c)| Mutation::Replace(i, c)),
+            any::<usize>().prop_map(Mutation::Delete),
+            (2usize..5).prop_map(Mutation::Repeat),
+        ]
+    }
+
+    fn apply(s: &str, m: &Mutation) -> String {
+        let mut chars: Vec<char> = s.chars().collect();
+        match *m {
+            Mutation::Insert(i, c) => chars.insert(i % (chars.len() + 1), c),
+            Mutation::Replace(i, c) if !chars.is_empty() => {
+                let n = chars.len();
+                chars[i % n] = c;
+            }
+            Mutation::Delete(i) if !chars.is_empty() => {
+                let n = chars.len();
+                chars.remove(i % n);
+            }
+            Mutation::Repeat(n) => return s.repeat(n),
+            _ => {}
+        }
+        chars.into_iter().collect()
+    }
+
     proptest! {
+        /// Ids from the grammar, then mutated: `parse` accepts exactly what
+        /// the grammar accepts, both ways (about half the inputs are valid),
+        /// and an accepted id is safe as a path component.
         #[test]
-        fn valid_ids_never_contain_path_separators(s in "\\PC{0,80}") {
-            if let Ok(id) = VmId::parse(&s) {
-                prop_assert!(!id.as_str().contains('/'));
-                prop_assert!(id.as_str() != "." && id.as_str() != "..");
-                prop_assert!(id.as_str().len() <= MAX_VM_ID_LEN);
+        fn parse_accepts_exactly_the_grammar(
+            id in "[A-Za-z0-9][A-Za-z0-9._-]{0,63}",
+            mutations in prop::collection::vec(arb_mutation(), 0..3),
+        ) {
+            let s = mutations.iter().fold(id, |s, m| apply(&s, m));
+            let parsed = VmId::parse(&s);
+            prop_assert_eq!(parsed.is_ok(), grammar_accepts(&s), "{:?} -> {:?}", s, parsed);
+            match parsed {
+                Ok(id) => {
+                    prop_assert_eq!(id.as_str(), s.as_str());
+                    prop_assert!(!id.as_str().contains('/'));
+                    prop_assert!(id.as_str() != "." && id.as_str() != "..");
+                }
+                Err(VmIdError::Empty) => prop_assert!(s.is_empty()),
+                Err(VmIdError::TooLong(n)) => {
+                    prop_assert_eq!(n, s.len());
+                    prop_assert!(n > MAX_VM_ID_LEN);
+                }
+                Err(VmIdError::BadCharacter) => prop_assert!(!s.is_empty() && s.len() <= MAX_VM_ID_LEN),
             }
         }
+    }
+
+    #[test]
+    fn the_mutated_grammar_yields_both_valid_and_invalid_ids() {
+        use proptest::strategy::ValueTree;
+        use proptest::test_runner::TestRunner;
+        let strategy = (
+            "[A-Za-z0-9][A-Za-z0-9._-]{0,63}",
+            prop::collection::vec(arb_mutation(), 0..3),
+        );
+        let mut runner = TestRunner::deterministic();
+        let (mut valid, mut invalid) = (0, 0);
+        for _ in 0..1000 {
+            let (id, muts) = strategy.new_tree(&mut runner).expect("tree").current();
+            let s = muts.iter().fold(id, |s, m| apply(&s, m));
+            if VmId::parse(&s).is_ok() {
+                valid += 1;
+            } else {
+                invalid += 1;
+            }
+        }
+        // The property above bites both ways only if both kinds are common.
+        assert!(
+            valid > 200 && invalid > 200,
+            "{valid} valid, {invalid} invalid"
+        );
     }
 }

@@ -1058,8 +1058,9 @@ mod tests {
     #[derive(Debug, Clone)]
     enum Input {
         Cmd(Command),
-        /// Complete the pending op, with the given reported state and success flag.
-        Complete(VmState, bool),
+        /// Complete the pending op, with the reported state (None: the VMM could
+        /// not be read) and success flag.
+        Complete(Option<VmState>, bool),
         Report(VmState),
         Exit(bool),
     }
@@ -1067,7 +1068,8 @@ mod tests {
     fn arb_input() -> impl Strategy<Value = Input> {
         prop_oneof![
             3 => arb_command().prop_map(Input::Cmd),
-            3 => (arb_state(), any::<bool>()).prop_map(|(s, ok)| Input::Complete(s, ok)),
+            3 => (proptest::option::of(arb_state()), any::<bool>())
+                .prop_map(|(s, ok)| Input::Complete(s, ok)),
             1 => arb_state().prop_map(Input::Report),
             1 => any::<bool>().prop_map(Input::Exit),
         ]
@@ -1226,14 +1228,17 @@ mod tests {
                         if let Some(p) = pending_before {
                             v.handle_observation(Observation::Completed {
                                 op: p.operation(),
-                                reported: Some((state, String::new())),
+                                reported: state.map(|s| (s, String::new())),
                                 error: if ok { None } else { Some(VmError::Unavailable("x".into())) },
                             }, now);
                             prop_assert!(v.pending().is_none());
                             if p.operation() == Operation::Delete && ok {
                                 prop_assert!(v.snapshot().deleted);
-                            } else {
+                            } else if let Some(state) = state {
                                 prop_assert_eq!(v.snapshot().state, state, "observed state is what the VMM reported");
+                            } else {
+                                // Nothing was read: the state stays what was last observed.
+                                prop_assert_eq!(v.snapshot().state, before.state);
                             }
                         }
                     }
