@@ -27,6 +27,12 @@ pub fn state_name(state: pb::VmState) -> &'static str {
 }
 
 /// A state as received: known by name, a newer server's state by number.
+/// A reason on one table line: a VMM's last log lines (a crash reason) are
+/// joined with spaces so the table's lines stay one per VM or event.
+pub fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 fn state_text(state: &EnumValue<pb::VmState>) -> String {
     match state.as_known() {
         Some(s) => state_name(s).to_owned(),
@@ -119,7 +125,7 @@ fn list_text(list: &pb::ListVmsResponse, now: i64) -> String {
             memory_text(vm.memory_size_bytes),
             age(now, vm.created_timestamp),
             sorted_pairs(&vm.metadata),
-            vm.state_reason.clone(),
+            one_line(&vm.state_reason),
         ]);
     }
     let mut text = table(&rows);

@@ -16,7 +16,7 @@ use vmcp::proto::vmm::v1::WatchEventType as T;
 use crate::cli::{Output, WatchArgs};
 use crate::connect::Client;
 use crate::error::CtlError;
-use crate::output::state_name;
+use crate::output::{one_line, state_name};
 
 /// The first wait before watching again; it doubles up to [`BACKOFF_MAX`] while
 /// reconnecting fails, and starts over once a message arrives.
@@ -240,7 +240,13 @@ fn event_line(m: &pb::WatchVmsResponse) -> Option<String> {
                 Some(s) => state_name(s).to_owned(),
                 None => format!("UNKNOWN({})", vm.state.to_i32()),
             };
-            columns(&kind, &vm.vm_id, &state, &revision, &vm.state_reason)
+            columns(
+                &kind,
+                &vm.vm_id,
+                &state,
+                &revision,
+                &one_line(&vm.state_reason),
+            )
         }
         None => columns(&kind, "-", "-", &revision, ""),
     })
@@ -265,6 +271,20 @@ mod tests {
             revision,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_multi_line_reason_stays_on_its_event_line() {
+        let mut m = msg(T::WATCH_EVENT_TYPE_CHANGED, Some("web"), 4);
+        if let Some(vm) = m.vm.as_option_mut() {
+            vm.state_reason = "VMM killed by signal 9; last log lines:\nwarn: a\n  warn: b".into();
+        }
+        let line = event_line(&m).expect("a line");
+        assert!(!line.contains('\n'), "{line:?}");
+        assert!(
+            line.ends_with("VMM killed by signal 9; last log lines: warn: a warn: b"),
+            "{line:?}"
+        );
     }
 
     #[test]
