@@ -516,6 +516,10 @@ mod tests {
         out
     }
 
+    async fn revisions(stream: &mut WatchStream, n: usize) -> Vec<u64> {
+        take(stream, n).await.iter().map(|e| e.2).collect()
+    }
+
     #[tokio::test]
     async fn revisions_continue_after_the_store_and_a_resume_replays_what_followed() {
         let feed = ChangeFeed::new(10, settings(8, 8), Arc::new(NoopTelemetry));
@@ -575,14 +579,7 @@ mod tests {
             .subscribe(at(2), Vec::new)
             .await
             .expect("resume at the floor");
-        assert_eq!(
-            take(&mut s, 3)
-                .await
-                .iter()
-                .map(|e| e.2)
-                .collect::<Vec<_>>(),
-            [3, 4, 4]
-        );
+        assert_eq!(revisions(&mut s, 3).await, [3, 4, 4]);
         for since in [1, 5] {
             match feed.subscribe(at(since), Vec::new).await {
                 Err(VmError::OutOfRange(m)) => {
@@ -650,14 +647,7 @@ mod tests {
         for (kind, id, before, state) in changes {
             change(&feed, kind, id, before, state).await;
         }
-        assert_eq!(
-            take(&mut s, 3)
-                .await
-                .iter()
-                .map(|e| e.2)
-                .collect::<Vec<_>>(),
-            [3, 4, 7]
-        );
+        assert_eq!(revisions(&mut s, 3).await, [3, 4, 7]);
     }
 
     #[tokio::test]
@@ -686,14 +676,7 @@ mod tests {
             assert_eq!(take(&mut fast, 1).await[0].2, i + 1);
         }
         // The slow one gets what fitted (1, 2), then the error naming revision 2.
-        assert_eq!(
-            take(&mut slow, 2)
-                .await
-                .iter()
-                .map(|e| e.2)
-                .collect::<Vec<_>>(),
-            [1, 2]
-        );
+        assert_eq!(revisions(&mut slow, 2).await, [1, 2]);
         match slow.next().await {
             Some(Err(VmError::ResourceExhausted(m))) => {
                 assert!(m.contains("since_revision=2"), "{m}")
@@ -710,14 +693,7 @@ mod tests {
             ..Default::default()
         };
         let mut again = feed.subscribe(q, Vec::new).await.expect("resume");
-        assert_eq!(
-            take(&mut again, 4)
-                .await
-                .iter()
-                .map(|e| e.2)
-                .collect::<Vec<_>>(),
-            [3, 4, 5, 5]
-        );
+        assert_eq!(revisions(&mut again, 4).await, [3, 4, 5, 5]);
     }
 
     #[tokio::test]
@@ -753,14 +729,7 @@ mod tests {
             .expect("watch");
         change(&feed, WatchEventKind::Added, "a", None, VmState::Created).await;
         feed.close().await;
-        assert_eq!(
-            take(&mut s, 2)
-                .await
-                .iter()
-                .map(|e| e.2)
-                .collect::<Vec<_>>(),
-            [0, 1]
-        );
+        assert_eq!(revisions(&mut s, 2).await, [0, 1]);
         match s.next().await {
             Some(Err(VmError::Unavailable(m))) => assert!(m.contains("since_revision=1"), "{m}"),
             other => panic!("expected unavailable, got {other:?}"),
