@@ -388,19 +388,11 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
         }
         if op == Operation::Boot && self.vmm.is_none() {
             // Recovery could not give this VM a handle: get a fresh one to boot it with.
-            let deps = self.deps.clone();
-            let h = &*deps.hypervisor;
             let snap = self.vm.snapshot();
-            match timed_call(
-                h.kind(),
-                &*deps.telemetry,
-                "adopt",
-                deps.call_timeout,
-                h.adopt(&snap.id, &snap.config, None, self.events_tx.clone()),
-            )
-            .await
+            match handle_without_vmm(&self.deps, &snap.id, &snap.config, self.events_tx.clone())
+                .await
             {
-                Ok((vmm, _)) => self.vmm = Some(vmm),
+                Ok(vmm) => self.vmm = Some(vmm),
                 Err(e) => {
                     tracing::warn!(vm.id = %snap.id, error = %e, "no VMM handle to boot the VM with");
                 }
@@ -822,6 +814,26 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
         });
         Ok(())
     }
+}
+
+/// A handle for the VM `id` with no VMM running yet (its next boot starts
+/// one), whose events flow into `events`.
+pub async fn handle_without_vmm<H: Hypervisor, S>(
+    deps: &Deps<H, S>,
+    id: &crate::domain::VmId,
+    config: &crate::domain::VmConfig,
+    events: VmmEventSink,
+) -> Result<H::Vm, HypervisorError> {
+    let h = &*deps.hypervisor;
+    timed_call(
+        h.kind(),
+        &*deps.telemetry,
+        "adopt",
+        deps.call_timeout,
+        h.adopt(id, config, None, events),
+    )
+    .await
+    .map(|(vmm, _)| vmm)
 }
 
 /// Ends any VMM the host shows for `id` (after an abandoned create).

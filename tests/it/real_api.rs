@@ -125,14 +125,21 @@ impl Drop for Server {
         }
         // A test that failed half-way must not leave VMMs running: kill every VMM still found
         // in this test's runtime directory (the tempdir itself is removed by TempDir).
-        if let Ok(found) = vmcp::adapters::outbound::vmm::discovery::scan(self.runtime.path()) {
-            for p in found.into_iter().filter_map(|f| f.process) {
-                let _ = std::process::Command::new("kill")
-                    .args(["-9", &p.pid.to_string()])
-                    .status();
-            }
-        }
+        let _ = kill_vmms_in(self.runtime.path());
     }
+}
+
+/// Kills (-9) every VMM the discovery scan finds under `runtime`.
+fn kill_vmms_in(runtime: &Path) -> std::io::Result<()> {
+    for p in vmcp::adapters::outbound::vmm::discovery::scan(runtime)?
+        .into_iter()
+        .filter_map(|f| f.process)
+    {
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &p.pid.to_string()])
+            .status();
+    }
+    Ok(())
 }
 
 impl Server {
@@ -904,15 +911,7 @@ async fn host_restart_by_policy(kind: Kind) {
     if let Some(r) = s.running.take() {
         r.shutdown().await;
     }
-    for p in vmcp::adapters::outbound::vmm::discovery::scan(s.runtime.path())
-        .expect("scan")
-        .into_iter()
-        .filter_map(|f| f.process)
-    {
-        let _ = std::process::Command::new("kill")
-            .args(["-9", &p.pid.to_string()])
-            .status();
-    }
+    kill_vmms_in(s.runtime.path()).expect("scan");
     assert!(
         eventually(Duration::from_secs(5), || {
             let ever = ever.clone();

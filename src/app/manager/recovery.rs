@@ -15,7 +15,7 @@ use crate::domain::restart::Cause;
 use crate::domain::{Vm, VmError, VmId, VmSnapshot};
 use crate::ports::{Hypervisor, VmStore, VmmProcess, WatchEventKind};
 
-use crate::app::owner::{Deps, Owner, QUEUE_DEPTH, event_channel, timed_call};
+use crate::app::owner::{Deps, Owner, QUEUE_DEPTH, event_channel, handle_without_vmm, timed_call};
 
 use super::registry::{Entry, Registry};
 
@@ -212,16 +212,15 @@ pub async fn recover<H: Hypervisor, S: VmStore>(
                 done.adopted += 1;
             }
             Decision::Register { state, reason } => {
-                let vmm = match timed_call(
-                    h.kind(),
-                    tel,
-                    "adopt",
-                    t,
-                    h.adopt(&id, &rec.snapshot.config, None, events.0.clone()),
+                let vmm = match handle_without_vmm(
+                    deps,
+                    &id,
+                    &rec.snapshot.config,
+                    events.0.clone(),
                 )
                 .await
                 {
-                    Ok((vmm, _)) => Some(vmm),
+                    Ok(vmm) => Some(vmm),
                     Err(e) => {
                         tracing::error!(vm.id = %id, error = %e, "the VM cannot get a VMM handle; it can only be deleted");
                         None
