@@ -140,6 +140,7 @@ variables! {
     RestartBackoffMaxMs "RESTART_BACKOFF_MAX_MS" Text("60000"), "Longest delay between a policy's restarts";
     RestartLimit "RESTART_LIMIT" Text("5"), "Restarts within RESTART_WINDOW_SECONDS before a VM is left FAILED (restart limit reached)";
     RestartWindowSeconds "RESTART_WINDOW_SECONDS" Text("600"), "The crash-loop window";
+    ConsoleMaxBytes "CONSOLE_MAX_BYTES" Text("16777216"), "Bytes of console output kept per VM; older output is dropped from the front (0 keeps all)";
 }
 
 impl Var {
@@ -304,6 +305,8 @@ pub struct Config {
     pub log_level: String,
     /// Timeout of one hypervisor call.
     pub hypervisor_timeout: Duration,
+    /// Bytes of console output kept per VM (0: all).
+    pub console_max_bytes: u64,
     /// Largest accepted request body.
     pub max_request_bytes: usize,
     /// Cap on client deadlines (Connect-Timeout-Ms / grpc-timeout).
@@ -395,6 +398,7 @@ impl Config {
             data_dir: env.value(DataDir, abs_path)?,
             log_level,
             hypervisor_timeout: env.value(HypervisorTimeoutSeconds, secs(1, 3600))?,
+            console_max_bytes: env.value(ConsoleMaxBytes, console_cap)?,
             max_request_bytes: env.value(MaxRequestBytes, number(1024, 64 << 20))? as usize,
             max_deadline: env.value(MaxDeadlineSeconds, secs(1, 86400))?,
             remove_orphans: env.value(Orphans, orphans)?,
@@ -556,6 +560,14 @@ fn dir_list(v: &str) -> Parsed<Vec<PathBuf>> {
         return Err("absolute directories separated by commas or colons, e.g. /var/lib/vmcp/images,/srv/kernels".to_owned());
     }
     Ok(dirs.into_iter().map(PathBuf::from).collect())
+}
+
+/// 0 (no cap), or at least 64 KiB: the cap keeps half of it, in whole 4 KiB blocks.
+fn console_cap(v: &str) -> Parsed<u64> {
+    match v.trim().parse::<u64>() {
+        Ok(n) if n == 0 || (64 << 10..=1 << 40).contains(&n) => Ok(n),
+        _ => Err("0 (keep all) or a number of bytes from 65536 to 1099511627776".to_owned()),
+    }
 }
 
 fn number(min: u64, max: u64) -> impl Fn(&str) -> Parsed<u64> {

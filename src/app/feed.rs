@@ -241,6 +241,11 @@ impl ChangeFeed {
         }
     }
 
+    /// Whether [`ChangeFeed::close`] was called (other streams end then too).
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
     /// Ends every stream (server shutdown): each ends, after what it had
     /// queued, with `unavailable` naming the revision to resume from; new
     /// watches are refused.

@@ -43,6 +43,8 @@ pub const QUEUE_DEPTH: usize = 32;
 pub enum Request {
     /// Run a lifecycle command and reply with the resulting snapshot.
     Command(Command, oneshot::Sender<Result<VmSnapshot, VmError>>),
+    /// Send bytes to the VM's console input; reply with how many it took.
+    WriteConsole(Vec<u8>, oneshot::Sender<Result<usize, VmError>>),
 }
 
 /// What readers see of one VM: the owner's observed state and its latest
@@ -308,7 +310,14 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
             tokio::select! {
                 biased;
                 req = rx.recv() => {
-                    let Some(Request::Command(cmd, reply)) = req else { return };
+                    let (cmd, reply) = match req {
+                        None => return,
+                        Some(Request::WriteConsole(data, reply)) => {
+                            let _ = reply.send(self.write_console(data).await);
+                            continue;
+                        }
+                        Some(Request::Command(cmd, reply)) => (cmd, reply),
+                    };
                     let result = self.handle(cmd).await;
                     let ok = result.is_ok();
                     // The caller may have given up (deadline); the state is recorded either way.
@@ -329,8 +338,12 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
             }
         }
         rx.close();
-        while let Some(Request::Command(_, reply)) = rx.recv().await {
-            let _ = reply.send(Err(VmError::NotFound(self.vm.snapshot().id.to_string())));
+        let gone = || VmError::NotFound(self.vm.snapshot().id.to_string());
+        while let Some(req) = rx.recv().await {
+            match req {
+                Request::Command(_, reply) => drop(reply.send(Err(gone()))),
+                Request::WriteConsole(_, reply) => drop(reply.send(Err(gone()))),
+            }
         }
     }
 
@@ -439,6 +452,14 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
                         .await
                         .map(|()| None)
                 }
+                Command::Resize(size) => timed_call(kind, tel, "resize", t, vmm.resize(size))
+                    .await
+                    .map(|(reported, size)| {
+                        // The config shows the size the VMM reports, with the state below.
+                        let now = self.deps.clock.now_unix();
+                        self.vm.handle_observation(Observation::Sized(size), now);
+                        Some(reported)
+                    }),
             },
         };
         let now = self.deps.clock.now_unix();
@@ -633,8 +654,49 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
         }
     }
 
+    /// Sends console input through the handle (serialized with operations).
+    async fn write_console(&mut self, data: Vec<u8>) -> Result<usize, VmError> {
+        let snap = self.vm.snapshot().clone();
+        let Some(vmm) = self.vmm.as_mut() else {
+            return Err(VmError::FailedPrecondition {
+                vm_id: snap.id.to_string(),
+                operation: "write console",
+                state: snap.state,
+                reason: "no VMM runs for this VM".to_owned(),
+            });
+        };
+        let kind = self.deps.hypervisor.kind();
+        let tel = &*self.deps.telemetry;
+        timed_call(
+            kind,
+            tel,
+            "write_console",
+            self.deps.call_timeout,
+            vmm.write_console(data),
+        )
+        .await
+        .map_err(|e| match e {
+            HypervisorError::Unsupported(m) => VmError::Unimplemented(m),
+            HypervisorError::InvalidState(reason) => VmError::FailedPrecondition {
+                vm_id: snap.id.to_string(),
+                operation: "write console",
+                state: snap.state,
+                reason,
+            },
+            HypervisorError::Timeout { .. } => {
+                VmError::DeadlineExceeded(format!("vm {}: {e}", snap.id))
+            }
+            e => VmError::Unavailable(format!("vm {}: {e}", snap.id)),
+        })
+    }
+
     fn take_sample(&mut self, info: VmmInfo) {
         self.process = info.process.clone();
+        if let Some(size) = info.size {
+            // A resize a crash interrupted, or one made on the VMM's own socket.
+            let now = self.deps.clock.now_unix();
+            self.vm.handle_observation(Observation::Sized(size), now);
+        }
         let mut backend_info = info.backend_info;
         backend_info.insert(
             "backend".to_owned(),

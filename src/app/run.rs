@@ -101,7 +101,8 @@ pub async fn run() -> ExitCode {
                 &config.ch_binary,
                 &config.runtime_dir,
                 config.hypervisor_timeout,
-            );
+            )
+            .with_console_max_bytes(config.console_max_bytes);
             serve(ch, store, &config, &otel, security).await
         }
         BackendKind::Firecracker => {
@@ -113,7 +114,8 @@ pub async fn run() -> ExitCode {
                 gid: j.gid,
                 chroot_base: j.chroot_base.clone(),
             });
-            serve(Firecracker::new(settings), store, &config, &otel, security).await
+            let fc = Firecracker::new(settings).with_console_max_bytes(config.console_max_bytes);
+            serve(fc, store, &config, &otel, security).await
         }
     };
     // Flush what telemetry holds, bounded; the exporters block, so off the runtime.

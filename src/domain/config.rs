@@ -165,7 +165,86 @@ pub struct ConsoleConfig {
     pub console_type: String,
 }
 
+/// A VM's size: what ResizeVm changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct VmSize {
+    /// vCPUs online.
+    pub vcpu_count: i32,
+    /// Guest memory in bytes (boot memory plus hot-plugged memory).
+    pub memory_bytes: i64,
+}
+
 impl VmConfig {
+    /// The VM's current size.
+    pub fn size(&self) -> VmSize {
+        VmSize {
+            vcpu_count: self.cpu.vcpu_count,
+            memory_bytes: self.memory.size_bytes,
+        }
+    }
+
+    /// Records a size the VMM reports; the hot-plug ceilings stay.
+    pub fn set_size(&mut self, size: VmSize) {
+        self.cpu.vcpu_count = size.vcpu_count;
+        self.memory.size_bytes = size.memory_bytes;
+    }
+
+    /// The size a ResizeVm asks for (0 leaves that one as it is), checked
+    /// against the ceilings the VM was created with; an error names the
+    /// request's field.
+    pub fn resized(&self, vcpu_count: i32, memory_bytes: i64) -> Result<VmSize, VmConfigError> {
+        let mut size = self.size();
+        if vcpu_count < 0 {
+            return Err(VmConfigError::new(
+                "vcpu_count",
+                format!("must not be negative, got {vcpu_count}"),
+            ));
+        }
+        if vcpu_count > 0 {
+            let max = self.effective_max_vcpus();
+            if vcpu_count > max {
+                return Err(VmConfigError::new(
+                    "vcpu_count",
+                    format!(
+                        "{vcpu_count} exceeds the VM's hot-plug ceiling of {max} vCPUs (config.cpu.max_vcpu_count, set at create)"
+                    ),
+                ));
+            }
+            size.vcpu_count = vcpu_count;
+        }
+        if memory_bytes < 0 {
+            return Err(VmConfigError::new(
+                "memory_bytes",
+                format!("must not be negative, got {memory_bytes}"),
+            ));
+        }
+        if memory_bytes > 0 && memory_bytes != self.memory.size_bytes {
+            if !self.memory.hotplug_enabled {
+                return Err(VmConfigError::new(
+                    "memory_bytes",
+                    "the VM was created without memory hot-plug (config.memory.hotplug_enabled)",
+                ));
+            }
+            if memory_bytes % MIB != 0 {
+                return Err(VmConfigError::new(
+                    "memory_bytes",
+                    format!("must be a whole number of MiB, got {memory_bytes}"),
+                ));
+            }
+            if memory_bytes > self.memory.max_size_bytes {
+                return Err(VmConfigError::new(
+                    "memory_bytes",
+                    format!(
+                        "{memory_bytes} exceeds the VM's hot-plug ceiling of {} bytes (config.memory.max_size_bytes, set at create)",
+                        self.memory.max_size_bytes
+                    ),
+                ));
+            }
+            size.memory_bytes = memory_bytes;
+        }
+        Ok(size)
+    }
+
     /// Checks every backend-independent rule; the first violation names its field.
     pub fn validate(&self) -> Result<(), VmConfigError> {
         self.cpu.validate()?;

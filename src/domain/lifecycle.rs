@@ -45,7 +45,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::time::{Duration, Instant};
 
-use super::config::VmConfig;
+use super::config::{VmConfig, VmSize};
 use super::error::VmError;
 use super::id::VmId;
 use super::restart::{self, Cause, History, RestartPolicy, RestartSettings};
@@ -148,6 +148,9 @@ pub enum Command {
         /// Kill the VMM at once instead of asking it to stop.
         force: bool,
     },
+    /// Change a Running VM's vCPUs and memory (hot-plug) to this size,
+    /// already checked against the VM's ceilings ([`VmConfig::resized`]).
+    Resize(VmSize),
 }
 
 /// The operation a command or effect stands for, for errors, metrics and events.
@@ -167,6 +170,8 @@ pub enum Operation {
     Reboot,
     /// Delete.
     Delete,
+    /// Resize.
+    Resize,
 }
 
 impl Operation {
@@ -180,6 +185,7 @@ impl Operation {
             Operation::Resume => "resume",
             Operation::Reboot => "reboot",
             Operation::Delete => "delete",
+            Operation::Resize => "resize",
         }
     }
 }
@@ -195,6 +201,7 @@ impl Command {
             Command::Resume => Operation::Resume,
             Command::Reboot { .. } => Operation::Reboot,
             Command::Delete { .. } => Operation::Delete,
+            Command::Resize(_) => Operation::Resize,
         }
     }
 }
@@ -219,7 +226,8 @@ impl Command {
             | Command::Boot
             | Command::Pause
             | Command::Resume
-            | Command::Reboot { .. } => None,
+            | Command::Reboot { .. }
+            | Command::Resize(_) => None,
         }
     }
 }
@@ -255,6 +263,10 @@ pub enum Observation {
         /// Why (may be empty).
         reason: String,
     },
+    /// The VMM reports the VM at this size (after a resize, or in a
+    /// sample: a resize that a crash interrupted, or one made on the VMM's
+    /// own socket). The config follows what the VMM reports.
+    Sized(VmSize),
     /// The VM's VMM process ended without VMCP asking it to.
     Exited {
         /// The state this leaves the VM in: Shutdown for a guest-initiated
@@ -634,6 +646,9 @@ impl Vm {
             (Command::Reboot { .. }, S::Created | S::Paused | S::Shutdown | S::Failed) => {
                 Verdict::Deny
             }
+            (Command::Resize(to), S::Running) if to == self.snap.config.size() => Verdict::Ignore,
+            (Command::Resize(_), S::Running) => Verdict::Accept,
+            (Command::Resize(_), S::Created | S::Paused | S::Shutdown | S::Failed) => Verdict::Deny,
         };
         match verdict {
             Verdict::Accept => {
@@ -644,6 +659,8 @@ impl Vm {
                 self.snap.desired = match cmd {
                     Command::Create => Desired::Created,
                     Command::Boot | Command::Resume | Command::Reboot { .. } => Desired::Running,
+                    // Only a Running VM is resized, and it stays wanted as it was.
+                    Command::Resize(_) => self.snap.desired,
                     Command::Pause => Desired::Paused,
                     Command::Shutdown { .. } => Desired::Stopped,
                     Command::Delete { .. } => Desired::Deleted,
@@ -708,6 +725,13 @@ impl Vm {
                     return;
                 }
                 self.set_state(state, reason, now);
+            }
+            Observation::Sized(size) => {
+                if self.snap.deleted || self.snap.config.size() == size {
+                    return;
+                }
+                self.snap.config.set_size(size);
+                self.touch(now);
             }
             Observation::Exited { state, reason } => {
                 if self.snap.deleted {
@@ -1052,7 +1076,18 @@ mod tests {
             Just(Command::Resume),
             any::<bool>().prop_map(|force| Command::Reboot { force }),
             any::<bool>().prop_map(|force| Command::Delete { force }),
+            arb_size().prop_map(Command::Resize),
         ]
+    }
+
+    /// Sizes around the test VM's own (1 vCPU, 128 MiB), so equal sizes come up.
+    fn arb_size() -> impl Strategy<Value = VmSize> {
+        (1i32..3, prop::sample::select(vec![128i64 << 20, 256 << 20])).prop_map(
+            |(vcpu_count, memory_bytes)| VmSize {
+                vcpu_count,
+                memory_bytes,
+            },
+        )
     }
 
     #[derive(Debug, Clone)]
@@ -1063,6 +1098,7 @@ mod tests {
         Complete(Option<VmState>, bool),
         Report(VmState),
         Exit(bool),
+        Sized(VmSize),
     }
 
     fn arb_input() -> impl Strategy<Value = Input> {
@@ -1072,6 +1108,7 @@ mod tests {
                 .prop_map(|(s, ok)| Input::Complete(s, ok)),
             1 => arb_state().prop_map(Input::Report),
             1 => any::<bool>().prop_map(Input::Exit),
+            1 => arb_size().prop_map(Input::Sized),
         ]
     }
 
@@ -1087,11 +1124,16 @@ mod tests {
             Operation::Resume => s == Paused,
             Operation::Reboot => s == Running,
             Operation::Delete => true,
+            Operation::Resize => s == Running,
         }
     }
 
-    fn model_is_repeat(op: Operation, s: VmState) -> bool {
+    fn model_is_repeat(cmd: Command, s: VmState, size: VmSize) -> bool {
         use VmState::*;
+        let op = cmd.operation();
+        if let Command::Resize(to) = cmd {
+            return s == Running && to == size;
+        }
         matches!(
             (op, s),
             (Operation::Create, _)
@@ -1202,6 +1244,9 @@ mod tests {
                                 prop_assert!(!before.deleted);
                                 prop_assert!(pending_before.is_none());
                                 prop_assert!(model_allows(op, before.state), "{op:?} admitted in {:?}", before.state);
+                                if let Command::Resize(to) = cmd {
+                                    prop_assert_ne!(to, before.config.size(), "a resize to the current size is a repeat");
+                                }
                                 prop_assert_eq!(v.poll_effect(), Some(Effect::Perform(cmd)));
                                 prop_assert_eq!(v.poll_effect(), None);
                                 // Admission changes intent, never the observed state.
@@ -1209,7 +1254,7 @@ mod tests {
                                 prop_assert_eq!(v.snapshot().generation, before.generation);
                             }
                             Admission::Ignored => {
-                                prop_assert!(model_is_repeat(op, before.state));
+                                prop_assert!(model_is_repeat(cmd, before.state, before.config.size()));
                                 prop_assert_eq!(v.snapshot(), &before);
                                 prop_assert_eq!(v.poll_effect(), None);
                             }
@@ -1250,6 +1295,15 @@ mod tests {
                             prop_assert_eq!(v.snapshot(), &before);
                         }
                     }
+                    Input::Sized(size) => {
+                        v.handle_observation(Observation::Sized(size), now);
+                        if before.deleted {
+                            prop_assert_eq!(v.snapshot(), &before);
+                        } else {
+                            prop_assert_eq!(v.snapshot().config.size(), size, "the config follows the VMM's size");
+                            prop_assert_eq!(v.snapshot().state, before.state, "a size is no state change");
+                        }
+                    }
                     Input::Exit(crash) => {
                         let state = if crash { VmState::Failed } else { VmState::Shutdown };
                         v.handle_observation(Observation::Exited { state, reason: "exit".into() }, now);
@@ -1260,7 +1314,11 @@ mod tests {
                 }
                 let after = v.snapshot();
                 prop_assert!(after.generation >= before.generation, "generations only grow");
-                if after.state != before.state || after.reason != before.reason || after.deleted != before.deleted {
+                if after.state != before.state
+                    || after.reason != before.reason
+                    || after.deleted != before.deleted
+                    || after.config != before.config
+                {
                     prop_assert!(after.generation > before.generation, "a visible change bumps the generation");
                 }
                 prop_assert!(after.modified_at >= before.modified_at);

@@ -11,7 +11,7 @@ pub mod restart;
 
 pub use config::{
     BootConfig, ConsoleConfig, CpuConfig, CpuTopology, MemoryConfig, NetworkInterface,
-    StorageDevice, VmConfig, VmConfigError,
+    StorageDevice, VmConfig, VmConfigError, VmSize,
 };
 pub use error::VmError;
 pub use id::{VmId, VmIdError};

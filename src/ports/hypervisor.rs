@@ -16,7 +16,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::domain::{VmConfig, VmConfigError, VmId, VmState};
+use crate::domain::{VmConfig, VmConfigError, VmId, VmSize, VmState};
 
 /// Which VMM a backend drives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -107,6 +107,22 @@ pub struct VmmInfo {
     pub backend_info: BTreeMap<String, String>,
     /// The VMM process serving the VM now (None when none runs).
     pub process: Option<VmmProcess>,
+    /// The VM's size as the VMM reports it (None when it does not say).
+    pub size: Option<VmSize>,
+}
+
+/// A piece of a VM's console output, read by [`Hypervisor::read_console`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ConsoleChunk {
+    /// The offset of `data`'s first byte: above the requested offset when
+    /// the bytes in between were dropped by the console cap.
+    pub offset: u64,
+    /// The bytes.
+    pub data: Vec<u8>,
+    /// Where the console ends now (`offset + data.len()` unless capped by
+    /// the read's size): below the requested offset when the console
+    /// started over.
+    pub next_offset: u64,
 }
 
 /// The identity of a VMM process, so a restarted VMCP can tell it is the same one.
@@ -324,6 +340,24 @@ pub trait VmmHandle: Send + 'static {
     /// is already gone (idempotent) and MUST NOT touch any other process.
     fn delete(&mut self, force: bool) -> impl Future<Output = Result<(), HypervisorError>> + Send;
 
+    /// Resizes the running VM to `size` (vCPU and memory hot-plug) and
+    /// answers with the state and the size the VMM reports afterwards; the
+    /// handle's config follows, so a VMM it starts later has that size.
+    /// `Unsupported` naming the backend when it cannot resize at all,
+    /// `InvalidConfig` naming the field for a size it cannot take.
+    fn resize(
+        &mut self,
+        size: VmSize,
+    ) -> impl Future<Output = Result<(Reported, VmSize), HypervisorError>> + Send;
+
+    /// Sends `data` to the VM's console input; answers how many bytes it
+    /// took. `Unsupported` naming the backend and the reason when the VM's
+    /// console takes no input.
+    fn write_console(
+        &mut self,
+        data: Vec<u8>,
+    ) -> impl Future<Output = Result<usize, HypervisorError>> + Send;
+
     /// Reads state, metrics and backend details from the VMM and /proc.
     /// A VMM that is gone reads as its exit state (Shutdown or Failed with
     /// the reason), not as an error; `Unavailable` if its socket does not answer.
@@ -378,6 +412,17 @@ pub trait Hypervisor: Send + Sync + 'static {
     /// start-up to find VMMs that no record names, or that replaced the
     /// recorded one just before a crash.
     fn discover(&self) -> impl Future<Output = Result<Vec<Discovered>, HypervisorError>> + Send;
+
+    /// Reads at most `max_bytes` of VM `id`'s console output from `offset`
+    /// (the oldest byte kept when it was dropped). `Unsupported` when the
+    /// VM's console is off; an empty chunk before the VMM wrote anything.
+    fn read_console(
+        &self,
+        id: &VmId,
+        config: &VmConfig,
+        offset: u64,
+        max_bytes: usize,
+    ) -> impl Future<Output = Result<ConsoleChunk, HypervisorError>> + Send;
 
     /// Ends a VMM that belongs to no VM (if it still runs) and removes its
     /// runtime files. MUST NOT touch any process other than `process`.

@@ -11,13 +11,14 @@ pub mod telemetry;
 
 pub use clock::{Clock, SystemClock};
 pub use hypervisor::{
-    BackendCheck, BackendKind, Cause, Discovered, Hypervisor, HypervisorError, NetworkStats,
-    Reported, ShutdownMode, StorageStats, VmMetrics, VmmEvent, VmmEventSink, VmmHandle, VmmInfo,
-    VmmProcess,
+    BackendCheck, BackendKind, Cause, ConsoleChunk, Discovered, Hypervisor, HypervisorError,
+    NetworkStats, Reported, ShutdownMode, StorageStats, VmMetrics, VmmEvent, VmmEventSink,
+    VmmHandle, VmmInfo, VmmProcess,
 };
 pub use service::{
-    BackendHealth, CreateVm, DescriptorHealth, HealthCheck, ListQuery, ServiceHealth, VmCounts,
-    VmDetails, VmPage, VmService, WatchEvent, WatchEventKind, WatchQuery, WatchStream,
+    BackendHealth, ConsoleStream, CreateVm, DescriptorHealth, HealthCheck, ListQuery,
+    ServiceHealth, VmCounts, VmDetails, VmPage, VmService, WatchEvent, WatchEventKind, WatchQuery,
+    WatchStream,
 };
 pub use store::{StoreError, VmRecord, VmStore};
 pub use telemetry::{NoopTelemetry, Telemetry, TelemetryEvent};

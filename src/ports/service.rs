@@ -111,6 +111,12 @@ pub struct WatchEvent {
 pub type WatchStream =
     std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<WatchEvent, VmError>> + Send>>;
 
+/// A stream of console output; it ends when the VM is deleted, or with an
+/// error that says why (shutdown).
+pub type ConsoleStream = std::pin::Pin<
+    Box<dyn futures_util::Stream<Item = Result<super::ConsoleChunk, VmError>> + Send>,
+>;
+
 /// The VM API.
 pub trait VmService: Send + Sync + 'static {
     /// Creates a VM (idempotent for the same id and config).
@@ -145,6 +151,33 @@ pub trait VmService: Send + Sync + 'static {
         &self,
         query: WatchQuery,
     ) -> impl Future<Output = Result<WatchStream, VmError>> + Send;
+    /// Reads a VM's console output from `offset`, at most `max_bytes` (0:
+    /// the service's default; more than its maximum is read as the maximum).
+    fn get_console_output(
+        &self,
+        id: VmId,
+        offset: u64,
+        max_bytes: u32,
+    ) -> impl Future<Output = Result<super::ConsoleChunk, VmError>> + Send;
+    /// Follows a VM's console output from `offset` until the VM is deleted.
+    fn stream_console(
+        &self,
+        id: VmId,
+        offset: u64,
+    ) -> impl Future<Output = Result<ConsoleStream, VmError>> + Send;
+    /// Sends bytes to a VM's console input; answers how many it took.
+    fn write_console(
+        &self,
+        id: VmId,
+        data: Vec<u8>,
+    ) -> impl Future<Output = Result<usize, VmError>> + Send;
+    /// Resizes a running VM (0 leaves that size unchanged); answers the VM after it.
+    fn resize_vm(
+        &self,
+        id: VmId,
+        vcpu_count: i32,
+        memory_bytes: i64,
+    ) -> impl Future<Output = Result<VmSnapshot, VmError>> + Send;
 }
 
 /// What `/_/health` reports about the backend.

@@ -19,7 +19,7 @@ use vmcp::adapters::outbound::vmm::UdsClient;
 use vmcp::adapters::outbound::vmm::process::{is_alive, read_start_time};
 use vmcp::domain::{
     BootConfig, ConsoleConfig, CpuConfig, MemoryConfig, NetworkInterface, StorageDevice, VmConfig,
-    VmId, VmState,
+    VmId, VmSize, VmState,
 };
 use vmcp::ports::{
     Hypervisor, HypervisorError, Reported, ShutdownMode, VmmEvent, VmmHandle, VmmProcess,
@@ -1243,4 +1243,164 @@ async fn a_vmm_listening_elsewhere_is_discovered_adopted_and_cleaned_up() {
         env.ch.probe_endpoint(&socket).await,
         Err(HypervisorError::Unavailable { .. })
     ));
+}
+
+// ---------------------------------------------------------------- resize and console
+
+/// A config with room to grow: 1 → 2 vCPUs, 128 MiB → 512 MiB.
+fn hotplug_config(env: &Env) -> VmConfig {
+    let mut cfg = env.config();
+    cfg.memory.hotplug_enabled = true;
+    cfg.memory.max_size_bytes = 512 * MIB;
+    cfg
+}
+
+#[tokio::test]
+async fn resize_reports_the_size_the_vmm_reports_and_a_new_vmm_keeps_it() {
+    let env = Env::new(Behaviour {
+        acpi: Acpi::PowerOff,
+        ..Default::default()
+    });
+    let vm = id("grow");
+    let (mut h, _) = env
+        .ch
+        .create(&vm, &hotplug_config(&env), env.tx.clone())
+        .await
+        .unwrap();
+    ok(h.boot().await.unwrap());
+    let (rep, size) = h
+        .resize(VmSize {
+            vcpu_count: 2,
+            memory_bytes: 384 * MIB,
+        })
+        .await
+        .unwrap();
+    assert_eq!(rep.state, VmState::Running);
+    assert_eq!(
+        size,
+        VmSize {
+            vcpu_count: 2,
+            memory_bytes: 384 * MIB
+        }
+    );
+    assert_eq!(h.sample().await.unwrap().size, Some(size), "vm.info agrees");
+
+    // The guest powers off; the next boot starts a new VMM at the new size,
+    // with the same ceiling (room for 128 MiB more).
+    h.shutdown(graceful(2_000)).await.unwrap();
+    ok(h.boot().await.unwrap());
+    assert_eq!(h.sample().await.unwrap().size, Some(size));
+    let socket = PathBuf::from(h.process().unwrap().socket_path);
+    let api = ChApi::new(env.ch.http(), &socket);
+    let info = api.info().await.unwrap();
+    assert_eq!(info.config["memory"]["hotplug_size"], 128 * MIB);
+    assert_eq!(info.config["cpus"]["max_vcpus"], 2);
+    h.delete(true).await.unwrap();
+}
+
+#[tokio::test]
+async fn resize_refusals_name_the_field_or_carry_the_vmm_reason() {
+    let env = Env::new(Behaviour::default());
+    let vm = id("nogrow");
+    let (mut h, _) = env
+        .ch
+        .create(&vm, &hotplug_config(&env), env.tx.clone())
+        .await
+        .unwrap();
+    ok(h.boot().await.unwrap());
+    let at = |vcpu_count, memory_bytes| VmSize {
+        vcpu_count,
+        memory_bytes,
+    };
+    // CH cannot remove ACPI memory: refused before the VMM records a lie.
+    match h.resize(at(1, 64 * MIB)).await {
+        Err(HypervisorError::InvalidConfig(e)) => {
+            assert_eq!(e.field, "memory_bytes");
+            assert!(e.reason.contains("cannot remove memory"), "{e}");
+        }
+        other => panic!("a shrink: {other:?}"),
+    }
+    // Not a whole number of 128 MiB DIMMs.
+    match h.resize(at(1, 200 * MIB)).await {
+        Err(HypervisorError::InvalidConfig(e)) => {
+            assert_eq!(e.field, "memory_bytes");
+            assert!(e.reason.contains("128 MiB"), "{e}");
+        }
+        other => panic!("an odd step: {other:?}"),
+    }
+    // What the VMM itself refuses comes back with its words.
+    match h.resize(at(3, 128 * MIB)).await {
+        Err(HypervisorError::InvalidState(m)) => {
+            assert!(m.contains("DesiredVCpuCountExceedsMax"), "{m}")
+        }
+        other => panic!("past max_vcpus: {other:?}"),
+    }
+    assert_eq!(
+        h.sample().await.unwrap().size,
+        Some(at(1, 128 * MIB)),
+        "nothing changed"
+    );
+    h.delete(true).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_vmm_dying_mid_resize_is_unavailable_and_reported() {
+    let mut env = Env::new(Behaviour {
+        exit_on: Some(("vm.resize".into(), 1)),
+        ..Default::default()
+    });
+    let vm = id("dies");
+    let (mut h, p) = env
+        .ch
+        .create(&vm, &hotplug_config(&env), env.tx.clone())
+        .await
+        .unwrap();
+    ok(h.boot().await.unwrap());
+    let pid = p.process.unwrap().pid;
+    let e = h
+        .resize(VmSize {
+            vcpu_count: 2,
+            memory_bytes: 128 * MIB,
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            HypervisorError::Unavailable { .. } | HypervisorError::Gone(_)
+        ),
+        "{e:?}"
+    );
+    let (exited, state, _) = env.next_exit().await;
+    assert_eq!((exited, state), (pid, VmState::Failed));
+    h.delete(true).await.unwrap();
+}
+
+#[tokio::test]
+async fn the_console_is_read_by_offset_through_the_backend() {
+    let env = Env::new(Behaviour::default());
+    let vm = id("talk");
+    let cfg = env.config();
+    let (mut h, _) = env.ch.create(&vm, &cfg, env.tx.clone()).await.unwrap();
+    let empty = env.ch.read_console(&vm, &cfg, 0, 1024).await.unwrap();
+    assert!(empty.data.is_empty(), "nothing before boot");
+    ok(h.boot().await.unwrap());
+    let c = env.ch.read_console(&vm, &cfg, 0, 1024).await.unwrap();
+    assert_eq!(c.data, b"VMCP-GUEST-OK\n", "the fake's boot marker");
+    assert_eq!((c.offset, c.next_offset), (0, 14));
+    let c = env.ch.read_console(&vm, &cfg, 5, 4).await.unwrap();
+    assert_eq!((c.data.as_slice(), c.next_offset), (&b"GUES"[..], 9));
+    // Console input is refused with the reason.
+    match h.write_console(b"ls\n".to_vec()).await {
+        Err(HypervisorError::Unsupported(m)) => assert!(m.contains("cloudhypervisor"), "{m}"),
+        other => panic!("write_console: {other:?}"),
+    }
+    // A VM without a console has nothing to read.
+    let mut off = cfg.clone();
+    off.console.enabled = false;
+    assert!(matches!(
+        env.ch.read_console(&vm, &off, 0, 10).await,
+        Err(HypervisorError::Unsupported(_))
+    ));
+    h.delete(true).await.unwrap();
 }

@@ -27,6 +27,10 @@
 //! kill (SIGKILL)      Exited{Failed}                    Exited{Failed}
 //! event monitor       StateChanged for every change,    none (Firecracker has no events)
 //!                     VMCP's own ones included
+//! resize Running      the VMM's size changes; samples   unsupported (no hot-plug, no balloon)
+//!                     report it
+//! console             each new VMM starts the VM's console over; a boot prints a
+//!                     marker; console input is unsupported on both
 //! ```
 //!
 //! Every handle operation runs in a spawned task, so an operation whose
@@ -51,10 +55,10 @@ use std::time::Duration;
 
 use tokio::sync::{Mutex as ApiLock, OwnedMutexGuard, watch};
 
-use vmcp::domain::{VmConfig, VmConfigError, VmId, VmState};
+use vmcp::domain::{VmConfig, VmConfigError, VmId, VmSize, VmState};
 use vmcp::ports::{
-    BackendCheck, BackendKind, Discovered, Hypervisor, HypervisorError, Reported, ShutdownMode,
-    VmMetrics, VmmEvent, VmmEventSink, VmmHandle, VmmInfo, VmmProcess,
+    BackendCheck, BackendKind, ConsoleChunk, Discovered, Hypervisor, HypervisorError, Reported,
+    ShutdownMode, VmMetrics, VmmEvent, VmmEventSink, VmmHandle, VmmInfo, VmmProcess,
 };
 
 /// The reason of an exit by SIGKILL ([`Double::kill`]).
@@ -62,8 +66,11 @@ pub const SIGKILL_REASON: &str = "VMM killed by signal 9 (SIGKILL)";
 /// The reason of an exit with status 0 ([`Double::guest_poweroff`]).
 pub const POWEROFF_REASON: &str = "VMM exited with status 0 (the guest powered off)";
 
+/// What a boot prints on the VM's console (a new line per boot).
+pub const BOOT_MARKER: &str = "double guest: booted\n";
+
 /// Every operation a test can delay, fail or hold ("info" is accepted for "sample").
-const OPS: [&str; 12] = [
+const OPS: [&str; 14] = [
     "check",
     "create",
     "adopt",
@@ -76,11 +83,13 @@ const OPS: [&str; 12] = [
     "reboot",
     "delete",
     "sample",
+    "resize",
+    "read_console",
 ];
 
 /// The operations [`Stats::calls`] counts.
-const MUTATING: [&str; 7] = [
-    "create", "boot", "shutdown", "pause", "resume", "reboot", "delete",
+const MUTATING: [&str; 8] = [
+    "create", "boot", "shutdown", "pause", "resume", "reboot", "delete", "resize",
 ];
 
 /// The canonical name of `name`; a typo in a test is a panic, not a knob that never fires.
@@ -112,6 +121,8 @@ struct Proc {
     state: VmState,
     alive: bool,
     exit_reason: String,
+    /// The VM's size in this process.
+    size: VmSize,
     /// Where its exits and state changes go: the owner that created or last adopted it.
     sink: Option<VmmEventSink>,
 }
@@ -153,6 +164,8 @@ struct HostState {
     deaf: BTreeSet<VmId>,
     gates: Vec<(Option<VmId>, &'static str, Gate)>,
     api_locks: HashMap<VmId, Arc<ApiLock<()>>>,
+    /// Each VM's console: what its newest VMM printed (a new VMM starts it over).
+    consoles: BTreeMap<VmId, Vec<u8>>,
 }
 
 impl HostState {
@@ -186,7 +199,13 @@ impl HostState {
 
     /// Starts a VMM process for `vm`: a pid no live process has, a start time
     /// later than any before, and the VM's runtime directory.
-    fn spawn(&mut self, vm: &VmId, state: VmState, sink: Option<VmmEventSink>) -> VmmProcess {
+    fn spawn(
+        &mut self,
+        vm: &VmId,
+        state: VmState,
+        sink: Option<VmmEventSink>,
+        size: VmSize,
+    ) -> VmmProcess {
         let pid = match self.reuse_pid.take() {
             Some(p) if !self.is_alive(p) => p,
             _ => {
@@ -208,9 +227,14 @@ impl HostState {
                 state,
                 alive: true,
                 exit_reason: String::new(),
+                size,
                 sink,
             },
         );
+        self.consoles.insert(vm.clone(), Vec::new());
+        if state == VmState::Running {
+            self.print(vm, BOOT_MARKER);
+        }
         VmmProcess {
             pid,
             start_time: self.ticks,
@@ -265,11 +289,20 @@ impl HostState {
         }
     }
 
-    /// Removes `vm`'s runtime directory unless a live VMM still uses it.
+    /// Removes `vm`'s runtime directory (its console with it) unless a live VMM still uses it.
     fn remove_dir_if_unused(&mut self, vm: &VmId) {
         if self.live_of(vm).is_empty() {
             self.dirs.remove(vm);
+            self.consoles.remove(vm);
         }
+    }
+
+    /// The guest of `vm` writes `text` to its serial console.
+    fn print(&mut self, vm: &VmId, text: &str) {
+        self.consoles
+            .entry(vm.clone())
+            .or_default()
+            .extend_from_slice(text.as_bytes());
     }
 
     /// Consumes one scripted respawn failure of `vm`, if any.
@@ -313,6 +346,7 @@ impl Host {
                 deaf: BTreeSet::new(),
                 gates: Vec::new(),
                 api_locks: HashMap::new(),
+                consoles: BTreeMap::new(),
             }),
             changes: watch::Sender::new(0),
         })
@@ -478,7 +512,7 @@ impl Gate {
 pub struct Stats {
     /// Highest number of concurrent calls seen on any single VM (across its handles).
     pub max_concurrency_per_vm: AtomicUsize,
-    /// Total mutating calls (create, boot, shutdown, pause, resume, reboot, delete).
+    /// Total mutating calls (create, boot, shutdown, pause, resume, reboot, delete, resize).
     pub calls: AtomicUsize,
     /// Total `sample` calls.
     pub samples: AtomicUsize,
@@ -748,7 +782,43 @@ impl Double {
     /// Starts a running VMM that no VMCP record knows about (left by a crash).
     pub fn plant_orphan(&self, vm: &str) -> VmmProcess {
         let id = vm_id(vm);
-        self.host.mutate(|s| s.spawn(&id, VmState::Running, None))
+        let size = VmSize {
+            vcpu_count: 1,
+            memory_bytes: 128 << 20,
+        };
+        self.host
+            .mutate(|s| s.spawn(&id, VmState::Running, None, size))
+    }
+
+    /// The guest of `vm` prints `text` on its console (its VMM must run).
+    pub fn guest_prints(&self, vm: &str, text: &str) {
+        let id = vm_id(vm);
+        self.host.mutate(|s| {
+            assert!(!s.live_of(&id).is_empty(), "no VMM runs for {vm}");
+            s.print(&id, text);
+        });
+    }
+
+    /// Resizes the live VMM of `vm` behind VMCP's back: another client on
+    /// its socket, or a resize VMCP asked for whose answer and record a
+    /// crash cut off.
+    pub fn resize_directly(&self, vm: &str, size: VmSize) {
+        let id = vm_id(vm);
+        self.host.mutate(|s| {
+            let k = *s.live_of(&id).last().expect("a live VMM");
+            s.procs.get_mut(&k).expect("its process").size = size;
+        });
+    }
+
+    /// The size the live VMM of `vm` has (None when none runs).
+    pub fn size_of(&self, vm: &str) -> Option<VmSize> {
+        let id = vm_id(vm);
+        self.host.read(|s| {
+            s.live_of(&id)
+                .last()
+                .and_then(|k| s.procs.get(k))
+                .map(|p| p.size)
+        })
     }
 
     /// What a host reboot does (with VMCP stopped): every VMM ends, nobody
@@ -895,6 +965,8 @@ impl Double {
 struct Cur {
     /// The process it drives (it may have died since).
     process: Option<VmmProcess>,
+    /// The size a new VMM of this VM gets (the config's, as resized).
+    size: VmSize,
     /// State and reason when it drives no process.
     idle_state: VmState,
     idle_reason: String,
@@ -1004,7 +1076,12 @@ impl DoubleVm {
             cur.idle_reason.clone_from(&message);
             return Err(HypervisorError::spawn_failed(message));
         }
-        let p = s.spawn(&self.id, VmState::Running, Some(self.events.clone()));
+        let p = s.spawn(
+            &self.id,
+            VmState::Running,
+            Some(self.events.clone()),
+            cur.size,
+        );
         let key = (p.pid, p.start_time);
         s.emit(key, VmState::Running, "vm/booted");
         cur.process = Some(p.clone());
@@ -1019,6 +1096,7 @@ impl DoubleVm {
         self.apply(|s, cur| match look(s, cur) {
             Look::Live(k, VmState::Created) => {
                 s.set_state(k, VmState::Running, "vm/booted");
+                s.print(&self.id, BOOT_MARKER);
                 Ok(Self::reported(s, VmState::Running, k))
             }
             Look::Live(_, st) => Err(refused("boot", st)),
@@ -1109,6 +1187,9 @@ impl DoubleVm {
         self.apply(|s, cur| match (kind, look(s, cur)) {
             (BackendKind::CloudHypervisor, Look::Live(k, VmState::Running)) => {
                 s.emit(k, VmState::Running, "vm/rebooted");
+                // vm.reboot truncates a file-backed serial output.
+                s.consoles.insert(self.id.clone(), Vec::new());
+                s.print(&self.id, BOOT_MARKER);
                 Ok(Self::reported(s, VmState::Running, k))
             }
             // Firecracker has no reboot: VMCP ends the VMM and starts a new one.
@@ -1119,6 +1200,25 @@ impl DoubleVm {
             (_, Look::Live(_, st)) => Err(refused("reboot", st)),
             (_, Look::Died(pid, _, reason)) => Err(gone(&self.id, pid, &reason)),
             (_, Look::Idle(st, _)) => Err(no_vmm("reboot", &self.id, st)),
+        })
+    }
+
+    fn apply_resize(&self, size: VmSize) -> Result<(Reported, VmSize), HypervisorError> {
+        let kind = self.host.kind;
+        self.apply(|s, cur| match (kind, look(s, cur)) {
+            (BackendKind::Firecracker, _) => Err(HypervisorError::Unsupported(
+                "firecracker cannot resize a VM (double)".to_owned(),
+            )),
+            (_, Look::Live(k, VmState::Running)) => {
+                if let Some(p) = s.procs.get_mut(&k) {
+                    p.size = size;
+                }
+                cur.size = size;
+                Ok((Self::reported(s, VmState::Running, k), size))
+            }
+            (_, Look::Live(_, st)) => Err(refused("resize", st)),
+            (_, Look::Died(pid, _, reason)) => Err(gone(&self.id, pid, &reason)),
+            (_, Look::Idle(st, _)) => Err(no_vmm("resize", &self.id, st)),
         })
     }
 
@@ -1168,6 +1268,12 @@ impl DoubleVm {
                         },
                         backend_info,
                         process: Some(p),
+                        // Cloud Hypervisor's vm.info says the size; Firecracker's state does not.
+                        size: s
+                            .procs
+                            .get(&k)
+                            .map(|p| p.size)
+                            .filter(|_| self.host.kind == BackendKind::CloudHypervisor),
                     }
                 }
                 Look::Died(pid, st, reason) => {
@@ -1263,6 +1369,23 @@ impl VmmHandle for DoubleVm {
         .await
     }
 
+    async fn resize(&mut self, size: VmSize) -> Result<(Reported, VmSize), HypervisorError> {
+        let me = self.twin();
+        self.run("resize", async move {
+            let b = me.host.begin("resize", Some(&me.id), true).await?;
+            let r = me.apply_resize(size);
+            b.finish(r).await
+        })
+        .await
+    }
+
+    async fn write_console(&mut self, _data: Vec<u8>) -> Result<usize, HypervisorError> {
+        Err(HypervisorError::Unsupported(format!(
+            "{}: console input is not available (double)",
+            self.host.kind.as_str()
+        )))
+    }
+
     async fn sample(&mut self) -> Result<VmmInfo, HypervisorError> {
         let me = self.twin();
         self.run("sample", async move {
@@ -1315,7 +1438,7 @@ impl Hypervisor for Double {
     async fn create(
         &self,
         id: &VmId,
-        _config: &VmConfig,
+        config: &VmConfig,
         events: VmmEventSink,
     ) -> Result<(DoubleVm, Reported), HypervisorError> {
         let _counted = self.stats.enter(id, "create");
@@ -1324,6 +1447,7 @@ impl Hypervisor for Double {
             events,
             Cur {
                 process: None,
+                size: config.size(),
                 idle_state: VmState::Created,
                 idle_reason: String::new(),
             },
@@ -1337,7 +1461,12 @@ impl Hypervisor for Double {
                         handle.id, k.0
                     )));
                 }
-                let p = s.spawn(&handle.id, VmState::Created, Some(handle.events.clone()));
+                let p = s.spawn(
+                    &handle.id,
+                    VmState::Created,
+                    Some(handle.events.clone()),
+                    cur.size,
+                );
                 cur.process = Some(p.clone());
                 Ok(Reported {
                     state: VmState::Created,
@@ -1353,7 +1482,7 @@ impl Hypervisor for Double {
     async fn adopt(
         &self,
         id: &VmId,
-        _config: &VmConfig,
+        config: &VmConfig,
         process: Option<VmmProcess>,
         events: VmmEventSink,
     ) -> Result<(DoubleVm, Reported), HypervisorError> {
@@ -1362,6 +1491,7 @@ impl Hypervisor for Double {
             events,
             Cur {
                 process: None,
+                size: config.size(),
                 idle_state: VmState::Shutdown,
                 idle_reason: "no VMM runs".to_owned(),
             },
@@ -1397,6 +1527,8 @@ impl Hypervisor for Double {
                     ))),
                     Some(pr) => {
                         pr.sink = Some(handle.events.clone());
+                        // The VMM's own size wins over the record's (a resize a crash cut short).
+                        cur.size = pr.size;
                         let state = pr.state;
                         cur.process = Some(s.identity(key));
                         Ok(DoubleVm::reported(s, state, key))
@@ -1404,6 +1536,47 @@ impl Hypervisor for Double {
                 }
             });
             b.finish(r.map(|rep| (handle, rep))).await
+        })
+        .await
+    }
+
+    /// The VM's console as a file would read: from `offset`, or the end's
+    /// offset when past it (the console started over).
+    async fn read_console(
+        &self,
+        id: &VmId,
+        config: &VmConfig,
+        offset: u64,
+        max_bytes: usize,
+    ) -> Result<ConsoleChunk, HypervisorError> {
+        let host = self.host();
+        let id = id.clone();
+        let enabled = config.console.enabled;
+        detached(async move {
+            let b = host.begin("read_console", Some(&id), false).await?;
+            let r = if enabled {
+                Ok(host.read(|s| {
+                    let all = s.consoles.get(&id).map(Vec::as_slice).unwrap_or_default();
+                    let end = all.len() as u64;
+                    let start = offset.min(end);
+                    let from = usize::try_from(start).expect("in memory");
+                    let data = all[from..]
+                        .iter()
+                        .take(max_bytes)
+                        .copied()
+                        .collect::<Vec<_>>();
+                    ConsoleChunk {
+                        offset: start,
+                        next_offset: start + data.len() as u64,
+                        data,
+                    }
+                }))
+            } else {
+                Err(HypervisorError::Unsupported(format!(
+                    "vm {id} has no console output (config.console.enabled is false)"
+                )))
+            };
+            b.finish(r).await
         })
         .await
     }

@@ -112,6 +112,8 @@ pub struct FakeState {
     pub listening: bool,
     /// The event monitor's file (`--event-monitor path=…`), if any.
     pub event_file: Option<PathBuf>,
+    /// Boot memory at vm.create: the hot-plug area starts above it.
+    boot_ram: i64,
 }
 
 /// When this fake VMM started: CH's event timestamps count from there.
@@ -206,6 +208,7 @@ fn handle(state: &mut FakeState, b: &Behaviour, method: &str, ep: &str, body: &[
             if cfg.get("payload").and_then(|p| p.get("kernel")).is_none() {
                 return err(500, &["The VM could not be created", "Error parsing payload", "kernel missing"]);
             }
+            state.boot_ram = cfg["memory"]["size"].as_i64().unwrap_or(0);
             state.vm = Some((cfg, St::Created));
             ok204()
         }
@@ -289,6 +292,35 @@ fn handle(state: &mut FakeState, b: &Behaviour, method: &str, ep: &str, body: &[
                 json!({"config": cfg, "state": s.name(), "memory_actual_size": cfg["memory"]["size"]}).to_string(),
             ),
         },
+        ("PUT", "vm.resize") => {
+            let Ok(req) = serde_json::from_slice::<Value>(body) else {
+                return Outcome::Answer(StatusCode::BAD_REQUEST, r#"["Failed to deserialize JSON"]"#.into());
+            };
+            let boot_ram = state.boot_ram;
+            let Some((cfg, s)) = state.vm.as_mut() else {
+                return err(404, &["The VM could not be resized", "VM is not created"]);
+            };
+            if let Some(v) = req["desired_vcpus"].as_u64() {
+                if *s != St::Created && v > cfg["cpus"]["max_vcpus"].as_u64().unwrap_or(1) {
+                    return err(500, &["The VM could not be resized", "Error resizing VM: CpuManager(DesiredVCpuCountExceedsMax)"]);
+                }
+                cfg["cpus"]["boot_vcpus"] = json!(v);
+            }
+            if let Some(m) = req["desired_ram"].as_i64() {
+                let size = cfg["memory"]["size"].as_i64().unwrap_or(0);
+                // The hot-plug area is sized at create: boot memory plus hotplug_size.
+                let end = boot_ram + cfg["memory"]["hotplug_size"].as_i64().unwrap_or(0);
+                if *s != St::Created && m > size && (m - size) % (128 << 20) != 0 {
+                    return err(500, &["The VM could not be resized", "Error resizing VM: MemoryManager(InvalidSize)"]);
+                }
+                if *s != St::Created && m > end {
+                    return err(500, &["The VM could not be resized", "Error resizing VM: MemoryManager(InsufficientHotplugRam)"]);
+                }
+                // ACPI: CH records the size whatever it did (a shrink removes nothing).
+                cfg["memory"]["size"] = json!(m);
+            }
+            ok204()
+        }
         ("GET", "vm.counters") => match st {
             Some(St::Running | St::Paused) => {
                 let cfg = &state.vm.as_ref().unwrap().0;

@@ -13,6 +13,7 @@ mod auth;
 mod chaos;
 mod cloud_hypervisor;
 mod connections;
+mod console;
 mod crash;
 mod double;
 mod fake_ch;

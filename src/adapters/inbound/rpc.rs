@@ -14,8 +14,8 @@ use crate::ports::{CreateVm, ListQuery, VmService};
 use crate::proto::vmm::v1 as pb;
 
 use super::convert::{
-    config_in, details_out, non_negative, optional_vm_id, restart_policy_in, state_filter_in,
-    state_out, vm_id, vm_info_out, watch_event_out, watch_query_in,
+    config_in, config_out, details_out, non_negative, optional_vm_id, restart_policy_in,
+    state_filter_in, state_out, vm_id, vm_info_out, watch_event_out, watch_query_in,
 };
 use super::errors::to_connect;
 
@@ -30,6 +30,9 @@ impl<S> RpcService<S> {
         Self { inner }
     }
 }
+
+/// Most bytes one WriteConsole may send.
+pub const MAX_CONSOLE_WRITE: usize = 16 * 1024;
 
 fn fail(e: VmError) -> ConnectError {
     to_connect(&e)
@@ -211,5 +214,96 @@ impl<S: VmService> pb::VmService for RpcService<S> {
         let query = watch_query_in(&request.to_owned_message()).map_err(fail)?;
         let events = self.inner.watch_vms(query).await.map_err(fail)?;
         Response::stream_ok(events.map(|e| e.map(|e| watch_event_out(&e)).map_err(fail)))
+    }
+
+    async fn get_console_output(
+        &self,
+        _ctx: RequestContext,
+        request: ServiceRequest<'_, pb::GetConsoleOutputRequest>,
+    ) -> ServiceResult<pb::GetConsoleOutputResponse> {
+        record_vm_id(request.vm_id);
+        let id = vm_id("vm_id", request.vm_id).map_err(fail)?;
+        let chunk = self
+            .inner
+            .get_console_output(id, request.offset, request.max_bytes)
+            .await
+            .map_err(fail)?;
+        Response::ok(pb::GetConsoleOutputResponse {
+            data: chunk.data,
+            next_offset: chunk.next_offset,
+            offset: chunk.offset,
+            ..Default::default()
+        })
+    }
+
+    async fn stream_console(
+        &self,
+        _ctx: RequestContext,
+        request: ServiceRequest<'_, pb::StreamConsoleRequest>,
+    ) -> ServiceResult<ServiceStream<pb::StreamConsoleResponse>> {
+        record_vm_id(request.vm_id);
+        let id = vm_id("vm_id", request.vm_id).map_err(fail)?;
+        let chunks = self
+            .inner
+            .stream_console(id, request.offset)
+            .await
+            .map_err(fail)?;
+        Response::stream_ok(chunks.map(|c| {
+            c.map(|c| pb::StreamConsoleResponse {
+                data: c.data,
+                next_offset: c.next_offset,
+                offset: c.offset,
+                ..Default::default()
+            })
+            .map_err(fail)
+        }))
+    }
+
+    async fn write_console(
+        &self,
+        _ctx: RequestContext,
+        request: ServiceRequest<'_, pb::WriteConsoleRequest>,
+    ) -> ServiceResult<pb::WriteConsoleResponse> {
+        record_vm_id(request.vm_id);
+        let id = vm_id("vm_id", request.vm_id).map_err(fail)?;
+        if request.data.len() > MAX_CONSOLE_WRITE {
+            return Err(fail(VmError::InvalidArgument(
+                crate::domain::VmConfigError::new(
+                    "data",
+                    format!(
+                        "at most {MAX_CONSOLE_WRITE} bytes per call, got {}",
+                        request.data.len()
+                    ),
+                ),
+            )));
+        }
+        let written = self
+            .inner
+            .write_console(id, request.data.to_vec())
+            .await
+            .map_err(fail)?;
+        Response::ok(pb::WriteConsoleResponse {
+            bytes_written: u64::try_from(written).unwrap_or(u64::MAX),
+            ..Default::default()
+        })
+    }
+
+    async fn resize_vm(
+        &self,
+        _ctx: RequestContext,
+        request: ServiceRequest<'_, pb::ResizeVmRequest>,
+    ) -> ServiceResult<pb::ResizeVmResponse> {
+        record_vm_id(request.vm_id);
+        let id = vm_id("vm_id", request.vm_id).map_err(fail)?;
+        let snap = self
+            .inner
+            .resize_vm(id, request.vcpu_count, request.memory_bytes)
+            .await
+            .map_err(fail)?;
+        Response::ok(pb::ResizeVmResponse {
+            state: state_out(snap.state),
+            config: config_out(&snap.config).into(),
+            ..Default::default()
+        })
     }
 }

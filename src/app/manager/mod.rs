@@ -7,6 +7,7 @@
 //! runs or the backend cannot be used. Each part takes what it needs as
 //! arguments; none calls back into the manager.
 
+pub mod console;
 pub mod health;
 pub mod paging;
 pub mod recovery;
@@ -20,8 +21,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::domain::{Command, Vm, VmError, VmId, VmSnapshot, VmState};
 use crate::ports::{
-    BackendHealth, Clock, CreateVm, Hypervisor, ListQuery, Telemetry, VmCounts, VmDetails, VmPage,
-    VmService, VmStore, WatchQuery, WatchStream,
+    BackendHealth, Clock, ConsoleChunk, ConsoleStream, CreateVm, Hypervisor, ListQuery, Telemetry,
+    VmCounts, VmDetails, VmPage, VmService, VmStore, WatchQuery, WatchStream,
 };
 
 use super::admission::{CreatePolicy, Footprint};
@@ -200,13 +201,11 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
             | Command::Boot
             | Command::Pause
             | Command::Resume
-            | Command::Reboot { .. } => self.require_descriptors()?,
+            | Command::Reboot { .. }
+            | Command::Resize(_) => self.require_descriptors()?,
             Command::Shutdown { .. } | Command::Delete { .. } => {}
         }
-        let entry = self
-            .registry
-            .get(&id)
-            .ok_or_else(|| VmError::NotFound(id.to_string()))?;
+        let entry = self.entry(&id)?;
         let (reply_tx, reply_rx) = oneshot::channel();
         entry
             .tx
@@ -224,6 +223,23 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
             self.registry.remove_if_owned_by(&id, &entry.tx);
         }
         result
+    }
+
+    /// The registry entry of a VM that exists.
+    fn entry(&self, id: &VmId) -> Result<Entry, VmError> {
+        self.registry
+            .get(id)
+            .ok_or_else(|| VmError::NotFound(id.to_string()))
+    }
+
+    /// The view of a VM whose create has finished.
+    fn created_view(&self, id: &VmId) -> Result<(Entry, Arc<super::owner::VmView>), VmError> {
+        let entry = self.entry(id)?;
+        let view = entry.current();
+        if view.snapshot.generation == 0 || view.snapshot.deleted {
+            return Err(VmError::NotFound(id.to_string()));
+        }
+        Ok((entry, view))
     }
 
     async fn create(&self, req: CreateVm) -> Result<VmSnapshot, VmError> {
@@ -349,14 +365,7 @@ impl<H: Hypervisor, S: VmStore> VmService for VmManager<H, S> {
     /// the VMM's events, exits and the sample timer), metrics as last sampled.
     async fn get_vm_info(&self, id: VmId) -> Result<VmDetails, VmError> {
         self.require_backend().await?;
-        let entry = self
-            .registry
-            .get(&id)
-            .ok_or_else(|| VmError::NotFound(id.to_string()))?;
-        let view = entry.current();
-        if view.snapshot.generation == 0 {
-            return Err(VmError::NotFound(id.to_string()));
-        }
+        let (_, view) = self.created_view(&id)?;
         Ok(VmDetails {
             snapshot: view.snapshot.clone(),
             metrics: view.metrics,
@@ -376,6 +385,81 @@ impl<H: Hypervisor, S: VmStore> VmService for VmManager<H, S> {
             .filter(|v| v.snapshot.generation > 0)
             .collect();
         paging::page(&views, &query, revision)
+    }
+
+    async fn get_console_output(
+        &self,
+        id: VmId,
+        offset: u64,
+        max_bytes: u32,
+    ) -> Result<ConsoleChunk, VmError> {
+        self.require_backend().await?;
+        let (_, view) = self.created_view(&id)?;
+        let max_bytes = console::read_size(max_bytes);
+        console::read(&*self.deps.hypervisor, &view.snapshot, offset, max_bytes).await
+    }
+
+    async fn stream_console(&self, id: VmId, offset: u64) -> Result<ConsoleStream, VmError> {
+        self.require_backend().await?;
+        if self.deps.feed.is_closed() {
+            return Err(VmError::Unavailable(
+                "VMCP is shutting down; stream again when it is back".into(),
+            ));
+        }
+        let (entry, view) = self.created_view(&id)?;
+        // A VM without a console is refused now, not after the stream has begun.
+        console::read(&*self.deps.hypervisor, &view.snapshot, offset, 0).await?;
+        Ok(console::follow(
+            Arc::clone(&self.deps.hypervisor),
+            entry.view,
+            Arc::clone(&self.deps.feed),
+            offset,
+        ))
+    }
+
+    async fn write_console(&self, id: VmId, data: Vec<u8>) -> Result<usize, VmError> {
+        self.require_backend().await?;
+        let (entry, _) = self.created_view(&id)?;
+        let (reply_tx, reply_rx) = oneshot::channel();
+        entry
+            .tx
+            .try_send(Request::WriteConsole(data, reply_tx))
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => VmError::Unavailable(format!(
+                    "vm {id} has {QUEUE_DEPTH} operations queued; retry later"
+                )),
+                mpsc::error::TrySendError::Closed(_) => VmError::NotFound(id.to_string()),
+            })?;
+        reply_rx
+            .await
+            .map_err(|_| VmError::NotFound(id.to_string()))?
+    }
+
+    /// Checks the new size against the VM's ceilings and the admission
+    /// limits (per VM, and the host totals with this VM at its new size),
+    /// then has the owner resize it.
+    async fn resize_vm(
+        &self,
+        id: VmId,
+        vcpu_count: i32,
+        memory_bytes: i64,
+    ) -> Result<VmSnapshot, VmError> {
+        self.require_backend().await?;
+        let (_, view) = self.created_view(&id)?;
+        let size = view.snapshot.config.resized(vcpu_count, memory_bytes)?;
+        let mut resized = view.snapshot.config.clone();
+        resized.set_size(size);
+        self.admission.limits.check_vm(&resized)?;
+        {
+            let vms = self.registry.read();
+            self.admission.limits.check_host(
+                vms.iter()
+                    .filter(|(other, _)| **other != id)
+                    .map(|(_, e)| Footprint::of(&e.current().snapshot.config)),
+                &resized,
+            )?;
+        }
+        self.command(id, Command::Resize(size)).await
     }
 
     async fn watch_vms(&self, query: WatchQuery) -> Result<WatchStream, VmError> {

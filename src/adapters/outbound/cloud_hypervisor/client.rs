@@ -49,6 +49,34 @@ pub struct VmInfo {
 /// `GET /api/v1/vm.counters`: device id → counter name → value.
 pub type Counters = BTreeMap<String, BTreeMap<String, i64>>;
 
+/// `VmResize`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+struct Resize {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    desired_vcpus: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    desired_ram: Option<i64>,
+}
+
+impl VmInfo {
+    /// The size `vm.info`'s config reports: boot vCPUs (updated by
+    /// `vm.resize`) and memory (boot size, which ACPI hot-plug raises, plus
+    /// any virtio-mem hot-plugged size). None when the config lacks them.
+    pub fn size(&self) -> Option<crate::domain::VmSize> {
+        let cpus = self.config.get("cpus")?.get("boot_vcpus")?.as_u64()?;
+        let memory = self.config.get("memory")?;
+        let size = memory.get("size")?.as_i64()?;
+        let hotplugged = memory
+            .get("hotplugged_size")
+            .and_then(serde_json::Value::as_i64)
+            .unwrap_or(0);
+        Some(crate::domain::VmSize {
+            vcpu_count: i32::try_from(cpus).ok()?,
+            memory_bytes: size.checked_add(hotplugged)?,
+        })
+    }
+}
+
 /// Maps a vm.info state name to the domain state.
 pub fn parse_state(state: &str) -> Result<VmState, HypervisorError> {
     match state {
@@ -191,6 +219,27 @@ impl<'a> ChApi<'a> {
     /// `PUT vmm.shutdown` (the process exits).
     pub async fn vmm_shutdown(&self) -> Result<(), HypervisorError> {
         self.put("vmm.shutdown").await
+    }
+
+    /// `PUT vm.resize` (ACPI vCPU and memory hot-plug); None leaves that one.
+    pub async fn resize(
+        &self,
+        desired_vcpus: Option<u32>,
+        desired_ram: Option<i64>,
+    ) -> Result<(), HypervisorError> {
+        let body = Resize {
+            desired_vcpus,
+            desired_ram,
+        };
+        let r = self
+            .http
+            .send_json(self.socket, Method::PUT, "/api/v1/vm.resize", &body)
+            .await?;
+        if r.is_success() {
+            Ok(())
+        } else {
+            Err(error_from("vm.resize", &r))
+        }
     }
 
     /// `GET vm.info`.

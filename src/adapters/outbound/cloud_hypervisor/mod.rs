@@ -34,7 +34,7 @@ use crate::adapters::outbound::vmm::{
     Api, Call, Flavour, HardStop, Launch, Poweroff, Reboot, RuntimeDir, Sampled, Supervision,
     VmmBackend, VmmVm, Watch, Watcher,
 };
-use crate::domain::{VmConfig, VmConfigError, VmId, VmState};
+use crate::domain::{VmConfig, VmConfigError, VmId, VmSize, VmState};
 use crate::ports::{BackendKind, HypervisorError, NetworkStats, StorageStats, VmmProcess};
 
 use self::client::{ChApi, Counters};
@@ -52,6 +52,18 @@ pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(5);
 /// Bound on one readiness ping.
 const PING_TIMEOUT: Duration = Duration::from_millis(500);
+/// ACPI memory hot-plug adds DIMMs whose size is a multiple of this.
+const HOTPLUG_DIMM: i64 = 128 << 20;
+/// Why WriteConsole is refused on this backend.
+const CH_NO_CONSOLE_INPUT: &str = "cloudhypervisor: console input is not available: VMCP connects the serial port to a file, so that the console is kept while VMCP is down, and Cloud Hypervisor takes serial input only on a pty or socket";
+
+/// A positive count as Cloud Hypervisor takes it.
+fn count(field: &str, n: i32) -> Result<u32, HypervisorError> {
+    u32::try_from(n)
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| VmConfigError::new(field, format!("must be positive, got {n}")).into())
+}
 
 /// Cloud Hypervisor's specifics.
 #[derive(Debug, Clone, Copy, Default)]
@@ -265,6 +277,7 @@ impl Flavour for ChFlavour {
             network: NetworkStats::default(),
             storage: StorageStats::default(),
             backend_info: BTreeMap::new(),
+            size: info.size(),
         };
         if let Some(size) = info.memory_actual_size {
             let size = size.to_string();
@@ -279,6 +292,81 @@ impl Flavour for ChFlavour {
             }
         }
         Ok(sampled)
+    }
+
+    fn console_file(&self, config: &VmConfig, runtime: &RuntimeDir) -> Option<PathBuf> {
+        config.console.enabled.then(|| {
+            if config.console.output.is_empty() {
+                runtime.serial_file()
+            } else {
+                PathBuf::from(&config.console.output)
+            }
+        })
+    }
+
+    /// `vm.resize` within the ceilings the VM was created with. ACPI memory
+    /// hot-plug only adds memory, in DIMMs of a multiple of 128 MiB; Cloud
+    /// Hypervisor would record a smaller size without removing anything, so
+    /// a shrink is refused here rather than let its config lie.
+    async fn resize(
+        &self,
+        a: Api<'_>,
+        vm: &mut ChVmConfig,
+        size: VmSize,
+    ) -> Result<VmSize, HypervisorError> {
+        let ch = api(a);
+        let current = ch.info().await?.size().ok_or_else(|| {
+            HypervisorError::Protocol("vm.info reported no cpus or memory size".to_owned())
+        })?;
+        let vcpus = (size.vcpu_count != current.vcpu_count)
+            .then(|| count("vcpu_count", size.vcpu_count))
+            .transpose()?;
+        let ram = if size.memory_bytes == current.memory_bytes {
+            None
+        } else if size.memory_bytes < current.memory_bytes {
+            return Err(VmConfigError::new(
+                "memory_bytes",
+                format!(
+                    "cloudhypervisor cannot remove memory (ACPI hot-plug only adds it); the VM has {} bytes",
+                    current.memory_bytes
+                ),
+            )
+            .into());
+        } else if (size.memory_bytes - current.memory_bytes) % HOTPLUG_DIMM != 0 {
+            return Err(VmConfigError::new(
+                "memory_bytes",
+                format!(
+                    "cloudhypervisor adds memory in multiples of 128 MiB; {} bytes more than the VM's {} is not one",
+                    size.memory_bytes - current.memory_bytes,
+                    current.memory_bytes
+                ),
+            )
+            .into());
+        } else {
+            Some(size.memory_bytes)
+        };
+        ch.resize(vcpus, ram).await?;
+        let now = ch.info().await?.size().ok_or_else(|| {
+            HypervisorError::Protocol("vm.info reported no cpus or memory size".to_owned())
+        })?;
+        // A VMM started later (a boot after a stop) gets the new size, with
+        // the same ceilings.
+        let ceiling = vm.memory.size + vm.memory.hotplug_size.unwrap_or(0);
+        vm.cpus.boot_vcpus = u32::try_from(now.vcpu_count).unwrap_or(vm.cpus.boot_vcpus);
+        vm.memory.size = now.memory_bytes;
+        if vm.memory.hotplug_size.is_some() {
+            vm.memory.hotplug_size = Some(ceiling - now.memory_bytes);
+        }
+        Ok(now)
+    }
+
+    async fn write_console(
+        &self,
+        _: &ChVmConfig,
+        _: &RuntimeDir,
+        _: &[u8],
+    ) -> Result<usize, HypervisorError> {
+        Err(HypervisorError::Unsupported(CH_NO_CONSOLE_INPUT.to_owned()))
     }
 
     fn describe(&self, vm: &ChVmConfig, _: &RuntimeDir, info: &mut BTreeMap<String, String>) {

@@ -47,7 +47,7 @@ use crate::adapters::outbound::vmm::{
     Api, Call, Flavour, HardStop, Launch, Poweroff, Reboot, RuntimeDir, Sampled, Supervision,
     VmmBackend, VmmVm,
 };
-use crate::domain::{VmConfig, VmConfigError, VmId, VmState};
+use crate::domain::{VmConfig, VmConfigError, VmId, VmSize, VmState};
 use crate::ports::{BackendKind, HypervisorError};
 
 /// The Firecracker backend.
@@ -59,6 +59,10 @@ pub type FcVm = VmmVm<FcFlavour>;
 pub const STATE_NOT_STARTED: &str = "Not started";
 /// The metrics file in a VM's runtime directory (outside the jailer).
 const METRICS_FILE: &str = "metrics.json";
+/// Why ResizeVm is refused on this backend.
+const FC_NO_RESIZE: &str = "firecracker cannot resize a VM: it has no vCPU or memory hot-plug, and memory can only be taken back through a balloon device, which VMCP does not give its VMs";
+/// Why WriteConsole is refused on this backend.
+const FC_NO_CONSOLE_INPUT: &str = "firecracker: console input is not available: Firecracker reads serial input only from its own stdin, which VMCP does not hold (a VMM outlives a restart of VMCP)";
 
 /// How the Firecracker backend runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -442,7 +446,31 @@ impl Flavour for FcFlavour {
             network: vm.metrics.network(),
             storage: vm.metrics.storage(),
             backend_info,
+            // Firecracker cannot change a VM's size: it is the config's.
+            size: None,
         })
+    }
+
+    fn console_file(&self, config: &VmConfig, runtime: &RuntimeDir) -> Option<PathBuf> {
+        config::console_path(config, &runtime.serial_file())
+    }
+
+    async fn resize(
+        &self,
+        _: Api<'_>,
+        _: &mut MicroVm,
+        _: VmSize,
+    ) -> Result<VmSize, HypervisorError> {
+        Err(HypervisorError::Unsupported(FC_NO_RESIZE.to_owned()))
+    }
+
+    async fn write_console(
+        &self,
+        _: &MicroVm,
+        _: &RuntimeDir,
+        _: &[u8],
+    ) -> Result<usize, HypervisorError> {
+        Err(HypervisorError::Unsupported(FC_NO_CONSOLE_INPUT.to_owned()))
     }
 
     fn describe(&self, vm: &MicroVm, runtime: &RuntimeDir, info: &mut BTreeMap<String, String>) {

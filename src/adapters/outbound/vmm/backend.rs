@@ -12,10 +12,11 @@ use std::time::Duration;
 
 use crate::domain::{VmConfig, VmConfigError, VmId, VmState};
 use crate::ports::{
-    BackendCheck, BackendKind, Discovered, Hypervisor, HypervisorError, Reported, VmmEventSink,
-    VmmHandle, VmmProcess,
+    BackendCheck, BackendKind, ConsoleChunk, Discovered, Hypervisor, HypervisorError, Reported,
+    VmmEventSink, VmmHandle, VmmProcess,
 };
 
+use super::console;
 use super::discovery;
 use super::flavour::{Api, Flavour, Supervision};
 use super::handle::VmmVm;
@@ -53,6 +54,12 @@ impl<F: Flavour> VmmBackend<F> {
     /// the next step.
     pub fn with_stop_grace(self, grace: Duration) -> Self {
         self.with_settings(|s| s.stop_grace = grace)
+    }
+
+    /// Sets how many bytes a VM's console file may hold before old output
+    /// is dropped (0: no cap).
+    pub fn with_console_max_bytes(self, max: u64) -> Self {
+        self.with_settings(|s| s.console_max_bytes = max)
     }
 
     /// Sets the KVM device [`Hypervisor::check`] opens (default /dev/kvm).
@@ -101,12 +108,14 @@ impl<F: Flavour> VmmBackend<F> {
             .sup
             .flavour
             .prepare(&self.sup.settings, id, config, &runtime)?;
+        let console = self.sup.flavour.console_file(config, &runtime);
         Ok(VmmVm::new(
             Arc::clone(&self.sup),
             id.clone(),
             runtime,
             vm,
             events,
+            console,
         ))
     }
 }
@@ -199,6 +208,28 @@ impl<F: Flavour> Hypervisor for VmmBackend<F> {
             process: vm.process(),
         };
         Ok((vm, reported))
+    }
+
+    async fn read_console(
+        &self,
+        id: &VmId,
+        config: &VmConfig,
+        offset: u64,
+        max_bytes: usize,
+    ) -> Result<ConsoleChunk, HypervisorError> {
+        let Some(path) = self.sup.flavour.console_file(config, &self.runtime(id)) else {
+            return Err(HypervisorError::Unsupported(format!(
+                "vm {id} has no console output (config.console.enabled is false)"
+            )));
+        };
+        tokio::task::spawn_blocking(move || {
+            console::read(&path, offset, max_bytes).map_err(|e| (path, e))
+        })
+        .await
+        .map_err(|e| HypervisorError::unavailable(format!("console read ended: {e}")))?
+        .map_err(|(path, e)| {
+            HypervisorError::unavailable_from(format!("cannot read console {}", path.display()), e)
+        })
     }
 
     async fn discover(&self) -> Result<Vec<Discovered>, HypervisorError> {

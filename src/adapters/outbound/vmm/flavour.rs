@@ -14,12 +14,15 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::time::Duration;
 
-use crate::domain::{VmConfig, VmConfigError, VmId, VmState};
+use crate::domain::{VmConfig, VmConfigError, VmId, VmSize, VmState};
 use crate::ports::{BackendKind, HypervisorError, NetworkStats, StorageStats, VmmEventSink};
 
 use super::discovery;
 use super::process::{ExitInfo, RuntimeDir};
 use super::uds_http::UdsClient;
+
+/// The console cap when none is configured: 16 MiB per VM.
+pub const DEFAULT_CONSOLE_MAX_BYTES: u64 = 16 << 20;
 
 /// What a hard stop does to the VMM process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,6 +102,8 @@ pub struct Sampled {
     pub storage: StorageStats,
     /// Flavour-specific details for operators.
     pub backend_info: BTreeMap<String, String>,
+    /// The VM's size as the VMM reports it, when it says.
+    pub size: Option<VmSize>,
 }
 
 /// Settings every VMM process is supervised with, whatever the flavour.
@@ -117,6 +122,9 @@ pub struct Supervision {
     pub stop_grace: Duration,
     /// The KVM device `check` opens read-write.
     pub kvm_device: PathBuf,
+    /// Most bytes a VM's console file may hold before old output is
+    /// dropped from its front (0: no cap).
+    pub console_max_bytes: u64,
 }
 
 impl Supervision {
@@ -133,6 +141,7 @@ impl Supervision {
             ready_timeout: Duration::from_secs(10),
             stop_grace: Duration::from_secs(5),
             kvm_device: PathBuf::from("/dev/kvm"),
+            console_max_bytes: DEFAULT_CONSOLE_MAX_BYTES,
         }
     }
 }
@@ -257,6 +266,27 @@ pub trait Flavour: Send + Sync + 'static {
         api: Api<'_>,
         vm: &mut Self::Vm,
     ) -> impl Future<Output = Result<Sampled, HypervisorError>> + Send;
+
+    /// The file the VM's serial console writes to, from its config (None:
+    /// the console is off). No I/O.
+    fn console_file(&self, config: &VmConfig, runtime: &RuntimeDir) -> Option<PathBuf>;
+
+    /// Resizes the running VM to `size` and answers the size the VMM reports
+    /// afterwards; `vm` follows, so a process started later has that size.
+    fn resize(
+        &self,
+        api: Api<'_>,
+        vm: &mut Self::Vm,
+        size: VmSize,
+    ) -> impl Future<Output = Result<VmSize, HypervisorError>> + Send;
+
+    /// Sends `data` to the console input of the VM's running VMM.
+    fn write_console(
+        &self,
+        vm: &Self::Vm,
+        runtime: &RuntimeDir,
+        data: &[u8],
+    ) -> impl Future<Output = Result<usize, HypervisorError>> + Send;
 
     /// Details about the VM that need no VMM call (console path, ids, jail).
     fn describe(&self, vm: &Self::Vm, runtime: &RuntimeDir, info: &mut BTreeMap<String, String>);

@@ -26,12 +26,13 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::domain::{VmId, VmState};
+use crate::domain::{VmId, VmSize, VmState};
 use crate::ports::{
     HypervisorError, Reported, ShutdownMode, VmMetrics, VmmEventSink, VmmHandle, VmmInfo,
     VmmProcess,
 };
 
+use super::console;
 use super::flavour::{Api, Call, Flavour, HardStop, Poweroff, Reboot, Sampled, Watch};
 use super::process::{ExitExpectation, RuntimeDir, Supervised, remove_socket};
 use super::supervisor::Supervisor;
@@ -68,6 +69,8 @@ pub struct VmmVm<F: Flavour> {
     events: VmmEventSink,
     /// Dropping this ends the watcher task of the current process.
     watching: Option<oneshot::Sender<()>>,
+    /// The file the serial console writes to (None: the console is off).
+    console: Option<PathBuf>,
 }
 
 impl<F: Flavour> std::fmt::Debug for VmmVm<F> {
@@ -89,6 +92,7 @@ impl<F: Flavour> VmmVm<F> {
         runtime: RuntimeDir,
         vm: F::Vm,
         events: VmmEventSink,
+        console: Option<PathBuf>,
     ) -> Self {
         let socket = sup.flavour.socket(&vm, &runtime);
         Self {
@@ -102,6 +106,24 @@ impl<F: Flavour> VmmVm<F> {
             deleted: false,
             events,
             watching: None,
+            console,
+        }
+    }
+
+    /// Keeps the console file under the cap (see [`console::cap`]).
+    fn cap_console(&self) {
+        let max = self.sup.settings.console_max_bytes;
+        let Some(path) = self.console.as_deref().filter(|_| max > 0) else {
+            return;
+        };
+        match console::cap(path, max) {
+            Ok(0) => {}
+            Ok(dropped) => {
+                tracing::debug!(vm_id = %self.id, dropped, "dropped old console output over the cap")
+            }
+            Err(e) => {
+                tracing::debug!(vm_id = %self.id, error = %e, path = %path.display(), "cannot cap the console")
+            }
         }
     }
 
@@ -468,6 +490,7 @@ impl<F: Flavour> VmmVm<F> {
             metrics,
             backend_info,
             process: self.identity(),
+            size: sampled.size,
         }
     }
 }
@@ -550,8 +573,35 @@ impl<F: Flavour> VmmHandle for VmmVm<F> {
         self.sup.flavour.remove_files(&self.vm)
     }
 
+    async fn resize(&mut self, size: VmSize) -> Result<(Reported, VmSize), HypervisorError> {
+        self.require_live()?;
+        let api = Api {
+            http: &self.sup.http,
+            socket: &self.socket,
+        };
+        let flavour = &self.sup.flavour;
+        let result = async {
+            let size = flavour.resize(api, &mut self.vm, size).await?;
+            Ok::<_, HypervisorError>((flavour.state(api).await?, size))
+        }
+        .await;
+        match result {
+            Ok((state, size)) => Ok((self.reported(state, ""), size)),
+            Err(e) => Err(self.explain(e).await),
+        }
+    }
+
+    async fn write_console(&mut self, data: Vec<u8>) -> Result<usize, HypervisorError> {
+        self.require_not_deleted()?;
+        self.sup
+            .flavour
+            .write_console(&self.vm, &self.runtime, &data)
+            .await
+    }
+
     async fn sample(&mut self) -> Result<VmmInfo, HypervisorError> {
         self.require_not_deleted()?;
+        self.cap_console();
         let mut backend_info = self.base_info().await;
         if self.live().is_some() {
             let api = Api {
@@ -579,6 +629,7 @@ impl<F: Flavour> VmmHandle for VmmVm<F> {
             metrics: VmMetrics::default(),
             backend_info,
             process: None,
+            size: None,
         })
     }
 }

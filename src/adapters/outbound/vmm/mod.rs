@@ -7,6 +7,7 @@
 //! line, calls, config and states are.
 
 pub mod backend;
+pub mod console;
 pub mod discovery;
 pub mod flavour;
 pub mod handle;
