@@ -382,6 +382,10 @@ pub trait Hypervisor: Send + Sync + 'static {
     /// `VmConfigError` naming the field and the backend; MUST NOT do I/O.
     fn validate(&self, config: &VmConfig) -> Result<(), VmConfigError>;
 
+    /// Whether this backend can resize a running VM at all; `Unsupported`
+    /// naming the backend and the reason when it cannot. No I/O.
+    fn can_resize(&self) -> Result<(), HypervisorError>;
+
     /// Starts a VMM for `id` and configures the VM without booting it.
     /// MUST leave no process or file behind when it fails; MUST return
     /// `SpawnFailed` (with the VMM's log tail) if the process does not come up,

@@ -1404,3 +1404,37 @@ async fn the_console_is_read_by_offset_through_the_backend() {
     ));
     h.delete(true).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_chatty_console_is_capped_at_each_sample_and_offsets_stay_put() {
+    use std::io::{Seek, SeekFrom, Write};
+    use std::os::unix::fs::MetadataExt;
+
+    let env = Env::new(Behaviour::default());
+    let ch = Env::backend(&env.tmp, Duration::from_secs(2)).with_console_max_bytes(64 * 1024);
+    let vm = id("chatty");
+    let cfg = env.config();
+    let (mut h, _) = ch.create(&vm, &cfg, env.tx.clone()).await.unwrap();
+    ok(h.boot().await.unwrap());
+    // The guest writes 1 MiB more, as the VMM does: at its own offset, no O_APPEND.
+    let serial = env.runtime_dir("chatty").join("serial.log");
+    let mut f = std::fs::OpenOptions::new().write(true).open(&serial).unwrap();
+    f.seek(SeekFrom::End(0)).unwrap();
+    let chunk: Vec<u8> = (0..1024u32).flat_map(|i| format!("{i:07}\n").into_bytes()).collect();
+    for _ in 0..128 {
+        f.write_all(&chunk).unwrap();
+    }
+    let end = f.stream_position().unwrap();
+    h.sample().await.unwrap();
+    let stored = std::fs::metadata(&serial).unwrap().blocks() * 512;
+    assert!(stored <= 64 * 1024, "{stored} bytes kept after a sample");
+    let c = ch.read_console(&vm, &cfg, 0, 1 << 20).await.unwrap();
+    assert!(c.offset > 0, "the oldest output was dropped");
+    assert_eq!(c.next_offset, end, "the end did not move");
+    assert!(c.data.ends_with(&chunk), "the newest output is kept");
+    // The VMM goes on writing where it was.
+    f.write_all(b"more\n").unwrap();
+    let c = ch.read_console(&vm, &cfg, end, 100).await.unwrap();
+    assert_eq!((c.offset, c.data.as_slice()), (end, &b"more\n"[..]));
+    h.delete(true).await.unwrap();
+}

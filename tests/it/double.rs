@@ -1433,6 +1433,15 @@ impl Hypervisor for Double {
         Ok(())
     }
 
+    fn can_resize(&self) -> Result<(), HypervisorError> {
+        match self.host.kind {
+            BackendKind::CloudHypervisor => Ok(()),
+            BackendKind::Firecracker => Err(HypervisorError::Unsupported(
+                "firecracker cannot resize a VM (double)".to_owned(),
+            )),
+        }
+    }
+
     /// Late effect: a create whose caller gave up still starts its VMM, which
     /// then belongs to no handle (a leak VMCP must find with `discover`).
     async fn create(

@@ -989,3 +989,178 @@ async fn real_ch_restart_policies_through_a_kill_and_a_host_restart() {
 async fn real_fc_restart_policies_through_a_kill_and_a_host_restart() {
     host_restart_by_policy(Kind::Fc).await;
 }
+
+/// The console through the API alone: the guest's marker read by offset and
+/// followed; console input refused with the backend's reason; ResizeVm on
+/// Cloud Hypervisor (vCPUs and a 128 MiB DIMM, the size read back from
+/// `vm.info` in the answer, GetVmInfo and after a VMCP restart) and refused
+/// as unimplemented on Firecracker.
+async fn console_and_resize(kind: Kind) {
+    let name = format!("real_{kind:?}_console_and_resize").to_lowercase();
+    let Some(env) = env(kind, &name) else { return };
+    let s = server(kind, &env).await;
+    let c = client_for(s.addr, Wire::ConnectProto);
+    let id = "sized".to_owned();
+    let mut req = create(&id, &env.kernel);
+    if kind == Kind::Ch {
+        let config = req.config.get_or_insert_default();
+        config.cpu.get_or_insert_default().max_vcpu_count = 2;
+        let m = config.memory.get_or_insert_default();
+        m.size_bytes = 128 << 20;
+        m.hotplug_enabled = true;
+        m.max_size_bytes = 512 << 20;
+    }
+    c.create_vm(req).await.expect("create");
+    c.boot_vm(pb::BootVmRequest {
+        vm_id: id.clone(),
+        ..Default::default()
+    })
+    .await
+    .expect("boot");
+
+    let read = |offset: u64| {
+        let c = client_for(s.addr, Wire::ConnectJson);
+        let id = id.clone();
+        async move {
+            c.get_console_output(pb::GetConsoleOutputRequest {
+                vm_id: id,
+                offset,
+                ..Default::default()
+            })
+            .await
+            .expect("console")
+            .into_owned()
+        }
+    };
+    let seen = eventually(Duration::from_secs(5), || async {
+        String::from_utf8_lossy(&read(0).await.data).contains(MARKER)
+    })
+    .await;
+    assert!(seen, "the marker through GetConsoleOutput");
+    let all = read(0).await;
+    let at = all
+        .data
+        .windows(MARKER.len())
+        .position(|w| w == MARKER.as_bytes())
+        .expect("marker") as u64;
+    let tail = read(at).await;
+    assert!(
+        tail.data.starts_with(MARKER.as_bytes()),
+        "read from an offset"
+    );
+    assert_eq!(tail.next_offset, all.next_offset);
+    let mut stream = client_for(s.addr, Wire::Grpc)
+        .stream_console(pb::StreamConsoleRequest {
+            vm_id: id.clone(),
+            offset: at,
+            ..Default::default()
+        })
+        .await
+        .expect("stream");
+    let first = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("in time")
+        .expect("ok")
+        .expect("a message")
+        .to_owned_message();
+    assert!(first.data.starts_with(MARKER.as_bytes()));
+    assert_eq!(first.offset, at);
+
+    let e = c
+        .write_console(pb::WriteConsoleRequest {
+            vm_id: id.clone(),
+            data: b"\n".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::Unimplemented, "{e:?}");
+
+    let resized = c
+        .resize_vm(pb::ResizeVmRequest {
+            vm_id: id.clone(),
+            vcpu_count: 2,
+            memory_bytes: 256 << 20,
+            ..Default::default()
+        })
+        .await;
+    let s = match kind {
+        Kind::Fc => {
+            let e = resized.unwrap_err();
+            assert_eq!(e.code, ErrorCode::Unimplemented, "{e:?}");
+            assert!(e.message.unwrap_or_default().contains("firecracker"));
+            s
+        }
+        Kind::Ch => {
+            let r = resized.expect("resize").into_owned();
+            assert_eq!(st(r.state), S::VM_STATE_RUNNING);
+            let size = |cfg: &pb::VmConfig| {
+                (
+                    cfg.cpu.as_option().expect("cpu").vcpu_count,
+                    cfg.memory.as_option().expect("memory").size_bytes,
+                )
+            };
+            assert_eq!(size(r.config.as_option().expect("config")), (2, 256 << 20));
+            let info = info_of(&c, &id).await;
+            assert_eq!(
+                size(info.config.as_option().expect("config")),
+                (2, 256 << 20)
+            );
+            // A shrink would be recorded by CH without removing memory: refused.
+            let e = c
+                .resize_vm(pb::ResizeVmRequest {
+                    vm_id: id.clone(),
+                    memory_bytes: 128 << 20,
+                    ..Default::default()
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidArgument, "{e:?}");
+            // A restarted VMCP reads the size from the VMM it adopts.
+            let s = s.restart(kind, &env).await;
+            let c = client_for(s.addr, Wire::ConnectProto);
+            let info = info_of(&c, &id).await;
+            assert_eq!(
+                size(info.config.as_option().expect("config")),
+                (2, 256 << 20)
+            );
+            s
+        }
+    };
+    let c = client_for(s.addr, Wire::ConnectProto);
+    c.delete_vm(pb::DeleteVmRequest {
+        vm_id: id.clone(),
+        ..Default::default()
+    })
+    .await
+    .expect("delete");
+    // The stream ends cleanly with the VM on Firecracker; on Cloud Hypervisor it
+    // belonged to the VMCP that restarted, which ended it with `unavailable`.
+    let end = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return None,
+                Err(e) => return Some(e.code),
+            }
+        }
+    })
+    .await
+    .expect("the stream ends");
+    let want = match kind {
+        Kind::Fc => None,
+        Kind::Ch => Some(ErrorCode::Unavailable),
+    };
+    assert_eq!(end, want);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn real_ch_console_and_resize_through_the_api() {
+    console_and_resize(Kind::Ch).await;
+}
+
+#[tokio::test]
+async fn real_fc_console_and_resize_through_the_api() {
+    console_and_resize(Kind::Fc).await;
+}

@@ -21,8 +21,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::domain::{Command, Vm, VmError, VmId, VmSnapshot, VmState};
 use crate::ports::{
-    BackendHealth, Clock, ConsoleChunk, ConsoleStream, CreateVm, Hypervisor, ListQuery, Telemetry,
-    VmCounts, VmDetails, VmPage, VmService, VmStore, WatchQuery, WatchStream,
+    BackendHealth, Clock, ConsoleChunk, ConsoleStream, CreateVm, Hypervisor, HypervisorError,
+    ListQuery, Telemetry, VmCounts, VmDetails, VmPage, VmService, VmStore, WatchQuery, WatchStream,
 };
 
 use super::admission::{CreatePolicy, Footprint};
@@ -446,6 +446,11 @@ impl<H: Hypervisor, S: VmStore> VmService for VmManager<H, S> {
     ) -> Result<VmSnapshot, VmError> {
         self.require_backend().await?;
         let (_, view) = self.created_view(&id)?;
+        // A backend that cannot resize says so before any size is judged.
+        self.deps.hypervisor.can_resize().map_err(|e| match e {
+            HypervisorError::Unsupported(m) => VmError::Unimplemented(m),
+            e => VmError::Unavailable(e.to_string()),
+        })?;
         let size = view.snapshot.config.resized(vcpu_count, memory_bytes)?;
         let mut resized = view.snapshot.config.clone();
         resized.set_size(size);

@@ -304,6 +304,10 @@ impl Flavour for ChFlavour {
         })
     }
 
+    fn can_resize(&self) -> Result<(), HypervisorError> {
+        Ok(())
+    }
+
     /// `vm.resize` within the ceilings the VM was created with. ACPI memory
     /// hot-plug only adds memory, in DIMMs of a multiple of 128 MiB; Cloud
     /// Hypervisor would record a smaller size without removing anything, so

@@ -455,6 +455,10 @@ impl Flavour for FcFlavour {
         config::console_path(config, &runtime.serial_file())
     }
 
+    fn can_resize(&self) -> Result<(), HypervisorError> {
+        Err(HypervisorError::Unsupported(FC_NO_RESIZE.to_owned()))
+    }
+
     async fn resize(
         &self,
         _: Api<'_>,

@@ -138,6 +138,10 @@ impl<F: Flavour> Hypervisor for VmmBackend<F> {
         self.sup.flavour.validate(config)
     }
 
+    fn can_resize(&self) -> Result<(), HypervisorError> {
+        self.sup.flavour.can_resize()
+    }
+
     async fn create(
         &self,
         id: &VmId,

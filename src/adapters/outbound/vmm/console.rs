@@ -175,7 +175,19 @@ mod tests {
 
     #[test]
     fn the_cap_drops_old_output_and_later_offsets_stay_put() {
-        let dir = tempfile::tempdir().expect("tempdir");
+        cap_keeps_offsets(tempfile::tempdir().expect("tempdir"));
+    }
+
+    /// /run, where runtime directories live in production, is a tmpfs.
+    #[test]
+    fn the_cap_works_on_tmpfs_too() {
+        match tempfile::tempdir_in("/dev/shm") {
+            Ok(dir) => cap_keeps_offsets(dir),
+            Err(e) => eprintln!("SKIPPED: the_cap_works_on_tmpfs_too: no /dev/shm: {e}"),
+        }
+    }
+
+    fn cap_keeps_offsets(dir: tempfile::TempDir) {
         let path = dir.path().join("serial.log");
         let mut w = Writer::new(&path);
         let line = |i: u32| format!("line {i:06}\n").into_bytes();

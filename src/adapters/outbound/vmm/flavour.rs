@@ -271,6 +271,9 @@ pub trait Flavour: Send + Sync + 'static {
     /// the console is off). No I/O.
     fn console_file(&self, config: &VmConfig, runtime: &RuntimeDir) -> Option<PathBuf>;
 
+    /// Whether this VMM can resize a running VM (`Unsupported` with the reason).
+    fn can_resize(&self) -> Result<(), HypervisorError>;
+
     /// Resizes the running VM to `size` and answers the size the VMM reports
     /// afterwards; `vm` follows, so a process started later has that size.
     fn resize(
