@@ -1418,9 +1418,14 @@ async fn a_chatty_console_is_capped_at_each_sample_and_offsets_stay_put() {
     ok(h.boot().await.unwrap());
     // The guest writes 1 MiB more, as the VMM does: at its own offset, no O_APPEND.
     let serial = env.runtime_dir("chatty").join("serial.log");
-    let mut f = std::fs::OpenOptions::new().write(true).open(&serial).unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&serial)
+        .unwrap();
     f.seek(SeekFrom::End(0)).unwrap();
-    let chunk: Vec<u8> = (0..1024u32).flat_map(|i| format!("{i:07}\n").into_bytes()).collect();
+    let chunk: Vec<u8> = (0..1024u32)
+        .flat_map(|i| format!("{i:07}\n").into_bytes())
+        .collect();
     for _ in 0..128 {
         f.write_all(&chunk).unwrap();
     }

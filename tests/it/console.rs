@@ -23,7 +23,7 @@ use super::harness::{ALL_WIRES, Harness, Wire, client_for, create_req, eventuall
 const MIB: i64 = 1 << 20;
 
 /// A VM with a console and room to grow: 1 → 4 vCPUs, 128 → 512 MiB.
-fn create(id: &str) -> pb::CreateVmRequest {
+pub fn create(id: &str) -> pb::CreateVmRequest {
     let mut req = create_req(id);
     let c = req.config.as_option_mut().expect("config");
     c.console = pb::ConsoleConfig {
@@ -39,7 +39,7 @@ fn create(id: &str) -> pb::CreateVmRequest {
     req
 }
 
-async fn create_and_boot(h: &Harness, id: &str) {
+pub async fn create_and_boot(h: &Harness, id: &str) {
     let c = h.client(Wire::ConnectProto);
     c.create_vm(create(id)).await.expect("create");
     c.boot_vm(pb::BootVmRequest {

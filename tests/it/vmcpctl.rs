@@ -1280,3 +1280,100 @@ async fn create_sets_the_restart_policy_and_info_shows_it() {
     );
     h.stop().await;
 }
+
+#[tokio::test]
+async fn console_prints_the_output_and_follows_it_until_the_vm_is_deleted() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    use super::console::create_and_boot;
+    use super::double::BOOT_MARKER;
+
+    let h = Harness::start().await;
+    create_and_boot(&h, "tty").await;
+    h.double.guest_prints("tty", "login: \n");
+    let run = vmcpctl(&h, &["console", "tty"]).await.ok();
+    assert_eq!(run.stdout, format!("{BOOT_MARKER}login: \n"));
+    let run = vmcpctl(
+        &h,
+        &["console", "tty", "--offset", &BOOT_MARKER.len().to_string()],
+    )
+    .await
+    .ok();
+    assert_eq!(run.stdout, "login: \n");
+
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_vmcpctl"))
+        .env_clear()
+        .env("VMCP_ADDRESS", format!("http://{}", h.addr))
+        .args(["console", "tty", "--follow"])
+        .stdout(std::process::Stdio::piped())
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("vmcpctl runs");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    async fn line(
+        lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    ) -> Option<String> {
+        tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+            .await
+            .expect("a line within 10 s")
+            .expect("readable")
+    }
+    assert_eq!(
+        line(&mut lines).await.as_deref(),
+        Some(BOOT_MARKER.trim_end())
+    );
+    assert_eq!(line(&mut lines).await.as_deref(), Some("login: "));
+    h.double.guest_prints("tty", "typed later\n");
+    assert_eq!(
+        line(&mut lines).await.as_deref(),
+        Some("typed later"),
+        "followed"
+    );
+    h.client(Wire::ConnectProto)
+        .delete_vm(pb::DeleteVmRequest {
+            vm_id: "tty".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("delete");
+    assert_eq!(line(&mut lines).await, None, "the stream ended with the VM");
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("vmcpctl exits")
+        .expect("status");
+    assert_eq!(status.code(), Some(0));
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn resize_changes_the_size_and_prints_what_the_vmm_reports() {
+    use super::console::create_and_boot;
+
+    let h = Harness::start().await;
+    create_and_boot(&h, "big").await;
+    let run = vmcpctl(
+        &h,
+        &[
+            "-o", "json", "resize", "big", "--vcpus", "2", "--memory", "256MiB",
+        ],
+    )
+    .await
+    .ok();
+    let doc = run.json();
+    assert_eq!(doc["state"], "VM_STATE_RUNNING", "{doc}");
+    assert_eq!(doc["config"]["cpu"]["vcpuCount"], 2, "{doc}");
+    assert_eq!(doc["config"]["memory"]["sizeBytes"], "268435456", "{doc}");
+    let run = vmcpctl(&h, &["resize", "big", "--vcpus", "3"]).await.ok();
+    assert_eq!(
+        run.stdout.split_whitespace().collect::<Vec<_>>(),
+        ["big", "RUNNING"]
+    );
+    // Nothing to change is a usage error; past the ceiling is the server's invalid_argument.
+    let run = vmcpctl(&h, &["resize", "big"]).await;
+    assert_eq!(run.code, 2, "{run:?}");
+    let run = vmcpctl(&h, &["resize", "big", "--vcpus", "9"]).await;
+    assert_eq!(run.code, 4, "refused by the server: {run:?}");
+    assert!(run.stderr.contains("vcpu_count"), "{run:?}");
+    h.stop().await;
+}

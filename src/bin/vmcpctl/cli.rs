@@ -116,6 +116,44 @@ pub enum VmCommand {
     /// Follow changes of VMs as they happen (WatchVms), until interrupted (Ctrl-C).
     #[command(after_help = WATCH_HELP)]
     Watch(WatchArgs),
+    /// Print a VM's serial console output (GetConsoleOutput), or follow it (StreamConsole).
+    #[command(after_help = CONSOLE_HELP)]
+    Console(ConsoleArgs),
+    /// Change a running VM's vCPUs or memory within the hot-plug ceilings it was created with.
+    Resize(ResizeArgs),
+}
+
+/// `console --help`, after the flags.
+const CONSOLE_HELP: &str = "\
+The bytes are written to stdout as the guest wrote them. Output older than the server's
+console cap is gone; what is kept starts at the oldest byte. With --follow, a console that
+starts over (a new VMM process) goes on from its beginning; the command ends when the VM is
+deleted, and follows again from where it was when the server restarts.";
+
+/// `console`.
+#[derive(Debug, Args)]
+pub struct ConsoleArgs {
+    /// The VM's id.
+    pub vm_id: String,
+    /// Keep printing what the guest writes, like `tail -f`, until the VM is deleted or Ctrl-C.
+    #[arg(short, long)]
+    pub follow: bool,
+    /// Start at this byte offset of the console (0: the oldest byte kept).
+    #[arg(long, default_value_t = 0)]
+    pub offset: u64,
+}
+
+/// `resize`.
+#[derive(Debug, Args)]
+pub struct ResizeArgs {
+    /// The VM's id.
+    pub vm_id: String,
+    /// The new number of vCPUs (up to the VM's --max-vcpus).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub vcpus: Option<u16>,
+    /// The new memory size (e.g. 1GiB; up to the VM's --max-memory).
+    #[arg(long, value_parser = parse::memory)]
+    pub memory: Option<u64>,
 }
 
 /// `watch --help`, after the flags.

@@ -14,6 +14,7 @@ use vmcp::proto::vmm::v1 as pb;
 
 mod cli;
 mod connect;
+mod console;
 mod create;
 mod error;
 mod output;
@@ -40,7 +41,12 @@ fn main() -> ExitCode {
         {
             Ok(rt) => rt.block_on(async {
                 // A watch lasts until interrupted: no --request-timeout on it.
-                let client = if matches!(*command, VmCommand::Watch(_)) {
+                let streams = match &*command {
+                    VmCommand::Watch(_) => true,
+                    VmCommand::Console(args) => args.follow,
+                    _ => false,
+                };
+                let client = if streams {
                     connect::streaming_client(&cli.connection)?
                 } else {
                     connect::client(&cli.connection)?
@@ -180,6 +186,24 @@ async fn run(client: &Client, printer: Printer, command: VmCommand) -> Result<()
         VmCommand::Info(vm) => info(client, printer, &vm).await,
         VmCommand::List(args) => printer.list(&list(client, &args).await?),
         VmCommand::Watch(args) => watch::run(client, printer.output, &args).await,
+        VmCommand::Console(args) => console::run(client, &args).await,
+        VmCommand::Resize(args) => {
+            if args.vcpus.is_none() && args.memory.is_none() {
+                return Err(CtlError::Usage(
+                    "resize: name --vcpus, --memory or both".to_owned(),
+                ));
+            }
+            let req = pb::ResizeVmRequest {
+                vm_id: args.vm_id.clone(),
+                vcpu_count: args.vcpus.map_or(0, i32::from),
+                memory_bytes: args
+                    .memory
+                    .map_or(0, |m| i64::try_from(m).unwrap_or(i64::MAX)),
+                ..Default::default()
+            };
+            let resp = client.resize_vm(req).await?.into_owned();
+            printer.vm_state(&resp, &args.vm_id, &resp.state)
+        }
     }
 }
 
