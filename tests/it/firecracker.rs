@@ -19,7 +19,7 @@ use vmcp::adapters::outbound::firecracker::config::{Drive, MachineConfig, Serial
 use vmcp::adapters::outbound::firecracker::{FcVm, Firecracker, FirecrackerSettings};
 use vmcp::adapters::outbound::vmm::UdsClient;
 use vmcp::adapters::outbound::vmm::process::is_alive;
-use vmcp::domain::{ConsoleConfig, StorageDevice, VmConfig, VmId, VmState};
+use vmcp::domain::{ConsoleConfig, StorageDevice, VmConfig, VmId, VmSize, VmState};
 use vmcp::ports::{
     Hypervisor, HypervisorError, Reported, ShutdownMode, VmmEvent, VmmHandle, VmmInfo, VmmProcess,
 };
@@ -1083,4 +1083,38 @@ async fn jailer_mode_stages_files_in_the_chroot_and_cleans_up() {
     assert!(!tmp.path().join("run/jailed").exists());
     assert_eq!(std::fs::read(&disk).expect("caller's disk kept"), b"data");
     assert!(events.try_recv().is_err(), "no unexpected exits");
+}
+
+#[tokio::test]
+async fn the_console_is_read_through_the_backend_and_resize_and_input_are_refused() {
+    let e = env(&[]);
+    let vm = id("vm-tty");
+    let cfg = e.config();
+    let (mut h, _) = e.create(&vm).await;
+    h.boot().await.expect("boot");
+    let read = || e.fc.read_console(&vm, &cfg, 0, 1024);
+    // The fake guest writes its marker right after the start.
+    let written = crate::harness::eventually(Duration::from_secs(5), || async {
+        !read().await.expect("read").data.is_empty()
+    })
+    .await;
+    assert!(written);
+    assert_eq!(read().await.expect("read").data, MARKER.as_bytes());
+    assert!(matches!(
+        e.fc.can_resize(),
+        Err(HypervisorError::Unsupported(m)) if m.contains("firecracker")
+    ));
+    let size = VmSize {
+        vcpu_count: 2,
+        memory_bytes: 128 * MIB,
+    };
+    assert!(matches!(
+        h.resize(size).await,
+        Err(HypervisorError::Unsupported(_))
+    ));
+    match h.write_console(b"x".to_vec()).await {
+        Err(HypervisorError::Unsupported(m)) => assert!(m.contains("stdin"), "{m}"),
+        other => panic!("write_console: {other:?}"),
+    }
+    h.delete(true).await.expect("delete");
 }
