@@ -141,6 +141,8 @@ variables! {
     RestartLimit "RESTART_LIMIT" Text("5"), "Restarts within RESTART_WINDOW_SECONDS before a VM is left FAILED (restart limit reached)";
     RestartWindowSeconds "RESTART_WINDOW_SECONDS" Text("600"), "The crash-loop window";
     ConsoleMaxBytes "CONSOLE_MAX_BYTES" Text("16777216"), "Bytes of console output kept per VM; older output is dropped from the front (0 keeps all)";
+    MaxSnapshots "MAX_SNAPSHOTS" Text("64"), "Snapshots kept on the host (under DATA_DIR/snapshots)";
+    MaxSnapshotBytes "MAX_SNAPSHOT_BYTES" Text("68719476736"), "Bytes all snapshots may take together";
 }
 
 impl Var {
@@ -307,6 +309,8 @@ pub struct Config {
     pub hypervisor_timeout: Duration,
     /// Bytes of console output kept per VM (0: all).
     pub console_max_bytes: u64,
+    /// Snapshot count and byte limits.
+    pub snapshot_limits: crate::domain::snapshot::SnapshotLimits,
     /// Largest accepted request body.
     pub max_request_bytes: usize,
     /// Cap on client deadlines (Connect-Timeout-Ms / grpc-timeout).
@@ -399,6 +403,10 @@ impl Config {
             log_level,
             hypervisor_timeout: env.value(HypervisorTimeoutSeconds, secs(1, 3600))?,
             console_max_bytes: env.value(ConsoleMaxBytes, console_cap)?,
+            snapshot_limits: crate::domain::snapshot::SnapshotLimits {
+                max_count: env.value(MaxSnapshots, number(1, 1_000_000))?,
+                max_bytes: env.value(MaxSnapshotBytes, number(1 << 20, u64::MAX))?,
+            },
             max_request_bytes: env.value(MaxRequestBytes, number(1024, 64 << 20))? as usize,
             max_deadline: env.value(MaxDeadlineSeconds, secs(1, 86400))?,
             remove_orphans: env.value(Orphans, orphans)?,

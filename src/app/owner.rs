@@ -18,6 +18,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -45,6 +46,16 @@ pub enum Request {
     Command(Command, oneshot::Sender<Result<VmSnapshot, VmError>>),
     /// Send bytes to the VM's console input; reply with how many it took.
     WriteConsole(Vec<u8>, oneshot::Sender<Result<usize, VmError>>),
+    /// Snapshot the VM into the (empty) directory and reply with the
+    /// resulting snapshot of the VM's state.
+    Snapshot {
+        /// Where the VMM writes the snapshot's files.
+        dir: PathBuf,
+        /// Run the VM afterwards.
+        resume: bool,
+        /// The answer.
+        reply: oneshot::Sender<Result<VmSnapshot, VmError>>,
+    },
 }
 
 /// What readers see of one VM: the owner's observed state and its latest
@@ -189,6 +200,11 @@ pub struct Owner<H: Hypervisor, S> {
     persisted: Option<Persisted>,
     /// The generation and state watchers last heard of (0: none yet).
     announced: (u64, Option<VmState>),
+    /// Where the admitted snapshot goes.
+    snapshot_to: Option<PathBuf>,
+    /// A VM made by [`Owner::restoring`]: its create restores this snapshot
+    /// (and resumes the VM when asked) instead of configuring a new VMM.
+    restore_from: Option<(PathBuf, bool)>,
 }
 
 /// The VM's event channel: the sink goes to `create`/`adopt`, the receiver to the owner.
@@ -202,6 +218,21 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
     pub fn creating(vm: Vm, deps: Deps<H, S>) -> (Self, watch::Receiver<Arc<VmView>>) {
         let (events_tx, events_rx) = event_channel();
         Self::build(vm, None, None, deps, events_tx, events_rx)
+    }
+
+    /// An owner for a VM about to be restored from the snapshot in `dir`
+    /// (`Vm::creating` with the snapshot's config): its create starts a
+    /// fresh VMM that restores it, with the same durability as a create (a
+    /// crash before the VM is recorded rolls it back at the next start).
+    pub fn restoring(
+        vm: Vm,
+        deps: Deps<H, S>,
+        dir: PathBuf,
+        resume: bool,
+    ) -> (Self, watch::Receiver<Arc<VmView>>) {
+        let (mut owner, view) = Self::creating(vm, deps);
+        owner.restore_from = Some((dir, resume));
+        (owner, view)
     }
 
     /// An owner for a VM recovered at start-up, as it was recorded (with
@@ -279,6 +310,8 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
             events_rx,
             persisted,
             announced,
+            snapshot_to: None,
+            restore_from: None,
         };
         owner.refresh_view();
         owner.view_tx.send_replace(Arc::clone(&owner.view));
@@ -316,6 +349,14 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
                             let _ = reply.send(self.write_console(data).await);
                             continue;
                         }
+                        Some(Request::Snapshot { dir, resume, reply }) => {
+                            self.snapshot_to = Some(dir);
+                            let result = self.handle(Command::Snapshot { resume }).await;
+                            self.snapshot_to = None;
+                            let _ = reply.send(result);
+                            self.vm.sample_soon(Instant::now());
+                            continue;
+                        }
                         Some(Request::Command(cmd, reply)) => (cmd, reply),
                     };
                     let result = self.handle(cmd).await;
@@ -343,6 +384,7 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
             match req {
                 Request::Command(_, reply) => drop(reply.send(Err(gone()))),
                 Request::WriteConsole(_, reply) => drop(reply.send(Err(gone()))),
+                Request::Snapshot { reply, .. } => drop(reply.send(Err(gone()))),
             }
         }
     }
@@ -452,6 +494,19 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
                         .await
                         .map(|()| None)
                 }
+                Command::Snapshot { resume } => match self.snapshot_to.clone() {
+                    Some(dir) => {
+                        let memory =
+                            u64::try_from(self.vm.snapshot().config.memory.size_bytes).unwrap_or(0);
+                        let budget = t + snapshot_time(memory);
+                        timed_call(kind, tel, "snapshot", budget, vmm.snapshot(&dir, resume))
+                            .await
+                            .map(Some)
+                    }
+                    None => Err(HypervisorError::Protocol(
+                        "a snapshot without a directory".to_owned(),
+                    )),
+                },
                 Command::Resize(size) => timed_call(kind, tel, "resize", t, vmm.resize(size))
                     .await
                     .map(|(reported, size)| {
@@ -536,15 +591,23 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
         let t = deps.call_timeout;
         let outcome = match intent {
             Err(e) => Err(e),
-            Ok(()) => match timed_call(
-                kind,
-                tel,
-                "create",
-                t,
-                h.create(&id, &config, self.events_tx.clone()),
-            )
-            .await
-            {
+            Ok(()) => match match self.restore_from.take() {
+                None => {
+                    timed_call(
+                        kind,
+                        tel,
+                        "create",
+                        t,
+                        h.create(&id, &config, self.events_tx.clone()),
+                    )
+                    .await
+                }
+                Some((dir, resume)) => {
+                    let memory = u64::try_from(config.memory.size_bytes).unwrap_or(0);
+                    let restore = h.restore(&id, &config, &dir, resume, self.events_tx.clone());
+                    timed_call(kind, tel, "restore", t + snapshot_time(memory), restore).await
+                }
+            } {
                 Ok((vmm, reported)) => {
                     self.process = reported.process.clone();
                     self.vmm = Some(vmm);
@@ -919,6 +982,12 @@ async fn end_vmms_of<H: Hypervisor, S>(deps: &Deps<H, S>, id: &crate::domain::Vm
 }
 
 /// Sleeps until `deadline`, or forever when there is none.
+/// How long writing or reading `memory_bytes` of guest memory may take on
+/// top of the call timeout: 30 s per GiB (a slow disk writes ~35 MiB/s).
+fn snapshot_time(memory_bytes: u64) -> Duration {
+    Duration::from_secs(30 * memory_bytes.div_ceil(1 << 30))
+}
+
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,

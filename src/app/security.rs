@@ -46,6 +46,9 @@ pub struct Security {
     pub watch: super::feed::WatchSettings,
     /// Restart policy default, backoff and crash-loop limit.
     pub restart: crate::domain::restart::RestartSettings,
+    /// Where snapshots are kept and how many; `None` keeps none (the
+    /// snapshot calls answer `unavailable`).
+    pub snapshots: Option<super::manager::snapshots::SnapshotSettings>,
 }
 
 impl std::fmt::Debug for Security {
@@ -60,6 +63,7 @@ impl std::fmt::Debug for Security {
             .field("api_socket", &self.api_socket)
             .field("watch", &self.watch)
             .field("restart", &self.restart)
+            .field("snapshots", &self.snapshots)
             .finish()
     }
 }
@@ -76,6 +80,9 @@ pub enum SecurityError {
     /// UNKEY_VMCP_ASSET_DIRS is unusable.
     #[error("UNKEY_VMCP_ASSET_DIRS: {0}")]
     AssetDirs(#[source] PathPolicyError),
+    /// The snapshot directory under UNKEY_VMCP_DATA_DIR is unusable.
+    #[error("UNKEY_VMCP_DATA_DIR: {0}")]
+    Snapshots(#[source] crate::ports::SnapshotRepoError),
 }
 
 impl Security {
@@ -92,6 +99,7 @@ impl Security {
             api_socket: None,
             watch: super::feed::WatchSettings::default(),
             restart: crate::domain::restart::RestartSettings::default(),
+            snapshots: None,
         }
     }
 
@@ -129,6 +137,15 @@ impl Security {
             api_socket: config.api_socket.clone(),
             watch: config.watch,
             restart: config.restart,
+            snapshots: Some(super::manager::snapshots::SnapshotSettings {
+                repo: std::sync::Arc::new(
+                    crate::adapters::outbound::snapshots::FsSnapshots::open(
+                        config.data_dir.join("snapshots"),
+                    )
+                    .map_err(SecurityError::Snapshots)?,
+                ),
+                limits: config.snapshot_limits,
+            }),
         })
     }
 

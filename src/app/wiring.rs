@@ -165,6 +165,9 @@ pub async fn start<H: Hypervisor, S: VmStore>(
         },
     );
     manager.set_descriptor_budget(budget);
+    if let Some(snapshots) = opts.security.snapshots {
+        manager.set_snapshots(snapshots);
+    }
     let health = Arc::new(
         ManagerHealth::new(Arc::clone(&manager), opts.telemetry_status).with_connections(Arc::new(
             move || {

@@ -46,6 +46,16 @@ pub enum VmError {
     /// The backend cannot do this at all.
     #[error("{0}")]
     Unimplemented(String),
+    /// No snapshot has this id.
+    #[error("snapshot {0:?} not found")]
+    SnapshotNotFound(String),
+    /// A snapshot with this id exists (or is being taken).
+    #[error("snapshot {0:?} already exists")]
+    SnapshotExists(String),
+    /// Something the request needs does not hold, outside any VM's state
+    /// (a snapshot of another backend or VMM version).
+    #[error("{0}")]
+    Incompatible(String),
     /// A bug in VMCP; the message is for logs, callers see a generic text.
     #[error("internal error: {0}")]
     Internal(String),

@@ -151,6 +151,12 @@ pub enum Command {
     /// Change a Running VM's vCPUs and memory (hot-plug) to this size,
     /// already checked against the VM's ceilings ([`VmConfig::resized`]).
     Resize(VmSize),
+    /// Write a Running or Paused VM's state and memory to disk (pausing it
+    /// for that), resuming it afterwards when `resume`.
+    Snapshot {
+        /// Run the VM afterwards (else it stays Paused).
+        resume: bool,
+    },
 }
 
 /// The operation a command or effect stands for, for errors, metrics and events.
@@ -172,6 +178,8 @@ pub enum Operation {
     Delete,
     /// Resize.
     Resize,
+    /// Snapshot.
+    Snapshot,
 }
 
 impl Operation {
@@ -186,6 +194,7 @@ impl Operation {
             Operation::Reboot => "reboot",
             Operation::Delete => "delete",
             Operation::Resize => "resize",
+            Operation::Snapshot => "snapshot",
         }
     }
 }
@@ -202,6 +211,7 @@ impl Command {
             Command::Reboot { .. } => Operation::Reboot,
             Command::Delete { .. } => Operation::Delete,
             Command::Resize(_) => Operation::Resize,
+            Command::Snapshot { .. } => Operation::Snapshot,
         }
     }
 }
@@ -227,7 +237,8 @@ impl Command {
             | Command::Pause
             | Command::Resume
             | Command::Reboot { .. }
-            | Command::Resize(_) => None,
+            | Command::Resize(_)
+            | Command::Snapshot { .. } => None,
         }
     }
 }
@@ -649,6 +660,8 @@ impl Vm {
             (Command::Resize(to), S::Running) if to == self.snap.config.size() => Verdict::Ignore,
             (Command::Resize(_), S::Running) => Verdict::Accept,
             (Command::Resize(_), S::Created | S::Paused | S::Shutdown | S::Failed) => Verdict::Deny,
+            (Command::Snapshot { .. }, S::Running | S::Paused) => Verdict::Accept,
+            (Command::Snapshot { .. }, S::Created | S::Shutdown | S::Failed) => Verdict::Deny,
         };
         match verdict {
             Verdict::Accept => {
@@ -661,6 +674,8 @@ impl Vm {
                     Command::Boot | Command::Resume | Command::Reboot { .. } => Desired::Running,
                     // Only a Running VM is resized, and it stays wanted as it was.
                     Command::Resize(_) => self.snap.desired,
+                    Command::Snapshot { resume: true } => Desired::Running,
+                    Command::Snapshot { resume: false } => Desired::Paused,
                     Command::Pause => Desired::Paused,
                     Command::Shutdown { .. } => Desired::Stopped,
                     Command::Delete { .. } => Desired::Deleted,
@@ -1077,6 +1092,7 @@ mod tests {
             any::<bool>().prop_map(|force| Command::Reboot { force }),
             any::<bool>().prop_map(|force| Command::Delete { force }),
             arb_size().prop_map(Command::Resize),
+            any::<bool>().prop_map(|resume| Command::Snapshot { resume }),
         ]
     }
 
@@ -1125,6 +1141,7 @@ mod tests {
             Operation::Reboot => s == Running,
             Operation::Delete => true,
             Operation::Resize => s == Running,
+            Operation::Snapshot => matches!(s, Running | Paused),
         }
     }
 

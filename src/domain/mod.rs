@@ -8,6 +8,7 @@ pub mod id;
 pub mod lifecycle;
 pub mod recovery;
 pub mod restart;
+pub mod snapshot;
 
 pub use config::{
     BootConfig, ConsoleConfig, CpuConfig, CpuTopology, MemoryConfig, NetworkInterface,

@@ -358,6 +358,17 @@ pub trait VmmHandle: Send + 'static {
         data: Vec<u8>,
     ) -> impl Future<Output = Result<usize, HypervisorError>> + Send;
 
+    /// Writes the VM's state and memory into `dir` (an empty directory).
+    /// A Running VM is paused for it; afterwards the VM runs again when
+    /// `resume`, else it stays Paused. Answers the state the VMM reports
+    /// then. `Unsupported` naming the backend and the reason when it cannot;
+    /// `InvalidState` with the VMM's words when the VMM refuses.
+    fn snapshot(
+        &mut self,
+        dir: &std::path::Path,
+        resume: bool,
+    ) -> impl Future<Output = Result<Reported, HypervisorError>> + Send;
+
     /// Reads state, metrics and backend details from the VMM and /proc.
     /// A VMM that is gone reads as its exit state (Shutdown or Failed with
     /// the reason), not as an error; `Unavailable` if its socket does not answer.
@@ -394,6 +405,20 @@ pub trait Hypervisor: Send + Sync + 'static {
         &self,
         id: &VmId,
         config: &VmConfig,
+        events: VmmEventSink,
+    ) -> impl Future<Output = Result<(Self::Vm, Reported), HypervisorError>> + Send;
+
+    /// Starts a fresh VMM for `id` and restores into it the snapshot in
+    /// `dir`, taken of a VM whose config (with the restore's overrides) is
+    /// `config`; the VM runs when `resume`, else it is Paused. The console
+    /// goes to the new VM's own file. MUST leave no process or file behind
+    /// when it fails, like `create`.
+    fn restore(
+        &self,
+        id: &VmId,
+        config: &VmConfig,
+        dir: &std::path::Path,
+        resume: bool,
         events: VmmEventSink,
     ) -> impl Future<Output = Result<(Self::Vm, Reported), HypervisorError>> + Send;
 

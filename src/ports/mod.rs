@@ -6,6 +6,7 @@
 pub mod clock;
 pub mod hypervisor;
 pub mod service;
+pub mod snapshots;
 pub mod store;
 pub mod telemetry;
 
@@ -16,9 +17,10 @@ pub use hypervisor::{
     VmmHandle, VmmInfo, VmmProcess,
 };
 pub use service::{
-    BackendHealth, ConsoleStream, CreateVm, DescriptorHealth, HealthCheck, ListQuery,
+    BackendHealth, ConsoleStream, CreateVm, DescriptorHealth, HealthCheck, ListQuery, RestoreVm,
     ServiceHealth, VmCounts, VmDetails, VmPage, VmService, WatchEvent, WatchEventKind, WatchQuery,
     WatchStream,
 };
+pub use snapshots::{SnapshotRepo, SnapshotRepoError, SnapshotScan};
 pub use store::{StoreError, VmRecord, VmStore};
 pub use telemetry::{NoopTelemetry, Telemetry, TelemetryEvent};

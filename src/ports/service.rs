@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 
+use crate::domain::snapshot::{NetworkOverride, SnapshotId, SnapshotInfo, SnapshotKind};
 use crate::domain::{VmConfig, VmError, VmId, VmSnapshot, VmState};
 
 use super::hypervisor::VmMetrics;
@@ -28,6 +29,21 @@ pub struct VmDetails {
     pub backend_info: BTreeMap<String, String>,
     /// When `metrics` and `backend_info` were sampled, Unix milliseconds.
     pub sampled_at_ms: Option<i64>,
+}
+
+/// A RestoreVm request after the wire layer parsed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreVm {
+    /// The new VM's id.
+    pub vm_id: VmId,
+    /// The snapshot.
+    pub snapshot_id: SnapshotId,
+    /// Run it after the restore.
+    pub resume: bool,
+    /// Taps for its interfaces.
+    pub network_overrides: Vec<NetworkOverride>,
+    /// Its metadata (the snapshot's when None).
+    pub metadata: Option<BTreeMap<String, String>>,
 }
 
 /// A ListVms query.
@@ -171,6 +187,31 @@ pub trait VmService: Send + Sync + 'static {
         id: VmId,
         data: Vec<u8>,
     ) -> impl Future<Output = Result<usize, VmError>> + Send;
+    /// Snapshots a VM; answers the usable snapshot.
+    fn snapshot_vm(
+        &self,
+        id: VmId,
+        snapshot_id: Option<SnapshotId>,
+        resume: bool,
+        kind: SnapshotKind,
+    ) -> impl Future<Output = Result<SnapshotInfo, VmError>> + Send;
+    /// The usable snapshots (of one VM when given), ordered by id.
+    fn list_snapshots(
+        &self,
+        source_vm_id: Option<VmId>,
+    ) -> impl Future<Output = Result<Vec<SnapshotInfo>, VmError>> + Send;
+    /// One snapshot.
+    fn get_snapshot(
+        &self,
+        id: SnapshotId,
+    ) -> impl Future<Output = Result<SnapshotInfo, VmError>> + Send;
+    /// Deletes a snapshot and its files.
+    fn delete_snapshot(&self, id: SnapshotId) -> impl Future<Output = Result<(), VmError>> + Send;
+    /// Starts a new VM from a snapshot; answers it.
+    fn restore_vm(
+        &self,
+        req: RestoreVm,
+    ) -> impl Future<Output = Result<VmSnapshot, VmError>> + Send;
     /// Resizes a running VM (0 leaves that size unchanged); answers the VM after it.
     fn resize_vm(
         &self,

@@ -1443,3 +1443,77 @@ async fn a_chatty_console_is_capped_at_each_sample_and_offsets_stay_put() {
     assert_eq!((c.offset, c.data.as_slice()), (end, &b"more\n"[..]));
     h.delete(true).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_snapshot_restores_into_a_fresh_vmm_with_its_own_console_and_taps() {
+    let env = Env::new(Behaviour::default());
+    let mut cfg = env.config();
+    cfg.network = vec![NetworkInterface {
+        id: "eth0".into(),
+        tap_device: "tap-src".into(),
+        ..Default::default()
+    }];
+    let (mut src, _) = env
+        .ch
+        .create(&id("src"), &cfg, env.tx.clone())
+        .await
+        .unwrap();
+    ok(src.boot().await.unwrap());
+    let snap = env.tmp.path().join("snap");
+    std::fs::create_dir(&snap).unwrap();
+    let rep = src.snapshot(&snap, true).await.unwrap();
+    assert_eq!(rep.state, VmState::Running, "paused for it, then resumed");
+    for file in ["config.json", "state.json", "memory-ranges"] {
+        assert!(snap.join(file).is_file(), "{file} written");
+    }
+
+    let mut clone_cfg = cfg.clone();
+    clone_cfg.network[0].tap_device = "tap-clone".into();
+    let (mut clone, rep) = env
+        .ch
+        .restore(&id("clone"), &clone_cfg, &snap, false, env.tx.clone())
+        .await
+        .unwrap();
+    assert_eq!(rep.state, VmState::Paused, "restored, not resumed");
+    let p = rep.process.unwrap();
+    assert_ne!(Some(p.clone()), src.process(), "a fresh VMM");
+    // The clone writes its own console and uses its own tap; the snapshot is untouched.
+    let socket = PathBuf::from(&p.socket_path);
+    let info = ChApi::new(env.ch.http(), &socket).info().await.unwrap();
+    let serial = env.runtime_dir("clone").join("serial.log");
+    assert_eq!(
+        info.config["serial"]["file"],
+        serial.to_string_lossy().as_ref()
+    );
+    assert_eq!(info.config["net"][0]["tap"], "tap-clone");
+    let original: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(snap.join("config.json")).unwrap()).unwrap();
+    assert_eq!(original["net"][0]["tap"], "tap-src");
+    assert!(
+        !env.runtime_dir("clone").join("restore").exists(),
+        "staging removed"
+    );
+    assert_eq!(ok(clone.resume().await.unwrap()), VmState::Running);
+
+    // A torn snapshot (no state file) is refused by the VMM, with its words.
+    let refused = env.tmp.path().join("torn");
+    std::fs::create_dir(&refused).unwrap();
+    std::fs::copy(snap.join("config.json"), refused.join("config.json")).unwrap();
+    match env
+        .ch
+        .restore(&id("broken"), &cfg, &refused, true, env.tx.clone())
+        .await
+    {
+        Err(HypervisorError::InvalidState(m)) => {
+            assert!(m.contains("missing snapshot files"), "{m}")
+        }
+        other => panic!("a restore of nothing: {other:?}"),
+    }
+    assert!(
+        !env.runtime_dir("broken").exists(),
+        "a failed restore leaves nothing"
+    );
+    clone.delete(true).await.unwrap();
+    src.delete(true).await.unwrap();
+    env.assert_no_fake_alive();
+}

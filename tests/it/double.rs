@@ -31,6 +31,10 @@
 //!                     report it
 //! console             each new VMM starts the VM's console over; a boot prints a
 //!                     marker; console input is unsupported on both
+//! snapshot            Running/Paused: paused, `memory` and `vmstate` written to the
+//!                     directory, resumed if asked
+//! restore             a NEW VMM loads the directory (Paused, or Running if asked);
+//!                     the guest continues: no boot marker on its console
 //! ```
 //!
 //! Every handle operation runs in a spawned task, so an operation whose
@@ -70,7 +74,7 @@ pub const POWEROFF_REASON: &str = "VMM exited with status 0 (the guest powered o
 pub const BOOT_MARKER: &str = "double guest: booted\n";
 
 /// Every operation a test can delay, fail or hold ("info" is accepted for "sample").
-const OPS: [&str; 14] = [
+const OPS: [&str; 16] = [
     "check",
     "create",
     "adopt",
@@ -85,11 +89,14 @@ const OPS: [&str; 14] = [
     "sample",
     "resize",
     "read_console",
+    "snapshot",
+    "restore",
 ];
 
 /// The operations [`Stats::calls`] counts.
-const MUTATING: [&str; 8] = [
-    "create", "boot", "shutdown", "pause", "resume", "reboot", "delete", "resize",
+const MUTATING: [&str; 10] = [
+    "create", "boot", "shutdown", "pause", "resume", "reboot", "delete", "resize", "snapshot",
+    "restore",
 ];
 
 /// The canonical name of `name`; a typo in a test is a panic, not a knob that never fires.
@@ -1222,6 +1229,38 @@ impl DoubleVm {
         })
     }
 
+    /// Pauses a running VM, writes the snapshot's files, resumes it if asked.
+    fn apply_snapshot(
+        &self,
+        dir: &std::path::Path,
+        resume: bool,
+    ) -> Result<Reported, HypervisorError> {
+        self.apply(|s, cur| match look(s, cur) {
+            Look::Live(k, VmState::Running | VmState::Paused) => {
+                s.set_state(k, VmState::Paused, "vm/paused");
+                let size = s.procs.get(&k).map(|p| p.size).expect("a live process");
+                let memory = usize::try_from(size.memory_bytes >> 20).expect("small") * 1024;
+                std::fs::write(dir.join("memory"), vec![7u8; memory])
+                    .and_then(|()| std::fs::write(dir.join("vmstate"), self.id.as_str()))
+                    .map_err(|e| {
+                        HypervisorError::resource_exhausted(format!(
+                            "cannot write the snapshot: {e}"
+                        ))
+                    })?;
+                let state = if resume {
+                    s.set_state(k, VmState::Running, "vm/resumed");
+                    VmState::Running
+                } else {
+                    VmState::Paused
+                };
+                Ok(Self::reported(s, state, k))
+            }
+            Look::Live(_, st) => Err(refused("snapshot", st)),
+            Look::Died(pid, _, reason) => Err(gone(&self.id, pid, &reason)),
+            Look::Idle(st, _) => Err(no_vmm("snapshot", &self.id, st)),
+        })
+    }
+
     fn apply_delete(&self) {
         let id = self.id.clone();
         self.apply(|s, cur| {
@@ -1379,6 +1418,21 @@ impl VmmHandle for DoubleVm {
         .await
     }
 
+    async fn snapshot(
+        &mut self,
+        dir: &std::path::Path,
+        resume: bool,
+    ) -> Result<Reported, HypervisorError> {
+        let me = self.twin();
+        let dir = dir.to_owned();
+        self.run("snapshot", async move {
+            let b = me.host.begin("snapshot", Some(&me.id), true).await?;
+            let r = me.apply_snapshot(&dir, resume);
+            b.finish(r).await
+        })
+        .await
+    }
+
     async fn write_console(&mut self, _data: Vec<u8>) -> Result<usize, HypervisorError> {
         Err(HypervisorError::Unsupported(format!(
             "{}: console input is not available (double)",
@@ -1482,6 +1536,69 @@ impl Hypervisor for Double {
                     reason: String::new(),
                     process: Some(p),
                 })
+            });
+            b.finish(r.map(|rep| (handle, rep))).await
+        })
+        .await
+    }
+
+    /// A new VMM that loads the snapshot's files; like create, a restore
+    /// whose caller gave up still starts it (a leak recovery must find).
+    async fn restore(
+        &self,
+        id: &VmId,
+        config: &VmConfig,
+        dir: &std::path::Path,
+        resume: bool,
+        events: VmmEventSink,
+    ) -> Result<(DoubleVm, Reported), HypervisorError> {
+        let _counted = self.stats.enter(id, "restore");
+        let handle = self.handle(
+            id,
+            events,
+            Cur {
+                process: None,
+                size: config.size(),
+                idle_state: VmState::Created,
+                idle_reason: String::new(),
+            },
+        );
+        let dir = dir.to_owned();
+        detached(async move {
+            let b = handle.host.begin("restore", Some(&handle.id), true).await?;
+            let r = handle.apply(|s, cur| {
+                if !dir.join("vmstate").is_file() || !dir.join("memory").is_file() {
+                    return Err(HypervisorError::InvalidState(format!(
+                        "snapshot/load: no snapshot in {}",
+                        dir.display()
+                    )));
+                }
+                if let Some(k) = s.live_of(&handle.id).last() {
+                    return Err(HypervisorError::spawn_failed(format!(
+                        "the runtime directory of vm {} is in use by VMM pid {}",
+                        handle.id, k.0
+                    )));
+                }
+                let state = if resume {
+                    VmState::Running
+                } else {
+                    VmState::Paused
+                };
+                // Spawned Created so that no boot marker is printed: the guest continues.
+                let p = s.spawn(
+                    &handle.id,
+                    VmState::Created,
+                    Some(handle.events.clone()),
+                    cur.size,
+                );
+                let key = (p.pid, p.start_time);
+                s.set_state(
+                    key,
+                    state,
+                    if resume { "vm/resumed" } else { "vm/restored" },
+                );
+                cur.process = Some(p);
+                Ok(DoubleVm::reported(s, state, key))
             });
             b.finish(r.map(|rep| (handle, rep))).await
         })

@@ -321,6 +321,49 @@ fn handle(state: &mut FakeState, b: &Behaviour, method: &str, ep: &str, body: &[
             }
             ok204()
         }
+        ("PUT", "vm.snapshot") => {
+            let Some(dir) = file_url(body, "destination_url") else {
+                return Outcome::Answer(StatusCode::BAD_REQUEST, r#"["Failed to deserialize JSON"]"#.into());
+            };
+            match &state.vm {
+                None => err(404, &["The VM could not be snapshotted", "VM is not created"]),
+                Some((_, St::Paused)) => {
+                    let cfg = state.vm.as_ref().unwrap().0.clone();
+                    let size = usize::try_from(cfg["memory"]["size"].as_i64().unwrap_or(0) >> 20).unwrap_or(0);
+                    let wrote = std::fs::write(dir.join("config.json"), cfg.to_string())
+                        .and_then(|()| std::fs::write(dir.join("state.json"), r#"{"fake":true}"#))
+                        .and_then(|()| std::fs::write(dir.join("memory-ranges"), vec![0u8; size * 1024]));
+                    match wrote {
+                        Ok(()) => {
+                            state.emit("vm", "snapshotted");
+                            ok204()
+                        }
+                        Err(e) => err(500, &["The VM could not be snapshotted", &e.to_string()]),
+                    }
+                }
+                Some(_) => err(500, &["The VM could not be snapshotted", "Cannot snapshot VM", "VM is not paused"]),
+            }
+        }
+        ("PUT", "vm.restore") => {
+            let Some(dir) = file_url(body, "source_url") else {
+                return Outcome::Answer(StatusCode::BAD_REQUEST, r#"["Failed to deserialize JSON"]"#.into());
+            };
+            if st.is_some() {
+                return err(500, &["The VM could not be restored", "VM is already created"]);
+            }
+            let cfg = std::fs::read_to_string(dir.join("config.json"))
+                .ok()
+                .and_then(|t| serde_json::from_str::<Value>(&t).ok());
+            match cfg {
+                Some(cfg) if dir.join("state.json").is_file() && dir.join("memory-ranges").is_file() => {
+                    state.boot_ram = cfg["memory"]["size"].as_i64().unwrap_or(0);
+                    state.vm = Some((cfg, St::Paused));
+                    state.emit("vm", "restored");
+                    ok204()
+                }
+                _ => err(500, &["The VM could not be restored", "Error restoring the VM: missing snapshot files"]),
+            }
+        }
         ("GET", "vm.counters") => match st {
             Some(St::Running | St::Paused) => {
                 let cfg = &state.vm.as_ref().unwrap().0;
@@ -337,6 +380,15 @@ fn handle(state: &mut FakeState, b: &Behaviour, method: &str, ep: &str, body: &[
         },
         _ => Outcome::Answer(StatusCode::NOT_FOUND, r#"["Not Found"]"#.into()),
     }
+}
+
+/// The directory a `file://` URL in `field` of a JSON body names.
+fn file_url(body: &[u8], field: &str) -> Option<PathBuf> {
+    let v: Value = serde_json::from_slice(body).ok()?;
+    v[field]
+        .as_str()?
+        .strip_prefix("file://")
+        .map(PathBuf::from)
 }
 
 /// An in-process fake CH serving one socket.

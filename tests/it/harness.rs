@@ -12,9 +12,12 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use vmcp::adapters::inbound::server::{RpcHttpService, RpcLimits};
+use vmcp::adapters::outbound::snapshots::FsSnapshots;
 use vmcp::adapters::outbound::store::memory::MemoryStore;
+use vmcp::app::manager::snapshots::SnapshotSettings;
 use vmcp::app::security::Security;
 use vmcp::app::wiring::{Running, StartOptions, start};
+use vmcp::domain::snapshot::SnapshotLimits;
 use vmcp::ports::{NoopTelemetry, SystemClock, Telemetry};
 use vmcp::proto::vmm::v1 as pb;
 use vmcp::proto::vmm::v1::VmServiceClient;
@@ -52,6 +55,19 @@ pub struct Harness {
     pub store: Arc<MemoryStore>,
     pub addr: SocketAddr,
     running: Option<Running>,
+    /// The snapshot directory made for this server (when the test named none).
+    _snapshot_dir: Option<tempfile::TempDir>,
+}
+
+/// Snapshots under `dir`, with room for 16 of them.
+pub fn snapshot_settings(dir: &std::path::Path) -> SnapshotSettings {
+    SnapshotSettings {
+        repo: Arc::new(FsSnapshots::open(dir).expect("snapshot repository")),
+        limits: SnapshotLimits {
+            max_count: 16,
+            max_bytes: 1 << 30,
+        },
+    }
 }
 
 impl Harness {
@@ -191,6 +207,16 @@ impl Harness {
         addr: SocketAddr,
         wrap_rpc: WrapRpc,
     ) -> Self {
+        // Snapshots go to a directory of this server's own unless the test names one.
+        let mut security = security;
+        let snapshot_dir = match security.snapshots {
+            Some(_) => None,
+            None => {
+                let dir = tempfile::tempdir().expect("snapshot dir");
+                security.snapshots = Some(snapshot_settings(dir.path()));
+                Some(dir)
+            }
+        };
         let running = start(
             Arc::clone(&double),
             Arc::clone(&store),
@@ -218,6 +244,7 @@ impl Harness {
             store,
             addr: running.local_addr,
             running: Some(running),
+            _snapshot_dir: snapshot_dir,
         }
     }
 

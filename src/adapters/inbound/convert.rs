@@ -8,8 +8,9 @@ use std::collections::BTreeMap;
 use buffa::{EnumValue, MessageField};
 
 use crate::domain::restart::RestartPolicy;
+use crate::domain::snapshot::{NetworkOverride, SnapshotId, SnapshotInfo, SnapshotKind};
 use crate::domain::{self, VmConfigError, VmError, VmId, VmSnapshot, VmState};
-use crate::ports::{VmDetails, VmMetrics, WatchEvent, WatchEventKind, WatchQuery};
+use crate::ports::{RestoreVm, VmDetails, VmMetrics, WatchEvent, WatchEventKind, WatchQuery};
 use crate::proto::vmm::v1 as pb;
 
 /// Parses a required vm_id field.
@@ -24,6 +25,90 @@ pub fn optional_vm_id(raw: &str) -> Result<Option<VmId>, VmError> {
     } else {
         vm_id("vm_id", raw).map(Some)
     }
+}
+
+/// An optional VM id in `field` (empty: none).
+pub fn optional_vm_id_named(field: &str, raw: &str) -> Result<Option<VmId>, VmError> {
+    if raw.is_empty() {
+        Ok(None)
+    } else {
+        vm_id(field, raw).map(Some)
+    }
+}
+
+/// Parses a required snapshot id.
+pub fn snapshot_id(field: &str, raw: &str) -> Result<SnapshotId, VmError> {
+    SnapshotId::parse(field, raw).map_err(VmError::InvalidArgument)
+}
+
+/// Parses an optional snapshot_id (empty means "generate one").
+pub fn optional_snapshot_id(raw: &str) -> Result<Option<SnapshotId>, VmError> {
+    if raw.is_empty() {
+        Ok(None)
+    } else {
+        snapshot_id("snapshot_id", raw).map(Some)
+    }
+}
+
+/// The snapshot kind asked for (unspecified is full).
+pub fn snapshot_kind_in(kind: EnumValue<pb::SnapshotKind>) -> Result<SnapshotKind, VmError> {
+    match kind.as_known() {
+        Some(
+            pb::SnapshotKind::SNAPSHOT_KIND_UNSPECIFIED | pb::SnapshotKind::SNAPSHOT_KIND_FULL,
+        ) => Ok(SnapshotKind::Full),
+        Some(pb::SnapshotKind::SNAPSHOT_KIND_DIFF) => Ok(SnapshotKind::Diff),
+        None => Err(VmError::InvalidArgument(VmConfigError::new(
+            "kind",
+            format!("unknown snapshot kind {}", kind.to_i32()),
+        ))),
+    }
+}
+
+/// A snapshot → SnapshotInfo.
+pub fn snapshot_out(s: &SnapshotInfo) -> pb::SnapshotInfo {
+    pb::SnapshotInfo {
+        snapshot_id: s.id.to_string(),
+        source_vm_id: s.source_vm_id.to_string(),
+        backend: s.backend.clone(),
+        vmm_version: s.vmm_version.clone(),
+        config: config_out(&s.config).into(),
+        created_timestamp: s.created_at,
+        size_bytes: i64::try_from(s.size_bytes).unwrap_or(i64::MAX),
+        kind: match s.kind {
+            SnapshotKind::Full => pb::SnapshotKind::SNAPSHOT_KIND_FULL,
+            SnapshotKind::Diff => pb::SnapshotKind::SNAPSHOT_KIND_DIFF,
+        }
+        .into(),
+        ..Default::default()
+    }
+}
+
+/// Parses a RestoreVm request; bad ids and overrides name their field.
+pub fn restore_in(req: &pb::RestoreVmRequest) -> Result<RestoreVm, VmError> {
+    let network_overrides = req
+        .network_overrides
+        .iter()
+        .enumerate()
+        .map(|(i, o)| {
+            if o.interface_id.is_empty() || o.tap_device.is_empty() {
+                return Err(VmError::InvalidArgument(VmConfigError::new(
+                    format!("network_overrides[{i}]"),
+                    "needs both interface_id and tap_device",
+                )));
+            }
+            Ok(NetworkOverride {
+                interface_id: o.interface_id.clone(),
+                tap_device: o.tap_device.clone(),
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(RestoreVm {
+        vm_id: vm_id("vm_id", &req.vm_id)?,
+        snapshot_id: snapshot_id("snapshot_id", &req.snapshot_id)?,
+        resume: req.resume,
+        network_overrides,
+        metadata: (!req.metadata.is_empty()).then(|| map_in(&req.metadata)),
+    })
 }
 
 /// A non-negative int32 from the wire as u32, or an error naming the field.

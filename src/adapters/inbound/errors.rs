@@ -18,6 +18,9 @@ pub fn to_connect(e: &VmError) -> ConnectError {
         VmError::PermissionDenied(_) => ErrorCode::PermissionDenied,
         VmError::OutOfRange(_) => ErrorCode::OutOfRange,
         VmError::Unimplemented(_) => ErrorCode::Unimplemented,
+        VmError::SnapshotNotFound(_) => ErrorCode::NotFound,
+        VmError::SnapshotExists(_) => ErrorCode::AlreadyExists,
+        VmError::Incompatible(_) => ErrorCode::FailedPrecondition,
         VmError::Internal(detail) => {
             tracing::error!(error = %detail, "internal error");
             return ConnectError::new(ErrorCode::Internal, "internal error; see the VMCP logs");

@@ -14,8 +14,9 @@ use crate::ports::{CreateVm, ListQuery, VmService};
 use crate::proto::vmm::v1 as pb;
 
 use super::convert::{
-    config_in, config_out, details_out, non_negative, optional_vm_id, restart_policy_in,
-    state_filter_in, state_out, vm_id, vm_info_out, watch_event_out, watch_query_in,
+    config_in, config_out, details_out, non_negative, optional_snapshot_id, optional_vm_id,
+    optional_vm_id_named, restart_policy_in, restore_in, snapshot_id, snapshot_kind_in,
+    snapshot_out, state_filter_in, state_out, vm_id, vm_info_out, watch_event_out, watch_query_in,
 };
 use super::errors::to_connect;
 
@@ -284,6 +285,81 @@ impl<S: VmService> pb::VmService for RpcService<S> {
             .map_err(fail)?;
         Response::ok(pb::WriteConsoleResponse {
             bytes_written: u64::try_from(written).unwrap_or(u64::MAX),
+            ..Default::default()
+        })
+    }
+
+    async fn snapshot_vm(
+        &self,
+        _ctx: RequestContext,
+        request: ServiceRequest<'_, pb::SnapshotVmRequest>,
+    ) -> ServiceResult<pb::SnapshotVmResponse> {
+        record_vm_id(request.vm_id);
+        let id = vm_id("vm_id", request.vm_id).map_err(fail)?;
+        let snapshot_id = optional_snapshot_id(request.snapshot_id).map_err(fail)?;
+        let kind = snapshot_kind_in(request.kind).map_err(fail)?;
+        let info = self
+            .inner
+            .snapshot_vm(id, snapshot_id, request.resume, kind)
+            .await
+            .map_err(fail)?;
+        Response::ok(pb::SnapshotVmResponse {
+            snapshot: snapshot_out(&info).into(),
+            ..Default::default()
+        })
+    }
+
+    async fn list_snapshots(
+        &self,
+        _ctx: RequestContext,
+        request: ServiceRequest<'_, pb::ListSnapshotsRequest>,
+    ) -> ServiceResult<pb::ListSnapshotsResponse> {
+        let source = optional_vm_id_named("source_vm_id", request.source_vm_id).map_err(fail)?;
+        let list = self.inner.list_snapshots(source).await.map_err(fail)?;
+        Response::ok(pb::ListSnapshotsResponse {
+            snapshots: list.iter().map(snapshot_out).collect(),
+            ..Default::default()
+        })
+    }
+
+    async fn get_snapshot(
+        &self,
+        _ctx: RequestContext,
+        request: ServiceRequest<'_, pb::GetSnapshotRequest>,
+    ) -> ServiceResult<pb::GetSnapshotResponse> {
+        let id = snapshot_id("snapshot_id", request.snapshot_id).map_err(fail)?;
+        let info = self.inner.get_snapshot(id).await.map_err(fail)?;
+        Response::ok(pb::GetSnapshotResponse {
+            snapshot: snapshot_out(&info).into(),
+            ..Default::default()
+        })
+    }
+
+    async fn delete_snapshot(
+        &self,
+        _ctx: RequestContext,
+        request: ServiceRequest<'_, pb::DeleteSnapshotRequest>,
+    ) -> ServiceResult<pb::DeleteSnapshotResponse> {
+        let id = snapshot_id("snapshot_id", request.snapshot_id).map_err(fail)?;
+        self.inner.delete_snapshot(id).await.map_err(fail)?;
+        Response::ok(pb::DeleteSnapshotResponse {
+            success: true,
+            ..Default::default()
+        })
+    }
+
+    async fn restore_vm(
+        &self,
+        _ctx: RequestContext,
+        request: ServiceRequest<'_, pb::RestoreVmRequest>,
+    ) -> ServiceResult<pb::RestoreVmResponse> {
+        let req = request.to_owned_message();
+        record_vm_id(&req.vm_id);
+        let restore = restore_in(&req).map_err(fail)?;
+        let snap = self.inner.restore_vm(restore).await.map_err(fail)?;
+        Response::ok(pb::RestoreVmResponse {
+            vm_id: snap.id.to_string(),
+            state: state_out(snap.state),
             ..Default::default()
         })
     }

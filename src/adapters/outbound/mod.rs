@@ -3,5 +3,6 @@
 pub mod cloud_hypervisor;
 pub mod firecracker;
 pub mod otel;
+pub mod snapshots;
 pub mod store;
 pub mod vmm;

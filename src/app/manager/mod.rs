@@ -12,6 +12,7 @@ pub mod health;
 pub mod paging;
 pub mod recovery;
 pub mod registry;
+pub mod snapshots;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -19,10 +20,12 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
+use crate::domain::snapshot::{SnapshotId, SnapshotInfo, SnapshotKind, restored_config};
 use crate::domain::{Command, Vm, VmError, VmId, VmSnapshot, VmState};
 use crate::ports::{
     BackendHealth, Clock, ConsoleChunk, ConsoleStream, CreateVm, Hypervisor, HypervisorError,
-    ListQuery, Telemetry, VmCounts, VmDetails, VmPage, VmService, VmStore, WatchQuery, WatchStream,
+    ListQuery, RestoreVm, Telemetry, VmCounts, VmDetails, VmPage, VmService, VmStore, WatchQuery,
+    WatchStream,
 };
 
 use super::admission::{CreatePolicy, Footprint};
@@ -43,6 +46,7 @@ use super::owner::{Deps, Owner, QUEUE_DEPTH, Request};
 use self::health::BackendHealthCache;
 use self::recovery::Recovered;
 use self::registry::{Entry, Registry};
+use self::snapshots::{SnapshotSettings, Snapshots};
 
 pub use self::paging::{DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE};
 
@@ -55,6 +59,7 @@ pub struct VmManager<H, S> {
     remove_orphans: AtomicBool,
     admission: CreatePolicy,
     descriptors: OnceLock<DescriptorBudget>,
+    snapshots: OnceLock<Snapshots>,
 }
 
 impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
@@ -106,6 +111,7 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
             remove_orphans: AtomicBool::new(true),
             admission,
             descriptors: OnceLock::new(),
+            snapshots: OnceLock::new(),
         })
     }
 
@@ -117,6 +123,12 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
     /// Re-adopts VMs from the store (start-up recovery).
     pub async fn recover(&self) -> Result<Recovered, VmError> {
         self.recovering.store(true, Ordering::Release);
+        if let Some(s) = self.snapshots.get() {
+            match s.scan().await {
+                Ok(n) => tracing::info!(snapshots = n, "snapshots found"),
+                Err(e) => tracing::error!(error = %e, "cannot read the snapshots"),
+            }
+        }
         let result = recovery::recover(
             &self.deps,
             &self.registry,
@@ -125,6 +137,18 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
         .await;
         self.recovering.store(false, Ordering::Release);
         result
+    }
+
+    /// Keeps snapshots as `settings` say (set once, before recovery, which
+    /// indexes them). Without it the snapshot calls answer `unavailable`.
+    pub fn set_snapshots(&self, settings: SnapshotSettings) {
+        let _ = self.snapshots.set(Snapshots::new(settings));
+    }
+
+    fn snapshots(&self) -> Result<&Snapshots, VmError> {
+        self.snapshots.get().ok_or_else(|| {
+            VmError::Unavailable("this VMCP keeps no snapshots (no snapshot directory)".into())
+        })
     }
 
     /// Whether recovery removes VMMs that belong to no VM (true) or only reports them.
@@ -202,7 +226,8 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
             | Command::Pause
             | Command::Resume
             | Command::Reboot { .. }
-            | Command::Resize(_) => self.require_descriptors()?,
+            | Command::Resize(_)
+            | Command::Snapshot { .. } => self.require_descriptors()?,
             Command::Shutdown { .. } | Command::Delete { .. } => {}
         }
         let entry = self.entry(&id)?;
@@ -243,6 +268,18 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
     }
 
     async fn create(&self, req: CreateVm) -> Result<VmSnapshot, VmError> {
+        self.start_vm(req.vm_id, req.config, None).await
+    }
+
+    /// Creates a VM, or restores one from the snapshot `restore` names (its
+    /// directory, and whether to resume it): admission, then the owner.
+    async fn start_vm(
+        &self,
+        id: Option<VmId>,
+        config: crate::domain::VmConfig,
+        restore: Option<(std::path::PathBuf, bool)>,
+    ) -> Result<VmSnapshot, VmError> {
+        let req = CreateVm { vm_id: id, config };
         req.config.validate()?;
         self.deps.hypervisor.validate(&req.config)?;
         // Per-VM limits and host paths; a few stat calls, cheap enough inline.
@@ -265,7 +302,7 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
                     )));
                 }
                 let snap = existing.current().snapshot.clone();
-                return if snap.config == req.config {
+                return if snap.config == req.config && restore.is_none() {
                     Ok(snap)
                 } else {
                     Err(VmError::AlreadyExists(id.to_string()))
@@ -278,7 +315,10 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
             )?;
             let now = self.deps.clock.now_unix();
             let vm = Vm::creating(id.clone(), req.config, now);
-            let (owner, view) = Owner::creating(vm, self.deps.clone());
+            let (owner, view) = match restore {
+                None => Owner::creating(vm, self.deps.clone()),
+                Some((dir, resume)) => Owner::restoring(vm, self.deps.clone(), dir, resume),
+            };
             let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
             let (created_tx, created_rx) = oneshot::channel();
             tokio::spawn(owner.run(rx, Some(created_tx)));
@@ -465,6 +505,102 @@ impl<H: Hypervisor, S: VmStore> VmService for VmManager<H, S> {
             )?;
         }
         self.command(id, Command::Resize(size)).await
+    }
+
+    async fn snapshot_vm(
+        &self,
+        id: VmId,
+        snapshot_id: Option<SnapshotId>,
+        resume: bool,
+        kind: SnapshotKind,
+    ) -> Result<SnapshotInfo, VmError> {
+        self.require_backend().await?;
+        let backend = self.deps.hypervisor.kind().as_str();
+        if kind == SnapshotKind::Diff {
+            return Err(VmError::Unimplemented(format!(
+                "{backend}: diff snapshots are not offered: Firecracker takes them only with dirty-page tracking on from boot, which VMCP does not turn on, and Cloud Hypervisor has none"
+            )));
+        }
+        let snapshots = self.snapshots()?;
+        let (entry, view) = self.created_view(&id)?;
+        let snapshot_id = match snapshot_id {
+            Some(s) => s,
+            None => SnapshotId::parse(
+                "snapshot_id",
+                &format!("snap-{}", uuid::Uuid::new_v4().simple()),
+            )?,
+        };
+        // The memory file is about the guest's memory size.
+        let expected = u64::try_from(view.snapshot.config.memory.size_bytes).unwrap_or(0);
+        let taking = snapshots.begin(snapshot_id.clone(), expected).await?;
+        let (reply_tx, reply_rx) = oneshot::channel();
+        entry
+            .tx
+            .try_send(Request::Snapshot {
+                dir: taking.dir.clone(),
+                resume,
+                reply: reply_tx,
+            })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => VmError::Unavailable(format!(
+                    "vm {id} has {QUEUE_DEPTH} operations queued; retry later"
+                )),
+                mpsc::error::TrySendError::Closed(_) => VmError::NotFound(id.to_string()),
+            })?;
+        let snap = reply_rx
+            .await
+            .map_err(|_| VmError::NotFound(id.to_string()))??;
+        let vmm_version = self.backend_health().await.version;
+        taking
+            .commit(SnapshotInfo {
+                id: snapshot_id,
+                source_vm_id: id,
+                backend: backend.to_owned(),
+                vmm_version,
+                config: snap.config,
+                created_at: self.deps.clock.now_unix(),
+                size_bytes: 0,
+                kind,
+            })
+            .await
+    }
+
+    async fn list_snapshots(
+        &self,
+        source_vm_id: Option<VmId>,
+    ) -> Result<Vec<SnapshotInfo>, VmError> {
+        Ok(self
+            .snapshots()?
+            .list(source_vm_id.as_ref().map(VmId::as_str)))
+    }
+
+    async fn get_snapshot(&self, id: SnapshotId) -> Result<SnapshotInfo, VmError> {
+        self.snapshots()?.get(&id)
+    }
+
+    async fn delete_snapshot(&self, id: SnapshotId) -> Result<(), VmError> {
+        self.snapshots()?.delete(&id).await
+    }
+
+    /// A restore is a create whose VMM loads the snapshot: the same
+    /// admission (config rules, host paths, limits) and durability.
+    async fn restore_vm(&self, req: RestoreVm) -> Result<VmSnapshot, VmError> {
+        self.require_backend().await?;
+        let reading = self.snapshots()?.read(&req.snapshot_id)?;
+        let health = self.backend_health().await;
+        reading
+            .info
+            .check_restorable(self.deps.hypervisor.kind().as_str(), &health.version)?;
+        let config = restored_config(&reading.info, &req.network_overrides, req.metadata)?;
+        if self.registry.contains(&req.vm_id) {
+            return Err(VmError::AlreadyExists(req.vm_id.to_string()));
+        }
+        self.start_vm(
+            Some(req.vm_id),
+            config,
+            Some((reading.dir.clone(), req.resume)),
+        )
+        .await
     }
 
     async fn watch_vms(&self, query: WatchQuery) -> Result<WatchStream, VmError> {

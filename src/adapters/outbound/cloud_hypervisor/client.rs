@@ -242,6 +242,34 @@ impl<'a> ChApi<'a> {
         }
     }
 
+    /// `PUT vm.snapshot` into the directory `dir` (the VM must be paused).
+    pub async fn snapshot(&self, dir: &Path) -> Result<(), HypervisorError> {
+        let body = serde_json::json!({"destination_url": format!("file://{}", dir.display())});
+        let r = self
+            .http
+            .send_json(self.socket, Method::PUT, "/api/v1/vm.snapshot", &body)
+            .await?;
+        if r.is_success() {
+            Ok(())
+        } else {
+            Err(error_from("vm.snapshot", &r))
+        }
+    }
+
+    /// `PUT vm.restore` from the directory `dir` into this fresh VMM (the VM is left paused).
+    pub async fn restore(&self, dir: &Path) -> Result<(), HypervisorError> {
+        let body = serde_json::json!({"source_url": format!("file://{}", dir.display())});
+        let r = self
+            .http
+            .send_json(self.socket, Method::PUT, "/api/v1/vm.restore", &body)
+            .await?;
+        if r.is_success() {
+            Ok(())
+        } else {
+            Err(error_from("vm.restore", &r))
+        }
+    }
+
     /// `GET vm.info`.
     pub async fn info(&self) -> Result<VmInfo, HypervisorError> {
         match self.http.get_json(self.socket, "/api/v1/vm.info").await? {

@@ -57,6 +57,60 @@ const HOTPLUG_DIMM: i64 = 128 << 20;
 /// Why WriteConsole is refused on this backend.
 const CH_NO_CONSOLE_INPUT: &str = "cloudhypervisor: console input is not available: VMCP connects the serial port to a file, so that the console is kept while VMCP is down, and Cloud Hypervisor takes serial input only on a pty or socket";
 
+/// Where a restore's patched copy of the snapshot is staged, in the runtime directory.
+const RESTORE_DIR: &str = "restore";
+
+/// Stages `snapshot` for `vm.restore` in `staged`: `config.json` with this
+/// VM's serial console and taps, links to every other file.
+fn stage_restore(vm: &ChVmConfig, snapshot: &Path, staged: &Path) -> Result<(), HypervisorError> {
+    let fail = |what: &str, path: &Path, e: std::io::Error| {
+        HypervisorError::unavailable_from(format!("{what} {}", path.display()), e)
+    };
+    match std::fs::remove_dir_all(staged) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(fail("cannot clear", staged, e));
+        }
+        _ => {}
+    }
+    std::fs::create_dir(staged).map_err(|e| fail("cannot create", staged, e))?;
+    let entries = std::fs::read_dir(snapshot).map_err(|e| fail("cannot read", snapshot, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| fail("cannot read", snapshot, e))?;
+        let name = entry.file_name();
+        if name == "config.json" {
+            continue;
+        }
+        std::os::unix::fs::symlink(entry.path(), staged.join(&name))
+            .map_err(|e| fail("cannot link", &entry.path(), e))?;
+    }
+    let source = snapshot.join("config.json");
+    let text = std::fs::read_to_string(&source).map_err(|e| fail("cannot read", &source, e))?;
+    let mut config: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+        HypervisorError::Protocol(format!(
+            "{}: not Cloud Hypervisor's config: {e}",
+            source.display()
+        ))
+    })?;
+    config["serial"] = serde_json::to_value(&vm.serial)
+        .map_err(|e| HypervisorError::Protocol(format!("serial config: {e}")))?;
+    if let Some(nets) = config
+        .get_mut("net")
+        .and_then(serde_json::Value::as_array_mut)
+    {
+        for net in nets {
+            let id = net
+                .get("id")
+                .and_then(serde_json::Value::as_str)
+                .map(str::to_owned);
+            if let Some(ours) = vm.net.iter().find(|n| Some(&n.id) == id.as_ref()) {
+                net["tap"] = serde_json::Value::String(ours.tap.clone());
+            }
+        }
+    }
+    let target = staged.join("config.json");
+    std::fs::write(&target, config.to_string()).map_err(|e| fail("cannot write", &target, e))
+}
+
 /// A positive count as Cloud Hypervisor takes it.
 fn count(field: &str, n: i32) -> Result<u32, HypervisorError> {
     u32::try_from(n)
@@ -306,6 +360,36 @@ impl Flavour for ChFlavour {
 
     fn can_resize(&self) -> Result<(), HypervisorError> {
         Ok(())
+    }
+
+    async fn snapshot(
+        &self,
+        a: Api<'_>,
+        _: &ChVmConfig,
+        dir: &Path,
+    ) -> Result<(), HypervisorError> {
+        api(a).snapshot(dir).await
+    }
+
+    /// `vm.restore` reads the VM's config from the snapshot's `config.json`,
+    /// which names the source VM's console file and taps; this VM's own are
+    /// patched into a copy next to links to the snapshot's other files (the
+    /// snapshot itself stays as it was, for other restores).
+    async fn restore(
+        &self,
+        a: Api<'_>,
+        vm: &ChVmConfig,
+        runtime: &RuntimeDir,
+        dir: &Path,
+    ) -> Result<(), HypervisorError> {
+        let staged = runtime.path().join(RESTORE_DIR);
+        stage_restore(vm, dir, &staged)?;
+        let result = api(a).restore(&staged).await;
+        // Cloud Hypervisor has read what it needs (memory is copied in).
+        if let Err(e) = std::fs::remove_dir_all(&staged) {
+            tracing::debug!(error = %e, dir = %staged.display(), "cannot remove the staged restore");
+        }
+        result
     }
 
     /// `vm.resize` within the ceilings the VM was created with. ACPI memory

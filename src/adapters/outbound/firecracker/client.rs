@@ -180,6 +180,43 @@ impl FcClient {
         .await
     }
 
+    /// `PUT /snapshot/create` of a full snapshot (the microVM must be paused).
+    pub async fn create_snapshot(
+        &self,
+        snapshot_path: &str,
+        mem_file_path: &str,
+    ) -> Result<(), HypervisorError> {
+        let body = serde_json::json!({
+            "snapshot_type": "Full",
+            "snapshot_path": snapshot_path,
+            "mem_file_path": mem_file_path,
+        });
+        self.put("/snapshot/create", &body, None).await
+    }
+
+    /// `PUT /snapshot/load` into a fresh process (File memory backend), the
+    /// interfaces on the taps `network_overrides` names (iface id, tap).
+    pub async fn load_snapshot(
+        &self,
+        snapshot_path: &str,
+        mem_file_path: &str,
+        network_overrides: &[(String, String)],
+    ) -> Result<(), HypervisorError> {
+        let overrides: Vec<_> = network_overrides
+            .iter()
+            .map(|(iface, tap)| serde_json::json!({"iface_id": iface, "host_dev_name": tap}))
+            .collect();
+        let mut body = serde_json::json!({
+            "snapshot_path": snapshot_path,
+            "mem_backend": {"backend_type": "File", "backend_path": mem_file_path},
+            "resume_vm": false,
+        });
+        if !overrides.is_empty() {
+            body["network_overrides"] = serde_json::Value::Array(overrides);
+        }
+        self.put("/snapshot/load", &body, None).await
+    }
+
     /// `PATCH /vm`.
     pub async fn patch_vm(&self, state: VmRunState) -> Result<(), HypervisorError> {
         let r = self

@@ -59,6 +59,12 @@ pub type FcVm = VmmVm<FcFlavour>;
 pub const STATE_NOT_STARTED: &str = "Not started";
 /// The metrics file in a VM's runtime directory (outside the jailer).
 const METRICS_FILE: &str = "metrics.json";
+/// The microVM state file in a snapshot directory.
+const SNAPSHOT_STATE: &str = "vmstate";
+/// The guest memory file in a snapshot directory.
+const SNAPSHOT_MEMORY: &str = "memory";
+/// Why snapshots are refused under the jailer.
+const FC_JAILED_SNAPSHOT: &str = "firecracker: snapshots of a VM under the jailer are not supported (its files would have to move in and out of the chroot)";
 /// Why ResizeVm is refused on this backend.
 const FC_NO_RESIZE: &str = "firecracker cannot resize a VM: it has no vCPU or memory hot-plug, and memory can only be taken back through a balloon device, which VMCP does not give its VMs";
 /// Why WriteConsole is refused on this backend.
@@ -457,6 +463,43 @@ impl Flavour for FcFlavour {
 
     fn can_resize(&self) -> Result<(), HypervisorError> {
         Err(HypervisorError::Unsupported(FC_NO_RESIZE.to_owned()))
+    }
+
+    async fn snapshot(&self, a: Api<'_>, vm: &MicroVm, dir: &Path) -> Result<(), HypervisorError> {
+        if vm.jail.is_some() {
+            return Err(HypervisorError::Unsupported(FC_JAILED_SNAPSHOT.to_owned()));
+        }
+        let (state, memory) = (dir.join(SNAPSHOT_STATE), dir.join(SNAPSHOT_MEMORY));
+        client(a)
+            .create_snapshot(&path_string(&state), &path_string(&memory))
+            .await
+    }
+
+    /// A fresh process takes its metrics and console settings, then loads
+    /// the snapshot before anything else (Firecracker refuses a load after
+    /// any device or machine configuration), on this VM's taps.
+    async fn restore(
+        &self,
+        a: Api<'_>,
+        vm: &MicroVm,
+        _: &RuntimeDir,
+        dir: &Path,
+    ) -> Result<(), HypervisorError> {
+        if vm.jail.is_some() {
+            return Err(HypervisorError::Unsupported(FC_JAILED_SNAPSHOT.to_owned()));
+        }
+        let c = client(a);
+        c.put_metrics(&vm.pre.metrics).await?;
+        c.put_serial(&vm.pre.serial).await?;
+        let taps: Vec<(String, String)> = vm
+            .pre
+            .network_interfaces
+            .iter()
+            .map(|n| (n.iface_id.clone(), n.host_dev_name.clone()))
+            .collect();
+        let (state, memory) = (dir.join(SNAPSHOT_STATE), dir.join(SNAPSHOT_MEMORY));
+        c.load_snapshot(&path_string(&state), &path_string(&memory), &taps)
+            .await
     }
 
     async fn resize(

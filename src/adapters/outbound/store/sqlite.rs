@@ -9,7 +9,7 @@
 //! strict JSON (see `config_json`). SQLite calls block, so they run on
 //! tokio's blocking pool over one connection behind a mutex.
 
-mod config_json;
+pub mod config_json;
 
 use std::fmt;
 use std::fs::{self, DirBuilder, File, OpenOptions, Permissions};

@@ -162,6 +162,39 @@ impl<F: Flavour> Hypervisor for VmmBackend<F> {
         Ok((vm, reported))
     }
 
+    async fn restore(
+        &self,
+        id: &VmId,
+        config: &VmConfig,
+        dir: &Path,
+        resume: bool,
+        events: VmmEventSink,
+    ) -> Result<(Self::Vm, Reported), HypervisorError> {
+        let mut vm = self.handle(id, config, events)?;
+        if let Some(running) = discovery::live_vmm(self.runtime_root(), id, &self.is_vmm()) {
+            return Err(HypervisorError::InvalidState(format!(
+                "vm {id} already has a running VMM (pid {})",
+                running.pid
+            )));
+        }
+        vm.respawn_restoring(dir).await?;
+        let reported = if resume {
+            vm.resume().await
+        } else {
+            vm.read_back().await
+        };
+        match reported {
+            Ok(r) => Ok((vm, r)),
+            Err(e) => {
+                // Nothing may stay of a restore that did not finish.
+                if let Err(d) = vm.delete(true).await {
+                    tracing::warn!(vm_id = %id, error = %d, "cannot end the VMM of a failed restore");
+                }
+                Err(e)
+            }
+        }
+    }
+
     async fn adopt(
         &self,
         id: &VmId,

@@ -291,6 +291,24 @@ pub trait Flavour: Send + Sync + 'static {
         data: &[u8],
     ) -> impl Future<Output = Result<usize, HypervisorError>> + Send;
 
+    /// Writes the paused VM's state and memory into the empty directory `dir`.
+    fn snapshot(
+        &self,
+        api: Api<'_>,
+        vm: &Self::Vm,
+        dir: &Path,
+    ) -> impl Future<Output = Result<(), HypervisorError>> + Send;
+
+    /// Restores the snapshot in `dir` into a fresh process, instead of
+    /// configuring it, with `vm`'s console and taps; the VM is left Paused.
+    fn restore(
+        &self,
+        api: Api<'_>,
+        vm: &Self::Vm,
+        runtime: &RuntimeDir,
+        dir: &Path,
+    ) -> impl Future<Output = Result<(), HypervisorError>> + Send;
+
     /// Details about the VM that need no VMM call (console path, ids, jail).
     fn describe(&self, vm: &Self::Vm, runtime: &RuntimeDir, info: &mut BTreeMap<String, String>);
 

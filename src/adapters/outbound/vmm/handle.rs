@@ -19,7 +19,7 @@
 //! watcher's stop channel).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -300,6 +300,16 @@ impl<F: Flavour> VmmVm<F> {
     /// Replaces the process with a fresh one configured from the stored
     /// config. On failure nothing runs and the VM's files are gone.
     pub(super) async fn respawn(&mut self) -> Result<(), HypervisorError> {
+        self.respawn_with(None).await
+    }
+
+    /// Like [`VmmVm::respawn`], but the fresh process restores the snapshot
+    /// in `dir` instead of being configured (the VM is then Paused).
+    pub(super) async fn respawn_restoring(&mut self, dir: &Path) -> Result<(), HypervisorError> {
+        self.respawn_with(Some(dir)).await
+    }
+
+    async fn respawn_with(&mut self, snapshot: Option<&Path>) -> Result<(), HypervisorError> {
         self.end_process(Duration::ZERO).await?;
         if let Some(old) = &self.process {
             tracing::info!(vm_id = %self.id, old_pid = old.pid(), "starting a new VMM for the VM");
@@ -311,13 +321,30 @@ impl<F: Flavour> VmmVm<F> {
         self.process = Some(process);
         self.socket = socket;
         self.stopped_by_vmcp = false;
-        if let Err(e) = self.sup.flavour.configure(self.api(), &self.vm).await {
+        let flavour = &self.sup.flavour;
+        let set_up = match snapshot {
+            None => flavour.configure(self.api(), &self.vm).await,
+            Some(dir) => {
+                flavour
+                    .restore(self.api(), &self.vm, &self.runtime, dir)
+                    .await
+            }
+        };
+        if let Err(e) = set_up {
             let e = self.explain(e).await;
             self.discard().await;
             return Err(e);
         }
         self.watch(true);
         Ok(())
+    }
+
+    /// The state the running VMM reports now.
+    async fn read_back_state(&self) -> Result<Reported, HypervisorError> {
+        match self.sup.flavour.state(self.api()).await {
+            Ok(state) => Ok(self.reported(state, "")),
+            Err(e) => Err(self.explain(e).await),
+        }
     }
 
     /// Reads the state back after creation, discarding the VMM if it cannot.
@@ -588,6 +615,27 @@ impl<F: Flavour> VmmHandle for VmmVm<F> {
         match result {
             Ok((state, size)) => Ok((self.reported(state, ""), size)),
             Err(e) => Err(self.explain(e).await),
+        }
+    }
+
+    async fn snapshot(&mut self, dir: &Path, resume: bool) -> Result<Reported, HypervisorError> {
+        self.require_live()?;
+        let flavour = &self.sup.flavour;
+        if flavour.state(self.api()).await? == VmState::Running {
+            self.act(Call::Pause).await?;
+        }
+        let written = flavour.snapshot(self.api(), &self.vm, dir).await;
+        if let Err(e) = written {
+            // The VM is left as the caller wanted it, whatever the snapshot did.
+            if resume && let Err(r) = self.act(Call::Resume).await {
+                tracing::warn!(vm_id = %self.id, error = %r, "cannot resume after a failed snapshot");
+            }
+            return Err(self.explain(e).await);
+        }
+        if resume {
+            self.act(Call::Resume).await
+        } else {
+            self.read_back_state().await
         }
     }
 

@@ -19,12 +19,12 @@ use crate::domain::{
 };
 
 /// Serializes a config to the stored JSON text.
-pub(super) fn encode(config: &VmConfig) -> Result<String, serde_json::Error> {
+pub fn encode(config: &VmConfig) -> Result<String, serde_json::Error> {
     serde_json::to_string(&ConfigJson::from(config))
 }
 
 /// Parses stored JSON text back into a config.
-pub(super) fn decode(text: &str) -> Result<VmConfig, serde_json::Error> {
+pub fn decode(text: &str) -> Result<VmConfig, serde_json::Error> {
     serde_json::from_str::<ConfigJson>(text).map(VmConfig::from)
 }
 

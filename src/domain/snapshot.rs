@@ -1,0 +1,256 @@
+//! Snapshots: their ids, kinds and descriptions, and the rules a restore
+//! must meet, sans-IO. Taking and restoring one is the backends' work; the
+//! files live in the snapshot repository (a port); the VM's owner performs
+//! the snapshot like any other operation.
+
+use std::fmt;
+
+use super::config::{VmConfig, VmConfigError};
+use super::error::VmError;
+use super::id::VmId;
+
+/// A snapshot's id: the VM id grammar (it names a directory).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SnapshotId(String);
+
+impl SnapshotId {
+    /// Parses an id; the error names `field`.
+    pub fn parse(field: &str, s: &str) -> Result<Self, VmConfigError> {
+        VmId::parse(s)
+            .map(|id| Self(id.as_str().to_owned()))
+            .map_err(|e| VmConfigError::new(field, e.to_string()))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for SnapshotId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What a snapshot holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SnapshotKind {
+    /// The whole guest memory.
+    Full,
+    /// Only the memory written since the previous snapshot.
+    Diff,
+}
+
+impl SnapshotKind {
+    /// Name in the snapshot's description file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnapshotKind::Full => "full",
+            SnapshotKind::Diff => "diff",
+        }
+    }
+
+    /// The kind named `s` (as written by [`SnapshotKind::as_str`]).
+    pub fn from_name(s: &str) -> Option<Self> {
+        match s {
+            "full" => Some(SnapshotKind::Full),
+            "diff" => Some(SnapshotKind::Diff),
+            _ => None,
+        }
+    }
+}
+
+/// One usable snapshot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SnapshotInfo {
+    /// Its id.
+    pub id: SnapshotId,
+    /// The VM it was taken of.
+    pub source_vm_id: VmId,
+    /// The backend that took it (`cloudhypervisor`, `firecracker`).
+    pub backend: String,
+    /// The VMM version that took it.
+    pub vmm_version: String,
+    /// The VM's config when it was taken.
+    pub config: VmConfig,
+    /// When it was taken, Unix seconds.
+    pub created_at: i64,
+    /// Bytes of its files.
+    pub size_bytes: u64,
+    /// Full or diff.
+    pub kind: SnapshotKind,
+}
+
+impl SnapshotInfo {
+    /// A restore of this snapshot needs the same backend and VMM version;
+    /// a mismatch is a failed precondition naming both.
+    pub fn check_restorable(&self, backend: &str, vmm_version: &str) -> Result<(), VmError> {
+        if self.backend != backend {
+            return Err(VmError::Incompatible(format!(
+                "snapshot {} was taken by {} and this host runs {backend}",
+                self.id, self.backend
+            )));
+        }
+        if self.vmm_version != vmm_version {
+            return Err(VmError::Incompatible(format!(
+                "snapshot {} was taken by {} {} and this host runs {} {vmm_version}",
+                self.id, self.backend, self.vmm_version, backend
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A network interface of a restored VM on another host tap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkOverride {
+    /// The interface's id in the snapshot's config.
+    pub interface_id: String,
+    /// The tap the restored VM uses.
+    pub tap_device: String,
+}
+
+/// The config of a VM restored from `snapshot`: its config with the taps
+/// and metadata the restore asks for. An override naming no interface of
+/// the snapshot is an error naming it.
+pub fn restored_config(
+    snapshot: &SnapshotInfo,
+    overrides: &[NetworkOverride],
+    metadata: Option<std::collections::BTreeMap<String, String>>,
+) -> Result<VmConfig, VmConfigError> {
+    let mut config = snapshot.config.clone();
+    for (i, o) in overrides.iter().enumerate() {
+        let Some(nic) = config.network.iter_mut().find(|n| n.id == o.interface_id) else {
+            return Err(VmConfigError::new(
+                format!("network_overrides[{i}].interface_id"),
+                format!(
+                    "snapshot {} has no network interface {:?}",
+                    snapshot.id, o.interface_id
+                ),
+            ));
+        };
+        nic.tap_device.clone_from(&o.tap_device);
+    }
+    if let Some(metadata) = metadata {
+        config.metadata = metadata;
+    }
+    Ok(config)
+}
+
+/// Snapshot count and byte limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotLimits {
+    /// Most snapshots on the host.
+    pub max_count: u64,
+    /// Most bytes all snapshots may take.
+    pub max_bytes: u64,
+}
+
+impl SnapshotLimits {
+    /// Whether one more snapshot of `expected` bytes fits next to `existing`
+    /// (count and bytes of the snapshots already there, pending ones included).
+    pub fn check(&self, count: u64, bytes: u64, expected: u64) -> Result<(), VmError> {
+        if count >= self.max_count {
+            return Err(VmError::ResourceExhausted(format!(
+                "{count} snapshots exist, the limit is {} (UNKEY_VMCP_MAX_SNAPSHOTS); delete one first",
+                self.max_count
+            )));
+        }
+        if bytes.saturating_add(expected) > self.max_bytes {
+            return Err(VmError::ResourceExhausted(format!(
+                "snapshots take {bytes} bytes and this one needs about {expected} more, the limit is {} (UNKEY_VMCP_MAX_SNAPSHOT_BYTES)",
+                self.max_bytes
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::config::NetworkInterface;
+    use super::*;
+
+    fn info() -> SnapshotInfo {
+        let mut config = VmConfig::default();
+        config.network.push(NetworkInterface {
+            id: "eth0".into(),
+            tap_device: "tap-a".into(),
+            ..Default::default()
+        });
+        SnapshotInfo {
+            id: SnapshotId::parse("snapshot_id", "s1").expect("valid"),
+            source_vm_id: VmId::parse("vm1").expect("valid"),
+            backend: "firecracker".into(),
+            vmm_version: "v1.16.1".into(),
+            config,
+            created_at: 1,
+            size_bytes: 10,
+            kind: SnapshotKind::Full,
+        }
+    }
+
+    #[test]
+    fn ids_follow_the_vm_id_grammar_and_errors_name_the_field() {
+        assert_eq!(
+            SnapshotId::parse("x", "warm-1").expect("valid").as_str(),
+            "warm-1"
+        );
+        let e = SnapshotId::parse("snapshot_id", "../up").expect_err("a path");
+        assert_eq!(e.field, "snapshot_id");
+        assert!(SnapshotId::parse("snapshot_id", "").is_err());
+    }
+
+    #[test]
+    fn a_restore_needs_the_same_backend_and_version() {
+        let s = info();
+        assert!(s.check_restorable("firecracker", "v1.16.1").is_ok());
+        let e = s
+            .check_restorable("firecracker", "v1.17.0")
+            .expect_err("version");
+        assert!(
+            e.to_string().contains("v1.16.1") && e.to_string().contains("v1.17.0"),
+            "{e}"
+        );
+        let e = s
+            .check_restorable("cloudhypervisor", "v1.16.1")
+            .expect_err("backend");
+        assert!(e.to_string().contains("cloudhypervisor"), "{e}");
+    }
+
+    #[test]
+    fn overrides_replace_taps_by_interface_and_name_unknown_ones() {
+        let s = info();
+        let o = |id: &str, tap: &str| NetworkOverride {
+            interface_id: id.into(),
+            tap_device: tap.into(),
+        };
+        let c = restored_config(&s, &[o("eth0", "tap-b")], None).expect("known");
+        assert_eq!(c.network[0].tap_device, "tap-b");
+        assert_eq!(
+            s.config.network[0].tap_device, "tap-a",
+            "the snapshot is unchanged"
+        );
+        let e = restored_config(&s, &[o("eth0", "t"), o("eth9", "t")], None).expect_err("unknown");
+        assert_eq!(e.field, "network_overrides[1].interface_id");
+        let meta = [("k".to_owned(), "v".to_owned())].into_iter().collect();
+        let c = restored_config(&s, &[], Some(meta)).expect("metadata");
+        assert_eq!(c.metadata["k"], "v");
+    }
+
+    #[test]
+    fn limits_count_and_bytes() {
+        let l = SnapshotLimits {
+            max_count: 2,
+            max_bytes: 100,
+        };
+        assert!(l.check(1, 50, 50).is_ok());
+        assert!(
+            matches!(l.check(2, 0, 1), Err(VmError::ResourceExhausted(m)) if m.contains("MAX_SNAPSHOTS"))
+        );
+        assert!(
+            matches!(l.check(1, 60, 41), Err(VmError::ResourceExhausted(m)) if m.contains("MAX_SNAPSHOT_BYTES"))
+        );
+    }
+}

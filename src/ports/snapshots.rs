@@ -1,0 +1,61 @@
+//! The outbound port to where snapshots are kept: one directory per
+//! snapshot, written so that a crash never leaves a half snapshot that
+//! lists as usable. A snapshot is first *prepared* (a pending directory the
+//! VMM writes its files into), then *committed* (its description written
+//! and the directory made usable in one rename) or *aborted* (removed).
+//! What recovery finds pending is removed.
+
+use std::path::PathBuf;
+
+use crate::domain::snapshot::{SnapshotId, SnapshotInfo};
+
+/// Why the snapshot repository failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotRepoError {
+    /// File-system trouble, with the path.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done, with the path.
+        context: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A description file VMCP cannot read.
+    #[error("{0}")]
+    Corrupt(String),
+}
+
+/// What recovery found on disk.
+#[derive(Debug, Default)]
+pub struct SnapshotScan {
+    /// Usable snapshots.
+    pub usable: Vec<SnapshotInfo>,
+    /// Pending or unreadable snapshot directories that were removed.
+    pub removed: Vec<String>,
+}
+
+/// Where snapshots live. Calls block on the file system (fsync): callers
+/// run them off the async workers.
+pub trait SnapshotRepo: Send + Sync + 'static {
+    /// A fresh, empty pending directory for `id` (0700) for the VMM to write into.
+    fn prepare(&self, id: &SnapshotId) -> Result<PathBuf, SnapshotRepoError>;
+
+    /// Makes a prepared snapshot usable: measures its files, writes its
+    /// description durably and renames the directory into place. Answers
+    /// the description with its size.
+    fn commit(&self, info: SnapshotInfo) -> Result<SnapshotInfo, SnapshotRepoError>;
+
+    /// Removes a prepared snapshot that will not be committed.
+    fn abort(&self, id: &SnapshotId);
+
+    /// The directory of a usable snapshot.
+    fn path(&self, id: &SnapshotId) -> PathBuf;
+
+    /// Removes a usable snapshot and its files.
+    fn delete(&self, id: &SnapshotId) -> Result<(), SnapshotRepoError>;
+
+    /// At start-up: removes what a crash left pending or unreadable and
+    /// lists the usable snapshots.
+    fn scan(&self) -> Result<SnapshotScan, SnapshotRepoError>;
+}

@@ -1,0 +1,425 @@
+//! Snapshots, restore and clones over the test double: a VM snapshotted
+//! while running and restored twice under new ids (the clones continue, no
+//! second boot, all three run at once), every refusal with its code and
+//! field, a VMM failing mid-snapshot or a full disk leaving nothing listed
+//! or on disk, a version mismatch, the limits, and what a crash leaves
+//! (pending directories removed at the next start, usable ones kept).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use connectrpc::ErrorCode;
+use vmcp::adapters::outbound::store::memory::MemoryStore;
+use vmcp::app::security::Security;
+use vmcp::domain::snapshot::SnapshotLimits;
+use vmcp::ports::HypervisorError;
+use vmcp::proto::vmm::v1 as pb;
+use vmcp::proto::vmm::v1::VmState as S;
+
+use super::console::create_and_boot;
+use super::double::{BOOT_MARKER, Double};
+use super::harness::{Harness, Wire, snapshot_settings};
+
+type Client = vmcp::proto::vmm::v1::VmServiceClient<connectrpc::client::HttpClient>;
+
+async fn snapshot(
+    c: &Client,
+    vm: &str,
+    id: &str,
+    resume: bool,
+) -> Result<pb::SnapshotInfo, connectrpc::ConnectError> {
+    c.snapshot_vm(pb::SnapshotVmRequest {
+        vm_id: vm.into(),
+        snapshot_id: id.into(),
+        resume,
+        ..Default::default()
+    })
+    .await
+    .map(|r| r.into_owned().snapshot.into_option().expect("a snapshot"))
+}
+
+async fn restore(
+    c: &Client,
+    vm: &str,
+    from: &str,
+) -> Result<pb::RestoreVmResponse, connectrpc::ConnectError> {
+    c.restore_vm(pb::RestoreVmRequest {
+        vm_id: vm.into(),
+        snapshot_id: from.into(),
+        resume: true,
+        ..Default::default()
+    })
+    .await
+    .map(|r| r.into_owned())
+}
+
+async fn console(c: &Client, vm: &str) -> Vec<u8> {
+    c.get_console_output(pb::GetConsoleOutputRequest {
+        vm_id: vm.into(),
+        ..Default::default()
+    })
+    .await
+    .expect("console")
+    .into_owned()
+    .data
+}
+
+async fn list(c: &Client) -> Vec<String> {
+    c.list_snapshots(pb::ListSnapshotsRequest::default())
+        .await
+        .expect("list")
+        .into_owned()
+        .snapshots
+        .into_iter()
+        .map(|s| s.snapshot_id)
+        .collect()
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("snapshot dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// A server whose snapshots live in `dir` (kept by the test across restarts).
+async fn serve(double: Arc<Double>, store: Arc<MemoryStore>, dir: &Path) -> Harness {
+    let security = Security {
+        snapshots: Some(snapshot_settings(dir)),
+        ..Security::open()
+    };
+    Harness::start_with_security(double, store, security).await
+}
+
+fn code(r: Result<impl std::fmt::Debug, connectrpc::ConnectError>) -> (ErrorCode, String) {
+    let e = r.expect_err("refused");
+    (e.code, e.message.unwrap_or_default())
+}
+
+#[tokio::test]
+async fn a_running_vm_is_snapshotted_and_cloned_twice_and_nothing_is_left_behind() {
+    let dir = tempfile::tempdir().expect("dir");
+    let double = Arc::new(Double::new());
+    let h = serve(
+        Arc::clone(&double),
+        Arc::new(MemoryStore::new()),
+        dir.path(),
+    )
+    .await;
+    let c = h.client(Wire::ConnectProto);
+    create_and_boot(&h, "src").await;
+    double.guest_prints("src", "warmed up\n");
+
+    let s = snapshot(&c, "src", "warm", true).await.expect("snapshot");
+    assert_eq!(s.snapshot_id, "warm");
+    assert_eq!(s.source_vm_id, "src");
+    assert_eq!(s.backend, "cloudhypervisor");
+    assert!(!s.vmm_version.is_empty());
+    assert_eq!(
+        s.kind.as_known(),
+        Some(pb::SnapshotKind::SNAPSHOT_KIND_FULL)
+    );
+    assert!(s.size_bytes > 0, "{s:?}");
+    assert_eq!(s.config, h.info("src").await.config, "the source's config");
+    assert_eq!(
+        h.info("src").await.state.as_known(),
+        Some(S::VM_STATE_RUNNING),
+        "resumed"
+    );
+    assert_eq!(list(&c).await, ["warm"]);
+    let got = c
+        .get_snapshot(pb::GetSnapshotRequest {
+            snapshot_id: "warm".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("get")
+        .into_owned();
+    assert_eq!(got.snapshot.into_option(), Some(s.clone()));
+
+    for clone in ["clone-1", "clone-2"] {
+        let r = restore(&c, clone, "warm").await.expect("restore");
+        assert_eq!(
+            (r.vm_id.as_str(), r.state.as_known()),
+            (clone, Some(S::VM_STATE_RUNNING))
+        );
+        // It continued from the snapshot: no second boot on its console.
+        let out = console(&c, clone).await;
+        assert!(
+            !String::from_utf8_lossy(&out).contains(BOOT_MARKER.trim_end()),
+            "{out:?}"
+        );
+    }
+    let pids = double.live_pids();
+    assert_eq!(
+        pids.len(),
+        3,
+        "source and both clones run at once: {pids:?}"
+    );
+    double.assert_one_vmm_per_vm();
+    let clone = h.info("clone-1").await;
+    assert_eq!(
+        clone.config.as_option().map(|c| &c.cpu),
+        s.config.as_option().map(|c| &c.cpu)
+    );
+
+    for vm in ["src", "clone-1", "clone-2"] {
+        c.delete_vm(pb::DeleteVmRequest {
+            vm_id: vm.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("delete");
+    }
+    c.delete_snapshot(pb::DeleteSnapshotRequest {
+        snapshot_id: "warm".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("delete snapshot");
+    assert!(list(&c).await.is_empty());
+    assert!(
+        entries(dir.path()).is_empty(),
+        "no file left: {:?}",
+        entries(dir.path())
+    );
+    assert_eq!(double.vmm_count(), 0);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn without_resume_the_vm_stays_paused_and_a_restore_can_leave_its_clone_paused() {
+    let h = Harness::start().await;
+    let c = h.client(Wire::ConnectJson);
+    create_and_boot(&h, "hold").await;
+    snapshot(&c, "hold", "", false).await.expect("generated id");
+    assert_eq!(
+        h.info("hold").await.state.as_known(),
+        Some(S::VM_STATE_PAUSED)
+    );
+    let id = list(&c).await.pop().expect("one snapshot");
+    assert!(id.starts_with("snap-"), "{id}");
+    let r = c
+        .restore_vm(pb::RestoreVmRequest {
+            vm_id: "still".into(),
+            snapshot_id: id,
+            resume: false,
+            ..Default::default()
+        })
+        .await
+        .expect("restore")
+        .into_owned();
+    assert_eq!(r.state.as_known(), Some(S::VM_STATE_PAUSED));
+    c.resume_vm(pb::ResumeVmRequest {
+        vm_id: "still".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("resume the clone");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn refusals_name_the_field_the_state_or_the_snapshot() {
+    let h = Harness::start().await;
+    let c = h.client(Wire::Grpc);
+    c.create_vm(super::console::create("cold"))
+        .await
+        .expect("create");
+    let (code_, m) = code(snapshot(&c, "cold", "s", true).await);
+    assert_eq!(
+        code_,
+        ErrorCode::FailedPrecondition,
+        "a Created VM has nothing to snapshot: {m}"
+    );
+    assert_eq!(
+        code(snapshot(&c, "nobody", "s", true).await).0,
+        ErrorCode::NotFound
+    );
+    create_and_boot(&h, "hot").await;
+    let (code_, m) = code(snapshot(&c, "hot", "../x", true).await);
+    assert_eq!(code_, ErrorCode::InvalidArgument);
+    assert!(m.starts_with("snapshot_id"), "{m}");
+    let diff = c
+        .snapshot_vm(pb::SnapshotVmRequest {
+            vm_id: "hot".into(),
+            kind: pb::SnapshotKind::SNAPSHOT_KIND_DIFF.into(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(code(diff).0, ErrorCode::Unimplemented);
+    snapshot(&c, "hot", "s1", true).await.expect("snapshot");
+    assert_eq!(
+        code(snapshot(&c, "hot", "s1", true).await).0,
+        ErrorCode::AlreadyExists
+    );
+    let (code_, m) = code(restore(&c, "new", "missing").await);
+    assert_eq!(code_, ErrorCode::NotFound);
+    assert!(m.contains("snapshot"), "{m}");
+    assert_eq!(
+        code(restore(&c, "hot", "s1").await).0,
+        ErrorCode::AlreadyExists
+    );
+    let bad = c
+        .restore_vm(pb::RestoreVmRequest {
+            vm_id: "new".into(),
+            snapshot_id: "s1".into(),
+            network_overrides: vec![pb::NetworkOverride {
+                interface_id: "eth9".into(),
+                tap_device: "tap9".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .await;
+    let (code_, m) = code(bad);
+    assert_eq!(code_, ErrorCode::InvalidArgument);
+    assert!(m.starts_with("network_overrides[0].interface_id"), "{m}");
+    let (code_, _) = code(
+        c.get_snapshot(pb::GetSnapshotRequest {
+            snapshot_id: "nope".into(),
+            ..Default::default()
+        })
+        .await,
+    );
+    assert_eq!(code_, ErrorCode::NotFound);
+    assert_eq!(h.double.vmm_count(), 2, "no refused restore started a VMM");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_vmm_failing_mid_snapshot_or_a_full_disk_leaves_no_snapshot() {
+    let dir = tempfile::tempdir().expect("dir");
+    let double = Arc::new(Double::new());
+    let h = serve(
+        Arc::clone(&double),
+        Arc::new(MemoryStore::new()),
+        dir.path(),
+    )
+    .await;
+    let c = h.client(Wire::ConnectProto);
+    create_and_boot(&h, "flaky").await;
+    double.fail_next(
+        "flaky",
+        "snapshot",
+        HypervisorError::InvalidState(
+            "vm.snapshot: Could not get vCPU state GetNestedState".into(),
+        ),
+    );
+    let (code_, m) = code(snapshot(&c, "flaky", "a", true).await);
+    assert_eq!(code_, ErrorCode::FailedPrecondition);
+    assert!(m.contains("GetNestedState"), "the VMM's reason: {m}");
+    double.fail_next(
+        "flaky",
+        "snapshot",
+        HypervisorError::resource_exhausted("No space left on device (os error 28)"),
+    );
+    assert_eq!(
+        code(snapshot(&c, "flaky", "b", true).await).0,
+        ErrorCode::ResourceExhausted
+    );
+    assert!(list(&c).await.is_empty());
+    assert!(entries(dir.path()).is_empty(), "{:?}", entries(dir.path()));
+    assert_eq!(
+        h.info("flaky").await.state.as_known(),
+        Some(S::VM_STATE_RUNNING)
+    );
+    // The id is free again.
+    snapshot(&c, "flaky", "a", true).await.expect("a retry");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn limits_on_count_and_bytes_answer_resource_exhausted() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut settings = snapshot_settings(dir.path());
+    settings.limits = SnapshotLimits {
+        max_count: 1,
+        max_bytes: 1 << 40,
+    };
+    let security = Security {
+        snapshots: Some(settings),
+        ..Security::open()
+    };
+    let h = Harness::start_with_security(
+        Arc::new(Double::new()),
+        Arc::new(MemoryStore::new()),
+        security,
+    )
+    .await;
+    let c = h.client(Wire::ConnectProto);
+    create_and_boot(&h, "lim").await;
+    snapshot(&c, "lim", "one", true).await.expect("the first");
+    let (code_, m) = code(snapshot(&c, "lim", "two", true).await);
+    assert_eq!(code_, ErrorCode::ResourceExhausted);
+    assert!(m.contains("UNKEY_VMCP_MAX_SNAPSHOTS"), "{m}");
+    h.stop().await;
+
+    let dir = tempfile::tempdir().expect("dir");
+    let mut settings = snapshot_settings(dir.path());
+    settings.limits = SnapshotLimits {
+        max_count: 10,
+        max_bytes: 64 << 20,
+    };
+    let security = Security {
+        snapshots: Some(settings),
+        ..Security::open()
+    };
+    let h = Harness::start_with_security(
+        Arc::new(Double::new()),
+        Arc::new(MemoryStore::new()),
+        security,
+    )
+    .await;
+    let c = h.client(Wire::ConnectProto);
+    create_and_boot(&h, "big").await;
+    let (code_, m) = code(snapshot(&c, "big", "x", true).await);
+    assert_eq!(
+        code_,
+        ErrorCode::ResourceExhausted,
+        "128 MiB of memory does not fit in 64"
+    );
+    assert!(m.contains("UNKEY_VMCP_MAX_SNAPSHOT_BYTES"), "{m}");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_restart_removes_half_snapshots_keeps_usable_ones_and_checks_the_version() {
+    let dir = tempfile::tempdir().expect("dir");
+    let double = Arc::new(Double::new());
+    let store = Arc::new(MemoryStore::new());
+    let h = serve(Arc::clone(&double), Arc::clone(&store), dir.path()).await;
+    let c = h.client(Wire::ConnectProto);
+    create_and_boot(&h, "src").await;
+    snapshot(&c, "src", "kept", true).await.expect("snapshot");
+    snapshot(&c, "src", "old", true).await.expect("snapshot");
+    h.stop().await;
+
+    // What a crash mid-snapshot leaves, and a snapshot of another VMM version.
+    let half = dir.path().join(".pending-half");
+    std::fs::create_dir(&half).expect("mkdir");
+    std::fs::write(half.join("memory"), b"partial").expect("write");
+    let described = dir.path().join("old").join("snapshot.json");
+    let text = std::fs::read_to_string(&described).expect("description");
+    let version = serde_json::from_str::<serde_json::Value>(&text).expect("json")["vmm_version"]
+        .as_str()
+        .expect("a version")
+        .to_owned();
+    std::fs::write(&described, text.replace(&version, "v40.0")).expect("rewrite");
+
+    let h = serve(Arc::new(double.restarted()), store, dir.path()).await;
+    let c = h.client(Wire::ConnectProto);
+    assert_eq!(list(&c).await, ["kept", "old"], "usable ones are kept");
+    assert!(!half.exists(), "the half snapshot is gone");
+    let (code_, m) = code(restore(&c, "clone", "old").await);
+    assert_eq!(code_, ErrorCode::FailedPrecondition);
+    assert!(
+        m.contains("v40.0") && m.contains(&version),
+        "names both versions: {m}"
+    );
+    let r = restore(&c, "clone", "kept").await.expect("restore");
+    assert_eq!(r.state.as_known(), Some(S::VM_STATE_RUNNING));
+    h.stop().await;
+}
