@@ -11,6 +11,8 @@ mod double;
 mod durability;
 #[path = "vmcp/otel.rs"]
 mod otel;
+#[path = "vmcp/snapshot.rs"]
+mod snapshot;
 #[path = "vmcp/vmm.rs"]
 mod vmm;
 #[path = "vmcp/watch.rs"]
@@ -184,7 +186,7 @@ fn main() {
         rt.block_on(durability::per_record());
         return;
     }
-    // `VMCP_BENCH_SECTIONS=ch,fc` runs only those sections (read, otel, ch, fc, durability, watch, store).
+    // `VMCP_BENCH_SECTIONS=ch,fc` runs only those sections (read, otel, ch, fc, durability, watch, snapshot, store).
     let only = std::env::var("VMCP_BENCH_SECTIONS").ok();
     let run = |name: &str| {
         only.as_deref()
@@ -204,6 +206,10 @@ fn main() {
             }
             if run("watch") {
                 watch::section().await;
+            }
+            if run("snapshot") {
+                snapshot::section(vmm::Kind::Ch).await;
+                snapshot::section(vmm::Kind::Fc).await;
             }
         });
         return;
@@ -227,6 +233,8 @@ fn main() {
         vmm::section(vmm::Kind::Fc).await;
         durability::readopt().await;
         watch::section().await;
+        snapshot::section(vmm::Kind::Ch).await;
+        snapshot::section(vmm::Kind::Fc).await;
     });
     println!();
     println!("== Durability: memory and disk per stored VM at 10000 records (own process) ==");

@@ -130,6 +130,46 @@ pub async fn serve<S: VmStore>(kind: Kind, env: &Env, runtime: &Path, store: Arc
     }
 }
 
+/// A VMCP server on the real backend `kind` with `options`.
+pub async fn start_backend<S: VmStore>(
+    kind: Kind,
+    env: &Env,
+    runtime: &Path,
+    store: Arc<S>,
+    options: StartOptions,
+) -> Running {
+    let running = match kind {
+        Kind::Ch => {
+            let ch = CloudHypervisor::new(&env.binary, runtime, Duration::from_secs(10));
+            start(Arc::new(ch), store, options).await
+        }
+        Kind::Fc => {
+            let fc = Firecracker::new(FirecrackerSettings::new(&env.binary, runtime));
+            start(Arc::new(fc), store, options).await
+        }
+    };
+    running.expect("server starts")
+}
+
+/// Kills (-9) every VMM the discovery scan finds under `runtime` (what a
+/// section leaves behind when it stops early).
+pub fn kill_vmms_in(runtime: &Path) {
+    for p in vmcp::adapters::outbound::vmm::discovery::scan(runtime)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|f| f.process)
+    {
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &p.pid.to_string()])
+            .status();
+    }
+}
+
+/// `PUT path` with a JSON body on a VMM's socket; panics unless 2xx.
+pub async fn put_json(http: &UdsClient, socket: &Path, path: &str, body: serde_json::Value) {
+    put(http, socket, path, body).await;
+}
+
 async fn start_with<H: Hypervisor, S: VmStore>(h: H, store: Arc<S>) -> Running {
     start(Arc::new(h), store, options())
         .await

@@ -423,3 +423,55 @@ async fn a_restart_removes_half_snapshots_keeps_usable_ones_and_checks_the_versi
     assert_eq!(r.state.as_known(), Some(S::VM_STATE_RUNNING));
     h.stop().await;
 }
+
+#[tokio::test]
+async fn a_restore_cut_off_by_a_crash_is_rolled_back_at_the_next_start() {
+    use vmcp::ports::{VmRecord, VmStore};
+
+    let dir = tempfile::tempdir().expect("dir");
+    let double = Arc::new(Double::new());
+    let store = Arc::new(MemoryStore::new());
+    let h = serve(Arc::clone(&double), Arc::clone(&store), dir.path()).await;
+    let c = h.client(Wire::ConnectProto);
+    create_and_boot(&h, "src").await;
+    snapshot(&c, "src", "warm", true).await.expect("snapshot");
+    let config = h.store.load_all().await.expect("records")[0]
+        .snapshot
+        .config
+        .clone();
+    h.stop().await;
+
+    // What a crash between the restore's intent and its answer leaves: the
+    // record of a VM never created (generation 0) and the VMM that was loading.
+    let vm = vmcp::domain::Vm::creating(vmcp::domain::VmId::parse("clone").expect("id"), config, 1);
+    store
+        .put(&VmRecord {
+            snapshot: vm.snapshot().clone(),
+            process: None,
+        })
+        .await
+        .expect("intent");
+    let loading = double.plant_orphan("clone");
+
+    let h = serve(Arc::new(double.restarted()), Arc::clone(&store), dir.path()).await;
+    let c = h.client(Wire::ConnectProto);
+    let e = c
+        .get_vm_info(pb::GetVmInfoRequest {
+            vm_id: "clone".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("rolled back");
+    assert_eq!(e.code, ErrorCode::NotFound);
+    assert!(
+        !double.is_alive(loading.pid),
+        "the half-restored VMM was ended"
+    );
+    assert_eq!(list(&c).await, ["warm"], "the snapshot is still usable");
+    let r = restore(&c, "clone", "warm")
+        .await
+        .expect("the restore again");
+    assert_eq!(r.state.as_known(), Some(S::VM_STATE_RUNNING));
+    double.assert_one_vmm_per_vm();
+    h.stop().await;
+}

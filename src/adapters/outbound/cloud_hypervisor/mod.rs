@@ -381,10 +381,15 @@ impl Flavour for ChFlavour {
         vm: &ChVmConfig,
         runtime: &RuntimeDir,
         dir: &Path,
+        resume: bool,
     ) -> Result<(), HypervisorError> {
         let staged = runtime.path().join(RESTORE_DIR);
         stage_restore(vm, dir, &staged)?;
         let result = api(a).restore(&staged).await;
+        let result = match result {
+            Ok(()) if resume => api(a).resume().await,
+            other => other,
+        };
         // Cloud Hypervisor has read what it needs (memory is copied in).
         if let Err(e) = std::fs::remove_dir_all(&staged) {
             tracing::debug!(error = %e, dir = %staged.display(), "cannot remove the staged restore");

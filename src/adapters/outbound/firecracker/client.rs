@@ -201,6 +201,7 @@ impl FcClient {
         snapshot_path: &str,
         mem_file_path: &str,
         network_overrides: &[(String, String)],
+        resume: bool,
     ) -> Result<(), HypervisorError> {
         let overrides: Vec<_> = network_overrides
             .iter()
@@ -209,7 +210,7 @@ impl FcClient {
         let mut body = serde_json::json!({
             "snapshot_path": snapshot_path,
             "mem_backend": {"backend_type": "File", "backend_path": mem_file_path},
-            "resume_vm": false,
+            "resume_vm": resume,
         });
         if !overrides.is_empty() {
             body["network_overrides"] = serde_json::Value::Array(overrides);

@@ -484,6 +484,7 @@ impl Flavour for FcFlavour {
         vm: &MicroVm,
         _: &RuntimeDir,
         dir: &Path,
+        resume: bool,
     ) -> Result<(), HypervisorError> {
         if vm.jail.is_some() {
             return Err(HypervisorError::Unsupported(FC_JAILED_SNAPSHOT.to_owned()));
@@ -498,7 +499,7 @@ impl Flavour for FcFlavour {
             .map(|n| (n.iface_id.clone(), n.host_dev_name.clone()))
             .collect();
         let (state, memory) = (dir.join(SNAPSHOT_STATE), dir.join(SNAPSHOT_MEMORY));
-        c.load_snapshot(&path_string(&state), &path_string(&memory), &taps)
+        c.load_snapshot(&path_string(&state), &path_string(&memory), &taps, resume)
             .await
     }
 

@@ -177,22 +177,10 @@ impl<F: Flavour> Hypervisor for VmmBackend<F> {
                 running.pid
             )));
         }
-        vm.respawn_restoring(dir).await?;
-        let reported = if resume {
-            vm.resume().await
-        } else {
-            vm.read_back().await
-        };
-        match reported {
-            Ok(r) => Ok((vm, r)),
-            Err(e) => {
-                // Nothing may stay of a restore that did not finish.
-                if let Err(d) = vm.delete(true).await {
-                    tracing::warn!(vm_id = %id, error = %d, "cannot end the VMM of a failed restore");
-                }
-                Err(e)
-            }
-        }
+        vm.respawn_restoring(dir, resume).await?;
+        // A VMM whose state cannot be read is discarded by `read_back`.
+        let reported = vm.read_back().await?;
+        Ok((vm, reported))
     }
 
     async fn adopt(

@@ -300,13 +300,15 @@ pub trait Flavour: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), HypervisorError>> + Send;
 
     /// Restores the snapshot in `dir` into a fresh process, instead of
-    /// configuring it, with `vm`'s console and taps; the VM is left Paused.
+    /// configuring it, with `vm`'s console and taps; the VM runs afterwards
+    /// when `resume` (in the same call where the VMM can), else is Paused.
     fn restore(
         &self,
         api: Api<'_>,
         vm: &Self::Vm,
         runtime: &RuntimeDir,
         dir: &Path,
+        resume: bool,
     ) -> impl Future<Output = Result<(), HypervisorError>> + Send;
 
     /// Details about the VM that need no VMM call (console path, ids, jail).

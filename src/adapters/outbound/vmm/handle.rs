@@ -304,12 +304,20 @@ impl<F: Flavour> VmmVm<F> {
     }
 
     /// Like [`VmmVm::respawn`], but the fresh process restores the snapshot
-    /// in `dir` instead of being configured (the VM is then Paused).
-    pub(super) async fn respawn_restoring(&mut self, dir: &Path) -> Result<(), HypervisorError> {
-        self.respawn_with(Some(dir)).await
+    /// in `dir` instead of being configured (the VM then runs when `resume`,
+    /// else is Paused).
+    pub(super) async fn respawn_restoring(
+        &mut self,
+        dir: &Path,
+        resume: bool,
+    ) -> Result<(), HypervisorError> {
+        self.respawn_with(Some((dir, resume))).await
     }
 
-    async fn respawn_with(&mut self, snapshot: Option<&Path>) -> Result<(), HypervisorError> {
+    async fn respawn_with(
+        &mut self,
+        snapshot: Option<(&Path, bool)>,
+    ) -> Result<(), HypervisorError> {
         self.end_process(Duration::ZERO).await?;
         if let Some(old) = &self.process {
             tracing::info!(vm_id = %self.id, old_pid = old.pid(), "starting a new VMM for the VM");
@@ -324,9 +332,10 @@ impl<F: Flavour> VmmVm<F> {
         let flavour = &self.sup.flavour;
         let set_up = match snapshot {
             None => flavour.configure(self.api(), &self.vm).await,
-            Some(dir) => {
+            Some((dir, resume)) => {
+                let runtime = &self.runtime;
                 flavour
-                    .restore(self.api(), &self.vm, &self.runtime, dir)
+                    .restore(self.api(), &self.vm, runtime, dir, resume)
                     .await
             }
         };
