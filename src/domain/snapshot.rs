@@ -138,6 +138,31 @@ pub fn restored_config(
     Ok(config)
 }
 
+/// A restored VM may not write a disk another VM uses: the snapshot holds
+/// no copy of it, so two VMs would write one image. `others` are the
+/// configs of the VMs that exist, by id. The error names the device.
+pub fn check_disks_free<'a>(
+    config: &VmConfig,
+    others: impl IntoIterator<Item = (&'a VmId, &'a VmConfig)>,
+) -> Result<(), VmError> {
+    let others: Vec<_> = others.into_iter().collect();
+    for (i, disk) in config.storage.iter().enumerate() {
+        let shares = |other: &VmConfig| {
+            other
+                .storage
+                .iter()
+                .any(|d| d.path == disk.path && !(d.read_only && disk.read_only))
+        };
+        if let Some((id, _)) = others.iter().find(|(_, other)| shares(other)) {
+            return Err(VmError::Incompatible(format!(
+                "config.storage[{i}]: {} is writable and vm {id} uses it too; a snapshot holds no copy of disks, so restore VMs with writable disks only while no other VM uses them",
+                disk.path
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Snapshot count and byte limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SnapshotLimits {
@@ -237,6 +262,37 @@ mod tests {
         let meta = [("k".to_owned(), "v".to_owned())].into_iter().collect();
         let c = restored_config(&s, &[], Some(meta)).expect("metadata");
         assert_eq!(c.metadata["k"], "v");
+    }
+
+    #[test]
+    fn a_writable_disk_in_use_is_refused_and_read_only_ones_are_shared() {
+        use super::super::config::StorageDevice;
+        let disk = |path: &str, read_only| StorageDevice {
+            id: "d".into(),
+            path: path.into(),
+            read_only,
+            ..Default::default()
+        };
+        let clone = VmConfig {
+            storage: vec![disk("/img/ro", true), disk("/img/rw", false)],
+            ..Default::default()
+        };
+        let src = VmId::parse("src").expect("id");
+        let mut other = VmConfig {
+            storage: vec![disk("/img/ro", true)],
+            ..Default::default()
+        };
+        assert!(
+            check_disks_free(&clone, [(&src, &other)]).is_ok(),
+            "read-only is shared"
+        );
+        other.storage.push(disk("/img/rw", true));
+        let e = check_disks_free(&clone, [(&src, &other)]).expect_err("written while read");
+        assert!(
+            e.to_string().starts_with("config.storage[1]: /img/rw"),
+            "{e}"
+        );
+        assert!(check_disks_free(&clone, []).is_ok(), "nobody else uses it");
     }
 
     #[test]

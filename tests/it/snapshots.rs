@@ -475,3 +475,42 @@ async fn a_restore_cut_off_by_a_crash_is_rolled_back_at_the_next_start() {
     double.assert_one_vmm_per_vm();
     h.stop().await;
 }
+
+#[tokio::test]
+async fn a_clone_may_not_write_a_disk_another_vm_uses() {
+    let h = Harness::start().await;
+    let c = h.client(Wire::ConnectProto);
+    let mut req = super::console::create("disky");
+    req.config.as_option_mut().expect("config").storage = vec![pb::StorageDevice {
+        id: "root".into(),
+        path: "/var/lib/vmcp/images/root.img".into(),
+        is_root_device: true,
+        ..Default::default()
+    }];
+    c.create_vm(req).await.expect("create");
+    c.boot_vm(pb::BootVmRequest {
+        vm_id: "disky".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("boot");
+    snapshot(&c, "disky", "d", false).await.expect("snapshot");
+    let (code_, m) = code(restore(&c, "twin", "d").await);
+    assert_eq!(code_, ErrorCode::FailedPrecondition);
+    assert!(
+        m.starts_with("config.storage[0]: /var/lib/vmcp/images/root.img"),
+        "{m}"
+    );
+    assert!(m.contains("disky"), "names the VM using it: {m}");
+    c.delete_vm(pb::DeleteVmRequest {
+        vm_id: "disky".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("delete the source");
+    let r = restore(&c, "twin", "d")
+        .await
+        .expect("the disk is free now");
+    assert_eq!(r.state.as_known(), Some(S::VM_STATE_RUNNING));
+    h.stop().await;
+}

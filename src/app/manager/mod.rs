@@ -20,7 +20,9 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::domain::snapshot::{SnapshotId, SnapshotInfo, SnapshotKind, restored_config};
+use crate::domain::snapshot::{
+    SnapshotId, SnapshotInfo, SnapshotKind, check_disks_free, restored_config,
+};
 use crate::domain::{Command, Vm, VmError, VmId, VmSnapshot, VmState};
 use crate::ports::{
     BackendHealth, Clock, ConsoleChunk, ConsoleStream, CreateVm, Hypervisor, HypervisorError,
@@ -595,6 +597,11 @@ impl<H: Hypervisor, S: VmStore> VmService for VmManager<H, S> {
         if self.registry.contains(&req.vm_id) {
             return Err(VmError::AlreadyExists(req.vm_id.to_string()));
         }
+        let views = self.registry.views(&[]);
+        check_disks_free(
+            &config,
+            views.iter().map(|v| (&v.snapshot.id, &v.snapshot.config)),
+        )?;
         self.start_vm(
             Some(req.vm_id),
             config,
