@@ -51,11 +51,37 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use self::status::{Protocol, Watch};
 
-/// The service this layer names spans and labels for.
-pub const SERVICE: &str = "vmm.v1.VmService";
+/// The service's name, as a literal for `concat!` in [`methods!`].
+macro_rules! service {
+    () => {
+        "vmm.v1.VmService"
+    };
+}
 
-/// The methods of [`SERVICE`]; any other path is labelled `_OTHER`.
-pub const METHODS: [&str; 9] = [
+/// The service this layer names spans and labels for.
+pub const SERVICE: &str = service!();
+
+/// A method of [`SERVICE`]: its label and its span name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Method {
+    /// The bare method name, the `rpc_method` label.
+    pub name: &'static str,
+    /// `vmm.v1.VmService/<name>`, the span name.
+    pub span_name: &'static str,
+}
+
+/// Declares [`METHODS`] from the bare names; each span name is built from
+/// the service and the name, so the two cannot disagree.
+macro_rules! methods {
+    ($($name:literal),* $(,)?) => {
+        /// The methods of [`SERVICE`]; any other path is labelled `_OTHER`.
+        pub const METHODS: &[Method] = &[
+            $(Method { name: $name, span_name: concat!(service!(), "/", $name) }),*
+        ];
+    };
+}
+
+methods![
     "CreateVm",
     "DeleteVm",
     "BootVm",
@@ -237,19 +263,6 @@ struct RpcCall {
     metrics: RpcMetrics,
 }
 
-/// Span names of [`METHODS`], in the same order.
-const SPAN_NAMES: [&str; 9] = [
-    "vmm.v1.VmService/CreateVm",
-    "vmm.v1.VmService/DeleteVm",
-    "vmm.v1.VmService/BootVm",
-    "vmm.v1.VmService/ShutdownVm",
-    "vmm.v1.VmService/PauseVm",
-    "vmm.v1.VmService/ResumeVm",
-    "vmm.v1.VmService/RebootVm",
-    "vmm.v1.VmService/GetVmInfo",
-    "vmm.v1.VmService/ListVms",
-];
-
 /// `(method label, span name)` for a request path; no span name when the
 /// path is not a method of [`SERVICE`].
 fn route(path: &str) -> (&'static str, Option<&'static str>) {
@@ -257,9 +270,9 @@ fn route(path: &str) -> (&'static str, Option<&'static str>) {
         .strip_prefix('/')
         .and_then(|p| p.split_once('/'))
         .filter(|(service, _)| *service == SERVICE)
-        .and_then(|(_, method)| METHODS.iter().position(|m| *m == method));
+        .and_then(|(_, method)| METHODS.iter().find(|m| m.name == method));
     match known {
-        Some(i) => (METHODS[i], Some(SPAN_NAMES[i])),
+        Some(m) => (m.name, Some(m.span_name)),
         None => (OTHER_METHOD, None),
     }
 }

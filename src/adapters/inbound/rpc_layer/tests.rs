@@ -9,7 +9,7 @@ use super::*;
 
 #[test]
 fn routes_known_methods_and_folds_the_rest() {
-    for (method, name) in METHODS.iter().zip(SPAN_NAMES) {
+    for (method, name) in METHODS.iter().map(|m| (&m.name, m.span_name)) {
         assert_eq!(name, format!("{SERVICE}/{method}"));
         assert_eq!(route(&format!("/{name}")), (*method, Some(name)));
     }
