@@ -178,26 +178,12 @@ pub(super) fn code_from_http(status: u16) -> ErrorCode {
     }
 }
 
-/// Decodes the percent-encoding of `grpc-message`.
+/// Decodes the percent-encoding of `grpc-message`; a `%` that starts no
+/// valid escape is kept as is, and invalid UTF-8 is replaced.
 pub(super) fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            let hex = std::str::from_utf8(&bytes[i + 1..i + 3])
-                .ok()
-                .and_then(|h| u8::from_str_radix(h, 16).ok());
-            if let Some(b) = hex {
-                out.push(b);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 /// Finds the trailer frame of a gRPC-Web body (flag 0x80) as the body
