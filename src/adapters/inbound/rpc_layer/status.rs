@@ -7,6 +7,9 @@
 //! ends, or is dropped, before its status is known gets the code a client
 //! would infer.
 
+use base64::Engine as _;
+use base64::alphabet;
+use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use connectrpc::ErrorCode;
 use http::{HeaderMap, Response};
 
@@ -282,8 +285,20 @@ impl WebScanner {
     }
 }
 
-/// Incremental standard base64 decoding; each 4-character group stands alone,
-/// so padding in the middle of the stream (one group per frame) is fine.
+/// Standard base64 as gRPC-Web frames it: each frame is encoded on its own,
+/// so padding may end any 4-character group, and stray bits are tolerated.
+const WEB_TEXT: GeneralPurpose = GeneralPurpose::new(
+    &alphabet::STANDARD,
+    GeneralPurposeConfig::new()
+        .with_decode_padding_mode(DecodePaddingMode::Indifferent)
+        .with_decode_allow_trailing_bits(true),
+);
+
+/// Incremental base64 decoding of a `grpc-web-text` body; each 4-character
+/// group is decoded on its own, so padding in the middle of the stream (one
+/// group per frame) is fine. Whitespace is skipped, the URL-safe characters
+/// are read as their standard twins, and a group that is not base64 yields
+/// nothing (its frame cannot be read either way).
 #[derive(Default)]
 struct Base64Decoder {
     quad: [u8; 4],
@@ -293,36 +308,21 @@ struct Base64Decoder {
 impl Base64Decoder {
     fn feed(&mut self, data: &[u8]) -> Vec<u8> {
         let mut out = Vec::with_capacity(data.len() / 4 * 3 + 3);
-        for &c in data {
-            if c.is_ascii_whitespace() {
-                continue;
-            }
-            self.quad[self.len] = c;
+        for &c in data.iter().filter(|c| !c.is_ascii_whitespace()) {
+            self.quad[self.len] = match c {
+                b'-' => b'+',
+                b'_' => b'/',
+                c => c,
+            };
             self.len += 1;
             if self.len == 4 {
                 self.len = 0;
-                let vals: Vec<Option<u8>> = self.quad.iter().map(|&c| sextet(c)).collect();
-                let pads = self.quad.iter().filter(|&&c| c == b'=').count();
-                let v: Vec<u8> = vals.iter().map(|v| v.unwrap_or(0)).collect();
-                let n = (u32::from(v[0]) << 18)
-                    | (u32::from(v[1]) << 12)
-                    | (u32::from(v[2]) << 6)
-                    | u32::from(v[3]);
-                let bytes = n.to_be_bytes();
-                out.extend_from_slice(&bytes[1..4 - pads.min(2)]);
+                let mut bytes = [0; 3];
+                if let Ok(n) = WEB_TEXT.decode_slice(self.quad, &mut bytes) {
+                    out.extend_from_slice(&bytes[..n]);
+                }
             }
         }
         out
-    }
-}
-
-fn sextet(c: u8) -> Option<u8> {
-    match c {
-        b'A'..=b'Z' => Some(c - b'A'),
-        b'a'..=b'z' => Some(c - b'a' + 26),
-        b'0'..=b'9' => Some(c - b'0' + 52),
-        b'+' | b'-' => Some(62),
-        b'/' | b'_' => Some(63),
-        _ => None,
     }
 }
