@@ -1,7 +1,7 @@
 //! Service configuration, read from `UNKEY_VMCP_*` environment variables.
 //! Every variable is declared once, in `variables` (name, default, parser,
 //! description); that one table drives unknown-variable detection, the
-//! defaults and parsers used here, and `vmcp-api --help`.
+//! defaults and parsers used here, `vmcp-api --help` and the README's table.
 //! Every variable is parsed strictly: a bad value stops start-up with one
 //! line naming the variable and the accepted values; nothing is silently
 //! defaulted. Unknown `UNKEY_VMCP_*` variables are reported so typos surface.

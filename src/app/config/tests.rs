@@ -1,5 +1,5 @@
 //! Tests of the configuration: defaults, every variable read and checked,
-//! and the rules that span variables.
+//! the rules that span variables, and the README table against the declaration.
 
 use super::*;
 
@@ -604,4 +604,39 @@ fn hardening_variables_are_known() {
     let unknown =
         Config::unknown_variables(vars.iter().map(|v| (format!("{PREFIX}{v}"), String::new())));
     assert!(unknown.is_empty(), "{unknown:?}");
+}
+
+/// The README's configuration table as the declaration makes it: one row
+/// per variable, in declaration order.
+fn readme_table() -> String {
+    let mut table = String::from("| Variable | Default | Meaning |\n|---|---|---|\n");
+    for v in VARIABLES {
+        let default = match v.default {
+            DefaultValue::Text(t) => format!("`{t}`"),
+            DefaultValue::Unset | DefaultValue::Computed(_) => v.default.to_string(),
+        };
+        table.push_str(&format!(
+            "| `{}` | {default} | {} |\n",
+            v.full_name(),
+            v.about
+        ));
+    }
+    table
+}
+
+#[test]
+fn the_readme_table_is_the_declaration() {
+    let readme = include_str!("../../../README.md");
+    let documented: String = readme
+        .lines()
+        .skip_while(|l| *l != "| Variable | Default | Meaning |")
+        .take_while(|l| l.starts_with('|'))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let declared = readme_table();
+    assert!(
+        documented == declared,
+        "README.md's configuration table differs from src/app/config/variables.rs; \
+             replace it with:\n\n{declared}"
+    );
 }

@@ -1,8 +1,9 @@
 //! The one declaration of every `UNKEY_VMCP_*` variable: its name, its
 //! default, the parser that reads it (and so the type of its setting) and one
 //! line saying what it does. Everything else comes from this table: the
-//! [`Var`] enum, the [`VARIABLES`] list that `vmcp-api --help` and the
-//! unknown-variable warning are made from, and one [`Setting`] type per
+//! [`Var`] enum, the [`VARIABLES`] list that `vmcp-api --help`, the
+//! unknown-variable warning and the README's configuration table are made
+//! from (a test holds the README to it), and one [`Setting`] type per
 //! variable in [`setting`] that `Config::from_vars` reads through.
 
 use std::net::IpAddr;
@@ -122,8 +123,8 @@ variables! {
     FcJailerUid "FC_JAILER_UID": u32 = Text("0"), int::<u32, 0, { u32::MAX as u64 }>, "uid the jailed VMM runs as (with FC_JAILER_BINARY)";
     FcJailerGid "FC_JAILER_GID": u32 = Text("0"), int::<u32, 0, { u32::MAX as u64 }>, "gid the jailed VMM runs as (with FC_JAILER_BINARY)";
     FcJailerChrootBase "FC_JAILER_CHROOT_BASE": PathBuf = Text("/srv/jailer"), abs_path, "Base of the jailer chroots (with FC_JAILER_BINARY)";
-    RuntimeDir "RUNTIME_DIR": PathBuf = Text("/run/vmcp"), abs_path, "Per-VM runtime directories (socket, pid, log, console)";
-    DataDir "DATA_DIR": PathBuf = Text("/var/lib/vmcp"), abs_path, "Durable VM records";
+    RuntimeDir "RUNTIME_DIR": PathBuf = Text("/run/vmcp"), abs_path, "Per-VM runtime directories (socket, pid, log, console), mode 0700";
+    DataDir "DATA_DIR": PathBuf = Text("/var/lib/vmcp"), abs_path, "Durable VM records (the SQLite store), mode 0700";
     LogLevel "LOG_LEVEL": String = Text("info"), non_empty, "Log filter; RUST_LOG wins when set";
     HypervisorTimeoutSeconds "HYPERVISOR_TIMEOUT_SECONDS": Duration = Text("30"), seconds::<1, 3600>, "Timeout of one VMM call";
     MaxRequestBytes "MAX_REQUEST_BYTES": usize = Text("1048576"), int::<usize, 1024, { 64 << 20 }>, "Largest request body";
@@ -148,10 +149,10 @@ variables! {
     MaxTotalVcpus "MAX_TOTAL_VCPUS": u64 = Computed("16 x host CPUs"), int::<u64, 1, { u32::MAX as u64 }>, "vCPUs of all VMs together";
     MaxTotalMemoryMib "MAX_TOTAL_MEMORY_MIB": u64 = Computed("host memory"), int::<u64, 1, { 1 << 40 }>, "Memory of all VMs together, MiB";
     MaxConcurrentRequests "MAX_CONCURRENT_REQUESTS": usize = Text("512"), int::<usize, 1, 1_000_000>, "In-flight API requests; more are shed as unavailable";
-    RateLimitRps "RATE_LIMIT_RPS": u32 = Text("1000"), int::<u32, 0, 1_000_000>, "API requests per second (0 disables)";
-    MaxConnections "MAX_CONNECTIONS": usize = Computed("4096, lowered to fit the descriptor limit"), int::<usize, 1, 10_000_000>, "Open client connections in all";
+    RateLimitRps "RATE_LIMIT_RPS": u32 = Text("1000"), int::<u32, 0, 1_000_000>, "API requests per second (0 disables); more get resource_exhausted";
+    MaxConnections "MAX_CONNECTIONS": usize = Computed("4096, lowered to fit the descriptor limit"), int::<usize, 1, 10_000_000>, "Open client connections in all; more are closed at accept";
     MaxConnectionsPerClient "MAX_CONNECTIONS_PER_CLIENT": usize = Text("512"), int::<usize, 1, 10_000_000>, "Open connections per client IP address";
-    ReservedFds "RESERVED_FDS": u64 = Computed("1/4 of the descriptor limit, at most 4096"), int::<u64, 64, { 1 << 30 }>, "Descriptors kept for VM work";
+    ReservedFds "RESERVED_FDS": u64 = Computed("1/4 of the descriptor limit, at most 4096"), int::<u64, 64, { 1 << 30 }>, "Descriptors kept for VM work that clients cannot use";
     HeaderReadTimeoutSeconds "HEADER_READ_TIMEOUT_SECONDS": Duration = Text("10"), seconds::<1, 3600>, "Time to send a request head or the HTTP/2 preface";
     IdleTimeoutSeconds "IDLE_TIMEOUT_SECONDS": Duration = Text("60"), seconds::<1, 86400>, "A connection without a request in flight this long is closed";
     TlsHandshakeTimeoutSeconds "TLS_HANDSHAKE_TIMEOUT_SECONDS": Duration = Text("10"), seconds::<1, 3600>, "Time to finish the TLS handshake";
@@ -163,8 +164,8 @@ variables! {
     H2KeepaliveTimeoutSeconds "H2_KEEPALIVE_TIMEOUT_SECONDS": Duration = Text("10"), seconds::<1, 3600>, "How long a ping answer may take before the connection is closed";
     WatchHistory "WATCH_HISTORY": usize = Text("4096"), int::<usize, 1, { 1 << 20 }>, "VM changes kept so a WatchVms client can resume from its last revision";
     WatchBuffer "WATCH_BUFFER": usize = Text("1024"), int::<usize, 1, { 1 << 20 }>, "Changes queued per watcher; a watcher further behind is ended with resource_exhausted";
-    MaxWatchers "MAX_WATCHERS": usize = Text("1024"), int::<usize, 1, 1_000_000>, "WatchVms streams open at once";
-    WatchHeartbeatSeconds "WATCH_HEARTBEAT_SECONDS": Duration = Text("15"), seconds::<1, 3600>, "Heartbeat interval on a quiet WatchVms stream";
+    MaxWatchers "MAX_WATCHERS": usize = Text("1024"), int::<usize, 1, 1_000_000>, "WatchVms streams open at once; more get resource_exhausted";
+    WatchHeartbeatSeconds "WATCH_HEARTBEAT_SECONDS": Duration = Text("15"), seconds::<1, 3600>, "Heartbeat interval on a quiet WatchVms stream (keeps it alive through proxies)";
     DefaultRestartPolicy "DEFAULT_RESTART_POLICY": RestartPolicy = Text("never"), restart_policy, "Restart policy of VMs that name none: never, on-failure or always";
     RestartBackoffInitialMs "RESTART_BACKOFF_INITIAL_MS": Duration = Text("1000"), millis::<1, 3_600_000>, "Delay before a policy's first restart; doubled per restart in the window";
     RestartBackoffMaxMs "RESTART_BACKOFF_MAX_MS": Duration = Text("60000"), millis::<1, 3_600_000>, "Longest delay between a policy's restarts";
