@@ -2,6 +2,10 @@
 //! machine and the error vocabulary. Nothing here performs I/O, reads a
 //! clock or spawns tasks; callers feed inputs in and drain outputs as values.
 
+// Matches over states and commands name every case, so a new variant is a
+// compile error wherever it needs a decision (no `_ =>` over an enum).
+#![deny(clippy::wildcard_enum_match_arm)]
+
 pub mod config;
 pub mod error;
 pub mod id;

@@ -40,7 +40,7 @@ impl RestartPolicy {
     pub fn or(self, default: RestartPolicy) -> RestartPolicy {
         match self {
             RestartPolicy::Unspecified => default,
-            p => p,
+            p @ (RestartPolicy::Never | RestartPolicy::OnFailure | RestartPolicy::Always) => p,
         }
     }
 
@@ -375,7 +375,7 @@ pub(crate) mod tests {
                         let wanted = desired == Desired::Running && match policy.or(default) {
                             RestartPolicy::Always => true,
                             RestartPolicy::OnFailure => *cause != Cause::Poweroff,
-                            _ => false,
+                            RestartPolicy::Never | RestartPolicy::Unspecified => false,
                         };
                         prop_assert!(!wanted, "{:?}/{:?} {:?} stayed", policy, default, cause);
                     }
