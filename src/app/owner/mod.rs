@@ -93,6 +93,16 @@ pub struct Deps<H, S> {
     pub feed: Arc<ChangeFeed>,
 }
 
+impl<H, S> std::fmt::Debug for Deps<H, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Deps")
+            .field("call_timeout", &self.call_timeout)
+            .field("restart", &self.restart)
+            .field("feed", &self.feed)
+            .finish_non_exhaustive()
+    }
+}
+
 impl<H, S> Clone for Deps<H, S> {
     fn clone(&self) -> Self {
         Self {
@@ -128,6 +138,16 @@ pub struct Owner<H: Hypervisor, S> {
     persisted: Option<Persisted>,
     /// The generation and state watchers last heard of (0: none yet).
     announced: (u64, Option<VmState>),
+}
+
+impl<H: Hypervisor, S> std::fmt::Debug for Owner<H, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Owner")
+            .field("vm", &self.vm)
+            .field("process", &self.process)
+            .field("announced", &self.announced)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The VM's event channel: the sink goes to `create`/`adopt`, the receiver to the owner.

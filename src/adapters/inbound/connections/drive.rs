@@ -159,6 +159,14 @@ pub struct GuardedBody {
     _guard: RequestGuard,
 }
 
+impl std::fmt::Debug for GuardedBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuardedBody")
+            .field("guard", &self._guard)
+            .finish_non_exhaustive()
+    }
+}
+
 impl GuardedBody {
     /// `inner`, ending `guard` when done.
     pub fn new(inner: Body, guard: RequestGuard) -> Self {
@@ -197,6 +205,15 @@ pub struct Observed<T> {
     prefix: [u8; 24],
     prefix_len: usize,
     known: bool,
+}
+
+impl<T> std::fmt::Debug for Observed<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Observed")
+            .field("activity", &self.activity)
+            .field("known", &self.known)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<T> Observed<T> {
