@@ -18,7 +18,7 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
     /// Start a VMM and configure the VM in it without booting (only as the
-    /// first command of a VM, queued by [`Vm::creating`]).
+    /// first command of a VM, queued by [`Vm::creating`](super::Vm::creating)).
     Create,
     /// Start a Created or Shutdown VM.
     Boot,
