@@ -31,6 +31,7 @@ use vmcp::proto::vmm::v1 as pb;
 use vmcp::proto::vmm::v1::VmServiceClient;
 
 /// Latency summary of a run.
+#[derive(Debug)]
 pub struct Stats {
     pub count: usize,
     pub elapsed: Duration,

@@ -144,6 +144,14 @@ pub struct Recording<'a> {
     inner: MutexGuard<'a, Inner>,
 }
 
+impl std::fmt::Debug for Recording<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Recording")
+            .field("revision", &self.revision())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Recording<'_> {
     /// The revision the change gets.
     pub fn revision(&self) -> u64 {

@@ -50,7 +50,19 @@ pub struct StartOptions {
     pub security: Security,
 }
 
+impl std::fmt::Debug for StartOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StartOptions")
+            .field("addr", &self.addr)
+            .field("hypervisor_timeout", &self.hypervisor_timeout)
+            .field("shutdown_grace", &self.shutdown_grace)
+            .field("remove_orphans", &self.remove_orphans)
+            .finish_non_exhaustive()
+    }
+}
+
 /// A running server.
+#[derive(Debug)]
 pub struct Running {
     /// The bound address (useful with port 0).
     pub local_addr: SocketAddr,

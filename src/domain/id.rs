@@ -135,7 +135,8 @@ mod tests {
                 chars.remove(i % n);
             }
             Mutation::Repeat(n) => return s.repeat(n),
-            _ => {}
+            // Nothing to replace or delete in an empty string.
+            Mutation::Replace(..) | Mutation::Delete(_) => {}
         }
         chars.into_iter().collect()
     }

@@ -121,6 +121,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 type Key = (u32, u64);
 
 /// One simulated VMM process.
+#[derive(Debug)]
 struct Proc {
     vm: VmId,
     socket_path: String,
@@ -134,6 +135,7 @@ struct Proc {
     sink: Option<VmmEventSink>,
 }
 
+#[derive(Debug)]
 enum Script {
     Delay(Duration),
     Fail(HypervisorError),
@@ -141,6 +143,7 @@ enum Script {
 }
 
 /// A one-shot script entry; `vm: None` matches any VM (and host-level calls).
+#[derive(Debug)]
 struct Scripted {
     vm: Option<VmId>,
     op: &'static str,
@@ -153,6 +156,7 @@ impl Scripted {
     }
 }
 
+#[derive(Debug)]
 struct HostState {
     /// Every process that ever ran, dead ones included (their exit is kept).
     procs: BTreeMap<Key, Proc>,
@@ -326,6 +330,7 @@ impl HostState {
 }
 
 /// A simulated host: the VMM processes and runtime directories that outlive any VMCP.
+#[derive(Debug)]
 pub struct Host {
     kind: BackendKind,
     state: Mutex<HostState>,
@@ -475,9 +480,10 @@ async fn detached<T: Send + 'static>(
 
 /// A point where calls wait until the test opens it (no sleeps needed to
 /// hold an operation in flight). Opened gates let everything through.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Gate(Arc<GateInner>);
 
+#[derive(Debug)]
 struct GateInner {
     open: watch::Sender<bool>,
     arrivals: watch::Sender<usize>,
@@ -515,7 +521,7 @@ impl Gate {
 }
 
 /// What one VMCP instance asked of the double (fresh for each [`Double`]).
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct Stats {
     /// Highest number of concurrent calls seen on any single VM (across its handles).
     pub max_concurrency_per_vm: AtomicUsize,
@@ -563,6 +569,7 @@ impl Drop for InFlight {
 }
 
 /// The `Hypervisor`: one VMCP's view of a simulated host, plus the test's knobs.
+#[derive(Debug)]
 pub struct Double {
     host: Arc<Host>,
     stats: Arc<Stats>,
@@ -969,6 +976,7 @@ impl Double {
 }
 
 /// What a handle knows about its VM between calls.
+#[derive(Debug)]
 struct Cur {
     /// The process it drives (it may have died since).
     process: Option<VmmProcess>,
@@ -1015,6 +1023,7 @@ fn gone(id: &VmId, pid: u32, reason: &str) -> HypervisorError {
 }
 
 /// One VM's VMM, as the owner task holds it.
+#[derive(Debug)]
 pub struct DoubleVm {
     host: Arc<Host>,
     stats: Arc<Stats>,

@@ -25,6 +25,12 @@ pub struct RpcService<S> {
     inner: Arc<S>,
 }
 
+impl<S> std::fmt::Debug for RpcService<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RpcService").finish_non_exhaustive()
+    }
+}
+
 impl<S> RpcService<S> {
     /// Wraps the service.
     pub fn new(inner: Arc<S>) -> Self {

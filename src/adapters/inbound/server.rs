@@ -134,6 +134,16 @@ pub struct Listeners {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
+impl std::fmt::Debug for Listeners {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Listeners")
+            .field("tcp", &self.tcp)
+            .field("unix", &self.unix)
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
 /// What the accept loop needs to bound client connections.
 #[derive(Clone)]
 pub struct ConnectionPolicy {
@@ -143,6 +153,15 @@ pub struct ConnectionPolicy {
     pub gate: Arc<ConnectionGate>,
     /// Receives refusals and timeouts for the metrics.
     pub telemetry: Arc<dyn Telemetry>,
+}
+
+impl std::fmt::Debug for ConnectionPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectionPolicy")
+            .field("limits", &self.limits)
+            .field("gate", &self.gate)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Serves until `shutdown` resolves, accepting only TLS connections when

@@ -10,6 +10,7 @@ use crate::app::owner::timed_call;
 /// How long a backend check result is trusted.
 pub const CHECK_TTL: Duration = Duration::from_secs(5);
 
+#[derive(Debug)]
 struct Cached {
     at: Option<Instant>,
     result: Result<String, String>,
@@ -17,6 +18,7 @@ struct Cached {
 
 /// The cached result of the backend check. Reads of a fresh answer take a
 /// shared lock only (every VM call asks); one caller at a time refreshes.
+#[derive(Debug)]
 pub struct BackendHealthCache {
     cached: std::sync::RwLock<Cached>,
     refresh: tokio::sync::Mutex<()>,

@@ -64,6 +64,16 @@ pub struct VmManager<H, S> {
     snapshots: OnceLock<Snapshots>,
 }
 
+impl<H, S> std::fmt::Debug for VmManager<H, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmManager")
+            .field("registry", &self.registry)
+            .field("recovering", &self.recovering)
+            .field("remove_orphans", &self.remove_orphans)
+            .finish_non_exhaustive()
+    }
+}
+
 impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
     /// A manager with no VMs that admits any valid config (no path policy, no limits).
     pub fn new(
@@ -635,6 +645,15 @@ pub struct ManagerHealth<H, S> {
     manager: Arc<VmManager<H, S>>,
     telemetry: Arc<dyn Fn() -> String + Send + Sync>,
     connections: Option<ConnectionCounts>,
+}
+
+impl<H, S> std::fmt::Debug for ManagerHealth<H, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ManagerHealth")
+            .field("manager", &self.manager)
+            .field("connections", &self.connections.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl<H: Hypervisor, S: VmStore> ManagerHealth<H, S> {

@@ -16,8 +16,7 @@ const PAGE_TOKEN_PREFIX: &str = "v1:";
 
 /// The token that continues after `last`.
 pub fn encode_token(last: &VmId) -> String {
-    let hex: String = last.as_str().bytes().map(|b| format!("{b:02x}")).collect();
-    format!("{PAGE_TOKEN_PREFIX}{hex}")
+    format!("{PAGE_TOKEN_PREFIX}{}", hex::encode(last.as_str()))
 }
 
 /// The id a token continues after; `invalid_argument` naming `page_token` otherwise.
@@ -29,14 +28,11 @@ pub fn decode_token(token: &str) -> Result<VmId, VmError> {
         ))
     };
     let hex = token.strip_prefix(PAGE_TOKEN_PREFIX).ok_or_else(invalid)?;
-    if hex.len() % 2 != 0 || hex.len() > 256 {
+    if hex.len() > 256 {
         return Err(invalid());
     }
-    let bytes: Result<Vec<u8>, _> = (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(hex.get(i..i + 2).unwrap_or("zz"), 16))
-        .collect();
-    let s = String::from_utf8(bytes.map_err(|_| invalid())?).map_err(|_| invalid())?;
+    let bytes = hex::decode(hex).map_err(|_| invalid())?;
+    let s = String::from_utf8(bytes).map_err(|_| invalid())?;
     VmId::parse(&s).map_err(|_| invalid())
 }
 

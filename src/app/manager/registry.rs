@@ -13,7 +13,7 @@ use crate::ports::VmCounts;
 use crate::app::owner::{Request, VmView};
 
 /// One VM's way in: its owner's queue and its published view.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Entry {
     /// The owner task's request queue.
     pub tx: mpsc::Sender<Request>,
@@ -34,7 +34,7 @@ impl Entry {
 }
 
 /// Every VM this VMCP owns, by id.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct Registry {
     vms: RwLock<BTreeMap<VmId, Entry>>,
 }

@@ -29,7 +29,7 @@ impl std::fmt::Debug for SnapshotSettings {
     }
 }
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct State {
     usable: BTreeMap<SnapshotId, SnapshotInfo>,
     /// Being taken, with the bytes they are expected to take.
@@ -39,12 +39,14 @@ struct State {
 }
 
 /// The manager's snapshots.
+#[derive(Debug)]
 pub struct Snapshots {
     settings: SnapshotSettings,
     state: Mutex<State>,
 }
 
 /// A snapshot being taken: its id is reserved until it is committed or dropped.
+#[derive(Debug)]
 pub struct Taking<'a> {
     snapshots: &'a Snapshots,
     id: SnapshotId,
@@ -54,6 +56,7 @@ pub struct Taking<'a> {
 }
 
 /// A restore reading a snapshot: it cannot be deleted until this is dropped.
+#[derive(Debug)]
 pub struct Reading<'a> {
     snapshots: &'a Snapshots,
     id: SnapshotId,

@@ -1,0 +1,500 @@
+//! Telemetry at the edge of the API: a tower layer around the ConnectRPC
+//! service that gives every RPC one server span, its request metrics and one
+//! JSON access-log line.
+//!
+//! The span is a tracing span (`vmm.v1.VmService/<Method>`, kind server,
+//! `rpc.system` `connect_rpc` or `grpc`, `rpc.service`, `rpc.method`, an empty
+//! `vm.id` that handlers fill with `Span::current().record("vm.id", ..)`),
+//! parented on the caller's W3C `traceparent` and carrying its `baggage`; the
+//! OpenTelemetry layer installed by `otel::init_logging` exports it, and
+//! hypervisor spans opened inside handlers become its children.
+//!
+//! The RPC's status is read from the response, where each protocol puts it
+//! (the `status` module: a Connect error body, the `grpc-status` trailer, the
+//! gRPC-Web trailer frame). So the response body is wrapped and the RPC is
+//! finished (metrics, span status, log line) when the body ends, or when it
+//! is dropped early (then the status is `canceled` unless already known). Any
+//! status other than `ok` marks the span as an error, which makes the
+//! keep-errors sampler export its trace whatever the sampling ratio.
+//!
+//! Metrics: `rpc.server.requests` (Prometheus `rpc_server_requests_total`),
+//! `rpc.server.request.duration` in seconds (`rpc_server_request_duration_seconds`)
+//! and `rpc.server.active_requests`, labelled by `rpc_method` (the bare method
+//! name, `_OTHER` for unknown paths so cardinality stays fixed) and
+//! `rpc_status` (the Connect code name). They are recorded for every request.
+
+mod status;
+#[cfg(test)]
+mod tests;
+
+use std::borrow::Cow;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Instant;
+
+use bytes::Buf;
+use connectrpc::ErrorCode;
+use http::{HeaderMap, Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use opentelemetry::KeyValue;
+use opentelemetry::baggage::BaggageExt;
+use opentelemetry::metrics::{Counter, Histogram, Meter, UpDownCounter};
+use opentelemetry::propagation::{Extractor, TextMapCompositePropagator, TextMapPropagator};
+use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
+use pin_project_lite::pin_project;
+use tracing::Span;
+use tracing::field::Empty;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use self::status::{Protocol, Watch};
+
+/// The service's name, as a literal for `concat!` in [`methods!`].
+macro_rules! service {
+    () => {
+        "vmm.v1.VmService"
+    };
+}
+
+/// The service this layer names spans and labels for.
+pub const SERVICE: &str = service!();
+
+/// A method of [`SERVICE`]: its label and its span name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Method {
+    /// The bare method name, the `rpc_method` label.
+    pub name: &'static str,
+    /// `vmm.v1.VmService/<name>`, the span name.
+    pub span_name: &'static str,
+}
+
+/// Declares [`METHODS`] from the bare names; each span name is built from
+/// the service and the name, so the two cannot disagree.
+macro_rules! methods {
+    ($($name:literal),* $(,)?) => {
+        /// The methods of [`SERVICE`]; any other path is labelled `_OTHER`.
+        pub const METHODS: &[Method] = &[
+            $(Method { name: $name, span_name: concat!(service!(), "/", $name) }),*
+        ];
+    };
+}
+
+methods![
+    "CreateVm",
+    "DeleteVm",
+    "BootVm",
+    "ShutdownVm",
+    "PauseVm",
+    "ResumeVm",
+    "RebootVm",
+    "GetVmInfo",
+    "ListVms",
+    "WatchVms",
+    "GetConsoleOutput",
+    "StreamConsole",
+    "WriteConsole",
+    "ResizeVm",
+    "SnapshotVm",
+    "ListSnapshots",
+    "GetSnapshot",
+    "DeleteSnapshot",
+    "RestoreVm",
+];
+
+/// Label value for paths that are not a method of [`SERVICE`].
+pub const OTHER_METHOD: &str = "_OTHER";
+
+/// Target of the per-RPC access-log line (kept out of span events).
+pub const ACCESS_LOG_TARGET: &str = "vmcp::access";
+
+/// Histogram buckets, in seconds: sub-millisecond reads to tens of seconds
+/// (a graceful shutdown waits up to its timeout).
+pub const DURATION_BUCKETS: [f64; 16] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
+
+/// Most baggage entries copied onto the span as `baggage.<key>` attributes.
+const MAX_BAGGAGE_ATTRIBUTES: usize = 8;
+
+/// The three request instruments.
+#[derive(Debug, Clone)]
+struct RpcMetrics {
+    requests: Counter<u64>,
+    duration: Histogram<f64>,
+    active: UpDownCounter<i64>,
+}
+
+impl RpcMetrics {
+    fn new(meter: &Meter) -> Self {
+        Self {
+            requests: meter
+                .u64_counter("rpc.server.requests")
+                .with_description("RPCs served, by method and status")
+                .with_unit("{request}")
+                .build(),
+            duration: meter
+                .f64_histogram("rpc.server.request.duration")
+                .with_description("Time from request to the end of the response body")
+                .with_unit("s")
+                .with_boundaries(DURATION_BUCKETS.to_vec())
+                .build(),
+            active: meter
+                .i64_up_down_counter("rpc.server.active_requests")
+                .with_description("RPCs in progress")
+                .with_unit("{request}")
+                .build(),
+        }
+    }
+}
+
+/// Adds the server span, request metrics and access log to a service.
+#[derive(Clone)]
+pub struct RpcTelemetryLayer {
+    metrics: RpcMetrics,
+    propagator: Arc<TextMapCompositePropagator>,
+}
+
+impl fmt::Debug for RpcTelemetryLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RpcTelemetryLayer").finish_non_exhaustive()
+    }
+}
+
+impl RpcTelemetryLayer {
+    /// A layer recording on `meter` (normally `OtelHandle::meter()`).
+    pub fn new(meter: &Meter) -> Self {
+        Self {
+            metrics: RpcMetrics::new(meter),
+            propagator: Arc::new(TextMapCompositePropagator::new(vec![
+                Box::new(TraceContextPropagator::new()),
+                Box::new(BaggagePropagator::new()),
+            ])),
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for RpcTelemetryLayer {
+    type Service = RpcTelemetry<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RpcTelemetry {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// The service produced by [`RpcTelemetryLayer`].
+#[derive(Clone, Debug)]
+pub struct RpcTelemetry<S> {
+    inner: S,
+    layer: RpcTelemetryLayer,
+}
+
+impl<S, ReqBody, ResBody> tower::Service<Request<ReqBody>> for RpcTelemetry<S>
+where
+    S: tower::Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ResBody: Body,
+{
+    type Response = Response<ObservedBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let call = RpcCall::start(&req, &self.layer);
+        let inner = call.span.in_scope(|| self.inner.call(req));
+        ResponseFuture {
+            inner,
+            call: Some(call),
+        }
+    }
+}
+
+pin_project! {
+    /// Resolves to the inner response with its body observed.
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: F,
+        call: Option<RpcCall>,
+    }
+}
+
+impl<F, ResBody, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<ResBody>, E>>,
+    ResBody: Body,
+{
+    type Output = Result<Response<ObservedBody<ResBody>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = {
+            let _entered = this.call.as_ref().map(|c| c.span.enter());
+            ready!(this.inner.poll(cx))
+        };
+        let Some(call) = this.call.take() else {
+            // Polled after completion: a contract violation by the caller;
+            // pass the result through untouched.
+            return Poll::Ready(result.map(|r| r.map(ObservedBody::unobserved)));
+        };
+        Poll::Ready(match result {
+            Ok(response) => {
+                let watch = Watch::for_response(call.protocol, &response);
+                Ok(response.map(|inner| ObservedBody {
+                    inner,
+                    state: Some((call, watch)),
+                }))
+            }
+            Err(error) => {
+                call.finish(
+                    Some(ErrorCode::Unknown),
+                    Some("the service failed before answering".into()),
+                );
+                Err(error)
+            }
+        })
+    }
+}
+
+/// One RPC in flight: what is needed to finish it.
+struct RpcCall {
+    span: Span,
+    start: Instant,
+    method: &'static str,
+    full_name: Cow<'static, str>,
+    protocol: Protocol,
+    metrics: RpcMetrics,
+}
+
+/// `(method label, span name)` for a request path; no span name when the
+/// path is not a method of [`SERVICE`].
+fn route(path: &str) -> (&'static str, Option<&'static str>) {
+    let known = path
+        .strip_prefix('/')
+        .and_then(|p| p.split_once('/'))
+        .filter(|(service, _)| *service == SERVICE)
+        .and_then(|(_, method)| METHODS.iter().find(|m| m.name == method));
+    match known {
+        Some(m) => (m.name, Some(m.span_name)),
+        None => (OTHER_METHOD, None),
+    }
+}
+
+impl RpcCall {
+    fn start<B>(req: &Request<B>, layer: &RpcTelemetryLayer) -> Self {
+        let protocol = Protocol::of(req.headers());
+        let (method, known) = route(req.uri().path());
+        // Unknown paths get the HTTP method as span name (bounded cardinality)
+        // and their path, shortened, in the log line.
+        let (span_name, log_name): (&str, Cow<'static, str>) = match known {
+            Some(name) => (name, Cow::Borrowed(name)),
+            None => (
+                req.method().as_str(),
+                Cow::Owned(truncate(req.uri().path(), 128).to_owned()),
+            ),
+        };
+        let span = tracing::info_span!(
+            target: "vmcp::rpc",
+            "rpc",
+            otel.name = span_name,
+            otel.kind = "server",
+            rpc.system = protocol.system(),
+            rpc.service = known.map(|_| SERVICE),
+            rpc.method = method,
+            rpc.grpc.status_code = Empty,
+            rpc.connect_rpc.error_code = Empty,
+            rpc.response.status_code = Empty,
+            vm.id = Empty,
+            otel.status_description = Empty,
+        );
+        let headers = req.headers();
+        if headers.contains_key("traceparent") || headers.contains_key("baggage") {
+            let parent = layer.propagator.extract(&HeaderExtractor(headers));
+            let baggage: Vec<KeyValue> = parent
+                .baggage()
+                .iter()
+                .take(MAX_BAGGAGE_ATTRIBUTES)
+                .map(|(k, (v, _))| {
+                    KeyValue::new(format!("baggage.{}", k.as_str()), v.as_str().to_owned())
+                })
+                .collect();
+            // Fails only when no OpenTelemetry layer is installed (OTLP off):
+            // then there is no span to parent and nothing to do.
+            let _ = span.set_parent(parent);
+            for kv in baggage {
+                span.set_attribute(kv.key, kv.value);
+            }
+        }
+        layer
+            .metrics
+            .active
+            .add(1, &[KeyValue::new("rpc.method", method)]);
+        Self {
+            span,
+            start: Instant::now(),
+            method,
+            full_name: log_name,
+            protocol,
+            metrics: layer.metrics.clone(),
+        }
+    }
+
+    /// Records the outcome: metrics, span attributes and status, log line.
+    fn finish(self, code: Option<ErrorCode>, message: Option<String>) {
+        let elapsed = self.start.elapsed();
+        let status = code.map_or("ok", |c| c.as_str());
+        let attrs = [
+            KeyValue::new("rpc.method", self.method),
+            KeyValue::new("rpc.status", status),
+        ];
+        self.metrics.requests.add(1, &attrs);
+        self.metrics.duration.record(elapsed.as_secs_f64(), &attrs);
+        self.metrics.active.add(-1, &attrs[..1]);
+
+        match self.protocol {
+            Protocol::Grpc | Protocol::GrpcWeb { .. } => {
+                let number = code.map_or(0, |c| c.grpc_code());
+                self.span.record("rpc.grpc.status_code", i64::from(number));
+            }
+            Protocol::Connect => {
+                if let Some(c) = code {
+                    self.span.record("rpc.connect_rpc.error_code", c.as_str());
+                }
+            }
+        }
+        self.span.record("rpc.response.status_code", status);
+        if code.is_some() {
+            let description = message
+                .as_deref()
+                .map(|m| truncate(m, 256))
+                .filter(|m| !m.is_empty())
+                .unwrap_or(status);
+            self.span.record("otel.status_description", description);
+        }
+        let _entered = self.span.enter();
+        tracing::info!(
+            target: ACCESS_LOG_TARGET,
+            method = %self.full_name,
+            code = status,
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            "rpc finished"
+        );
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+struct HeaderExtractor<'a>(&'a HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+pin_project! {
+    /// A response body that finishes its RPC's telemetry when it ends.
+    pub struct ObservedBody<B> {
+        #[pin]
+        inner: B,
+        state: Option<(RpcCall, Watch)>,
+    }
+
+    impl<B> PinnedDrop for ObservedBody<B> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some((call, watch)) = this.state.take() {
+                let (code, message) = watch.verdict(false);
+                call.finish(code, message);
+            }
+        }
+    }
+}
+
+impl<B> ObservedBody<B> {
+    fn unobserved(inner: B) -> Self {
+        Self { inner, state: None }
+    }
+}
+
+impl<B: Body> Body for ObservedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let mut this = self.project();
+        let result = ready!(this.inner.as_mut().poll_frame(cx));
+        let ended = match &result {
+            Some(Ok(frame)) => {
+                if let Some((_, watch)) = this.state.as_mut() {
+                    if let Some(data) = frame.data_ref() {
+                        watch.on_data(data.chunk());
+                    } else if let Some(trailers) = frame.trailers_ref() {
+                        watch.on_trailers(trailers);
+                    }
+                }
+                this.inner.is_end_stream()
+            }
+            Some(Err(_)) => {
+                if let Some((call, _)) = this.state.take() {
+                    call.finish(
+                        Some(ErrorCode::Internal),
+                        Some("the response body failed".into()),
+                    );
+                }
+                false
+            }
+            None => true,
+        };
+        if ended && let Some((call, watch)) = this.state.take() {
+            let (code, message) = watch.verdict(true);
+            call.finish(code, message);
+        }
+        Poll::Ready(result)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B> fmt::Debug for ObservedBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ObservedBody")
+            .field("finished", &self.state.is_none())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<F> fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}

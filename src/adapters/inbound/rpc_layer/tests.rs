@@ -1,0 +1,145 @@
+//! Tests of the telemetry layer: routing of method paths to labels and span
+//! names, and the status each protocol reports.
+
+use base64::Engine as _;
+use connectrpc::ErrorCode;
+use http::HeaderMap;
+
+use super::status::{Protocol, Watch, WebScanner, code_from_http, percent_decode};
+use super::*;
+
+#[test]
+fn routes_known_methods_and_folds_the_rest() {
+    for (method, name) in METHODS.iter().map(|m| (&m.name, m.span_name)) {
+        assert_eq!(name, format!("{SERVICE}/{method}"));
+        assert_eq!(route(&format!("/{name}")), (*method, Some(name)));
+    }
+    assert_eq!(route("/vmm.v1.VmService/Bogus"), (OTHER_METHOD, None));
+    assert_eq!(route("/other.Service/CreateVm"), (OTHER_METHOD, None));
+    assert_eq!(route("/_/health"), (OTHER_METHOD, None));
+    assert_eq!(route(""), (OTHER_METHOD, None));
+}
+
+#[test]
+fn protocol_follows_content_type() {
+    let with = |ct: &str| {
+        let mut h = HeaderMap::new();
+        h.insert(http::header::CONTENT_TYPE, ct.parse().expect("header"));
+        Protocol::of(&h)
+    };
+    assert_eq!(with("application/json"), Protocol::Connect);
+    assert_eq!(with("application/proto"), Protocol::Connect);
+    assert_eq!(with("application/grpc"), Protocol::Grpc);
+    assert_eq!(with("application/grpc+proto"), Protocol::Grpc);
+    assert_eq!(
+        with("application/grpc-web+proto"),
+        Protocol::GrpcWeb { text: false }
+    );
+    assert_eq!(
+        with("application/grpc-web-text"),
+        Protocol::GrpcWeb { text: true }
+    );
+    assert_eq!(Protocol::of(&HeaderMap::new()), Protocol::Connect);
+}
+
+#[test]
+fn connect_error_body_decides_over_the_ambiguous_http_status() {
+    let mut w = Watch::ConnectError {
+        fallback: code_from_http(400),
+        body: Vec::new(),
+    };
+    let body = br#"{"code":"failed_precondition","message":"vm is Running"}"#;
+    w.on_data(&body[..10]);
+    w.on_data(&body[10..]);
+    assert_eq!(
+        w.verdict(true),
+        (
+            Some(ErrorCode::FailedPrecondition),
+            Some("vm is Running".into())
+        )
+    );
+    let w = Watch::ConnectError {
+        fallback: code_from_http(503),
+        body: b"<html>proxy</html>".to_vec(),
+    };
+    assert_eq!(w.verdict(true), (Some(ErrorCode::Unavailable), None));
+}
+
+#[test]
+fn grpc_status_comes_from_trailers() {
+    let mut w = Watch::GrpcTrailers;
+    let mut t = HeaderMap::new();
+    t.insert("grpc-status", "5".parse().expect("header"));
+    t.insert("grpc-message", "vm%20not%20found".parse().expect("header"));
+    w.on_trailers(&t);
+    assert_eq!(
+        w.verdict(true),
+        (Some(ErrorCode::NotFound), Some("vm not found".into()))
+    );
+    assert_eq!(
+        Watch::GrpcTrailers.verdict(false).0,
+        Some(ErrorCode::Canceled)
+    );
+    assert_eq!(
+        Watch::GrpcTrailers.verdict(true).0,
+        Some(ErrorCode::Unknown)
+    );
+}
+
+fn web_body(status: &str) -> Vec<u8> {
+    let mut body = vec![0u8, 0, 0, 0, 3, 1, 2, 3];
+    let trailer = format!("grpc-status:{status}\r\ngrpc-message:bad%21\r\n");
+    body.push(0x80);
+    body.extend_from_slice(&(trailer.len() as u32).to_be_bytes());
+    body.extend_from_slice(trailer.as_bytes());
+    body
+}
+
+#[test]
+fn grpc_web_trailer_frame_is_found_across_chunks() {
+    let body = web_body("9");
+    for split in 0..body.len() {
+        let mut s = WebScanner::new(false);
+        s.feed(&body[..split]);
+        s.feed(&body[split..]);
+        assert_eq!(
+            s.status(),
+            Some((Some(ErrorCode::FailedPrecondition), Some("bad!".into()))),
+            "split at {split}"
+        );
+    }
+    let mut ok = WebScanner::new(false);
+    ok.feed(&web_body("0"));
+    assert_eq!(ok.status(), Some((None, None)));
+}
+
+#[test]
+fn grpc_web_text_is_decoded_first() {
+    let body = web_body("14");
+    let encoded = base64_encode(&body);
+    let mut s = WebScanner::new(true);
+    for chunk in encoded.as_bytes().chunks(7) {
+        s.feed(chunk);
+    }
+    assert_eq!(s.status().map(|s| s.0), Some(Some(ErrorCode::Unavailable)));
+}
+
+fn base64_encode(data: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(data)
+}
+
+#[test]
+fn percent_decoding_tolerates_bad_escapes() {
+    assert_eq!(percent_decode("a%20b"), "a b");
+    assert_eq!(percent_decode("100%"), "100%");
+    assert_eq!(percent_decode("%zz"), "%zz");
+    assert_eq!(percent_decode("%E2%9C%93"), "\u{2713}");
+}
+
+#[test]
+fn http_fallback_mapping_matches_the_spec() {
+    assert_eq!(code_from_http(400), ErrorCode::Internal);
+    assert_eq!(code_from_http(404), ErrorCode::Unimplemented);
+    assert_eq!(code_from_http(503), ErrorCode::Unavailable);
+    assert_eq!(code_from_http(500), ErrorCode::Unknown);
+}

@@ -1,0 +1,233 @@
+//! The durable `VmStore`: one SQLite file, `vmcp.db`, in VMCP's data
+//! directory, so VM records survive restarts and crashes and the next start
+//! can re-adopt or reconcile every VM. Durability wins over speed: WAL mode
+//! with `synchronous=FULL` makes every `put` and `remove` a transaction that
+//! is on disk when it returns. The file is checked at open (application id,
+//! schema version, `PRAGMA integrity_check`) and a damaged, foreign or newer file
+//! stops start-up with a message naming it; nothing is ever reset silently.
+//! One row per VM, with the searchable parts as columns and the config as
+//! strict JSON. SQLite calls block, so they run on tokio's blocking pool
+//! over one connection behind a mutex.
+//!
+//! Opening and its checks are in `open`, the schema's migrations in
+//! `migrations`, a record's columns in `row` (with the config's JSON in
+//! `config_json`); this module is the store itself.
+
+pub mod config_json;
+mod migrations;
+mod open;
+mod row;
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{Connection, ErrorCode, TransactionBehavior, params};
+
+pub use self::migrations::SCHEMA_VERSION;
+pub use self::open::{DB_FILE_NAME, StoreOpenError};
+use self::row::Row;
+use crate::domain::VmId;
+use crate::ports::{StoreError, VmRecord, VmStore};
+
+/// Raises the stored high-water revision to `revision` (never lowers it).
+fn raise_revision(tx: &Connection, revision: u64) -> rusqlite::Result<()> {
+    let revision = i64::try_from(revision).unwrap_or(i64::MAX);
+    tx.prepare_cached("UPDATE meta SET value = max(value, ?1) WHERE key = 'revision'")?
+        .execute([revision])
+        .map(drop)
+}
+
+/// VM records in a SQLite file; cheap to clone (clones share the connection).
+/// Writes are serialized; a `put` or `remove` whose future is dropped still
+/// runs to completion (commit or rollback) on the blocking pool.
+#[derive(Clone)]
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    conn: Mutex<Connection>,
+}
+
+impl fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.inner.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) `data_dir/vmcp.db`, checks it and migrates it
+    /// to [`SCHEMA_VERSION`]. Creates `data_dir` with mode 0700 and the file
+    /// with mode 0600. Blocks; call it before serving or on a blocking thread.
+    pub fn open(data_dir: &Path) -> Result<Self, StoreOpenError> {
+        let (path, conn) = open::connect(data_dir)?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                path,
+                conn: Mutex::new(conn),
+            }),
+        })
+    }
+
+    /// The store file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Runs `f` on the connection on tokio's blocking pool.
+    async fn blocking<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection, &Path) -> Result<T, StoreError> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || {
+            // A panic while holding the lock cannot leave a transaction open
+            // (rusqlite rolls back on drop), so a poisoned lock is usable.
+            let mut conn = inner.conn.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut conn, &inner.path)
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("store task failed: {e}")))?
+    }
+}
+
+impl VmStore for SqliteStore {
+    /// A snapshot marked deleted is removed rather than stored: its delete has
+    /// completed, and storing it would bring it back at the next start.
+    async fn put(&self, record: &VmRecord) -> Result<(), StoreError> {
+        if record.snapshot.deleted {
+            return self
+                .remove(&record.snapshot.id, record.snapshot.revision)
+                .await;
+        }
+        let row = Row::encode(record)?;
+        let record_revision = record.snapshot.revision;
+        self.blocking(move |conn, path| {
+            write(conn, |tx| {
+                tx.prepare_cached(
+                    "INSERT INTO vms (id, config, desired, state, reason, generation,
+                                      created_at, modified_at, vmm_pid, vmm_start_time, socket_path,
+                                      revision)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+                     ON CONFLICT (id) DO UPDATE SET
+                        config = excluded.config,
+                        desired = excluded.desired,
+                        state = excluded.state,
+                        reason = excluded.reason,
+                        generation = excluded.generation,
+                        created_at = excluded.created_at,
+                        modified_at = excluded.modified_at,
+                        vmm_pid = excluded.vmm_pid,
+                        vmm_start_time = excluded.vmm_start_time,
+                        socket_path = excluded.socket_path,
+                        revision = excluded.revision",
+                )?
+                .execute(params![
+                    row.id,
+                    row.config,
+                    row.desired,
+                    row.state,
+                    row.reason,
+                    row.generation,
+                    row.created_at,
+                    row.modified_at,
+                    row.vmm_pid,
+                    row.vmm_start_time,
+                    row.socket_path,
+                    row.revision,
+                ])?;
+                raise_revision(tx, record_revision)
+            })
+            .map_err(|e| write_error(path, "write", &row.id, &e))
+        })
+        .await
+    }
+
+    async fn remove(&self, id: &VmId, revision: u64) -> Result<(), StoreError> {
+        let id = id.as_str().to_owned();
+        self.blocking(move |conn, path| {
+            write(conn, |tx| {
+                tx.prepare_cached("DELETE FROM vms WHERE id = ?1")?
+                    .execute([&id])?;
+                raise_revision(tx, revision)
+            })
+            .map_err(|e| write_error(path, "remove", &id, &e))
+        })
+        .await
+    }
+
+    async fn load_all(&self) -> Result<Vec<VmRecord>, StoreError> {
+        self.blocking(|conn, path| {
+            let read_err = |e: rusqlite::Error| read_error(path, &e);
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT id, config, desired, state, reason, generation, created_at,
+                            modified_at, vmm_pid, vmm_start_time, socket_path, revision
+                     FROM vms ORDER BY id",
+                )
+                .map_err(read_err)?;
+            let mut rows = stmt.query([]).map_err(read_err)?;
+            let mut records = Vec::new();
+            while let Some(r) = rows.next().map_err(read_err)? {
+                records.push(Row::read(r, path)?.decode(path)?);
+            }
+            Ok(records)
+        })
+        .await
+    }
+
+    async fn revision(&self) -> Result<u64, StoreError> {
+        self.blocking(|conn, path| {
+            let value: i64 = conn
+                .prepare_cached(
+                    "SELECT max((SELECT value FROM meta WHERE key = 'revision'),
+                                (SELECT coalesce(max(revision), 0) FROM vms))",
+                )
+                .and_then(|mut stmt| stmt.query_row([], |r| r.get(0)))
+                .map_err(|e| read_error(path, &e))?;
+            u64::try_from(value).map_err(|_| {
+                StoreError::Corrupt(format!("{}: negative revision {value}", path.display()))
+            })
+        })
+        .await
+    }
+}
+
+/// Runs `f` in an immediate transaction and commits; on any error the
+/// transaction is rolled back (by `Transaction`'s drop) and nothing changes.
+fn write<F>(conn: &mut Connection, f: F) -> rusqlite::Result<()>
+where
+    F: FnOnce(&Connection) -> rusqlite::Result<()>,
+{
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    f(&tx)?;
+    tx.commit()
+}
+
+fn write_error(path: &Path, what: &str, id: &str, e: &rusqlite::Error) -> StoreError {
+    let why = if e.sqlite_error_code() == Some(ErrorCode::DiskFull) {
+        " (disk full)"
+    } else {
+        ""
+    };
+    StoreError::Unavailable(format!(
+        "cannot {what} VM {id} in {}{why}: {e}",
+        path.display()
+    ))
+}
+
+fn read_error(path: &Path, e: &rusqlite::Error) -> StoreError {
+    match e.sqlite_error_code() {
+        Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) => {
+            StoreError::Corrupt(format!("{}: {e}", path.display()))
+        }
+        _ => StoreError::Unavailable(format!("cannot read {}: {e}", path.display())),
+    }
+}

@@ -1,0 +1,424 @@
+//! The owner performing what its core decided, against the VM's VMM handle:
+//! creating the VMM, each admitted operation, the periodic sample, and what
+//! the VMM did on its own (an exit, a reported change). Each outcome is fed
+//! back to the core as an observation, with the state read back after a
+//! failure, so the record stays true.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::calls::{hypervisor_to_vm_error, timed_call};
+use super::{Deps, Owner, handle_without_vmm};
+use crate::domain::restart::Cause;
+use crate::domain::{Command, Observation, Operation, VmError, VmState};
+use crate::ports::{
+    Hypervisor, HypervisorError, Reported, ShutdownMode, TelemetryEvent, VmStore, VmmEvent,
+    VmmHandle, VmmInfo,
+};
+
+impl<H: Hypervisor, S: VmStore> Owner<H, S> {
+    pub(super) async fn perform(&mut self, cmd: Command) -> Result<(), VmError> {
+        let op = cmd.operation();
+        if op == Operation::Create {
+            return self.create().await;
+        }
+        if op == Operation::Boot && self.vmm.is_none() {
+            // Recovery could not give this VM a handle: get a fresh one to boot it with.
+            let snap = self.vm.snapshot();
+            match handle_without_vmm(&self.deps, &snap.id, &snap.config, self.events_tx.clone())
+                .await
+            {
+                Ok(vmm) => self.vmm = Some(vmm),
+                Err(e) => {
+                    tracing::warn!(vm.id = %snap.id, error = %e, "no VMM handle to boot the VM with");
+                }
+            }
+        }
+        let kind = self.deps.hypervisor.kind();
+        let tel = &*self.deps.telemetry;
+        let t = self.deps.call_timeout;
+        // A graceful stop may take its grace on top of the call timeout.
+        let budget = t + cmd.graceful_timeout().unwrap_or_default();
+        let started = Instant::now();
+        let outcome: Result<Option<Reported>, HypervisorError> = match self.vmm.as_mut() {
+            // A VM recovery could not give a handle: nothing runs, so deleting it is forgetting it.
+            None if op == Operation::Delete => Ok(None),
+            None => Err(HypervisorError::Gone(
+                "the VM has no VMM handle (see its reason); it can only be deleted".to_owned(),
+            )),
+            Some(vmm) => match cmd {
+                // Performed by `Owner::create` above, never through a handle.
+                Command::Create => Err(HypervisorError::Protocol(
+                    "create performed on an existing VMM handle".to_owned(),
+                )),
+                Command::Boot => timed_call(kind, tel, "boot", t, vmm.boot()).await.map(Some),
+                Command::Shutdown { force, .. } => {
+                    let mode = ShutdownMode {
+                        force,
+                        graceful_timeout: cmd.graceful_timeout().unwrap_or_default(),
+                    };
+                    timed_call(kind, tel, "shutdown", budget, vmm.shutdown(mode))
+                        .await
+                        .map(Some)
+                }
+                Command::Pause => timed_call(kind, tel, "pause", t, vmm.pause())
+                    .await
+                    .map(Some),
+                Command::Resume => timed_call(kind, tel, "resume", t, vmm.resume())
+                    .await
+                    .map(Some),
+                Command::Reboot { force } => timed_call(kind, tel, "reboot", t, vmm.reboot(force))
+                    .await
+                    .map(Some),
+                Command::Delete { force } => {
+                    timed_call(kind, tel, "delete", budget, vmm.delete(force))
+                        .await
+                        .map(|()| None)
+                }
+                Command::Snapshot { resume } => match self.snapshot_to.clone() {
+                    Some(dir) => {
+                        let memory =
+                            u64::try_from(self.vm.snapshot().config.memory.size_bytes).unwrap_or(0);
+                        let budget = t + super::snapshot_time(memory);
+                        timed_call(kind, tel, "snapshot", budget, vmm.snapshot(&dir, resume))
+                            .await
+                            .map(Some)
+                    }
+                    None => Err(HypervisorError::Protocol(
+                        "a snapshot without a directory".to_owned(),
+                    )),
+                },
+                Command::Resize(size) => timed_call(kind, tel, "resize", t, vmm.resize(size))
+                    .await
+                    .map(|(reported, size)| {
+                        // The config shows the size the VMM reports, with the state below.
+                        let now = self.deps.clock.now_unix();
+                        self.vm.handle_observation(Observation::Sized(size), now);
+                        Some(reported)
+                    }),
+            },
+        };
+        let now = self.deps.clock.now_unix();
+        match outcome {
+            Ok(reported) => {
+                let reported = reported.map(|r| {
+                    self.process = r.process;
+                    (r.state, r.reason)
+                });
+                if op == Operation::Boot
+                    && reported
+                        .as_ref()
+                        .is_some_and(|(s, _)| *s == VmState::Running)
+                {
+                    tel.record(TelemetryEvent::BootCompleted {
+                        backend: kind,
+                        duration: started.elapsed(),
+                    });
+                }
+                if op == Operation::Delete {
+                    // The record goes when the delete is published (see `publish`).
+                    self.process = None;
+                    self.vmm = None;
+                }
+                self.vm.handle_observation(
+                    Observation::Completed {
+                        op,
+                        reported,
+                        error: None,
+                    },
+                    now,
+                );
+                Ok(())
+            }
+            Err(e) => {
+                let err = hypervisor_to_vm_error(e, self.vm.snapshot(), op);
+                // The operation failed: read back what the VMM reports now, and which
+                // process serves the VM, so the record is true.
+                let reported = self.read_back().await;
+                self.vm.handle_observation(
+                    Observation::Completed {
+                        op,
+                        reported,
+                        error: Some(err.clone()),
+                    },
+                    now,
+                );
+                if op == Operation::Boot && self.vm.restarting() {
+                    // The policy's own boot failed: back off and try again, or give up.
+                    self.vm.consider_restart(
+                        Cause::FailedStart,
+                        err.to_string(),
+                        Instant::now(),
+                        now,
+                    );
+                }
+                Err(err)
+            }
+        }
+    }
+
+    /// Creates the VMM: the record (generation 0, no process) is durable
+    /// first, so a crash during the create is rolled back at the next start.
+    pub(super) async fn create(&mut self) -> Result<(), VmError> {
+        let id = self.vm.snapshot().id.clone();
+        let config = self.vm.snapshot().config.clone();
+        let now = self.deps.clock.now_unix();
+        let intent = self.persist().await;
+        let intent_recorded = intent.is_ok();
+        let deps = self.deps.clone();
+        let h = &*deps.hypervisor;
+        let kind = h.kind();
+        let tel = &*deps.telemetry;
+        let t = deps.call_timeout;
+        let outcome = match intent {
+            Err(e) => Err(e),
+            Ok(()) => match match self.restore_from.take() {
+                None => {
+                    timed_call(
+                        kind,
+                        tel,
+                        "create",
+                        t,
+                        h.create(&id, &config, self.events_tx.clone()),
+                    )
+                    .await
+                }
+                Some((dir, resume)) => {
+                    let memory = u64::try_from(config.memory.size_bytes).unwrap_or(0);
+                    let restore = h.restore(&id, &config, &dir, resume, self.events_tx.clone());
+                    let budget = t + super::snapshot_time(memory);
+                    timed_call(kind, tel, "restore", budget, restore).await
+                }
+            } {
+                Ok((vmm, reported)) => {
+                    self.process = reported.process.clone();
+                    self.vmm = Some(vmm);
+                    Ok((reported.state, reported.reason))
+                }
+                Err(e) => {
+                    if matches!(e, HypervisorError::Timeout { .. }) {
+                        // The abandoned create may still have started a VMM: find and end it.
+                        end_vmms_of(&deps, &id).await;
+                    }
+                    Err(hypervisor_to_vm_error(
+                        e,
+                        self.vm.snapshot(),
+                        Operation::Create,
+                    ))
+                }
+            },
+        };
+        match outcome {
+            Ok(reported) => {
+                self.vm.handle_observation(
+                    Observation::Completed {
+                        op: Operation::Create,
+                        reported: Some(reported),
+                        error: None,
+                    },
+                    now,
+                );
+                Ok(())
+            }
+            Err(err) => {
+                // Create leaves nothing behind on failure, so the record goes too
+                // (a failed intent write left none).
+                // The VM was never announced, so its removal is no change: no new revision.
+                if intent_recorded
+                    && let Err(e) = self.deps.store.remove(&id, self.deps.feed.revision()).await
+                {
+                    tracing::error!(vm.id = %id, error = %e, "could not remove the record of a failed create; it is rolled back at the next start");
+                }
+                self.vm.handle_observation(
+                    Observation::Completed {
+                        op: Operation::Create,
+                        reported: None,
+                        error: Some(err.clone()),
+                    },
+                    now,
+                );
+                Err(err)
+            }
+        }
+    }
+
+    /// Asks the handle for a sample, under the call timeout (None without a handle).
+    pub(super) async fn read_vmm(&mut self) -> Option<Result<VmmInfo, HypervisorError>> {
+        let vmm = self.vmm.as_mut()?;
+        let kind = self.deps.hypervisor.kind();
+        let tel = &*self.deps.telemetry;
+        Some(timed_call(kind, tel, "sample", self.deps.call_timeout, vmm.sample()).await)
+    }
+
+    /// After a failed operation: the state the VMM reports now (None if it
+    /// cannot be read), with the handle's current process recorded.
+    pub(super) async fn read_back(&mut self) -> Option<(VmState, String)> {
+        self.process = self.vmm.as_ref()?.process();
+        match self.read_vmm().await? {
+            Ok(info) => {
+                let state = info.state.map(|s| (s, info.reason.clone()));
+                self.take_sample(info);
+                state
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// The sample timer fired: read state and metrics, record what changed.
+    pub(super) async fn sample(&mut self) {
+        let Some(read) = self.read_vmm().await else {
+            return;
+        };
+        match read {
+            Ok(info) => {
+                // With no process before or after, the VMM has nothing to report: the state
+                // the core recorded when the process went away (Shutdown, Failed) stands.
+                let news = self.process.is_some() || info.process.is_some();
+                let state = info.state.filter(|_| news);
+                let reason = info.reason.clone();
+                self.take_sample(info);
+                if let Some(state) = state {
+                    let snap = self.vm.snapshot();
+                    // Keep the known reason when the VMM reports the same state without one.
+                    let reason = if reason.is_empty() && snap.state == state {
+                        snap.reason.clone()
+                    } else {
+                        reason
+                    };
+                    let now = self.deps.clock.now_unix();
+                    self.vm
+                        .handle_observation(Observation::Reported { state, reason }, now);
+                }
+            }
+            Err(e) => {
+                let mut view = (*self.view).clone();
+                view.backend_info
+                    .insert("sample_error".to_owned(), e.to_string());
+                self.view = Arc::new(view);
+            }
+        }
+    }
+
+    /// Sends console input through the handle (serialized with operations).
+    pub(super) async fn write_console(&mut self, data: Vec<u8>) -> Result<usize, VmError> {
+        let snap = self.vm.snapshot().clone();
+        let Some(vmm) = self.vmm.as_mut() else {
+            return Err(VmError::FailedPrecondition {
+                vm_id: snap.id.to_string(),
+                operation: "write console",
+                state: snap.state,
+                reason: "no VMM runs for this VM".to_owned(),
+            });
+        };
+        let kind = self.deps.hypervisor.kind();
+        let tel = &*self.deps.telemetry;
+        timed_call(
+            kind,
+            tel,
+            "write_console",
+            self.deps.call_timeout,
+            vmm.write_console(data),
+        )
+        .await
+        .map_err(|e| match e {
+            HypervisorError::Unsupported(m) => VmError::Unimplemented(m),
+            HypervisorError::InvalidState(reason) => VmError::FailedPrecondition {
+                vm_id: snap.id.to_string(),
+                operation: "write console",
+                state: snap.state,
+                reason,
+            },
+            HypervisorError::Timeout { .. } => {
+                VmError::DeadlineExceeded(format!("vm {}: {e}", snap.id))
+            }
+            e => VmError::Unavailable(format!("vm {}: {e}", snap.id)),
+        })
+    }
+
+    pub(super) fn take_sample(&mut self, info: VmmInfo) {
+        self.process = info.process.clone();
+        if let Some(size) = info.size {
+            // A resize a crash interrupted, or one made on the VMM's own socket.
+            let now = self.deps.clock.now_unix();
+            self.vm.handle_observation(Observation::Sized(size), now);
+        }
+        let mut backend_info = info.backend_info;
+        backend_info.insert(
+            "backend".to_owned(),
+            self.deps.hypervisor.kind().as_str().to_owned(),
+        );
+        let mut view = (*self.view).clone();
+        view.metrics = Some(info.metrics);
+        view.backend_info = backend_info;
+        view.sampled_at_ms = Some(self.deps.clock.now_unix_ms());
+        self.view = Arc::new(view);
+    }
+
+    /// Something the VMM did on its own. News about a process the owner has
+    /// already replaced is dropped.
+    pub(super) async fn on_event(&mut self, event: VmmEvent) {
+        let current = self.process.as_ref().map(|p| p.pid);
+        let now = self.deps.clock.now_unix();
+        match event {
+            VmmEvent::Exited { pid, state, reason } => {
+                if current != Some(pid) {
+                    tracing::debug!(vm.id = %self.vm.snapshot().id, pid, "exit of a replaced VMM ignored");
+                    return;
+                }
+                self.deps.telemetry.record(TelemetryEvent::VmmExited {
+                    backend: self.deps.hypervisor.kind(),
+                    reason: if state == VmState::Shutdown {
+                        "poweroff"
+                    } else {
+                        "crash"
+                    },
+                });
+                tracing::warn!(vm.id = %self.vm.snapshot().id, pid, %state, %reason, "VMM process exited");
+                self.process = None;
+                self.vm.handle_observation(
+                    Observation::Exited {
+                        state,
+                        reason: reason.clone(),
+                    },
+                    now,
+                );
+                let cause = if state == VmState::Shutdown {
+                    Cause::Poweroff
+                } else {
+                    Cause::Crash
+                };
+                self.vm.consider_restart(cause, reason, Instant::now(), now);
+            }
+            VmmEvent::StateChanged { pid, state, reason } => {
+                if current != Some(pid) || state == self.vm.snapshot().state {
+                    return;
+                }
+                // The event may be older than the last operation's answer (it was read
+                // before the operation ran): ask the VMM now rather than trust it.
+                tracing::debug!(vm.id = %self.vm.snapshot().id, pid, %state, %reason, "VMM reported a change");
+                self.sample().await;
+            }
+        }
+        self.publish().await;
+    }
+}
+
+/// Ends any VMM the host shows for `id` (after an abandoned create).
+async fn end_vmms_of<H: Hypervisor, S>(deps: &Deps<H, S>, id: &crate::domain::VmId) {
+    let h = &*deps.hypervisor;
+    let tel = &*deps.telemetry;
+    let t = deps.call_timeout;
+    let Ok(found) = timed_call(h.kind(), tel, "discover", t, h.discover()).await else {
+        return;
+    };
+    for d in found.into_iter().filter(|d| &d.id == id) {
+        let _ = timed_call(
+            h.kind(),
+            tel,
+            "destroy_orphan",
+            t,
+            h.destroy_orphan(id, d.process),
+        )
+        .await;
+    }
+}
