@@ -12,6 +12,7 @@ pub mod health;
 pub mod paging;
 pub mod recovery;
 pub mod registry;
+pub mod snapshot_calls;
 pub mod snapshots;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,9 +21,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::domain::snapshot::{
-    SnapshotId, SnapshotInfo, SnapshotKind, check_disks_free, restored_config,
-};
+use crate::domain::snapshot::{SnapshotId, SnapshotInfo, SnapshotKind};
 use crate::domain::{Command, Vm, VmError, VmId, VmSnapshot, VmState};
 use crate::ports::{
     BackendHealth, Clock, ConsoleChunk, ConsoleStream, CreateVm, Hypervisor, HypervisorError,
@@ -526,55 +525,7 @@ impl<H: Hypervisor, S: VmStore> VmService for VmManager<H, S> {
         resume: bool,
         kind: SnapshotKind,
     ) -> Result<SnapshotInfo, VmError> {
-        self.require_backend().await?;
-        let backend = self.deps.hypervisor.kind().as_str();
-        if kind == SnapshotKind::Diff {
-            return Err(VmError::Unimplemented(format!(
-                "{backend}: diff snapshots are not offered: Firecracker takes them only with dirty-page tracking on from boot, which VMCP does not turn on, and Cloud Hypervisor has none"
-            )));
-        }
-        let snapshots = self.snapshots()?;
-        let (entry, view) = self.created_view(&id)?;
-        let snapshot_id = match snapshot_id {
-            Some(s) => s,
-            None => SnapshotId::parse(
-                "snapshot_id",
-                &format!("snap-{}", uuid::Uuid::new_v4().simple()),
-            )?,
-        };
-        // The memory file is about the guest's memory size.
-        let expected = u64::try_from(view.snapshot.config.memory.size_bytes).unwrap_or(0);
-        let taking = snapshots.begin(snapshot_id.clone(), expected).await?;
-        let (reply_tx, reply_rx) = oneshot::channel();
-        entry
-            .tx
-            .try_send(Request::Snapshot {
-                dir: taking.dir.clone(),
-                resume,
-                reply: reply_tx,
-            })
-            .map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => VmError::Unavailable(format!(
-                    "vm {id} has {QUEUE_DEPTH} operations queued; retry later"
-                )),
-                mpsc::error::TrySendError::Closed(_) => VmError::NotFound(id.to_string()),
-            })?;
-        let snap = reply_rx
-            .await
-            .map_err(|_| VmError::NotFound(id.to_string()))??;
-        let vmm_version = self.backend_health().await.version;
-        taking
-            .commit(SnapshotInfo {
-                id: snapshot_id,
-                source_vm_id: id,
-                backend: backend.to_owned(),
-                vmm_version,
-                config: snap.config,
-                created_at: self.deps.clock.now_unix(),
-                size_bytes: 0,
-                kind,
-            })
-            .await
+        self.take_snapshot(id, snapshot_id, resume, kind).await
     }
 
     async fn list_snapshots(
@@ -594,30 +545,8 @@ impl<H: Hypervisor, S: VmStore> VmService for VmManager<H, S> {
         self.snapshots()?.delete(&id).await
     }
 
-    /// A restore is a create whose VMM loads the snapshot: the same
-    /// admission (config rules, host paths, limits) and durability.
     async fn restore_vm(&self, req: RestoreVm) -> Result<VmSnapshot, VmError> {
-        self.require_backend().await?;
-        let reading = self.snapshots()?.read(&req.snapshot_id)?;
-        let health = self.backend_health().await;
-        reading
-            .info
-            .check_restorable(self.deps.hypervisor.kind().as_str(), &health.version)?;
-        let config = restored_config(&reading.info, &req.network_overrides, req.metadata)?;
-        if self.registry.contains(&req.vm_id) {
-            return Err(VmError::AlreadyExists(req.vm_id.to_string()));
-        }
-        let views = self.registry.views(&[]);
-        check_disks_free(
-            &config,
-            views.iter().map(|v| (&v.snapshot.id, &v.snapshot.config)),
-        )?;
-        self.start_vm(
-            Some(req.vm_id),
-            config,
-            Some((reading.dir.clone(), req.resume)),
-        )
-        .await
+        self.restore(req).await
     }
 
     async fn watch_vms(&self, query: WatchQuery) -> Result<WatchStream, VmError> {
