@@ -242,19 +242,7 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
             Command::Shutdown { .. } | Command::Delete { .. } => {}
         }
         let entry = self.entry(&id)?;
-        let (reply_tx, reply_rx) = oneshot::channel();
-        entry
-            .tx
-            .try_send(Request::Command(cmd, reply_tx))
-            .map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => VmError::Unavailable(format!(
-                    "vm {id} has {QUEUE_DEPTH} operations queued; retry later"
-                )),
-                mpsc::error::TrySendError::Closed(_) => VmError::NotFound(id.to_string()),
-            })?;
-        let result = reply_rx
-            .await
-            .map_err(|_| VmError::NotFound(id.to_string()))?;
+        let result = ask(&entry, &id, |reply| Request::Command(cmd, reply)).await;
         if result.as_ref().is_ok_and(|s| s.deleted) {
             self.registry.remove_if_owned_by(&id, &entry.tx);
         }
@@ -471,19 +459,7 @@ impl<H: Hypervisor, S: VmStore> VmService for VmManager<H, S> {
     async fn write_console(&self, id: VmId, data: Vec<u8>) -> Result<usize, VmError> {
         self.require_backend().await?;
         let (entry, _) = self.created_view(&id)?;
-        let (reply_tx, reply_rx) = oneshot::channel();
-        entry
-            .tx
-            .try_send(Request::WriteConsole(data, reply_tx))
-            .map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => VmError::Unavailable(format!(
-                    "vm {id} has {QUEUE_DEPTH} operations queued; retry later"
-                )),
-                mpsc::error::TrySendError::Closed(_) => VmError::NotFound(id.to_string()),
-            })?;
-        reply_rx
-            .await
-            .map_err(|_| VmError::NotFound(id.to_string()))?
+        ask(&entry, &id, |reply| Request::WriteConsole(data, reply)).await
     }
 
     /// Checks the new size against the VM's ceilings and the admission
@@ -564,6 +540,26 @@ impl<H: Hypervisor, S: VmStore> VmService for VmManager<H, S> {
             })
             .await
     }
+}
+
+/// Sends the request `make` builds to VM `id`'s owner and waits for its
+/// answer. A full queue is `unavailable`; an owner that is gone (the VM was
+/// deleted meanwhile) is `not_found`.
+async fn ask<T>(
+    entry: &Entry,
+    id: &VmId,
+    make: impl FnOnce(oneshot::Sender<Result<T, VmError>>) -> Request,
+) -> Result<T, VmError> {
+    let (reply_tx, reply_rx) = oneshot::channel();
+    entry.tx.try_send(make(reply_tx)).map_err(|e| match e {
+        mpsc::error::TrySendError::Full(_) => VmError::Unavailable(format!(
+            "vm {id} has {QUEUE_DEPTH} operations queued; retry later"
+        )),
+        mpsc::error::TrySendError::Closed(_) => VmError::NotFound(id.to_string()),
+    })?;
+    reply_rx
+        .await
+        .map_err(|_| VmError::NotFound(id.to_string()))?
 }
 
 /// Open connections and the caps, for the health endpoint.

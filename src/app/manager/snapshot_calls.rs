@@ -1,10 +1,8 @@
 //! The snapshot calls of the manager: SnapshotVm through the VM's owner into
 //! the repository, and RestoreVm as a create whose VMM loads a snapshot.
 
-use tokio::sync::{mpsc, oneshot};
-
 use super::VmManager;
-use crate::app::owner::{QUEUE_DEPTH, Request};
+use crate::app::owner::Request;
 use crate::domain::snapshot::{
     SnapshotId, SnapshotInfo, SnapshotKind, check_disks_free, restored_config,
 };
@@ -40,23 +38,13 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
         // The memory file is about the guest's memory size.
         let expected = u64::try_from(view.snapshot.config.memory.size_bytes).unwrap_or(0);
         let taking = snapshots.begin(snapshot_id.clone(), expected).await?;
-        let (reply_tx, reply_rx) = oneshot::channel();
-        entry
-            .tx
-            .try_send(Request::Snapshot {
-                dir: taking.dir.clone(),
-                resume,
-                reply: reply_tx,
-            })
-            .map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => VmError::Unavailable(format!(
-                    "vm {id} has {QUEUE_DEPTH} operations queued; retry later"
-                )),
-                mpsc::error::TrySendError::Closed(_) => VmError::NotFound(id.to_string()),
-            })?;
-        let snap = reply_rx
-            .await
-            .map_err(|_| VmError::NotFound(id.to_string()))??;
+        let dir = taking.dir.clone();
+        let snap = super::ask(&entry, &id, |reply| Request::Snapshot {
+            dir,
+            resume,
+            reply,
+        })
+        .await?;
         let vmm_version = self.backend_health().await.version;
         taking
             .commit(SnapshotInfo {

@@ -231,43 +231,41 @@ impl<'a> ChApi<'a> {
             desired_vcpus,
             desired_ram,
         };
+        self.put_json("vm.resize", &body).await
+    }
+
+    /// `PUT endpoint` with a JSON body; a refusal carries CH's words.
+    async fn put_json(
+        &self,
+        endpoint: &str,
+        body: &impl serde::Serialize,
+    ) -> Result<(), HypervisorError> {
         let r = self
             .http
-            .send_json(self.socket, Method::PUT, "/api/v1/vm.resize", &body)
+            .send_json(
+                self.socket,
+                Method::PUT,
+                &format!("/api/v1/{endpoint}"),
+                body,
+            )
             .await?;
         if r.is_success() {
             Ok(())
         } else {
-            Err(error_from("vm.resize", &r))
+            Err(error_from(endpoint, &r))
         }
     }
 
     /// `PUT vm.snapshot` into the directory `dir` (the VM must be paused).
     pub async fn snapshot(&self, dir: &Path) -> Result<(), HypervisorError> {
         let body = serde_json::json!({"destination_url": format!("file://{}", dir.display())});
-        let r = self
-            .http
-            .send_json(self.socket, Method::PUT, "/api/v1/vm.snapshot", &body)
-            .await?;
-        if r.is_success() {
-            Ok(())
-        } else {
-            Err(error_from("vm.snapshot", &r))
-        }
+        self.put_json("vm.snapshot", &body).await
     }
 
     /// `PUT vm.restore` from the directory `dir` into this fresh VMM (the VM is left paused).
     pub async fn restore(&self, dir: &Path) -> Result<(), HypervisorError> {
         let body = serde_json::json!({"source_url": format!("file://{}", dir.display())});
-        let r = self
-            .http
-            .send_json(self.socket, Method::PUT, "/api/v1/vm.restore", &body)
-            .await?;
-        if r.is_success() {
-            Ok(())
-        } else {
-            Err(error_from("vm.restore", &r))
-        }
+        self.put_json("vm.restore", &body).await
     }
 
     /// `GET vm.info`.

@@ -96,6 +96,18 @@ impl<F: Flavour> VmmBackend<F> {
         |pid, id, dir| self.sup.flavour.is_vmm_of(pid, id, dir)
     }
 
+    /// Preparing the runtime directory removes its socket: never do that
+    /// under a VMM that still runs there (it would be orphaned).
+    fn refuse_if_running(&self, id: &VmId) -> Result<(), HypervisorError> {
+        match discovery::live_vmm(self.runtime_root(), id, &self.is_vmm()) {
+            Some(running) => Err(HypervisorError::InvalidState(format!(
+                "vm {id} already has a running VMM (pid {})",
+                running.pid
+            ))),
+            None => Ok(()),
+        }
+    }
+
     fn handle(
         &self,
         id: &VmId,
@@ -149,14 +161,7 @@ impl<F: Flavour> Hypervisor for VmmBackend<F> {
         events: VmmEventSink,
     ) -> Result<(Self::Vm, Reported), HypervisorError> {
         let mut vm = self.handle(id, config, events)?;
-        // Preparing the runtime directory removes its socket: never do that
-        // under a VMM that still runs there (it would be orphaned).
-        if let Some(running) = discovery::live_vmm(self.runtime_root(), id, &self.is_vmm()) {
-            return Err(HypervisorError::InvalidState(format!(
-                "vm {id} already has a running VMM (pid {})",
-                running.pid
-            )));
-        }
+        self.refuse_if_running(id)?;
         vm.respawn().await?;
         let reported = vm.read_back().await?;
         Ok((vm, reported))
@@ -171,12 +176,7 @@ impl<F: Flavour> Hypervisor for VmmBackend<F> {
         events: VmmEventSink,
     ) -> Result<(Self::Vm, Reported), HypervisorError> {
         let mut vm = self.handle(id, config, events)?;
-        if let Some(running) = discovery::live_vmm(self.runtime_root(), id, &self.is_vmm()) {
-            return Err(HypervisorError::InvalidState(format!(
-                "vm {id} already has a running VMM (pid {})",
-                running.pid
-            )));
-        }
+        self.refuse_if_running(id)?;
         vm.respawn_restoring(dir, resume).await?;
         // A VMM whose state cannot be read is discarded by `read_back`.
         let reported = vm.read_back().await?;
