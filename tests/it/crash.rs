@@ -18,7 +18,7 @@ use vmcp::proto::vmm::v1::VmState as S;
 
 use super::fake_ch::{Behaviour, install};
 use super::harness::{Wire, client_for, free_port, vmcp_api_env, wait_serving};
-use super::real_env::say;
+use super::skips::skip;
 
 struct Vmcp {
     child: Child,
@@ -157,8 +157,9 @@ fn st(v: buffa::EnumValue<S>) -> S {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_create_converges() {
     if !kvm_usable() {
-        return say(
-            "SKIPPED: kill_9_mid_create_converges: missing a read-write /dev/kvm (the backend check needs it)",
+        return skip(
+            "kill_9_mid_create_converges",
+            "missing a read-write /dev/kvm (the backend check needs it)",
         );
     }
     let case = Case::new();
@@ -215,8 +216,9 @@ async fn kill_9_mid_create_converges() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_boot_converges() {
     if !kvm_usable() {
-        return say(
-            "SKIPPED: kill_9_mid_boot_converges: missing a read-write /dev/kvm (the backend check needs it)",
+        return skip(
+            "kill_9_mid_boot_converges",
+            "missing a read-write /dev/kvm (the backend check needs it)",
         );
     }
     let case = Case::new();
@@ -283,8 +285,9 @@ async fn kill_9_mid_boot_converges() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_delete_converges() {
     if !kvm_usable() {
-        return say(
-            "SKIPPED: kill_9_mid_delete_converges: missing a read-write /dev/kvm (the backend check needs it)",
+        return skip(
+            "kill_9_mid_delete_converges",
+            "missing a read-write /dev/kvm (the backend check needs it)",
         );
     }
     let case = Case::new();

@@ -29,6 +29,7 @@ mod real_env;
 mod real_fc;
 mod restart;
 mod robustness;
+mod skips;
 mod tls_client;
 mod vmcpctl;
 mod watch;

@@ -428,16 +428,20 @@ async fn real_fc_jailer_lifecycle() {
         .or_else(|| on_path("jailer"));
     let root = rustix::process::geteuid().is_root();
     let Some(jailer) = jailer.filter(|_| root) else {
-        say(
-            "SKIPPED: real_fc_jailer_lifecycle: needs root and a jailer binary (VMCP_TEST_FC_JAILER_BINARY, beside firecracker, or on PATH)",
+        super::skips::skip(
+            "real_fc_jailer_lifecycle",
+            "needs root and a jailer binary (VMCP_TEST_FC_JAILER_BINARY, beside firecracker, or on PATH)",
         );
         return;
     };
     if jailer::needs_loader(&r.binary).unwrap_or(true) {
-        say(&format!(
-            "SKIPPED: real_fc_jailer_lifecycle: {} is dynamically linked; the jailer needs a static (musl) firecracker build",
-            r.binary.display()
-        ));
+        super::skips::skip(
+            "real_fc_jailer_lifecycle",
+            &format!(
+                "{} is dynamically linked; the jailer needs a static (musl) firecracker build",
+                r.binary.display()
+            ),
+        );
         return;
     }
     let _serial = SERIAL.lock().await;

@@ -1383,7 +1383,7 @@ mod tests {
                 .map(|m| m.uid() == 0)
                 .unwrap_or(false);
             if !root {
-                eprintln!("SKIPPED: {test}: not running as root, cannot mount a tmpfs");
+                crate::test_skips::skip(test, "not running as root, cannot mount a tmpfs");
                 return None;
             }
             let dir = tempfile::tempdir().expect("tempdir");
@@ -1400,7 +1400,7 @@ mod tests {
             match status {
                 Ok(s) if s.success() => Some(Self { dir }),
                 other => {
-                    eprintln!("SKIPPED: {test}: mount -t tmpfs failed ({other:?})");
+                    crate::test_skips::skip(test, &format!("mount -t tmpfs failed ({other:?})"));
                     None
                 }
             }
