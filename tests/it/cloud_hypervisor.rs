@@ -422,15 +422,24 @@ async fn check_reports_the_version_and_names_what_is_missing() {
     let usable = backend(&bin).with_kvm_device(&fake_kvm);
     assert_eq!(usable.check().await.unwrap().version, "v53.0-fake");
 
-    let err = backend(&bin)
-        .with_kvm_device(env.tmp.path().join("no-kvm"))
-        .check()
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(&err, HypervisorError::Unavailable { message, source: Some(_) } if message.contains("no-kvm")),
-        "{err:?}"
-    );
+    // No KVM, and a KVM that opens but not read-write (a directory: refused
+    // even to root), are each named, whatever this host has.
+    for (kvm, why) in [
+        (env.tmp.path().join("no-kvm"), "No such file"),
+        (env.tmp.path().to_owned(), "directory"),
+    ] {
+        let err = backend(&bin)
+            .with_kvm_device(&kvm)
+            .check()
+            .await
+            .unwrap_err();
+        let want = format!("{} cannot be opened read-write", kvm.display());
+        assert!(
+            matches!(&err, HypervisorError::Unavailable { message, source: Some(s) }
+                if *message == want && s.to_string().contains(why)),
+            "{err:?}"
+        );
+    }
 
     let ro_kvm = env.tmp.path().join("ro-kvm");
     std::fs::write(&ro_kvm, b"").unwrap();
