@@ -19,6 +19,7 @@ mod double;
 mod fake_ch;
 mod fake_fc;
 mod firecracker;
+mod fuzz_seeds;
 mod harness;
 mod otel;
 mod ownership;
