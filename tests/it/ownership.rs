@@ -11,9 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use vmcp::adapters::outbound::store::memory::MemoryStore;
+use vmcp::adapters::outbound::store::sqlite::SqliteStore;
 use vmcp::app::security::Security;
 use vmcp::domain::restart::{RestartPolicy, RestartSettings};
-use vmcp::ports::HypervisorError;
+use vmcp::ports::{HypervisorError, VmStore};
 use vmcp::proto::vmm::v1 as pb;
 use vmcp::proto::vmm::v1::VmState as S;
 
@@ -24,7 +25,7 @@ fn st(v: buffa::EnumValue<S>) -> S {
     v.as_known().expect("known state")
 }
 
-async fn info(h: &Harness, id: &str) -> pb::GetVmInfoResponse {
+async fn info<St: VmStore>(h: &Harness<St>, id: &str) -> pb::GetVmInfoResponse {
     h.info(id).await
 }
 
@@ -39,10 +40,25 @@ enum Replace {
     ShutdownThenBoot,
 }
 
-async fn replaced_vmm_survives_restart(double: Double, how: Replace) {
-    let double = Arc::new(double);
+/// A memory store that lives across restarts, as the tests' VMCP's records do.
+fn memory() -> impl Fn() -> Arc<MemoryStore> {
     let store = Arc::new(MemoryStore::new());
-    let h = Harness::start_with(Arc::clone(&double), Arc::clone(&store)).await;
+    move || Arc::clone(&store)
+}
+
+/// A SQLite store in `dir`, opened afresh from disk by each VMCP start.
+fn sqlite(dir: &tempfile::TempDir) -> impl Fn() -> Arc<SqliteStore> + '_ {
+    || Arc::new(SqliteStore::open(dir.path()).expect("open the SQLite store"))
+}
+
+async fn replaced_vmm_survives_restart<St: VmStore>(
+    double: Double,
+    how: Replace,
+    open: impl Fn() -> Arc<St>,
+) {
+    let double = Arc::new(double);
+    let store = open();
+    let h = Harness::start_on(Arc::clone(&double), Arc::clone(&store), Security::open()).await;
     let c = h.client(Wire::ConnectProto);
     let id = "replaced";
     c.create_vm(create_req(id)).await.expect("create");
@@ -98,14 +114,15 @@ async fn replaced_vmm_survives_restart(double: Double, how: Replace) {
         .await
         .expect("records");
     assert_eq!(
-        recorded[0].process.as_ref().map(|p| p.pid),
-        Some(second),
-        "the store names the new VMM: {recorded:?}"
+        recorded[0].process,
+        double.process_of(id),
+        "the store names the new VMM by pid and start time: {recorded:?}"
     );
     h.stop().await;
+    drop(store);
 
     let double = Arc::new(double.restarted());
-    let h = Harness::start_with(Arc::clone(&double), Arc::clone(&store)).await;
+    let h = Harness::start_on(Arc::clone(&double), open(), Security::open()).await;
     let after = info(&h, id).await;
     assert_eq!(
         st(after.state),
@@ -122,6 +139,12 @@ async fn replaced_vmm_survives_restart(double: Double, how: Replace) {
         .await
         .expect("delete");
     assert!(!double.is_alive(second), "delete ended the adopted VMM");
+    for pid in double.pids_ever(id) {
+        assert!(
+            !double.is_alive(pid),
+            "VMM {pid} of {id} outlived its delete"
+        );
+    }
     assert_eq!(
         double.vmm_count(),
         0,
@@ -133,23 +156,36 @@ async fn replaced_vmm_survives_restart(double: Double, how: Replace) {
 
 #[tokio::test]
 async fn ch_boot_after_a_poweroff_survives_a_restart() {
-    replaced_vmm_survives_restart(Double::new(), Replace::PoweroffThenBoot).await;
+    replaced_vmm_survives_restart(Double::new(), Replace::PoweroffThenBoot, memory()).await;
 }
 
 #[tokio::test]
 async fn fc_reboot_survives_a_restart() {
-    replaced_vmm_survives_restart(Double::firecracker(), Replace::Reboot).await;
+    replaced_vmm_survives_restart(Double::firecracker(), Replace::Reboot, memory()).await;
 }
 
 #[tokio::test]
 async fn fc_boot_from_shutdown_survives_a_restart() {
-    replaced_vmm_survives_restart(Double::firecracker(), Replace::ShutdownThenBoot).await;
+    replaced_vmm_survives_restart(Double::firecracker(), Replace::ShutdownThenBoot, memory()).await;
+}
+
+/// The same with the records in SQLite, reopened from disk by the restarted VMCP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaced_vmms_survive_a_restart_on_the_sqlite_store() {
+    for (double, how) in [
+        (Double::new as fn() -> Double, Replace::PoweroffThenBoot),
+        (Double::firecracker, Replace::Reboot),
+        (Double::firecracker, Replace::ShutdownThenBoot),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        replaced_vmm_survives_restart(double(), how, sqlite(&dir)).await;
+    }
 }
 
 const VMS: u64 = 6;
 
 /// One random API call; every outcome is allowed, the invariants are checked after.
-async fn random_call(h: &Harness, rng: &mut Rng) {
+async fn random_call<St: VmStore>(h: &Harness<St>, rng: &mut Rng) {
     let c = h.client(Wire::ConnectProto);
     let id = format!("vm{}", rng.below(VMS));
     let _ = match rng.below(8) {
@@ -231,7 +267,7 @@ fn random_host_event(d: &Double, rng: &mut Rng) {
 
 /// Every VM VMCP lists shows the state and pid its VMM has; every live VMM
 /// belongs to a listed VM; no VM has two VMMs.
-async fn check(h: &Harness, d: &Double, when: &str) {
+async fn check<St: VmStore>(h: &Harness<St>, d: &Double, when: &str) {
     d.assert_one_vmm_per_vm();
     let c = h.client(Wire::ConnectProto);
     let listed: BTreeSet<String> = c
@@ -306,13 +342,15 @@ fn policies(always: bool) -> Security {
     s
 }
 
-async fn random_run(make: fn() -> Double, name: &str, always: bool) {
+async fn random_run<St: VmStore>(
+    make: fn() -> Double,
+    name: &str,
+    always: bool,
+    open: impl Fn() -> Arc<St>,
+) {
     let mut rng = Rng::from_env(name);
-    let store = Arc::new(MemoryStore::new());
     let mut double = Arc::new(make());
-    let start = |d: &Arc<Double>| {
-        Harness::start_with_security(Arc::clone(d), Arc::clone(&store), policies(always))
-    };
+    let start = |d: &Arc<Double>| Harness::start_on(Arc::clone(d), open(), policies(always));
     let mut h = start(&double).await;
     for round in 0..6 {
         for _ in 0..25 {
@@ -349,9 +387,7 @@ async fn random_run(make: fn() -> Double, name: &str, always: bool) {
         "deleting every VM leaves no VMM: {:?}",
         double.live_pids()
     );
-    let records = vmcp::ports::VmStore::load_all(&*store)
-        .await
-        .expect("records");
+    let records = h.store.load_all().await.expect("records");
     assert!(records.is_empty(), "no record left: {records:?}");
     h.stop().await;
 }
@@ -362,6 +398,7 @@ async fn random_operations_faults_and_restarts_keep_every_vm_accounted_for_ch() 
         Double::new,
         "random_operations_faults_and_restarts_keep_every_vm_accounted_for_ch",
         false,
+        memory(),
     )
     .await;
 }
@@ -374,6 +411,7 @@ async fn random_operations_with_policy_always_and_host_reboots_keep_every_vm_acc
         Double::new,
         "random_operations_with_policy_always_and_host_reboots_keep_every_vm_accounted_for",
         true,
+        memory(),
     )
     .await;
 }
@@ -384,6 +422,33 @@ async fn random_operations_faults_and_restarts_keep_every_vm_accounted_for_fc() 
         Double::firecracker,
         "random_operations_faults_and_restarts_keep_every_vm_accounted_for_fc",
         false,
+        memory(),
+    )
+    .await;
+}
+
+/// Recovery from what production keeps: the records in SQLite, reopened from
+/// disk at every restart, under both policies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_operations_faults_and_restarts_keep_every_vm_accounted_for_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    random_run(
+        Double::new,
+        "random_operations_faults_and_restarts_keep_every_vm_accounted_for_on_sqlite",
+        false,
+        sqlite(&dir),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_operations_with_policy_always_and_host_reboots_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    random_run(
+        Double::firecracker,
+        "random_operations_with_policy_always_and_host_reboots_on_sqlite",
+        true,
+        sqlite(&dir),
     )
     .await;
 }

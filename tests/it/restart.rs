@@ -9,10 +9,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vmcp::adapters::outbound::store::memory::MemoryStore;
+use vmcp::adapters::outbound::store::sqlite::SqliteStore;
 use vmcp::app::security::Security;
 use vmcp::domain::VmEvent;
 use vmcp::domain::restart::{RestartPolicy, RestartSettings};
-use vmcp::ports::{Telemetry, TelemetryEvent};
+use vmcp::ports::{Telemetry, TelemetryEvent, VmStore};
 use vmcp::proto::vmm::v1 as pb;
 use vmcp::proto::vmm::v1::VmState as S;
 
@@ -42,7 +43,7 @@ fn create_with(id: &str, policy: pb::RestartPolicy) -> pb::CreateVmRequest {
     req
 }
 
-async fn info(h: &Harness, id: &str) -> pb::GetVmInfoResponse {
+async fn info<St: VmStore>(h: &Harness<St>, id: &str) -> pb::GetVmInfoResponse {
     h.info(id).await
 }
 
@@ -50,7 +51,10 @@ fn st(i: &pb::GetVmInfoResponse) -> S {
     i.state.as_known().expect("known state")
 }
 
-async fn boot(h: &Harness, id: &str) -> Result<pb::BootVmResponse, connectrpc::ConnectError> {
+async fn boot<St: VmStore>(
+    h: &Harness<St>,
+    id: &str,
+) -> Result<pb::BootVmResponse, connectrpc::ConnectError> {
     h.client(Wire::ConnectProto)
         .boot_vm(pb::BootVmRequest {
             vm_id: id.into(),
@@ -60,7 +64,7 @@ async fn boot(h: &Harness, id: &str) -> Result<pb::BootVmResponse, connectrpc::C
         .map(|r| r.into_owned())
 }
 
-async fn until_state(h: &Harness, id: &str, want: S) -> pb::GetVmInfoResponse {
+async fn until_state<St: VmStore>(h: &Harness<St>, id: &str, want: S) -> pb::GetVmInfoResponse {
     let ok = eventually(Duration::from_secs(5), || async {
         st(&info(h, id).await) == want
     })
@@ -77,6 +81,19 @@ async fn until_state(h: &Harness, id: &str, want: S) -> pb::GetVmInfoResponse {
 
 #[tokio::test]
 async fn after_a_host_restart_every_vm_runs_again_by_its_policy_or_is_bootable_never_failed() {
+    let store = Arc::new(MemoryStore::new());
+    host_restart(|| Arc::clone(&store)).await;
+}
+
+/// The same with the records in SQLite, reopened from disk after the host restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_host_restart_on_the_sqlite_store_every_vm_runs_again_or_is_bootable() {
+    let dir = tempfile::tempdir().unwrap();
+    host_restart(|| Arc::new(SqliteStore::open(dir.path()).expect("open the SQLite store"))).await;
+}
+
+/// Every policy through a host restart, with the records in the store `open` gives.
+async fn host_restart<St: VmStore>(open: impl Fn() -> Arc<St>) {
     use pb::RestartPolicy as P;
     for (name, policy) in [
         ("never", P::RESTART_POLICY_NEVER),
@@ -85,9 +102,8 @@ async fn after_a_host_restart_every_vm_runs_again_by_its_policy_or_is_bootable_n
         ("host default (on-failure)", P::RESTART_POLICY_UNSPECIFIED),
     ] {
         let double = Arc::new(Double::new());
-        let store = Arc::new(MemoryStore::new());
         let sec = || security(RestartPolicy::OnFailure);
-        let h = Harness::start_with_security(Arc::clone(&double), Arc::clone(&store), sec()).await;
+        let h = Harness::start_on(Arc::clone(&double), open(), sec()).await;
         let c = h.client(Wire::ConnectProto);
         for id in ["run", "created", "paused", "stopped"] {
             c.create_vm(create_with(id, policy)).await.expect("create");
@@ -112,7 +128,7 @@ async fn after_a_host_restart_every_vm_runs_again_by_its_policy_or_is_bootable_n
         h.stop().await;
         double.host_reboot();
         assert_eq!(double.vmm_count(), 0);
-        let h = Harness::start_with_security(Arc::clone(&double), Arc::clone(&store), sec()).await;
+        let h = Harness::start_on(Arc::clone(&double), open(), sec()).await;
         let c = h.client(Wire::ConnectProto);
         let restarts = policy != P::RESTART_POLICY_NEVER;
         if restarts {
@@ -166,6 +182,7 @@ async fn after_a_host_restart_every_vm_runs_again_by_its_policy_or_is_bootable_n
             .expect("delete");
         }
         assert_eq!(double.vmm_count(), 0, "{name}: no VMM without a VM");
+        assert_eq!(h.store.load_all().await.expect("records"), vec![], "{name}");
         h.stop().await;
     }
 }
