@@ -110,6 +110,25 @@ async fn replaced_vmm_survives_restart<St: VmStore>(
         Some(second),
         "reads show the new pid at once"
     );
+    if double.host().kind() == vmcp::ports::BackendKind::CloudHypervisor {
+        // A forced stop of the new VMM keeps that process and reads Created, as
+        // the real Cloud Hypervisor does (real_api checks the same path).
+        let c = h.client(Wire::ConnectProto);
+        let sd = c
+            .shutdown_vm(pb::ShutdownVmRequest {
+                vm_id: id.into(),
+                force: true,
+                ..Default::default()
+            })
+            .await
+            .expect("forced shutdown")
+            .into_owned();
+        assert_eq!(st(sd.state), S::VM_STATE_CREATED);
+        assert_eq!(double.pid_of(id), Some(second));
+        assert_eq!(shown_pid(&info(&h, id).await), Some(second));
+        c.boot_vm(boot.clone()).await.expect("boot from Created");
+        assert_eq!(double.pid_of(id), Some(second), "booted in place");
+    }
     let recorded = vmcp::ports::VmStore::load_all(&*store)
         .await
         .expect("records");

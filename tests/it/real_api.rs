@@ -769,6 +769,29 @@ async fn replaced_vmm_survives_restart(kind: Kind, how: Replace) {
     assert_ne!(second, first, "the VMM was replaced");
     assert!(!pid_alive(first), "the replaced VMM {first} is gone");
     assert!(pid_alive(second));
+    if kind == Kind::Ch {
+        // A forced stop of the new VMM keeps that process and reads Created, as
+        // Cloud Hypervisor's first one did (the test double follows this rule).
+        let sd = c
+            .shutdown_vm(pb::ShutdownVmRequest {
+                vm_id: id.to_owned(),
+                force: true,
+                ..Default::default()
+            })
+            .await
+            .expect("forced shutdown")
+            .into_owned();
+        assert_eq!(st(sd.state), S::VM_STATE_CREATED);
+        assert_eq!(vmm_pid(&info_of(&c, id).await), second);
+        assert!(pid_alive(second));
+        let b = c
+            .boot_vm(boot.clone())
+            .await
+            .expect("boot from Created")
+            .into_owned();
+        assert_eq!(st(b.state), S::VM_STATE_RUNNING);
+        assert_eq!(vmm_pid(&info_of(&c, id).await), second, "booted in place");
+    }
 
     let s = s.restart(kind, &env).await;
     let c = client_for(s.addr, Wire::ConnectProto);
