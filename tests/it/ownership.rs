@@ -201,6 +201,82 @@ async fn replaced_vmms_survive_a_restart_on_the_sqlite_store() {
     }
 }
 
+/// A VMM that runs when VMCP starts but cannot be adopted (its socket does
+/// not answer) must not be left running beside a VM that says it has none:
+/// a delete would leave it behind, a boot would start a second one. It is
+/// ended as an orphan is, and the VM's reason says so; with orphans only
+/// reported, it is left running and the reason says that instead.
+#[tokio::test]
+async fn a_vmm_that_cannot_be_adopted_is_ended_not_left_beside_its_vm() {
+    for remove_orphans in [true, false] {
+        let double = Arc::new(Double::new());
+        let store = Arc::new(MemoryStore::new());
+        let h = Harness::start_with(Arc::clone(&double), Arc::clone(&store)).await;
+        let c = h.client(Wire::ConnectProto);
+        c.create_vm(create_req("wedged")).await.expect("create");
+        c.boot_vm(pb::BootVmRequest {
+            vm_id: "wedged".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("boot");
+        let stuck = double.pid_of("wedged").expect("a VMM runs");
+        h.stop().await;
+
+        let double = Arc::new(double.restarted());
+        double.fail_next(
+            "wedged",
+            "adopt",
+            HypervisorError::unavailable("injected: the VMM's socket does not answer"),
+        );
+        let h = if remove_orphans {
+            Harness::start_with(Arc::clone(&double), Arc::clone(&store)).await
+        } else {
+            Harness::start_reporting_orphans(Arc::clone(&double), Arc::clone(&store)).await
+        };
+        let i = info(&h, "wedged").await;
+        assert_eq!(st(i.state), S::VM_STATE_FAILED, "{}", i.state_reason);
+        assert_eq!(shown_pid(&i), None);
+        let fate = if remove_orphans {
+            "was ended"
+        } else {
+            "was left running (orphans are only reported)"
+        };
+        assert!(
+            i.state_reason.starts_with(&format!(
+                "its VMM (pid {stuck}) could not be adopted when VMCP started and {fate}: "
+            )) && i.state_reason.contains("does not answer"),
+            "{}",
+            i.state_reason
+        );
+        assert_eq!(double.is_alive(stuck), !remove_orphans);
+        if remove_orphans {
+            // Booting gives it one VMM, a fresh one; deleting it leaves none.
+            h.client(Wire::ConnectProto)
+                .boot_vm(pb::BootVmRequest {
+                    vm_id: "wedged".into(),
+                    ..Default::default()
+                })
+                .await
+                .expect("boot");
+            let fresh = double.pid_of("wedged").expect("a new VMM");
+            assert_ne!(fresh, stuck);
+            double.assert_one_vmm_per_vm();
+            h.client(Wire::ConnectProto)
+                .delete_vm(pb::DeleteVmRequest {
+                    vm_id: "wedged".into(),
+                    ..Default::default()
+                })
+                .await
+                .expect("delete");
+            assert_eq!(double.vmm_count(), 0, "{:?}", double.live_pids());
+        } else {
+            double.kill_pid(stuck);
+        }
+        h.stop().await;
+    }
+}
+
 const VMS: u64 = 6;
 
 /// One random API call; every outcome is allowed, the invariants are checked after.
