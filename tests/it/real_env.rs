@@ -151,6 +151,40 @@ pub async fn vm_config_of(p: &vmcp::ports::VmmProcess) -> serde_json::Value {
     .expect("GET /vm/config")
 }
 
+/// A shell that started a process in the background and stays until ended.
+pub struct Parent(std::process::Child);
+
+impl Parent {
+    /// Ends the shell (closing its stdin) and waits for it: its child is orphaned.
+    pub fn end(mut self) {
+        drop(self.0.stdin.take());
+        let status = self.0.wait().expect("wait for the shell");
+        assert!(status.success(), "{status}");
+    }
+}
+
+/// Starts `command` in the background of a shell that then waits for its
+/// stdin to close ([`Parent::end`]); returns the shell and the command's pid.
+/// Stands in for a VMCP that starts a VMM and later dies.
+pub fn parent_of(command: &str) -> (Parent, u32) {
+    use std::io::BufRead;
+    let mut sh = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "{command} >/dev/null 2>&1 & echo $!; read _ || true"
+        ))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("sh");
+    let mut line = String::new();
+    std::io::BufReader::new(sh.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("the pid");
+    let pid = line.trim().parse().expect("a pid");
+    (Parent(sh), pid)
+}
+
 /// Runs this test binary again on `test` alone (exact name) with `env`, the
 /// way `cargo test` runs it, and returns what it wrote to stdout and stderr,
 /// interleaved as a terminal would show it (both go into one pipe).
