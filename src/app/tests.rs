@@ -221,10 +221,8 @@ async fn a_hung_hypervisor_is_a_deadline_and_the_state_is_re_read() {
                 let booting = Arc::clone(&vmm);
                 v.expect_boot().returning(move || {
                     *booting.lock().expect("lock") = after;
-                    Box::pin(async {
-                        tokio::time::sleep(Duration::from_secs(10)).await;
-                        Ok(reported(VmState::Running, 42))
-                    })
+                    // Never answered: the deadline is what ends the call.
+                    Box::pin(std::future::pending())
                 });
                 let seen = Arc::clone(&seen);
                 v.expect_sample().returning(move || {
@@ -325,6 +323,10 @@ async fn calls_for_one_vm_are_serialized_and_other_vms_run_in_parallel() {
     let max_same = Arc::new(AtomicUsize::new(0));
     let total_active = Arc::new(AtomicUsize::new(0));
     let max_total = Arc::new(AtomicUsize::new(0));
+    // Each reboot waits, inside the VMM call, for one on the other VM: they
+    // meet only if the two VMs' calls run at the same time (no sleeping for
+    // an overlap that a slow machine might miss).
+    let meet = Arc::new(tokio::sync::Barrier::new(2));
     let (a, m1, t, m2) = (
         Arc::clone(&active),
         Arc::clone(&max_same),
@@ -345,6 +347,7 @@ async fn calls_for_one_vm_are_serialized_and_other_vms_run_in_parallel() {
                 Arc::clone(&t),
                 Arc::clone(&m2),
             );
+            let meet = Arc::clone(&meet);
             v.expect_reboot().returning(move |_| {
                 let (a, m1, t, m2) = (
                     Arc::clone(&a),
@@ -352,6 +355,7 @@ async fn calls_for_one_vm_are_serialized_and_other_vms_run_in_parallel() {
                     Arc::clone(&t),
                     Arc::clone(&m2),
                 );
+                let meet = Arc::clone(&meet);
                 let key = key.clone();
                 Box::pin(async move {
                     {
@@ -362,10 +366,15 @@ async fn calls_for_one_vm_are_serialized_and_other_vms_run_in_parallel() {
                     }
                     let now = t.fetch_add(1, Ordering::SeqCst) + 1;
                     m2.fetch_max(now, Ordering::SeqCst);
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    let met = tokio::time::timeout(Duration::from_secs(2), meet.wait()).await;
                     t.fetch_sub(1, Ordering::SeqCst);
                     *a.lock().expect("lock").get_mut(&key).expect("entry") -= 1;
-                    Ok(reported(VmState::Running, 42))
+                    match met {
+                        Ok(_) => Ok(reported(VmState::Running, 42)),
+                        Err(_) => Err(HypervisorError::unavailable(
+                            "no reboot of the other VM ran alongside this one",
+                        )),
+                    }
                 })
             });
             v
