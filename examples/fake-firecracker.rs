@@ -4,7 +4,10 @@
 //! real one, and serves the fake API of `tests/it/fake_fc.rs`. Extra
 //! `--fake-*` flags select failure behaviours; tests pass them through a
 //! wrapper script used as the binary. `--fake-chroot DIR` resolves every
-//! path under DIR, standing in for a jailed Firecracker.
+//! path under DIR, standing in for a jailed Firecracker. It dies with the
+//! process that started it (a failed test leaks nothing) unless given
+//! `--fake-outlive-parent`, as a real VMM outlives a crashed VMCP;
+//! `--fake-parent PID` names that process, in case it died first.
 
 // The binary serves the fake; the in-process inspection helpers go unused.
 #[path = "../tests/it/fake_fc.rs"]
@@ -21,6 +24,21 @@ fn log(id: &str, level: &str, msg: &str) {
     println!("1970-01-01T00:00:00.000000000 [{id}:main:{level}] {msg}");
 }
 
+/// The kernel kills this fake when its parent goes; if the parent (`started_by`)
+/// went before that was arranged, it exits now.
+fn die_with_parent(started_by: Option<i32>) {
+    if let Err(e) =
+        rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
+    {
+        eprintln!("fake firecracker: PR_SET_PDEATHSIG: {e}");
+        std::process::exit(1);
+    }
+    let parent = rustix::process::Pid::as_raw(rustix::process::getppid());
+    if started_by.is_some_and(|p| p != parent) {
+        std::process::exit(1);
+    }
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let mut socket: Option<PathBuf> = None;
@@ -30,12 +48,15 @@ fn main() {
         ctrl_alt_del_exits: false,
         poweroff_after: None,
         hang_on: Vec::new(),
+        slow: Vec::new(),
         exit_on: Vec::new(),
         on_exit: Arc::new(|code| std::process::exit(code)),
         chroot: None,
     };
     let mut fail_start = false;
     let mut never_ready = false;
+    let mut outlive_parent = false;
+    let mut started_by: Option<i32> = None;
     while let Some(a) = args.next() {
         let mut value = || args.next().unwrap_or_default();
         match a.as_str() {
@@ -53,6 +74,17 @@ fn main() {
                     Some(Duration::from_millis(value().parse().unwrap_or(100)));
             }
             "--fake-hang-on" => behaviour.hang_on.push(value()),
+            "--fake-slow" => {
+                // `METHOD /path=MILLISECONDS`
+                let v = value();
+                let (call, ms) = v.rsplit_once('=').unwrap_or((&v, "100"));
+                let ms = ms.parse().unwrap_or(100);
+                behaviour
+                    .slow
+                    .push((call.to_owned(), Duration::from_millis(ms)));
+            }
+            "--fake-outlive-parent" => outlive_parent = true,
+            "--fake-parent" => started_by = value().parse().ok(),
             "--fake-exit-on" => behaviour.exit_on.push(value()),
             "--fake-fail-start" => fail_start = true,
             "--fake-chroot" => behaviour.chroot = Some(PathBuf::from(value())),
@@ -70,6 +102,9 @@ fn main() {
         }
     }
     behaviour.id = id.clone();
+    if !outlive_parent {
+        die_with_parent(started_by);
+    }
     if fail_start {
         log(&id, "ERROR", "Failed to start: simulated start-up failure");
         std::process::exit(1);

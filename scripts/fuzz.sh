@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs every cargo-fuzz target for a bounded time (default 60 s each) and
 # prints one summary line per target. Needs the nightly toolchain and
-# cargo-fuzz (cargo install cargo-fuzz). Builds go to
+# cargo-fuzz (cargo install cargo-fuzz). Each target starts from its
+# committed seeds (fuzz/seeds/<target>/, which `cargo test` also replays)
+# and keeps what it finds in fuzz/corpus/<target>/. Builds go to
 # ${CARGO_TARGET_DIR:-fuzz/target}/fuzz; crashes land in fuzz/artifacts/<target>/.
 set -euo pipefail
 
@@ -19,7 +21,9 @@ status=0
 for t in $targets; do
     mkdir -p "corpus/$t"
     log="$(mktemp)"
-    if cargo +nightly fuzz run --target-dir "$target_dir" "$t" "corpus/$t" -- \
+    seeds=()
+    [ -d "seeds/$t" ] && seeds=("seeds/$t")
+    if cargo +nightly fuzz run --target-dir "$target_dir" "$t" "corpus/$t" "${seeds[@]}" -- \
         -max_total_time="$seconds" -print_final_stats=1 >"$log" 2>&1; then
         result=ok
     else

@@ -15,3 +15,9 @@ pub mod adapters;
 pub mod app;
 pub mod domain;
 pub mod ports;
+
+/// Skips of the unit tests, listed again when the test binary exits (the
+/// integration tests' mechanism, one file for both).
+#[cfg(test)]
+#[path = "../tests/it/skips.rs"]
+pub(crate) mod test_skips;

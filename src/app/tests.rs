@@ -203,48 +203,58 @@ async fn a_store_failure_fails_the_create_before_any_vmm_starts() {
 
 #[tokio::test]
 async fn a_hung_hypervisor_is_a_deadline_and_the_state_is_re_read() {
-    let mut h = base_hypervisor();
-    let mut s = MockVmStore::new();
-    s.expect_put().returning(|_| Box::pin(async { Ok(()) }));
-    let infos = Arc::new(AtomicUsize::new(0));
-    let seen = Arc::clone(&infos);
-    creates_with(
-        &mut h,
-        move || {
-            let mut v = MockVmmHandle::new();
-            v.expect_process().return_const(Some(process()));
-            v.expect_boot().returning(|| {
-                Box::pin(async {
-                    tokio::time::sleep(Duration::from_secs(10)).await;
-                    Ok(reported(VmState::Running, 42))
-                })
-            });
-            let seen = Arc::clone(&seen);
-            v.expect_sample().returning(move || {
-                seen.fetch_add(1, Ordering::SeqCst);
-                Box::pin(async {
-                    Ok(VmmInfo {
-                        state: Some(VmState::Created),
-                        process: Some(process()),
-                        ..Default::default()
+    // The boot hangs; by the deadline the VMM either never booted (Created:
+    // no hoped-for Running) or booted all the same (Running: what it reports
+    // wins over the error). Either way the VM then reads what the VMM says.
+    for after in [VmState::Created, VmState::Running] {
+        let mut h = base_hypervisor();
+        let mut s = MockVmStore::new();
+        s.expect_put().returning(|_| Box::pin(async { Ok(()) }));
+        let infos = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::clone(&infos);
+        creates_with(
+            &mut h,
+            move || {
+                let vmm = Arc::new(std::sync::Mutex::new(VmState::Created));
+                let mut v = MockVmmHandle::new();
+                v.expect_process().return_const(Some(process()));
+                let booting = Arc::clone(&vmm);
+                v.expect_boot().returning(move || {
+                    *booting.lock().expect("lock") = after;
+                    // Never answered: the deadline is what ends the call.
+                    Box::pin(std::future::pending())
+                });
+                let seen = Arc::clone(&seen);
+                v.expect_sample().returning(move || {
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    let state = *vmm.lock().expect("lock");
+                    Box::pin(async move {
+                        Ok(VmmInfo {
+                            state: Some(state),
+                            process: Some(process()),
+                            ..Default::default()
+                        })
                     })
-                })
-            });
-            v
-        },
-        None,
-    );
-    let m = manager(h, s, Duration::from_millis(50));
-    create(&m, "a").await;
-    let before = infos.load(Ordering::SeqCst);
-    let err = m.boot_vm(id("a")).await.expect_err("hangs");
-    assert!(matches!(err, VmError::DeadlineExceeded(_)), "{err:?}");
-    assert!(
-        infos.load(Ordering::SeqCst) > before,
-        "the VMM's state was read back after the timeout"
-    );
-    let page = m.list_vms(Default::default()).await.expect("list");
-    assert_eq!(page.vms[0].state, VmState::Created, "no hoped-for Running");
+                });
+                v
+            },
+            None,
+        );
+        let m = manager(h, s, Duration::from_millis(50));
+        create(&m, "a").await;
+        let before = infos.load(Ordering::SeqCst);
+        let err = m.boot_vm(id("a")).await.expect_err("hangs");
+        assert!(matches!(err, VmError::DeadlineExceeded(_)), "{err:?}");
+        assert!(
+            infos.load(Ordering::SeqCst) > before,
+            "the VMM's state was read back after the timeout"
+        );
+        let page = m.list_vms(Default::default()).await.expect("list");
+        assert_eq!(
+            page.vms[0].state, after,
+            "what the VMM reports after the deadline"
+        );
+    }
 }
 
 #[tokio::test]
@@ -255,10 +265,26 @@ async fn an_illegal_state_answer_from_the_vmm_is_failed_precondition() {
     creates_with(
         &mut h,
         || {
-            let mut v = handle_reporting(VmState::Running);
+            // Running as far as VMCP knows, until someone stops it on the VMM's own
+            // socket (CH then says Created) just before VMCP's pause arrives.
+            let vmm = Arc::new(std::sync::Mutex::new(VmState::Running));
+            let mut v = MockVmmHandle::new();
+            v.expect_process().return_const(Some(process()));
+            let reads = Arc::clone(&vmm);
+            v.expect_sample().returning(move || {
+                let state = *reads.lock().expect("lock");
+                Box::pin(async move {
+                    Ok(VmmInfo {
+                        state: Some(state),
+                        process: Some(process()),
+                        ..Default::default()
+                    })
+                })
+            });
             v.expect_boot()
                 .returning(|| Box::pin(async { Ok(reported(VmState::Running, 42)) }));
-            v.expect_pause().returning(|| {
+            v.expect_pause().returning(move || {
+                *vmm.lock().expect("lock") = VmState::Created;
                 Box::pin(async { Err(HypervisorError::InvalidState("VM is not running".into())) })
             });
             v
@@ -269,16 +295,20 @@ async fn an_illegal_state_answer_from_the_vmm_is_failed_precondition() {
     create(&m, "a").await;
     m.boot_vm(id("a")).await.expect("booted");
     let err = m.pause_vm(id("a")).await.expect_err("VMM refuses");
+    // The refusal names the state the VMM reports now, which the VM then reads.
     assert!(
         matches!(
-            err,
+            &err,
             VmError::FailedPrecondition {
-                state: VmState::Running,
+                state: VmState::Created,
+                reason,
                 ..
-            }
+            } if reason == "VM is not running"
         ),
         "{err:?}"
     );
+    let d = m.get_vm_info(id("a")).await.expect("info");
+    assert_eq!(d.snapshot.state, VmState::Created);
 }
 
 #[tokio::test]
@@ -293,6 +323,10 @@ async fn calls_for_one_vm_are_serialized_and_other_vms_run_in_parallel() {
     let max_same = Arc::new(AtomicUsize::new(0));
     let total_active = Arc::new(AtomicUsize::new(0));
     let max_total = Arc::new(AtomicUsize::new(0));
+    // Each reboot waits, inside the VMM call, for one on the other VM: they
+    // meet only if the two VMs' calls run at the same time (no sleeping for
+    // an overlap that a slow machine might miss).
+    let meet = Arc::new(tokio::sync::Barrier::new(2));
     let (a, m1, t, m2) = (
         Arc::clone(&active),
         Arc::clone(&max_same),
@@ -313,6 +347,7 @@ async fn calls_for_one_vm_are_serialized_and_other_vms_run_in_parallel() {
                 Arc::clone(&t),
                 Arc::clone(&m2),
             );
+            let meet = Arc::clone(&meet);
             v.expect_reboot().returning(move |_| {
                 let (a, m1, t, m2) = (
                     Arc::clone(&a),
@@ -320,6 +355,7 @@ async fn calls_for_one_vm_are_serialized_and_other_vms_run_in_parallel() {
                     Arc::clone(&t),
                     Arc::clone(&m2),
                 );
+                let meet = Arc::clone(&meet);
                 let key = key.clone();
                 Box::pin(async move {
                     {
@@ -330,10 +366,15 @@ async fn calls_for_one_vm_are_serialized_and_other_vms_run_in_parallel() {
                     }
                     let now = t.fetch_add(1, Ordering::SeqCst) + 1;
                     m2.fetch_max(now, Ordering::SeqCst);
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    let met = tokio::time::timeout(Duration::from_secs(2), meet.wait()).await;
                     t.fetch_sub(1, Ordering::SeqCst);
                     *a.lock().expect("lock").get_mut(&key).expect("entry") -= 1;
-                    Ok(reported(VmState::Running, 42))
+                    match met {
+                        Ok(_) => Ok(reported(VmState::Running, 42)),
+                        Err(_) => Err(HypervisorError::unavailable(
+                            "no reboot of the other VM ran alongside this one",
+                        )),
+                    }
                 })
             });
             v

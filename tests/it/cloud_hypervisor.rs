@@ -236,6 +236,97 @@ async fn client_hung_socket_times_out() {
         "{err:?}"
     );
     assert!(started.elapsed() < Duration::from_secs(1));
+    // CH's API thread serves one request at a time: while one hangs, nothing
+    // else is answered, on any connection.
+    let err = ChApi::new(&UdsClient::new(Duration::from_millis(150)), &sock)
+        .ping(Duration::from_millis(150))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, HypervisorError::Timeout { operation, .. } if operation == "GET /api/v1/vmm.ping"),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn client_one_request_at_a_time_and_a_slow_answer_is_still_applied() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sock = tmp.path().join("api.sock");
+    let fake = FakeCh::start(
+        &sock,
+        Behaviour {
+            slow: [("vm.boot".to_owned(), 700)].into(),
+            ..Default::default()
+        },
+    );
+    let http = UdsClient::new(Duration::from_millis(500));
+    let api = ChApi::new(&http, &sock);
+    api.create(&ch_config(tmp.path())).await.unwrap();
+    let sent = Instant::now();
+    // The client gives up at 500 ms; the VMM booted and answers later.
+    let err = api.boot().await.unwrap_err();
+    assert!(matches!(err, HypervisorError::Timeout { .. }), "{err:?}");
+    // The next request waits for the slow one's turn to end, then sees it applied.
+    let state = api.state().await.unwrap();
+    assert!(
+        sent.elapsed() >= Duration::from_millis(700),
+        "answered before the slow request's turn ended: {:?}",
+        sent.elapsed()
+    );
+    assert_eq!(state, VmState::Running);
+    assert_eq!(
+        fake.calls(),
+        ["PUT vm.create", "PUT vm.boot", "GET vm.info"],
+        "one at a time, in order"
+    );
+}
+
+/// A fake run the way VMCP runs a VMM, by a parent that then dies (a
+/// crashed VMCP): it goes with its parent unless told to outlive it, as a
+/// real VMM does.
+#[tokio::test]
+async fn a_fake_vmm_dies_with_its_parent_unless_told_to_outlive_it() {
+    for outlive_parent in [false, true] {
+        let tmp = tempfile::tempdir().unwrap();
+        let bin = install(
+            &tmp.path().join("bin"),
+            &Behaviour {
+                outlive_parent,
+                ..Default::default()
+            },
+        );
+        let sock = tmp.path().join("api.sock");
+        let (parent, pid) = crate::real_env::parent_of(&format!(
+            "'{}' --api-socket path={}",
+            bin.display(),
+            sock.display()
+        ));
+        let http = UdsClient::new(Duration::from_millis(500));
+        let api = ChApi::new(&http, &sock);
+        // Serving (so its own arrangements are made), then its parent dies.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while api.ping(Duration::from_millis(200)).await.is_err() {
+            assert!(Instant::now() < deadline, "the fake never answered");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        parent.end();
+        if outlive_parent {
+            // Its parent is gone; it answers all the same.
+            assert_eq!(
+                api.ping(Duration::from_secs(1)).await.unwrap().pid,
+                Some(pid.into())
+            );
+            kill9(pid);
+        } else {
+            let gone = crate::harness::eventually(Duration::from_secs(5), || async {
+                read_start_time(pid).is_err()
+                    || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                        .is_ok_and(|s| s.contains(") Z "))
+            })
+            .await;
+            assert!(gone, "the fake {pid} outlived its parent");
+        }
+    }
 }
 
 #[tokio::test]
@@ -422,15 +513,24 @@ async fn check_reports_the_version_and_names_what_is_missing() {
     let usable = backend(&bin).with_kvm_device(&fake_kvm);
     assert_eq!(usable.check().await.unwrap().version, "v53.0-fake");
 
-    let err = backend(&bin)
-        .with_kvm_device(env.tmp.path().join("no-kvm"))
-        .check()
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(&err, HypervisorError::Unavailable { message, source: Some(_) } if message.contains("no-kvm")),
-        "{err:?}"
-    );
+    // No KVM, and a KVM that opens but not read-write (a directory: refused
+    // even to root), are each named, whatever this host has.
+    for (kvm, why) in [
+        (env.tmp.path().join("no-kvm"), "No such file"),
+        (env.tmp.path().to_owned(), "directory"),
+    ] {
+        let err = backend(&bin)
+            .with_kvm_device(&kvm)
+            .check()
+            .await
+            .unwrap_err();
+        let want = format!("{} cannot be opened read-write", kvm.display());
+        assert!(
+            matches!(&err, HypervisorError::Unavailable { message, source: Some(s) }
+                if *message == want && s.to_string().contains(why)),
+            "{err:?}"
+        );
+    }
 
     let ro_kvm = env.tmp.path().join("ro-kvm");
     std::fs::write(&ro_kvm, b"").unwrap();

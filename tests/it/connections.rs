@@ -560,9 +560,9 @@ fn kvm_usable() -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_clients_holding_every_connection_vmcp_still_creates_vms() {
     if !kvm_usable() {
-        return say(
-            "SKIPPED: with_clients_holding_every_connection_vmcp_still_creates_vms: missing a \
-             read-write /dev/kvm (the backend check needs it)",
+        return super::skips::skip(
+            "with_clients_holding_every_connection_vmcp_still_creates_vms",
+            "missing a read-write /dev/kvm (the backend check needs it)",
         );
     }
     let dir = tempfile::Builder::new()

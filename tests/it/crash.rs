@@ -2,9 +2,11 @@
 //! DeleteVm, then a restart: the next start must converge, with every VM
 //! accounted for, the store equal to what the VMMs report, and no stray VMM
 //! process or runtime directory. The VMMs are fake Cloud Hypervisors running
-//! as real processes that outlive VMCP, like real VMMs do; each case makes the
-//! fake hang on the endpoint of the step being interrupted, so the crash lands
-//! while that call is in flight.
+//! as real processes that outlive VMCP, like real VMMs do, serving one request
+//! at a time; each case makes the fake hang on (or be slow to answer) the
+//! endpoint of the step being interrupted, so the crash lands while that call
+//! is in flight. A VMM that finished the step after VMCP died is adopted; one
+//! whose API stays wedged is ended, not left running beside its VM.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -18,7 +20,7 @@ use vmcp::proto::vmm::v1::VmState as S;
 
 use super::fake_ch::{Behaviour, install};
 use super::harness::{Wire, client_for, free_port, vmcp_api_env, wait_serving};
-use super::real_env::say;
+use super::skips::skip;
 
 struct Vmcp {
     child: Child,
@@ -56,21 +58,32 @@ impl Case {
     async fn start(&self, hang_on: &[&str]) -> Vmcp {
         let behaviour = Behaviour {
             hang_on: hang_on.iter().map(|s| (*s).to_owned()).collect(),
-            pid_dir: Some(self.pids.display().to_string()),
-            outlive_parent: true,
             ..Default::default()
         };
-        let bin = install(
-            &self.path(&format!("bin-{}", hang_on.join("-"))),
-            &behaviour,
-        );
+        self.start_with(&format!("bin-{}", hang_on.join("-")), behaviour, 30)
+            .await
+    }
+
+    /// Starts vmcp-api with a fake CH behaving as `behaviour` (installed as
+    /// `name`), whose processes outlive VMCP and record their pids, and a
+    /// hypervisor call timeout of `timeout_s` seconds.
+    async fn start_with(&self, name: &str, behaviour: Behaviour, timeout_s: u32) -> Vmcp {
+        let behaviour = Behaviour {
+            pid_dir: Some(self.pids.display().to_string()),
+            outlive_parent: true,
+            ..behaviour
+        };
+        let bin = install(&self.path(name), &behaviour);
         let port = free_port();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmcp-api"));
         vmcp_api_env(&mut cmd, self.dir.path(), port);
         let child = cmd
             .env("UNKEY_VMCP_CH_BINARY", &bin)
             .env("UNKEY_VMCP_OTEL_PROMETHEUS_ENABLED", "false")
-            .env("UNKEY_VMCP_HYPERVISOR_TIMEOUT_SECONDS", "30")
+            .env(
+                "UNKEY_VMCP_HYPERVISOR_TIMEOUT_SECONDS",
+                timeout_s.to_string(),
+            )
             .spawn()
             .expect("vmcp-api starts");
         let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
@@ -157,8 +170,9 @@ fn st(v: buffa::EnumValue<S>) -> S {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_create_converges() {
     if !kvm_usable() {
-        return say(
-            "SKIPPED: kill_9_mid_create_converges: missing a read-write /dev/kvm (the backend check needs it)",
+        return skip(
+            "kill_9_mid_create_converges",
+            "missing a read-write /dev/kvm (the backend check needs it)",
         );
     }
     let case = Case::new();
@@ -215,12 +229,19 @@ async fn kill_9_mid_create_converges() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_boot_converges() {
     if !kvm_usable() {
-        return say(
-            "SKIPPED: kill_9_mid_boot_converges: missing a read-write /dev/kvm (the backend check needs it)",
+        return skip(
+            "kill_9_mid_boot_converges",
+            "missing a read-write /dev/kvm (the backend check needs it)",
         );
     }
     let case = Case::new();
-    let mut v = case.start(&["vm.boot"]).await;
+    // The VMM boots at once but answers 3 s later, and serves nothing else
+    // meanwhile: VMCP dies waiting, and the next one finds the VMM busy.
+    let slow = Behaviour {
+        slow: [("vm.boot".to_owned(), 3000)].into(),
+        ..Default::default()
+    };
+    let mut v = case.start_with("bin-slow-boot", slow, 30).await;
     let c = client_for(v.addr, Wire::ConnectProto);
     c.create_vm(create(&case, "b")).await.expect("create");
     let pid_before = case.live_vmms();
@@ -233,7 +254,7 @@ async fn kill_9_mid_boot_converges() {
             short(),
         )
         .await
-        .expect_err("vm.boot hangs");
+        .expect_err("vm.boot is answered late");
     assert_eq!(err.code, ErrorCode::DeadlineExceeded);
     kill9(&mut v);
     assert_eq!(case.live_vmms(), pid_before, "the VMM outlived VMCP");
@@ -248,6 +269,12 @@ async fn kill_9_mid_boot_converges() {
         .await
         .expect("re-adopted")
         .into_owned();
+    assert_eq!(
+        st(info.state),
+        S::VM_STATE_RUNNING,
+        "the boot the VMM finished after VMCP died: {}",
+        info.state_reason
+    );
     let pid: u32 = info
         .backend_info
         .get("vmm_pid")
@@ -280,11 +307,93 @@ async fn kill_9_mid_boot_converges() {
     assert!(case.live_vmms().is_empty());
 }
 
+/// The VMM's API hangs for good mid-boot (nothing is answered any more):
+/// the next VMCP cannot adopt it, ends it instead of leaving it beside a VM
+/// that has no VMM, says so, and the VM boots in a fresh VMM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_with_a_wedged_vmm_converges() {
+    if !kvm_usable() {
+        return skip(
+            "kill_9_with_a_wedged_vmm_converges",
+            "missing a read-write /dev/kvm (the backend check needs it)",
+        );
+    }
+    let case = Case::new();
+    let wedged = Behaviour {
+        hang_on: vec!["vm.boot".into()],
+        ..Default::default()
+    };
+    let mut v = case.start_with("bin-wedged", wedged, 2).await;
+    let c = client_for(v.addr, Wire::ConnectProto);
+    c.create_vm(create(&case, "w")).await.expect("create");
+    let stuck = case.live_vmms();
+    assert_eq!(stuck.len(), 1);
+    let err = c
+        .boot_vm_with_options(
+            pb::BootVmRequest {
+                vm_id: "w".into(),
+                ..Default::default()
+            },
+            short(),
+        )
+        .await
+        .expect_err("vm.boot hangs");
+    assert_eq!(err.code, ErrorCode::DeadlineExceeded);
+    kill9(&mut v);
+    assert_eq!(case.live_vmms(), stuck, "the VMM outlived VMCP");
+
+    let v = case
+        .start_with("bin-healthy", Behaviour::default(), 2)
+        .await;
+    let c = client_for(v.addr, Wire::ConnectProto);
+    let info = c
+        .get_vm_info(pb::GetVmInfoRequest {
+            vm_id: "w".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("still listed")
+        .into_owned();
+    assert_eq!(
+        st(info.state),
+        S::VM_STATE_SHUTDOWN,
+        "{}",
+        info.state_reason
+    );
+    assert!(
+        info.state_reason.starts_with(&format!(
+            "its VMM (pid {}) could not be adopted when VMCP started and was ended: ",
+            stuck[0]
+        )),
+        "{}",
+        info.state_reason
+    );
+    assert!(case.live_vmms().is_empty(), "the wedged VMM was ended");
+    c.boot_vm(pb::BootVmRequest {
+        vm_id: "w".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("boots in a fresh VMM");
+    let fresh = case.live_vmms();
+    assert_eq!(fresh.len(), 1);
+    assert_ne!(fresh, stuck);
+    c.delete_vm(pb::DeleteVmRequest {
+        vm_id: "w".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("delete");
+    assert!(case.live_vmms().is_empty());
+    assert!(case.runtime_entries().is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_delete_converges() {
     if !kvm_usable() {
-        return say(
-            "SKIPPED: kill_9_mid_delete_converges: missing a read-write /dev/kvm (the backend check needs it)",
+        return skip(
+            "kill_9_mid_delete_converges",
+            "missing a read-write /dev/kvm (the backend check needs it)",
         );
     }
     let case = Case::new();

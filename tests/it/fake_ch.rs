@@ -10,6 +10,10 @@
 //! `vm/resumed`, `vm/rebooting`, `vm/rebooted`, `vm/shutdown`, `vm/deleted`,
 //! `vmm/shutdown`), also for calls other clients make on its socket.
 //!
+//! Like CH's API thread it serves one request at a time, across all
+//! connections: a request that hangs or is slow ([`Behaviour::slow`])
+//! holds up every other client until it is answered.
+//!
 //! It runs two ways. In-process ([`FakeCh::start`]) for client-level tests
 //! with fault injection. As a separate process for the adapter, which spawns
 //! `cloud-hypervisor --api-socket path=…`: [`install`] writes a small
@@ -52,9 +56,14 @@ pub struct Behaviour {
     /// Power-button handling.
     #[serde(default)]
     pub acpi: Acpi,
-    /// Endpoints (e.g. `vm.info`) that are accepted but never answered.
+    /// Endpoints (e.g. `vm.info`) that are accepted but never answered
+    /// (nothing else is answered after them either: one request at a time).
     #[serde(default)]
     pub hang_on: Vec<String>,
+    /// Endpoints applied as usual but answered only after this many
+    /// milliseconds: a slow, successful VMM (other requests wait their turn).
+    #[serde(default)]
+    pub slow: BTreeMap<String, u64>,
     /// Endpoint on which the process exits with this status mid-call
     /// (in-process: the connection is dropped without an answer).
     #[serde(default)]
@@ -77,6 +86,8 @@ pub struct Behaviour {
     pub pid_dir: Option<String>,
     /// Keep running when the spawning process dies (VMMs must outlive a crashed VMCP);
     /// the test then ends the fake itself, by the pid it recorded in `pid_dir`.
+    /// Otherwise the fake dies with its parent (`PR_SET_PDEATHSIG`), so a failed
+    /// test leaks no process.
     #[serde(default)]
     pub outlive_parent: bool,
 }
@@ -154,7 +165,12 @@ impl FakeState {
 enum Outcome {
     Answer(StatusCode, String),
     Hang,
+    /// Die mid-call without answering.
     ExitAfter(i32),
+    /// Answer, then exit with this status once the answer is written (as CH
+    /// does on `vmm.shutdown`, and when its guest powers off); in-process,
+    /// only the answer.
+    AnswerThenExit(StatusCode, String, i32),
 }
 
 fn err(status: u16, parts: &[&str]) -> Outcome {
@@ -193,7 +209,7 @@ fn handle(state: &mut FakeState, b: &Behaviour, method: &str, ep: &str, body: &[
         ),
         ("PUT", "vmm.shutdown") => {
             state.emit("vmm", "shutdown");
-            Outcome::ExitAfter(0)
+            Outcome::AnswerThenExit(StatusCode::OK, String::new(), 0)
         }
         ("PUT", "vm.create") => {
             let Ok(cfg) = serde_json::from_slice::<Value>(body) else {
@@ -266,12 +282,8 @@ fn handle(state: &mut FakeState, b: &Behaviour, method: &str, ep: &str, body: &[
                 Acpi::Ignore => ok204(),
                 Acpi::PowerOff => {
                     state.emit("vm", "shutdown");
-                    // Answer first; the guest powers off a moment later.
-                    tokio::spawn(async {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        std::process::exit(0);
-                    });
-                    ok204()
+                    // Answered first; the guest then powers off and CH exits 0.
+                    Outcome::AnswerThenExit(StatusCode::NO_CONTENT, String::new(), 0)
                 }
                 Acpi::ReportShutdown => {
                     state.transition(St::Shutdown, &["shutdown"]);
@@ -430,6 +442,8 @@ async fn serve(
     process: bool,
 ) {
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    // CH's API thread: one request at a time, whatever the connection.
+    let turn = Arc::new(tokio::sync::Mutex::new(()));
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -448,11 +462,17 @@ async fn serve(
         let state = state.clone();
         let b = b.clone();
         let stop_tx = stop_tx.clone();
+        let turn = turn.clone();
+        // Set when this connection's last answer is to be followed by the process's exit.
+        let exit_after: Arc<Mutex<Option<i32>>> = Arc::default();
+        let exit_code = exit_after.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let state = state.clone();
                 let b = b.clone();
                 let stop_tx = stop_tx.clone();
+                let turn = turn.clone();
+                let exit_after = exit_after.clone();
                 async move {
                     let method = req.method().to_string();
                     let ep = req.uri().path().trim_start_matches("/api/v1/").to_owned();
@@ -462,7 +482,28 @@ async fn serve(
                         .await
                         .map_err(|e| Dropped(e.to_string()))?
                         .to_bytes();
-                    let outcome = handle(&mut state.lock().unwrap(), &b, &method, &ep, &body);
+                    // Served detached, in its turn: a client that gives up (a timeout
+                    // closing its connection) does not take its request back, which
+                    // is still applied and keeps the API busy as long as it would
+                    // have (forever, if it hangs).
+                    let served = {
+                        let (b, ep) = (b.clone(), ep.clone());
+                        tokio::spawn(async move {
+                            let turn = turn.lock_owned().await;
+                            let outcome =
+                                handle(&mut state.lock().unwrap(), &b, &method, &ep, &body);
+                            if matches!(outcome, Outcome::Hang) {
+                                let _held = turn;
+                                std::future::pending::<()>().await;
+                            }
+                            if let Some(ms) = b.slow.get(&ep) {
+                                // The slow VMM is the behaviour: applied now, answered late.
+                                tokio::time::sleep(Duration::from_millis(*ms)).await;
+                            }
+                            outcome
+                        })
+                    };
+                    let outcome = served.await.map_err(|e| Dropped(e.to_string()))?;
                     if b.stop_listening_after.as_deref() == Some(ep.as_str()) {
                         let _ = stop_tx.send(true);
                     }
@@ -478,18 +519,15 @@ async fn serve(
                             std::future::pending::<()>().await;
                             unreachable!()
                         }
-                        Outcome::ExitAfter(0) if ep == "vmm.shutdown" => {
+                        Outcome::AnswerThenExit(status, body, code) => {
+                            let mut answer = Response::builder().status(status);
                             if process {
-                                // Answer, then exit as CH does.
-                                tokio::spawn(async {
-                                    tokio::time::sleep(Duration::from_millis(5)).await;
-                                    std::process::exit(0);
-                                });
+                                // The connection closes once the answer is written;
+                                // the process exits then (see below).
+                                *exit_after.lock().unwrap() = Some(code);
+                                answer = answer.header("connection", "close");
                             }
-                            Ok(Response::builder()
-                                .status(StatusCode::OK)
-                                .body(Full::new(Bytes::new()))
-                                .unwrap())
+                            Ok(answer.body(Full::new(Bytes::from(body))).unwrap())
                         }
                         Outcome::ExitAfter(code) => {
                             if process {
@@ -507,6 +545,9 @@ async fn serve(
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
+            if let Some(code) = *exit_code.lock().unwrap() {
+                std::process::exit(code);
+            }
         });
     }
 }
@@ -529,6 +570,8 @@ const ENV_SOCKET: &str = "VMCP_FAKE_CH_SOCKET";
 const ENV_BEHAVIOUR: &str = "VMCP_FAKE_CH_BEHAVIOUR";
 /// Carries the event monitor's file (empty: none) to the fake in process mode.
 const ENV_EVENTS: &str = "VMCP_FAKE_CH_EVENTS";
+/// Carries the pid of the process that started the fake, to notice it died first.
+const ENV_PARENT: &str = "VMCP_FAKE_CH_PARENT";
 
 /// Writes an executable `cloud-hypervisor` in `dir` that runs this test
 /// binary as a fake VMM with `behaviour`, and returns its path.
@@ -556,6 +599,7 @@ if [ -z "$socket" ]; then echo "fake cloud-hypervisor: --api-socket is required"
 export {ENV_SOCKET}="${{socket#path=}}"
 export {ENV_EVENTS}="${{events#path=}}"
 export {ENV_BEHAVIOUR}='{json}'
+export {ENV_PARENT}="$PPID"
 # The socket path rides along as a second (never matching) test filter so that the process's
 # command line names its socket, as a real cloud-hypervisor's does.
 exec '{exe}' fake_ch::fake_vmm_entry "$socket" --exact --nocapture --test-threads=1 -q
@@ -596,21 +640,9 @@ fn fake_vmm_entry() {
         eprintln!("fake cloud-hypervisor: Error: refusing to start (injected fault)");
         std::process::exit(code);
     }
-    // A fake must not outlive the test process that spawned it (a failed
-    // test would otherwise leak it): exit when reparented.
-    let parent = rustix::process::getppid();
-    let outlive_parent = b.outlive_parent;
-    std::thread::spawn(move || {
-        if outlive_parent {
-            return;
-        }
-        loop {
-            std::thread::sleep(Duration::from_millis(200));
-            if rustix::process::getppid() != parent {
-                std::process::exit(1);
-            }
-        }
-    });
+    if !b.outlive_parent {
+        die_with_parent();
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -632,6 +664,23 @@ fn fake_vmm_entry() {
         serve(listener, Arc::new(Mutex::new(state)), Arc::new(b), true).await;
     });
     std::process::exit(0);
+}
+
+/// A fake must not outlive the test process that spawned it (a failed test
+/// would otherwise leak it): the kernel kills it when its parent goes, and
+/// if the parent went before that was arranged, it exits now.
+fn die_with_parent() {
+    rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
+        .expect("PR_SET_PDEATHSIG");
+    // The script read its parent when it started; init (1) there means the
+    // parent was already gone by then.
+    let started_by = std::env::var(ENV_PARENT)
+        .ok()
+        .and_then(|p| p.parse::<i32>().ok());
+    let parent = rustix::process::Pid::as_raw(rustix::process::getppid());
+    if started_by.is_some_and(|p| p != parent || p == 1) {
+        std::process::exit(1);
+    }
 }
 
 fn self_test() {

@@ -8,6 +8,10 @@
 //! and each `FlushMetrics` appends a metrics line with fixed deltas, so tests
 //! can check summing.
 //!
+//! Like Firecracker's API thread it serves one request at a time, across
+//! all connections: a request that hangs or is slow ([`Behaviour::slow`])
+//! holds up every other client until it is answered.
+//!
 //! The same code runs in-process (tests of the client) and as the
 //! `fake-firecracker` example binary (tests of the adapter, which spawns
 //! processes); behaviours that end the VMM call [`Behaviour::on_exit`].
@@ -48,8 +52,12 @@ pub struct Behaviour {
     pub ctrl_alt_del_exits: bool,
     /// The guest powers off this long after `InstanceStart` (VMM exits 0).
     pub poweroff_after: Option<Duration>,
-    /// `METHOD /path` requests that are accepted but never answered.
+    /// `METHOD /path` requests that are accepted but never answered (nothing
+    /// else is answered after them either: one request at a time).
     pub hang_on: Vec<String>,
+    /// `METHOD /path` requests applied as usual but answered only after the
+    /// delay: a slow, successful VMM (other requests wait their turn meanwhile).
+    pub slow: Vec<(String, Duration)>,
     /// `METHOD /path` requests during which the VMM dies (status 3) without answering.
     pub exit_on: Vec<String>,
     /// Ends the VMM with this status (the process exits; in-process, the server stops).
@@ -96,6 +104,8 @@ enum Phase {
 
 #[derive(Debug)]
 struct State {
+    /// Set by a request after whose answer the VMM ends (with this status).
+    exit_after_answer: Option<i32>,
     phase: Phase,
     machine: Value,
     boot_source: Option<Value>,
@@ -151,6 +161,7 @@ impl FakeFc {
     pub fn new(behaviour: Behaviour) -> Self {
         Self {
             state: Arc::new(Mutex::new(State {
+                exit_after_answer: None,
                 phase: Phase::NotStarted,
                 machine: json!({"vcpu_count": 1, "mem_size_mib": 128, "smt": false,
                     "track_dirty_pages": false, "huge_pages": "None"}),
@@ -178,23 +189,44 @@ impl FakeFc {
 
     /// Serves the API on `listener` until the task is dropped.
     pub async fn serve(self, listener: UnixListener) {
+        // Firecracker's API thread: one request at a time, whatever the connection.
+        let turn = Arc::new(tokio::sync::Mutex::new(()));
         while let Ok((stream, _)) = listener.accept().await {
             let fake = self.clone();
+            let on_exit = self.behaviour.on_exit.clone();
+            let turn = turn.clone();
+            // Set when this connection's last answer is to be followed by the VMM's end.
+            let exit_after: Arc<Mutex<Option<i32>>> = Arc::default();
+            let exit_code = exit_after.clone();
             tokio::spawn(async move {
                 let svc = service_fn(move |req: hyper::Request<Incoming>| {
                     let fake = fake.clone();
-                    async move { fake.handle(req).await }
+                    let turn = turn.clone();
+                    let exit_after = exit_after.clone();
+                    async move { fake.handle(req, turn, &exit_after).await }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), svc)
                     .await;
+                let code = *exit_code
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if let Some(code) = code {
+                    on_exit(code);
+                }
             });
         }
     }
 
+    /// Reads a request and has it served in its turn. The serving runs
+    /// detached: a client that gives up (a timeout closing its connection)
+    /// does not take its request back, which is still applied in its turn and
+    /// keeps the API busy as long as it would have (forever, if it hangs).
     async fn handle(
         &self,
         req: hyper::Request<Incoming>,
+        turn: Arc<tokio::sync::Mutex<()>>,
+        exit_after: &Mutex<Option<i32>>,
     ) -> Result<hyper::Response<Full<Bytes>>, std::convert::Infallible> {
         let method = req.method().as_str().to_owned();
         let path = req.uri().path().to_owned();
@@ -204,29 +236,30 @@ impl FakeFc {
             .await
             .map(|b| b.to_bytes())
             .unwrap_or_default();
-        let call = format!("{method} {path}");
-        if self.behaviour.exit_on.contains(&call) {
-            (self.behaviour.on_exit)(3);
-            std::future::pending::<()>().await;
-        }
-        if self.behaviour.hang_on.contains(&call) {
-            std::future::pending::<()>().await;
-        }
-        let (status, body) = match serde_json::from_slice::<Value>(&bytes) {
-            Err(e) if !bytes.is_empty() => fault(format!(
-                "An error occurred when deserializing the json body of a request: {e}."
-            )),
-            parsed => {
-                let body = parsed.unwrap_or(Value::Null);
-                self.lock().received.push(Received {
-                    method: method.clone(),
-                    path: path.clone(),
-                    body: body.clone(),
-                });
-                self.route(&method, &path, &body)
+        let fake = self.clone();
+        let served = tokio::spawn(async move {
+            let turn = turn.lock_owned().await;
+            let answer = fake.serve_one(&method, &path, &bytes).await;
+            if answer.is_none() {
+                // Hung (or dying): the API answers nothing else either.
+                let _held = turn;
+                std::future::pending::<()>().await;
             }
+            answer
+        });
+        let Ok(Some(((status, body), exit))) = served.await else {
+            // Never reached for a hung request; a panicked one drops the connection.
+            std::future::pending::<()>().await;
+            unreachable!()
         };
         let mut resp = hyper::Response::builder().status(status);
+        if let Some(code) = exit {
+            // The connection closes once this answer is written; the VMM ends then.
+            *exit_after
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(code);
+            resp = resp.header("connection", "close");
+        }
         let payload = match body {
             Some(v) => {
                 resp = resp.header("content-type", "application/json");
@@ -237,6 +270,44 @@ impl FakeFc {
         Ok(resp
             .body(Full::new(payload))
             .unwrap_or_else(|_| hyper::Response::new(Full::new(Bytes::new()))))
+    }
+
+    /// Serves one request in its turn: its answer and whether the VMM ends
+    /// after it (with that status), or None when it is never answered.
+    async fn serve_one(
+        &self,
+        method: &str,
+        path: &str,
+        bytes: &[u8],
+    ) -> Option<(Answer, Option<i32>)> {
+        let call = format!("{method} {path}");
+        if self.behaviour.exit_on.contains(&call) {
+            (self.behaviour.on_exit)(3);
+            return None;
+        }
+        if self.behaviour.hang_on.contains(&call) {
+            return None;
+        }
+        let (status, body) = match serde_json::from_slice::<Value>(bytes) {
+            Err(e) if !bytes.is_empty() => fault(format!(
+                "An error occurred when deserializing the json body of a request: {e}."
+            )),
+            parsed => {
+                let body = parsed.unwrap_or(Value::Null);
+                self.lock().received.push(Received {
+                    method: method.to_owned(),
+                    path: path.to_owned(),
+                    body: body.clone(),
+                });
+                self.route(method, path, &body)
+            }
+        };
+        if let Some((_, delay)) = self.behaviour.slow.iter().find(|(c, _)| *c == call) {
+            // The slow VMM is the behaviour: applied now, answered late.
+            tokio::time::sleep(*delay).await;
+        }
+        let exit = self.lock().exit_after_answer.take();
+        Some(((status, body), exit))
     }
 
     fn route(&self, method: &str, path: &str, body: &Value) -> Answer {
@@ -504,11 +575,8 @@ impl FakeFc {
                     return fault(NOT_BEFORE_START);
                 }
                 if self.behaviour.ctrl_alt_del_exits {
-                    let exit = self.behaviour.on_exit.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        exit(0);
-                    });
+                    // Answered first; the guest then resets and the VMM exits 0.
+                    s.exit_after_answer = Some(0);
                 }
                 NO_CONTENT
             }

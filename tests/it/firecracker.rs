@@ -37,6 +37,7 @@ fn behaviour() -> Behaviour {
         ctrl_alt_del_exits: false,
         poweroff_after: None,
         hang_on: Vec::new(),
+        slow: Vec::new(),
         exit_on: Vec::new(),
         on_exit: Arc::new(|_| {}),
         chroot: None,
@@ -273,11 +274,43 @@ async fn client_hung_socket_times_out() {
         "{e:?}"
     );
     assert!(started.elapsed() < Duration::from_secs(2));
-    // Other calls still work on a fresh connection.
-    assert_eq!(
-        f.client.describe().await.expect("describe").state,
-        "Not started"
+    // Firecracker's API thread serves one request at a time: while one hangs,
+    // nothing else is answered, on any connection.
+    let e = f.client.describe().await.expect_err("the API is stuck");
+    assert!(
+        matches!(&e, HypervisorError::Timeout { operation, .. } if operation == "GET /"),
+        "{e:?}"
     );
+}
+
+#[tokio::test]
+async fn client_one_request_at_a_time_and_a_slow_answer_is_still_applied() {
+    let mut b = behaviour();
+    b.slow
+        .push(("PUT /machine-config".into(), Duration::from_millis(700)));
+    let f = inproc(b);
+    let machine = MachineConfig {
+        vcpu_count: 2,
+        mem_size_mib: 256,
+        smt: false,
+    };
+    let sent = Instant::now();
+    // The client gives up at 500 ms; the VMM applied the request and answers later.
+    let e = f
+        .client
+        .put_machine_config(&machine)
+        .await
+        .expect_err("answered after the client's timeout");
+    assert!(matches!(e, HypervisorError::Timeout { .. }), "{e:?}");
+    // The next request waits for the slow one's turn to end, then sees it applied.
+    let held = f.client.vm_config().await.expect("vm config");
+    assert!(
+        sent.elapsed() >= Duration::from_millis(700),
+        "answered before the slow request's turn ended: {:?}",
+        sent.elapsed()
+    );
+    assert_eq!(held["machine-config"]["vcpu_count"], 2);
+    assert_eq!(held["machine-config"]["mem_size_mib"], 256);
 }
 
 // ---------------------------------------------------------------- adapter
@@ -376,7 +409,7 @@ fn env(flags: &[&str]) -> Env {
     std::fs::write(
         &script,
         format!(
-            "#!/bin/sh\nexec '{}' {} \"$@\"\n",
+            "#!/bin/sh\nexec '{}' --fake-parent \"$PPID\" {} \"$@\"\n",
             fake_binary().display(),
             quoted.join(" ")
         ),
@@ -915,6 +948,47 @@ async fn adopt_reattaches_to_a_surviving_vmm() {
     drop(h1);
 }
 
+/// The fake run the way VMCP runs a VMM, by a parent that then dies (a
+/// crashed VMCP): it goes with its parent unless told to outlive it, as a
+/// real VMM does.
+#[tokio::test]
+async fn the_fake_dies_with_its_parent_unless_told_to_outlive_it() {
+    for outlive in [false, true] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let sock = tmp.path().join("api.sock");
+        let flag = if outlive { "--fake-outlive-parent" } else { "" };
+        let (parent, pid) = crate::real_env::parent_of(&format!(
+            "'{}' --fake-parent $$ {flag} --api-sock '{}'",
+            fake_binary().display(),
+            sock.display()
+        ));
+        let client = FcClient::new(UdsClient::new(Duration::from_millis(500)), sock);
+        // Serving (so its own arrangements are made), then its parent dies.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while client.describe().await.is_err() {
+            assert!(Instant::now() < deadline, "the fake never answered");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        parent.end();
+        if outlive {
+            // Its parent is gone; it answers all the same.
+            assert_eq!(
+                client.describe().await.expect("describe").state,
+                "Not started"
+            );
+            kill9(pid);
+        } else {
+            let gone = crate::harness::eventually(Duration::from_secs(5), || async {
+                vmcp::adapters::outbound::vmm::process::read_start_time(pid).is_err()
+                    || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                        .is_ok_and(|s| s.contains(") Z "))
+            })
+            .await;
+            assert!(gone, "the fake {pid} outlived its parent");
+        }
+    }
+}
+
 #[tokio::test]
 async fn check_reports_the_version_or_what_is_missing() {
     let e = env(&[]);
@@ -927,15 +1001,24 @@ async fn check_reports_the_version_or_what_is_missing() {
         usable.check().await.expect("check").version,
         "Firecracker v1.16.1"
     );
-    settings.kvm_device = e.tmp.path().join("no-kvm");
-    let err = Firecracker::new(settings)
-        .check()
-        .await
-        .expect_err("no KVM");
-    assert!(
-        matches!(&err, HypervisorError::Unavailable { message, .. } if message.contains("no-kvm")),
-        "{err:?}"
-    );
+    // No KVM, and a KVM that opens but not read-write (a directory: refused
+    // even to root), are each named, whatever this host has.
+    for (kvm, why) in [
+        (e.tmp.path().join("no-kvm"), "No such file"),
+        (e.tmp.path().to_owned(), "directory"),
+    ] {
+        settings.kvm_device = kvm.clone();
+        let err = Firecracker::new(settings.clone())
+            .check()
+            .await
+            .expect_err("no usable KVM");
+        let want = format!("{} cannot be opened read-write", kvm.display());
+        assert!(
+            matches!(&err, HypervisorError::Unavailable { message, source: Some(s) }
+                if *message == want && s.to_string().contains(why)),
+            "{err:?}"
+        );
+    }
     let missing = Firecracker::new(FirecrackerSettings::new(
         "/nonexistent/firecracker",
         e.root(),
@@ -993,6 +1076,11 @@ async fn jailer_mode_stages_files_in_the_chroot_and_cleans_up() {
         chroot_base: base.clone(),
     });
     settings.call_timeout = Duration::from_secs(1);
+    // A stand-in KVM device, so the check below gets past KVM on any host and
+    // must fail on what the jailer needs.
+    let kvm = tmp.path().join("kvm");
+    std::fs::write(&kvm, b"").expect("stand-in kvm");
+    settings.kvm_device = kvm;
     let (tx, mut events) = unbounded_channel();
     let fc = Firecracker::new(settings);
     let mut cfg = VmConfig {
@@ -1067,7 +1155,7 @@ async fn jailer_mode_stages_files_in_the_chroot_and_cleans_up() {
     assert_eq!(p2.socket_path, p.socket_path, "the jail's socket again");
     match fc.check().await {
         Err(HypervisorError::Unavailable { message, .. }) => assert!(
-            message.contains("dynamically linked") || message.contains("/dev/kvm"),
+            message.contains("is dynamically linked; the jailer copies only the binary"),
             "{message}"
         ),
         other => panic!("the fake is dynamically linked: {other:?}"),

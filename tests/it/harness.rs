@@ -18,7 +18,7 @@ use vmcp::app::manager::snapshots::SnapshotSettings;
 use vmcp::app::security::Security;
 use vmcp::app::wiring::{Running, StartOptions, start};
 use vmcp::domain::snapshot::SnapshotLimits;
-use vmcp::ports::{NoopTelemetry, SystemClock, Telemetry};
+use vmcp::ports::{NoopTelemetry, SystemClock, Telemetry, VmStore};
 use vmcp::proto::vmm::v1 as pb;
 use vmcp::proto::vmm::v1::VmServiceClient;
 
@@ -48,11 +48,12 @@ pub const ALL_WIRES: [Wire; 4] = [
 /// Wraps the server's RPC route (see [`StartOptions::wrap_rpc`]).
 pub type WrapRpc = Box<dyn FnOnce(RpcHttpService) -> RpcHttpService + Send>;
 
-/// A running server over the test double.
-pub struct Harness {
+/// A running server over the test double, with its records in `S` (the
+/// memory store unless a test asks for another, such as SQLite).
+pub struct Harness<S: VmStore = MemoryStore> {
     pub double: Arc<Double>,
     #[allow(dead_code)] // kept so restart tests can reuse the same store
-    pub store: Arc<MemoryStore>,
+    pub store: Arc<S>,
     pub addr: SocketAddr,
     running: Option<Running>,
     /// The snapshot directory made for this server (when the test named none).
@@ -197,10 +198,28 @@ impl Harness {
     ) -> Self {
         Self::start_options(double, store, security, true, telemetry, addr, wrap).await
     }
+}
+
+impl<S: VmStore> Harness<S> {
+    /// A server over an existing double and any store, protected by `security`
+    /// (recovery tests on the SQLite store).
+    #[allow(dead_code)] // used by some test modules only
+    pub async fn start_on(double: Arc<Double>, store: Arc<S>, security: Security) -> Self {
+        Self::start_options(
+            double,
+            store,
+            security,
+            true,
+            Arc::new(NoopTelemetry),
+            "127.0.0.1:0".parse().unwrap(),
+            Box::new(|s| s),
+        )
+        .await
+    }
 
     async fn start_options(
         double: Arc<Double>,
-        store: Arc<MemoryStore>,
+        store: Arc<S>,
         security: Security,
         remove_orphans: bool,
         telemetry: Arc<dyn Telemetry>,
@@ -333,7 +352,7 @@ impl Harness {
     }
 }
 
-impl Drop for Harness {
+impl<S: VmStore> Drop for Harness<S> {
     fn drop(&mut self) {
         // A test that panicked leaves the server task to the runtime's teardown.
         self.running.take();

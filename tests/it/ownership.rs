@@ -11,9 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use vmcp::adapters::outbound::store::memory::MemoryStore;
+use vmcp::adapters::outbound::store::sqlite::SqliteStore;
 use vmcp::app::security::Security;
 use vmcp::domain::restart::{RestartPolicy, RestartSettings};
-use vmcp::ports::HypervisorError;
+use vmcp::ports::{HypervisorError, VmStore};
 use vmcp::proto::vmm::v1 as pb;
 use vmcp::proto::vmm::v1::VmState as S;
 
@@ -24,7 +25,7 @@ fn st(v: buffa::EnumValue<S>) -> S {
     v.as_known().expect("known state")
 }
 
-async fn info(h: &Harness, id: &str) -> pb::GetVmInfoResponse {
+async fn info<St: VmStore>(h: &Harness<St>, id: &str) -> pb::GetVmInfoResponse {
     h.info(id).await
 }
 
@@ -39,10 +40,25 @@ enum Replace {
     ShutdownThenBoot,
 }
 
-async fn replaced_vmm_survives_restart(double: Double, how: Replace) {
-    let double = Arc::new(double);
+/// A memory store that lives across restarts, as the tests' VMCP's records do.
+fn memory() -> impl Fn() -> Arc<MemoryStore> {
     let store = Arc::new(MemoryStore::new());
-    let h = Harness::start_with(Arc::clone(&double), Arc::clone(&store)).await;
+    move || Arc::clone(&store)
+}
+
+/// A SQLite store in `dir`, opened afresh from disk by each VMCP start.
+fn sqlite(dir: &tempfile::TempDir) -> impl Fn() -> Arc<SqliteStore> + '_ {
+    || Arc::new(SqliteStore::open(dir.path()).expect("open the SQLite store"))
+}
+
+async fn replaced_vmm_survives_restart<St: VmStore>(
+    double: Double,
+    how: Replace,
+    open: impl Fn() -> Arc<St>,
+) {
+    let double = Arc::new(double);
+    let store = open();
+    let h = Harness::start_on(Arc::clone(&double), Arc::clone(&store), Security::open()).await;
     let c = h.client(Wire::ConnectProto);
     let id = "replaced";
     c.create_vm(create_req(id)).await.expect("create");
@@ -94,18 +110,38 @@ async fn replaced_vmm_survives_restart(double: Double, how: Replace) {
         Some(second),
         "reads show the new pid at once"
     );
+    if double.host().kind() == vmcp::ports::BackendKind::CloudHypervisor {
+        // A forced stop of the new VMM keeps that process and reads Created, as
+        // the real Cloud Hypervisor does (real_api checks the same path).
+        let c = h.client(Wire::ConnectProto);
+        let sd = c
+            .shutdown_vm(pb::ShutdownVmRequest {
+                vm_id: id.into(),
+                force: true,
+                ..Default::default()
+            })
+            .await
+            .expect("forced shutdown")
+            .into_owned();
+        assert_eq!(st(sd.state), S::VM_STATE_CREATED);
+        assert_eq!(double.pid_of(id), Some(second));
+        assert_eq!(shown_pid(&info(&h, id).await), Some(second));
+        c.boot_vm(boot.clone()).await.expect("boot from Created");
+        assert_eq!(double.pid_of(id), Some(second), "booted in place");
+    }
     let recorded = vmcp::ports::VmStore::load_all(&*store)
         .await
         .expect("records");
     assert_eq!(
-        recorded[0].process.as_ref().map(|p| p.pid),
-        Some(second),
-        "the store names the new VMM: {recorded:?}"
+        recorded[0].process,
+        double.process_of(id),
+        "the store names the new VMM by pid and start time: {recorded:?}"
     );
     h.stop().await;
+    drop(store);
 
     let double = Arc::new(double.restarted());
-    let h = Harness::start_with(Arc::clone(&double), Arc::clone(&store)).await;
+    let h = Harness::start_on(Arc::clone(&double), open(), Security::open()).await;
     let after = info(&h, id).await;
     assert_eq!(
         st(after.state),
@@ -122,6 +158,12 @@ async fn replaced_vmm_survives_restart(double: Double, how: Replace) {
         .await
         .expect("delete");
     assert!(!double.is_alive(second), "delete ended the adopted VMM");
+    for pid in double.pids_ever(id) {
+        assert!(
+            !double.is_alive(pid),
+            "VMM {pid} of {id} outlived its delete"
+        );
+    }
     assert_eq!(
         double.vmm_count(),
         0,
@@ -133,23 +175,112 @@ async fn replaced_vmm_survives_restart(double: Double, how: Replace) {
 
 #[tokio::test]
 async fn ch_boot_after_a_poweroff_survives_a_restart() {
-    replaced_vmm_survives_restart(Double::new(), Replace::PoweroffThenBoot).await;
+    replaced_vmm_survives_restart(Double::new(), Replace::PoweroffThenBoot, memory()).await;
 }
 
 #[tokio::test]
 async fn fc_reboot_survives_a_restart() {
-    replaced_vmm_survives_restart(Double::firecracker(), Replace::Reboot).await;
+    replaced_vmm_survives_restart(Double::firecracker(), Replace::Reboot, memory()).await;
 }
 
 #[tokio::test]
 async fn fc_boot_from_shutdown_survives_a_restart() {
-    replaced_vmm_survives_restart(Double::firecracker(), Replace::ShutdownThenBoot).await;
+    replaced_vmm_survives_restart(Double::firecracker(), Replace::ShutdownThenBoot, memory()).await;
+}
+
+/// The same with the records in SQLite, reopened from disk by the restarted VMCP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaced_vmms_survive_a_restart_on_the_sqlite_store() {
+    for (double, how) in [
+        (Double::new as fn() -> Double, Replace::PoweroffThenBoot),
+        (Double::firecracker, Replace::Reboot),
+        (Double::firecracker, Replace::ShutdownThenBoot),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        replaced_vmm_survives_restart(double(), how, sqlite(&dir)).await;
+    }
+}
+
+/// A VMM that runs when VMCP starts but cannot be adopted (its socket does
+/// not answer) must not be left running beside a VM that says it has none:
+/// a delete would leave it behind, a boot would start a second one. It is
+/// ended as an orphan is, and the VM's reason says so; with orphans only
+/// reported, it is left running and the reason says that instead.
+#[tokio::test]
+async fn a_vmm_that_cannot_be_adopted_is_ended_not_left_beside_its_vm() {
+    for remove_orphans in [true, false] {
+        let double = Arc::new(Double::new());
+        let store = Arc::new(MemoryStore::new());
+        let h = Harness::start_with(Arc::clone(&double), Arc::clone(&store)).await;
+        let c = h.client(Wire::ConnectProto);
+        c.create_vm(create_req("wedged")).await.expect("create");
+        c.boot_vm(pb::BootVmRequest {
+            vm_id: "wedged".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("boot");
+        let stuck = double.pid_of("wedged").expect("a VMM runs");
+        h.stop().await;
+
+        let double = Arc::new(double.restarted());
+        double.fail_next(
+            "wedged",
+            "adopt",
+            HypervisorError::unavailable("injected: the VMM's socket does not answer"),
+        );
+        let h = if remove_orphans {
+            Harness::start_with(Arc::clone(&double), Arc::clone(&store)).await
+        } else {
+            Harness::start_reporting_orphans(Arc::clone(&double), Arc::clone(&store)).await
+        };
+        let i = info(&h, "wedged").await;
+        assert_eq!(st(i.state), S::VM_STATE_FAILED, "{}", i.state_reason);
+        assert_eq!(shown_pid(&i), None);
+        let fate = if remove_orphans {
+            "was ended"
+        } else {
+            "was left running (orphans are only reported)"
+        };
+        assert!(
+            i.state_reason.starts_with(&format!(
+                "its VMM (pid {stuck}) could not be adopted when VMCP started and {fate}: "
+            )) && i.state_reason.contains("does not answer"),
+            "{}",
+            i.state_reason
+        );
+        assert_eq!(double.is_alive(stuck), !remove_orphans);
+        if remove_orphans {
+            // Booting gives it one VMM, a fresh one; deleting it leaves none.
+            h.client(Wire::ConnectProto)
+                .boot_vm(pb::BootVmRequest {
+                    vm_id: "wedged".into(),
+                    ..Default::default()
+                })
+                .await
+                .expect("boot");
+            let fresh = double.pid_of("wedged").expect("a new VMM");
+            assert_ne!(fresh, stuck);
+            double.assert_one_vmm_per_vm();
+            h.client(Wire::ConnectProto)
+                .delete_vm(pb::DeleteVmRequest {
+                    vm_id: "wedged".into(),
+                    ..Default::default()
+                })
+                .await
+                .expect("delete");
+            assert_eq!(double.vmm_count(), 0, "{:?}", double.live_pids());
+        } else {
+            double.kill_pid(stuck);
+        }
+        h.stop().await;
+    }
 }
 
 const VMS: u64 = 6;
 
 /// One random API call; every outcome is allowed, the invariants are checked after.
-async fn random_call(h: &Harness, rng: &mut Rng) {
+async fn random_call<St: VmStore>(h: &Harness<St>, rng: &mut Rng) {
     let c = h.client(Wire::ConnectProto);
     let id = format!("vm{}", rng.below(VMS));
     let _ = match rng.below(8) {
@@ -231,7 +362,7 @@ fn random_host_event(d: &Double, rng: &mut Rng) {
 
 /// Every VM VMCP lists shows the state and pid its VMM has; every live VMM
 /// belongs to a listed VM; no VM has two VMMs.
-async fn check(h: &Harness, d: &Double, when: &str) {
+async fn check<St: VmStore>(h: &Harness<St>, d: &Double, when: &str) {
     d.assert_one_vmm_per_vm();
     let c = h.client(Wire::ConnectProto);
     let listed: BTreeSet<String> = c
@@ -306,13 +437,15 @@ fn policies(always: bool) -> Security {
     s
 }
 
-async fn random_run(make: fn() -> Double, name: &str, always: bool) {
+async fn random_run<St: VmStore>(
+    make: fn() -> Double,
+    name: &str,
+    always: bool,
+    open: impl Fn() -> Arc<St>,
+) {
     let mut rng = Rng::from_env(name);
-    let store = Arc::new(MemoryStore::new());
     let mut double = Arc::new(make());
-    let start = |d: &Arc<Double>| {
-        Harness::start_with_security(Arc::clone(d), Arc::clone(&store), policies(always))
-    };
+    let start = |d: &Arc<Double>| Harness::start_on(Arc::clone(d), open(), policies(always));
     let mut h = start(&double).await;
     for round in 0..6 {
         for _ in 0..25 {
@@ -349,9 +482,7 @@ async fn random_run(make: fn() -> Double, name: &str, always: bool) {
         "deleting every VM leaves no VMM: {:?}",
         double.live_pids()
     );
-    let records = vmcp::ports::VmStore::load_all(&*store)
-        .await
-        .expect("records");
+    let records = h.store.load_all().await.expect("records");
     assert!(records.is_empty(), "no record left: {records:?}");
     h.stop().await;
 }
@@ -362,6 +493,7 @@ async fn random_operations_faults_and_restarts_keep_every_vm_accounted_for_ch() 
         Double::new,
         "random_operations_faults_and_restarts_keep_every_vm_accounted_for_ch",
         false,
+        memory(),
     )
     .await;
 }
@@ -374,6 +506,7 @@ async fn random_operations_with_policy_always_and_host_reboots_keep_every_vm_acc
         Double::new,
         "random_operations_with_policy_always_and_host_reboots_keep_every_vm_accounted_for",
         true,
+        memory(),
     )
     .await;
 }
@@ -384,6 +517,33 @@ async fn random_operations_faults_and_restarts_keep_every_vm_accounted_for_fc() 
         Double::firecracker,
         "random_operations_faults_and_restarts_keep_every_vm_accounted_for_fc",
         false,
+        memory(),
+    )
+    .await;
+}
+
+/// Recovery from what production keeps: the records in SQLite, reopened from
+/// disk at every restart, under both policies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_operations_faults_and_restarts_keep_every_vm_accounted_for_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    random_run(
+        Double::new,
+        "random_operations_faults_and_restarts_keep_every_vm_accounted_for_on_sqlite",
+        false,
+        sqlite(&dir),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_operations_with_policy_always_and_host_reboots_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    random_run(
+        Double::firecracker,
+        "random_operations_with_policy_always_and_host_reboots_on_sqlite",
+        true,
+        sqlite(&dir),
     )
     .await;
 }

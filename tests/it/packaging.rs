@@ -10,7 +10,7 @@ use std::time::Duration;
 use vmcp::app::config::{Config, DefaultValue, VARIABLES, Var};
 
 use super::harness::{free_port, vmcp_api_env};
-use super::real_env::{on_path, say};
+use super::real_env::on_path;
 
 const UNIT: &str = include_str!("../../deploy/vmcp.service");
 const ENV_FILE: &str = include_str!("../../deploy/vmcp.env");
@@ -149,9 +149,9 @@ fn the_unit_keeps_vms_alive_and_uses_the_default_directories() {
 #[test]
 fn the_unit_verifies_with_systemd_analyze() {
     let Some(analyze) = on_path("systemd-analyze") else {
-        say(
-            "SKIPPED: the_unit_verifies_with_systemd_analyze: cannot verify deploy/vmcp.service \
-             (systemd-analyze not found)",
+        super::skips::skip(
+            "the_unit_verifies_with_systemd_analyze",
+            "cannot verify deploy/vmcp.service (systemd-analyze not found)",
         );
         return;
     };

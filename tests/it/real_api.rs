@@ -185,10 +185,9 @@ fn create(id: &str, guest: &Path) -> pb::CreateVmRequest {
     req
 }
 
+/// The VMM pid GetVmInfo shows, if the VM has a VMM.
 fn pid_of(info: &pb::GetVmInfoResponse) -> Option<&String> {
-    info.backend_info
-        .get("pid")
-        .or_else(|| info.backend_info.get("vmm_pid"))
+    info.backend_info.get("vmm_pid")
 }
 
 fn st(v: buffa::EnumValue<S>) -> S {
@@ -200,6 +199,32 @@ fn pid_alive(pid: u32) -> bool {
         && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .unwrap_or_default()
             .contains(") Z ")
+}
+
+/// Every VMM pid a VM has had, in order, as GetVmInfo showed them.
+#[derive(Debug, Default)]
+struct Pids(Vec<u32>);
+
+impl Pids {
+    /// Records the VMM `info` shows (if any, and if new); returns it.
+    fn saw(&mut self, info: &pb::GetVmInfoResponse) -> Option<u32> {
+        let pid = pid_of(info).map(|p| p.parse().expect("vmm_pid is a pid"))?;
+        if self.0.last() != Some(&pid) {
+            self.0.push(pid);
+        }
+        Some(pid)
+    }
+
+    /// Asserts that none of them runs (after a delete, which returns once its VMM is gone).
+    fn assert_all_gone(&self, what: &str) {
+        assert!(!self.0.is_empty(), "{what}: no pid was seen");
+        let left: Vec<u32> = self.0.iter().copied().filter(|p| pid_alive(*p)).collect();
+        assert!(
+            left.is_empty(),
+            "{what}: VMMs {left:?} of {:?} still run",
+            self.0
+        );
+    }
 }
 
 /// This process's open descriptors that point into `dir` (files VMCP opened for a VM: logs,
@@ -247,9 +272,8 @@ async fn lifecycle(kind: Kind) {
         .expect("info")
         .into_owned();
     assert_eq!(st(info.state), S::VM_STATE_CREATED);
-    let pid: u32 = pid_of(&info)
-        .and_then(|p| p.parse().ok())
-        .expect("pid in backend_info");
+    let mut pids = Pids::default();
+    let pid = pids.saw(&info).expect("vmm_pid in backend_info");
     assert!(pid_alive(pid));
 
     let boot = c
@@ -269,10 +293,10 @@ async fn lifecycle(kind: Kind) {
         .await
         .expect("info")
         .into_owned();
+    assert_eq!(pids.saw(&info), Some(pid), "boot keeps the created VMM");
     let console = info
         .backend_info
-        .get("console")
-        .or_else(|| info.backend_info.get("serial_output"))
+        .get("serial_output")
         .cloned()
         .expect("console path in backend_info");
     let marker = eventually(Duration::from_secs(5), || {
@@ -322,6 +346,9 @@ async fn lifecycle(kind: Kind) {
         .expect("reboot")
         .into_owned();
     assert_eq!(st(rb.state), S::VM_STATE_RUNNING);
+    // Cloud Hypervisor reboots in place; Firecracker's reboot is a new VMM.
+    let rebooted = pids.saw(&info_of(&c, &id).await).expect("a VMM");
+    assert_eq!(rebooted == pid, kind == Kind::Ch, "{pids:?}");
 
     // The tiny guest ignores ACPI and has no i8042 driver: the graceful attempt times out and the
     // VM is stopped hard. Cloud Hypervisor then reports Created (bootable again); Firecracker's
@@ -350,6 +377,7 @@ async fn lifecycle(kind: Kind) {
         .expect("boot again")
         .into_owned();
     assert_eq!(st(b2.state), S::VM_STATE_RUNNING);
+    pids.saw(&info_of(&c, &id).await).expect("a VMM");
     let hard = c
         .shutdown_vm(pb::ShutdownVmRequest {
             vm_id: id.clone(),
@@ -388,7 +416,13 @@ async fn lifecycle(kind: Kind) {
         .await
         .expect_err("gone");
     assert_eq!(gone.code, ErrorCode::NotFound);
-    assert!(!pid_alive(pid), "the VMM process ended");
+    // Cloud Hypervisor kept one VMM throughout; Firecracker had one per boot.
+    assert_eq!(
+        pids.0.len(),
+        if kind == Kind::Ch { 1 } else { 3 },
+        "{pids:?}"
+    );
+    pids.assert_all_gone(&name);
     assert!(
         entries(s.runtime.path()).is_empty(),
         "runtime dir removed: {:?}",
@@ -429,7 +463,7 @@ async fn kill_nine(kind: Kind) {
         .await
         .expect("info")
         .into_owned();
-    let pid: i32 = pid_of(&info).and_then(|p| p.parse().ok()).expect("pid");
+    let pid = vmm_pid(&info);
     // A watcher from the list's revision hears of the death.
     let revision = c
         .list_vms(pb::ListVmsRequest::default())
@@ -475,7 +509,10 @@ async fn kill_nine(kind: Kind) {
     );
     assert_eq!(change.revision, revision + 1);
     let reason = &change.vm.as_option().expect("vm").state_reason;
-    assert!(!reason.is_empty(), "the watcher gets the reason");
+    assert!(
+        reason.contains("SIGKILL"),
+        "the watcher gets the reason: {reason}"
+    );
     say(&format!(
         "{name}: kill -9 reached a watcher as FAILED in {:?} ({reason})",
         killed.elapsed()
@@ -492,6 +529,7 @@ async fn kill_nine(kind: Kind) {
     })
     .await
     .expect("delete a dead VM");
+    assert!(!pid_alive(pid), "the killed VMM is gone");
     assert!(entries(s.runtime.path()).is_empty());
     s.stop().await;
 }
@@ -537,7 +575,8 @@ async fn many_and_cycles(kind: Kind) {
                 .expect("pause")
                 .into_owned();
             assert_eq!(st(p.state), S::VM_STATE_PAUSED);
-            id
+            let pid = vmm_pid(&info_of(&c, &id).await);
+            (id, pid)
         }));
     }
     let mut ids = Vec::new();
@@ -554,16 +593,20 @@ async fn many_and_cycles(kind: Kind) {
         .into_owned();
     assert_eq!(list.total_count, 8);
     let mut tasks = Vec::new();
-    for id in ids {
+    for (id, pid) in ids {
         let c = c.clone();
         tasks.push(tokio::spawn(async move {
             c.delete_vm(pb::DeleteVmRequest {
-                vm_id: id,
+                vm_id: id.clone(),
                 force: true,
                 ..Default::default()
             })
             .await
             .expect("delete");
+            assert!(
+                !pid_alive(pid),
+                "{id}: its VMM {pid} is gone after the delete"
+            );
         }));
     }
     for t in tasks {
@@ -590,11 +633,7 @@ async fn many_and_cycles(kind: Kind) {
             .await
             .expect("info")
             .into_owned();
-        pids.push(
-            pid_of(&info)
-                .and_then(|p| p.parse::<u32>().ok())
-                .expect("pid"),
-        );
+        pids.push(vmm_pid(&info));
         c.delete_vm(pb::DeleteVmRequest {
             vm_id: id,
             ..Default::default()
@@ -742,6 +781,29 @@ async fn replaced_vmm_survives_restart(kind: Kind, how: Replace) {
     assert_ne!(second, first, "the VMM was replaced");
     assert!(!pid_alive(first), "the replaced VMM {first} is gone");
     assert!(pid_alive(second));
+    if kind == Kind::Ch {
+        // A forced stop of the new VMM keeps that process and reads Created, as
+        // Cloud Hypervisor's first one did (the test double follows this rule).
+        let sd = c
+            .shutdown_vm(pb::ShutdownVmRequest {
+                vm_id: id.to_owned(),
+                force: true,
+                ..Default::default()
+            })
+            .await
+            .expect("forced shutdown")
+            .into_owned();
+        assert_eq!(st(sd.state), S::VM_STATE_CREATED);
+        assert_eq!(vmm_pid(&info_of(&c, id).await), second);
+        assert!(pid_alive(second));
+        let b = c
+            .boot_vm(boot.clone())
+            .await
+            .expect("boot from Created")
+            .into_owned();
+        assert_eq!(st(b.state), S::VM_STATE_RUNNING);
+        assert_eq!(vmm_pid(&info_of(&c, id).await), second, "booted in place");
+    }
 
     let s = s.restart(kind, &env).await;
     let c = client_for(s.addr, Wire::ConnectProto);
@@ -764,6 +826,7 @@ async fn replaced_vmm_survives_restart(kind: Kind, how: Replace) {
     .await
     .expect("delete");
     assert!(!pid_alive(second), "delete ended the VMM VMCP had adopted");
+    assert!(!pid_alive(first), "and the replaced one is still gone");
     assert!(
         entries(s.runtime.path()).is_empty(),
         "runtime dir removed: {:?}",
@@ -835,6 +898,7 @@ async fn real_ch_pause_on_the_vmm_socket_shows_without_waiting_for_a_sample() {
         "{name}: pause seen through the event monitor after {:?}",
         started.elapsed()
     ));
+    let pid = vmm_pid(&info_of(&c, id).await);
     c.delete_vm(pb::DeleteVmRequest {
         vm_id: id.to_owned(),
         force: true,
@@ -842,6 +906,10 @@ async fn real_ch_pause_on_the_vmm_socket_shows_without_waiting_for_a_sample() {
     })
     .await
     .expect("delete");
+    assert!(
+        !pid_alive(pid),
+        "{name}: the VMM {pid} is gone after the delete"
+    );
     s.stop().await;
 }
 
@@ -1029,6 +1097,7 @@ async fn console_and_resize(kind: Kind) {
     })
     .await
     .expect("boot");
+    let pid = vmm_pid(&info_of(&c, &id).await);
 
     let read = |offset: u64| {
         let c = client_for(s.addr, Wire::ConnectJson);
@@ -1136,6 +1205,7 @@ async fn console_and_resize(kind: Kind) {
                 size(info.config.as_option().expect("config")),
                 (2, 256 << 20)
             );
+            assert_eq!(vmm_pid(&info), pid, "the restarted VMCP adopted the VMM");
             s
         }
     };
@@ -1146,6 +1216,10 @@ async fn console_and_resize(kind: Kind) {
     })
     .await
     .expect("delete");
+    assert!(
+        !pid_alive(pid),
+        "{name}: the VMM {pid} is gone after the delete"
+    );
     // The stream ends cleanly with the VM on Firecracker; on Cloud Hypervisor it
     // belonged to the VMCP that restarted, which ended it with `unavailable`.
     let end = tokio::time::timeout(Duration::from_secs(5), async {

@@ -289,6 +289,7 @@ async fn real_ch_kill_9_is_failed_with_a_reason_within_a_second() {
     assert_eq!(info.state, Some(VmState::Failed));
     // SIGKILL leaves CH's socket behind; delete removes it with the directory.
     h.delete(false).await.unwrap();
+    assert!(!is_alive(p.pid, p.start_time));
     assert!(!env.runtime_root().join("kill9").exists());
     eprintln!("real_ch kill -9 noticed after {noticed:?}");
 }
@@ -345,7 +346,9 @@ async fn real_ch_a_vm_whose_vmm_ended_boots_in_a_new_vmm_that_survives_a_restart
     assert_eq!(rep.process, Some(second.clone()));
     assert_eq!(adopted.process(), Some(second.clone()));
     adopted.delete(false).await.unwrap();
-    assert!(!is_alive(second.pid, second.start_time));
+    for p in [&first, &second] {
+        assert!(!is_alive(p.pid, p.start_time), "VMM {} still runs", p.pid);
+    }
     assert!(!env.runtime_root().join("renew").exists());
     while let Ok(ev) = events.try_recv() {
         assert!(matches!(ev, VmmEvent::StateChanged { .. }), "{ev:?}");

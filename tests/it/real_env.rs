@@ -1,12 +1,15 @@
 //! What the real-VMM tests need and one place that decides whether they can
 //! run: the VMM binary (an environment variable or PATH), a read-write
 //! /dev/kvm and the tiny test guest (`make guest`). When anything is missing
-//! the test prints one `SKIPPED: <test>: missing …` line and returns. Also
+//! the test prints one `SKIPPED: <test>: missing …` line (and is listed
+//! again when the test binary exits, see `skips`) and returns. Also
 //! two helpers every VMM adapter test uses: an error with its source chain,
 //! and SIGKILL by pid.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+
+use super::skips::SUMMARY_HEADING;
 
 /// The VMM a test needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,7 +71,7 @@ pub fn require(vmm: Vmm, test: &str) -> Option<Real> {
         ));
     }
     if !missing.is_empty() {
-        say(&format!("SKIPPED: {test}: missing {}", missing.join(", ")));
+        super::skips::skip(test, &format!("missing {}", missing.join(", ")));
         return None;
     }
     Some(Real {
@@ -146,4 +149,93 @@ pub async fn vm_config_of(p: &vmcp::ports::VmmProcess) -> serde_json::Value {
     .vm_config()
     .await
     .expect("GET /vm/config")
+}
+
+/// A shell that started a process in the background and stays until ended.
+pub struct Parent(std::process::Child);
+
+impl Parent {
+    /// Ends the shell (closing its stdin) and waits for it: its child is orphaned.
+    pub fn end(mut self) {
+        drop(self.0.stdin.take());
+        let status = self.0.wait().expect("wait for the shell");
+        assert!(status.success(), "{status}");
+    }
+}
+
+/// Starts `command` in the background of a shell that then waits for its
+/// stdin to close ([`Parent::end`]); returns the shell and the command's pid.
+/// Stands in for a VMCP that starts a VMM and later dies.
+pub fn parent_of(command: &str) -> (Parent, u32) {
+    use std::io::BufRead;
+    let mut sh = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "{command} >/dev/null 2>&1 & echo $!; read _ || true"
+        ))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("sh");
+    let mut line = String::new();
+    std::io::BufReader::new(sh.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("the pid");
+    let pid = line.trim().parse().expect("a pid");
+    (Parent(sh), pid)
+}
+
+/// Runs this test binary again on `test` alone (exact name) with `env`, the
+/// way `cargo test` runs it, and returns what it wrote to stdout and stderr,
+/// interleaved as a terminal would show it (both go into one pipe).
+fn run_self(test: &str, env: &[(&str, &str)]) -> String {
+    use std::io::Read;
+    let exe = std::env::current_exe().expect("the test binary");
+    let (mut reader, writer) = std::io::pipe().expect("pipe");
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args([test, "--exact", "--test-threads=1"])
+        .stdout(writer.try_clone().expect("pipe"))
+        .stderr(writer);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("run the test binary");
+    // The command holds the write ends; drop it so the read below ends with the child.
+    drop(cmd);
+    let mut out = String::new();
+    reader.read_to_string(&mut out).expect("read its output");
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "{test} failed ({status}):\n{out}");
+    out
+}
+
+#[test]
+fn a_skipped_test_is_listed_again_after_the_run_and_a_run_without_skips_lists_nothing() {
+    let test = "real_ch_kill_9_is_failed_with_a_reason_within_a_second";
+    let out = run_self(
+        &format!("real_ch::{test}"),
+        &[("VMCP_TEST_CH_BINARY", "/nonexistent/cloud-hypervisor")],
+    );
+    let result = out
+        .find("test result: ok. 1 passed")
+        .unwrap_or_else(|| panic!("the test ran and passed:\n{out}"));
+    let summary = out
+        .find(&format!("1 {SUMMARY_HEADING}"))
+        .unwrap_or_else(|| panic!("no skip summary counting one skip:\n{out}"));
+    assert!(summary > result, "the summary comes last:\n{out}");
+    let listed = format!(
+        "\n  SKIPPED: {test}: missing VMCP_TEST_CH_BINARY=/nonexistent/cloud-hypervisor is not a file"
+    );
+    assert!(
+        out[summary..].contains(&listed),
+        "the summary names the test and what is missing:\n{out}"
+    );
+
+    // A run in which nothing skipped prints no summary.
+    let out = run_self(
+        "packaging::vmcp_api_version_names_the_version_and_the_revision",
+        &[],
+    );
+    assert!(out.contains("test result: ok. 1 passed"), "{out}");
+    assert!(!out.contains(SUMMARY_HEADING), "{out}");
 }

@@ -217,7 +217,9 @@ async fn real_fc_full_lifecycle() {
     e.marker(&vm).await;
 
     h.delete(false).await.expect("delete");
-    assert!(!is_alive(p4.pid, p4.start_time));
+    for p in [&p1, &p2, &p3, &p4] {
+        assert!(!is_alive(p.pid, p.start_time), "VMM {} still runs", p.pid);
+    }
     assert!(!e.root().join("life").exists());
     assert!(e.events.try_recv().is_err(), "no unexpected exits");
     eprintln!(
@@ -304,6 +306,7 @@ async fn real_fc_kill_9_is_failed() {
     let info = h.sample().await.expect("info");
     assert_eq!(info.state, Some(VmState::Failed));
     h.delete(true).await.expect("delete");
+    assert!(!is_alive(p.pid, p.start_time));
     assert!(!e.root().join("killed").exists());
     eprintln!("REAL: real_fc_kill_9_is_failed: Failed reported after {seen:?}");
 }
@@ -428,16 +431,20 @@ async fn real_fc_jailer_lifecycle() {
         .or_else(|| on_path("jailer"));
     let root = rustix::process::geteuid().is_root();
     let Some(jailer) = jailer.filter(|_| root) else {
-        say(
-            "SKIPPED: real_fc_jailer_lifecycle: needs root and a jailer binary (VMCP_TEST_FC_JAILER_BINARY, beside firecracker, or on PATH)",
+        super::skips::skip(
+            "real_fc_jailer_lifecycle",
+            "needs root and a jailer binary (VMCP_TEST_FC_JAILER_BINARY, beside firecracker, or on PATH)",
         );
         return;
     };
     if jailer::needs_loader(&r.binary).unwrap_or(true) {
-        say(&format!(
-            "SKIPPED: real_fc_jailer_lifecycle: {} is dynamically linked; the jailer needs a static (musl) firecracker build",
-            r.binary.display()
-        ));
+        super::skips::skip(
+            "real_fc_jailer_lifecycle",
+            &format!(
+                "{} is dynamically linked; the jailer needs a static (musl) firecracker build",
+                r.binary.display()
+            ),
+        );
         return;
     }
     let _serial = SERIAL.lock().await;
@@ -472,14 +479,21 @@ async fn real_fc_jailer_lifecycle() {
     assert_eq!(h.boot().await.expect("boot").state, VmState::Running);
     e.marker(&vm).await;
     let info = h.sample().await.expect("info");
-    assert!(info.backend_info.contains_key("jail_root"));
+    let jail_root = std::fs::canonicalize(chroot.path())
+        .expect("canonical")
+        .join("firecracker/jailed/root");
+    assert_eq!(
+        info.backend_info["jail_root"],
+        jail_root.to_string_lossy(),
+        "the jail is where the jailer was told to build it"
+    );
     let rep = h.reboot(true).await.expect("reboot");
     let p2 = replaced(&h, rep, &p);
     e.marker(&vm).await;
     // A restarted VMCP recognises the jailed process by its root, the jail's.
     let found = e.fc.discover().await.expect("discover");
     assert_eq!(found.len(), 1);
-    assert_eq!(found[0].process.as_ref().map(|f| f.pid), Some(p2.pid));
+    assert_eq!(found[0].process, Some(p2.clone()));
     h.delete(true).await.expect("delete");
     wait_gone(&p).await;
     wait_gone(&p2).await;

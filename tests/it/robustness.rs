@@ -3,10 +3,15 @@
 //! answered (never a dropped connection, which is what a handler panic looks
 //! like), never with a 5xx other than 503, and never as `internal`; the
 //! server still answers `/health` afterwards. Bounded: 64 cases per RPC and
-//! encoding, so the whole run takes seconds.
+//! encoding, so the whole run takes seconds. Then well-formed protobuf with
+//! hostile values (huge and negative numbers, long strings, invalid UTF-8,
+//! NUL bytes, unknown enum numbers, fields repeated thousands of times, ids
+//! that are paths) to each of the fourteen RPCs, each answered with the one
+//! code it deserves, naming the field.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -17,9 +22,12 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use serde_json::Value;
 use vmcp::adapters::inbound::guard::ApiLimits;
+use vmcp::app::admission::{CreatePolicy, VmLimits};
+use vmcp::app::path_policy::PathPolicy;
 use vmcp::app::security::Security;
+use vmcp::proto::vmm::v1 as pb;
 
-use super::harness::Harness;
+use super::harness::{Harness, Wire, create_req};
 
 const RPCS: [&str; 9] = [
     "CreateVm",
@@ -324,4 +332,684 @@ async fn random_bytes_and_json_on_every_rpc_never_break_the_server() {
         Ok(h) => h.stop().await,
         Err(_) => panic!("harness still shared"),
     }
+}
+
+/// A protobuf field, encoded by hand so that values no generated type
+/// would produce (invalid UTF-8 in a string, unknown enum numbers) can be
+/// sent in an otherwise well-formed message.
+#[derive(Clone)]
+enum Field {
+    /// A varint (int32/int64/uint*/bool/enum); negative int32s are sign-extended, as protobuf does.
+    Int(u32, i64),
+    /// A length-delimited field: a string, bytes, or a map entry's raw bytes.
+    Raw(u32, Vec<u8>),
+    /// A nested message.
+    Msg(u32, Vec<Field>),
+}
+
+fn varint(mut v: u64, out: &mut Vec<u8>) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn encode(fields: &[Field]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for f in fields {
+        match f {
+            Field::Int(n, v) => {
+                varint(u64::from(*n) << 3, &mut out);
+                varint(*v as u64, &mut out);
+            }
+            Field::Raw(n, bytes) => {
+                varint((u64::from(*n) << 3) | 2, &mut out);
+                varint(bytes.len() as u64, &mut out);
+                out.extend_from_slice(bytes);
+            }
+            Field::Msg(n, inner) => {
+                let bytes = encode(inner);
+                varint((u64::from(*n) << 3) | 2, &mut out);
+                varint(bytes.len() as u64, &mut out);
+                out.extend_from_slice(&bytes);
+            }
+        }
+    }
+    out
+}
+
+fn s(n: u32, text: &str) -> Field {
+    Field::Raw(n, text.as_bytes().to_vec())
+}
+
+/// A map<string, string> entry.
+fn entry(n: u32, k: &[u8], v: &[u8]) -> Field {
+    Field::Msg(
+        n,
+        vec![Field::Raw(1, k.to_vec()), Field::Raw(2, v.to_vec())],
+    )
+}
+
+/// A valid config (CreateVmRequest.config field 2) with `extra` fields
+/// appended: protobuf keeps the last of a scalar and adds to a repeated
+/// field, so `extra` overrides or extends it.
+fn config(kernel: &str, extra: Vec<Field>) -> Field {
+    let mut fields = vec![
+        Field::Msg(1, vec![Field::Int(1, 1)]),
+        Field::Msg(2, vec![Field::Int(1, 64 << 20)]),
+        Field::Msg(3, vec![s(1, kernel)]),
+    ];
+    fields.extend(extra);
+    Field::Msg(2, fields)
+}
+
+/// What a hostile request must be answered with.
+#[derive(Debug, Clone, Copy)]
+enum Want {
+    /// invalid_argument whose message starts with this field name.
+    Invalid(&'static str),
+    /// invalid_argument from the protobuf decoder, which names no field
+    /// (connectrpc decodes before VMCP sees the message).
+    Undecodable,
+    /// not_found naming the VM.
+    NotFound,
+    /// permission_denied whose message starts with this field name.
+    Denied(&'static str),
+    /// Another clear code whose message starts with the text given.
+    Code(&'static str, &'static str),
+    /// Accepted: the value is legal.
+    Ok,
+}
+
+struct Case {
+    rpc: &'static str,
+    what: String,
+    body: Vec<u8>,
+    want: Want,
+}
+
+/// The VM the hostile values are aimed at (booted, with a console).
+const TARGET: &str = "target";
+
+/// Hostile values in well-formed messages, for every RPC: huge and
+/// negative numbers, long strings, invalid UTF-8, NUL bytes, unknown enum
+/// numbers, repeated fields thousands of times over, ids that are paths.
+/// `kernel` is a kernel inside the allowed asset directory.
+fn cases(kernel: &str) -> Vec<Case> {
+    let mut v = Vec::new();
+    let mut add = |rpc: &'static str, what: &str, fields: Vec<Field>, want: Want| {
+        v.push(Case {
+            rpc,
+            what: what.to_owned(),
+            body: encode(&fields),
+            want,
+        })
+    };
+    let long = "a".repeat(40_000);
+    let bad_ids: [(&str, Vec<u8>, Want); 7] = [
+        (
+            "invalid UTF-8",
+            vec![b'v', 0xff, 0xfe, b'm'],
+            Want::Undecodable,
+        ),
+        ("a NUL byte", b"vm\0one".to_vec(), Want::Invalid("vm_id")),
+        ("a path separator", b"a/b".to_vec(), Want::Invalid("vm_id")),
+        (
+            "a parent directory",
+            b"../etc".to_vec(),
+            Want::Invalid("vm_id"),
+        ),
+        (
+            "an absolute path",
+            b"/etc/passwd".to_vec(),
+            Want::Invalid("vm_id"),
+        ),
+        ("only a dot", b".".to_vec(), Want::Invalid("vm_id")),
+        (
+            "40 000 characters",
+            long.as_bytes().to_vec(),
+            Want::Invalid("vm_id"),
+        ),
+    ];
+    for rpc in [
+        "CreateVm",
+        "DeleteVm",
+        "BootVm",
+        "ShutdownVm",
+        "PauseVm",
+        "ResumeVm",
+        "RebootVm",
+        "GetVmInfo",
+        "GetConsoleOutput",
+        "StreamConsole",
+        "WriteConsole",
+        "ResizeVm",
+    ] {
+        for (what, id, want) in &bad_ids {
+            let mut fields = vec![Field::Raw(1, id.clone())];
+            if rpc == "CreateVm" {
+                fields.push(config(kernel, vec![]));
+            }
+            add(rpc, &format!("vm_id with {what}"), fields, *want);
+        }
+        if rpc != "CreateVm" {
+            add(rpc, "an unknown vm_id", vec![s(1, "ghost")], Want::NotFound);
+        }
+    }
+    let t = || s(1, TARGET);
+    let i32_min = i64::from(i32::MIN);
+    let i32_max = i64::from(i32::MAX);
+    add(
+        "ShutdownVm",
+        "timeout_seconds -1",
+        vec![t(), Field::Int(3, -1)],
+        Want::Invalid("timeout_seconds"),
+    );
+    add(
+        "ShutdownVm",
+        "timeout_seconds i32::MIN",
+        vec![t(), Field::Int(3, i32_min)],
+        Want::Invalid("timeout_seconds"),
+    );
+    add(
+        "ListVms",
+        "page_size -1",
+        vec![Field::Int(2, -1)],
+        Want::Invalid("page_size"),
+    );
+    add(
+        "ListVms",
+        "page_size i32::MAX",
+        vec![Field::Int(2, i32_max)],
+        Want::Ok,
+    );
+    add(
+        "ListVms",
+        "an unknown state_filter",
+        vec![Field::Int(1, 99)],
+        Want::Invalid("state_filter[0]"),
+    );
+    add(
+        "ListVms",
+        "a negative state_filter",
+        vec![Field::Int(1, 2), Field::Int(1, -7)],
+        Want::Invalid("state_filter[1]"),
+    );
+    add(
+        "ListVms",
+        "state_filter 8000 times",
+        (0..8000).map(|_| Field::Int(1, 2)).collect(),
+        Want::Ok,
+    );
+    add(
+        "ListVms",
+        "page_token with invalid UTF-8",
+        vec![Field::Raw(3, vec![0xc3, 0x28])],
+        Want::Undecodable,
+    );
+    add(
+        "ListVms",
+        "page_token with a NUL",
+        vec![s(3, "v1:\0")],
+        Want::Invalid("page_token"),
+    );
+    add(
+        "ListVms",
+        "a 40 000-byte page_token",
+        vec![s(3, &long)],
+        Want::Invalid("page_token"),
+    );
+    add(
+        "WatchVms",
+        "vm_ids with a path",
+        vec![s(1, "a"), s(1, "../x")],
+        Want::Invalid("vm_ids[1]"),
+    );
+    add(
+        "WatchVms",
+        "vm_ids with invalid UTF-8",
+        vec![Field::Raw(1, vec![0xff])],
+        Want::Undecodable,
+    );
+    add(
+        "WatchVms",
+        "vm_ids 5000 times",
+        (0..5000).map(|i| s(1, &format!("vm{i}"))).collect(),
+        Want::Ok,
+    );
+    add(
+        "WatchVms",
+        "an unknown state_filter",
+        vec![Field::Int(2, 1_234_567)],
+        Want::Invalid("state_filter[0]"),
+    );
+    add(
+        "WatchVms",
+        "since_revision u64::MAX",
+        vec![Field::Int(3, -1)],
+        Want::Code(
+            "out_of_range",
+            "since_revision 18446744073709551615 is newer",
+        ),
+    );
+    add(
+        "GetConsoleOutput",
+        "offset u64::MAX",
+        vec![t(), Field::Int(2, -1)],
+        Want::Ok,
+    );
+    add(
+        "GetConsoleOutput",
+        "max_bytes u32::MAX",
+        vec![t(), Field::Int(3, i64::from(u32::MAX))],
+        Want::Ok,
+    );
+    add(
+        "StreamConsole",
+        "offset u64::MAX",
+        vec![t(), Field::Int(2, -1)],
+        Want::Ok,
+    );
+    add(
+        "WriteConsole",
+        "60 000 bytes of data",
+        vec![t(), Field::Raw(2, vec![b'x'; 60_000])],
+        Want::Invalid("data"),
+    );
+    add(
+        "ResizeVm",
+        "vcpu_count -1",
+        vec![t(), Field::Int(2, -1), Field::Int(3, 64 << 20)],
+        Want::Invalid("vcpu_count"),
+    );
+    add(
+        "ResizeVm",
+        "vcpu_count i32::MAX",
+        vec![t(), Field::Int(2, i32_max), Field::Int(3, 64 << 20)],
+        Want::Invalid("vcpu_count"),
+    );
+    add(
+        "ResizeVm",
+        "memory_bytes i64::MIN",
+        vec![t(), Field::Int(2, 1), Field::Int(3, i64::MIN)],
+        Want::Invalid("memory_bytes"),
+    );
+    add(
+        "ResizeVm",
+        "memory_bytes i64::MAX",
+        vec![t(), Field::Int(2, 1), Field::Int(3, i64::MAX)],
+        Want::Invalid("memory_bytes"),
+    );
+    // CreateVm: one hostile value in a config that is otherwise valid, each under its own id.
+    let mut n = 0;
+    let mut c = |extra: Vec<Field>| {
+        n += 1;
+        vec![s(1, &format!("hostile-{n}")), config(kernel, extra)]
+    };
+    let cpu = |f: Vec<Field>| Field::Msg(1, f);
+    let memory = |f: Vec<Field>| Field::Msg(2, f);
+    let boot = |f: Vec<Field>| Field::Msg(3, f);
+    add(
+        "CreateVm",
+        "vcpu_count -1",
+        c(vec![cpu(vec![Field::Int(1, -1)])]),
+        Want::Invalid("config.cpu.vcpu_count"),
+    );
+    add(
+        "CreateVm",
+        "vcpu_count i32::MAX",
+        c(vec![cpu(vec![Field::Int(1, i32_max)])]),
+        Want::Invalid("config.cpu.vcpu_count"),
+    );
+    add(
+        "CreateVm",
+        "max_vcpu_count i32::MIN",
+        c(vec![cpu(vec![Field::Int(2, i32_min)])]),
+        Want::Invalid("config.cpu.max_vcpu_count"),
+    );
+    add(
+        "CreateVm",
+        "a topology of i32::MAX",
+        c(vec![cpu(vec![Field::Msg(
+            3,
+            vec![
+                Field::Int(1, i32_max),
+                Field::Int(2, i32_max),
+                Field::Int(3, i32_max),
+            ],
+        )])]),
+        Want::Invalid("config.cpu.topology.sockets"),
+    );
+    add(
+        "CreateVm",
+        "cpu features with a NUL",
+        c(vec![cpu(vec![entry(4, b"amx\0", b"on")])]),
+        Want::Invalid("config.cpu.features"),
+    );
+    add(
+        "CreateVm",
+        "size_bytes i64::MIN",
+        c(vec![memory(vec![Field::Int(1, i64::MIN)])]),
+        Want::Invalid("config.memory.size_bytes"),
+    );
+    add(
+        "CreateVm",
+        "size_bytes i64::MAX",
+        c(vec![memory(vec![Field::Int(1, i64::MAX)])]),
+        Want::Invalid("config.memory.size_bytes"),
+    );
+    add(
+        "CreateVm",
+        "max_size_bytes -1 with hot-plug",
+        c(vec![memory(vec![Field::Int(2, 1), Field::Int(3, -1)])]),
+        Want::Invalid("config.memory.max_size_bytes"),
+    );
+    add(
+        "CreateVm",
+        "kernel_path with invalid UTF-8",
+        c(vec![boot(vec![Field::Raw(1, vec![b'/', 0xff])])]),
+        Want::Undecodable,
+    );
+    add(
+        "CreateVm",
+        "kernel_path with a NUL",
+        c(vec![boot(vec![s(1, &format!("{kernel}\0"))])]),
+        Want::Invalid("config.boot.kernel_path"),
+    );
+    add(
+        "CreateVm",
+        "a relative kernel_path",
+        c(vec![boot(vec![s(1, "../../etc/shadow")])]),
+        Want::Invalid("config.boot.kernel_path"),
+    );
+    add(
+        "CreateVm",
+        "a kernel_path out of the assets through ..",
+        c(vec![boot(vec![s(
+            1,
+            &format!("{kernel}/../../../etc/passwd"),
+        )])]),
+        Want::Denied("config.boot.kernel_path"),
+    );
+    add(
+        "CreateVm",
+        "a 40 000-byte kernel_path",
+        c(vec![boot(vec![s(1, &format!("/{long}"))])]),
+        Want::Invalid("config.boot.kernel_path"),
+    );
+    add(
+        "CreateVm",
+        "kernel_args with a NUL",
+        c(vec![boot(vec![s(3, "console=ttyS0\0x")])]),
+        Want::Invalid("config.boot.kernel_args"),
+    );
+    add(
+        "CreateVm",
+        "a storage id with a path",
+        c(vec![Field::Msg(4, vec![s(1, "a/b"), s(2, kernel)])]),
+        Want::Invalid("config.storage[0].id"),
+    );
+    add(
+        "CreateVm",
+        "a storage path with a NUL",
+        c(vec![Field::Msg(
+            4,
+            vec![s(1, "d"), s(2, &format!("{kernel}\0"))],
+        )]),
+        Want::Invalid("config.storage[0].path"),
+    );
+    add(
+        "CreateVm",
+        "3000 storage devices",
+        c((0..3000)
+            .map(|i| Field::Msg(4, vec![s(1, &format!("d{i}")), s(2, "/d")]))
+            .collect()),
+        Want::Invalid("config.storage"),
+    );
+    add(
+        "CreateVm",
+        "a mac address of NULs",
+        c(vec![Field::Msg(
+            5,
+            vec![s(1, "n"), Field::Raw(2, vec![0; 17])],
+        )]),
+        Want::Invalid("config.network[0].mac_address"),
+    );
+    add(
+        "CreateVm",
+        "a network id with invalid UTF-8",
+        c(vec![Field::Msg(5, vec![Field::Raw(1, vec![0xfe])])]),
+        Want::Undecodable,
+    );
+    add(
+        "CreateVm",
+        "console output out of the assets through ..",
+        c(vec![Field::Msg(
+            6,
+            vec![
+                Field::Int(1, 1),
+                s(2, &format!("{kernel}/../../../etc/passwd")),
+            ],
+        )]),
+        Want::Denied("config.console.output"),
+    );
+    add(
+        "CreateVm",
+        "metadata with invalid UTF-8",
+        c(vec![entry(7, &[0xff], b"v")]),
+        Want::Undecodable,
+    );
+    add(
+        "CreateVm",
+        "2000 metadata entries",
+        c((0..2000)
+            .map(|i| entry(7, format!("k{i}").as_bytes(), b"v"))
+            .collect()),
+        Want::Invalid("config.metadata"),
+    );
+    add(
+        "CreateVm",
+        "a 40 000-byte metadata value",
+        c(vec![entry(7, b"k", long.as_bytes())]),
+        Want::Invalid("config.metadata[k]"),
+    );
+    add(
+        "CreateVm",
+        "an unknown restart_policy",
+        c(vec![Field::Int(8, 99)]),
+        Want::Invalid("config.restart_policy"),
+    );
+    add(
+        "CreateVm",
+        "a negative restart_policy",
+        c(vec![Field::Int(8, -1)]),
+        Want::Invalid("config.restart_policy"),
+    );
+    // Opaque to VMCP: kept byte for byte (the test reads it back).
+    add(
+        "CreateVm",
+        "metadata with NUL bytes",
+        vec![s(1, OPAQUE), config(kernel, vec![entry(7, b"k\0", b"\0v")])],
+        Want::Ok,
+    );
+    v
+}
+
+/// The VM whose metadata holds NUL bytes.
+const OPAQUE: &str = "opaque-metadata";
+
+/// What the server answered: a code ("ok" for a success or an opened
+/// stream) and the error's message.
+async fn send(
+    client: &HttpClient,
+    addr: std::net::SocketAddr,
+    rpc: &str,
+    body: Vec<u8>,
+) -> Result<(String, String), String> {
+    let streaming = matches!(rpc, "WatchVms" | "StreamConsole");
+    let (ct, payload) = if streaming {
+        let mut framed = vec![0u8];
+        framed.extend_from_slice(&u32::try_from(body.len()).unwrap().to_be_bytes());
+        framed.extend_from_slice(&body);
+        ("application/connect+proto", framed)
+    } else {
+        ("application/proto", body)
+    };
+    let req = http::Request::post(format!("http://{addr}/vmm.v1.VmService/{rpc}"))
+        .header("content-type", ct)
+        .body(Full::new(Bytes::from(payload)))
+        .map_err(|e| e.to_string())?;
+    let resp = client
+        .request(req)
+        .await
+        .map_err(|e| format!("no answer (did the handler panic?): {e}"))?;
+    let status = resp.status();
+    let mut body = resp.into_body();
+    if !streaming {
+        let bytes = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+        if status.is_success() {
+            return Ok(("ok".into(), String::new()));
+        }
+        let v: Value = serde_json::from_slice(&bytes).map_err(|e| {
+            format!(
+                "HTTP {status}, error body is not JSON ({e}): {}",
+                String::from_utf8_lossy(&bytes)
+            )
+        })?;
+        return Ok((
+            v["code"].as_str().unwrap_or("?").to_owned(),
+            v["message"].as_str().unwrap_or("").to_owned(),
+        ));
+    }
+    // A stream: the first frame is data (it opened) or the end with an error.
+    let mut buf = Vec::new();
+    loop {
+        let frame = match tokio::time::timeout(Duration::from_secs(1), body.frame()).await {
+            Err(_) => return Ok(("ok".into(), "open, nothing to send yet".into())),
+            Ok(None) => {
+                return Err(format!(
+                    "HTTP {status}: the stream ended without an end frame: {buf:?}"
+                ));
+            }
+            Ok(Some(f)) => f.map_err(|e| e.to_string())?,
+        };
+        if let Ok(data) = frame.into_data() {
+            buf.extend_from_slice(&data);
+        }
+        if buf.len() >= 5 {
+            let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+            if buf.len() >= 5 + len {
+                if buf[0] & 0x02 == 0 {
+                    return Ok(("ok".into(), "a message arrived".into()));
+                }
+                let v: Value =
+                    serde_json::from_slice(&buf[5..5 + len]).map_err(|e| e.to_string())?;
+                let e = &v["error"];
+                return Ok((
+                    e["code"].as_str().unwrap_or("?").to_owned(),
+                    e["message"].as_str().unwrap_or("").to_owned(),
+                ));
+            }
+        }
+    }
+}
+
+/// Whether `got` is what `want` asks for.
+fn verdict(want: Want, got: Result<(String, String), String>) -> Result<(), String> {
+    let (code, message) = got?;
+    let field_first = |field: &str| message.starts_with(&format!("{field}: "));
+    let ok = code != "internal"
+        && match want {
+            Want::Invalid(field) => code == "invalid_argument" && field_first(field),
+            Want::Undecodable => {
+                code == "invalid_argument" && message.contains("invalid UTF-8 in string field")
+            }
+            Want::NotFound => code == "not_found" && message.contains("\"ghost\""),
+            Want::Denied(field) => code == "permission_denied" && field_first(field),
+            Want::Code(c, text) => code == c && message.starts_with(text),
+            Want::Ok => code == "ok",
+        };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("{code}: {message}"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_values_in_well_formed_protobuf_get_a_clear_code_on_every_rpc() {
+    let assets = tempfile::tempdir().unwrap();
+    let kernel = assets.path().canonicalize().unwrap().join("kernel.elf");
+    std::fs::write(&kernel, b"not really a kernel").unwrap();
+    let h = Harness::start_secured(Security {
+        api_limits: ApiLimits {
+            max_concurrent_requests: 64,
+            rate_limit_rps: 0,
+        },
+        admission: CreatePolicy {
+            paths: PathPolicy::new(&[assets.path().to_owned()]).unwrap(),
+            limits: VmLimits::unlimited(),
+        },
+        ..Security::open()
+    })
+    .await;
+    let kernel = kernel.to_str().unwrap().to_owned();
+    let c = h.client(Wire::ConnectProto);
+    let mut target = create_req(TARGET);
+    let config = target.config.get_or_insert_default();
+    config.boot.get_or_insert_default().kernel_path = kernel.clone();
+    config.console.get_or_insert_default().enabled = true;
+    c.create_vm(target).await.expect("create the target");
+    c.boot_vm(pb::BootVmRequest {
+        vm_id: TARGET.into(),
+        ..Default::default()
+    })
+    .await
+    .expect("boot the target");
+
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let mut rpcs = std::collections::BTreeSet::new();
+    let mut wrong = Vec::new();
+    let cases = cases(&kernel);
+    for case in &cases {
+        rpcs.insert(case.rpc);
+        let got = send(&client, h.addr, case.rpc, case.body.clone()).await;
+        if let Err(e) = verdict(case.want, got) {
+            wrong.push(format!(
+                "{} with {}: wanted {:?}, got {e}",
+                case.rpc, case.what, case.want
+            ));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} of {} hostile requests:\n{}",
+        wrong.len(),
+        cases.len(),
+        wrong.join("\n")
+    );
+    assert_eq!(rpcs.len(), 14, "every RPC of vmm.v1.VmService: {rpcs:?}");
+
+    // The NUL bytes VMCP accepted in metadata come back as they were sent.
+    let info = h.info(OPAQUE).await;
+    assert_eq!(
+        info.config.metadata.get("k\0").map(String::as_str),
+        Some("\0v")
+    );
+    // Still serving, and the hostile requests changed nothing they were refused for.
+    let (status, _, body) = h.raw("GET", "/health", &[], "").await;
+    assert_eq!(status, http::StatusCode::OK, "{body}");
+    let listed = c
+        .list_vms(pb::ListVmsRequest::default())
+        .await
+        .expect("list")
+        .into_owned();
+    let ids: Vec<&str> = listed.vms.iter().map(|v| v.vm_id.as_str()).collect();
+    assert_eq!(ids, [OPAQUE, TARGET]);
+    assert_eq!(
+        h.info(TARGET).await.state.as_known(),
+        Some(pb::VmState::VM_STATE_RUNNING)
+    );
+    h.stop().await;
 }

@@ -366,9 +366,42 @@ async fn exit_codes_follow_the_error_class() {
     h.stop().await;
 }
 
+/// A server that says each time it has answered a WatchVms (the watch is
+/// registered and its stream open), so a test changes a VM after a waiting
+/// vmcpctl has read its state and watches, instead of sleeping for it.
+async fn start_telling_watches() -> (Harness, tokio::sync::mpsc::UnboundedReceiver<()>) {
+    use tower::ServiceExt as _;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let h = Harness::start_wrapped(Box::new(move |inner| {
+        tower::util::BoxCloneService::new(tower::service_fn(
+            move |req: http::Request<hyper::body::Incoming>| {
+                let (inner, tx) = (inner.clone(), tx.clone());
+                async move {
+                    let watch = req.uri().path().ends_with("/WatchVms");
+                    let resp = inner.oneshot(req).await;
+                    if watch {
+                        let _ = tx.send(());
+                    }
+                    resp
+                }
+            },
+        ))
+    }))
+    .await;
+    (h, rx)
+}
+
+/// Waits for the next WatchVms the server answers, after forgetting earlier ones.
+async fn next_watch(watches: &mut tokio::sync::mpsc::UnboundedReceiver<()>) {
+    tokio::time::timeout(Duration::from_secs(20), watches.recv())
+        .await
+        .expect("vmcpctl watches within 20 s")
+        .expect("the server runs");
+}
+
 #[tokio::test]
 async fn wait_blocks_until_the_state_or_times_out_with_8() {
-    let h = Harness::start().await;
+    let (h, mut watches) = start_telling_watches().await;
     let c = h.client(Wire::ConnectProto);
     c.create_vm(create_req("vm-w")).await.expect("create");
 
@@ -382,6 +415,7 @@ async fn wait_blocks_until_the_state_or_times_out_with_8() {
     assert_eq!(booted.json()["state"], "VM_STATE_RUNNING");
 
     // Paused by another client on the VMM's socket: the wait sees it.
+    while watches.try_recv().is_ok() {}
     let addr = format!("http://{}", h.addr);
     let waiter = tokio::spawn(async move {
         vmcpctl_env(
@@ -399,7 +433,7 @@ async fn wait_blocks_until_the_state_or_times_out_with_8() {
         )
         .await
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    next_watch(&mut watches).await;
     assert!(!waiter.is_finished(), "still waiting while the VM runs");
     assert!(h.double.pause_directly("vm-w"));
     let run = waiter.await.unwrap().ok();
@@ -439,7 +473,7 @@ async fn wait_blocks_until_the_state_or_times_out_with_8() {
 
 #[tokio::test]
 async fn wait_ends_when_the_vm_fails_or_does_not_exist() {
-    let h = Harness::start().await;
+    let (h, mut watches) = start_telling_watches().await;
     let c = h.client(Wire::ConnectProto);
     c.create_vm(create_req("vm-f")).await.expect("create");
     c.boot_vm(pb::BootVmRequest {
@@ -456,7 +490,8 @@ async fn wait_ends_when_the_vm_fails_or_does_not_exist() {
         )
         .await
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    next_watch(&mut watches).await;
+    assert!(!waiter.is_finished(), "still waiting while the VM runs");
     assert!(!h.double.kill("vm-f").is_empty(), "the VMM is killed");
     let failed = waiter.await.unwrap();
     assert_eq!(

@@ -102,6 +102,7 @@ pub async fn recover<H: Hypervisor, S: VmStore>(
         // Its VMM and its runtime directory are both gone: the host restarted.
         let restarted = listed.is_none() && !discovery_failed;
         let discovered = listed.flatten();
+        let running = discovered.is_some();
         let (live, candidate) = live_process(rec.process.as_ref(), discovered);
         let has_process = rec.process.is_some();
         let policy = rec
@@ -114,6 +115,8 @@ pub async fn recover<H: Hypervisor, S: VmStore>(
         tracing::debug!(vm.id = %id, ?live, ?decision, "recovery decision");
         let events = event_channel();
         let mut adopted = None;
+        // Why a VMM that runs could not be adopted, when it could not.
+        let mut unadopted = None;
         if let Decision::Adopt(_) = decision {
             match timed_call(
                 h.kind(),
@@ -133,6 +136,10 @@ pub async fn recover<H: Hypervisor, S: VmStore>(
                 Err(e) => {
                     tracing::warn!(vm.id = %id, error = %e, "the VM's VMM cannot be adopted");
                     decision = decide(&rec.snapshot, has_process, host(Live::Nothing), policy);
+                    if let Some(p) = candidate.clone().filter(|_| running) {
+                        unadopted =
+                            Some(end_unadopted(deps, &id, p, &e.to_string(), remove_orphans).await);
+                    }
                 }
             }
         }
@@ -140,6 +147,13 @@ pub async fn recover<H: Hypervisor, S: VmStore>(
         let (decision, restart) = match decision {
             Decision::Restart { state, reason } => (Decision::Register { state, reason }, true),
             d => (d, false),
+        };
+        // The VMM did not exit: say what happened to it instead.
+        let decision = match (decision, unadopted) {
+            (Decision::Register { state, .. }, Some(reason)) => {
+                Decision::Register { state, reason }
+            }
+            (d, _) => d,
         };
         match decision {
             Decision::Restart { .. } => {}
@@ -269,6 +283,50 @@ pub async fn recover<H: Hypervisor, S: VmStore>(
         }
     }
     Ok(done)
+}
+
+/// A VMM of `id` runs but could not be adopted (its API did not answer, or
+/// it is not what the record says). It must not run on beside a VM that
+/// has no VMM: a delete would leave it behind and a boot would start a
+/// second one. So it is ended as an orphan would be (or left and reported
+/// when orphans are); returns the VM's reason saying which.
+async fn end_unadopted<H: Hypervisor, S: VmStore>(
+    deps: &Deps<H, S>,
+    id: &VmId,
+    process: VmmProcess,
+    error: &str,
+    remove_orphans: bool,
+) -> String {
+    let pid = process.pid;
+    if !remove_orphans {
+        tracing::warn!(vm.id = %id, pid, "the VM's VMM cannot be adopted; left running (UNKEY_VMCP_ORPHANS=report)");
+        return format!(
+            "its VMM (pid {pid}) could not be adopted when VMCP started and was left running (orphans are only reported): {error}"
+        );
+    }
+    let h = &*deps.hypervisor;
+    match timed_call(
+        h.kind(),
+        &*deps.telemetry,
+        "destroy_orphan",
+        deps.call_timeout,
+        h.destroy_orphan(id, Some(process)),
+    )
+    .await
+    {
+        Ok(()) => {
+            tracing::warn!(vm.id = %id, pid, "ended the VM's VMM, which could not be adopted");
+            format!(
+                "its VMM (pid {pid}) could not be adopted when VMCP started and was ended: {error}"
+            )
+        }
+        Err(e) => {
+            tracing::error!(vm.id = %id, pid, error = %e, "could not end the VM's VMM, which could not be adopted");
+            format!(
+                "its VMM (pid {pid}) could not be adopted when VMCP started, nor ended ({e}): {error}"
+            )
+        }
+    }
 }
 
 /// Removes the record of a VM whose delete (or create) recovery finished.

@@ -131,10 +131,18 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
                 Ok(())
             }
             Err(e) => {
-                let err = hypervisor_to_vm_error(e, self.vm.snapshot(), op);
                 // The operation failed: read back what the VMM reports now, and which
-                // process serves the VM, so the record is true.
+                // process serves the VM, so the record is true, and so a refusal names
+                // the state the VM is in now rather than the one VMCP acted on.
                 let reported = self.read_back().await;
+                let err = match &reported {
+                    Some((state, _)) => {
+                        let mut seen = self.vm.snapshot().clone();
+                        seen.state = *state;
+                        hypervisor_to_vm_error(e, &seen, op)
+                    }
+                    None => hypervisor_to_vm_error(e, self.vm.snapshot(), op),
+                };
                 self.vm.handle_observation(
                     Observation::Completed {
                         op,

@@ -829,7 +829,7 @@ async fn promtool_accepts_the_metrics() {
             .map(|p| p.join("promtool"))
             .find(|p| p.is_file())
     }) else {
-        eprintln!("SKIPPED: promtool_accepts_the_metrics: promtool not on PATH");
+        crate::skips::skip("promtool_accepts_the_metrics", "promtool not on PATH");
         return;
     };
     let text = prometheus_text().await;
@@ -981,7 +981,7 @@ fn dashboard_queries_are_valid_promql() {
             .map(|p| p.join("promtool"))
             .find(|p| p.is_file())
     }) else {
-        eprintln!("SKIPPED: dashboard_queries_are_valid_promql: promtool not on PATH");
+        crate::skips::skip("dashboard_queries_are_valid_promql", "promtool not on PATH");
         return;
     };
     let dir = tempfile::tempdir().expect("tempdir");

@@ -220,12 +220,10 @@ impl<F: Flavour> Hypervisor for VmmBackend<F> {
             http: &self.sup.http,
             socket: &socket,
         };
-        let flavour = &self.sup.flavour;
-        let state = async {
-            flavour.ping(api).await?;
-            flavour.adopted_state(api, vm.flavour_vm()).await
-        }
-        .await?;
+        // Not the readiness probe, whose short timeout is for a VMM starting
+        // up: an adopted VMM may be busy with a slow request (it serves one
+        // at a time), so reading its state gets the whole call timeout.
+        let state = self.sup.flavour.adopted_state(api, vm.flavour_vm()).await?;
         vm.attach(adopted, socket);
         let reported = Reported {
             state,

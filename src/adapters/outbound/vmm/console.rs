@@ -175,19 +175,24 @@ mod tests {
 
     #[test]
     fn the_cap_drops_old_output_and_later_offsets_stay_put() {
-        cap_keeps_offsets(tempfile::tempdir().expect("tempdir"));
+        cap_keeps_offsets(
+            "the_cap_drops_old_output_and_later_offsets_stay_put",
+            tempfile::tempdir().expect("tempdir"),
+        );
     }
 
     /// /run, where runtime directories live in production, is a tmpfs.
     #[test]
     fn the_cap_works_on_tmpfs_too() {
         match tempfile::tempdir_in("/dev/shm") {
-            Ok(dir) => cap_keeps_offsets(dir),
-            Err(e) => eprintln!("SKIPPED: the_cap_works_on_tmpfs_too: no /dev/shm: {e}"),
+            Ok(dir) => cap_keeps_offsets("the_cap_works_on_tmpfs_too", dir),
+            Err(e) => {
+                crate::test_skips::skip("the_cap_works_on_tmpfs_too", &format!("no /dev/shm: {e}"))
+            }
         }
     }
 
-    fn cap_keeps_offsets(dir: tempfile::TempDir) {
+    fn cap_keeps_offsets(test: &str, dir: tempfile::TempDir) {
         let path = dir.path().join("serial.log");
         let mut w = Writer::new(&path);
         let line = |i: u32| format!("line {i:06}\n").into_bytes();
@@ -198,7 +203,7 @@ mod tests {
         let dropped = match cap(&path, 64 * 1024) {
             Ok(n) => n,
             Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-                eprintln!("SKIPPED: this file system cannot punch holes: {e}");
+                crate::test_skips::skip(test, &format!("this file system cannot punch holes: {e}"));
                 return;
             }
             Err(e) => panic!("cap: {e}"),

@@ -636,7 +636,7 @@ impl TinyTmpfs {
             .map(|m| m.uid() == 0)
             .unwrap_or(false);
         if !root {
-            eprintln!("SKIPPED: {test}: not running as root, cannot mount a tmpfs");
+            crate::test_skips::skip(test, "not running as root, cannot mount a tmpfs");
             return None;
         }
         let dir = tempfile::tempdir().expect("tempdir");
@@ -653,7 +653,7 @@ impl TinyTmpfs {
         match status {
             Ok(s) if s.success() => Some(Self { dir }),
             other => {
-                eprintln!("SKIPPED: {test}: mount -t tmpfs failed ({other:?})");
+                crate::test_skips::skip(test, &format!("mount -t tmpfs failed ({other:?})"));
                 None
             }
         }
