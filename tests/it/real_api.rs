@@ -1327,10 +1327,14 @@ async fn snapshot_and_clone(kind: Kind) {
                 Vec::<String>::new(),
                 "nor left on disk"
             );
-            say(&format!(
-                "SKIPPED: {name}: this host's KVM cannot snapshot a Cloud Hypervisor VM: {}",
-                e.message.unwrap_or_default()
-            ));
+            let why = e.message.unwrap_or_default();
+            super::skips::skip(
+                &name,
+                &format!(
+                    "this host's KVM cannot snapshot a Cloud Hypervisor VM: {}",
+                    why.lines().next().unwrap_or_default()
+                ),
+            );
             c.delete_vm(pb::DeleteVmRequest {
                 vm_id: src,
                 ..Default::default()
