@@ -104,7 +104,8 @@ pub async fn section(kind: Kind) {
                     why.lines().next().unwrap_or_default()
                 );
                 running.shutdown().await;
-                let _ = std::fs::remove_dir_all(runtime.path());
+                // The VMs outlive VMCP by design: end them by pid.
+                super::vmm::kill_vmms_in(runtime.path());
                 return;
             }
         }
