@@ -93,6 +93,26 @@ async fn serve(double: Arc<Double>, store: Arc<MemoryStore>, dir: &Path) -> Harn
     Harness::start_with_security(double, store, security).await
 }
 
+/// A server on a fresh double whose snapshots in `dir` are limited to
+/// `max_count` snapshots and `max_bytes` bytes.
+async fn serve_limited(dir: &Path, max_count: u64, max_bytes: u64) -> Harness {
+    let mut settings = snapshot_settings(dir);
+    settings.limits = SnapshotLimits {
+        max_count,
+        max_bytes,
+    };
+    let security = Security {
+        snapshots: Some(settings),
+        ..Security::open()
+    };
+    Harness::start_with_security(
+        Arc::new(Double::new()),
+        Arc::new(MemoryStore::new()),
+        security,
+    )
+    .await
+}
+
 fn code(r: Result<impl std::fmt::Debug, connectrpc::ConnectError>) -> (ErrorCode, String) {
     let e = r.expect_err("refused");
     (e.code, e.message.unwrap_or_default())
@@ -334,21 +354,7 @@ async fn a_vmm_failing_mid_snapshot_or_a_full_disk_leaves_no_snapshot() {
 #[tokio::test]
 async fn limits_on_count_and_bytes_answer_resource_exhausted() {
     let dir = tempfile::tempdir().expect("dir");
-    let mut settings = snapshot_settings(dir.path());
-    settings.limits = SnapshotLimits {
-        max_count: 1,
-        max_bytes: 1 << 40,
-    };
-    let security = Security {
-        snapshots: Some(settings),
-        ..Security::open()
-    };
-    let h = Harness::start_with_security(
-        Arc::new(Double::new()),
-        Arc::new(MemoryStore::new()),
-        security,
-    )
-    .await;
+    let h = serve_limited(dir.path(), 1, 1 << 40).await;
     let c = h.client(Wire::ConnectProto);
     create_and_boot(&h, "lim").await;
     snapshot(&c, "lim", "one", true).await.expect("the first");
@@ -358,21 +364,7 @@ async fn limits_on_count_and_bytes_answer_resource_exhausted() {
     h.stop().await;
 
     let dir = tempfile::tempdir().expect("dir");
-    let mut settings = snapshot_settings(dir.path());
-    settings.limits = SnapshotLimits {
-        max_count: 10,
-        max_bytes: 64 << 20,
-    };
-    let security = Security {
-        snapshots: Some(settings),
-        ..Security::open()
-    };
-    let h = Harness::start_with_security(
-        Arc::new(Double::new()),
-        Arc::new(MemoryStore::new()),
-        security,
-    )
-    .await;
+    let h = serve_limited(dir.path(), 10, 64 << 20).await;
     let c = h.client(Wire::ConnectProto);
     create_and_boot(&h, "big").await;
     let (code_, m) = code(snapshot(&c, "big", "x", true).await);
