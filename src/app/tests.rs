@@ -131,7 +131,8 @@ async fn create_records_intent_before_spawning_and_the_process_after() {
             let vm = handle_reporting(VmState::Created);
             Box::pin(async move { Ok((vm, reported(VmState::Created, 42))) })
         });
-    s.expect_put()
+    // What the VMM reported after the create is recorded without an fsync.
+    s.expect_put_unsynced()
         .times(1)
         .in_sequence(&mut seq)
         .withf(|r| r.process == Some(process()) && r.snapshot.generation == 1)
@@ -210,6 +211,8 @@ async fn a_hung_hypervisor_is_a_deadline_and_the_state_is_re_read() {
         let mut h = base_hypervisor();
         let mut s = MockVmStore::new();
         s.expect_put().returning(|_| Box::pin(async { Ok(()) }));
+        s.expect_put_unsynced()
+            .returning(|_| Box::pin(async { Ok(()) }));
         let infos = Arc::new(AtomicUsize::new(0));
         let seen = Arc::clone(&infos);
         creates_with(
@@ -262,6 +265,8 @@ async fn an_illegal_state_answer_from_the_vmm_is_failed_precondition() {
     let mut h = base_hypervisor();
     let mut s = MockVmStore::new();
     s.expect_put().returning(|_| Box::pin(async { Ok(()) }));
+    s.expect_put_unsynced()
+        .returning(|_| Box::pin(async { Ok(()) }));
     creates_with(
         &mut h,
         || {
@@ -316,6 +321,8 @@ async fn calls_for_one_vm_are_serialized_and_other_vms_run_in_parallel() {
     let mut h = base_hypervisor();
     let mut s = MockVmStore::new();
     s.expect_put().returning(|_| Box::pin(async { Ok(()) }));
+    s.expect_put_unsynced()
+        .returning(|_| Box::pin(async { Ok(()) }));
     let active = Arc::new(std::sync::Mutex::new(std::collections::HashMap::<
         String,
         usize,
@@ -458,6 +465,11 @@ async fn a_replaced_vmm_is_recorded_with_its_new_state_in_one_write() {
         w.lock().expect("lock").push(r.clone());
         Box::pin(async { Ok(()) })
     });
+    let w = Arc::clone(&writes);
+    s.expect_put_unsynced().returning(move |r| {
+        w.lock().expect("lock").push(r.clone());
+        Box::pin(async { Ok(()) })
+    });
     creates_with(
         &mut h,
         || {
@@ -513,6 +525,8 @@ async fn exits_of_replaced_vmms_are_ignored_and_exits_of_the_current_one_are_rec
     let mut h = base_hypervisor();
     let mut s = MockVmStore::new();
     s.expect_put().returning(|_| Box::pin(async { Ok(()) }));
+    s.expect_put_unsynced()
+        .returning(|_| Box::pin(async { Ok(()) }));
     let sinks = Arc::new(std::sync::Mutex::new(Vec::new()));
     // What the VMM reports when asked; the test changes it behind VMCP's back.
     let vmm_state = Arc::new(std::sync::Mutex::new(VmState::Created));
@@ -581,6 +595,8 @@ async fn reads_answer_from_memory_without_calling_the_vmm() {
     let mut h = base_hypervisor();
     let mut s = MockVmStore::new();
     s.expect_put().returning(|_| Box::pin(async { Ok(()) }));
+    s.expect_put_unsynced()
+        .returning(|_| Box::pin(async { Ok(()) }));
     let samples = Arc::new(AtomicUsize::new(0));
     let seen = Arc::clone(&samples);
     creates_with(

@@ -30,9 +30,26 @@ pub enum StoreError {
 /// Durable VM records.
 #[cfg_attr(test, mockall::automock)]
 pub trait VmStore: Send + Sync + 'static {
-    /// Inserts or replaces the record for `record.snapshot.id`, atomically.
-    /// MUST return `Unavailable` and leave the previous record intact on failure.
+    /// Inserts or replaces the record for `record.snapshot.id`, atomically,
+    /// and is on stable storage when it returns (it survives a power loss,
+    /// and so does every write before it). For intents: what VMCP is about
+    /// to do. MUST return `Unavailable` and leave the previous record intact
+    /// on failure.
     fn put(&self, record: &VmRecord) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Like [`VmStore::put`], but only as durable as a crash of VMCP needs:
+    /// the record survives VMCP being killed at any point after this returns,
+    /// but a power loss or a kernel crash may take it, with every later
+    /// unsynced write and none before the last `put` (writes are ordered).
+    /// For what VMCP observed after acting (the state and process a VMM
+    /// reports), which the next start reads again from the host anyway, and
+    /// which a lost host (every VMM gone with it) makes stale regardless.
+    fn put_unsynced(
+        &self,
+        record: &VmRecord,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        self.put(record)
+    }
 
     /// Removes the record for `id`; removing a missing record succeeds.
     /// `revision` is the host revision of the delete: the store keeps the

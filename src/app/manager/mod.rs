@@ -106,6 +106,7 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
     ) -> Arc<Self> {
         // Revisions continue from the store's once recovery has read it.
         let feed = ChangeFeed::new(0, policies.watch, Arc::clone(&telemetry));
+        let registry = Registry::default();
         Arc::new(Self {
             deps: Deps {
                 hypervisor,
@@ -115,8 +116,9 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
                 call_timeout,
                 restart: policies.restart,
                 feed,
+                listed: Arc::clone(registry.listed()),
             },
-            registry: Registry::default(),
+            registry,
             health: BackendHealthCache::default(),
             recovering: AtomicBool::new(false),
             remove_orphans: AtomicBool::new(true),
@@ -415,15 +417,13 @@ impl<H: Hypervisor, S: VmStore> VmService for VmManager<H, S> {
 
     async fn list_vms(&self, query: ListQuery) -> Result<VmPage, VmError> {
         self.require_backend().await?;
+        let size = paging::page_size(&query);
+        let after = paging::start_after(&query)?;
         // The revision first, then the views: every change up to it is in them (see feed.rs).
         let revision = self.deps.feed.revision();
-        let views: Vec<_> = self
-            .registry
-            .views(&query.states)
-            .into_iter()
-            .filter(|v| v.snapshot.generation > 0)
-            .collect();
-        paging::page(&views, &query, revision)
+        let (views, more) = self.registry.page(&query.states, after.as_ref(), size);
+        let total = self.registry.listed().total(&query.states);
+        Ok(paging::page(&views, more, total, revision))
     }
 
     async fn get_console_output(

@@ -36,40 +36,46 @@ pub fn decode_token(token: &str) -> Result<VmId, VmError> {
     VmId::parse(&s).map_err(|_| invalid())
 }
 
-/// Cuts the page `query` asks for out of `matching` (ordered by id, already
-/// filtered), which reflects every change up to `revision`.
-pub fn page(matching: &[Arc<VmView>], query: &ListQuery, revision: u64) -> Result<VmPage, VmError> {
-    let page_size = match query.page_size {
+/// The page size `query` asks for, within the limits.
+pub fn page_size(query: &ListQuery) -> usize {
+    let size = match query.page_size {
         0 => DEFAULT_PAGE_SIZE,
         n => n.min(MAX_PAGE_SIZE),
     };
-    let start = if query.page_token.is_empty() {
-        0
+    size as usize
+}
+
+/// The id the page `query` asks for starts after (None: the first page).
+pub fn start_after(query: &ListQuery) -> Result<Option<VmId>, VmError> {
+    if query.page_token.is_empty() {
+        Ok(None)
     } else {
-        let after = decode_token(&query.page_token)?;
-        matching.partition_point(|v| v.snapshot.id <= after)
-    };
-    let vms: Vec<_> = matching
-        .iter()
-        .skip(start)
-        .take(page_size as usize)
-        .map(|v| v.snapshot.clone())
-        .collect();
+        decode_token(&query.page_token).map(Some)
+    }
+}
+
+/// The page made of `views` (ordered by id, already filtered), `more`
+/// telling whether others follow, out of `total` matching VMs; every change
+/// up to `revision` is in it.
+pub fn page(views: &[Arc<VmView>], more: bool, total: u64, revision: u64) -> VmPage {
+    let vms: Vec<_> = views.iter().map(|v| v.snapshot.clone()).collect();
     let next_page_token = match vms.last() {
-        Some(last) if start + vms.len() < matching.len() => encode_token(&last.id),
+        Some(last) if more => encode_token(&last.id),
         _ => String::new(),
     };
-    Ok(VmPage {
+    VmPage {
         revision,
         vms,
         next_page_token,
-        total_count: u32::try_from(matching.len()).unwrap_or(u32::MAX),
-    })
+        total_count: u32::try_from(total).unwrap_or(u32::MAX),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::app::manager::registry::{Entry, Registry};
+    use crate::app::owner::Request;
     use crate::domain::config::tests::valid;
     use crate::domain::{Vm, VmState};
 
@@ -86,39 +92,98 @@ mod tests {
         }
     }
 
-    #[test]
-    fn pages_walk_every_vm_once_in_order() {
-        let views: Vec<Arc<VmView>> = (0..7)
-            .map(|i| {
-                let id = VmId::parse(&format!("vm{i}")).expect("valid");
-                Arc::new(VmView::of(
-                    Vm::new(id, valid(), VmState::Running, 1).snapshot().clone(),
-                ))
-            })
-            .collect();
+    /// A registry of `n` VMs `vm0`.. whose state alternates Running/Paused,
+    /// with `vmx` still being created (generation 0, never listed); the
+    /// listed counts are kept as the owners would.
+    fn registry(n: usize) -> (Registry, Vec<tokio::sync::mpsc::Receiver<Request>>) {
+        let reg = Registry::default();
+        let mut queues = Vec::new();
+        let mut add = |id: &str, generation: u64, state: VmState| {
+            let id = VmId::parse(id).expect("valid");
+            let mut snap = Vm::new(id.clone(), valid(), state, 1).snapshot().clone();
+            snap.generation = generation;
+            let view = Arc::new(VmView::of(snap));
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            queues.push(rx);
+            // A receiver keeps the last value after its sender is gone.
+            let (_, view_rx) = tokio::sync::watch::channel(view);
+            if generation > 0 {
+                reg.listed().moved(None, Some(state));
+            }
+            reg.insert(id, Entry { tx, view: view_rx });
+        };
+        for i in 0..n {
+            let state = if i % 2 == 0 {
+                VmState::Running
+            } else {
+                VmState::Paused
+            };
+            add(&format!("vm{i:02}"), 1, state);
+        }
+        add("vmx", 0, VmState::Created);
+        (reg, queues)
+    }
+
+    fn walk(reg: &Registry, states: &[VmState], size: u32) -> Vec<String> {
         let mut seen = Vec::new();
         let mut token = String::new();
         loop {
-            let p = page(
-                &views,
-                &ListQuery {
-                    states: vec![],
-                    page_size: 3,
-                    page_token: token,
-                },
-                42,
-            )
-            .expect("page");
-            assert_eq!(p.total_count, 7);
+            let query = ListQuery {
+                states: states.to_vec(),
+                page_size: size,
+                page_token: token,
+            };
+            let after = start_after(&query).expect("token");
+            let (views, more) = reg.page(&query.states, after.as_ref(), page_size(&query));
+            let p = page(&views, more, reg.listed().total(&query.states), 42);
             assert_eq!(p.revision, 42);
-            assert!(p.vms.len() <= 3);
+            assert!(p.vms.len() <= size as usize);
             seen.extend(p.vms.iter().map(|s| s.id.to_string()));
             if p.next_page_token.is_empty() {
+                assert!(!more);
                 break;
             }
             token = p.next_page_token;
         }
-        let expected: Vec<String> = (0..7).map(|i| format!("vm{i}")).collect();
-        assert_eq!(seen, expected);
+        seen
+    }
+
+    #[test]
+    fn pages_walk_every_listed_vm_once_in_order() {
+        let (reg, _queues) = registry(7);
+        let all: Vec<String> = (0..7).map(|i| format!("vm{i:02}")).collect();
+        for size in [1, 3, 7, 8] {
+            assert_eq!(walk(&reg, &[], size), all, "page size {size}");
+        }
+        let paused: Vec<String> = (0..7)
+            .filter(|i| i % 2 == 1)
+            .map(|i| format!("vm{i:02}"))
+            .collect();
+        assert_eq!(walk(&reg, &[VmState::Paused], 2), paused);
+        assert_eq!(reg.listed().total(&[]), 7);
+        assert_eq!(reg.listed().total(&[VmState::Paused]), 3);
+        assert_eq!(reg.listed().total(&[VmState::Running, VmState::Paused]), 7);
+    }
+
+    #[test]
+    fn a_full_last_page_has_no_token() {
+        let (reg, _queues) = registry(6);
+        let (views, more) = reg.page(&[], None, 6);
+        let p = page(&views, more, reg.listed().total(&[]), 1);
+        assert_eq!(p.vms.len(), 6);
+        assert!(p.next_page_token.is_empty());
+        assert_eq!(p.total_count, 6);
+    }
+
+    #[test]
+    fn page_sizes_are_bounded() {
+        let q = |page_size| ListQuery {
+            states: vec![],
+            page_size,
+            page_token: String::new(),
+        };
+        assert_eq!(page_size(&q(0)), DEFAULT_PAGE_SIZE as usize);
+        assert_eq!(page_size(&q(5)), 5);
+        assert_eq!(page_size(&q(u32::MAX)), MAX_PAGE_SIZE as usize);
     }
 }

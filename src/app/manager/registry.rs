@@ -3,6 +3,8 @@
 //! owners' published views.
 
 use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use tokio::sync::{mpsc, watch};
@@ -33,10 +35,43 @@ impl Entry {
     }
 }
 
+/// How many *listed* VMs (created: generation > 0, not deleted) are in each
+/// state, kept by the owners as they publish, so that ListVms answers its
+/// `total_count` without visiting every VM.
+#[derive(Debug, Default)]
+pub struct ListedCounts {
+    counts: [AtomicU64; VmState::ALL.len()],
+}
+
+impl ListedCounts {
+    /// A VM moved from `from` to `to` (None: not listed).
+    pub fn moved(&self, from: Option<VmState>, to: Option<VmState>) {
+        if from == to {
+            return;
+        }
+        if let Some(s) = from {
+            self.counts[s.index()].fetch_sub(1, Ordering::Relaxed);
+        }
+        if let Some(s) = to {
+            self.counts[s.index()].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Listed VMs in one of `states` (all when empty).
+    pub fn total(&self, states: &[VmState]) -> u64 {
+        VmState::ALL
+            .iter()
+            .filter(|s| states.is_empty() || states.contains(s))
+            .map(|s| self.counts[s.index()].load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
 /// Every VM this VMCP owns, by id.
 #[derive(Debug, Default)]
 pub struct Registry {
     vms: RwLock<BTreeMap<VmId, Entry>>,
+    listed: Arc<ListedCounts>,
 }
 
 impl Registry {
@@ -82,6 +117,34 @@ impl Registry {
             .map(Entry::current)
             .filter(|v| states.is_empty() || states.contains(&v.snapshot.state))
             .collect()
+    }
+
+    /// The counts the owners keep of listed VMs (shared with them).
+    pub fn listed(&self) -> &Arc<ListedCounts> {
+        &self.listed
+    }
+
+    /// Up to `size` listed VMs in one of `states` (all when empty), in id
+    /// order after `after`, and whether more follow. Visits only the VMs it
+    /// returns (plus those a state filter skips), not every VM.
+    pub fn page(
+        &self,
+        states: &[VmState],
+        after: Option<&VmId>,
+        size: usize,
+    ) -> (Vec<Arc<VmView>>, bool) {
+        let vms = self.read();
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut matching = vms
+            .range((start, Bound::Unbounded))
+            .map(|(_, e)| e.current())
+            .filter(|v| {
+                v.snapshot.generation > 0
+                    && (states.is_empty() || states.contains(&v.snapshot.state))
+            });
+        let page: Vec<_> = matching.by_ref().take(size).collect();
+        let more = matching.next().is_some();
+        (page, more)
     }
 
     /// VMs per observed state.

@@ -32,7 +32,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use self::calls::{hypervisor_to_vm_error, timed_call};
+use self::record::Durability;
 use super::feed::ChangeFeed;
+use super::manager::registry::ListedCounts;
 use crate::domain::restart::{Cause, RestartSettings};
 use crate::domain::{Admission, Command, Effect, Observation, Vm, VmError, VmSnapshot, VmState};
 use crate::ports::{
@@ -104,6 +106,8 @@ pub struct Deps<H, S> {
     pub restart: RestartSettings,
     /// Where recorded changes get their revision and reach watchers.
     pub feed: Arc<ChangeFeed>,
+    /// The registry's counts of listed VMs per state, kept as views change.
+    pub listed: Arc<ListedCounts>,
 }
 
 impl<H, S> std::fmt::Debug for Deps<H, S> {
@@ -126,6 +130,7 @@ impl<H, S> Clone for Deps<H, S> {
             call_timeout: self.call_timeout,
             restart: self.restart,
             feed: Arc::clone(&self.feed),
+            listed: Arc::clone(&self.listed),
         }
     }
 }
@@ -156,6 +161,15 @@ pub struct Owner<H: Hypervisor, S> {
     /// A VM made by [`Owner::restoring`]: its create restores this snapshot
     /// (and resumes the VM when asked) instead of configuring a new VMM.
     restore_from: Option<(PathBuf, bool)>,
+    /// Where this VM is counted in [`Deps::listed`] (None: not listed).
+    listed: Option<VmState>,
+}
+
+impl<H: Hypervisor, S> Drop for Owner<H, S> {
+    /// An owner that ends (its VM deleted, or VMCP stopping) no longer counts its VM.
+    fn drop(&mut self) {
+        self.deps.listed.moved(self.listed.take(), None);
+    }
 }
 
 impl<H: Hypervisor, S> std::fmt::Debug for Owner<H, S> {
@@ -273,10 +287,20 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
             announced,
             snapshot_to: None,
             restore_from: None,
+            listed: None,
         };
         owner.refresh_view();
-        owner.view_tx.send_replace(Arc::clone(&owner.view));
+        owner.send_view();
         (owner, view_rx)
+    }
+
+    /// Publishes the view to readers and keeps the listed counts in step.
+    fn send_view(&mut self) {
+        self.view_tx.send_replace(Arc::clone(&self.view));
+        let snap = &self.view.snapshot;
+        let listed = (snap.generation > 0 && !snap.deleted).then_some(snap.state);
+        self.deps.listed.moved(self.listed, listed);
+        self.listed = listed;
     }
 
     /// Serves requests until the VM is deleted or every sender is gone.
@@ -368,7 +392,7 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
             Admission::Accepted => {}
         }
         // Intent before action: the desired state is durable before the VMM is touched.
-        if let Err(e) = self.persist().await {
+        if let Err(e) = self.persist(Durability::Intent).await {
             while self.vm.poll_effect().is_some() {}
             self.vm.handle_observation(
                 Observation::Completed {

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::calls::{hypervisor_to_vm_error, timed_call};
+use super::record::Durability;
 use super::{Deps, Owner, handle_without_vmm};
 use crate::domain::restart::Cause;
 use crate::domain::{Command, Observation, Operation, VmError, VmState};
@@ -171,7 +172,7 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
         let id = self.vm.snapshot().id.clone();
         let config = self.vm.snapshot().config.clone();
         let now = self.deps.clock.now_unix();
-        let intent = self.persist().await;
+        let intent = self.persist(Durability::Intent).await;
         let intent_recorded = intent.is_ok();
         let deps = self.deps.clone();
         let h = &*deps.hypervisor;

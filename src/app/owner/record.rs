@@ -8,6 +8,18 @@ use super::{Owner, Persisted};
 use crate::domain::VmError;
 use crate::ports::{Hypervisor, TelemetryEvent, VmRecord, VmStore, WatchEventKind};
 
+/// Why a record is written, which decides how durable it must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Durability {
+    /// What VMCP is about to do, before it acts: on stable storage, so
+    /// that neither a crash nor a power loss can hide the action.
+    Intent,
+    /// What VMCP observed after acting: survives a crash of VMCP (the next
+    /// start reads the host again anyway); a power loss may take it, along
+    /// with the VMMs it describes.
+    Observed,
+}
+
 impl<H: Hypervisor, S: VmStore> Owner<H, S> {
     /// Records the VM if it changed, publishes the view to readers and,
     /// for a visible change, to watchers; drains lifecycle events.
@@ -53,14 +65,14 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
                 process: self.process.clone(),
             };
             if (recording.is_some() || self.persisted.as_ref() != Some(&now))
-                && let Err(e) = self.persist().await
+                && let Err(e) = self.persist(Durability::Observed).await
             {
                 tracing::error!(vm.id = %self.vm.snapshot().id, error = %e, "could not persist VM state; it is reconciled from the VMM at the next start");
             }
         }
         self.refresh_view();
         if !Arc::ptr_eq(&self.view, &self.view_tx.borrow()) {
-            self.view_tx.send_replace(Arc::clone(&self.view));
+            self.send_view();
         }
         if let (Some(rec), Some(kind)) = (recording, kind) {
             let snap = self.vm.snapshot();
@@ -110,17 +122,19 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
         }
     }
 
-    pub(super) async fn persist(&mut self) -> Result<(), VmError> {
+    /// Writes the VM's record as `durability` asks.
+    pub(super) async fn persist(&mut self, durability: Durability) -> Result<(), VmError> {
         let snap = self.vm.snapshot();
         let record = VmRecord {
             snapshot: snap.clone(),
             process: self.process.clone(),
         };
-        self.deps
-            .store
-            .put(&record)
-            .await
-            .map_err(|e| VmError::Unavailable(format!("cannot record the VM's state: {e}")))?;
+        let store = &self.deps.store;
+        match durability {
+            Durability::Intent => store.put(&record).await,
+            Durability::Observed => store.put_unsynced(&record).await,
+        }
+        .map_err(|e| VmError::Unavailable(format!("cannot record the VM's state: {e}")))?;
         self.persisted = Some(Persisted {
             generation: snap.generation,
             desired: snap.desired,

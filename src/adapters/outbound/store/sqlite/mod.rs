@@ -1,8 +1,17 @@
 //! The durable `VmStore`: one SQLite file, `vmcp.db`, in VMCP's data
 //! directory, so VM records survive restarts and crashes and the next start
-//! can re-adopt or reconcile every VM. Durability wins over speed: WAL mode
-//! with `synchronous=FULL` makes every `put` and `remove` a transaction that
-//! is on disk when it returns. The file is checked at open (application id,
+//! can re-adopt or reconcile every VM. Every write is a transaction in WAL
+//! mode, committed when it returns; the fsync is chosen per write:
+//!
+//! - `put` and `remove` run with `synchronous=FULL`: the WAL is synced at
+//!   commit, so the write (and every earlier one) survives a power loss.
+//!   Intents (create, each command's desired state, delete) are written so,
+//!   before VMCP acts.
+//! - `put_unsynced` runs with `synchronous=NORMAL`: the commit reaches the
+//!   OS (a kill -9 of VMCP cannot lose it) without an fsync; the next synced
+//!   write or checkpoint makes it durable. What VMCP observed after acting
+//!   is written so: after a crash the next start reads it from the host
+//!   again, and a power loss takes the VMMs whose state it described. The file is checked at open (application id,
 //! schema version, `PRAGMA integrity_check`) and a damaged, foreign or newer file
 //! stops start-up with a message naming it; nothing is ever reset silently.
 //! One row per VM, with the searchable parts as columns and the config as
@@ -80,28 +89,9 @@ impl SqliteStore {
         &self.inner.path
     }
 
-    /// Runs `f` on the connection on tokio's blocking pool.
-    async fn blocking<T, F>(&self, f: F) -> Result<T, StoreError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&mut Connection, &Path) -> Result<T, StoreError> + Send + 'static,
-    {
-        let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || {
-            // A panic while holding the lock cannot leave a transaction open
-            // (rusqlite rolls back on drop), so a poisoned lock is usable.
-            let mut conn = inner.conn.lock().unwrap_or_else(|p| p.into_inner());
-            f(&mut conn, &inner.path)
-        })
-        .await
-        .map_err(|e| StoreError::Unavailable(format!("store task failed: {e}")))?
-    }
-}
-
-impl VmStore for SqliteStore {
     /// A snapshot marked deleted is removed rather than stored: its delete has
     /// completed, and storing it would bring it back at the next start.
-    async fn put(&self, record: &VmRecord) -> Result<(), StoreError> {
+    async fn upsert(&self, record: &VmRecord, sync: Sync) -> Result<(), StoreError> {
         if record.snapshot.deleted {
             return self
                 .remove(&record.snapshot.id, record.snapshot.revision)
@@ -110,7 +100,7 @@ impl VmStore for SqliteStore {
         let row = Row::encode(record)?;
         let record_revision = record.snapshot.revision;
         self.blocking(move |conn, path| {
-            write(conn, |tx| {
+            write(conn, sync, |tx| {
                 tx.prepare_cached(
                     "INSERT INTO vms (id, config, desired, state, reason, generation,
                                       created_at, modified_at, vmm_pid, vmm_start_time, socket_path,
@@ -150,10 +140,37 @@ impl VmStore for SqliteStore {
         .await
     }
 
+    /// Runs `f` on the connection on tokio's blocking pool.
+    async fn blocking<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection, &Path) -> Result<T, StoreError> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || {
+            // A panic while holding the lock cannot leave a transaction open
+            // (rusqlite rolls back on drop), so a poisoned lock is usable.
+            let mut conn = inner.conn.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut conn, &inner.path)
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("store task failed: {e}")))?
+    }
+}
+
+impl VmStore for SqliteStore {
+    async fn put(&self, record: &VmRecord) -> Result<(), StoreError> {
+        self.upsert(record, Sync::Full).await
+    }
+
+    async fn put_unsynced(&self, record: &VmRecord) -> Result<(), StoreError> {
+        self.upsert(record, Sync::Normal).await
+    }
+
     async fn remove(&self, id: &VmId, revision: u64) -> Result<(), StoreError> {
         let id = id.as_str().to_owned();
         self.blocking(move |conn, path| {
-            write(conn, |tx| {
+            write(conn, Sync::Full, |tx| {
                 tx.prepare_cached("DELETE FROM vms WHERE id = ?1")?
                     .execute([&id])?;
                 raise_revision(tx, revision)
@@ -200,12 +217,28 @@ impl VmStore for SqliteStore {
     }
 }
 
-/// Runs `f` in an immediate transaction and commits; on any error the
-/// transaction is rolled back (by `Transaction`'s drop) and nothing changes.
-fn write<F>(conn: &mut Connection, f: F) -> rusqlite::Result<()>
+/// How far a write's commit goes (`PRAGMA synchronous`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sync {
+    /// The WAL is synced at commit: survives a power loss.
+    Full,
+    /// The commit reaches the OS, not the disk: survives a crash of VMCP.
+    Normal,
+}
+
+/// Runs `f` in an immediate transaction and commits with `sync`; on any
+/// error the transaction is rolled back (by `Transaction`'s drop) and
+/// nothing changes.
+fn write<F>(conn: &mut Connection, sync: Sync, f: F) -> rusqlite::Result<()>
 where
     F: FnOnce(&Connection) -> rusqlite::Result<()>,
 {
+    // Not inside a transaction: SQLite ignores the pragma there.
+    let level = match sync {
+        Sync::Full => "FULL",
+        Sync::Normal => "NORMAL",
+    };
+    conn.pragma_update(None, "synchronous", level)?;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     f(&tx)?;
     tx.commit()

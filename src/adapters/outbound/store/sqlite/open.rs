@@ -141,6 +141,8 @@ pub(super) fn connect(data_dir: &Path) -> Result<(PathBuf, Connection), StoreOpe
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(StoreOpenError::NoWal { path, mode });
     }
+    // Each write chooses FULL or NORMAL (see `SqliteStore::put_unsynced`);
+    // FULL until one does.
     conn.pragma_update(None, "synchronous", "FULL")
         .map_err(sqlite)?;
     migrate(&mut conn, &path, version)?;

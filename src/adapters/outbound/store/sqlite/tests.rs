@@ -717,13 +717,56 @@ async fn a_full_filesystem_makes_put_unavailable_and_keeps_the_old_records() {
     );
 }
 
+/// The fsync level a write ran with, as SQLite reports it (1 NORMAL, 2 FULL).
+fn synchronous(store: &SqliteStore) -> i64 {
+    let conn = store.inner.conn.lock().expect("lock");
+    conn.pragma_query_value(None, "synchronous", |r| r.get(0))
+        .expect("pragma")
+}
+
+#[tokio::test]
+async fn intents_are_synced_and_observations_are_not() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    store
+        .put_unsynced(&record("vm-1"))
+        .await
+        .expect("put_unsynced");
+    assert_eq!(
+        synchronous(&store),
+        1,
+        "an observation commits without an fsync"
+    );
+    store.put(&record("vm-2")).await.expect("put");
+    assert_eq!(synchronous(&store), 2, "an intent is synced at commit");
+    store
+        .put_unsynced(&record("vm-1"))
+        .await
+        .expect("put_unsynced");
+    store
+        .remove(&VmId::parse("vm-1").expect("id"), 7)
+        .await
+        .expect("remove");
+    assert_eq!(synchronous(&store), 2, "a remove is synced at commit");
+    let ids: Vec<_> = open(dir.path())
+        .load_all()
+        .await
+        .expect("load")
+        .into_iter()
+        .map(|r| r.snapshot.id.to_string())
+        .collect();
+    assert_eq!(ids, ["vm-2"]);
+}
+
 /// Set in the child process of the kill test: the data dir it writes to.
 const KILL_CHILD_DIR: &str = "VMCP_TEST_SQLITE_KILL_CHILD_DIR";
 const KILL_TEST: &str =
     "adapters::outbound::store::sqlite::tests::a_writer_killed_mid_write_loses_no_acknowledged_put";
 
 /// The child side: puts records as fast as it can and prints `ACK <n>`
-/// after put `n` returned, until it is killed.
+/// after put `n` returned, until it is killed. The counter is written
+/// unsynced (as observations are): a kill of the writer must not lose it
+/// either.
 async fn write_until_killed(dir: &Path) {
     let store = open(dir);
     let mut counter = record("counter");
@@ -732,7 +775,7 @@ async fn write_until_killed(dir: &Path) {
         rec.snapshot.generation = n;
         store.put(&rec).await.expect("child put");
         counter.snapshot.generation = n;
-        store.put(&counter).await.expect("child put");
+        store.put_unsynced(&counter).await.expect("child put");
         println!("ACK {n}");
     }
 }
