@@ -4,7 +4,7 @@
 //! serialization.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use mockall::Sequence;
@@ -117,7 +117,7 @@ async fn create_records_intent_before_spawning_and_the_process_after() {
     let mut seq = Sequence::new();
     let mut h = base_hypervisor();
     let mut s = MockVmStore::new();
-    s.expect_put()
+    s.expect_put_unsynced()
         .times(1)
         .in_sequence(&mut seq)
         .withf(|r| {
@@ -131,12 +131,25 @@ async fn create_records_intent_before_spawning_and_the_process_after() {
             let vm = handle_reporting(VmState::Created);
             Box::pin(async move { Ok((vm, reported(VmState::Created, 42))) })
         });
-    // What the VMM reported after the create is recorded without an fsync.
     s.expect_put_unsynced()
         .times(1)
         .in_sequence(&mut seq)
         .withf(|r| r.process == Some(process()) && r.snapshot.generation == 1)
         .returning(|_| Box::pin(async { Ok(()) }));
+    // The created record reaches the disk before the answer.
+    let synced = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&synced);
+    s.expect_sync()
+        .times(1)
+        .in_sequence(&mut seq)
+        .returning(move || {
+            let flag = Arc::clone(&flag);
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                flag.store(true, Ordering::SeqCst);
+                Ok(())
+            })
+        });
     let m = manager(h, s, Duration::from_secs(1));
     let snap = m
         .create_vm(CreateVm {
@@ -146,13 +159,95 @@ async fn create_records_intent_before_spawning_and_the_process_after() {
         .await
         .expect("created");
     assert_eq!(snap.state, VmState::Created);
+    assert!(
+        synced.load(Ordering::SeqCst),
+        "answered before the store was synced"
+    );
+}
+
+/// A command's intent is committed before the VMM acts, and the store is
+/// flushed while the VMM acts (not after it), before the answer.
+#[tokio::test]
+async fn a_commands_intent_is_committed_first_and_synced_during_the_action() {
+    let mut h = base_hypervisor();
+    let log = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let l = Arc::clone(&log);
+    creates_with(
+        &mut h,
+        move || {
+            let mut v = MockVmmHandle::new();
+            v.expect_process().return_const(Some(process()));
+            let l = Arc::clone(&l);
+            v.expect_boot().returning(move || {
+                let l = Arc::clone(&l);
+                Box::pin(async move {
+                    l.lock().expect("lock").push("boot starts".into());
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    l.lock().expect("lock").push("boot ends".into());
+                    Ok(reported(VmState::Running, 42))
+                })
+            });
+            v.expect_sample().returning(|| {
+                Box::pin(async {
+                    Ok(VmmInfo {
+                        state: Some(VmState::Running),
+                        process: Some(process()),
+                        ..Default::default()
+                    })
+                })
+            });
+            v
+        },
+        None,
+    );
+    let mut s = MockVmStore::new();
+    let l = Arc::clone(&log);
+    s.expect_put_unsynced().returning(move |r| {
+        l.lock().expect("lock").push(format!(
+            "write {:?} desired {:?}",
+            r.snapshot.state, r.snapshot.desired
+        ));
+        Box::pin(async { Ok(()) })
+    });
+    let l = Arc::clone(&log);
+    s.expect_sync().returning(move || {
+        let l = Arc::clone(&l);
+        Box::pin(async move {
+            l.lock().expect("lock").push("sync starts".into());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            l.lock().expect("lock").push("sync ends".into());
+            Ok(())
+        })
+    });
+    let m = manager(h, s, Duration::from_secs(1));
+    create(&m, "a").await;
+    log.lock().expect("lock").clear();
+    m.boot_vm(id("a")).await.expect("boot");
+    let log = log.lock().expect("lock").clone();
+    let at = |what: &str| {
+        log.iter()
+            .position(|e| e == what)
+            .unwrap_or_else(|| panic!("{what:?} missing from {log:?}"))
+    };
+    let intent = at("write Created desired Running");
+    assert!(intent < at("boot starts"), "{log:?}");
+    assert!(
+        at("sync starts") < at("boot ends"),
+        "the flush waited for the VMM: {log:?}"
+    );
+    assert!(at("sync ends") < log.len(), "{log:?}");
+    assert!(
+        log.contains(&"write Running desired Running".to_owned()),
+        "{log:?}"
+    );
 }
 
 #[tokio::test]
 async fn a_failed_create_leaves_no_record_and_no_vmm() {
     let mut h = base_hypervisor();
     let mut s = MockVmStore::new();
-    s.expect_put()
+    s.expect_sync().returning(|| Box::pin(async { Ok(()) }));
+    s.expect_put_unsynced()
         .times(1)
         .returning(|_| Box::pin(async { Ok(()) }));
     h.expect_create().returning(|_, _, _| {
@@ -184,7 +279,8 @@ async fn a_failed_create_leaves_no_record_and_no_vmm() {
 async fn a_store_failure_fails_the_create_before_any_vmm_starts() {
     let mut h = base_hypervisor();
     let mut s = MockVmStore::new();
-    s.expect_put().returning(|_| {
+    s.expect_sync().returning(|| Box::pin(async { Ok(()) }));
+    s.expect_put_unsynced().returning(|_| {
         Box::pin(async { Err(crate::ports::StoreError::Unavailable("disk full".into())) })
     });
     h.expect_create().never();
@@ -210,7 +306,9 @@ async fn a_hung_hypervisor_is_a_deadline_and_the_state_is_re_read() {
     for after in [VmState::Created, VmState::Running] {
         let mut h = base_hypervisor();
         let mut s = MockVmStore::new();
-        s.expect_put().returning(|_| Box::pin(async { Ok(()) }));
+        s.expect_sync().returning(|| Box::pin(async { Ok(()) }));
+        s.expect_put_unsynced()
+            .returning(|_| Box::pin(async { Ok(()) }));
         s.expect_put_unsynced()
             .returning(|_| Box::pin(async { Ok(()) }));
         let infos = Arc::new(AtomicUsize::new(0));
@@ -264,7 +362,9 @@ async fn a_hung_hypervisor_is_a_deadline_and_the_state_is_re_read() {
 async fn an_illegal_state_answer_from_the_vmm_is_failed_precondition() {
     let mut h = base_hypervisor();
     let mut s = MockVmStore::new();
-    s.expect_put().returning(|_| Box::pin(async { Ok(()) }));
+    s.expect_sync().returning(|| Box::pin(async { Ok(()) }));
+    s.expect_put_unsynced()
+        .returning(|_| Box::pin(async { Ok(()) }));
     s.expect_put_unsynced()
         .returning(|_| Box::pin(async { Ok(()) }));
     creates_with(
@@ -320,7 +420,9 @@ async fn an_illegal_state_answer_from_the_vmm_is_failed_precondition() {
 async fn calls_for_one_vm_are_serialized_and_other_vms_run_in_parallel() {
     let mut h = base_hypervisor();
     let mut s = MockVmStore::new();
-    s.expect_put().returning(|_| Box::pin(async { Ok(()) }));
+    s.expect_sync().returning(|| Box::pin(async { Ok(()) }));
+    s.expect_put_unsynced()
+        .returning(|_| Box::pin(async { Ok(()) }));
     s.expect_put_unsynced()
         .returning(|_| Box::pin(async { Ok(()) }));
     let active = Arc::new(std::sync::Mutex::new(std::collections::HashMap::<
@@ -459,17 +561,14 @@ async fn an_unusable_backend_refuses_every_vm_call_naming_what_is_missing() {
 async fn a_replaced_vmm_is_recorded_with_its_new_state_in_one_write() {
     let mut h = base_hypervisor();
     let mut s = MockVmStore::new();
+    s.expect_sync().returning(|| Box::pin(async { Ok(()) }));
     let writes = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let w = Arc::clone(&writes);
-    s.expect_put().returning(move |r| {
-        w.lock().expect("lock").push(r.clone());
-        Box::pin(async { Ok(()) })
-    });
     let w = Arc::clone(&writes);
     s.expect_put_unsynced().returning(move |r| {
         w.lock().expect("lock").push(r.clone());
         Box::pin(async { Ok(()) })
     });
+
     creates_with(
         &mut h,
         || {
@@ -524,11 +623,15 @@ async fn a_replaced_vmm_is_recorded_with_its_new_state_in_one_write() {
 async fn exits_of_replaced_vmms_are_ignored_and_exits_of_the_current_one_are_recorded() {
     let mut h = base_hypervisor();
     let mut s = MockVmStore::new();
-    s.expect_put().returning(|_| Box::pin(async { Ok(()) }));
+    s.expect_sync().returning(|| Box::pin(async { Ok(()) }));
+    s.expect_put_unsynced()
+        .returning(|_| Box::pin(async { Ok(()) }));
     s.expect_put_unsynced()
         .returning(|_| Box::pin(async { Ok(()) }));
     let sinks = Arc::new(std::sync::Mutex::new(Vec::new()));
     // What the VMM reports when asked; the test changes it behind VMCP's back.
+    // Failed: its process is gone, which a real handle reports with no process
+    // (a sample may see that before the reaper's event arrives).
     let vmm_state = Arc::new(std::sync::Mutex::new(VmState::Created));
     let shared = Arc::clone(&vmm_state);
     creates_with(
@@ -539,10 +642,16 @@ async fn exits_of_replaced_vmms_are_ignored_and_exits_of_the_current_one_are_rec
             let shared = Arc::clone(&shared);
             v.expect_sample().returning(move || {
                 let state = *shared.lock().expect("lock");
+                let gone = state == VmState::Failed;
                 Box::pin(async move {
                     Ok(VmmInfo {
                         state: Some(state),
-                        process: Some(process()),
+                        reason: if gone {
+                            "killed by signal 9".into()
+                        } else {
+                            String::new()
+                        },
+                        process: (!gone).then(process),
                         ..Default::default()
                     })
                 })
@@ -576,6 +685,7 @@ async fn exits_of_replaced_vmms_are_ignored_and_exits_of_the_current_one_are_rec
         reason: "vm/resumed".into(),
     })
     .expect("owner listens");
+    *vmm_state.lock().expect("lock") = VmState::Failed;
     sink.send(VmmEvent::Exited {
         pid: 42,
         state: VmState::Failed,
@@ -594,7 +704,9 @@ async fn exits_of_replaced_vmms_are_ignored_and_exits_of_the_current_one_are_rec
 async fn reads_answer_from_memory_without_calling_the_vmm() {
     let mut h = base_hypervisor();
     let mut s = MockVmStore::new();
-    s.expect_put().returning(|_| Box::pin(async { Ok(()) }));
+    s.expect_sync().returning(|| Box::pin(async { Ok(()) }));
+    s.expect_put_unsynced()
+        .returning(|_| Box::pin(async { Ok(()) }));
     s.expect_put_unsynced()
         .returning(|_| Box::pin(async { Ok(()) }));
     let samples = Arc::new(AtomicUsize::new(0));

@@ -40,15 +40,19 @@ pub trait VmStore: Send + Sync + 'static {
     /// Like [`VmStore::put`], but only as durable as a crash of VMCP needs:
     /// the record survives VMCP being killed at any point after this returns,
     /// but a power loss or a kernel crash may take it, with every later
-    /// unsynced write and none before the last `put` (writes are ordered).
-    /// For what VMCP observed after acting (the state and process a VMM
-    /// reports), which the next start reads again from the host anyway, and
-    /// which a lost host (every VMM gone with it) makes stale regardless.
+    /// unsynced write and none before the last `put` or [`VmStore::sync`]
+    /// (writes are ordered).
     fn put_unsynced(
         &self,
         record: &VmRecord,
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
         self.put(record)
+    }
+
+    /// Makes every write that returned before this call survive a power
+    /// loss. Writers may run meanwhile; concurrent syncs may share one flush.
+    fn sync(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
+        async { Ok(()) }
     }
 
     /// Removes the record for `id`; removing a missing record succeeds.

@@ -32,7 +32,6 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use self::calls::{hypervisor_to_vm_error, timed_call};
-use self::record::Durability;
 use super::feed::ChangeFeed;
 use super::manager::registry::ListedCounts;
 use crate::domain::restart::{Cause, RestartSettings};
@@ -319,6 +318,10 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
         if let Some(reply) = created {
             let result = self.drain().await;
             self.publish().await;
+            if result.is_ok() {
+                // A created VM is on disk before the client hears of it.
+                Self::sync_store(&self.deps.store).await;
+            }
             let _ = reply.send(result.map(|()| self.vm.snapshot().clone()));
             // Metrics and details right after the answer (a failed create ends the loop below).
             self.vm.sample_soon(Instant::now());
@@ -391,8 +394,10 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
             Admission::Denied(e) => return Err(e),
             Admission::Accepted => {}
         }
-        // Intent before action: the desired state is durable before the VMM is touched.
-        if let Err(e) = self.persist(Durability::Intent).await {
+        // Intent before action: the desired state is committed before the VMM
+        // is touched (a crash cannot lose it), and flushed to disk while the
+        // VMM acts, before the answer (a power loss cannot lose what a client was told).
+        if let Err(e) = self.persist().await {
             while self.vm.poll_effect().is_some() {}
             self.vm.handle_observation(
                 Observation::Completed {
@@ -404,7 +409,8 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
             );
             return Err(e);
         }
-        let result = self.drain().await;
+        let store = Arc::clone(&self.deps.store);
+        let (result, ()) = tokio::join!(self.drain(), Self::sync_store(&store));
         self.publish().await;
         result.map(|()| self.vm.snapshot().clone())
     }

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::calls::{hypervisor_to_vm_error, timed_call};
-use super::record::Durability;
 use super::{Deps, Owner, handle_without_vmm};
 use crate::domain::restart::Cause;
 use crate::domain::{Command, Observation, Operation, VmError, VmState};
@@ -166,13 +165,13 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
         }
     }
 
-    /// Creates the VMM: the record (generation 0, no process) is durable
+    /// Creates the VMM: the record (generation 0, no process) is committed
     /// first, so a crash during the create is rolled back at the next start.
     pub(super) async fn create(&mut self) -> Result<(), VmError> {
         let id = self.vm.snapshot().id.clone();
         let config = self.vm.snapshot().config.clone();
         let now = self.deps.clock.now_unix();
-        let intent = self.persist(Durability::Intent).await;
+        let intent = self.persist().await;
         let intent_recorded = intent.is_ok();
         let deps = self.deps.clone();
         let h = &*deps.hypervisor;
@@ -280,6 +279,16 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
         };
         match read {
             Ok(info) => {
+                if let (Some(before), None) = (&self.process, &info.process) {
+                    // The process ended and the sample saw it before the reaper's
+                    // event arrived: the same exit, with the state the handle classified.
+                    let pid = before.pid;
+                    let state = info.state.unwrap_or(VmState::Failed);
+                    let reason = info.reason.clone();
+                    self.take_sample(info);
+                    self.exited(pid, state, reason);
+                    return;
+                }
                 // With no process before or after, the VMM has nothing to report: the state
                 // the core recorded when the process went away (Shutdown, Failed) stands.
                 let news = self.process.is_some() || info.process.is_some();
@@ -363,40 +372,48 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
         self.view = Arc::new(view);
     }
 
+    /// The VMM process `pid`, the current one, ended in `state`: recorded,
+    /// and the restart policy consulted. Reached from the reaper's event or
+    /// from a sample that found the process gone first, whichever comes
+    /// first (the other then finds no current process and does nothing).
+    fn exited(&mut self, pid: u32, state: VmState, reason: String) {
+        let now = self.deps.clock.now_unix();
+        self.deps.telemetry.record(TelemetryEvent::VmmExited {
+            backend: self.deps.hypervisor.kind(),
+            reason: if state == VmState::Shutdown {
+                "poweroff"
+            } else {
+                "crash"
+            },
+        });
+        tracing::warn!(vm.id = %self.vm.snapshot().id, pid, %state, %reason, "VMM process exited");
+        self.process = None;
+        self.vm.handle_observation(
+            Observation::Exited {
+                state,
+                reason: reason.clone(),
+            },
+            now,
+        );
+        let cause = if state == VmState::Shutdown {
+            Cause::Poweroff
+        } else {
+            Cause::Crash
+        };
+        self.vm.consider_restart(cause, reason, Instant::now(), now);
+    }
+
     /// Something the VMM did on its own. News about a process the owner has
     /// already replaced is dropped.
     pub(super) async fn on_event(&mut self, event: VmmEvent) {
         let current = self.process.as_ref().map(|p| p.pid);
-        let now = self.deps.clock.now_unix();
         match event {
             VmmEvent::Exited { pid, state, reason } => {
                 if current != Some(pid) {
                     tracing::debug!(vm.id = %self.vm.snapshot().id, pid, "exit of a replaced VMM ignored");
                     return;
                 }
-                self.deps.telemetry.record(TelemetryEvent::VmmExited {
-                    backend: self.deps.hypervisor.kind(),
-                    reason: if state == VmState::Shutdown {
-                        "poweroff"
-                    } else {
-                        "crash"
-                    },
-                });
-                tracing::warn!(vm.id = %self.vm.snapshot().id, pid, %state, %reason, "VMM process exited");
-                self.process = None;
-                self.vm.handle_observation(
-                    Observation::Exited {
-                        state,
-                        reason: reason.clone(),
-                    },
-                    now,
-                );
-                let cause = if state == VmState::Shutdown {
-                    Cause::Poweroff
-                } else {
-                    Cause::Crash
-                };
-                self.vm.consider_restart(cause, reason, Instant::now(), now);
+                self.exited(pid, state, reason);
             }
             VmmEvent::StateChanged { pid, state, reason } => {
                 if current != Some(pid) || state == self.vm.snapshot().state {

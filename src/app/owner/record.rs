@@ -8,18 +8,6 @@ use super::{Owner, Persisted};
 use crate::domain::VmError;
 use crate::ports::{Hypervisor, TelemetryEvent, VmRecord, VmStore, WatchEventKind};
 
-/// Why a record is written, which decides how durable it must be.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Durability {
-    /// What VMCP is about to do, before it acts: on stable storage, so
-    /// that neither a crash nor a power loss can hide the action.
-    Intent,
-    /// What VMCP observed after acting: survives a crash of VMCP (the next
-    /// start reads the host again anyway); a power loss may take it, along
-    /// with the VMMs it describes.
-    Observed,
-}
-
 impl<H: Hypervisor, S: VmStore> Owner<H, S> {
     /// Records the VM if it changed, publishes the view to readers and,
     /// for a visible change, to watchers; drains lifecycle events.
@@ -65,7 +53,7 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
                 process: self.process.clone(),
             };
             if (recording.is_some() || self.persisted.as_ref() != Some(&now))
-                && let Err(e) = self.persist(Durability::Observed).await
+                && let Err(e) = self.persist().await
             {
                 tracing::error!(vm.id = %self.vm.snapshot().id, error = %e, "could not persist VM state; it is reconciled from the VMM at the next start");
             }
@@ -122,24 +110,33 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
         }
     }
 
-    /// Writes the VM's record as `durability` asks.
-    pub(super) async fn persist(&mut self, durability: Durability) -> Result<(), VmError> {
+    /// Writes the VM's record: committed when this returns, so a crash of
+    /// VMCP cannot lose it; [`Owner::sync_store`] makes it survive a power
+    /// loss, before a client is told.
+    pub(super) async fn persist(&mut self) -> Result<(), VmError> {
         let snap = self.vm.snapshot();
         let record = VmRecord {
             snapshot: snap.clone(),
             process: self.process.clone(),
         };
-        let store = &self.deps.store;
-        match durability {
-            Durability::Intent => store.put(&record).await,
-            Durability::Observed => store.put_unsynced(&record).await,
-        }
-        .map_err(|e| VmError::Unavailable(format!("cannot record the VM's state: {e}")))?;
+        self.deps
+            .store
+            .put_unsynced(&record)
+            .await
+            .map_err(|e| VmError::Unavailable(format!("cannot record the VM's state: {e}")))?;
         self.persisted = Some(Persisted {
             generation: snap.generation,
             desired: snap.desired,
             process: self.process.clone(),
         });
         Ok(())
+    }
+
+    /// Makes the VM's records so far survive a power loss; a failure is
+    /// logged (the records are committed, and a crash cannot lose them).
+    pub(super) async fn sync_store(store: &S) {
+        if let Err(e) = store.sync().await {
+            tracing::error!(error = %e, "could not flush the store to disk; a power loss may lose the latest changes");
+        }
     }
 }

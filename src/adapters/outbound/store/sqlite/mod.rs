@@ -9,12 +9,19 @@
 //!   before VMCP acts.
 //! - `put_unsynced` runs with `synchronous=NORMAL`: the commit reaches the
 //!   OS (a kill -9 of VMCP cannot lose it) without an fsync; the next synced
-//!   write or checkpoint makes it durable. What VMCP observed after acting
-//!   is written so: after a crash the next start reads it from the host
-//!   again, and a power loss takes the VMMs whose state it described. The file is checked at open (application id,
-//! schema version, `PRAGMA integrity_check`) and a damaged, foreign or newer file
-//! stops start-up with a message naming it; nothing is ever reset silently.
-//! One row per VM, with the searchable parts as columns and the config as
+//!   write, `sync` or checkpoint makes it durable.
+//! - `sync` flushes the WAL file (`fdatasync` on its own descriptor, outside
+//!   the connection's lock, so writers go on and concurrent syncs share the
+//!   flush). A checkpoint syncs the WAL before copying it and the database
+//!   after, so a frame a checkpoint moved is durable too.
+//!
+//! The owner writes intents unsynced *before* acting (enough for a crash)
+//! and syncs *while* the VMM acts, before it answers: an fsync protects
+//! what a client was told, and costs no time on the critical path.
+//!
+//! The file is checked at open (application id, schema version, `PRAGMA
+//! integrity_check`) and a damaged, foreign or newer file stops start-up
+//! with a message naming it; nothing is ever reset silently. One row per VM, with the searchable parts as columns and the config as
 //! strict JSON. SQLite calls block, so they run on tokio's blocking pool
 //! over one connection behind a mutex.
 //!
@@ -167,6 +174,22 @@ impl VmStore for SqliteStore {
         self.upsert(record, Sync::Normal).await
     }
 
+    async fn sync(&self) -> Result<(), StoreError> {
+        let wal = wal_path(&self.inner.path);
+        tokio::task::spawn_blocking(move || match std::fs::File::open(&wal) {
+            Ok(f) => f.sync_data(),
+            // No WAL: every commit is in the database file, synced by the
+            // checkpoint that emptied the WAL.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("store task failed: {e}")))?
+        .map_err(|e| {
+            StoreError::Unavailable(format!("cannot sync {}: {e}", self.inner.path.display()))
+        })
+    }
+
     async fn remove(&self, id: &VmId, revision: u64) -> Result<(), StoreError> {
         let id = id.as_str().to_owned();
         self.blocking(move |conn, path| {
@@ -215,6 +238,13 @@ impl VmStore for SqliteStore {
         })
         .await
     }
+}
+
+/// SQLite's write-ahead log of the database at `db`.
+fn wal_path(db: &Path) -> PathBuf {
+    let mut wal = db.as_os_str().to_owned();
+    wal.push("-wal");
+    PathBuf::from(wal)
 }
 
 /// How far a write's commit goes (`PRAGMA synchronous`).
