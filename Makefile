@@ -109,6 +109,7 @@ $(GUEST): tests/guest/guest.S tests/guest/guest.ld tests/guest/build.sh
 	tests/guest/build.sh
 
 bench: guest
+	$(CARGO) build --release --locked --examples
 	$(CARGO) bench --locked --bench vmcp
 
 fuzz:

@@ -9,10 +9,16 @@
 mod double;
 #[path = "vmcp/durability.rs"]
 mod durability;
+#[path = "vmcp/null.rs"]
+mod null;
 #[path = "vmcp/otel.rs"]
 mod otel;
+#[path = "vmcp/scale.rs"]
+mod scale;
 #[path = "vmcp/snapshot.rs"]
 mod snapshot;
+#[path = "vmcp/throughput.rs"]
+mod throughput;
 #[path = "vmcp/vmm.rs"]
 mod vmm;
 #[path = "vmcp/watch.rs"]
@@ -182,12 +188,21 @@ fn main() {
         rt.block_on(otel::child(mode == "on", 32, Duration::from_secs(4)));
         return;
     }
+    // Child mode of the throughput section: the bare hyper server.
+    if let Ok(bodies) = std::env::var("VMCP_BENCH_BARE") {
+        let (info, list) = bodies.split_once(',').expect("two bodies");
+        rt.block_on(throughput::bare_child(
+            hex::decode(info).expect("hex").into(),
+            hex::decode(list).expect("hex").into(),
+        ));
+        return;
+    }
     // Child mode of the store-memory section, so RSS starts from a fresh process.
     if std::env::var_os("VMCP_BENCH_STORE").is_some() {
         rt.block_on(durability::per_record());
         return;
     }
-    // `VMCP_BENCH_SECTIONS=ch,fc` runs only those sections (read, otel, ch, fc, durability, watch, snapshot, store).
+    // `VMCP_BENCH_SECTIONS=ch,fc` runs only those sections (read, otel, ch, fc, durability, watch, snapshot, scale, throughput, store).
     let only = std::env::var("VMCP_BENCH_SECTIONS").ok();
     let run = |name: &str| {
         only.as_deref()
@@ -211,6 +226,12 @@ fn main() {
             if run("snapshot") {
                 snapshot::section(vmm::Kind::Ch).await;
                 snapshot::section(vmm::Kind::Fc).await;
+            }
+            if run("scale") {
+                scale::section().await;
+            }
+            if run("throughput") {
+                throughput::section().await;
             }
         });
         return;
@@ -236,6 +257,8 @@ fn main() {
         watch::section().await;
         snapshot::section(vmm::Kind::Ch).await;
         snapshot::section(vmm::Kind::Fc).await;
+        scale::section().await;
+        throughput::section().await;
     });
     println!();
     println!("== Durability: memory and disk per stored VM at 10000 records (own process) ==");

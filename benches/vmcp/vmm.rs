@@ -618,6 +618,7 @@ pub async fn section(kind: Kind) {
         direct.push(t.elapsed());
         d.kill().await;
     }
+    let (wall_via, wall_direct) = at_once(kind, &env, &http, &c, rt.path()).await;
     server.stop();
     let (mv, md) = (median(via.clone()), median(direct.clone()));
     println!(
@@ -635,9 +636,76 @@ pub async fn section(kind: Kind) {
         mv.as_secs_f64() / md.as_secs_f64()
     );
 
+    println!(
+        "{AT_ONCE} created and booted at once: via VMCP {:.1} ms, direct {:.1} ms (wall, until all Running)",
+        ms(wall_via),
+        ms(wall_direct)
+    );
+    println!(
+        "RATIO {name} {AT_ONCE} at once VMCP/direct (wall): {:.2}x",
+        wall_via.as_secs_f64() / wall_direct.as_secs_f64()
+    );
+
     if kind == Kind::Fc {
         spawn_ready(&env, rt.path()).await;
     }
+}
+
+/// How many VMs the at-once row starts together.
+const AT_ONCE: usize = 32;
+
+/// Wall time until [`AT_ONCE`] VMs, created and booted together, all run:
+/// through VMCP (client `c`), then directly.
+async fn at_once(
+    kind: Kind,
+    env: &Env,
+    http: &UdsClient,
+    c: &vmcp::proto::vmm::v1::VmServiceClient<connectrpc::client::HttpClient>,
+    root: &Path,
+) -> (Duration, Duration) {
+    let t = Instant::now();
+    let tasks: Vec<_> = (0..AT_ONCE)
+        .map(|i| {
+            let c = c.clone();
+            let req = create_req(&format!("many{i}"), &env.guest);
+            tokio::spawn(async move {
+                c.create_vm(req).await.expect("create");
+                let b = c
+                    .boot_vm(pb::BootVmRequest {
+                        vm_id: format!("many{i}"),
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("boot")
+                    .into_owned();
+                assert_eq!(b.state.as_known(), Some(pb::VmState::VM_STATE_RUNNING));
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("create+boot");
+    }
+    let via = t.elapsed();
+    for i in 0..AT_ONCE {
+        c.delete_vm(pb::DeleteVmRequest {
+            vm_id: format!("many{i}"),
+            force: true,
+            ..Default::default()
+        })
+        .await
+        .expect("delete");
+    }
+    let t = Instant::now();
+    let boots = (0..AT_ONCE).map(|i| {
+        let dir = root.join(format!("m{i}"));
+        async move { direct_boot(kind, env, http, &dir).await }
+    });
+    let vmms = futures_util::future::join_all(boots).await;
+    let direct = t.elapsed();
+    for d in vmms {
+        d.kill().await;
+    }
+    (via, direct)
 }
 
 /// CPU time so far of every thread of `pid`, from /proc/<pid>/task/*/schedstat (ns).
