@@ -13,6 +13,7 @@ pub mod config;
 pub mod error;
 pub mod id;
 pub mod lifecycle;
+pub mod network;
 pub mod recovery;
 pub mod restart;
 pub mod snapshot;

@@ -182,6 +182,7 @@ pub fn config_in(c: &pb::VmConfig) -> domain::VmConfig {
                 tap_device: n.tap_device.clone(),
                 interface_type: n.interface_type.clone(),
                 options: map_in(&n.options),
+                bridge: n.bridge.clone(),
             })
             .collect(),
         console: domain::ConsoleConfig {
@@ -272,6 +273,7 @@ pub fn config_out(c: &domain::VmConfig) -> pb::VmConfig {
                 tap_device: n.tap_device.clone(),
                 interface_type: n.interface_type.clone(),
                 options: map_out(&n.options),
+                bridge: n.bridge.clone(),
                 ..Default::default()
             })
             .collect(),

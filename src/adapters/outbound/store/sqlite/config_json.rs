@@ -105,6 +105,9 @@ struct NetworkJson {
     tap_device: String,
     interface_type: String,
     options: BTreeMap<String, String>,
+    /// Added with managed networking: rows written before have none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    bridge: String,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -358,6 +361,7 @@ impl From<&NetworkInterface> for NetworkJson {
             tap_device,
             interface_type,
             options,
+            bridge,
         } = n;
         Self {
             id: id.clone(),
@@ -365,6 +369,7 @@ impl From<&NetworkInterface> for NetworkJson {
             tap_device: tap_device.clone(),
             interface_type: interface_type.clone(),
             options: options.clone(),
+            bridge: bridge.clone(),
         }
     }
 }
@@ -377,6 +382,7 @@ impl From<NetworkJson> for NetworkInterface {
             tap_device,
             interface_type,
             options,
+            bridge,
         } = n;
         Self {
             id,
@@ -384,6 +390,7 @@ impl From<NetworkJson> for NetworkInterface {
             tap_device,
             interface_type,
             options,
+            bridge,
         }
     }
 }
