@@ -252,8 +252,8 @@ mod tests {
         assert_ne!(stable_hash(b"x", &[b"ab", b"c"]), stable_hash(b"x", &[b"a", b"bc"]));
         assert_eq!((tap.as_str(), mac.as_str()), (PINNED_TAP, PINNED_MAC));
     }
-    const PINNED_TAP: &str = "vmcpq6nrxhqjagj";
-    const PINNED_MAC: &str = "7e:5c:a3:3e:71:3b";
+    const PINNED_TAP: &str = "vmcp5ml3rxbd7xn";
+    const PINNED_MAC: &str = "1e:72:0b:90:0e:b0";
 
     #[test]
     fn assign_fills_managed_interfaces_only() {

@@ -104,6 +104,8 @@ pub struct Deps<H, S> {
     pub restart: RestartSettings,
     /// Where recorded changes get their revision and reach watchers.
     pub feed: Arc<ChangeFeed>,
+    /// Managed networking, once set (before recovery); unset: no managed interfaces.
+    pub network: Arc<std::sync::OnceLock<crate::app::network::Networking>>,
 }
 
 impl<H, S> std::fmt::Debug for Deps<H, S> {
@@ -126,6 +128,7 @@ impl<H, S> Clone for Deps<H, S> {
             call_timeout: self.call_timeout,
             restart: self.restart,
             feed: Arc::clone(&self.feed),
+            network: Arc::clone(&self.network),
         }
     }
 }

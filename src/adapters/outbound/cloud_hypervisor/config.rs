@@ -110,6 +110,11 @@ pub struct ChNet {
     pub mac: Option<String>,
     /// Device id (the caller's interface id).
     pub id: String,
+    /// Queues (two per pair): one pair per boot vCPU on a managed tap of a
+    /// VM with more than one vCPU, which VMCP creates multi-queue to match;
+    /// absent (CH's default, one pair) otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_queues: Option<u32>,
 }
 
 /// `RngConfig`.
@@ -247,6 +252,8 @@ pub fn to_ch(config: &VmConfig, defaults: &ConsoleDefaults) -> Result<ChVmConfig
             tap: n.tap_device.clone(),
             mac: non_empty(&n.mac_address.to_ascii_lowercase()),
             id: n.id.clone(),
+            num_queues: (crate::domain::network::is_managed(n) && config.cpu.vcpu_count > 1)
+                .then(|| 2 * u32::try_from(config.cpu.vcpu_count).unwrap_or(1)),
         })
         .collect();
     let serial = if config.console.enabled {
@@ -491,6 +498,29 @@ mod tests {
                 {"tap": "tap1", "id": "eth1"},
             ])
         );
+    }
+
+    #[test]
+    fn a_managed_tap_gets_a_queue_pair_per_vcpu_and_a_callers_tap_none() {
+        let mut c = base();
+        c.network = vec![
+            NetworkInterface {
+                id: "eth0".into(),
+                tap_device: "vmcpabcdefghijk".into(),
+                bridge: "br0".into(),
+                ..Default::default()
+            },
+            NetworkInterface {
+                id: "eth1".into(),
+                tap_device: "tap1".into(),
+                ..Default::default()
+            },
+        ];
+        c.cpu.vcpu_count = 1;
+        assert_eq!(json_of(&c)["net"][0].get("num_queues"), None);
+        c.cpu.vcpu_count = 3;
+        assert_eq!(json_of(&c)["net"][0]["num_queues"], json!(6));
+        assert_eq!(json_of(&c)["net"][1].get("num_queues"), None);
     }
 
     #[test]

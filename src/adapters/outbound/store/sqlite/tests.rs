@@ -82,6 +82,7 @@ fn full_config() -> VmConfig {
             tap_device: "tap-vm1".into(),
             interface_type: "virtio-net".into(),
             options: map(&[("num_queues", "2")]),
+            bridge: "br0".into(),
         }],
         console: ConsoleConfig {
             enabled: true,
@@ -871,6 +872,8 @@ fn arb_config() -> impl Strategy<Value = VmConfig> {
                     .map(|(id, tap)| NetworkInterface {
                         id,
                         mac_address: String::new(),
+                        // Managed or not, by the tap's first letter: both kinds round-trip.
+                        bridge: if tap.starts_with('a') { "br0".to_owned() } else { String::new() },
                         tap_device: tap,
                         interface_type: String::new(),
                         options: BTreeMap::new(),
