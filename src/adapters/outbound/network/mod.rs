@@ -138,3 +138,6 @@ impl HostNetwork for LinuxNetwork {
             .map(|l| l.name))
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -28,13 +28,16 @@ pub struct Link {
     pub kind: Option<String>,
     /// For a tun/tap device: whether it is a tap (not tun) and multi-queue.
     pub tap_multi_queue: Option<(bool, bool)>,
+    /// For a tun/tap device with an owner: its uid.
+    pub tun_owner: Option<u32>,
     /// Whether it is up.
     pub up: bool,
 }
 
 // IFLA_TUN_* attribute numbers (<linux/if_link.h>).
-const IFLA_TUN_TYPE: u16 = 2;
-const IFLA_TUN_MULTI_QUEUE: u16 = 8;
+const IFLA_TUN_OWNER: u16 = 1;
+const IFLA_TUN_TYPE: u16 = 3;
+const IFLA_TUN_MULTI_QUEUE: u16 = 7;
 const IFF_TAP_TYPE: u8 = 2;
 
 fn link_of(msg: &LinkMessage) -> Link {
@@ -44,6 +47,7 @@ fn link_of(msg: &LinkMessage) -> Link {
         controller: None,
         kind: None,
         tap_multi_queue: None,
+        tun_owner: None,
         up: msg.header.flags.contains(LinkFlags::Up),
     };
     for attr in &msg.attributes {
@@ -63,6 +67,12 @@ fn link_of(msg: &LinkMessage) -> Link {
                                 match netlink_packet_core::Nla::kind(nla) {
                                     IFLA_TUN_TYPE => tap = v.first() == Some(&IFF_TAP_TYPE),
                                     IFLA_TUN_MULTI_QUEUE => mq = v.first() == Some(&1),
+                                    IFLA_TUN_OWNER => {
+                                        link.tun_owner = v
+                                            .get(..4)
+                                            .and_then(|b| b.try_into().ok())
+                                            .map(u32::from_ne_bytes);
+                                    }
                                     _ => {}
                                 }
                             }
