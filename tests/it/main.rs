@@ -21,6 +21,7 @@ mod fake_fc;
 mod firecracker;
 mod fuzz_seeds;
 mod harness;
+mod network;
 mod otel;
 mod ownership;
 mod packaging;
