@@ -36,7 +36,10 @@ fn field_of(config: &VmConfig, tap: &str) -> String {
         .network
         .iter()
         .position(|n| n.tap_device == tap)
-        .map_or_else(|| "config.network".to_owned(), |i| format!("config.network[{i}]"))
+        .map_or_else(
+            || "config.network".to_owned(),
+            |i| format!("config.network[{i}]"),
+        )
 }
 
 /// The `VmError` for a refusal of the host network about `config`'s tap.
@@ -57,24 +60,18 @@ fn to_vm_error(config: &VmConfig, e: NetworkError) -> VmError {
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, NetworkError> + Send + 'static,
 ) -> Result<T, NetworkError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .unwrap_or_else(|e| {
-            Err(NetworkError::Io {
-                tap: String::new(),
-                op: "run a host network call",
-                source: std::io::Error::other(e.to_string()),
-            })
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        Err(NetworkError::Io {
+            tap: String::new(),
+            op: "run a host network call",
+            source: std::io::Error::other(e.to_string()),
         })
+    })
 }
 
 /// Makes every managed tap of `config` exist, joined and up, before its
 /// VMM starts. On a refusal the taps this call made are removed again.
-pub async fn ensure(
-    net: &Networking,
-    config: &VmConfig,
-    kind: BackendKind,
-) -> Result<(), VmError> {
+pub async fn ensure(net: &Networking, config: &VmConfig, kind: BackendKind) -> Result<(), VmError> {
     let taps = network::managed_taps(config, multi_queue(kind));
     let mut done: Vec<ManagedTap> = Vec::new();
     for tap in taps {
@@ -171,7 +168,10 @@ pub async fn sweep(
             }
         }
     }
-    for name in present.iter().filter(|n| network::is_managed_tap(n) && !known.contains(*n)) {
+    for name in present
+        .iter()
+        .filter(|n| network::is_managed_tap(n) && !known.contains(*n))
+    {
         swept.orphans += 1;
         if remove_orphans {
             tracing::warn!(tap = %name, "tap belongs to no VM: removing it");

@@ -44,7 +44,10 @@ fn stable_hash(domain: &[u8], parts: &[&[u8]]) -> u64 {
 /// The tap VMCP creates for interface number `index` of VM `vm_id`:
 /// `vmcp` and 11 base32 characters, 15 bytes (IFNAMSIZ - 1).
 pub fn tap_name(vm_id: &str, index: usize) -> String {
-    let mut h = stable_hash(b"vmcp-tap", &[vm_id.as_bytes(), &(index as u64).to_le_bytes()]);
+    let mut h = stable_hash(
+        b"vmcp-tap",
+        &[vm_id.as_bytes(), &(index as u64).to_le_bytes()],
+    );
     let mut name = String::with_capacity(MAX_TAP_NAME_LEN);
     name.push_str(TAP_PREFIX);
     for _ in 0..TAP_HASH_CHARS {
@@ -249,7 +252,10 @@ mod tests {
         let (tap, mac) = (tap_name("vm-a", 0), generated_mac("vm-a", "eth0"));
         assert_eq!(tap, tap_name("vm-a", 0));
         assert_eq!(stable_hash(b"x", &[b"a"]), stable_hash(b"x", &[b"a"]));
-        assert_ne!(stable_hash(b"x", &[b"ab", b"c"]), stable_hash(b"x", &[b"a", b"bc"]));
+        assert_ne!(
+            stable_hash(b"x", &[b"ab", b"c"]),
+            stable_hash(b"x", &[b"a", b"bc"])
+        );
         assert_eq!((tap.as_str(), mac.as_str()), (PINNED_TAP, PINNED_MAC));
     }
     const PINNED_TAP: &str = "vmcp5ml3rxbd7xn";
@@ -263,7 +269,10 @@ mod tests {
         assert_eq!(c.network[0].tap_device, tap_name("vm-a", 0));
         assert_eq!(c.network[0].mac_address, generated_mac("vm-a", "eth0"));
         assert_eq!(c.network[1].tap_device, "tap7");
-        assert_eq!(c.network[1].mac_address, "", "a caller's tap keeps the VMM's MAC");
+        assert_eq!(
+            c.network[1].mac_address, "",
+            "a caller's tap keeps the VMM's MAC"
+        );
         // Assigning again (a retry, a config read back) changes nothing.
         let again = c.clone();
         assign(&mut c, &vm).unwrap();
@@ -292,7 +301,11 @@ mod tests {
 
     #[test]
     fn default_bridge_applies_only_where_nothing_is_named() {
-        let mut c = config(vec![nic("a", "", ""), nic("b", "tap1", ""), nic("c", "", "br9")]);
+        let mut c = config(vec![
+            nic("a", "", ""),
+            nic("b", "tap1", ""),
+            nic("c", "", "br9"),
+        ]);
         apply_default_bridge(&mut c, "");
         assert_eq!(c.network[0].bridge, "");
         apply_default_bridge(&mut c, "br0");
@@ -305,7 +318,9 @@ mod tests {
         let (a, b) = (id("vm-a"), id("vm-b"));
         let other = config(vec![nic("eth0", "tap0", "")]);
         let mine = config(vec![nic("eth0", "tap1", ""), nic("eth1", "tap0", "")]);
-        let err = check_taps_free(&mine, [(&a, &other)]).unwrap_err().to_string();
+        let err = check_taps_free(&mine, [(&a, &other)])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("config.network[1].tap_device"), "{err}");
         assert!(err.contains("tap0") && err.contains("vm-a"), "{err}");
         let free = config(vec![nic("eth0", "tap2", "")]);
@@ -316,7 +331,11 @@ mod tests {
     #[test]
     fn restore_gives_managed_interfaces_their_own_tap() {
         let src = id("vm-src");
-        let mut c = config(vec![nic("eth0", "", "br0"), nic("eth1", "", "br0"), nic("eth2", "t", "")]);
+        let mut c = config(vec![
+            nic("eth0", "", "br0"),
+            nic("eth1", "", "br0"),
+            nic("eth2", "t", ""),
+        ]);
         assign(&mut c, &src).unwrap();
         for_restore(&mut c, &["eth1"]);
         c.network[1].tap_device = "mytap".into();
@@ -324,7 +343,13 @@ mod tests {
         assign(&mut c, &clone).unwrap();
         assert_eq!(c.network[0].tap_device, tap_name("vm-clone", 0));
         assert_eq!(c.network[0].bridge, "br0");
-        assert_eq!((c.network[1].tap_device.as_str(), c.network[1].bridge.as_str()), ("mytap", ""));
+        assert_eq!(
+            (
+                c.network[1].tap_device.as_str(),
+                c.network[1].bridge.as_str()
+            ),
+            ("mytap", "")
+        );
         assert_eq!(c.network[2].tap_device, "t");
     }
 

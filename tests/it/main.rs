@@ -29,6 +29,7 @@ mod real_api;
 mod real_ch;
 mod real_env;
 mod real_fc;
+mod real_net;
 mod restart;
 mod robustness;
 mod skips;

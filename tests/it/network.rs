@@ -32,7 +32,11 @@ fn security(net: &Arc<MemoryNetwork>, default_bridge: &str) -> Security {
     }
 }
 
-async fn serve(double: &Arc<Double>, store: &Arc<MemoryStore>, net: &Arc<MemoryNetwork>) -> Harness {
+async fn serve(
+    double: &Arc<Double>,
+    store: &Arc<MemoryStore>,
+    net: &Arc<MemoryNetwork>,
+) -> Harness {
     Harness::start_with_security(Arc::clone(double), Arc::clone(store), security(net, "")).await
 }
 
@@ -81,16 +85,28 @@ async fn a_vm_naming_only_a_bridge_gets_its_tap_for_as_long_as_it_exists() {
     let net = Arc::new(MemoryNetwork::with_bridges(&["br0"]));
     let h = serve(&double, &store, &net).await;
     let c = h.client(Wire::ConnectProto);
-    let req = create("web", vec![nic("eth0", "", "br0"), nic("eth1", "mytap", "")]);
+    let req = create(
+        "web",
+        vec![nic("eth0", "", "br0"), nic("eth1", "mytap", "")],
+    );
     c.create_vm(req.clone()).await.expect("create");
 
     let tap = tap_name("web", 0);
     let nics = nics_of(&h, "web").await;
-    assert_eq!(nics[0].tap_device, tap, "GetVmInfo shows the tap VMCP chose");
+    assert_eq!(
+        nics[0].tap_device, tap,
+        "GetVmInfo shows the tap VMCP chose"
+    );
     assert_eq!(nics[0].bridge, "br0");
     assert_eq!(nics[0].mac_address, generated_mac("web", "eth0"));
-    assert_eq!((nics[1].tap_device.as_str(), nics[1].bridge.as_str()), ("mytap", ""));
-    assert_eq!(net.taps().keys().cloned().collect::<Vec<_>>(), vec![tap.clone()]);
+    assert_eq!(
+        (nics[1].tap_device.as_str(), nics[1].bridge.as_str()),
+        ("mytap", "")
+    );
+    assert_eq!(
+        net.taps().keys().cloned().collect::<Vec<_>>(),
+        vec![tap.clone()]
+    );
     assert_eq!(net.taps()[&tap].bridge, "br0");
     assert_eq!(net.taps()[&tap].queue_pairs, 1);
 
@@ -131,7 +147,9 @@ async fn the_host_default_bridge_stands_in_for_a_missing_tap_and_bridge() {
     let net = Arc::new(MemoryNetwork::with_bridges(&["br-default"]));
     let h = Harness::start_secured(security(&net, "br-default")).await;
     let c = h.client(Wire::ConnectProto);
-    c.create_vm(create("a", vec![nic("eth0", "", "")])).await.expect("create");
+    c.create_vm(create("a", vec![nic("eth0", "", "")]))
+        .await
+        .expect("create");
     let nics = nics_of(&h, "a").await;
     assert_eq!(nics[0].bridge, "br-default");
     assert_eq!(net.taps()[&tap_name("a", 0)].bridge, "br-default");
@@ -145,7 +163,10 @@ async fn the_host_default_bridge_stands_in_for_a_missing_tap_and_bridge() {
             .await,
     );
     assert_eq!(code, ErrorCode::InvalidArgument, "{msg}");
-    assert!(msg.contains("config.network[0].tap_device") && msg.contains("bridge"), "{msg}");
+    assert!(
+        msg.contains("config.network[0].tap_device") && msg.contains("bridge"),
+        "{msg}"
+    );
     h.stop().await;
 }
 
@@ -154,23 +175,42 @@ async fn bad_bridges_and_taps_are_refused_naming_the_field_and_leave_nothing() {
     let net = Arc::new(MemoryNetwork::with_bridges(&["br0"]));
     let h = Harness::start_secured(security(&net, "")).await;
     let c = h.client(Wire::ConnectProto);
-    for bad in ["br 0", "bridge-name-too-long", "../br", "br/0", ".", "br\u{e9}"] {
+    for bad in [
+        "br 0",
+        "bridge-name-too-long",
+        "../br",
+        "br/0",
+        ".",
+        "br\u{e9}",
+    ] {
         let (code, msg) = refusal(c.create_vm(create("x", vec![nic("eth0", "", bad)])).await);
         assert_eq!(code, ErrorCode::InvalidArgument, "{bad:?}: {msg}");
         assert!(msg.contains("config.network[0].bridge"), "{bad:?}: {msg}");
     }
     // A tap and a bridge that disagree, and a caller's tap in VMCP's name space.
     for (tap, bridge) in [("tap0", "br0"), ("vmcpmine", "")] {
-        let (code, msg) = refusal(c.create_vm(create("x", vec![nic("eth0", tap, bridge)])).await);
+        let (code, msg) = refusal(
+            c.create_vm(create("x", vec![nic("eth0", tap, bridge)]))
+                .await,
+        );
         assert_eq!(code, ErrorCode::InvalidArgument, "{msg}");
         assert!(msg.contains("config.network[0].tap_device"), "{msg}");
     }
     // A bridge the host lacks: the host's state, not the request's form.
-    let (code, msg) = refusal(c.create_vm(create("x", vec![nic("eth0", "", "br-none")])).await);
+    let (code, msg) = refusal(
+        c.create_vm(create("x", vec![nic("eth0", "", "br-none")]))
+            .await,
+    );
     assert_eq!(code, ErrorCode::FailedPrecondition, "{msg}");
-    assert!(msg.contains("config.network[0].bridge") && msg.contains("br-none"), "{msg}");
+    assert!(
+        msg.contains("config.network[0].bridge") && msg.contains("br-none"),
+        "{msg}"
+    );
     assert!(net.taps().is_empty(), "{:?}", net.taps());
-    let listed = c.list_vms(pb::ListVmsRequest::default()).await.expect("list");
+    let listed = c
+        .list_vms(pb::ListVmsRequest::default())
+        .await
+        .expect("list");
     assert!(listed.into_owned().vms.is_empty());
     h.stop().await;
 }
@@ -180,10 +220,15 @@ async fn a_tap_another_vm_uses_is_refused_naming_it_and_the_vm() {
     let net = Arc::new(MemoryNetwork::with_bridges(&["br0"]));
     let h = Harness::start_secured(security(&net, "")).await;
     let c = h.client(Wire::ConnectProto);
-    c.create_vm(create("first", vec![nic("eth0", "tap0", "")])).await.expect("create");
+    c.create_vm(create("first", vec![nic("eth0", "tap0", "")]))
+        .await
+        .expect("create");
     let (code, msg) = refusal(
-        c.create_vm(create("second", vec![nic("eth0", "tap9", ""), nic("eth1", "tap0", "")]))
-            .await,
+        c.create_vm(create(
+            "second",
+            vec![nic("eth0", "tap9", ""), nic("eth1", "tap0", "")],
+        ))
+        .await,
     );
     assert_eq!(code, ErrorCode::FailedPrecondition, "{msg}");
     assert!(msg.contains("config.network[1].tap_device"), "{msg}");
@@ -196,7 +241,9 @@ async fn a_tap_another_vm_uses_is_refused_naming_it_and_the_vm() {
     })
     .await
     .expect("delete");
-    c.create_vm(create("second", vec![nic("eth0", "tap0", "")])).await.expect("create");
+    c.create_vm(create("second", vec![nic("eth0", "tap0", "")]))
+        .await
+        .expect("create");
     h.stop().await;
 }
 
@@ -205,14 +252,21 @@ async fn a_failed_create_removes_the_tap_it_made() {
     let double = Arc::new(Double::new());
     let net = Arc::new(MemoryNetwork::with_bridges(&["br0"]));
     let h = serve(&double, &Arc::new(MemoryStore::new()), &net).await;
-    double.fail("create", HypervisorError::Protocol("the VMM would not start".into()));
+    double.fail(
+        "create",
+        HypervisorError::Protocol("the VMM would not start".into()),
+    );
     let r = h
         .client(Wire::ConnectProto)
         .create_vm(create("x", vec![nic("eth0", "", "br0")]))
         .await;
     assert!(r.is_err());
     assert_eq!(net.created(), 1, "the tap was made before the VMM");
-    assert!(net.taps().is_empty(), "and removed with the failed create: {:?}", net.taps());
+    assert!(
+        net.taps().is_empty(),
+        "and removed with the failed create: {:?}",
+        net.taps()
+    );
     h.stop().await;
 }
 
@@ -235,7 +289,9 @@ async fn start_up_sweeps_orphan_taps_and_recreates_a_vanished_one() {
     let net = Arc::new(MemoryNetwork::with_bridges(&["br0"]));
     let h = serve(&double, &store, &net).await;
     let c = h.client(Wire::ConnectProto);
-    c.create_vm(create("kept", vec![nic("eth0", "", "br0")])).await.expect("create");
+    c.create_vm(create("kept", vec![nic("eth0", "", "br0")]))
+        .await
+        .expect("create");
     h.stop().await;
 
     let kept = tap_name("kept", 0);
@@ -247,8 +303,14 @@ async fn start_up_sweeps_orphan_taps_and_recreates_a_vanished_one() {
 
     let h = serve(&double, &store, &net).await;
     let taps = net.taps();
-    assert!(!taps.contains_key(&orphan), "the orphan is removed: {taps:?}");
-    assert!(taps.contains_key(&kept), "the vanished tap is back: {taps:?}");
+    assert!(
+        !taps.contains_key(&orphan),
+        "the orphan is removed: {taps:?}"
+    );
+    assert!(
+        taps.contains_key(&kept),
+        "the vanished tap is back: {taps:?}"
+    );
     assert!(taps.contains_key("tap-user"));
     assert!(net.list_taps("vmcp").unwrap().contains(&"vmcp0".to_owned()));
     h.stop().await;

@@ -77,8 +77,7 @@ pub fn bridge(v: &str) -> Parsed<String> {
         && v.len() <= crate::domain::config::MAX_TAP_NAME_LEN
         && v != "."
         && v != ".."
-        && v
-            .chars()
+        && v.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
     if ok {
         Ok(v.to_owned())

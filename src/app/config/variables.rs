@@ -11,8 +11,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::parsers::{
-    Parsed, abs_path, address, backend, boolean, bridge, console_cap, dir_list, int, millis, non_empty,
-    orphans, path, ratio, restart_policy, seconds, socket_path, unix_endpoint,
+    Parsed, abs_path, address, backend, boolean, bridge, console_cap, dir_list, int, millis,
+    non_empty, orphans, path, ratio, restart_policy, seconds, socket_path, unix_endpoint,
 };
 use crate::domain::config::MAX_VCPUS;
 use crate::domain::restart::RestartPolicy;

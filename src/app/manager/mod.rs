@@ -349,7 +349,10 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
                 &req.config,
             )?;
             // Under the same lock: two creates cannot both take one tap.
-            let views: Vec<_> = vms.iter().map(|(id, e)| (id.clone(), e.current())).collect();
+            let views: Vec<_> = vms
+                .iter()
+                .map(|(id, e)| (id.clone(), e.current()))
+                .collect();
             crate::domain::network::check_taps_free(
                 &req.config,
                 views.iter().map(|(id, v)| (id, &v.snapshot.config)),

@@ -64,7 +64,11 @@ impl HostNetwork for LinuxNetwork {
                             reason: format!(
                                 "it is a {} tap and the VMM needs a {} one",
                                 if mq { "multi-queue" } else { "single-queue" },
-                                if multi_queue { "multi-queue" } else { "single-queue" },
+                                if multi_queue {
+                                    "multi-queue"
+                                } else {
+                                    "single-queue"
+                                },
                             ),
                         });
                     }

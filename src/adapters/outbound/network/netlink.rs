@@ -167,12 +167,13 @@ pub fn link_by_index(index: u32) -> io::Result<Option<Link>> {
 /// Every link of this network namespace.
 pub fn links() -> io::Result<Vec<Link>> {
     let msg = LinkMessage::default();
-    Ok(
-        request(RouteNetlinkMessage::GetLink(msg), NLM_F_REQUEST | NLM_F_DUMP)?
-            .iter()
-            .map(link_of)
-            .collect(),
-    )
+    Ok(request(
+        RouteNetlinkMessage::GetLink(msg),
+        NLM_F_REQUEST | NLM_F_DUMP,
+    )?
+    .iter()
+    .map(link_of)
+    .collect())
 }
 
 /// Sets link `index` up, joined to `controller` when given, in one request.
@@ -199,7 +200,9 @@ pub fn add_bridge(name: &str) -> io::Result<()> {
     let mut msg = LinkMessage::default();
     msg.attributes.push(LinkAttribute::IfName(name.to_owned()));
     msg.attributes
-        .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Bridge)]));
+        .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(
+            InfoKind::Bridge,
+        )]));
     request(
         RouteNetlinkMessage::NewLink(msg),
         NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,

@@ -52,10 +52,16 @@ fn a_tap_is_made_joined_listed_and_deleted() {
         assert!(link.up, "{link:?}");
         assert_eq!(link.tap_multi_queue, Some((true, false)), "{link:?}");
         assert_eq!(link.tun_owner, None, "{link:?}");
-        assert_eq!(net.controller_of(&tap.name).unwrap().as_deref(), Some("br-test"));
+        assert_eq!(
+            net.controller_of(&tap.name).unwrap().as_deref(),
+            Some("br-test")
+        );
         // Idempotent: a second ensure changes nothing and does not fail.
         net.ensure_tap(&tap, None).expect("ensure again");
-        assert_eq!(netlink::link_by_name(&tap.name).unwrap().unwrap().index, link.index);
+        assert_eq!(
+            netlink::link_by_name(&tap.name).unwrap().unwrap().index,
+            link.index
+        );
         // Listed by prefix, with nothing else of that prefix.
         let other = managed(&tap_name("vm-2", 0), "br-test", 1);
         net.ensure_tap(&other, None).expect("ensure other");
@@ -65,7 +71,10 @@ fn a_tap_is_made_joined_listed_and_deleted() {
         want.sort();
         assert_eq!(listed, want);
         assert!(net.remove_tap(&tap.name).unwrap());
-        assert!(!net.remove_tap(&tap.name).unwrap(), "a second remove finds nothing");
+        assert!(
+            !net.remove_tap(&tap.name).unwrap(),
+            "a second remove finds nothing"
+        );
         assert_eq!(net.list_taps("vmcp").unwrap(), vec![other.name.clone()]);
         assert!(netlink::link_by_name(&tap.name).unwrap().is_none());
     });
@@ -73,20 +82,23 @@ fn a_tap_is_made_joined_listed_and_deleted() {
 
 #[test]
 fn a_multi_queue_tap_has_the_flag_and_an_owner_the_uid() {
-    in_netns("a_multi_queue_tap_has_the_flag_and_an_owner_the_uid", || {
-        let net = LinuxNetwork;
-        netlink::add_bridge("br-mq").expect("bridge");
-        let tap = managed("vmcpmqmqmqmqmqm", "br-mq", 4);
-        net.ensure_tap(&tap, Some(4242)).expect("ensure");
-        let link = netlink::link_by_name(&tap.name).unwrap().unwrap();
-        assert_eq!(link.tap_multi_queue, Some((true, true)), "{link:?}");
-        assert_eq!(link.tun_owner, Some(4242), "{link:?}");
-        // The same name asked for single-queue is refused, naming the tap.
-        let single = managed("vmcpmqmqmqmqmqm", "br-mq", 1);
-        let e = net.ensure_tap(&single, None).unwrap_err();
-        assert!(matches!(e, NetworkError::NameTaken { .. }), "{e}");
-        assert!(e.to_string().contains("vmcpmqmqmqmqmqm"), "{e}");
-    });
+    in_netns(
+        "a_multi_queue_tap_has_the_flag_and_an_owner_the_uid",
+        || {
+            let net = LinuxNetwork;
+            netlink::add_bridge("br-mq").expect("bridge");
+            let tap = managed("vmcpmqmqmqmqmqm", "br-mq", 4);
+            net.ensure_tap(&tap, Some(4242)).expect("ensure");
+            let link = netlink::link_by_name(&tap.name).unwrap().unwrap();
+            assert_eq!(link.tap_multi_queue, Some((true, true)), "{link:?}");
+            assert_eq!(link.tun_owner, Some(4242), "{link:?}");
+            // The same name asked for single-queue is refused, naming the tap.
+            let single = managed("vmcpmqmqmqmqmqm", "br-mq", 1);
+            let e = net.ensure_tap(&single, None).unwrap_err();
+            assert!(matches!(e, NetworkError::NameTaken { .. }), "{e}");
+            assert!(e.to_string().contains("vmcpmqmqmqmqmqm"), "{e}");
+        },
+    );
 }
 
 #[test]
@@ -97,7 +109,10 @@ fn a_missing_bridge_is_named_and_leaves_no_tap() {
         let e = net.ensure_tap(&tap, None).unwrap_err();
         assert!(matches!(e, NetworkError::NoSuchBridge { .. }), "{e}");
         let text = e.to_string();
-        assert!(text.contains("br-none") && text.contains(&tap.name), "{text}");
+        assert!(
+            text.contains("br-none") && text.contains(&tap.name),
+            "{text}"
+        );
         assert!(net.list_taps("vmcp").unwrap().is_empty());
         // A "bridge" that is no bridge is refused the same way.
         let dummy = managed(&tap_name("vm-1", 1), "lo", 1);

@@ -873,7 +873,11 @@ fn arb_config() -> impl Strategy<Value = VmConfig> {
                         id,
                         mac_address: String::new(),
                         // Managed or not, by the tap's first letter: both kinds round-trip.
-                        bridge: if tap.starts_with('a') { "br0".to_owned() } else { String::new() },
+                        bridge: if tap.starts_with('a') {
+                            "br0".to_owned()
+                        } else {
+                            String::new()
+                        },
                         tap_device: tap,
                         interface_type: String::new(),
                         options: BTreeMap::new(),
