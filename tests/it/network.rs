@@ -315,3 +315,82 @@ async fn start_up_sweeps_orphan_taps_and_recreates_a_vanished_one() {
     assert!(net.list_taps("vmcp").unwrap().contains(&"vmcp0".to_owned()));
     h.stop().await;
 }
+
+#[tokio::test]
+async fn a_restored_clone_gets_its_own_tap_unless_an_override_names_one() {
+    let dir = tempfile::tempdir().expect("dir");
+    let net = Arc::new(MemoryNetwork::with_bridges(&["br0"]));
+    let mut sec = security(&net, "");
+    sec.snapshots = Some(super::harness::snapshot_settings(dir.path()));
+    let h = Harness::start_secured(sec).await;
+    let c = h.client(Wire::ConnectProto);
+    c.create_vm(create("src", vec![nic("eth0", "", "br0")]))
+        .await
+        .expect("create");
+    c.boot_vm(pb::BootVmRequest {
+        vm_id: "src".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("boot");
+    c.snapshot_vm(pb::SnapshotVmRequest {
+        vm_id: "src".into(),
+        snapshot_id: "s1".into(),
+        resume: true,
+        ..Default::default()
+    })
+    .await
+    .expect("snapshot");
+    c.restore_vm(pb::RestoreVmRequest {
+        vm_id: "clone".into(),
+        snapshot_id: "s1".into(),
+        resume: true,
+        ..Default::default()
+    })
+    .await
+    .expect("restore");
+    let nics = nics_of(&h, "clone").await;
+    assert_eq!(nics[0].tap_device, tap_name("clone", 0), "its own tap");
+    assert_eq!(nics[0].bridge, "br0");
+    assert_eq!(net.taps()[&tap_name("clone", 0)].bridge, "br0");
+    assert!(
+        net.taps().contains_key(&tap_name("src", 0)),
+        "the source keeps its own"
+    );
+
+    c.restore_vm(pb::RestoreVmRequest {
+        vm_id: "clone2".into(),
+        snapshot_id: "s1".into(),
+        resume: true,
+        network_overrides: vec![pb::NetworkOverride {
+            interface_id: "eth0".into(),
+            tap_device: "mytap".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    })
+    .await
+    .expect("restore with an override");
+    let nics = nics_of(&h, "clone2").await;
+    assert_eq!(
+        (nics[0].tap_device.as_str(), nics[0].bridge.as_str()),
+        ("mytap", "")
+    );
+    assert_eq!(
+        net.taps().len(),
+        2,
+        "no tap made for the override: {:?}",
+        net.taps()
+    );
+    for id in ["src", "clone", "clone2"] {
+        c.delete_vm(pb::DeleteVmRequest {
+            vm_id: id.into(),
+            force: true,
+            ..Default::default()
+        })
+        .await
+        .expect("delete");
+    }
+    assert!(net.taps().is_empty(), "{:?}", net.taps());
+    h.stop().await;
+}
