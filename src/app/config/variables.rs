@@ -131,7 +131,7 @@ variables! {
     MaxDeadlineSeconds "MAX_DEADLINE_SECONDS": Duration = Text("600"), seconds::<1, 86400>, "Cap on client deadlines (Connect-Timeout-Ms, grpc-timeout)";
     ShutdownGraceSeconds "SHUTDOWN_GRACE_SECONDS": Duration = Text("30"), seconds::<0, 3600>, "How long shutdown drains in-flight requests";
     Orphans "ORPHANS": bool = Text("remove"), orphans, "At start-up, remove VMM processes and runtime directories of no VM, or only report them";
-    Bridge "BRIDGE": String = Unset, bridge, "Default host bridge: a network interface that names neither tap_device nor bridge gets a tap VMCP creates on it";
+    Bridge "BRIDGE": String = Unset, bridge, "Default bridge for interfaces naming neither tap_device nor bridge (VMCP makes their taps)";
     OtelEnabled "OTEL_ENABLED": bool = Text("false"), boolean, "Push traces and metrics over OTLP/HTTP";
     OtelServiceName "OTEL_SERVICE_NAME": String = Text("vmm-controlplane"), non_empty, "service.name";
     OtelServiceVersion "OTEL_SERVICE_VERSION": String = Text("0.0.1"), non_empty, "service.version";
