@@ -153,6 +153,19 @@ pub struct NetworkInterface {
     /// Host bridge of a managed interface (VMCP creates its tap); empty for
     /// a caller's own tap.
     pub bridge: String,
+    /// Static IPv4 configuration for a Linux guest (kernel `ip=`), if any.
+    pub guest_address: Option<GuestAddress>,
+}
+
+/// Static IPv4 configuration of a guest interface, as the caller gave it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct GuestAddress {
+    /// CIDR, e.g. `10.0.0.2/24`.
+    pub address: String,
+    /// Default gateway, or empty.
+    pub gateway: String,
+    /// Up to two DNS servers.
+    pub dns: Vec<String>,
 }
 
 /// Serial console configuration.
@@ -255,6 +268,7 @@ impl VmConfig {
         self.boot.validate()?;
         validate_storage(&self.storage)?;
         validate_network(&self.network)?;
+        super::network::check_ip_arg(self)?;
         self.console.validate()?;
         validate_metadata(&self.metadata)
     }
@@ -501,6 +515,15 @@ fn validate_network(nets: &[NetworkInterface]) -> Result<(), VmConfigError> {
             ));
         }
         validate_option_map(&format!("{at}.options"), &n.options)?;
+        if let Some(g) = &n.guest_address {
+            super::network::validate_guest_address(&format!("{at}.guest_address"), g)?;
+            if nets[..i].iter().any(|o| o.guest_address.is_some()) {
+                return Err(VmConfigError::new(
+                    format!("{at}.guest_address"),
+                    "at most one interface per VM: the kernel's ip= configures one",
+                ));
+            }
+        }
     }
     Ok(())
 }

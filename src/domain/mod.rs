@@ -19,8 +19,8 @@ pub mod restart;
 pub mod snapshot;
 
 pub use config::{
-    BootConfig, ConsoleConfig, CpuConfig, CpuTopology, MemoryConfig, NetworkInterface,
-    StorageDevice, VmConfig, VmConfigError, VmSize,
+    BootConfig, ConsoleConfig, CpuConfig, CpuTopology, GuestAddress, MemoryConfig,
+    NetworkInterface, StorageDevice, VmConfig, VmConfigError, VmSize,
 };
 pub use error::VmError;
 pub use id::{VmId, VmIdError};

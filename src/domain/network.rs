@@ -10,7 +10,9 @@
 //! their prefix. The hash is written out here (FNV-1a, then a 64-bit
 //! finaliser) so that it cannot change under VMCP with a toolchain update.
 
-use super::config::{MAX_TAP_NAME_LEN, NetworkInterface, VmConfig, VmConfigError};
+use std::net::Ipv4Addr;
+
+use super::config::{GuestAddress, MAX_TAP_NAME_LEN, NetworkInterface, VmConfig, VmConfigError};
 use super::{VmError, VmId};
 
 /// Prefix of every tap VMCP creates; nothing else may use it.
@@ -204,6 +206,117 @@ pub fn managed_taps(config: &VmConfig, multi_queue: bool) -> Vec<ManagedTap> {
         .collect()
 }
 
+fn ipv4(field: &str, text: &str) -> Result<Ipv4Addr, VmConfigError> {
+    text.parse::<Ipv4Addr>().map_err(|_| {
+        let why = if text.parse::<std::net::Ipv6Addr>().is_ok() {
+            "IPv4 only (the kernel's ip= takes IPv4)".to_owned()
+        } else {
+            format!("must be an IPv4 address, got {text:?}")
+        };
+        VmConfigError::new(field, why)
+    })
+}
+
+/// Checks a guest address: `address` an IPv4 CIDR, `gateway` empty or
+/// IPv4 (inside the address's subnet), at most two IPv4 `dns` servers.
+pub fn validate_guest_address(at: &str, g: &GuestAddress) -> Result<(), VmConfigError> {
+    let field = format!("{at}.address");
+    let Some((addr, prefix)) = g.address.split_once('/') else {
+        return Err(VmConfigError::new(
+            field,
+            format!("must be CIDR like 10.0.0.2/24, got {:?}", g.address),
+        ));
+    };
+    let addr = ipv4(&field, addr)?;
+    let prefix: u8 = match prefix.parse() {
+        Ok(p) if p <= 32 => p,
+        _ => {
+            return Err(VmConfigError::new(
+                field,
+                format!("the prefix length must be 0 to 32, got {prefix:?}"),
+            ));
+        }
+    };
+    if !g.gateway.is_empty() {
+        let gw = ipv4(&format!("{at}.gateway"), &g.gateway)?;
+        let mask = netmask(prefix);
+        if u32::from(gw) & mask != u32::from(addr) & mask {
+            return Err(VmConfigError::new(
+                format!("{at}.gateway"),
+                format!("{gw} is outside {}", g.address),
+            ));
+        }
+    }
+    if g.dns.len() > 2 {
+        return Err(VmConfigError::new(
+            format!("{at}.dns"),
+            format!(
+                "at most 2 servers (the kernel's ip= takes two), got {}",
+                g.dns.len()
+            ),
+        ));
+    }
+    for (i, d) in g.dns.iter().enumerate() {
+        ipv4(&format!("{at}.dns[{i}]"), d)?;
+    }
+    Ok(())
+}
+
+fn netmask(prefix: u8) -> u32 {
+    u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0)
+}
+
+/// The kernel `ip=` argument for the one interface with a guest address
+/// (`ip=<addr>::<gw>:<mask>::eth<index>:off[:<dns0>[:<dns1>]]`), if any.
+/// Assumes a validated config.
+pub fn ip_arg(config: &VmConfig) -> Option<String> {
+    let (i, g) = config
+        .network
+        .iter()
+        .enumerate()
+        .find_map(|(i, n)| n.guest_address.as_ref().map(|g| (i, g)))?;
+    let (addr, prefix) = g.address.split_once('/')?;
+    let mask = Ipv4Addr::from(netmask(prefix.parse().ok()?));
+    let mut arg = format!("ip={addr}::{}:{mask}::eth{i}:off", g.gateway);
+    for d in &g.dns {
+        arg.push(':');
+        arg.push_str(d);
+    }
+    Some(arg)
+}
+
+/// The kernel command line a backend passes: the caller's, plus `ip=` for a guest address.
+pub fn kernel_args(config: &VmConfig) -> String {
+    match ip_arg(config) {
+        Some(ip) if config.boot.kernel_args.is_empty() => ip,
+        Some(ip) => format!("{} {ip}", config.boot.kernel_args),
+        None => config.boot.kernel_args.clone(),
+    }
+}
+
+/// A guest address and an `ip=` of the caller's own would contradict each other.
+pub fn check_ip_arg(config: &VmConfig) -> Result<(), VmConfigError> {
+    let Some(i) = config
+        .network
+        .iter()
+        .position(|n| n.guest_address.is_some())
+    else {
+        return Ok(());
+    };
+    if config
+        .boot
+        .kernel_args
+        .split_whitespace()
+        .any(|w| w.starts_with("ip="))
+    {
+        return Err(VmConfigError::new(
+            format!("config.network[{i}].guest_address"),
+            "config.boot.kernel_args has an ip= of its own; set one or the other",
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::HashSet;
@@ -361,6 +474,66 @@ mod tests {
         assert_eq!(single.len(), 1);
         assert_eq!(single[0].queue_pairs, 1);
         assert_eq!(managed_taps(&c, true)[0].queue_pairs, 2);
+    }
+
+    fn addressed(address: &str, gateway: &str, dns: &[&str]) -> VmConfig {
+        let mut n = nic("eth0", "tap0", "");
+        n.guest_address = Some(GuestAddress {
+            address: address.into(),
+            gateway: gateway.into(),
+            dns: dns.iter().map(|d| (*d).to_owned()).collect(),
+        });
+        let mut c = config(vec![nic("lan", "tap1", ""), n]);
+        c.boot.kernel_args = "console=ttyS0".into();
+        c
+    }
+
+    #[test]
+    fn a_guest_address_becomes_the_kernels_ip_argument() {
+        let c = addressed("10.0.0.2/24", "10.0.0.1", &["1.1.1.1", "9.9.9.9"]);
+        assert_eq!(
+            kernel_args(&c),
+            "console=ttyS0 ip=10.0.0.2::10.0.0.1:255.255.255.0::eth1:off:1.1.1.1:9.9.9.9"
+        );
+        let c = addressed("192.168.7.9/32", "", &[]);
+        assert_eq!(
+            ip_arg(&c).unwrap(),
+            "ip=192.168.7.9:::255.255.255.255::eth1:off"
+        );
+        let c = config(vec![nic("eth0", "tap0", "")]);
+        assert_eq!(ip_arg(&c), None);
+    }
+
+    #[test]
+    fn bad_guest_addresses_are_refused_naming_the_field() {
+        let at = "config.network[1].guest_address";
+        for (address, gateway, dns, field) in [
+            ("10.0.0.2", "", vec![], "address"),
+            ("10.0.0.2/33", "", vec![], "address"),
+            ("fd00::2/64", "", vec![], "address"),
+            ("10.0.0.x/24", "", vec![], "address"),
+            ("10.0.0.2/24", "10.0.1.1", vec![], "gateway"),
+            ("10.0.0.2/24", "gw", vec![], "gateway"),
+            (
+                "10.0.0.2/24",
+                "",
+                vec!["1.1.1.1", "2.2.2.2", "3.3.3.3"],
+                "dns",
+            ),
+            ("10.0.0.2/24", "", vec!["one"], "dns[0]"),
+        ] {
+            let c = addressed(address, gateway, &dns);
+            let n = &c.network[1];
+            let e = validate_guest_address(at, n.guest_address.as_ref().unwrap()).unwrap_err();
+            assert_eq!(
+                e.field,
+                format!("{at}.{field}"),
+                "{address} {gateway} {dns:?}: {e}"
+            );
+        }
+        let mut c = addressed("10.0.0.2/24", "", &[]);
+        c.boot.kernel_args = "console=ttyS0 ip=dhcp".into();
+        assert_eq!(check_ip_arg(&c).unwrap_err().field, at);
     }
 
     proptest! {

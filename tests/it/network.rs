@@ -394,3 +394,44 @@ async fn a_restored_clone_gets_its_own_tap_unless_an_override_names_one() {
     assert!(net.taps().is_empty(), "{:?}", net.taps());
     h.stop().await;
 }
+
+#[tokio::test]
+async fn a_guest_address_is_kept_and_a_bad_one_refused_naming_its_field() {
+    let net = Arc::new(MemoryNetwork::with_bridges(&["br0"]));
+    let h = Harness::start_secured(security(&net, "")).await;
+    let c = h.client(Wire::ConnectProto);
+    let addressed = |address: &str| {
+        let mut n = nic("eth0", "", "br0");
+        n.guest_address = pb::GuestAddress {
+            address: address.into(),
+            gateway: "10.0.0.1".into(),
+            dns: vec!["10.0.0.53".into()],
+            ..Default::default()
+        }
+        .into();
+        n
+    };
+    c.create_vm(create("ip", vec![addressed("10.0.0.2/24")]))
+        .await
+        .expect("create");
+    let nics = nics_of(&h, "ip").await;
+    let g = nics[0].guest_address.as_option().expect("kept");
+    assert_eq!(
+        (g.address.as_str(), g.gateway.as_str()),
+        ("10.0.0.2/24", "10.0.0.1")
+    );
+    assert_eq!(g.dns, vec!["10.0.0.53".to_owned()]);
+    for (bad, field) in [
+        ("fd00::2/64", "address"),
+        ("10.0.0.2", "address"),
+        ("10.9.0.2/24", "gateway"),
+    ] {
+        let (code, msg) = refusal(c.create_vm(create("bad", vec![addressed(bad)])).await);
+        assert_eq!(code, ErrorCode::InvalidArgument, "{bad}: {msg}");
+        assert!(
+            msg.contains(&format!("config.network[0].guest_address.{field}")),
+            "{bad}: {msg}"
+        );
+    }
+    h.stop().await;
+}

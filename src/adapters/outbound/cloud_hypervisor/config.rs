@@ -231,7 +231,8 @@ pub fn to_ch(config: &VmConfig, defaults: &ConsoleDefaults) -> Result<ChVmConfig
     let payload = ChPayload {
         kernel: config.boot.kernel_path.clone(),
         initramfs: non_empty(&config.boot.initrd_path),
-        cmdline: non_empty(&config.boot.kernel_args),
+        // With the `ip=` of a guest address, if an interface has one.
+        cmdline: non_empty(&crate::domain::network::kernel_args(config)),
     };
     // The root device goes first so the guest sees it as /dev/vda; the
     // others keep the caller's order.
@@ -521,6 +522,26 @@ mod tests {
         c.cpu.vcpu_count = 3;
         assert_eq!(json_of(&c)["net"][0]["num_queues"], json!(6));
         assert_eq!(json_of(&c)["net"][1].get("num_queues"), None);
+    }
+
+    #[test]
+    fn a_guest_address_reaches_the_cmdline() {
+        let mut c = base();
+        c.boot.kernel_args = "console=ttyS0".into();
+        c.network = vec![NetworkInterface {
+            id: "eth0".into(),
+            tap_device: "tap0".into(),
+            guest_address: Some(crate::domain::GuestAddress {
+                address: "10.0.0.2/24".into(),
+                gateway: String::new(),
+                dns: vec![],
+            }),
+            ..Default::default()
+        }];
+        assert_eq!(
+            json_of(&c)["payload"]["cmdline"],
+            json!("console=ttyS0 ip=10.0.0.2:::255.255.255.0::eth0:off")
+        );
     }
 
     #[test]

@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 use crate::domain::restart::RestartPolicy;
 
 use crate::domain::{
-    BootConfig, ConsoleConfig, CpuConfig, CpuTopology, MemoryConfig, NetworkInterface,
-    StorageDevice, VmConfig,
+    BootConfig, ConsoleConfig, CpuConfig, CpuTopology, GuestAddress, MemoryConfig,
+    NetworkInterface, StorageDevice, VmConfig,
 };
 
 /// Serializes a config to the stored JSON text.
@@ -108,6 +108,17 @@ struct NetworkJson {
     /// Added with managed networking: rows written before have none.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     bridge: String,
+    /// Added with managed networking: rows written before have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    guest_address: Option<GuestAddressJson>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GuestAddressJson {
+    address: String,
+    gateway: String,
+    dns: Vec<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -362,6 +373,7 @@ impl From<&NetworkInterface> for NetworkJson {
             interface_type,
             options,
             bridge,
+            guest_address,
         } = n;
         Self {
             id: id.clone(),
@@ -370,6 +382,18 @@ impl From<&NetworkInterface> for NetworkJson {
             interface_type: interface_type.clone(),
             options: options.clone(),
             bridge: bridge.clone(),
+            guest_address: guest_address.as_ref().map(|g| {
+                let GuestAddress {
+                    address,
+                    gateway,
+                    dns,
+                } = g;
+                GuestAddressJson {
+                    address: address.clone(),
+                    gateway: gateway.clone(),
+                    dns: dns.clone(),
+                }
+            }),
         }
     }
 }
@@ -383,6 +407,7 @@ impl From<NetworkJson> for NetworkInterface {
             interface_type,
             options,
             bridge,
+            guest_address,
         } = n;
         Self {
             id,
@@ -391,6 +416,11 @@ impl From<NetworkJson> for NetworkInterface {
             interface_type,
             options,
             bridge,
+            guest_address: guest_address.map(|g| GuestAddress {
+                address: g.address,
+                gateway: g.gateway,
+                dns: g.dns,
+            }),
         }
     }
 }

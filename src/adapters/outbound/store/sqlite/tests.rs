@@ -83,6 +83,7 @@ fn full_config() -> VmConfig {
             interface_type: "virtio-net".into(),
             options: map(&[("num_queues", "2")]),
             bridge: "br0".into(),
+            guest_address: Some(vmcp_guest_address()),
         }],
         console: ConsoleConfig {
             enabled: true,
@@ -881,6 +882,7 @@ fn arb_config() -> impl Strategy<Value = VmConfig> {
                         tap_device: tap,
                         interface_type: String::new(),
                         options: BTreeMap::new(),
+                        guest_address: None,
                     })
                     .collect(),
                 console: ConsoleConfig {
@@ -981,5 +983,13 @@ proptest! {
         let expected: Vec<VmRecord> = model.into_values().collect();
         prop_assert_eq!(&live, &expected);
         prop_assert_eq!(&reopened, &expected);
+    }
+}
+
+fn vmcp_guest_address() -> crate::domain::GuestAddress {
+    crate::domain::GuestAddress {
+        address: "10.0.0.2/24".into(),
+        gateway: "10.0.0.1".into(),
+        dns: vec!["10.0.0.53".into()],
     }
 }
