@@ -72,6 +72,28 @@ async fn blocking<T: Send + 'static>(
 /// Makes every managed tap of `config` exist, joined and up, before its
 /// VMM starts. On a refusal the taps this call made are removed again.
 pub async fn ensure(net: &Networking, config: &VmConfig, kind: BackendKind) -> Result<(), VmError> {
+    ensure_taps(net, config, kind, false).await
+}
+
+/// Recreates the managed taps of `config` that are gone (before a boot or
+/// reboot starts a VMM again, and at start-up). Taps that exist are left
+/// as they are: their queue flags were chosen when they were made, and a
+/// VMM that kept its config (Cloud Hypervisor after `vm.shutdown`) opens
+/// them as it did then, even if the VM was resized since.
+pub async fn ensure_missing(
+    net: &Networking,
+    config: &VmConfig,
+    kind: BackendKind,
+) -> Result<(), VmError> {
+    ensure_taps(net, config, kind, true).await
+}
+
+async fn ensure_taps(
+    net: &Networking,
+    config: &VmConfig,
+    kind: BackendKind,
+    only_missing: bool,
+) -> Result<(), VmError> {
     let taps = network::managed_taps(config, multi_queue(kind));
     let mut done: Vec<ManagedTap> = Vec::new();
     for tap in taps {
@@ -83,6 +105,9 @@ pub async fn ensure(net: &Networking, config: &VmConfig, kind: BackendKind) -> R
             let name = tap.name.clone();
             blocking(move || host.list_taps(&name).map(|l| l.contains(&name))).await
         };
+        if only_missing && matches!(existed, Ok(true)) {
+            continue;
+        }
         match blocking(move || host.ensure_tap(&t, owner)).await {
             Ok(()) => {
                 if !matches!(existed, Ok(true)) {
@@ -157,7 +182,7 @@ pub async fn sweep(
         if !vanished {
             continue;
         }
-        match ensure(net, config, kind).await {
+        match ensure_missing(net, config, kind).await {
             Ok(()) => {
                 tracing::warn!(vm.id = %id, "the VM's tap vanished while VMCP was down; recreated it");
                 swept.recreated += 1;

@@ -435,3 +435,52 @@ async fn a_guest_address_is_kept_and_a_bad_one_refused_naming_its_field() {
     }
     h.stop().await;
 }
+
+#[tokio::test]
+async fn boot_recreates_a_vanished_tap_and_keeps_one_made_before_a_resize() {
+    let net = Arc::new(MemoryNetwork::with_bridges(&["br0"]));
+    let h = Harness::start_secured(security(&net, "")).await;
+    let c = h.client(Wire::ConnectProto);
+    let mut req = create("grow", vec![nic("eth0", "", "br0")]);
+    req.config
+        .get_or_insert_default()
+        .cpu
+        .get_or_insert_default()
+        .max_vcpu_count = 2;
+    c.create_vm(req).await.expect("create");
+    let tap = tap_name("grow", 0);
+    assert_eq!(net.taps()[&tap].queue_pairs, 1, "one vCPU: single-queue");
+    let boot = || {
+        c.boot_vm(pb::BootVmRequest {
+            vm_id: "grow".into(),
+            ..Default::default()
+        })
+    };
+    let shutdown = || {
+        c.shutdown_vm(pb::ShutdownVmRequest {
+            vm_id: "grow".into(),
+            force: true,
+            ..Default::default()
+        })
+    };
+    boot().await.expect("boot");
+    c.resize_vm(pb::ResizeVmRequest {
+        vm_id: "grow".into(),
+        vcpu_count: 2,
+        ..Default::default()
+    })
+    .await
+    .expect("resize");
+    shutdown().await.expect("shutdown");
+    // The tap made for one vCPU stays: the boot neither refuses it nor replaces it.
+    boot().await.expect("boot after a resize");
+    assert_eq!(net.taps()[&tap].queue_pairs, 1);
+    assert_eq!(net.created(), 1);
+    // A tap removed behind VMCP's back is made again before the VMM starts.
+    shutdown().await.expect("shutdown");
+    net.vanish(&tap);
+    boot().await.expect("boot recreates the tap");
+    assert_eq!(net.taps()[&tap].bridge, "br0");
+    assert_eq!(net.created(), 2);
+    h.stop().await;
+}

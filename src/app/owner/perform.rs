@@ -41,7 +41,7 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
             // A VMM that starts again (a boot after a stop, a reboot that respawns it)
             // opens its taps again: make sure they are still there.
             let config = self.vm.snapshot().config.clone();
-            crate::app::network::ensure(net, &config, kind).await?;
+            crate::app::network::ensure_missing(net, &config, kind).await?;
         }
         let tel = &*self.deps.telemetry;
         let t = self.deps.call_timeout;
