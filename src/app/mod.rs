@@ -6,6 +6,7 @@ pub mod config;
 pub mod descriptors;
 pub mod feed;
 pub mod manager;
+pub mod network;
 pub mod owner;
 pub mod path_policy;
 pub mod run;

@@ -49,6 +49,9 @@ pub struct Security {
     /// Where snapshots are kept and how many; `None` keeps none (the
     /// snapshot calls answer `unavailable`).
     pub snapshots: Option<super::manager::snapshots::SnapshotSettings>,
+    /// Managed networking (taps VMCP creates on a bridge); `None` refuses
+    /// interfaces that name a bridge.
+    pub network: Option<super::network::Networking>,
 }
 
 impl std::fmt::Debug for Security {
@@ -64,6 +67,7 @@ impl std::fmt::Debug for Security {
             .field("watch", &self.watch)
             .field("restart", &self.restart)
             .field("snapshots", &self.snapshots)
+            .field("network", &self.network)
             .finish()
     }
 }
@@ -100,6 +104,7 @@ impl Security {
             watch: super::feed::WatchSettings::default(),
             restart: crate::domain::restart::RestartSettings::default(),
             snapshots: None,
+            network: None,
         }
     }
 
@@ -145,6 +150,17 @@ impl Security {
                     .map_err(SecurityError::Snapshots)?,
                 ),
                 limits: config.snapshot_limits,
+            }),
+            network: Some(super::network::Networking {
+                host: std::sync::Arc::new(crate::adapters::outbound::network::LinuxNetwork),
+                default_bridge: config.bridge.clone().unwrap_or_default(),
+                // A jailed Firecracker opens its taps as the jailer's uid.
+                vmm_uid: config
+                    .fc_jailer
+                    .as_ref()
+                    .filter(|_| config.backend == BackendKind::Firecracker)
+                    .map(|j| j.uid)
+                    .filter(|uid| *uid != 0),
             }),
         })
     }

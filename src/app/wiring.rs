@@ -180,6 +180,9 @@ pub async fn start<H: Hypervisor, S: VmStore>(
     if let Some(snapshots) = opts.security.snapshots {
         manager.set_snapshots(snapshots);
     }
+    if let Some(network) = opts.security.network {
+        manager.set_network(network);
+    }
     let health = Arc::new(
         ManagerHealth::new(Arc::clone(&manager), opts.telemetry_status).with_connections(Arc::new(
             move || {
@@ -239,6 +242,9 @@ pub async fn start<H: Hypervisor, S: VmStore>(
                 without_vmm = done.without_vmm,
                 removed = done.removed,
                 orphans = done.orphans,
+                orphan_taps = done.taps.orphans,
+                recreated_taps = done.taps.recreated,
+                missing_taps = done.taps.missing,
                 "recovered VMs from the store"
             );
         }

@@ -144,12 +144,28 @@ pub struct NetworkInterface {
     pub id: String,
     /// Guest MAC address, or empty to let the VMM choose.
     pub mac_address: String,
-    /// Host tap device name.
+    /// Host tap device name; for a managed interface, the tap VMCP chose.
     pub tap_device: String,
     /// Device model; empty or `virtio-net`.
     pub interface_type: String,
     /// Backend device options.
     pub options: BTreeMap<String, String>,
+    /// Host bridge of a managed interface (VMCP creates its tap); empty for
+    /// a caller's own tap.
+    pub bridge: String,
+    /// Static IPv4 configuration for a Linux guest (kernel `ip=`), if any.
+    pub guest_address: Option<GuestAddress>,
+}
+
+/// Static IPv4 configuration of a guest interface, as the caller gave it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct GuestAddress {
+    /// CIDR, e.g. `10.0.0.2/24`.
+    pub address: String,
+    /// Default gateway, or empty.
+    pub gateway: String,
+    /// Up to two DNS servers.
+    pub dns: Vec<String>,
 }
 
 /// Serial console configuration.
@@ -252,6 +268,7 @@ impl VmConfig {
         self.boot.validate()?;
         validate_storage(&self.storage)?;
         validate_network(&self.network)?;
+        super::network::check_ip_arg(self)?;
         self.console.validate()?;
         validate_metadata(&self.metadata)
     }
@@ -468,8 +485,21 @@ fn validate_network(nets: &[NetworkInterface]) -> Result<(), VmConfigError> {
                 ));
             }
         }
-        validate_tap(&format!("{at}.tap_device"), &n.tap_device)?;
-        if nets[..i].iter().any(|o| o.tap_device == n.tap_device) {
+        if n.bridge.is_empty() {
+            if n.tap_device.is_empty() {
+                return Err(VmConfigError::new(
+                    format!("{at}.tap_device"),
+                    "set tap_device (a tap of your own) or bridge (VMCP creates the tap); this host has no default bridge (UNKEY_VMCP_BRIDGE)",
+                ));
+            }
+        } else {
+            validate_tap(&format!("{at}.bridge"), &n.bridge)?;
+        }
+        // A managed interface's tap is chosen later, from the VM id.
+        if !n.tap_device.is_empty() || n.bridge.is_empty() {
+            validate_tap(&format!("{at}.tap_device"), &n.tap_device)?;
+        }
+        if !n.tap_device.is_empty() && nets[..i].iter().any(|o| o.tap_device == n.tap_device) {
             return Err(VmConfigError::new(
                 format!("{at}.tap_device"),
                 format!("tap device {:?} is used twice", n.tap_device),
@@ -485,6 +515,15 @@ fn validate_network(nets: &[NetworkInterface]) -> Result<(), VmConfigError> {
             ));
         }
         validate_option_map(&format!("{at}.options"), &n.options)?;
+        if let Some(g) = &n.guest_address {
+            super::network::validate_guest_address(&format!("{at}.guest_address"), g)?;
+            if nets[..i].iter().any(|o| o.guest_address.is_some()) {
+                return Err(VmConfigError::new(
+                    format!("{at}.guest_address"),
+                    "at most one interface per VM: the kernel's ip= configures one",
+                ));
+            }
+        }
     }
     Ok(())
 }
@@ -773,6 +812,23 @@ pub(crate) mod tests {
         assert_eq!(field_of(&c), "config.network[0].tap_device");
         c.network = vec![nic("eth0", "", "tap0"), nic("eth1", "", "tap0")];
         assert_eq!(field_of(&c), "config.network[1].tap_device");
+    }
+
+    #[test]
+    fn bridges_are_checked_and_stand_in_for_a_tap() {
+        let mut c = valid();
+        c.network = vec![nic("eth0", "", "")];
+        c.network[0].bridge = "br0".into();
+        assert_eq!(c.validate(), Ok(()), "a bridge alone is enough");
+        for bad in ["", "bridge-name-too-long", "br 0", "../br", "br/0", "."] {
+            c.network[0].bridge = bad.into();
+            let want = if bad.is_empty() {
+                "config.network[0].tap_device"
+            } else {
+                "config.network[0].bridge"
+            };
+            assert_eq!(field_of(&c), want, "{bad:?}");
+        }
     }
 
     #[test]

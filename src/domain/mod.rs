@@ -13,13 +13,14 @@ pub mod config;
 pub mod error;
 pub mod id;
 pub mod lifecycle;
+pub mod network;
 pub mod recovery;
 pub mod restart;
 pub mod snapshot;
 
 pub use config::{
-    BootConfig, ConsoleConfig, CpuConfig, CpuTopology, MemoryConfig, NetworkInterface,
-    StorageDevice, VmConfig, VmConfigError, VmSize,
+    BootConfig, ConsoleConfig, CpuConfig, CpuTopology, GuestAddress, MemoryConfig,
+    NetworkInterface, StorageDevice, VmConfig, VmConfigError, VmSize,
 };
 pub use error::VmError;
 pub use id::{VmId, VmIdError};

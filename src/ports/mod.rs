@@ -5,6 +5,7 @@
 
 pub mod clock;
 pub mod hypervisor;
+pub mod network;
 pub mod service;
 pub mod snapshots;
 pub mod store;
@@ -16,6 +17,7 @@ pub use hypervisor::{
     NetworkStats, Reported, ShutdownMode, StorageStats, VmMetrics, VmmEvent, VmmEventSink,
     VmmHandle, VmmInfo, VmmProcess,
 };
+pub use network::{HostNetwork, NetworkError};
 pub use service::{
     BackendHealth, ConsoleStream, CreateVm, DescriptorHealth, HealthCheck, ListQuery, RestoreVm,
     ServiceHealth, VmCounts, VmDetails, VmPage, VmService, WatchEvent, WatchEventKind, WatchQuery,

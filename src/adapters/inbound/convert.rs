@@ -182,6 +182,12 @@ pub fn config_in(c: &pb::VmConfig) -> domain::VmConfig {
                 tap_device: n.tap_device.clone(),
                 interface_type: n.interface_type.clone(),
                 options: map_in(&n.options),
+                bridge: n.bridge.clone(),
+                guest_address: n.guest_address.as_option().map(|g| domain::GuestAddress {
+                    address: g.address.clone(),
+                    gateway: g.gateway.clone(),
+                    dns: g.dns.clone(),
+                }),
             })
             .collect(),
         console: domain::ConsoleConfig {
@@ -272,6 +278,17 @@ pub fn config_out(c: &domain::VmConfig) -> pb::VmConfig {
                 tap_device: n.tap_device.clone(),
                 interface_type: n.interface_type.clone(),
                 options: map_out(&n.options),
+                bridge: n.bridge.clone(),
+                guest_address: n
+                    .guest_address
+                    .as_ref()
+                    .map(|g| pb::GuestAddress {
+                        address: g.address.clone(),
+                        gateway: g.gateway.clone(),
+                        dns: g.dns.clone(),
+                        ..Default::default()
+                    })
+                    .into(),
                 ..Default::default()
             })
             .collect(),

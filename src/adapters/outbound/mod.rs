@@ -1,7 +1,8 @@
-//! Outbound adapters: VMM backends, the VM store and telemetry.
+//! Outbound adapters: VMM backends, the host network, the VM store and telemetry.
 
 pub mod cloud_hypervisor;
 pub mod firecracker;
+pub mod network;
 pub mod otel;
 pub mod snapshots;
 pub mod store;

@@ -84,6 +84,8 @@ pub struct Config {
     /// At start-up, remove VMM processes and runtime directories that belong to no VM
     /// (`remove`, the default) or only report them (`report`).
     pub remove_orphans: bool,
+    /// Default bridge for network interfaces that name neither a tap nor a bridge.
+    pub bridge: Option<String>,
     /// API listen address.
     pub address: IpAddr,
     /// Which VMM backs the VMs.
@@ -209,6 +211,7 @@ impl Config {
             max_request_bytes: env.value(MaxRequestBytes)?,
             max_deadline: env.value(MaxDeadlineSeconds)?,
             remove_orphans: env.value(Orphans)?,
+            bridge: env.optional(Bridge)?,
             shutdown_grace: env.value(ShutdownGraceSeconds)?,
             otel,
             api_socket: env.optional(ApiSocket)?,

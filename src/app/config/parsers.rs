@@ -71,6 +71,21 @@ pub fn boolean(v: &str) -> Parsed<bool> {
 }
 
 /// Any text but blanks, trimmed.
+/// A Linux interface name (a bridge's), as `config.network[i].bridge` accepts it.
+pub fn bridge(v: &str) -> Parsed<String> {
+    let ok = !v.is_empty()
+        && v.len() <= crate::domain::config::MAX_TAP_NAME_LEN
+        && v != "."
+        && v != ".."
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(v.to_owned())
+    } else {
+        Err("a Linux interface name: 1 to 15 of [A-Za-z0-9._-]".to_owned())
+    }
+}
+
 pub fn non_empty(v: &str) -> Parsed<String> {
     match v.trim() {
         "" => Err("a non-empty string".to_owned()),

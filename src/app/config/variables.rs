@@ -11,8 +11,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::parsers::{
-    Parsed, abs_path, address, backend, boolean, console_cap, dir_list, int, millis, non_empty,
-    orphans, path, ratio, restart_policy, seconds, socket_path, unix_endpoint,
+    Parsed, abs_path, address, backend, boolean, bridge, console_cap, dir_list, int, millis,
+    non_empty, orphans, path, ratio, restart_policy, seconds, socket_path, unix_endpoint,
 };
 use crate::domain::config::MAX_VCPUS;
 use crate::domain::restart::RestartPolicy;
@@ -131,6 +131,7 @@ variables! {
     MaxDeadlineSeconds "MAX_DEADLINE_SECONDS": Duration = Text("600"), seconds::<1, 86400>, "Cap on client deadlines (Connect-Timeout-Ms, grpc-timeout)";
     ShutdownGraceSeconds "SHUTDOWN_GRACE_SECONDS": Duration = Text("30"), seconds::<0, 3600>, "How long shutdown drains in-flight requests";
     Orphans "ORPHANS": bool = Text("remove"), orphans, "At start-up, remove VMM processes and runtime directories of no VM, or only report them";
+    Bridge "BRIDGE": String = Unset, bridge, "Default bridge for interfaces naming neither tap_device nor bridge (VMCP makes their taps)";
     OtelEnabled "OTEL_ENABLED": bool = Text("false"), boolean, "Push traces and metrics over OTLP/HTTP";
     OtelServiceName "OTEL_SERVICE_NAME": String = Text("vmm-controlplane"), non_empty, "service.name";
     OtelServiceVersion "OTEL_SERVICE_VERSION": String = Text("0.0.1"), non_empty, "service.version";

@@ -117,6 +117,7 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
                 restart: policies.restart,
                 feed,
                 listed: Arc::clone(registry.listed()),
+                network: Arc::default(),
             },
             registry,
             health: BackendHealthCache::default(),
@@ -142,12 +143,22 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
                 Err(e) => tracing::error!(error = %e, "cannot read the snapshots"),
             }
         }
-        let result = recovery::recover(
-            &self.deps,
-            &self.registry,
-            self.remove_orphans.load(Ordering::Acquire),
-        )
-        .await;
+        let remove_orphans = self.remove_orphans.load(Ordering::Acquire);
+        let mut result = recovery::recover(&self.deps, &self.registry, remove_orphans).await;
+        if let (Ok(done), Some(net)) = (result.as_mut(), self.deps.network.get()) {
+            // After the records: a rolled-back create's taps are orphans now.
+            let vms: Vec<_> = self
+                .registry
+                .views(&[])
+                .iter()
+                .map(|v| (v.snapshot.id.clone(), v.snapshot.config.clone()))
+                .collect();
+            let kind = self.deps.hypervisor.kind();
+            match super::network::sweep(net, &vms, kind, remove_orphans).await {
+                Ok(swept) => done.taps = swept,
+                Err(e) => tracing::error!(error = %e, "cannot sweep the host's taps"),
+            }
+        }
         self.recovering.store(false, Ordering::Release);
         result
     }
@@ -162,6 +173,12 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
         self.snapshots.get().ok_or_else(|| {
             VmError::Unavailable("this VMCP keeps no snapshots (no snapshot directory)".into())
         })
+    }
+
+    /// Manages the taps of interfaces that name a bridge (set once, before
+    /// recovery, which sweeps them). Without it such interfaces are refused.
+    pub fn set_network(&self, network: crate::app::network::Networking) {
+        let _ = self.deps.network.set(network);
     }
 
     /// Whether recovery removes VMMs that belong to no VM (true) or only reports them.
@@ -280,18 +297,37 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
         config: crate::domain::VmConfig,
         restore: Option<(std::path::PathBuf, bool)>,
     ) -> Result<VmSnapshot, VmError> {
-        let req = CreateVm { vm_id: id, config };
+        let mut config = config;
+        let networking = self.deps.network.get();
+        crate::domain::network::apply_default_bridge(
+            &mut config,
+            networking.map_or("", |n| n.default_bridge.as_str()),
+        );
+        let mut req = CreateVm { vm_id: id, config };
         req.config.validate()?;
+        if networking.is_none()
+            && let Some(i) = req
+                .config
+                .network
+                .iter()
+                .position(crate::domain::network::is_managed)
+        {
+            return Err(VmError::Incompatible(format!(
+                "config.network[{i}].bridge: this VMCP does not manage host networking; name a tap_device of your own"
+            )));
+        }
         self.deps.hypervisor.validate(&req.config)?;
         // Per-VM limits and host paths; a few stat calls, cheap enough inline.
         self.admission.check_vm(&req.config)?;
         self.require_backend().await?;
         // Before anything is registered or spawned: a refusal leaves nothing half-created.
         self.require_descriptors()?;
-        let id = match req.vm_id {
+        let id = match req.vm_id.take() {
             Some(id) => id,
             None => self.fresh_id(),
         };
+        // The taps (and MACs) of managed interfaces follow from the id.
+        crate::domain::network::assign(&mut req.config, &id)?;
         let (tx, created) = {
             // Check-then-insert under one lock: a concurrent create of the same id
             // sees this VM, and concurrent creates cannot overshoot the host totals.
@@ -313,6 +349,15 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
                 vms.values()
                     .map(|e| Footprint::of(&e.current().snapshot.config)),
                 &req.config,
+            )?;
+            // Under the same lock: two creates cannot both take one tap.
+            let views: Vec<_> = vms
+                .iter()
+                .map(|(id, e)| (id.clone(), e.current()))
+                .collect();
+            crate::domain::network::check_taps_free(
+                &req.config,
+                views.iter().map(|(id, v)| (id, &v.snapshot.config)),
             )?;
             let now = self.deps.clock.now_unix();
             let vm = Vm::creating(id.clone(), req.config, now);

@@ -33,6 +33,8 @@ pub struct Recovered {
     pub removed: usize,
     /// VMMs or runtime directories that belonged to no VM.
     pub orphans: usize,
+    /// Managed taps: orphans swept, vanished ones recreated.
+    pub taps: crate::app::network::Swept,
 }
 
 /// Whether two identities name the same process.

@@ -69,7 +69,14 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
         reading
             .info
             .check_restorable(self.deps.hypervisor.kind().as_str(), &health.version)?;
-        let config = restored_config(&reading.info, &req.network_overrides, req.metadata)?;
+        let mut config = restored_config(&reading.info, &req.network_overrides, req.metadata)?;
+        // A managed interface gets the restored VM's own tap (or the override's, unmanaged).
+        let overridden: Vec<&str> = req
+            .network_overrides
+            .iter()
+            .map(|o| o.interface_id.as_str())
+            .collect();
+        crate::domain::network::for_restore(&mut config, &overridden);
         if self.registry.contains(&req.vm_id) {
             return Err(VmError::AlreadyExists(req.vm_id.to_string()));
         }

@@ -107,6 +107,8 @@ pub struct Deps<H, S> {
     pub feed: Arc<ChangeFeed>,
     /// The registry's counts of listed VMs per state, kept as views change.
     pub listed: Arc<ListedCounts>,
+    /// Managed networking, once set (before recovery); unset: no managed interfaces.
+    pub network: Arc<std::sync::OnceLock<crate::app::network::Networking>>,
 }
 
 impl<H, S> std::fmt::Debug for Deps<H, S> {
@@ -130,6 +132,7 @@ impl<H, S> Clone for Deps<H, S> {
             restart: self.restart,
             feed: Arc::clone(&self.feed),
             listed: Arc::clone(&self.listed),
+            network: Arc::clone(&self.network),
         }
     }
 }

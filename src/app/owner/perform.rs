@@ -35,6 +35,14 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
             }
         }
         let kind = self.deps.hypervisor.kind();
+        if matches!(op, Operation::Boot | Operation::Reboot)
+            && let Some(net) = self.deps.network.get()
+        {
+            // A VMM that starts again (a boot after a stop, a reboot that respawns it)
+            // opens its taps again: make sure they are still there.
+            let config = self.vm.snapshot().config.clone();
+            crate::app::network::ensure_missing(net, &config, kind).await?;
+        }
         let tel = &*self.deps.telemetry;
         let t = self.deps.call_timeout;
         // A graceful stop may take its grace on top of the call timeout.
@@ -119,6 +127,10 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
                     // The record goes when the delete is published (see `publish`).
                     self.process = None;
                     self.vmm = None;
+                    // No VMM holds the taps any more.
+                    if let Some(net) = self.deps.network.get() {
+                        crate::app::network::release(net, &self.vm.snapshot().config).await;
+                    }
                 }
                 self.vm.handle_observation(
                     Observation::Completed {
@@ -178,7 +190,17 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
         let kind = h.kind();
         let tel = &*deps.telemetry;
         let t = deps.call_timeout;
-        let outcome = match intent {
+        // The taps VMCP manages exist before the VMM that opens them (after the
+        // intent: a crash from here on leaves a record whose rollback, or the
+        // start-up sweep, removes them).
+        let networking = deps.network.get();
+        let taps = match (&intent, networking) {
+            (Ok(()), Some(net)) => crate::app::network::ensure(net, &config, kind).await,
+            _ => Ok(()),
+        };
+        // Only taps this create made are removed on its failure (not a foreign holder of the name).
+        let taps_made = intent_recorded && taps.is_ok();
+        let outcome = match intent.and(taps) {
             Err(e) => Err(e),
             Ok(()) => match match self.restore_from.take() {
                 None => {
@@ -231,6 +253,9 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
             Err(err) => {
                 // Create leaves nothing behind on failure, so the record goes too
                 // (a failed intent write left none).
+                if let Some(net) = networking.filter(|_| taps_made) {
+                    crate::app::network::release(net, &config).await;
+                }
                 // The VM was never announced, so its removal is no change: no new revision.
                 if intent_recorded
                     && let Err(e) = self.deps.store.remove(&id, self.deps.feed.revision()).await

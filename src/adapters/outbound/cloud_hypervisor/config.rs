@@ -110,6 +110,11 @@ pub struct ChNet {
     pub mac: Option<String>,
     /// Device id (the caller's interface id).
     pub id: String,
+    /// Queues (two per pair): one pair per boot vCPU on a managed tap of a
+    /// VM with more than one vCPU, which VMCP creates multi-queue to match;
+    /// absent (CH's default, one pair) otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_queues: Option<u32>,
 }
 
 /// `RngConfig`.
@@ -226,7 +231,8 @@ pub fn to_ch(config: &VmConfig, defaults: &ConsoleDefaults) -> Result<ChVmConfig
     let payload = ChPayload {
         kernel: config.boot.kernel_path.clone(),
         initramfs: non_empty(&config.boot.initrd_path),
-        cmdline: non_empty(&config.boot.kernel_args),
+        // With the `ip=` of a guest address, if an interface has one.
+        cmdline: non_empty(&crate::domain::network::kernel_args(config)),
     };
     // The root device goes first so the guest sees it as /dev/vda; the
     // others keep the caller's order.
@@ -247,6 +253,8 @@ pub fn to_ch(config: &VmConfig, defaults: &ConsoleDefaults) -> Result<ChVmConfig
             tap: n.tap_device.clone(),
             mac: non_empty(&n.mac_address.to_ascii_lowercase()),
             id: n.id.clone(),
+            num_queues: (crate::domain::network::is_managed(n) && config.cpu.vcpu_count > 1)
+                .then(|| 2 * u32::try_from(config.cpu.vcpu_count).unwrap_or(1)),
         })
         .collect();
     let serial = if config.console.enabled {
@@ -490,6 +498,49 @@ mod tests {
                 {"tap": "tap0", "mac": "52:54:00:ab:cd:01", "id": "eth0"},
                 {"tap": "tap1", "id": "eth1"},
             ])
+        );
+    }
+
+    #[test]
+    fn a_managed_tap_gets_a_queue_pair_per_vcpu_and_a_callers_tap_none() {
+        let mut c = base();
+        c.network = vec![
+            NetworkInterface {
+                id: "eth0".into(),
+                tap_device: "vmcpabcdefghijk".into(),
+                bridge: "br0".into(),
+                ..Default::default()
+            },
+            NetworkInterface {
+                id: "eth1".into(),
+                tap_device: "tap1".into(),
+                ..Default::default()
+            },
+        ];
+        c.cpu.vcpu_count = 1;
+        assert_eq!(json_of(&c)["net"][0].get("num_queues"), None);
+        c.cpu.vcpu_count = 3;
+        assert_eq!(json_of(&c)["net"][0]["num_queues"], json!(6));
+        assert_eq!(json_of(&c)["net"][1].get("num_queues"), None);
+    }
+
+    #[test]
+    fn a_guest_address_reaches_the_cmdline() {
+        let mut c = base();
+        c.boot.kernel_args = "console=ttyS0".into();
+        c.network = vec![NetworkInterface {
+            id: "eth0".into(),
+            tap_device: "tap0".into(),
+            guest_address: Some(crate::domain::GuestAddress {
+                address: "10.0.0.2/24".into(),
+                gateway: String::new(),
+                dns: vec![],
+            }),
+            ..Default::default()
+        }];
+        assert_eq!(
+            json_of(&c)["payload"]["cmdline"],
+            json!("console=ttyS0 ip=10.0.0.2:::255.255.255.0::eth0:off")
         );
     }
 

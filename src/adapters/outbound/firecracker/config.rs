@@ -262,7 +262,8 @@ pub fn map(config: &VmConfig, files: &RuntimeFiles) -> Result<PreBoot, VmConfigE
         boot_source: BootSource {
             kernel_image_path: boot.kernel_path.clone(),
             initrd_path: (!boot.initrd_path.is_empty()).then(|| boot.initrd_path.clone()),
-            boot_args: boot.kernel_args.clone(),
+            // With the `ip=` of a guest address, if an interface has one.
+            boot_args: crate::domain::network::kernel_args(config),
         },
         drives: config
             .storage
@@ -548,6 +549,26 @@ mod tests {
         assert_eq!(
             json["boot_args"], "",
             "empty args replace Firecracker's default"
+        );
+    }
+
+    #[test]
+    fn a_guest_address_reaches_the_boot_args() {
+        let mut c = base();
+        c.boot.kernel_args = "console=ttyS0".into();
+        c.network = vec![crate::domain::NetworkInterface {
+            id: "eth0".into(),
+            tap_device: "tap0".into(),
+            guest_address: Some(crate::domain::GuestAddress {
+                address: "10.0.0.2/30".into(),
+                gateway: "10.0.0.1".into(),
+                dns: vec!["10.0.0.1".into()],
+            }),
+            ..Default::default()
+        }];
+        assert_eq!(
+            mapped(&c).boot_source.boot_args,
+            "console=ttyS0 ip=10.0.0.2::10.0.0.1:255.255.255.252::eth0:off:10.0.0.1"
         );
     }
 

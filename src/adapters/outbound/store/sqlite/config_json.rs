@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 use crate::domain::restart::RestartPolicy;
 
 use crate::domain::{
-    BootConfig, ConsoleConfig, CpuConfig, CpuTopology, MemoryConfig, NetworkInterface,
-    StorageDevice, VmConfig,
+    BootConfig, ConsoleConfig, CpuConfig, CpuTopology, GuestAddress, MemoryConfig,
+    NetworkInterface, StorageDevice, VmConfig,
 };
 
 /// Serializes a config to the stored JSON text.
@@ -105,6 +105,20 @@ struct NetworkJson {
     tap_device: String,
     interface_type: String,
     options: BTreeMap<String, String>,
+    /// Added with managed networking: rows written before have none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    bridge: String,
+    /// Added with managed networking: rows written before have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    guest_address: Option<GuestAddressJson>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GuestAddressJson {
+    address: String,
+    gateway: String,
+    dns: Vec<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -358,6 +372,8 @@ impl From<&NetworkInterface> for NetworkJson {
             tap_device,
             interface_type,
             options,
+            bridge,
+            guest_address,
         } = n;
         Self {
             id: id.clone(),
@@ -365,6 +381,19 @@ impl From<&NetworkInterface> for NetworkJson {
             tap_device: tap_device.clone(),
             interface_type: interface_type.clone(),
             options: options.clone(),
+            bridge: bridge.clone(),
+            guest_address: guest_address.as_ref().map(|g| {
+                let GuestAddress {
+                    address,
+                    gateway,
+                    dns,
+                } = g;
+                GuestAddressJson {
+                    address: address.clone(),
+                    gateway: gateway.clone(),
+                    dns: dns.clone(),
+                }
+            }),
         }
     }
 }
@@ -377,6 +406,8 @@ impl From<NetworkJson> for NetworkInterface {
             tap_device,
             interface_type,
             options,
+            bridge,
+            guest_address,
         } = n;
         Self {
             id,
@@ -384,6 +415,12 @@ impl From<NetworkJson> for NetworkInterface {
             tap_device,
             interface_type,
             options,
+            bridge,
+            guest_address: guest_address.map(|g| GuestAddress {
+                address: g.address,
+                gateway: g.gateway,
+                dns: g.dns,
+            }),
         }
     }
 }

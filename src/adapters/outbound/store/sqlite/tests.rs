@@ -82,6 +82,8 @@ fn full_config() -> VmConfig {
             tap_device: "tap-vm1".into(),
             interface_type: "virtio-net".into(),
             options: map(&[("num_queues", "2")]),
+            bridge: "br0".into(),
+            guest_address: Some(vmcp_guest_address()),
         }],
         console: ConsoleConfig {
             enabled: true,
@@ -914,9 +916,16 @@ fn arb_config() -> impl Strategy<Value = VmConfig> {
                     .map(|(id, tap)| NetworkInterface {
                         id,
                         mac_address: String::new(),
+                        // Managed or not, by the tap's first letter: both kinds round-trip.
+                        bridge: if tap.starts_with('a') {
+                            "br0".to_owned()
+                        } else {
+                            String::new()
+                        },
                         tap_device: tap,
                         interface_type: String::new(),
                         options: BTreeMap::new(),
+                        guest_address: None,
                     })
                     .collect(),
                 console: ConsoleConfig {
@@ -1017,5 +1026,13 @@ proptest! {
         let expected: Vec<VmRecord> = model.into_values().collect();
         prop_assert_eq!(&live, &expected);
         prop_assert_eq!(&reopened, &expected);
+    }
+}
+
+fn vmcp_guest_address() -> crate::domain::GuestAddress {
+    crate::domain::GuestAddress {
+        address: "10.0.0.2/24".into(),
+        gateway: "10.0.0.1".into(),
+        dns: vec!["10.0.0.53".into()],
     }
 }
