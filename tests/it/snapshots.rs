@@ -342,6 +342,13 @@ async fn a_vmm_failing_mid_snapshot_or_a_full_disk_leaves_no_snapshot() {
     );
     assert!(list(&c).await.is_empty());
     assert!(entries(dir.path()).is_empty(), "{:?}", entries(dir.path()));
+    assert!(
+        vmcp::ports::VmStore::load_snapshots(&*h.store)
+            .await
+            .expect("records")
+            .is_empty(),
+        "the failed snapshots' intents are dropped"
+    );
     assert_eq!(
         h.info("flaky").await.state.as_known(),
         Some(S::VM_STATE_RUNNING)
@@ -503,6 +510,121 @@ async fn a_clone_may_not_write_a_disk_another_vm_uses() {
     let r = restore(&c, "twin", "d")
         .await
         .expect("the disk is free now");
+    assert_eq!(r.state.as_known(), Some(S::VM_STATE_RUNNING));
+    h.stop().await;
+}
+
+fn sid(id: &str) -> vmcp::domain::snapshot::SnapshotId {
+    vmcp::domain::snapshot::SnapshotId::parse("snapshot_id", id).expect("id")
+}
+
+#[tokio::test]
+async fn the_store_records_each_snapshot_and_a_restart_reconciles_it_with_the_disk() {
+    use vmcp::domain::snapshot::SnapshotRecord;
+    use vmcp::ports::VmStore;
+
+    let dir = tempfile::tempdir().expect("dir");
+    let double = Arc::new(Double::new());
+    let store = Arc::new(MemoryStore::new());
+    let h = serve(Arc::clone(&double), Arc::clone(&store), dir.path()).await;
+    let c = h.client(Wire::ConnectProto);
+    create_and_boot(&h, "src").await;
+    for id in ["a", "b", "c"] {
+        snapshot(&c, "src", id, true).await.expect("snapshot");
+    }
+    let records = store.load_snapshots().await.expect("records");
+    let committed: Vec<_> = records
+        .iter()
+        .filter_map(|r| match r {
+            SnapshotRecord::Committed(i) => Some(i.id.to_string()),
+            SnapshotRecord::Pending { .. } => None,
+        })
+        .collect();
+    assert_eq!(
+        committed,
+        ["a", "b", "c"],
+        "each recorded whole: {records:?}"
+    );
+    let SnapshotRecord::Committed(a) = records[0].clone() else {
+        unreachable!("checked above")
+    };
+    let got = c
+        .get_snapshot(pb::GetSnapshotRequest {
+            snapshot_id: "a".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("get")
+        .into_owned()
+        .snapshot
+        .into_option()
+        .expect("info");
+    assert_eq!(
+        got.size_bytes, a.size_bytes as i64,
+        "the record is what the API answers"
+    );
+    c.delete_snapshot(pb::DeleteSnapshotRequest {
+        snapshot_id: "c".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("delete");
+    assert_eq!(store.load_snapshots().await.expect("records").len(), 2);
+    h.stop().await;
+
+    // What crashes at each step leave:
+    // a: renamed into place, the store still holds the intent;
+    store
+        .put_snapshot(&SnapshotRecord::Pending {
+            id: sid("a"),
+            source_vm_id: a.source_vm_id.clone(),
+            created_at: 1,
+        })
+        .await
+        .expect("intent");
+    // b: recorded, its files deleted, the record not yet removed;
+    std::fs::remove_dir_all(dir.path().join("b")).expect("rm b");
+    // p: the intent and the half-written pending directory;
+    store
+        .put_snapshot(&SnapshotRecord::Pending {
+            id: sid("p"),
+            source_vm_id: a.source_vm_id.clone(),
+            created_at: 1,
+        })
+        .await
+        .expect("intent");
+    std::fs::create_dir(dir.path().join(".pending-p")).expect("mkdir");
+    std::fs::write(dir.path().join(".pending-p").join("memory"), b"half").expect("write");
+    // d: a whole directory the store never heard of (an older VMCP, a lost store).
+    std::fs::create_dir(dir.path().join("d")).expect("mkdir");
+    for e in std::fs::read_dir(dir.path().join("a")).expect("a") {
+        let e = e.expect("entry");
+        std::fs::copy(e.path(), dir.path().join("d").join(e.file_name())).expect("copy");
+    }
+    let described = dir.path().join("d").join("snapshot.json");
+    let text = std::fs::read_to_string(&described).expect("description");
+    std::fs::write(
+        &described,
+        text.replace("\"snapshot_id\": \"a\"", "\"snapshot_id\": \"d\""),
+    )
+    .expect("rewrite");
+
+    let h = serve(Arc::new(double.restarted()), Arc::clone(&store), dir.path()).await;
+    let c = h.client(Wire::ConnectProto);
+    assert_eq!(list(&c).await, ["a", "d"], "whole on disk: usable");
+    assert_eq!(entries(dir.path()), ["a", "d"], "the half one is gone");
+    let records = store.load_snapshots().await.expect("records");
+    assert_eq!(records.len(), 2, "{records:?}");
+    assert_eq!(
+        records[0],
+        SnapshotRecord::Committed(a.clone()),
+        "a re-recorded"
+    );
+    assert!(
+        matches!(&records[1], SnapshotRecord::Committed(d) if d.id.as_str() == "d" && d.size_bytes == a.size_bytes),
+        "d recorded from its description: {records:?}"
+    );
+    let r = restore(&c, "clone", "d").await.expect("restore");
     assert_eq!(r.state.as_known(), Some(S::VM_STATE_RUNNING));
     h.stop().await;
 }

@@ -135,8 +135,14 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
     pub async fn recover(&self) -> Result<Recovered, VmError> {
         self.recovering.store(true, Ordering::Release);
         if let Some(s) = self.snapshots.get() {
-            match s.scan().await {
-                Ok(n) => tracing::info!(snapshots = n, "snapshots found"),
+            match s.scan(&*self.deps.store).await {
+                Ok(n) => tracing::info!(
+                    snapshots = n.usable,
+                    recorded = n.recorded,
+                    removed = n.removed,
+                    missing = n.missing,
+                    "snapshots reconciled"
+                ),
                 Err(e) => tracing::error!(error = %e, "cannot read the snapshots"),
             }
         }
@@ -518,7 +524,7 @@ impl<H: Hypervisor, S: VmStore> VmService for VmManager<H, S> {
     }
 
     async fn delete_snapshot(&self, id: SnapshotId) -> Result<(), VmError> {
-        self.snapshots()?.delete(&id).await
+        self.snapshots()?.delete(&*self.deps.store, &id).await
     }
 
     async fn restore_vm(&self, req: RestoreVm) -> Result<VmSnapshot, VmError> {

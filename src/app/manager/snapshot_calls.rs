@@ -37,14 +37,24 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
         };
         // The memory file is about the guest's memory size.
         let expected = u64::try_from(view.snapshot.config.memory.size_bytes).unwrap_or(0);
-        let taking = snapshots.begin(snapshot_id.clone(), expected).await?;
+        let now = self.deps.clock.now_unix();
+        let taking = snapshots
+            .begin(&self.deps.store, snapshot_id.clone(), &id, now, expected)
+            .await?;
         let dir = taking.dir.clone();
-        let snap = super::ask(&entry, &id, |reply| Request::Snapshot {
+        let snap = match super::ask(&entry, &id, |reply| Request::Snapshot {
             dir,
             resume,
             reply,
         })
-        .await?;
+        .await
+        {
+            Ok(snap) => snap,
+            Err(e) => {
+                taking.abort().await;
+                return Err(e);
+            }
+        };
         let vmm_version = self.backend_health().await.version;
         taking
             .commit(SnapshotInfo {
@@ -53,7 +63,7 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
                 backend: backend.to_owned(),
                 vmm_version,
                 config: snap.config,
-                created_at: self.deps.clock.now_unix(),
+                created_at: now,
                 size_bytes: 0,
                 kind,
             })
