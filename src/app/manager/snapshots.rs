@@ -43,6 +43,8 @@ struct State {
     taking: BTreeMap<SnapshotId, u64>,
     /// Restores reading each snapshot now.
     reading: BTreeMap<SnapshotId, usize>,
+    /// VMs whose clone directory a restore is filling now.
+    cloning: std::collections::BTreeSet<VmId>,
 }
 
 /// The manager's snapshots.
@@ -262,6 +264,95 @@ impl Snapshots {
             tracing::warn!(snapshot.id = %id, error = %e, "the snapshot's files are deleted but its record stays; it is dropped at the next start");
         }
         Ok(())
+    }
+}
+
+/// A restore's claim on a VM id's clone directory: no other restore of
+/// that id fills or removes it meanwhile.
+#[derive(Debug)]
+pub struct Cloning<'a> {
+    snapshots: &'a Snapshots,
+    vm: VmId,
+}
+
+impl Drop for Cloning<'_> {
+    fn drop(&mut self) {
+        self.snapshots.state().cloning.remove(&self.vm);
+    }
+}
+
+impl Snapshots {
+    /// Claims VM id `vm` for a restore; `unavailable` while another restore has it.
+    pub fn claim_clone(&self, vm: &VmId) -> Result<Cloning<'_>, VmError> {
+        if !self.state().cloning.insert(vm.clone()) {
+            return Err(VmError::Unavailable(format!(
+                "vm {vm} is being restored by another request; retry"
+            )));
+        }
+        Ok(Cloning {
+            snapshots: self,
+            vm: vm.clone(),
+        })
+    }
+
+    /// Whether snapshot `id` holds a copy of disk `index`.
+    pub fn has_disk(&self, id: &SnapshotId, index: usize) -> bool {
+        self.settings.repo.has_disk(id, index)
+    }
+
+    /// Gives the VM of `claim` its own copy of disks `indices` of snapshot `id`.
+    pub async fn clone_disks(
+        &self,
+        claim: &Cloning<'_>,
+        id: &SnapshotId,
+        indices: Vec<usize>,
+    ) -> Result<Vec<PathBuf>, VmError> {
+        let repo = Arc::clone(&self.settings.repo);
+        let (id, vm) = (id.clone(), claim.vm.clone());
+        blocking(move || repo.clone_disks(&id, &vm, &indices)).await
+    }
+
+    /// Removes VM `vm`'s disk copies (after its delete or a failed restore).
+    pub async fn remove_clone_disks(&self, vm: &VmId) {
+        let repo = Arc::clone(&self.settings.repo);
+        let owned = vm.clone();
+        if let Err(e) = blocking(move || repo.remove_clone_disks(&owned)).await {
+            tracing::warn!(vm.id = %vm, error = %e, "cannot remove the VM's disk copies; they are removed at the next start");
+        }
+    }
+
+    /// Start-up, after the VMs are recovered: removes the disk copies of
+    /// VMs that do not exist (a crash between a restore's copies and its
+    /// record, or between a delete and the copies' removal).
+    pub async fn remove_unowned_clone_disks(&self, exists: impl Fn(&VmId) -> bool) {
+        let repo = Arc::clone(&self.settings.repo);
+        let dirs = match blocking(move || repo.clone_dirs()).await {
+            Ok(dirs) => dirs,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the clones' disk copies");
+                return;
+            }
+        };
+        for name in dirs {
+            let Ok(vm) = VmId::parse(&name) else {
+                tracing::warn!(dir = %name, "a clone directory that names no VM is left alone");
+                continue;
+            };
+            if !exists(&vm) {
+                tracing::info!(vm.id = %vm, "removed the disk copies of a VM that does not exist");
+                self.remove_clone_disks(&vm).await;
+            }
+        }
+    }
+}
+
+impl<S: VmStore> Taking<'_, S> {
+    /// Keeps a copy of the writable `disks` (index, path) in the snapshot;
+    /// the VM must be paused. Answers how many were full copies.
+    pub async fn keep_disks(&self, disks: Vec<(usize, PathBuf)>) -> Result<usize, VmError> {
+        let repo = Arc::clone(&self.snapshots.settings.repo);
+        let id = self.id.clone();
+        blocking(move || repo.keep_disks(&id, &disks)).await
     }
 }
 
