@@ -6,7 +6,7 @@
 //! encoding, so the whole run takes seconds. Then well-formed protobuf with
 //! hostile values (huge and negative numbers, long strings, invalid UTF-8,
 //! NUL bytes, unknown enum numbers, fields repeated thousands of times, ids
-//! that are paths) to each of the fourteen RPCs, each answered with the one
+//! that are paths) to each of the nineteen RPCs, each answered with the one
 //! code it deserves, naming the field.
 
 use std::collections::BTreeMap;
