@@ -102,6 +102,78 @@ impl SnapshotInfo {
     }
 }
 
+/// A snapshot as the VM store records it. The pending record is written
+/// before the VMM writes anything (intent before action); the committed one
+/// after the snapshot's directory is renamed into place, which is the
+/// commit point (see [`reconcile`]).
+// A handful live at a time, briefly; boxing would only add noise.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq)]
+pub enum SnapshotRecord {
+    /// Being taken: files may be half-written.
+    Pending {
+        /// Its id.
+        id: SnapshotId,
+        /// The VM it is taken of.
+        source_vm_id: VmId,
+        /// When it was begun, Unix seconds.
+        created_at: i64,
+    },
+    /// Usable.
+    Committed(SnapshotInfo),
+}
+
+impl SnapshotRecord {
+    /// The snapshot's id.
+    pub fn id(&self) -> &SnapshotId {
+        match self {
+            SnapshotRecord::Pending { id, .. } => id,
+            SnapshotRecord::Committed(info) => &info.id,
+        }
+    }
+}
+
+/// What start-up does to make the store agree with the disk.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Reconciliation {
+    /// Usable snapshots: committed on disk (a whole directory with its description).
+    pub usable: Vec<SnapshotInfo>,
+    /// To (re-)record as committed: on disk whole, but the store has no
+    /// record, only the pending one, or a different one (a crash between
+    /// the rename and the store write).
+    pub record: Vec<SnapshotInfo>,
+    /// Pending records whose snapshot never got committed: dropped.
+    pub drop_pending: Vec<SnapshotId>,
+    /// Committed records whose directory is gone: dropped with a warning.
+    pub drop_missing: Vec<SnapshotId>,
+}
+
+/// Reconciles the store's snapshot `records` with the snapshots `on_disk`
+/// that are whole (pending and unreadable directories were already
+/// removed). The directory's rename is the commit point, so the disk wins:
+/// a whole directory is usable and recorded from its description whatever
+/// the store says; a record without one is dropped.
+pub fn reconcile(records: &[SnapshotRecord], on_disk: Vec<SnapshotInfo>) -> Reconciliation {
+    let mut out = Reconciliation::default();
+    for info in &on_disk {
+        let recorded = records.iter().find(|r| r.id() == &info.id);
+        if !matches!(recorded, Some(SnapshotRecord::Committed(r)) if r == info) {
+            out.record.push(info.clone());
+        }
+    }
+    for r in records {
+        if on_disk.iter().any(|i| &i.id == r.id()) {
+            continue;
+        }
+        match r {
+            SnapshotRecord::Pending { id, .. } => out.drop_pending.push(id.clone()),
+            SnapshotRecord::Committed(info) => out.drop_missing.push(info.id.clone()),
+        }
+    }
+    out.usable = on_disk;
+    out
+}
+
 /// A network interface of a restored VM on another host tap.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetworkOverride {
@@ -138,15 +210,20 @@ pub fn restored_config(
     Ok(config)
 }
 
-/// A restored VM may not write a disk another VM uses: the snapshot holds
-/// no copy of it, so two VMs would write one image. `others` are the
-/// configs of the VMs that exist, by id. The error names the device.
+/// A restored VM may not write a disk another VM uses when the snapshot
+/// holds no copy of it (`copied` lists the disks it has its own copy of):
+/// two VMs would write one image. `others` are the configs of the VMs that
+/// exist, by id. The error names the device.
 pub fn check_disks_free<'a>(
     config: &VmConfig,
+    copied: &[usize],
     others: impl IntoIterator<Item = (&'a VmId, &'a VmConfig)>,
 ) -> Result<(), VmError> {
     let others: Vec<_> = others.into_iter().collect();
     for (i, disk) in config.storage.iter().enumerate() {
+        if copied.contains(&i) {
+            continue;
+        }
         let shares = |other: &VmConfig| {
             other
                 .storage
@@ -155,7 +232,7 @@ pub fn check_disks_free<'a>(
         };
         if let Some((id, _)) = others.iter().find(|(_, other)| shares(other)) {
             return Err(VmError::Incompatible(format!(
-                "config.storage[{i}]: {} is writable and vm {id} uses it too; a snapshot holds no copy of disks, so restore VMs with writable disks only while no other VM uses them",
+                "config.storage[{i}]: {} is writable and vm {id} uses it too; the snapshot holds no copy of it (taken before VMCP kept disk copies), so restore it only while no other VM uses the disk",
                 disk.path
             )));
         }
@@ -283,16 +360,23 @@ mod tests {
             ..Default::default()
         };
         assert!(
-            check_disks_free(&clone, [(&src, &other)]).is_ok(),
+            check_disks_free(&clone, &[], [(&src, &other)]).is_ok(),
             "read-only is shared"
         );
         other.storage.push(disk("/img/rw", true));
-        let e = check_disks_free(&clone, [(&src, &other)]).expect_err("written while read");
+        assert!(
+            check_disks_free(&clone, &[1], [(&src, &other)]).is_ok(),
+            "the clone has its own copy"
+        );
+        let e = check_disks_free(&clone, &[], [(&src, &other)]).expect_err("written while read");
         assert!(
             e.to_string().starts_with("config.storage[1]: /img/rw"),
             "{e}"
         );
-        assert!(check_disks_free(&clone, []).is_ok(), "nobody else uses it");
+        assert!(
+            check_disks_free(&clone, &[], []).is_ok(),
+            "nobody else uses it"
+        );
     }
 
     #[test]
@@ -308,5 +392,68 @@ mod tests {
         assert!(
             matches!(l.check(1, 60, 41), Err(VmError::ResourceExhausted(m)) if m.contains("MAX_SNAPSHOT_BYTES"))
         );
+    }
+
+    proptest::proptest! {
+        /// Whatever mix of records and whole directories a crash leaves,
+        /// reconciling accounts for every snapshot exactly once: each whole
+        /// directory is usable and ends up recorded as it is on disk, each
+        /// record without one is dropped (pending or missing), and applying
+        /// the plan then reconciling again finds nothing to do.
+        #[test]
+        fn reconciling_accounts_for_every_snapshot_and_converges(
+            cases in proptest::collection::vec((0u8..4, 0u8..2), 0..12),
+        ) {
+            let mut records = Vec::new();
+            let mut disk = Vec::new();
+            for (i, (record, on_disk)) in cases.iter().enumerate() {
+                let mut s = info();
+                s.id = SnapshotId::parse("snapshot_id", &format!("s{i}")).expect("id");
+                s.size_bytes = i as u64;
+                match record {
+                    0 => {}
+                    1 => records.push(SnapshotRecord::Pending {
+                        id: s.id.clone(),
+                        source_vm_id: s.source_vm_id.clone(),
+                        created_at: 1,
+                    }),
+                    2 => records.push(SnapshotRecord::Committed(s.clone())),
+                    _ => {
+                        let mut stale = s.clone();
+                        stale.size_bytes += 1;
+                        records.push(SnapshotRecord::Committed(stale));
+                    }
+                }
+                if *on_disk == 1 {
+                    disk.push(s);
+                }
+            }
+            let plan = reconcile(&records, disk.clone());
+            proptest::prop_assert_eq!(&plan.usable, &disk);
+            let touched = plan.record.len() + plan.drop_pending.len() + plan.drop_missing.len();
+            let in_sync = disk
+                .iter()
+                .filter(|d| records.contains(&SnapshotRecord::Committed((*d).clone())))
+                .count();
+            let ids: std::collections::BTreeSet<_> = records
+                .iter()
+                .map(|r| r.id().clone())
+                .chain(disk.iter().map(|d| d.id.clone()))
+                .collect();
+            proptest::prop_assert_eq!(touched + in_sync, ids.len(), "each snapshot once");
+            // Apply the plan to the records; a second pass has nothing to do.
+            let mut after: Vec<SnapshotRecord> = records
+                .into_iter()
+                .filter(|r| {
+                    !plan.drop_pending.contains(r.id())
+                        && !plan.drop_missing.contains(r.id())
+                        && !plan.record.iter().any(|i| &i.id == r.id())
+                })
+                .collect();
+            after.extend(plan.record.iter().cloned().map(SnapshotRecord::Committed));
+            let again = reconcile(&after, disk.clone());
+            proptest::prop_assert!(again.record.is_empty() && again.drop_pending.is_empty() && again.drop_missing.is_empty());
+            proptest::prop_assert_eq!(after.len(), disk.len(), "recorded exactly what is on disk");
+        }
     }
 }

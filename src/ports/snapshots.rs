@@ -7,6 +7,7 @@
 
 use std::path::PathBuf;
 
+use crate::domain::VmId;
 use crate::domain::snapshot::{SnapshotId, SnapshotInfo};
 
 /// Why the snapshot repository failed.
@@ -58,4 +59,41 @@ pub trait SnapshotRepo: Send + Sync + 'static {
     /// At start-up: removes what a crash left pending or unreadable and
     /// lists the usable snapshots.
     fn scan(&self) -> Result<SnapshotScan, SnapshotRepoError>;
+
+    /// Copies the writable disks `disks` (their index in the VM's config,
+    /// their path) into the prepared snapshot `id`, while the VM is paused:
+    /// a reflink where the file system has them, else a full copy. Answers
+    /// how many were full copies.
+    fn keep_disks(
+        &self,
+        id: &SnapshotId,
+        disks: &[(usize, PathBuf)],
+    ) -> Result<usize, SnapshotRepoError>;
+
+    /// Whether usable snapshot `id` holds a copy of disk `index`.
+    fn has_disk(&self, id: &SnapshotId, index: usize) -> bool;
+
+    /// Gives VM `vm` its own copy of each disk `indices` of snapshot `id`
+    /// (reflink, else full copy) in the VM's clone directory; answers their
+    /// paths in order. On failure no copy is left.
+    fn clone_disks(
+        &self,
+        id: &SnapshotId,
+        vm: &VmId,
+        indices: &[usize],
+    ) -> Result<Vec<PathBuf>, SnapshotRepoError>;
+
+    /// Removes VM `vm`'s clone directory (its disk copies), if any.
+    fn remove_clone_disks(&self, vm: &VmId) -> Result<(), SnapshotRepoError>;
+
+    /// The VMs that have a clone directory.
+    fn clone_dirs(&self) -> Result<Vec<String>, SnapshotRepoError>;
+
+    /// Where VM `vm`'s disk copies live.
+    fn clone_dir(&self, vm: &VmId) -> PathBuf;
+}
+
+/// The name of disk `index`'s copy in a snapshot.
+pub fn disk_file(index: usize) -> String {
+    format!("disk-{index}")
 }

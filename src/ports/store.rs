@@ -2,6 +2,7 @@
 
 use std::future::Future;
 
+use crate::domain::snapshot::{SnapshotId, SnapshotRecord};
 use crate::domain::{VmId, VmSnapshot};
 
 use super::hypervisor::VmmProcess;
@@ -72,4 +73,24 @@ pub trait VmStore: Send + Sync + 'static {
     /// `snapshot.revision`) or removed. Revisions continue from it after a
     /// restart, so they never go backwards.
     fn revision(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Inserts or replaces the record of snapshot `record.id()`, atomically
+    /// and durably. MUST return `Unavailable` and leave the previous record
+    /// intact on failure.
+    fn put_snapshot(
+        &self,
+        record: &SnapshotRecord,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Removes the record of snapshot `id`; removing a missing one succeeds.
+    fn remove_snapshot(
+        &self,
+        id: &SnapshotId,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Reads every snapshot record, ordered by id. MUST return `Corrupt`
+    /// rather than skip a record it cannot decode.
+    fn load_snapshots(
+        &self,
+    ) -> impl Future<Output = Result<Vec<SnapshotRecord>, StoreError>> + Send;
 }

@@ -1,5 +1,5 @@
-//! kill -9 of the vmcp-api process in the middle of CreateVm, BootVm and
-//! DeleteVm, then a restart: the next start must converge, with every VM
+//! kill -9 of the vmcp-api process in the middle of CreateVm, BootVm,
+//! DeleteVm, SnapshotVm and RestoreVm, then a restart: the next start must converge, with every VM
 //! accounted for, the store equal to what the VMMs report, and no stray VMM
 //! process or runtime directory. The VMMs are fake Cloud Hypervisors running
 //! as real processes that outlive VMCP, like real VMMs do, serving one request
@@ -453,5 +453,234 @@ async fn kill_9_mid_delete_converges() {
     })
     .await
     .expect("delete");
+    assert!(case.live_vmms().is_empty());
+}
+
+/// Rows of the store's `snapshots` table, as (id, state), read beside the
+/// running VMCP (the file is in WAL mode, so a reader does not disturb it).
+fn snapshot_rows(case: &Case) -> Vec<(String, String)> {
+    let conn = rusqlite::Connection::open_with_flags(
+        case.path("data").join("vmcp.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .expect("open the store");
+    let mut stmt = conn
+        .prepare("SELECT id, state FROM snapshots ORDER BY id")
+        .expect("prepare");
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .expect("query")
+        .map(|r| r.expect("row"))
+        .collect()
+}
+
+async fn list_snapshots(c: &Client) -> Vec<String> {
+    c.list_snapshots(pb::ListSnapshotsRequest::default())
+        .await
+        .expect("list snapshots")
+        .into_owned()
+        .snapshots
+        .into_iter()
+        .map(|s| s.snapshot_id)
+        .collect()
+}
+
+type Client = pb::VmServiceClient<connectrpc::client::HttpClient>;
+
+async fn boot(c: &Client, case: &Case, id: &str) {
+    c.create_vm(create(case, id)).await.expect("create");
+    c.boot_vm(pb::BootVmRequest {
+        vm_id: id.into(),
+        ..Default::default()
+    })
+    .await
+    .expect("boot");
+}
+
+async fn until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(std::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_snapshot_leaves_no_half_snapshot() {
+    if !kvm_usable() {
+        return skip(
+            "kill_9_mid_snapshot_leaves_no_half_snapshot",
+            "missing a read-write /dev/kvm (the backend check needs it)",
+        );
+    }
+    let case = Case::new();
+    // The VMM writes the snapshot at once and answers 3 s later.
+    let slow = Behaviour {
+        slow: [("vm.snapshot".to_owned(), 3000)].into(),
+        ..Default::default()
+    };
+    let mut v = case.start_with("bin-slow-snapshot", slow, 30).await;
+    let c = client_for(v.addr, Wire::ConnectProto);
+    boot(&c, &case, "s").await;
+    let call = tokio::spawn({
+        let c = c.clone();
+        async move {
+            c.snapshot_vm(pb::SnapshotVmRequest {
+                vm_id: "s".into(),
+                snapshot_id: "half".into(),
+                resume: true,
+                ..Default::default()
+            })
+            .await
+        }
+    });
+    let pending = case.path("data").join("snapshots").join(".pending-half");
+    until("the VMM wrote into the pending directory", || {
+        pending.join("memory-ranges").exists()
+    })
+    .await;
+    assert_eq!(
+        snapshot_rows(&case),
+        [("half".to_owned(), "pending".to_owned())],
+        "the intent was recorded before the VMM wrote"
+    );
+    kill9(&mut v);
+    let _ = call.await;
+
+    let v = case.start(&[]).await;
+    let c = client_for(v.addr, Wire::ConnectProto);
+    assert!(list_snapshots(&c).await.is_empty(), "nothing half-listed");
+    assert!(
+        entries(&case.path("data").join("snapshots")).is_empty(),
+        "the half snapshot's files are gone: {:?}",
+        entries(&case.path("data").join("snapshots"))
+    );
+    assert!(snapshot_rows(&case).is_empty(), "its intent is dropped");
+    let info = c
+        .get_vm_info(pb::GetVmInfoRequest {
+            vm_id: "s".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("the source VM was adopted")
+        .into_owned();
+    assert_eq!(case.live_vmms().len(), 1, "{}", info.state_reason);
+    // Resume it if the crash left it paused; then the id is free for a retry.
+    if st(info.state) == S::VM_STATE_PAUSED {
+        c.resume_vm(pb::ResumeVmRequest {
+            vm_id: "s".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("resume");
+    }
+    c.snapshot_vm(pb::SnapshotVmRequest {
+        vm_id: "s".into(),
+        snapshot_id: "half".into(),
+        resume: true,
+        ..Default::default()
+    })
+    .await
+    .expect("the retried snapshot");
+    assert_eq!(list_snapshots(&c).await, ["half"]);
+    assert_eq!(
+        snapshot_rows(&case),
+        [("half".to_owned(), "committed".to_owned())]
+    );
+    c.delete_snapshot(pb::DeleteSnapshotRequest {
+        snapshot_id: "half".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("delete the snapshot");
+    assert!(snapshot_rows(&case).is_empty());
+    c.delete_vm(pb::DeleteVmRequest {
+        vm_id: "s".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("delete");
+    assert!(case.live_vmms().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_restore_rolls_the_clone_back() {
+    if !kvm_usable() {
+        return skip(
+            "kill_9_mid_restore_rolls_the_clone_back",
+            "missing a read-write /dev/kvm (the backend check needs it)",
+        );
+    }
+    let case = Case::new();
+    let slow = Behaviour {
+        slow: [("vm.restore".to_owned(), 3000)].into(),
+        ..Default::default()
+    };
+    let mut v = case.start_with("bin-slow-restore", slow, 30).await;
+    let c = client_for(v.addr, Wire::ConnectProto);
+    boot(&c, &case, "s").await;
+    c.snapshot_vm(pb::SnapshotVmRequest {
+        vm_id: "s".into(),
+        snapshot_id: "warm".into(),
+        resume: true,
+        ..Default::default()
+    })
+    .await
+    .expect("snapshot");
+    let source = case.live_vmms();
+    let call = tokio::spawn({
+        let c = c.clone();
+        async move {
+            c.restore_vm(pb::RestoreVmRequest {
+                vm_id: "clone".into(),
+                snapshot_id: "warm".into(),
+                resume: true,
+                ..Default::default()
+            })
+            .await
+        }
+    });
+    until("the clone's VMM runs", || case.live_vmms().len() == 2).await;
+    // Let VMCP send vm.restore (the VMM applies it and answers 3 s later).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    kill9(&mut v);
+    let _ = call.await;
+
+    let v = case.start(&[]).await;
+    let c = client_for(v.addr, Wire::ConnectProto);
+    let e = c
+        .get_vm_info(pb::GetVmInfoRequest {
+            vm_id: "clone".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("a restore that never answered is rolled back");
+    assert_eq!(e.code, ErrorCode::NotFound);
+    assert_eq!(case.live_vmms(), source, "the clone's VMM was ended");
+    assert_eq!(
+        case.runtime_entries(),
+        ["s"],
+        "{:?}",
+        case.runtime_entries()
+    );
+    assert_eq!(list_snapshots(&c).await, ["warm"], "the snapshot is intact");
+    let r = c
+        .restore_vm(pb::RestoreVmRequest {
+            vm_id: "clone".into(),
+            snapshot_id: "warm".into(),
+            resume: true,
+            ..Default::default()
+        })
+        .await
+        .expect("the restore again")
+        .into_owned();
+    assert_eq!(st(r.state), S::VM_STATE_RUNNING);
+    for id in ["clone", "s"] {
+        c.delete_vm(pb::DeleteVmRequest {
+            vm_id: id.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("delete");
+    }
     assert!(case.live_vmms().is_empty());
 }

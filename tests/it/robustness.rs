@@ -6,7 +6,7 @@
 //! encoding, so the whole run takes seconds. Then well-formed protobuf with
 //! hostile values (huge and negative numbers, long strings, invalid UTF-8,
 //! NUL bytes, unknown enum numbers, fields repeated thousands of times, ids
-//! that are paths) to each of the fourteen RPCs, each answered with the one
+//! that are paths) to each of the nineteen RPCs, each answered with the one
 //! code it deserves, naming the field.
 
 use std::collections::BTreeMap;
@@ -29,7 +29,7 @@ use vmcp::proto::vmm::v1 as pb;
 
 use super::harness::{Harness, Wire, create_req};
 
-const RPCS: [&str; 9] = [
+const RPCS: [&str; 14] = [
     "CreateVm",
     "DeleteVm",
     "BootVm",
@@ -39,6 +39,11 @@ const RPCS: [&str; 9] = [
     "RebootVm",
     "GetVmInfo",
     "ListVms",
+    "SnapshotVm",
+    "ListSnapshots",
+    "GetSnapshot",
+    "DeleteSnapshot",
+    "RestoreVm",
 ];
 
 const CASES_PER_RPC: u32 = 64;
@@ -48,6 +53,9 @@ const CASES_PER_RPC: u32 = 64;
 const KEYS: &[&str] = &[
     "vmId",
     "vm_id",
+    "snapshotId",
+    "snapshot_id",
+    "networkOverrides",
     "config",
     "force",
     "timeoutSeconds",
@@ -432,6 +440,9 @@ struct Case {
 /// The VM the hostile values are aimed at (booted, with a console).
 const TARGET: &str = "target";
 
+/// A snapshot of the target, taken before the hostile requests.
+const SNAPSHOT: &str = "warm";
+
 /// Hostile values in well-formed messages, for every RPC: huge and
 /// negative numbers, long strings, invalid UTF-8, NUL bytes, unknown enum
 /// numbers, repeated fields thousands of times over, ids that are paths.
@@ -640,6 +651,155 @@ fn cases(kernel: &str) -> Vec<Case> {
         "memory_bytes i64::MAX",
         vec![t(), Field::Int(2, 1), Field::Int(3, i64::MAX)],
         Want::Invalid("memory_bytes"),
+    );
+    // The snapshot RPCs: every id field hostile, unknown enums, overrides by the thousand.
+    let bad_snapshot_ids: Vec<(&str, Vec<u8>, Want)> = bad_ids
+        .iter()
+        .map(|(what, id, want)| {
+            let want = match want {
+                Want::Invalid(_) => Want::Invalid("snapshot_id"),
+                other => *other,
+            };
+            (*what, id.clone(), want)
+        })
+        .collect();
+    for (what, id, want) in &bad_ids {
+        add(
+            "SnapshotVm",
+            &format!("vm_id with {what}"),
+            vec![Field::Raw(1, id.clone())],
+            *want,
+        );
+        add(
+            "RestoreVm",
+            &format!("vm_id with {what}"),
+            vec![Field::Raw(1, id.clone()), s(2, SNAPSHOT)],
+            *want,
+        );
+        let want = match want {
+            Want::Invalid(_) => Want::Invalid("source_vm_id"),
+            other => *other,
+        };
+        add(
+            "ListSnapshots",
+            &format!("source_vm_id with {what}"),
+            vec![Field::Raw(1, id.clone())],
+            want,
+        );
+    }
+    for (what, id, want) in &bad_snapshot_ids {
+        add(
+            "SnapshotVm",
+            &format!("snapshot_id with {what}"),
+            vec![t(), Field::Raw(2, id.clone())],
+            *want,
+        );
+        add(
+            "GetSnapshot",
+            &format!("snapshot_id with {what}"),
+            vec![Field::Raw(1, id.clone())],
+            *want,
+        );
+        add(
+            "DeleteSnapshot",
+            &format!("snapshot_id with {what}"),
+            vec![Field::Raw(1, id.clone())],
+            *want,
+        );
+        add(
+            "RestoreVm",
+            &format!("snapshot_id with {what}"),
+            vec![s(1, "fresh"), Field::Raw(2, id.clone())],
+            *want,
+        );
+    }
+    add(
+        "SnapshotVm",
+        "an unknown vm_id",
+        vec![s(1, "ghost")],
+        Want::NotFound,
+    );
+    add(
+        "SnapshotVm",
+        "an unknown kind",
+        vec![t(), s(2, "k"), Field::Int(4, 99)],
+        Want::Invalid("kind"),
+    );
+    add(
+        "SnapshotVm",
+        "a negative kind",
+        vec![t(), s(2, "k"), Field::Int(4, -1)],
+        Want::Invalid("kind"),
+    );
+    add(
+        "SnapshotVm",
+        "kind diff",
+        vec![t(), s(2, "k"), Field::Int(4, 2)],
+        Want::Code("unimplemented", ""),
+    );
+    add(
+        "SnapshotVm",
+        "an id already taken",
+        vec![t(), s(2, SNAPSHOT)],
+        Want::Code("already_exists", ""),
+    );
+    add(
+        "ListSnapshots",
+        "an unknown source_vm_id",
+        vec![s(1, "ghost")],
+        Want::Ok,
+    );
+    add(
+        "GetSnapshot",
+        "an unknown snapshot_id",
+        vec![s(1, "ghost")],
+        Want::NotFound,
+    );
+    add(
+        "DeleteSnapshot",
+        "an unknown snapshot_id",
+        vec![s(1, "ghost")],
+        Want::NotFound,
+    );
+    add(
+        "RestoreVm",
+        "an unknown snapshot_id",
+        vec![s(1, "fresh"), s(2, "ghost")],
+        Want::NotFound,
+    );
+    add(
+        "RestoreVm",
+        "an existing vm_id",
+        vec![t(), s(2, SNAPSHOT)],
+        Want::Code("already_exists", ""),
+    );
+    let nic = |iface: &str, tap: &str| Field::Msg(4, vec![s(1, iface), s(2, tap)]);
+    add(
+        "RestoreVm",
+        "a network override without a tap",
+        vec![s(1, "fresh"), s(2, SNAPSHOT), nic("eth0", "")],
+        Want::Invalid("network_overrides[0]"),
+    );
+    add(
+        "RestoreVm",
+        "a network override of an interface the snapshot lacks",
+        vec![s(1, "fresh"), s(2, SNAPSHOT), nic("eth9", "tap9")],
+        Want::Invalid("network_overrides[0].interface_id"),
+    );
+    add(
+        "RestoreVm",
+        "network overrides 2000 times",
+        (0..2000)
+            .map(|i| nic(&format!("if{i}"), "tap"))
+            .chain([s(1, "fresh"), s(2, SNAPSHOT)])
+            .collect(),
+        Want::Invalid("network_overrides[0].interface_id"),
+    );
+    add(
+        "RestoreVm",
+        "metadata with invalid UTF-8",
+        vec![s(1, "fresh"), s(2, SNAPSHOT), entry(5, b"k", &[0xff, 0xfe])],
+        Want::Undecodable,
     );
     // CreateVm: one hostile value in a config that is otherwise valid, each under its own id.
     let mut n = 0;
@@ -967,6 +1127,14 @@ async fn hostile_values_in_well_formed_protobuf_get_a_clear_code_on_every_rpc() 
     })
     .await
     .expect("boot the target");
+    c.snapshot_vm(pb::SnapshotVmRequest {
+        vm_id: TARGET.into(),
+        snapshot_id: SNAPSHOT.into(),
+        resume: true,
+        ..Default::default()
+    })
+    .await
+    .expect("snapshot the target");
 
     let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
     let mut rpcs = std::collections::BTreeSet::new();
@@ -989,7 +1157,7 @@ async fn hostile_values_in_well_formed_protobuf_get_a_clear_code_on_every_rpc() 
         cases.len(),
         wrong.join("\n")
     );
-    assert_eq!(rpcs.len(), 14, "every RPC of vmm.v1.VmService: {rpcs:?}");
+    assert_eq!(rpcs.len(), 19, "every RPC of vmm.v1.VmService: {rpcs:?}");
 
     // The NUL bytes VMCP accepted in metadata come back as they were sent.
     let info = h.info(OPAQUE).await;
@@ -1011,5 +1179,16 @@ async fn hostile_values_in_well_formed_protobuf_get_a_clear_code_on_every_rpc() 
         h.info(TARGET).await.state.as_known(),
         Some(pb::VmState::VM_STATE_RUNNING)
     );
+    let snapshots = c
+        .list_snapshots(pb::ListSnapshotsRequest::default())
+        .await
+        .expect("list snapshots")
+        .into_owned();
+    let ids: Vec<&str> = snapshots
+        .snapshots
+        .iter()
+        .map(|s| s.snapshot_id.as_str())
+        .collect();
+    assert_eq!(ids, [SNAPSHOT], "no hostile request made or removed one");
     h.stop().await;
 }

@@ -342,6 +342,13 @@ async fn a_vmm_failing_mid_snapshot_or_a_full_disk_leaves_no_snapshot() {
     );
     assert!(list(&c).await.is_empty());
     assert!(entries(dir.path()).is_empty(), "{:?}", entries(dir.path()));
+    assert!(
+        vmcp::ports::VmStore::load_snapshots(&*h.store)
+            .await
+            .expect("records")
+            .is_empty(),
+        "the failed snapshots' intents are dropped"
+    );
     assert_eq!(
         h.info("flaky").await.state.as_known(),
         Some(S::VM_STATE_RUNNING)
@@ -468,29 +475,135 @@ async fn a_restore_cut_off_by_a_crash_is_rolled_back_at_the_next_start() {
     h.stop().await;
 }
 
-#[tokio::test]
-async fn a_clone_may_not_write_a_disk_another_vm_uses() {
-    let h = Harness::start().await;
-    let c = h.client(Wire::ConnectProto);
-    let mut req = super::console::create("disky");
+/// A VM with a writable disk file at `disk`, created and booted.
+async fn create_disky(c: &Client, id: &str, disk: &Path) {
+    let mut req = super::console::create(id);
     req.config.as_option_mut().expect("config").storage = vec![pb::StorageDevice {
         id: "root".into(),
-        path: "/var/lib/vmcp/images/root.img".into(),
+        path: disk.display().to_string(),
         is_root_device: true,
         ..Default::default()
     }];
     c.create_vm(req).await.expect("create");
     c.boot_vm(pb::BootVmRequest {
-        vm_id: "disky".into(),
+        vm_id: id.into(),
         ..Default::default()
     })
     .await
     .expect("boot");
+}
+
+async fn disk_of(c: &Client, id: &str) -> String {
+    c.get_vm_info(pb::GetVmInfoRequest {
+        vm_id: id.into(),
+        ..Default::default()
+    })
+    .await
+    .expect("info")
+    .into_owned()
+    .config
+    .into_option()
+    .expect("config")
+    .storage[0]
+        .path
+        .clone()
+}
+
+#[tokio::test]
+async fn each_clone_gets_its_own_copy_of_the_disk_as_it_was_at_the_snapshot() {
+    let dir = tempfile::tempdir().expect("dir");
+    let images = tempfile::tempdir().expect("images");
+    let disk = images.path().join("root.img");
+    std::fs::write(&disk, b"at snapshot time").expect("disk");
+    let double = Arc::new(Double::new());
+    let store = Arc::new(MemoryStore::new());
+    let h = serve(Arc::clone(&double), Arc::clone(&store), dir.path()).await;
+    let c = h.client(Wire::ConnectProto);
+    create_disky(&c, "disky", &disk).await;
+    snapshot(&c, "disky", "d", true).await.expect("snapshot");
+    assert_eq!(
+        h.info("disky").await.state.as_known(),
+        Some(S::VM_STATE_RUNNING),
+        "resumed once its disk was copied"
+    );
+    assert_eq!(
+        std::fs::read(dir.path().join("d").join("disk-0")).expect("the snapshot's copy"),
+        b"at snapshot time"
+    );
+    // The source goes on writing its disk; the clones start from the snapshot's.
+    std::fs::write(&disk, b"later").expect("write");
+    for twin in ["twin1", "twin2"] {
+        let r = restore(&c, twin, "d")
+            .await
+            .expect("restore while the source runs");
+        assert_eq!(r.state.as_known(), Some(S::VM_STATE_RUNNING));
+    }
+    let (p1, p2) = (disk_of(&c, "twin1").await, disk_of(&c, "twin2").await);
+    assert_eq!(
+        p1,
+        dir.path()
+            .join(".clones/twin1/disk-0")
+            .display()
+            .to_string()
+    );
+    assert_ne!(p1, p2, "each clone has its own");
+    assert_eq!(std::fs::read(&p1).expect("copy"), b"at snapshot time");
+    std::fs::write(&p1, b"twin1 wrote").expect("write");
+    assert_eq!(std::fs::read(&p2).expect("copy"), b"at snapshot time");
+    assert_eq!(std::fs::read(&disk).expect("source"), b"later");
+    assert_eq!(disk_of(&c, "disky").await, disk.display().to_string());
+
+    c.delete_vm(pb::DeleteVmRequest {
+        vm_id: "twin1".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("delete a clone");
+    assert!(!Path::new(&p1).exists(), "its copy went with it");
+    assert!(Path::new(&p2).exists(), "the other's stays");
+    h.stop().await;
+
+    // A crash between a restore's copies and its record leaves copies no VM owns.
+    let ghost = dir.path().join(".clones/ghost");
+    std::fs::create_dir_all(&ghost).expect("mkdir");
+    std::fs::write(ghost.join("disk-0"), b"x").expect("write");
+    let h = serve(Arc::new(double.restarted()), store, dir.path()).await;
+    let c = h.client(Wire::ConnectProto);
+    assert!(!ghost.exists(), "removed at the start");
+    assert!(Path::new(&p2).exists(), "a live clone's copy is kept");
+    for vm in ["twin2", "disky"] {
+        c.delete_vm(pb::DeleteVmRequest {
+            vm_id: vm.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("delete");
+    }
+    assert_eq!(entries(dir.path()), ["d"], "no clone directory left");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_snapshot_without_a_disk_copy_may_not_be_restored_beside_a_vm_writing_the_disk() {
+    let dir = tempfile::tempdir().expect("dir");
+    let images = tempfile::tempdir().expect("images");
+    let disk = images.path().join("root.img");
+    std::fs::write(&disk, b"image").expect("disk");
+    let h = serve(
+        Arc::new(Double::new()),
+        Arc::new(MemoryStore::new()),
+        dir.path(),
+    )
+    .await;
+    let c = h.client(Wire::ConnectProto);
+    create_disky(&c, "disky", &disk).await;
     snapshot(&c, "disky", "d", false).await.expect("snapshot");
+    // As a snapshot taken before VMCP kept disk copies.
+    std::fs::remove_file(dir.path().join("d").join("disk-0")).expect("rm");
     let (code_, m) = code(restore(&c, "twin", "d").await);
     assert_eq!(code_, ErrorCode::FailedPrecondition);
     assert!(
-        m.starts_with("config.storage[0]: /var/lib/vmcp/images/root.img"),
+        m.starts_with(&format!("config.storage[0]: {}", disk.display())),
         "{m}"
     );
     assert!(m.contains("disky"), "names the VM using it: {m}");
@@ -503,6 +616,152 @@ async fn a_clone_may_not_write_a_disk_another_vm_uses() {
     let r = restore(&c, "twin", "d")
         .await
         .expect("the disk is free now");
+    assert_eq!(r.state.as_known(), Some(S::VM_STATE_RUNNING));
+    assert_eq!(disk_of(&c, "twin").await, disk.display().to_string());
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_disk_that_cannot_be_copied_fails_the_snapshot_and_leaves_the_vm_running() {
+    let dir = tempfile::tempdir().expect("dir");
+    let images = tempfile::tempdir().expect("images");
+    let disk = images.path().join("root.img");
+    std::fs::write(&disk, b"image").expect("disk");
+    let store = Arc::new(MemoryStore::new());
+    let h = serve(Arc::new(Double::new()), Arc::clone(&store), dir.path()).await;
+    let c = h.client(Wire::ConnectProto);
+    create_disky(&c, "disky", &disk).await;
+    std::fs::remove_file(&disk).expect("the disk goes away");
+    let (code_, m) = code(snapshot(&c, "disky", "d", true).await);
+    assert_eq!(code_, ErrorCode::Unavailable, "{m}");
+    assert!(m.contains("root.img"), "names the disk: {m}");
+    assert!(list(&c).await.is_empty());
+    assert!(entries(dir.path()).is_empty(), "{:?}", entries(dir.path()));
+    assert!(
+        vmcp::ports::VmStore::load_snapshots(&*store)
+            .await
+            .expect("records")
+            .is_empty()
+    );
+    assert_eq!(
+        h.info("disky").await.state.as_known(),
+        Some(S::VM_STATE_RUNNING),
+        "resumed as asked"
+    );
+    h.stop().await;
+}
+
+fn sid(id: &str) -> vmcp::domain::snapshot::SnapshotId {
+    vmcp::domain::snapshot::SnapshotId::parse("snapshot_id", id).expect("id")
+}
+
+#[tokio::test]
+async fn the_store_records_each_snapshot_and_a_restart_reconciles_it_with_the_disk() {
+    use vmcp::domain::snapshot::SnapshotRecord;
+    use vmcp::ports::VmStore;
+
+    let dir = tempfile::tempdir().expect("dir");
+    let double = Arc::new(Double::new());
+    let store = Arc::new(MemoryStore::new());
+    let h = serve(Arc::clone(&double), Arc::clone(&store), dir.path()).await;
+    let c = h.client(Wire::ConnectProto);
+    create_and_boot(&h, "src").await;
+    for id in ["a", "b", "c"] {
+        snapshot(&c, "src", id, true).await.expect("snapshot");
+    }
+    let records = store.load_snapshots().await.expect("records");
+    let committed: Vec<_> = records
+        .iter()
+        .filter_map(|r| match r {
+            SnapshotRecord::Committed(i) => Some(i.id.to_string()),
+            SnapshotRecord::Pending { .. } => None,
+        })
+        .collect();
+    assert_eq!(
+        committed,
+        ["a", "b", "c"],
+        "each recorded whole: {records:?}"
+    );
+    let SnapshotRecord::Committed(a) = records[0].clone() else {
+        unreachable!("checked above")
+    };
+    let got = c
+        .get_snapshot(pb::GetSnapshotRequest {
+            snapshot_id: "a".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("get")
+        .into_owned()
+        .snapshot
+        .into_option()
+        .expect("info");
+    assert_eq!(
+        got.size_bytes, a.size_bytes as i64,
+        "the record is what the API answers"
+    );
+    c.delete_snapshot(pb::DeleteSnapshotRequest {
+        snapshot_id: "c".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("delete");
+    assert_eq!(store.load_snapshots().await.expect("records").len(), 2);
+    h.stop().await;
+
+    // What crashes at each step leave:
+    // a: renamed into place, the store still holds the intent;
+    store
+        .put_snapshot(&SnapshotRecord::Pending {
+            id: sid("a"),
+            source_vm_id: a.source_vm_id.clone(),
+            created_at: 1,
+        })
+        .await
+        .expect("intent");
+    // b: recorded, its files deleted, the record not yet removed;
+    std::fs::remove_dir_all(dir.path().join("b")).expect("rm b");
+    // p: the intent and the half-written pending directory;
+    store
+        .put_snapshot(&SnapshotRecord::Pending {
+            id: sid("p"),
+            source_vm_id: a.source_vm_id.clone(),
+            created_at: 1,
+        })
+        .await
+        .expect("intent");
+    std::fs::create_dir(dir.path().join(".pending-p")).expect("mkdir");
+    std::fs::write(dir.path().join(".pending-p").join("memory"), b"half").expect("write");
+    // d: a whole directory the store never heard of (an older VMCP, a lost store).
+    std::fs::create_dir(dir.path().join("d")).expect("mkdir");
+    for e in std::fs::read_dir(dir.path().join("a")).expect("a") {
+        let e = e.expect("entry");
+        std::fs::copy(e.path(), dir.path().join("d").join(e.file_name())).expect("copy");
+    }
+    let described = dir.path().join("d").join("snapshot.json");
+    let text = std::fs::read_to_string(&described).expect("description");
+    std::fs::write(
+        &described,
+        text.replace("\"snapshot_id\": \"a\"", "\"snapshot_id\": \"d\""),
+    )
+    .expect("rewrite");
+
+    let h = serve(Arc::new(double.restarted()), Arc::clone(&store), dir.path()).await;
+    let c = h.client(Wire::ConnectProto);
+    assert_eq!(list(&c).await, ["a", "d"], "whole on disk: usable");
+    assert_eq!(entries(dir.path()), ["a", "d"], "the half one is gone");
+    let records = store.load_snapshots().await.expect("records");
+    assert_eq!(records.len(), 2, "{records:?}");
+    assert_eq!(
+        records[0],
+        SnapshotRecord::Committed(a.clone()),
+        "a re-recorded"
+    );
+    assert!(
+        matches!(&records[1], SnapshotRecord::Committed(d) if d.id.as_str() == "d" && d.size_bytes == a.size_bytes),
+        "d recorded from its description: {records:?}"
+    );
+    let r = restore(&c, "clone", "d").await.expect("restore");
     assert_eq!(r.state.as_known(), Some(S::VM_STATE_RUNNING));
     h.stop().await;
 }

@@ -786,7 +786,7 @@ async fn completions_and_the_man_page_come_from_the_command_definitions() {
     ] {
         let run = vmcpctl_env(&[], &["completions", shell]).await.ok();
         assert!(run.stdout.contains(marker), "{shell}: {}", run.stdout);
-        for sub in ["create", "shutdown", "list"] {
+        for sub in ["create", "shutdown", "list", "snapshot", "restore"] {
             assert!(run.stdout.contains(sub), "{shell} completes {sub}");
         }
     }
@@ -809,6 +809,9 @@ async fn completions_and_the_man_page_come_from_the_command_definitions() {
         "vmcpctl-create.1",
         "vmcpctl-list.1",
         "vmcpctl-shutdown.1",
+        "vmcpctl-snapshot.1",
+        "vmcpctl-snapshot-create.1",
+        "vmcpctl-restore.1",
     ] {
         let text = std::fs::read_to_string(dir.path().join(page)).expect(page);
         assert!(text.contains(".TH vmcpctl"), "{page}");
@@ -1410,5 +1413,102 @@ async fn resize_changes_the_size_and_prints_what_the_vmm_reports() {
     let run = vmcpctl(&h, &["resize", "big", "--vcpus", "9"]).await;
     assert_eq!(run.code, 4, "refused by the server: {run:?}");
     assert!(run.stderr.contains("vcpu_count"), "{run:?}");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn snapshot_commands_and_restore_drive_the_snapshot_rpcs() {
+    use super::console::create_and_boot;
+
+    let h = Harness::start().await;
+    create_and_boot(&h, "src").await;
+    let doc = vmcpctl(
+        &h,
+        &["-o", "json", "snapshot", "create", "src", "--id", "warm"],
+    )
+    .await
+    .ok()
+    .json();
+    assert_eq!(doc["snapshot"]["snapshotId"], "warm", "{doc}");
+    assert_eq!(doc["snapshot"]["sourceVmId"], "src", "{doc}");
+    assert_eq!(
+        state_of(&h, "src").await,
+        Some(pb::VmState::VM_STATE_RUNNING)
+    );
+    let run = vmcpctl(&h, &["snapshot", "create", "src", "--paused"])
+        .await
+        .ok();
+    let generated = run
+        .stdout
+        .lines()
+        .nth(1)
+        .expect("a row")
+        .split_whitespace()
+        .next()
+        .expect("id")
+        .to_owned();
+    assert!(generated.starts_with("snap-"), "{run:?}");
+    assert_eq!(
+        state_of(&h, "src").await,
+        Some(pb::VmState::VM_STATE_PAUSED)
+    );
+
+    let run = vmcpctl(&h, &["snapshot", "list"]).await.ok();
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "a header and two rows: {run:?}");
+    assert!(lines[0].starts_with("ID"), "{run:?}");
+    let doc = vmcpctl(&h, &["-o", "json", "snapshot", "list", "--vm", "other"])
+        .await
+        .ok()
+        .json();
+    assert_eq!(doc, serde_json::json!({}), "none of another VM: {doc}");
+    let doc = vmcpctl(&h, &["-o", "json", "snapshot", "get", "warm"])
+        .await
+        .ok()
+        .json();
+    assert_eq!(doc["snapshot"]["snapshotId"], "warm", "{doc}");
+
+    let run = vmcpctl(
+        &h,
+        &[
+            "restore",
+            "clone",
+            "--from",
+            "warm",
+            "--metadata",
+            "role=copy",
+        ],
+    )
+    .await
+    .ok();
+    assert_eq!(
+        run.stdout.split_whitespace().collect::<Vec<_>>(),
+        ["clone", "RUNNING"]
+    );
+    let doc = vmcpctl(
+        &h,
+        &[
+            "-o", "json", "restore", "still", "--from", "warm", "--paused",
+        ],
+    )
+    .await
+    .ok()
+    .json();
+    assert_eq!(doc["state"], "VM_STATE_PAUSED", "{doc}");
+
+    let run = vmcpctl(&h, &["snapshot", "delete", "warm"]).await.ok();
+    assert_eq!(
+        run.stdout.split_whitespace().collect::<Vec<_>>(),
+        ["warm", "DELETED"]
+    );
+    let run = vmcpctl(&h, &["snapshot", "get", "warm"]).await;
+    assert_eq!(run.code, 3, "not found: {run:?}");
+    let run = vmcpctl(&h, &["restore", "again", "--from", "warm"]).await;
+    assert_eq!(run.code, 3, "not found: {run:?}");
+    let run = vmcpctl(&h, &["restore", "again"]).await;
+    assert_eq!(run.code, 2, "--from is required: {run:?}");
+    let run = vmcpctl(&h, &["snapshot", "create", "src", "--id", "../x"]).await;
+    assert_eq!(run.code, 4, "refused by the server: {run:?}");
+    assert!(run.stderr.contains("snapshot_id"), "{run:?}");
     h.stop().await;
 }

@@ -14,14 +14,18 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::adapters::outbound::disk_copy::{DiskCopy, copy_disk};
 use crate::adapters::outbound::store::sqlite::config_json;
 use crate::domain::snapshot::{SnapshotId, SnapshotInfo, SnapshotKind};
 use crate::domain::{VmConfig, VmId};
+use crate::ports::snapshots::disk_file;
 use crate::ports::{SnapshotRepo, SnapshotRepoError, SnapshotScan};
 
 /// The description file in each snapshot directory.
 pub const DESCRIPTION: &str = "snapshot.json";
 const PENDING: &str = ".pending-";
+/// The directory of the clones' disk copies, one directory per VM.
+pub const CLONES: &str = ".clones";
 
 /// Snapshots under one directory.
 #[derive(Debug, Clone)]
@@ -200,6 +204,9 @@ impl SnapshotRepo for FsSnapshots {
         for entry in entries {
             let entry = entry.map_err(io("cannot list the snapshot directory"))?;
             let name = entry.file_name().to_string_lossy().into_owned();
+            if name == CLONES {
+                continue;
+            }
             let path = entry.path();
             let usable = if name.starts_with(PENDING) {
                 None
@@ -226,6 +233,92 @@ impl SnapshotRepo for FsSnapshots {
         }
         scan.usable.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(scan)
+    }
+
+    fn keep_disks(
+        &self,
+        id: &SnapshotId,
+        disks: &[(usize, PathBuf)],
+    ) -> Result<usize, SnapshotRepoError> {
+        let dir = self.pending(id);
+        let mut full = 0;
+        for (index, path) in disks {
+            let to = dir.join(disk_file(*index));
+            let how = copy_disk(path, &to).map_err(io(format!(
+                "cannot copy disk {} into {}",
+                path.display(),
+                to.display()
+            )))?;
+            if how == DiskCopy::Full {
+                full += 1;
+            }
+        }
+        Ok(full)
+    }
+
+    fn has_disk(&self, id: &SnapshotId, index: usize) -> bool {
+        self.path(id).join(disk_file(index)).is_file()
+    }
+
+    fn clone_disks(
+        &self,
+        id: &SnapshotId,
+        vm: &VmId,
+        indices: &[usize],
+    ) -> Result<Vec<PathBuf>, SnapshotRepoError> {
+        let dir = self.clone_dir(vm);
+        remove_tree(&dir).map_err(io(format!("cannot clear {}", dir.display())))?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(io(format!("cannot create {}", dir.display())))?;
+        let mut paths = Vec::with_capacity(indices.len());
+        for index in indices {
+            let (from, to) = (
+                self.path(id).join(disk_file(*index)),
+                dir.join(disk_file(*index)),
+            );
+            match copy_disk(&from, &to) {
+                Ok(how) => {
+                    tracing::debug!(vm.id = %vm, disk = index, ?how, "disk copied for a clone");
+                    paths.push(to);
+                }
+                Err(e) => {
+                    let _ = remove_tree(&dir);
+                    return Err(io(format!(
+                        "cannot copy {} to {}",
+                        from.display(),
+                        to.display()
+                    ))(e));
+                }
+            }
+        }
+        Ok(paths)
+    }
+
+    fn remove_clone_disks(&self, vm: &VmId) -> Result<(), SnapshotRepoError> {
+        let dir = self.clone_dir(vm);
+        remove_tree(&dir).map_err(io(format!("cannot remove {}", dir.display())))?;
+        // The last clone takes the directory of clones with it (fails while others remain).
+        let _ = fs::remove_dir(self.root.join(CLONES));
+        Ok(())
+    }
+
+    fn clone_dirs(&self) -> Result<Vec<String>, SnapshotRepoError> {
+        let root = self.root.join(CLONES);
+        match fs::read_dir(&root) {
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(io(format!("cannot list {}", root.display()))(e)),
+            Ok(entries) => Ok(entries
+                .filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()),
+        }
+    }
+
+    fn clone_dir(&self, vm: &VmId) -> PathBuf {
+        self.root.join(CLONES).join(vm.as_str())
     }
 }
 

@@ -138,8 +138,14 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
     pub async fn recover(&self) -> Result<Recovered, VmError> {
         self.recovering.store(true, Ordering::Release);
         if let Some(s) = self.snapshots.get() {
-            match s.scan().await {
-                Ok(n) => tracing::info!(snapshots = n, "snapshots found"),
+            match s.scan(&*self.deps.store).await {
+                Ok(n) => tracing::info!(
+                    snapshots = n.usable,
+                    recorded = n.recorded,
+                    removed = n.removed,
+                    missing = n.missing,
+                    "snapshots reconciled"
+                ),
                 Err(e) => tracing::error!(error = %e, "cannot read the snapshots"),
             }
         }
@@ -158,6 +164,12 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
                 Ok(swept) => done.taps = swept,
                 Err(e) => tracing::error!(error = %e, "cannot sweep the host's taps"),
             }
+        }
+        if result.is_ok()
+            && let Some(s) = self.snapshots.get()
+        {
+            s.remove_unowned_clone_disks(|vm| self.registry.contains(vm))
+                .await;
         }
         self.recovering.store(false, Ordering::Release);
         result
@@ -264,6 +276,9 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
         let result = ask(&entry, &id, |reply| Request::Command(cmd, reply)).await;
         if result.as_ref().is_ok_and(|s| s.deleted) {
             self.registry.remove_if_owned_by(&id, &entry.tx);
+            if let Some(s) = self.snapshots.get() {
+                s.remove_clone_disks(&id).await;
+            }
         }
         result
     }
@@ -286,16 +301,19 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
     }
 
     async fn create(&self, req: CreateVm) -> Result<VmSnapshot, VmError> {
-        self.start_vm(req.vm_id, req.config, None).await
+        self.start_vm(req.vm_id, req.config, None, None).await
     }
 
     /// Creates a VM, or restores one from the snapshot `restore` names (its
     /// directory, and whether to resume it): admission, then the owner.
+    /// `admitted_as` is the config admission checks (a clone's is the
+    /// snapshot's: its disk copies are VMCP's own files, not the caller's).
     async fn start_vm(
         &self,
         id: Option<VmId>,
         config: crate::domain::VmConfig,
         restore: Option<(std::path::PathBuf, bool)>,
+        admitted_as: Option<&crate::domain::VmConfig>,
     ) -> Result<VmSnapshot, VmError> {
         let mut config = config;
         let networking = self.deps.network.get();
@@ -318,7 +336,8 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
         }
         self.deps.hypervisor.validate(&req.config)?;
         // Per-VM limits and host paths; a few stat calls, cheap enough inline.
-        self.admission.check_vm(&req.config)?;
+        self.admission
+            .check_vm(admitted_as.unwrap_or(&req.config))?;
         self.require_backend().await?;
         // Before anything is registered or spawned: a refusal leaves nothing half-created.
         self.require_descriptors()?;
@@ -563,7 +582,7 @@ impl<H: Hypervisor, S: VmStore> VmService for VmManager<H, S> {
     }
 
     async fn delete_snapshot(&self, id: SnapshotId) -> Result<(), VmError> {
-        self.snapshots()?.delete(&id).await
+        self.snapshots()?.delete(&*self.deps.store, &id).await
     }
 
     async fn restore_vm(&self, req: RestoreVm) -> Result<VmSnapshot, VmError> {

@@ -6,7 +6,7 @@ use crate::app::owner::Request;
 use crate::domain::snapshot::{
     SnapshotId, SnapshotInfo, SnapshotKind, check_disks_free, restored_config,
 };
-use crate::domain::{VmError, VmId, VmSnapshot};
+use crate::domain::{Command, VmError, VmId, VmSnapshot};
 use crate::ports::{Hypervisor, RestoreVm, VmStore};
 
 impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
@@ -35,16 +35,68 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
                 &format!("snap-{}", uuid::Uuid::new_v4().simple()),
             )?,
         };
-        // The memory file is about the guest's memory size.
-        let expected = u64::try_from(view.snapshot.config.memory.size_bytes).unwrap_or(0);
-        let taking = snapshots.begin(snapshot_id.clone(), expected).await?;
+        // Writable disks are copied into the snapshot while the VM is paused,
+        // so that its clones start from the disk that matches its memory.
+        let disks: Vec<(usize, std::path::PathBuf)> = view
+            .snapshot
+            .config
+            .storage
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| !d.read_only)
+            .map(|(i, d)| (i, std::path::PathBuf::from(&d.path)))
+            .collect();
+        // The memory file is about the guest's memory size; full disk copies their size.
+        let expected = u64::try_from(view.snapshot.config.memory.size_bytes).unwrap_or(0)
+            + disks
+                .iter()
+                .filter_map(|(_, p)| std::fs::metadata(p).ok())
+                .map(|m| m.len())
+                .sum::<u64>();
+        let now = self.deps.clock.now_unix();
+        let taking = snapshots
+            .begin(&self.deps.store, snapshot_id.clone(), &id, now, expected)
+            .await?;
         let dir = taking.dir.clone();
-        let snap = super::ask(&entry, &id, |reply| Request::Snapshot {
+        // With disks to copy, the VM stays paused until they are.
+        let vmm_resumes = resume && disks.is_empty();
+        let snap = match super::ask(&entry, &id, |reply| Request::Snapshot {
             dir,
-            resume,
+            resume: vmm_resumes,
             reply,
         })
-        .await?;
+        .await
+        {
+            Ok(snap) => snap,
+            Err(e) => {
+                taking.abort().await;
+                return Err(e);
+            }
+        };
+        if !disks.is_empty() {
+            let kept = taking.keep_disks(disks).await;
+            let resumed = if resume {
+                self.command(id.clone(), Command::Resume).await.map(drop)
+            } else {
+                Ok(())
+            };
+            match kept {
+                Ok(full) if full > 0 => {
+                    tracing::info!(vm.id = %id, snapshot.id = %snapshot_id, full, "disks copied in full (no reflinks on this file system)");
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    taking.abort().await;
+                    return Err(e);
+                }
+            }
+            if let Err(e) = resumed {
+                taking.abort().await;
+                return Err(VmError::Unavailable(format!(
+                    "the snapshot was taken but vm {id} could not be resumed, so it was dropped: {e}"
+                )));
+            }
+        }
         let vmm_version = self.backend_health().await.version;
         taking
             .commit(SnapshotInfo {
@@ -53,7 +105,7 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
                 backend: backend.to_owned(),
                 vmm_version,
                 config: snap.config,
-                created_at: self.deps.clock.now_unix(),
+                created_at: now,
                 size_bytes: 0,
                 kind,
             })
@@ -61,35 +113,64 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
     }
 
     /// A restore is a create whose VMM loads the snapshot: the same
-    /// admission (config rules, host paths, limits) and durability.
+    /// admission (config rules, host paths, limits) and durability. Each
+    /// writable disk the snapshot holds a copy of is copied again for the
+    /// new VM (its own disk, removed with it); a writable disk it holds no
+    /// copy of may not be in use by another VM.
     pub(super) async fn restore(&self, req: RestoreVm) -> Result<VmSnapshot, VmError> {
         self.require_backend().await?;
-        let reading = self.snapshots()?.read(&req.snapshot_id)?;
+        let snapshots = self.snapshots()?;
+        let reading = snapshots.read(&req.snapshot_id)?;
         let health = self.backend_health().await;
         reading
             .info
             .check_restorable(self.deps.hypervisor.kind().as_str(), &health.version)?;
-        let mut config = restored_config(&reading.info, &req.network_overrides, req.metadata)?;
+        let mut admitted = restored_config(&reading.info, &req.network_overrides, req.metadata)?;
         // A managed interface gets the restored VM's own tap (or the override's, unmanaged).
         let overridden: Vec<&str> = req
             .network_overrides
             .iter()
             .map(|o| o.interface_id.as_str())
             .collect();
-        crate::domain::network::for_restore(&mut config, &overridden);
+        crate::domain::network::for_restore(&mut admitted, &overridden);
+        let claim = snapshots.claim_clone(&req.vm_id)?;
         if self.registry.contains(&req.vm_id) {
             return Err(VmError::AlreadyExists(req.vm_id.to_string()));
         }
+        let copied: Vec<usize> = admitted
+            .storage
+            .iter()
+            .enumerate()
+            .filter(|(i, d)| !d.read_only && snapshots.has_disk(&req.snapshot_id, *i))
+            .map(|(i, _)| i)
+            .collect();
         let views = self.registry.views(&[]);
         check_disks_free(
-            &config,
+            &admitted,
+            &copied,
             views.iter().map(|v| (&v.snapshot.id, &v.snapshot.config)),
         )?;
-        self.start_vm(
-            Some(req.vm_id),
-            config,
-            Some((reading.dir.clone(), req.resume)),
-        )
-        .await
+        let mut config = admitted.clone();
+        if !copied.is_empty() {
+            let paths = snapshots
+                .clone_disks(&claim, &req.snapshot_id, copied.clone())
+                .await?;
+            for (i, path) in copied.iter().zip(paths) {
+                config.storage[*i].path = path.display().to_string();
+            }
+        }
+        let result = self
+            .start_vm(
+                Some(req.vm_id.clone()),
+                config,
+                Some((reading.dir.clone(), req.resume)),
+                Some(&admitted),
+            )
+            .await;
+        if result.is_err() && !copied.is_empty() {
+            snapshots.remove_clone_disks(&req.vm_id).await;
+        }
+        drop(claim);
+        result
     }
 }

@@ -121,6 +121,10 @@ pub enum VmCommand {
     Console(ConsoleArgs),
     /// Change a running VM's vCPUs or memory within the hot-plug ceilings it was created with.
     Resize(ResizeArgs),
+    /// Take, list, show and delete snapshots.
+    Snapshot(crate::snapshot::SnapshotArgs),
+    /// Start a new VM from a snapshot (RestoreVm): it continues where the snapshot was taken.
+    Restore(crate::snapshot::RestoreArgs),
 }
 
 /// `console --help`, after the flags.

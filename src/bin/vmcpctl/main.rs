@@ -19,6 +19,7 @@ mod create;
 mod error;
 mod output;
 mod parse;
+mod snapshot;
 mod wait;
 mod watch;
 
@@ -187,6 +188,8 @@ async fn run(client: &Client, printer: Printer, command: VmCommand) -> Result<()
         VmCommand::List(args) => printer.list(&list(client, &args).await?),
         VmCommand::Watch(args) => watch::run(client, printer.output, &args).await,
         VmCommand::Console(args) => console::run(client, &args).await,
+        VmCommand::Snapshot(args) => snapshot::run(client, printer, args.command).await,
+        VmCommand::Restore(args) => snapshot::restore(client, printer, args).await,
         VmCommand::Resize(args) => {
             if args.vcpus.is_none() && args.memory.is_none() {
                 return Err(CtlError::Usage(

@@ -80,6 +80,15 @@ impl Printer {
         self.emit(doc, || format!("{vm_id}\t{}\n", state_text(state)))
     }
 
+    /// Any answer: its JSON, or `text` as a table.
+    pub fn document(
+        &self,
+        doc: &impl Serialize,
+        text: impl FnOnce() -> String,
+    ) -> Result<(), CtlError> {
+        self.emit(doc, text)
+    }
+
     /// The answer of a delete.
     pub fn deleted(&self, doc: &pb::DeleteVmResponse, vm_id: &str) -> Result<(), CtlError> {
         self.emit(doc, || format!("{vm_id}\tDELETED\n"))
@@ -104,7 +113,7 @@ impl Printer {
     }
 }
 
-fn now() -> i64 {
+pub(crate) fn now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
@@ -241,7 +250,7 @@ fn info_text(info: &pb::GetVmInfoResponse, now: i64) -> String {
 }
 
 /// Columns padded to their widest cell, two spaces apart; the last column is not padded.
-fn table(rows: &[[String; 7]]) -> String {
+pub(crate) fn table(rows: &[[String; 7]]) -> String {
     let mut widths = [0usize; 7];
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -287,7 +296,7 @@ fn memory_text(bytes: i64) -> String {
 }
 
 /// How long ago a Unix time was: `45s`, `12m`, `3h`, `2d`.
-fn age(now: i64, then: i64) -> String {
+pub(crate) fn age(now: i64, then: i64) -> String {
     if then <= 0 {
         return "-".to_owned();
     }

@@ -107,6 +107,21 @@ fn stage_restore(vm: &ChVmConfig, snapshot: &Path, staged: &Path) -> Result<(), 
             }
         }
     }
+    // A clone's writable disks are its own copies (same ids, other paths).
+    if let Some(disks) = config
+        .get_mut("disks")
+        .and_then(serde_json::Value::as_array_mut)
+    {
+        for disk in disks {
+            let id = disk
+                .get("id")
+                .and_then(serde_json::Value::as_str)
+                .map(str::to_owned);
+            if let Some(ours) = vm.disks.iter().find(|d| Some(&d.id) == id.as_ref()) {
+                disk["path"] = serde_json::Value::String(ours.path.clone());
+            }
+        }
+    }
     let target = staged.join("config.json");
     std::fs::write(&target, config.to_string()).map_err(|e| fail("cannot write", &target, e))
 }
@@ -375,7 +390,7 @@ impl Flavour for ChFlavour {
     }
 
     /// `vm.restore` reads the VM's config from the snapshot's `config.json`,
-    /// which names the source VM's console file and taps; this VM's own are
+    /// which names the source VM's console file, taps and disks; this VM's own are
     /// patched into a copy next to links to the snapshot's other files (the
     /// snapshot itself stays as it was, for other restores).
     async fn restore(

@@ -218,6 +218,26 @@ impl FcClient {
         self.put("/snapshot/load", &body, None).await
     }
 
+    /// `PATCH /drives/{drive_id}` to another backing file (after a load,
+    /// before the guest runs: a clone's own disk copy).
+    pub async fn patch_drive_path(
+        &self,
+        drive_id: &str,
+        path_on_host: &str,
+    ) -> Result<(), HypervisorError> {
+        let body = serde_json::json!({"drive_id": drive_id, "path_on_host": path_on_host});
+        let r = self
+            .http
+            .send_json(
+                &self.socket,
+                Method::PATCH,
+                &format!("/drives/{drive_id}"),
+                &body,
+            )
+            .await?;
+        ok(&r, None)
+    }
+
     /// `PATCH /vm`.
     pub async fn patch_vm(&self, state: VmRunState) -> Result<(), HypervisorError> {
         let r = self

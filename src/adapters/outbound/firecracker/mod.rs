@@ -499,8 +499,26 @@ impl Flavour for FcFlavour {
             .map(|n| (n.iface_id.clone(), n.host_dev_name.clone()))
             .collect();
         let (state, memory) = (dir.join(SNAPSHOT_STATE), dir.join(SNAPSHOT_MEMORY));
-        c.load_snapshot(&path_string(&state), &path_string(&memory), &taps, resume)
-            .await
+        // The snapshot names the source VM's disks and Firecracker's load has
+        // no drive override: the load opens them, and each writable drive is
+        // pointed at this VM's own copy before the guest runs again.
+        let writable: Vec<&config::Drive> =
+            vm.pre.drives.iter().filter(|d| !d.is_read_only).collect();
+        let resume_in_load = resume && writable.is_empty();
+        c.load_snapshot(
+            &path_string(&state),
+            &path_string(&memory),
+            &taps,
+            resume_in_load,
+        )
+        .await?;
+        for d in &writable {
+            c.patch_drive_path(&d.drive_id, &d.path_on_host).await?;
+        }
+        if resume && !resume_in_load {
+            c.patch_vm(VmRunState::Resumed).await?;
+        }
+        Ok(())
     }
 
     async fn resize(

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use crate::domain::VmId;
+use crate::domain::snapshot::{SnapshotId, SnapshotRecord};
 use crate::ports::{StoreError, VmRecord, VmStore};
 
 /// Records in a map.
@@ -12,6 +13,7 @@ use crate::ports::{StoreError, VmRecord, VmStore};
 pub struct MemoryStore {
     records: Mutex<BTreeMap<VmId, VmRecord>>,
     revision: std::sync::atomic::AtomicU64,
+    snapshots: Mutex<BTreeMap<SnapshotId, SnapshotRecord>>,
 }
 
 impl MemoryStore {
@@ -64,5 +66,31 @@ impl VmStore for MemoryStore {
 
     async fn revision(&self) -> Result<u64, StoreError> {
         Ok(self.revision.load(std::sync::atomic::Ordering::Acquire))
+    }
+
+    async fn put_snapshot(&self, record: &SnapshotRecord) -> Result<(), StoreError> {
+        self.snapshots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(record.id().clone(), record.clone());
+        Ok(())
+    }
+
+    async fn remove_snapshot(&self, id: &SnapshotId) -> Result<(), StoreError> {
+        self.snapshots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        Ok(())
+    }
+
+    async fn load_snapshots(&self) -> Result<Vec<SnapshotRecord>, StoreError> {
+        Ok(self
+            .snapshots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect())
     }
 }

@@ -17,7 +17,11 @@ pub(super) const APPLICATION_ID: i32 = 0x564d_4350;
 pub(super) type Migration = fn(&Connection) -> rusqlite::Result<()>;
 
 /// Every migration in order; the schema version is their count.
-pub(super) const MIGRATIONS: &[Migration] = &[migrate_to_v1, migrate_to_v2];
+pub(super) const MIGRATIONS: &[Migration] = &[
+    migrate_to_v1,
+    migrate_to_v2,
+    super::snapshots::migrate_to_v3,
+];
 
 /// Version 1: one row per VM. Columns for what recovery and listing look at,
 /// the config as JSON. `STRICT` makes SQLite enforce the column types; the

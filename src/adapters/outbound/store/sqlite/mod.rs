@@ -33,6 +33,7 @@ pub mod config_json;
 mod migrations;
 mod open;
 mod row;
+mod snapshots;
 #[cfg(test)]
 mod tests;
 
@@ -46,6 +47,7 @@ pub use self::migrations::SCHEMA_VERSION;
 pub use self::open::{DB_FILE_NAME, StoreOpenError};
 use self::row::Row;
 use crate::domain::VmId;
+use crate::domain::snapshot::{SnapshotId, SnapshotRecord};
 use crate::ports::{StoreError, VmRecord, VmStore};
 
 /// Raises the stored high-water revision to `revision` (never lowers it).
@@ -237,6 +239,18 @@ impl VmStore for SqliteStore {
             })
         })
         .await
+    }
+
+    async fn put_snapshot(&self, record: &SnapshotRecord) -> Result<(), StoreError> {
+        self.put_snapshot_row(record).await
+    }
+
+    async fn remove_snapshot(&self, id: &SnapshotId) -> Result<(), StoreError> {
+        self.remove_snapshot_row(id).await
+    }
+
+    async fn load_snapshots(&self) -> Result<Vec<SnapshotRecord>, StoreError> {
+        self.load_snapshot_rows().await
     }
 }
 

@@ -365,7 +365,7 @@ fn a_fresh_file_gets_the_current_schema_and_the_vmcp_application_id() {
         (version, app, journal.as_str()),
         (SCHEMA_VERSION, APPLICATION_ID, "wal")
     );
-    assert_eq!(SCHEMA_VERSION, 2);
+    assert_eq!(SCHEMA_VERSION, 3);
 }
 
 #[test]
