@@ -8,12 +8,13 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
 use crate::domain::recovery::{Decision, Host, Live, decide};
 use crate::domain::restart::Cause;
 use crate::domain::{Vm, VmError, VmId, VmSnapshot};
-use crate::ports::{Hypervisor, VmStore, VmmProcess, WatchEventKind};
+use crate::ports::{Hypervisor, VmRecord, VmStore, VmmProcess, WatchEventKind};
 
 use crate::app::owner::{Deps, Owner, QUEUE_DEPTH, event_channel, handle_without_vmm, timed_call};
 
@@ -98,170 +99,35 @@ pub async fn recover<H: Hypervisor, S: VmStore>(
         }
     };
     let mut done = Recovered::default();
-    for rec in records {
-        let id = rec.snapshot.id.clone();
-        let listed = found.remove(&id);
-        // Its VMM and its runtime directory are both gone: the host restarted.
-        let restarted = listed.is_none() && !discovery_failed;
-        let discovered = listed.flatten();
-        let running = discovered.is_some();
-        let (live, candidate) = live_process(rec.process.as_ref(), discovered);
-        let has_process = rec.process.is_some();
-        let policy = rec
-            .snapshot
-            .config
-            .restart_policy
-            .or(deps.restart.default_policy);
-        let host = |live| Host { live, restarted };
-        let mut decision = decide(&rec.snapshot, has_process, host(live), policy);
-        tracing::debug!(vm.id = %id, ?live, ?decision, "recovery decision");
-        let events = event_channel();
-        let mut adopted = None;
-        // Why a VMM that runs could not be adopted, when it could not.
-        let mut unadopted = None;
-        if let Decision::Adopt(_) = decision {
-            match timed_call(
-                h.kind(),
-                tel,
-                "adopt",
-                t,
-                h.adopt(
-                    &id,
-                    &rec.snapshot.config,
-                    candidate.clone(),
-                    events.0.clone(),
-                ),
+    // Each VM is recovered on its own (its adopt asks its VMM), so a host
+    // with many VMs is recovered RECOVERY_CONCURRENCY at a time.
+    let work: Vec<_> = records
+        .into_iter()
+        .map(|rec| {
+            let listed = found.remove(&rec.snapshot.id);
+            (rec, listed)
+        })
+        .collect();
+    let outcomes: Vec<Outcome> = futures_util::stream::iter(work)
+        .map(|(rec, listed)| {
+            recover_one(
+                deps,
+                registry,
+                rec,
+                listed,
+                discovery_failed,
+                remove_orphans,
             )
-            .await
-            {
-                Ok(pair) => adopted = Some(pair),
-                Err(e) => {
-                    tracing::warn!(vm.id = %id, error = %e, "the VM's VMM cannot be adopted");
-                    decision = decide(&rec.snapshot, has_process, host(Live::Nothing), policy);
-                    if let Some(p) = candidate.clone().filter(|_| running) {
-                        unadopted =
-                            Some(end_unadopted(deps, &id, p, &e.to_string(), remove_orphans).await);
-                    }
-                }
-            }
-        }
-        // A restart is a registration whose owner then boots the VM.
-        let (decision, restart) = match decision {
-            Decision::Restart { state, reason } => (Decision::Register { state, reason }, true),
-            d => (d, false),
-        };
-        // The VMM did not exit: say what happened to it instead.
-        let decision = match (decision, unadopted) {
-            (Decision::Register { state, .. }, Some(reason)) => {
-                Decision::Register { state, reason }
-            }
-            (d, _) => d,
-        };
-        match decision {
-            Decision::Restart { .. } => {}
-            Decision::FinishDelete(_) | Decision::RollBackCreate(_) => {
-                let what = if matches!(decision, Decision::FinishDelete(_)) {
-                    "completed a delete interrupted by a restart"
-                } else {
-                    "rolled back a create interrupted by a restart"
-                };
-                match timed_call(
-                    h.kind(),
-                    tel,
-                    "destroy_orphan",
-                    t,
-                    h.destroy_orphan(&id, candidate),
-                )
-                .await
-                {
-                    Ok(()) => {
-                        forget(deps, rec.snapshot).await;
-                        tracing::info!(vm.id = %id, "{what}");
-                        done.removed += 1;
-                        continue;
-                    }
-                    Err(e) => {
-                        // Keep the record (desired Deleted, or the half-made create) so the
-                        // next start tries again; serve the VM meanwhile so it can be deleted.
-                        tracing::error!(vm.id = %id, error = %e, "could not end the VM's VMM; the next start tries again");
-                        let state = rec.snapshot.state;
-                        let reason = format!("recovery could not end its VMM: {e}");
-                        let stored = rec.process;
-                        register(
-                            deps,
-                            registry,
-                            rec.snapshot,
-                            stored,
-                            None,
-                            events,
-                            state,
-                            reason,
-                            None,
-                        )
-                        .await;
-                        done.without_vmm += 1;
-                    }
-                }
-            }
-            Decision::Adopt(_) => {
-                let Some((vmm, reported)) = adopted else {
-                    continue;
-                };
-                let snap = rec.snapshot;
-                let reason = if reported.reason.is_empty() && reported.state == snap.state {
-                    snap.reason.clone()
-                } else {
-                    reported.reason
-                };
-                register(
-                    deps,
-                    registry,
-                    snap,
-                    rec.process,
-                    Some(vmm),
-                    events,
-                    reported.state,
-                    reason,
-                    None,
-                )
-                .await;
-                done.adopted += 1;
-            }
-            Decision::Register { state, reason } => {
-                let vmm = match handle_without_vmm(
-                    deps,
-                    &id,
-                    &rec.snapshot.config,
-                    events.0.clone(),
-                )
-                .await
-                {
-                    Ok(vmm) => Some(vmm),
-                    Err(e) => {
-                        tracing::error!(vm.id = %id, error = %e, "the VM cannot get a VMM handle; it can only be deleted");
-                        None
-                    }
-                };
-                register(
-                    deps,
-                    registry,
-                    rec.snapshot,
-                    rec.process,
-                    vmm,
-                    events,
-                    state,
-                    reason,
-                    restart.then_some(if restarted {
-                        Cause::HostRestart
-                    } else if state == crate::domain::VmState::Shutdown {
-                        Cause::Poweroff
-                    } else {
-                        Cause::Crash
-                    }),
-                )
-                .await;
-                done.without_vmm += 1;
-            }
+        })
+        .buffer_unordered(RECOVERY_CONCURRENCY)
+        .collect()
+        .await;
+    for outcome in outcomes {
+        match outcome {
+            Outcome::Adopted => done.adopted += 1,
+            Outcome::WithoutVmm => done.without_vmm += 1,
+            Outcome::Removed => done.removed += 1,
+            Outcome::Skipped => {}
         }
     }
     for (id, process) in found {
@@ -285,6 +151,189 @@ pub async fn recover<H: Hypervisor, S: VmStore>(
         }
     }
     Ok(done)
+}
+
+/// How many VMs recovery works on at once.
+const RECOVERY_CONCURRENCY: usize = 32;
+
+/// What recovery did with one VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Adopted,
+    WithoutVmm,
+    Removed,
+    /// Nothing to count (a decision that changed under it).
+    Skipped,
+}
+
+/// Recovers the VM of `rec`, given what the scan listed for it (`None`:
+/// neither its VMM nor its runtime directory).
+async fn recover_one<H: Hypervisor, S: VmStore>(
+    deps: &Deps<H, S>,
+    registry: &Registry,
+    rec: VmRecord,
+    listed: Option<Option<VmmProcess>>,
+    discovery_failed: bool,
+    remove_orphans: bool,
+) -> Outcome {
+    let h = &*deps.hypervisor;
+    let tel = &*deps.telemetry;
+    let t = deps.call_timeout;
+    let id = rec.snapshot.id.clone();
+    // Its VMM and its runtime directory are both gone: the host restarted.
+    let restarted = listed.is_none() && !discovery_failed;
+    let discovered = listed.flatten();
+    let running = discovered.is_some();
+    let (live, candidate) = live_process(rec.process.as_ref(), discovered);
+    let has_process = rec.process.is_some();
+    let policy = rec
+        .snapshot
+        .config
+        .restart_policy
+        .or(deps.restart.default_policy);
+    let host = |live| Host { live, restarted };
+    let mut decision = decide(&rec.snapshot, has_process, host(live), policy);
+    tracing::debug!(vm.id = %id, ?live, ?decision, "recovery decision");
+    let events = event_channel();
+    let mut adopted = None;
+    // Why a VMM that runs could not be adopted, when it could not.
+    let mut unadopted = None;
+    if let Decision::Adopt(_) = decision {
+        match timed_call(
+            h.kind(),
+            tel,
+            "adopt",
+            t,
+            h.adopt(
+                &id,
+                &rec.snapshot.config,
+                candidate.clone(),
+                events.0.clone(),
+            ),
+        )
+        .await
+        {
+            Ok(pair) => adopted = Some(pair),
+            Err(e) => {
+                tracing::warn!(vm.id = %id, error = %e, "the VM's VMM cannot be adopted");
+                decision = decide(&rec.snapshot, has_process, host(Live::Nothing), policy);
+                if let Some(p) = candidate.clone().filter(|_| running) {
+                    unadopted =
+                        Some(end_unadopted(deps, &id, p, &e.to_string(), remove_orphans).await);
+                }
+            }
+        }
+    }
+    // A restart is a registration whose owner then boots the VM.
+    let (decision, restart) = match decision {
+        Decision::Restart { state, reason } => (Decision::Register { state, reason }, true),
+        d => (d, false),
+    };
+    // The VMM did not exit: say what happened to it instead.
+    let decision = match (decision, unadopted) {
+        (Decision::Register { state, .. }, Some(reason)) => Decision::Register { state, reason },
+        (d, _) => d,
+    };
+    match decision {
+        Decision::Restart { .. } => Outcome::Skipped,
+        Decision::FinishDelete(_) | Decision::RollBackCreate(_) => {
+            let what = if matches!(decision, Decision::FinishDelete(_)) {
+                "completed a delete interrupted by a restart"
+            } else {
+                "rolled back a create interrupted by a restart"
+            };
+            match timed_call(
+                h.kind(),
+                tel,
+                "destroy_orphan",
+                t,
+                h.destroy_orphan(&id, candidate),
+            )
+            .await
+            {
+                Ok(()) => {
+                    forget(deps, rec.snapshot).await;
+                    tracing::info!(vm.id = %id, "{what}");
+                    Outcome::Removed
+                }
+                Err(e) => {
+                    // Keep the record (desired Deleted, or the half-made create) so the
+                    // next start tries again; serve the VM meanwhile so it can be deleted.
+                    tracing::error!(vm.id = %id, error = %e, "could not end the VM's VMM; the next start tries again");
+                    let state = rec.snapshot.state;
+                    let reason = format!("recovery could not end its VMM: {e}");
+                    let stored = rec.process;
+                    register(
+                        deps,
+                        registry,
+                        rec.snapshot,
+                        stored,
+                        None,
+                        events,
+                        state,
+                        reason,
+                        None,
+                    )
+                    .await;
+                    Outcome::WithoutVmm
+                }
+            }
+        }
+        Decision::Adopt(_) => {
+            let Some((vmm, reported)) = adopted else {
+                return Outcome::Skipped;
+            };
+            let snap = rec.snapshot;
+            let reason = if reported.reason.is_empty() && reported.state == snap.state {
+                snap.reason.clone()
+            } else {
+                reported.reason
+            };
+            register(
+                deps,
+                registry,
+                snap,
+                rec.process,
+                Some(vmm),
+                events,
+                reported.state,
+                reason,
+                None,
+            )
+            .await;
+            Outcome::Adopted
+        }
+        Decision::Register { state, reason } => {
+            let vmm = match handle_without_vmm(deps, &id, &rec.snapshot.config, events.0.clone())
+                .await
+            {
+                Ok(vmm) => Some(vmm),
+                Err(e) => {
+                    tracing::error!(vm.id = %id, error = %e, "the VM cannot get a VMM handle; it can only be deleted");
+                    None
+                }
+            };
+            register(
+                deps,
+                registry,
+                rec.snapshot,
+                rec.process,
+                vmm,
+                events,
+                state,
+                reason,
+                restart.then_some(if restarted {
+                    Cause::HostRestart
+                } else if state == crate::domain::VmState::Shutdown {
+                    Cause::Poweroff
+                } else {
+                    Cause::Crash
+                }),
+            )
+            .await;
+            Outcome::WithoutVmm
+        }
+    }
 }
 
 /// A VMM of `id` runs but could not be adopted (its API did not answer, or
