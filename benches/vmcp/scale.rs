@@ -357,20 +357,34 @@ async fn process(fake: &Path) {
     // Delete every VM (their VMMs end), then end anything left by pid.
     if let Some(running) = api.take() {
         let c = running.client();
+        let mut failed = 0;
         for v in list_all(&c).await {
-            let _ = c
+            if let Err(e) = c
                 .delete_vm(pb::DeleteVmRequest {
                     vm_id: v.vm_id.clone(),
                     force: true,
                     ..Default::default()
                 })
-                .await;
+                .await
+            {
+                failed += 1;
+                if failed <= 3 {
+                    println!("delete {} failed: {e}", v.vm_id);
+                }
+            }
+        }
+        if failed > 0 {
+            println!("{failed} deletes failed");
         }
     }
-    let left: Vec<u32> = pids
-        .into_iter()
-        .filter(|p| Path::new(&format!("/proc/{p}")).exists())
-        .collect();
+    // Gone, or a zombie whose new parent (after VMCP's kill -9) has not reaped it yet.
+    let alive = |p: &u32| {
+        std::fs::read_to_string(format!("/proc/{p}/stat"))
+            .ok()
+            .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
+            .unwrap_or(false)
+    };
+    let left: Vec<u32> = pids.into_iter().filter(alive).collect();
     for p in &left {
         let _ = std::process::Command::new("kill")
             .args(["-9", &p.to_string()])
