@@ -74,6 +74,20 @@ async fn nics_of(h: &Harness, id: &str) -> Vec<pb::NetworkInterface> {
         .network
 }
 
+/// DeleteVm with `force`, which must succeed.
+async fn force_delete(
+    c: &vmcp::proto::vmm::v1::VmServiceClient<connectrpc::client::HttpClient>,
+    id: &str,
+) {
+    c.delete_vm(pb::DeleteVmRequest {
+        vm_id: id.into(),
+        force: true,
+        ..Default::default()
+    })
+    .await
+    .expect("delete");
+}
+
 fn refusal(r: Result<impl std::fmt::Debug, connectrpc::ConnectError>) -> (ErrorCode, String) {
     let e = r.expect_err("refused");
     (e.code, e.message.unwrap_or_default())
@@ -131,13 +145,7 @@ async fn a_vm_naming_only_a_bridge_gets_its_tap_for_as_long_as_it_exists() {
     .await
     .expect("boot");
     assert!(net.taps().contains_key(&tap));
-    c.delete_vm(pb::DeleteVmRequest {
-        vm_id: "web".into(),
-        force: true,
-        ..Default::default()
-    })
-    .await
-    .expect("delete");
+    force_delete(&c, "web").await;
     assert!(net.taps().is_empty(), "{:?}", net.taps());
     h.stop().await;
 }
@@ -234,13 +242,7 @@ async fn a_tap_another_vm_uses_is_refused_naming_it_and_the_vm() {
     assert!(msg.contains("config.network[1].tap_device"), "{msg}");
     assert!(msg.contains("tap0") && msg.contains("first"), "{msg}");
     // Once the first VM is gone, the tap is free again.
-    c.delete_vm(pb::DeleteVmRequest {
-        vm_id: "first".into(),
-        force: true,
-        ..Default::default()
-    })
-    .await
-    .expect("delete");
+    force_delete(&c, "first").await;
     c.create_vm(create("second", vec![nic("eth0", "tap0", "")]))
         .await
         .expect("create");
@@ -383,13 +385,7 @@ async fn a_restored_clone_gets_its_own_tap_unless_an_override_names_one() {
         net.taps()
     );
     for id in ["src", "clone", "clone2"] {
-        c.delete_vm(pb::DeleteVmRequest {
-            vm_id: id.into(),
-            force: true,
-            ..Default::default()
-        })
-        .await
-        .expect("delete");
+        force_delete(&c, id).await;
     }
     assert!(net.taps().is_empty(), "{:?}", net.taps());
     h.stop().await;
