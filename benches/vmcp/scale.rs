@@ -23,6 +23,7 @@ use connectrpc::client::{ClientConfig, HttpClient};
 
 use super::client;
 use super::vmm::{create_req, runtime_dir};
+use super::watch::rss_kib;
 
 fn p50(mut samples: Vec<Duration>) -> Duration {
     samples.sort();
@@ -47,13 +48,20 @@ where
     p50(samples)
 }
 
-/// Creates VMs `vm-<from>`..`vm-<to>` with 16 clients at once.
-async fn create_range(c: &VmServiceClient<HttpClient>, from: usize, to: usize, boot: bool) {
+/// Creates VMs `vm-<from>`..`vm-<to>` with `kernel` (and boots them when
+/// asked), 16 clients at once.
+async fn create_range(
+    c: &VmServiceClient<HttpClient>,
+    (from, to): (usize, usize),
+    kernel: &Path,
+    boot: bool,
+) {
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(from));
     let mut tasks = Vec::new();
     for _ in 0..16 {
         let c = c.clone();
         let next = Arc::clone(&next);
+        let kernel = kernel.to_owned();
         tasks.push(tokio::spawn(async move {
             loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -61,9 +69,7 @@ async fn create_range(c: &VmServiceClient<HttpClient>, from: usize, to: usize, b
                     return;
                 }
                 let id = format!("vm-{i:05}");
-                c.create_vm(create_req(&id, Path::new("/k")))
-                    .await
-                    .expect("create");
+                c.create_vm(create_req(&id, &kernel)).await.expect("create");
                 if boot {
                     c.boot_vm(pb::BootVmRequest {
                         vm_id: id,
@@ -102,7 +108,7 @@ async fn reads() {
     let mut have = 0;
     let mut base = None;
     for n in [10, 100, 1_000, 10_000] {
-        create_range(&c, have, n, false).await;
+        create_range(&c, (have, n), Path::new("/k"), false).await;
         have = n;
         let first = p50_of(300, || async {
             let page = c
@@ -149,15 +155,6 @@ async fn reads() {
         );
     }
     running.shutdown().await;
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
 }
 
 /// The `fake-firecracker` example next to this bench's target dir.
@@ -327,7 +324,7 @@ async fn process(fake: &Path) {
     for n in [10, 100, 1_000] {
         let running = api.take().expect("api");
         let c = running.client();
-        create_range_with_kernel(&c, have, n, &root.path().join("k")).await;
+        create_range(&c, (have, n), &root.path().join("k"), true).await;
         have = n;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let rss = rss_kib(running.pid());
@@ -395,40 +392,6 @@ async fn process(fake: &Path) {
             "({} fake VMMs outlived their delete and were killed)",
             left.len()
         );
-    }
-}
-
-async fn create_range_with_kernel(
-    c: &VmServiceClient<HttpClient>,
-    from: usize,
-    to: usize,
-    kernel: &Path,
-) {
-    let next = Arc::new(std::sync::atomic::AtomicUsize::new(from));
-    let mut tasks = Vec::new();
-    for _ in 0..8 {
-        let c = c.clone();
-        let next = Arc::clone(&next);
-        let kernel = kernel.to_owned();
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if i >= to {
-                    return;
-                }
-                let id = format!("vm-{i:05}");
-                c.create_vm(create_req(&id, &kernel)).await.expect("create");
-                c.boot_vm(pb::BootVmRequest {
-                    vm_id: id,
-                    ..Default::default()
-                })
-                .await
-                .expect("boot");
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.expect("creator");
     }
 }
 

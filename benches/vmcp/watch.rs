@@ -58,7 +58,8 @@ async fn until(rx: &mut mpsc::UnboundedReceiver<Event>, id: &str, state: pb::VmS
     }
 }
 
-fn rss_kib(pid: u32) -> u64 {
+/// Resident memory of `pid`, KiB (0 when it cannot be read).
+pub fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
