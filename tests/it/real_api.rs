@@ -1271,22 +1271,7 @@ async fn snapshot_and_clone(kind: Kind) {
     })
     .await
     .expect("boot");
-    let console_of = |id: &str| {
-        let c = client_for(s.addr, Wire::ConnectProto);
-        let id = id.to_owned();
-        async move {
-            let data = c
-                .get_console_output(pb::GetConsoleOutputRequest {
-                    vm_id: id,
-                    ..Default::default()
-                })
-                .await
-                .expect("console")
-                .into_owned()
-                .data;
-            String::from_utf8_lossy(&data).into_owned()
-        }
-    };
+    let console_of = |id: &str| console_text(s.addr, id.to_owned());
     assert!(
         eventually(Duration::from_secs(5), || async {
             console_of(&src).await.contains(MARKER)
@@ -1454,22 +1439,7 @@ async fn real_fc_two_clones_with_a_disk_run_at_once_each_on_its_own_copy() {
     })
     .await
     .expect("boot");
-    let console_of = |id: &str| {
-        let c = client_for(s.addr, Wire::ConnectProto);
-        let id = id.to_owned();
-        async move {
-            let data = c
-                .get_console_output(pb::GetConsoleOutputRequest {
-                    vm_id: id,
-                    ..Default::default()
-                })
-                .await
-                .expect("console")
-                .into_owned()
-                .data;
-            String::from_utf8_lossy(&data).into_owned()
-        }
-    };
+    let console_of = |id: &str| console_text(s.addr, id.to_owned());
     assert!(
         eventually(Duration::from_secs(5), || async {
             console_of("origin").await.contains(MARKER)
@@ -1551,4 +1521,18 @@ async fn real_fc_two_clones_with_a_disk_run_at_once_each_on_its_own_copy() {
     let left = entries(s.runtime.path());
     assert!(left.is_empty(), "runtime dirs left: {left:?}");
     s.stop().await;
+}
+
+/// The console output of `id` so far, as text.
+async fn console_text(addr: std::net::SocketAddr, id: String) -> String {
+    let data = client_for(addr, Wire::ConnectProto)
+        .get_console_output(pb::GetConsoleOutputRequest {
+            vm_id: id,
+            ..Default::default()
+        })
+        .await
+        .expect("console")
+        .into_owned()
+        .data;
+    String::from_utf8_lossy(&data).into_owned()
 }
