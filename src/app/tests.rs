@@ -89,6 +89,15 @@ fn creates_with(
     });
 }
 
+/// A store that accepts every write and flush.
+fn accepting_store() -> MockVmStore {
+    let mut s = MockVmStore::new();
+    s.expect_sync().returning(|| Box::pin(async { Ok(()) }));
+    s.expect_put_unsynced()
+        .returning(|_| Box::pin(async { Ok(()) }));
+    s
+}
+
 fn manager(
     h: MockHypervisor,
     s: MockVmStore,
@@ -305,12 +314,7 @@ async fn a_hung_hypervisor_is_a_deadline_and_the_state_is_re_read() {
     // wins over the error). Either way the VM then reads what the VMM says.
     for after in [VmState::Created, VmState::Running] {
         let mut h = base_hypervisor();
-        let mut s = MockVmStore::new();
-        s.expect_sync().returning(|| Box::pin(async { Ok(()) }));
-        s.expect_put_unsynced()
-            .returning(|_| Box::pin(async { Ok(()) }));
-        s.expect_put_unsynced()
-            .returning(|_| Box::pin(async { Ok(()) }));
+        let s = accepting_store();
         let infos = Arc::new(AtomicUsize::new(0));
         let seen = Arc::clone(&infos);
         creates_with(
@@ -361,12 +365,7 @@ async fn a_hung_hypervisor_is_a_deadline_and_the_state_is_re_read() {
 #[tokio::test]
 async fn an_illegal_state_answer_from_the_vmm_is_failed_precondition() {
     let mut h = base_hypervisor();
-    let mut s = MockVmStore::new();
-    s.expect_sync().returning(|| Box::pin(async { Ok(()) }));
-    s.expect_put_unsynced()
-        .returning(|_| Box::pin(async { Ok(()) }));
-    s.expect_put_unsynced()
-        .returning(|_| Box::pin(async { Ok(()) }));
+    let s = accepting_store();
     creates_with(
         &mut h,
         || {
@@ -419,12 +418,7 @@ async fn an_illegal_state_answer_from_the_vmm_is_failed_precondition() {
 #[tokio::test]
 async fn calls_for_one_vm_are_serialized_and_other_vms_run_in_parallel() {
     let mut h = base_hypervisor();
-    let mut s = MockVmStore::new();
-    s.expect_sync().returning(|| Box::pin(async { Ok(()) }));
-    s.expect_put_unsynced()
-        .returning(|_| Box::pin(async { Ok(()) }));
-    s.expect_put_unsynced()
-        .returning(|_| Box::pin(async { Ok(()) }));
+    let s = accepting_store();
     let active = Arc::new(std::sync::Mutex::new(std::collections::HashMap::<
         String,
         usize,
@@ -622,12 +616,7 @@ async fn a_replaced_vmm_is_recorded_with_its_new_state_in_one_write() {
 #[tokio::test]
 async fn exits_of_replaced_vmms_are_ignored_and_exits_of_the_current_one_are_recorded() {
     let mut h = base_hypervisor();
-    let mut s = MockVmStore::new();
-    s.expect_sync().returning(|| Box::pin(async { Ok(()) }));
-    s.expect_put_unsynced()
-        .returning(|_| Box::pin(async { Ok(()) }));
-    s.expect_put_unsynced()
-        .returning(|_| Box::pin(async { Ok(()) }));
+    let s = accepting_store();
     let sinks = Arc::new(std::sync::Mutex::new(Vec::new()));
     // What the VMM reports when asked; the test changes it behind VMCP's back.
     // Failed: its process is gone, which a real handle reports with no process
@@ -703,12 +692,7 @@ async fn exits_of_replaced_vmms_are_ignored_and_exits_of_the_current_one_are_rec
 #[tokio::test]
 async fn reads_answer_from_memory_without_calling_the_vmm() {
     let mut h = base_hypervisor();
-    let mut s = MockVmStore::new();
-    s.expect_sync().returning(|| Box::pin(async { Ok(()) }));
-    s.expect_put_unsynced()
-        .returning(|_| Box::pin(async { Ok(()) }));
-    s.expect_put_unsynced()
-        .returning(|_| Box::pin(async { Ok(()) }));
+    let s = accepting_store();
     let samples = Arc::new(AtomicUsize::new(0));
     let seen = Arc::clone(&samples);
     creates_with(

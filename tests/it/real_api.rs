@@ -1364,26 +1364,7 @@ async fn snapshot_and_clone(kind: Kind) {
     );
     eprintln!("{name}: restore to Running took {took:?}");
 
-    for vm in [src.as_str(), "copy"] {
-        c.delete_vm(pb::DeleteVmRequest {
-            vm_id: vm.into(),
-            ..Default::default()
-        })
-        .await
-        .expect("delete");
-    }
-    c.delete_snapshot(pb::DeleteSnapshotRequest {
-        snapshot_id: "warm".into(),
-        ..Default::default()
-    })
-    .await
-    .expect("delete snapshot");
-    for p in &pids {
-        assert!(
-            eventually(Duration::from_secs(5), || async { !pid_alive(*p) }).await,
-            "VMM {p} is gone"
-        );
-    }
+    delete_vms_and_snapshot(&c, &[src.as_str(), "copy"], "warm", &pids).await;
     assert_eq!(entries(&snapshots), Vec::<String>::new());
     let left = entries(s.runtime.path());
     assert!(left.is_empty(), "runtime dirs left: {left:?}");
@@ -1497,26 +1478,7 @@ async fn real_fc_two_clones_with_a_disk_run_at_once_each_on_its_own_copy() {
             "{clone} continued; it did not boot again"
         );
     }
-    for vm in ["origin", "c1", "c2"] {
-        c.delete_vm(pb::DeleteVmRequest {
-            vm_id: vm.into(),
-            ..Default::default()
-        })
-        .await
-        .expect("delete");
-    }
-    c.delete_snapshot(pb::DeleteSnapshotRequest {
-        snapshot_id: "warm".into(),
-        ..Default::default()
-    })
-    .await
-    .expect("delete snapshot");
-    for p in &pids {
-        assert!(
-            eventually(Duration::from_secs(5), || async { !pid_alive(*p) }).await,
-            "VMM {p} is gone"
-        );
-    }
+    delete_vms_and_snapshot(&c, &["origin", "c1", "c2"], "warm", &pids).await;
     assert_eq!(entries(&snapshots), Vec::<String>::new(), "no copies left");
     let left = entries(s.runtime.path());
     assert!(left.is_empty(), "runtime dirs left: {left:?}");
@@ -1535,4 +1497,33 @@ async fn console_text(addr: std::net::SocketAddr, id: String) -> String {
         .into_owned()
         .data;
     String::from_utf8_lossy(&data).into_owned()
+}
+
+/// Deletes `vms` and the snapshot `snapshot`; every VMM in `pids` is then gone.
+async fn delete_vms_and_snapshot(
+    c: &vmcp::proto::vmm::v1::VmServiceClient<connectrpc::client::HttpClient>,
+    vms: &[&str],
+    snapshot: &str,
+    pids: &[u32],
+) {
+    for vm in vms {
+        c.delete_vm(pb::DeleteVmRequest {
+            vm_id: (*vm).into(),
+            ..Default::default()
+        })
+        .await
+        .expect("delete");
+    }
+    c.delete_snapshot(pb::DeleteSnapshotRequest {
+        snapshot_id: snapshot.into(),
+        ..Default::default()
+    })
+    .await
+    .expect("delete snapshot");
+    for p in pids {
+        assert!(
+            eventually(Duration::from_secs(5), || async { !pid_alive(*p) }).await,
+            "VMM {p} is gone"
+        );
+    }
 }

@@ -30,6 +30,8 @@
 //! `config_json`); this module is the store itself.
 
 pub mod config_json;
+#[cfg(test)]
+mod durability_tests;
 mod migrations;
 mod open;
 mod row;

@@ -8,7 +8,6 @@ use std::process::Command;
 use proptest::prelude::*;
 
 use std::fs::{self, Permissions};
-use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
@@ -96,7 +95,7 @@ fn full_config() -> VmConfig {
     }
 }
 
-fn record(id: &str) -> VmRecord {
+pub(super) fn record(id: &str) -> VmRecord {
     VmRecord {
         snapshot: VmSnapshot {
             id: VmId::parse(id).expect("valid id"),
@@ -118,7 +117,7 @@ fn record(id: &str) -> VmRecord {
     }
 }
 
-fn open(dir: &Path) -> SqliteStore {
+pub(super) fn open(dir: &Path) -> SqliteStore {
     SqliteStore::open(dir).expect("store opens")
 }
 
@@ -717,140 +716,6 @@ async fn a_full_filesystem_makes_put_unavailable_and_keeps_the_old_records() {
         open(&data).load_all().await.expect("load after reopen"),
         stored
     );
-}
-
-/// The fsync level a write ran with, as SQLite reports it (1 NORMAL, 2 FULL).
-fn synchronous(store: &SqliteStore) -> i64 {
-    let conn = store.inner.conn.lock().expect("lock");
-    conn.pragma_query_value(None, "synchronous", |r| r.get(0))
-        .expect("pragma")
-}
-
-#[tokio::test]
-async fn intents_are_synced_and_observations_are_not() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = open(dir.path());
-    store
-        .put_unsynced(&record("vm-1"))
-        .await
-        .expect("put_unsynced");
-    assert_eq!(
-        synchronous(&store),
-        1,
-        "an observation commits without an fsync"
-    );
-    store.put(&record("vm-2")).await.expect("put");
-    assert_eq!(synchronous(&store), 2, "an intent is synced at commit");
-    store
-        .put_unsynced(&record("vm-1"))
-        .await
-        .expect("put_unsynced");
-    store
-        .remove(&VmId::parse("vm-1").expect("id"), 7)
-        .await
-        .expect("remove");
-    assert_eq!(synchronous(&store), 2, "a remove is synced at commit");
-    let ids: Vec<_> = open(dir.path())
-        .load_all()
-        .await
-        .expect("load")
-        .into_iter()
-        .map(|r| r.snapshot.id.to_string())
-        .collect();
-    assert_eq!(ids, ["vm-2"]);
-}
-
-/// Set in the child process of the kill test: the data dir it writes to.
-const KILL_CHILD_DIR: &str = "VMCP_TEST_SQLITE_KILL_CHILD_DIR";
-const KILL_TEST: &str =
-    "adapters::outbound::store::sqlite::tests::a_writer_killed_mid_write_loses_no_acknowledged_put";
-
-/// The child side: puts records as fast as it can and prints `ACK <n>`
-/// after put `n` returned, until it is killed. The counter is written
-/// unsynced (as observations are): a kill of the writer must not lose it
-/// either.
-async fn write_until_killed(dir: &Path) {
-    let store = open(dir);
-    let mut counter = record("counter");
-    for n in 0u64.. {
-        let mut rec = record(&format!("vm-{n:08}"));
-        rec.snapshot.generation = n;
-        store.put(&rec).await.expect("child put");
-        counter.snapshot.generation = n;
-        store.put_unsynced(&counter).await.expect("child put");
-        println!("ACK {n}");
-    }
-}
-
-/// Kills the child on every path out of the test.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-#[tokio::test]
-async fn a_writer_killed_mid_write_loses_no_acknowledged_put() {
-    use std::io::BufRead;
-
-    if let Some(dir) = std::env::var_os(KILL_CHILD_DIR) {
-        write_until_killed(Path::new(&dir)).await;
-        return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let exe = std::env::current_exe().expect("test binary");
-    let mut child = KillOnDrop(
-        Command::new(exe)
-            .args([KILL_TEST, "--exact", "--nocapture", "--test-threads=1"])
-            .env(KILL_CHILD_DIR, dir.path())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("spawn the writer"),
-    );
-    let stdout = child.0.stdout.take().expect("piped stdout");
-    let mut last_ack = None;
-    for line in io::BufReader::new(stdout).lines() {
-        let line = line.expect("read the writer's output");
-        if let Some(n) = line.strip_prefix("ACK ") {
-            let n: u64 = n.parse().expect("ACK number");
-            last_ack = Some(n);
-            if n >= 150 {
-                break;
-            }
-        }
-    }
-    let last_ack = last_ack.expect("the writer acknowledged puts");
-    // SIGKILL while the writer is inside its next puts.
-    child.0.kill().expect("kill the writer");
-    let status = child.0.wait().expect("reap the writer");
-    assert!(!status.success(), "the writer was killed, not finished");
-
-    let records = open(dir.path()).load_all().await.expect("load");
-    let (counter, vms): (Vec<_>, Vec<_>) = records
-        .into_iter()
-        .partition(|r| r.snapshot.id.as_str() == "counter");
-    let counter_gen = counter.first().expect("counter record").snapshot.generation;
-    assert!(
-        counter_gen >= last_ack,
-        "counter {counter_gen} < acknowledged {last_ack}"
-    );
-    let gens: Vec<u64> = vms.iter().map(|r| r.snapshot.generation).collect();
-    // Every acknowledged put is there, in order, with nothing invented:
-    // at most the put in flight at the kill got committed on top.
-    assert!(
-        gens.len() as u64 > last_ack,
-        "{} records, acknowledged {last_ack}",
-        gens.len()
-    );
-    assert_eq!(gens, (0..gens.len() as u64).collect::<Vec<_>>());
-    for r in &vms {
-        let n = r.snapshot.generation;
-        assert_eq!(r.snapshot.id.as_str(), format!("vm-{n:08}"));
-    }
 }
 
 #[derive(Debug, Clone)]
