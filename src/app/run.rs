@@ -53,10 +53,14 @@ pub async fn run() -> ExitCode {
         }
     };
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| config.log_level.clone());
-    if let Err(e) = otel::init_logging(&filter, &otel) {
-        eprintln!("vmcp-api: logging: {e}");
-        return ExitCode::from(2);
-    }
+    // Held until `run` returns: dropping it writes the log lines still waiting.
+    let _log_flush = match otel::init_logging(&filter, &otel) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("vmcp-api: logging: {e}");
+            return ExitCode::from(2);
+        }
+    };
     // Before anything opens descriptors: the budget is measured against the raised limit.
     match raise_nofile_limit() {
         Ok((before, after)) if after > before => {

@@ -10,8 +10,8 @@
 //! HTTP client's events never become spans (that would feed back into export).
 
 use std::fmt;
+use std::fmt::Write as _;
 
-use serde_json::Value;
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
 use tracing_subscriber::field::RecordFields;
@@ -25,6 +25,7 @@ use tracing_subscriber::{EnvFilter, Layer, Registry};
 
 use opentelemetry::trace::TraceContextExt;
 
+use super::log_writer::{BatchedWriter, FLUSH_EVERY, FlushGuard};
 use super::{OtelError, OtelHandle};
 
 /// The log filter: `RUST_LOG` if set, else `UNKEY_VMCP_LOG_LEVEL`, else `info`.
@@ -45,10 +46,16 @@ fn log_filter_from(rust_log: Option<String>, vmcp_level: Option<String>) -> Stri
 }
 
 /// Installs the JSON logger (and the OpenTelemetry layer when OTLP is on) as
-/// the global subscriber, writing to stdout.
-pub fn init_logging(filter: &str, handle: &OtelHandle) -> Result<(), OtelError> {
-    let subscriber = subscriber(filter, handle, std::io::stdout)?;
-    tracing::subscriber::set_global_default(subscriber).map_err(OtelError::LoggingInstalled)
+/// the global subscriber, writing to stdout in batches (see [`log_writer`]);
+/// keep the guard until logging ends: dropping it writes what still waits.
+///
+/// [`log_writer`]: super::log_writer
+pub fn init_logging(filter: &str, handle: &OtelHandle) -> Result<FlushGuard, OtelError> {
+    let (writer, guard) =
+        BatchedWriter::new(std::io::stdout(), FLUSH_EVERY).map_err(OtelError::LogWriter)?;
+    let subscriber = subscriber(filter, handle, writer)?;
+    tracing::subscriber::set_global_default(subscriber).map_err(OtelError::LoggingInstalled)?;
+    Ok(guard)
 }
 
 /// Builds the subscriber [`init_logging`] installs, writing to `writer`
@@ -180,52 +187,40 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
-        let mut timestamp = String::new();
-        SystemTime.format_time(&mut Writer::new(&mut timestamp))?;
-
-        let mut fields = FieldMap::default();
+        // Written straight into the layer's line buffer: no JSON values are
+        // built, only the event's fields are gathered first (the message goes
+        // before them, whatever order they were recorded in).
+        let mut fields = FieldWriter::default();
         event.record(&mut fields);
+        fields.result?;
 
-        let mut line: Vec<(String, Value)> = vec![
-            ("timestamp".into(), Value::String(timestamp)),
-            (
-                "level".into(),
-                Value::String(event.metadata().level().to_string()),
-            ),
-            (
-                "target".into(),
-                Value::String(event.metadata().target().to_owned()),
-            ),
-            (
-                "message".into(),
-                fields.message.take().unwrap_or(Value::Null),
-            ),
-        ];
-        for (k, v) in fields.map {
-            let key = if RESERVED.contains(&k.as_str()) {
-                format!("field.{k}")
-            } else {
-                k
-            };
-            line.push((key, v));
+        writer.write_str("{\"timestamp\":\"")?;
+        SystemTime.format_time(&mut writer)?;
+        writer.write_str("\",\"level\":\"")?;
+        writer.write_str(event.metadata().level().as_str())?;
+        writer.write_str("\",\"target\":")?;
+        write_json_str(&mut writer, event.metadata().target())?;
+        writer.write_str(",\"message\":")?;
+        match &fields.message {
+            Some(m) => writer.write_str(m)?,
+            None => writer.write_str("null")?,
         }
+        writer.write_str(&fields.rest)?;
 
         if let Some(scope) = ctx.event_scope() {
-            let mut vm_id = None;
             for (depth, span) in scope.enumerate() {
                 if depth == 0 {
-                    line.push(("span".into(), Value::String(span.name().to_owned())));
+                    writer.write_str(",\"span\":")?;
+                    write_json_str(&mut writer, span.name())?;
                 }
                 let ext = span.extensions();
                 if let Some(f) = ext.get::<FormattedFields<VmIdField>>()
                     && !f.fields.is_empty()
                 {
-                    vm_id = Some(f.fields.clone());
+                    writer.write_str(",\"vm_id\":")?;
+                    write_json_str(&mut writer, &f.fields)?;
                     break;
                 }
-            }
-            if let Some(id) = vm_id {
-                line.push(("vm_id".into(), Value::String(id)));
             }
         }
 
@@ -238,63 +233,124 @@ where
         let otel_span = otel_cx.span();
         let sc = otel_span.span_context();
         if sc.is_valid() {
-            line.push(("trace_id".into(), Value::String(sc.trace_id().to_string())));
-            line.push(("span_id".into(), Value::String(sc.span_id().to_string())));
-        }
-
-        writer.write_char('{')?;
-        for (i, (k, v)) in line.iter().enumerate() {
-            if i > 0 {
-                writer.write_char(',')?;
-            }
-            let key = serde_json::to_string(k).map_err(|_| fmt::Error)?;
-            let value = serde_json::to_string(v).map_err(|_| fmt::Error)?;
-            write!(writer, "{key}:{value}")?;
+            write!(
+                writer,
+                ",\"trace_id\":\"{}\",\"span_id\":\"{}\"",
+                sc.trace_id(),
+                sc.span_id()
+            )?;
         }
         writer.write_str("}\n")
     }
 }
 
-/// Collects an event's fields as JSON values.
-#[derive(Default)]
-struct FieldMap {
-    message: Option<Value>,
-    map: Vec<(String, Value)>,
+/// `s` as a JSON string, quotes included.
+fn write_json_str(w: &mut impl fmt::Write, s: &str) -> fmt::Result {
+    w.write_char('"')?;
+    let mut start = 0;
+    for (i, b) in s.bytes().enumerate() {
+        let escape = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0..=0x1f => "",
+            _ => continue,
+        };
+        w.write_str(&s[start..i])?;
+        if escape.is_empty() {
+            write!(w, "\\u{b:04x}")?;
+        } else {
+            w.write_str(escape)?;
+        }
+        start = i + 1;
+    }
+    w.write_str(&s[start..])?;
+    w.write_char('"')
 }
 
-impl FieldMap {
-    fn put(&mut self, field: &Field, value: Value) {
-        let name = field.name();
-        if name == "message" {
-            self.message = Some(value);
-        } else if !name.starts_with("log.") {
-            self.map.push((name.to_owned(), value));
+/// Writes an event's fields as JSON members (`,"key":value`), the message
+/// apart; a field named like one of the line's own keys becomes `field.<name>`.
+struct FieldWriter {
+    /// The message, as a JSON value.
+    message: Option<String>,
+    /// The other fields, each as `,"key":value`.
+    rest: String,
+    /// The first failed write, if any.
+    result: Result<(), fmt::Error>,
+}
+
+impl Default for FieldWriter {
+    fn default() -> Self {
+        Self {
+            message: None,
+            rest: String::new(),
+            result: Ok(()),
         }
     }
 }
 
-impl Visit for FieldMap {
+impl FieldWriter {
+    /// Where `field`'s value goes, with its key written; None to skip it.
+    fn slot(&mut self, field: &Field) -> Option<&mut String> {
+        let name = field.name();
+        if name == "message" {
+            return Some(self.message.insert(String::new()));
+        }
+        if name.starts_with("log.") {
+            return None;
+        }
+        let key = if RESERVED.contains(&name) {
+            format!("field.{name}")
+        } else {
+            name.to_owned()
+        };
+        self.rest.push(',');
+        let written = write_json_str(&mut self.rest, &key);
+        self.rest.push(':');
+        self.result = self.result.and(written);
+        Some(&mut self.rest)
+    }
+
+    fn put_str(&mut self, field: &Field, value: &str) {
+        if let Some(out) = self.slot(field) {
+            let written = write_json_str(out, value);
+            self.result = self.result.and(written);
+        }
+    }
+
+    fn put_display(&mut self, field: &Field, value: impl fmt::Display) {
+        if let Some(out) = self.slot(field) {
+            let written = write!(out, "{value}");
+            self.result = self.result.and(written);
+        }
+    }
+}
+
+impl Visit for FieldWriter {
     fn record_f64(&mut self, field: &Field, value: f64) {
-        let v = serde_json::Number::from_f64(value)
-            .map(Value::Number)
-            .unwrap_or_else(|| Value::String(value.to_string()));
-        self.put(field, v);
+        if value.is_finite() {
+            self.put_display(field, value);
+        } else {
+            self.put_str(field, &value.to_string());
+        }
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.put(field, Value::from(value));
+        self.put_display(field, value);
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.put(field, Value::from(value));
+        self.put_display(field, value);
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.put(field, Value::Bool(value));
+        self.put_display(field, value);
     }
 
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.put(field, Value::String(value.to_owned()));
+        self.put_str(field, value);
     }
 
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
@@ -305,17 +361,18 @@ impl Visit for FieldMap {
             text.push_str(&s.to_string());
             source = s.source();
         }
-        self.put(field, Value::String(text));
+        self.put_str(field, &text);
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.put(field, Value::String(format!("{value:?}")));
+        self.put_str(field, &format!("{value:?}"));
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
     use std::io::Write;
     use std::sync::{Arc, Mutex};
 
@@ -401,5 +458,49 @@ mod tests {
             l.get("trace_id").is_none(),
             "no OpenTelemetry layer, no ids"
         );
+    }
+
+    #[test]
+    fn any_text_and_value_stays_valid_json() {
+        let capture = Capture::default();
+        let handle = OtelHandle::disabled();
+        let sub = subscriber("info", &handle, capture.clone()).expect("subscriber");
+        let nasty = "quote \" backslash \\ newline \n tab \t bell \u{7} nul \u{0} é 🦀";
+        tracing::subscriber::with_default(sub, || {
+            let span = tracing::info_span!("rpc", vm.id = tracing::field::Empty);
+            let _g = span.enter();
+            span.record("vm.id", nasty);
+            tracing::warn!(
+                level = "mine",
+                text = nasty,
+                debug = ?nasty,
+                nan = f64::NAN,
+                inf = f64::INFINITY,
+                whole = 2.0,
+                negative = -7i64,
+                flag = true,
+                "{nasty}"
+            );
+            tracing::info!(no_message = 1u64);
+        });
+        let lines = capture.lines();
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        let l = &lines[0];
+        assert_eq!(l["level"], "WARN", "the line's own key wins");
+        assert_eq!(
+            l["field.level"], "mine",
+            "a field named like a key is renamed"
+        );
+        assert_eq!(l["message"], nasty);
+        assert_eq!(l["text"], nasty);
+        assert_eq!(l["debug"], format!("{nasty:?}"));
+        assert_eq!(l["vm_id"], nasty);
+        assert_eq!(l["nan"], "NaN");
+        assert_eq!(l["inf"], "inf");
+        assert_eq!(l["whole"], 2.0);
+        assert_eq!(l["negative"], -7);
+        assert_eq!(l["flag"], true);
+        assert_eq!(lines[1]["message"], Value::Null);
+        assert_eq!(lines[1]["no_message"], 1);
     }
 }

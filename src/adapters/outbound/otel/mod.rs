@@ -12,6 +12,7 @@
 //! collector shows up in [`OtelHandle::health`] and never in an RPC.
 
 pub mod health;
+pub mod log_writer;
 pub mod logging;
 pub mod metrics;
 pub mod process;
@@ -84,6 +85,9 @@ pub enum OtelError {
     /// Another global subscriber was installed first.
     #[error("a global tracing subscriber is already installed")]
     LoggingInstalled(#[source] tracing::subscriber::SetGlobalDefaultError),
+    /// The thread that writes batched log lines could not start.
+    #[error("starting the log writer thread failed")]
+    LogWriter(#[source] std::io::Error),
     /// Flushing or shutting down a signal's pipeline failed.
     #[error("{action} of {signal} failed")]
     Pipeline {
