@@ -746,7 +746,7 @@ async fn wait_for(
     m: &VmManager<MockHypervisor, MockVmStore>,
     vm: &str,
     ok: impl Fn(&crate::ports::VmDetails) -> bool,
-) -> crate::ports::VmDetails {
+) -> Arc<crate::ports::VmDetails> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
     loop {
         let d = m.get_vm_info(id(vm)).await.expect("info");

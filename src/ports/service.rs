@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::Arc;
 
 use crate::domain::snapshot::{NetworkOverride, SnapshotId, SnapshotInfo, SnapshotKind};
 use crate::domain::{VmConfig, VmError, VmId, VmSnapshot, VmState};
@@ -18,7 +19,8 @@ pub struct CreateVm {
     pub config: VmConfig,
 }
 
-/// One VM in full, for GetVmInfo.
+/// One VM in full, for GetVmInfo: what its owner observed and its latest
+/// sample of the VMM. Owners publish it as an `Arc`, so a read is a pointer copy.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VmDetails {
     /// Config, state, reason, generation, timestamps.
@@ -29,6 +31,18 @@ pub struct VmDetails {
     pub backend_info: BTreeMap<String, String>,
     /// When `metrics` and `backend_info` were sampled, Unix milliseconds.
     pub sampled_at_ms: Option<i64>,
+}
+
+impl VmDetails {
+    /// The details of `snapshot` with no sample yet.
+    pub fn of(snapshot: VmSnapshot) -> Self {
+        Self {
+            snapshot,
+            metrics: None,
+            backend_info: BTreeMap::new(),
+            sampled_at_ms: None,
+        }
+    }
 }
 
 /// A RestoreVm request after the wire layer parsed it.
@@ -117,7 +131,7 @@ pub struct WatchEvent {
     /// What happened.
     pub kind: WatchEventKind,
     /// The VM after the change (before it, for a delete); None for synced and heartbeat.
-    pub vm: Option<std::sync::Arc<VmSnapshot>>,
+    pub vm: Option<Arc<VmSnapshot>>,
     /// The host revision of the change, or the revision synced or current.
     pub revision: u64,
 }
@@ -159,7 +173,8 @@ pub trait VmService: Send + Sync + 'static {
         force: bool,
     ) -> impl Future<Output = Result<VmState, VmError>> + Send;
     /// Reads one VM.
-    fn get_vm_info(&self, id: VmId) -> impl Future<Output = Result<VmDetails, VmError>> + Send;
+    fn get_vm_info(&self, id: VmId)
+    -> impl Future<Output = Result<Arc<VmDetails>, VmError>> + Send;
     /// Lists VMs.
     fn list_vms(&self, query: ListQuery) -> impl Future<Output = Result<VmPage, VmError>> + Send;
     /// Streams changes of the host's VMs.

@@ -17,8 +17,8 @@ use futures_util::stream;
 use tokio::sync::watch;
 
 use crate::app::feed::ChangeFeed;
-use crate::app::owner::VmView;
 use crate::domain::{VmError, VmSnapshot};
+use crate::ports::VmDetails;
 use crate::ports::{ConsoleChunk, ConsoleStream, Hypervisor, HypervisorError};
 
 /// Bytes one GetConsoleOutput answers when the caller says 0.
@@ -66,7 +66,7 @@ fn console_error(e: HypervisorError, snap: &VmSnapshot) -> VmError {
 /// What a follower carries from one message to the next.
 struct Follower<H> {
     hypervisor: Arc<H>,
-    view: watch::Receiver<Arc<VmView>>,
+    view: watch::Receiver<Arc<VmDetails>>,
     feed: Arc<ChangeFeed>,
     offset: u64,
     /// The VMM pid the offset belongs to.
@@ -77,7 +77,7 @@ struct Follower<H> {
 /// Follows the console of the VM whose view is `view`, from `offset`.
 pub fn follow<H: Hypervisor>(
     hypervisor: Arc<H>,
-    view: watch::Receiver<Arc<VmView>>,
+    view: watch::Receiver<Arc<VmDetails>>,
     feed: Arc<ChangeFeed>,
     offset: u64,
 ) -> ConsoleStream {

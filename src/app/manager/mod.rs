@@ -291,7 +291,7 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
     }
 
     /// The view of a VM whose create has finished.
-    fn created_view(&self, id: &VmId) -> Result<(Entry, Arc<super::owner::VmView>), VmError> {
+    fn created_view(&self, id: &VmId) -> Result<(Entry, Arc<VmDetails>), VmError> {
         let entry = self.entry(id)?;
         let view = entry.current();
         if view.snapshot.generation == 0 || view.snapshot.deleted {
@@ -468,15 +468,10 @@ impl<H: Hypervisor, S: VmStore> VmService for VmManager<H, S> {
 
     /// Answers from the owner's view: state as last observed (kept true by
     /// the VMM's events, exits and the sample timer), metrics as last sampled.
-    async fn get_vm_info(&self, id: VmId) -> Result<VmDetails, VmError> {
+    async fn get_vm_info(&self, id: VmId) -> Result<Arc<VmDetails>, VmError> {
         self.require_backend().await?;
         let (_, view) = self.created_view(&id)?;
-        Ok(VmDetails {
-            snapshot: view.snapshot.clone(),
-            metrics: view.metrics,
-            backend_info: view.backend_info.clone(),
-            sampled_at_ms: view.sampled_at_ms,
-        })
+        Ok(view)
     }
 
     async fn list_vms(&self, query: ListQuery) -> Result<VmPage, VmError> {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use crate::domain::{VmConfigError, VmError, VmId};
 use crate::ports::{ListQuery, VmPage};
 
-use crate::app::owner::VmView;
+use crate::ports::VmDetails;
 
 /// Default ListVms page size.
 pub const DEFAULT_PAGE_SIZE: u32 = 100;
@@ -57,7 +57,7 @@ pub fn start_after(query: &ListQuery) -> Result<Option<VmId>, VmError> {
 /// The page made of `views` (ordered by id, already filtered), `more`
 /// telling whether others follow, out of `total` matching VMs; every change
 /// up to `revision` is in it.
-pub fn page(views: &[Arc<VmView>], more: bool, total: u64, revision: u64) -> VmPage {
+pub fn page(views: &[Arc<VmDetails>], more: bool, total: u64, revision: u64) -> VmPage {
     let vms: Vec<_> = views.iter().map(|v| v.snapshot.clone()).collect();
     let next_page_token = match vms.last() {
         Some(last) if more => encode_token(&last.id),
@@ -102,7 +102,7 @@ mod tests {
             let id = VmId::parse(id).expect("valid");
             let mut snap = Vm::new(id.clone(), valid(), state, 1).snapshot().clone();
             snap.generation = generation;
-            let view = Arc::new(VmView::of(snap));
+            let view = Arc::new(VmDetails::of(snap));
             let (tx, rx) = tokio::sync::mpsc::channel(1);
             queues.push(rx);
             // A receiver keeps the last value after its sender is gone.

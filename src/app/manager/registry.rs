@@ -12,7 +12,8 @@ use tokio::sync::{mpsc, watch};
 use crate::domain::{VmId, VmState};
 use crate::ports::VmCounts;
 
-use crate::app::owner::{Request, VmView};
+use crate::app::owner::Request;
+use crate::ports::VmDetails;
 
 /// One VM's way in: its owner's queue and its published view.
 #[derive(Clone, Debug)]
@@ -20,12 +21,12 @@ pub struct Entry {
     /// The owner task's request queue.
     pub tx: mpsc::Sender<Request>,
     /// The owner's latest view of the VM.
-    pub view: watch::Receiver<Arc<VmView>>,
+    pub view: watch::Receiver<Arc<VmDetails>>,
 }
 
 impl Entry {
     /// The VM's current view (a pointer copy).
-    pub fn current(&self) -> Arc<VmView> {
+    pub fn current(&self) -> Arc<VmDetails> {
         Arc::clone(&self.view.borrow())
     }
 
@@ -111,7 +112,7 @@ impl Registry {
     }
 
     /// The views of every VM in one of `states` (all when empty), ordered by id.
-    pub fn views(&self, states: &[VmState]) -> Vec<Arc<VmView>> {
+    pub fn views(&self, states: &[VmState]) -> Vec<Arc<VmDetails>> {
         self.read()
             .values()
             .map(Entry::current)
@@ -132,7 +133,7 @@ impl Registry {
         states: &[VmState],
         after: Option<&VmId>,
         size: usize,
-    ) -> (Vec<Arc<VmView>>, bool) {
+    ) -> (Vec<Arc<VmDetails>>, bool) {
         let vms = self.read();
         let start = after.map_or(Bound::Unbounded, Bound::Excluded);
         let mut matching = vms

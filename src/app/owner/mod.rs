@@ -24,7 +24,6 @@ mod calls;
 mod perform;
 mod record;
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,7 +36,7 @@ use super::manager::registry::ListedCounts;
 use crate::domain::restart::{Cause, RestartSettings};
 use crate::domain::{Admission, Command, Effect, Observation, Vm, VmError, VmSnapshot, VmState};
 use crate::ports::{
-    Clock, Hypervisor, HypervisorError, Telemetry, TelemetryEvent, VmMetrics, VmStore, VmmEvent,
+    Clock, Hypervisor, HypervisorError, Telemetry, TelemetryEvent, VmDetails, VmStore, VmmEvent,
     VmmEventSink, VmmHandle, VmmProcess,
 };
 
@@ -61,32 +60,6 @@ pub enum Request {
         /// The answer.
         reply: oneshot::Sender<Result<VmSnapshot, VmError>>,
     },
-}
-
-/// What readers see of one VM: the owner's observed state and its latest
-/// sample of the VMM. Published as an `Arc` so a read is a pointer copy.
-#[derive(Debug, Clone, PartialEq)]
-pub struct VmView {
-    /// Config, state, reason, generation, timestamps.
-    pub snapshot: VmSnapshot,
-    /// Metrics of the latest sample (None until the first one).
-    pub metrics: Option<VmMetrics>,
-    /// Backend details of the latest sample.
-    pub backend_info: BTreeMap<String, String>,
-    /// When the latest sample was taken, Unix milliseconds (None: never).
-    pub sampled_at_ms: Option<i64>,
-}
-
-impl VmView {
-    /// A view of `snapshot` with no sample yet.
-    pub fn of(snapshot: VmSnapshot) -> Self {
-        Self {
-            snapshot,
-            metrics: None,
-            backend_info: BTreeMap::new(),
-            sampled_at_ms: None,
-        }
-    }
 }
 
 /// Everything an owner task needs besides its VM.
@@ -151,8 +124,8 @@ pub struct Owner<H: Hypervisor, S> {
     vmm: Option<H::Vm>,
     process: Option<VmmProcess>,
     deps: Deps<H, S>,
-    view: Arc<VmView>,
-    view_tx: watch::Sender<Arc<VmView>>,
+    view: Arc<VmDetails>,
+    view_tx: watch::Sender<Arc<VmDetails>>,
     events_tx: VmmEventSink,
     events_rx: mpsc::UnboundedReceiver<VmmEvent>,
     persisted: Option<Persisted>,
@@ -192,7 +165,7 @@ pub fn event_channel() -> (VmmEventSink, mpsc::UnboundedReceiver<VmmEvent>) {
 impl<H: Hypervisor, S: VmStore> Owner<H, S> {
     /// An owner for a VM about to be created (`Vm::creating`); its first
     /// effect creates the VMM.
-    pub fn creating(vm: Vm, deps: Deps<H, S>) -> (Self, watch::Receiver<Arc<VmView>>) {
+    pub fn creating(vm: Vm, deps: Deps<H, S>) -> (Self, watch::Receiver<Arc<VmDetails>>) {
         let (events_tx, events_rx) = event_channel();
         Self::build(vm, None, None, deps, events_tx, events_rx)
     }
@@ -206,7 +179,7 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
         deps: Deps<H, S>,
         dir: PathBuf,
         resume: bool,
-    ) -> (Self, watch::Receiver<Arc<VmView>>) {
+    ) -> (Self, watch::Receiver<Arc<VmDetails>>) {
         let (mut owner, view) = Self::creating(vm, deps);
         owner.restore_from = Some((dir, resume));
         (owner, view)
@@ -222,7 +195,7 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
         vmm: Option<H::Vm>,
         deps: Deps<H, S>,
         events: (VmmEventSink, mpsc::UnboundedReceiver<VmmEvent>),
-    ) -> (Self, watch::Receiver<Arc<VmView>>) {
+    ) -> (Self, watch::Receiver<Arc<VmDetails>>) {
         let process = vmm.as_ref().and_then(VmmHandle::process);
         let (mut owner, view) = Self::build(vm, vmm, process, deps, events.0, events.1);
         if let Some(p) = owner.persisted.as_mut() {
@@ -259,9 +232,9 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
         deps: Deps<H, S>,
         events_tx: VmmEventSink,
         events_rx: mpsc::UnboundedReceiver<VmmEvent>,
-    ) -> (Self, watch::Receiver<Arc<VmView>>) {
+    ) -> (Self, watch::Receiver<Arc<VmDetails>>) {
         let vm = vm.with_restarts(deps.restart);
-        let mut view = VmView::of(vm.snapshot().clone());
+        let mut view = VmDetails::of(vm.snapshot().clone());
         // Known before any sample; every sample keeps it.
         view.backend_info.insert(
             "backend".to_owned(),
