@@ -21,7 +21,9 @@
 //! `rpc.server.request.duration` in seconds (`rpc_server_request_duration_seconds`)
 //! and `rpc.server.active_requests`, labelled by `rpc_method` (the bare method
 //! name, `_OTHER` for unknown paths so cardinality stays fixed) and
-//! `rpc_status` (the Connect code name). They are recorded for every request.
+//! `rpc_status` (the Connect code name). They count every request: the
+//! duration as an SDK measurement, the request and active counts in atomics
+//! that the SDK reads when it collects (observable instruments).
 
 mod status;
 #[cfg(test)]
@@ -32,6 +34,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
@@ -41,7 +44,7 @@ use http::{HeaderMap, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use opentelemetry::KeyValue;
 use opentelemetry::baggage::BaggageExt;
-use opentelemetry::metrics::{Counter, Histogram, Meter, UpDownCounter};
+use opentelemetry::metrics::{Histogram, Meter, ObservableCounter, ObservableUpDownCounter};
 use opentelemetry::propagation::{Extractor, TextMapCompositePropagator, TextMapPropagator};
 use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
 use pin_project_lite::pin_project;
@@ -119,33 +122,111 @@ pub const DURATION_BUCKETS: [f64; 16] = [
 /// Most baggage entries copied onto the span as `baggage.<key>` attributes.
 const MAX_BAGGAGE_ATTRIBUTES: usize = 8;
 
-/// The three request instruments.
+/// Label values of the `rpc.status` attribute, by gRPC code number (0 is `ok`).
+const STATUSES: usize = 17;
+
+fn status_label(code: usize) -> &'static str {
+    u32::try_from(code)
+        .ok()
+        .filter(|c| *c > 0)
+        .and_then(ErrorCode::from_grpc_code)
+        .map_or("ok", |c| c.as_str())
+}
+
+/// Requests served and in progress, by method index (the last is
+/// [`OTHER_METHOD`]) and status: atomics a request adds to, read by the
+/// observable instruments when metrics are collected. An SDK measurement
+/// (attribute set built, hashed and looked up) per request for each of them
+/// cost more than the rest of the RPC's metrics.
+#[derive(Debug)]
+struct RpcCounts {
+    requests: Vec<[AtomicU64; STATUSES]>,
+    active: Vec<AtomicI64>,
+}
+
+impl RpcCounts {
+    fn new() -> Self {
+        Self {
+            requests: (0..=METHODS.len())
+                .map(|_| std::array::from_fn(|_| AtomicU64::new(0)))
+                .collect(),
+            active: (0..=METHODS.len()).map(|_| AtomicI64::new(0)).collect(),
+        }
+    }
+
+    fn method_label(index: usize) -> &'static str {
+        METHODS.get(index).map_or(OTHER_METHOD, |m| m.name)
+    }
+
+    /// Whether the method has been called (its series exist from then on).
+    fn called(&self, method: usize) -> bool {
+        self.active[method].load(Ordering::Relaxed) != 0
+            || self.requests[method]
+                .iter()
+                .any(|c| c.load(Ordering::Relaxed) > 0)
+    }
+}
+
+/// The request instruments: the duration histogram is recorded per
+/// request; the request and active counts are observed from [`RpcCounts`].
 #[derive(Debug, Clone)]
 struct RpcMetrics {
-    requests: Counter<u64>,
     duration: Histogram<f64>,
-    active: UpDownCounter<i64>,
+    counts: Arc<RpcCounts>,
+    /// Kept so their callbacks live as long as the layer.
+    _observed: Arc<(ObservableCounter<u64>, ObservableUpDownCounter<i64>)>,
 }
 
 impl RpcMetrics {
     fn new(meter: &Meter) -> Self {
+        let counts = Arc::new(RpcCounts::new());
+        let for_requests = Arc::clone(&counts);
+        let requests = meter
+            .u64_observable_counter("rpc.server.requests")
+            .with_description("RPCs served, by method and status")
+            .with_unit("{request}")
+            .with_callback(move |observer| {
+                for (m, by_status) in for_requests.requests.iter().enumerate() {
+                    for (s, count) in by_status.iter().enumerate() {
+                        let n = count.load(Ordering::Relaxed);
+                        if n > 0 {
+                            observer.observe(
+                                n,
+                                &[
+                                    KeyValue::new("rpc.method", RpcCounts::method_label(m)),
+                                    KeyValue::new("rpc.status", status_label(s)),
+                                ],
+                            );
+                        }
+                    }
+                }
+            })
+            .build();
+        let for_active = Arc::clone(&counts);
+        let active = meter
+            .i64_observable_up_down_counter("rpc.server.active_requests")
+            .with_description("RPCs in progress")
+            .with_unit("{request}")
+            .with_callback(move |observer| {
+                for (m, active) in for_active.active.iter().enumerate() {
+                    if for_active.called(m) {
+                        observer.observe(
+                            active.load(Ordering::Relaxed),
+                            &[KeyValue::new("rpc.method", RpcCounts::method_label(m))],
+                        );
+                    }
+                }
+            })
+            .build();
         Self {
-            requests: meter
-                .u64_counter("rpc.server.requests")
-                .with_description("RPCs served, by method and status")
-                .with_unit("{request}")
-                .build(),
             duration: meter
                 .f64_histogram("rpc.server.request.duration")
                 .with_description("Time from request to the end of the response body")
                 .with_unit("s")
                 .with_boundaries(DURATION_BUCKETS.to_vec())
                 .build(),
-            active: meter
-                .i64_up_down_counter("rpc.server.active_requests")
-                .with_description("RPCs in progress")
-                .with_unit("{request}")
-                .build(),
+            counts,
+            _observed: Arc::new((requests, active)),
         }
     }
 }
@@ -268,6 +349,8 @@ struct RpcCall {
     span: Span,
     start: Instant,
     method: &'static str,
+    /// The method's index in [`RpcCounts`].
+    method_index: usize,
     full_name: Cow<'static, str>,
     protocol: Protocol,
     metrics: RpcMetrics,
@@ -332,14 +415,16 @@ impl RpcCall {
                 span.set_attribute(kv.key, kv.value);
             }
         }
-        layer
-            .metrics
-            .active
-            .add(1, &[KeyValue::new("rpc.method", method)]);
+        let method_index = METHODS
+            .iter()
+            .position(|m| m.name == method)
+            .unwrap_or(METHODS.len());
+        layer.metrics.counts.active[method_index].fetch_add(1, Ordering::Relaxed);
         Self {
             span,
             start: Instant::now(),
             method,
+            method_index,
             full_name: log_name,
             protocol,
             metrics: layer.metrics.clone(),
@@ -354,9 +439,12 @@ impl RpcCall {
             KeyValue::new("rpc.method", self.method),
             KeyValue::new("rpc.status", status),
         ];
-        self.metrics.requests.add(1, &attrs);
+        let counts = &self.metrics.counts;
+        let status_index = code.map_or(0, |c| c.grpc_code() as usize);
+        counts.requests[self.method_index][status_index.min(STATUSES - 1)]
+            .fetch_add(1, Ordering::Relaxed);
+        counts.active[self.method_index].fetch_sub(1, Ordering::Relaxed);
         self.metrics.duration.record(elapsed.as_secs_f64(), &attrs);
-        self.metrics.active.add(-1, &attrs[..1]);
 
         match self.protocol {
             Protocol::Grpc | Protocol::GrpcWeb { .. } => {

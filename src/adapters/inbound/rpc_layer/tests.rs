@@ -143,3 +143,32 @@ fn http_fallback_mapping_matches_the_spec() {
     assert_eq!(code_from_http(503), ErrorCode::Unavailable);
     assert_eq!(code_from_http(500), ErrorCode::Unknown);
 }
+
+#[test]
+fn status_labels_follow_the_grpc_code_numbers() {
+    assert_eq!(status_label(0), "ok");
+    for n in 1..STATUSES {
+        let code = ErrorCode::from_grpc_code(n as u32).expect("a code for 1..=16");
+        assert_eq!(status_label(n), code.as_str());
+        assert_eq!(code.grpc_code() as usize, n);
+    }
+    let mut labels: Vec<&str> = (0..STATUSES).map(status_label).collect();
+    labels.sort_unstable();
+    labels.dedup();
+    assert_eq!(labels.len(), STATUSES, "every status has its own label");
+}
+
+#[test]
+fn counts_report_only_methods_that_were_called() {
+    let counts = RpcCounts::new();
+    let get = METHODS.iter().position(|m| m.name == "GetVmInfo").unwrap();
+    assert!(!(0..=METHODS.len()).any(|m| counts.called(m)));
+    counts.active[get].fetch_add(1, Ordering::Relaxed);
+    assert!(counts.called(get), "in progress counts as called");
+    counts.active[get].fetch_sub(1, Ordering::Relaxed);
+    counts.requests[get][5].fetch_add(1, Ordering::Relaxed);
+    assert!(counts.called(get), "finished too");
+    assert_eq!(RpcCounts::method_label(get), "GetVmInfo");
+    assert_eq!(RpcCounts::method_label(METHODS.len()), OTHER_METHOD);
+    assert!(!counts.called(METHODS.len()));
+}
