@@ -52,6 +52,7 @@ fn main() {
         exit_on: Vec::new(),
         on_exit: Arc::new(|code| std::process::exit(code)),
         chroot: None,
+        fail_snapshot_write: false,
     };
     let mut fail_start = false;
     let mut never_ready = false;
@@ -89,6 +90,7 @@ fn main() {
             "--fake-fail-start" => fail_start = true,
             "--fake-chroot" => behaviour.chroot = Some(PathBuf::from(value())),
             "--fake-never-ready" => never_ready = true,
+            "--fake-fail-snapshot-write" => behaviour.fail_snapshot_write = true,
             other => {
                 log(
                     &id,

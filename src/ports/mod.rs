@@ -23,6 +23,6 @@ pub use service::{
     ServiceHealth, VmCounts, VmDetails, VmPage, VmService, WatchEvent, WatchEventKind, WatchQuery,
     WatchStream,
 };
-pub use snapshots::{SnapshotRepo, SnapshotRepoError, SnapshotScan};
+pub use snapshots::{DiffMerge, SnapshotRepo, SnapshotRepoError, SnapshotScan};
 pub use store::{StoreError, VmRecord, VmStore};
 pub use telemetry::{NoopTelemetry, Telemetry, TelemetryEvent};

@@ -41,6 +41,7 @@ fn behaviour() -> Behaviour {
         exit_on: Vec::new(),
         on_exit: Arc::new(|_| {}),
         chroot: None,
+        fail_snapshot_write: false,
     }
 }
 
@@ -92,6 +93,7 @@ async fn client_walks_firecracker_states() {
             vcpu_count: 2,
             mem_size_mib: 64,
             smt: false,
+            track_dirty_pages: false,
         })
         .await
         .expect("machine-config");
@@ -229,6 +231,7 @@ async fn client_post_boot_rules() {
             vcpu_count: 1,
             mem_size_mib: 64,
             smt: false,
+            track_dirty_pages: false,
         })
         .await
         .expect_err("post-boot machine-config");
@@ -293,6 +296,7 @@ async fn client_one_request_at_a_time_and_a_slow_answer_is_still_applied() {
         vcpu_count: 2,
         mem_size_mib: 256,
         smt: false,
+        track_dirty_pages: false,
     };
     let sent = Instant::now();
     // The client gives up at 500 ms; the VMM applied the request and answers later.

@@ -14,12 +14,12 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::adapters::outbound::disk_copy::{DiskCopy, copy_disk};
+use crate::adapters::outbound::disk_copy::{DiskCopy, copy_disk, data_extents, overlay};
 use crate::adapters::outbound::store::sqlite::config_json;
 use crate::domain::snapshot::{SnapshotId, SnapshotInfo, SnapshotKind};
 use crate::domain::{VmConfig, VmId};
-use crate::ports::snapshots::disk_file;
-use crate::ports::{SnapshotRepo, SnapshotRepoError, SnapshotScan};
+use crate::ports::snapshots::{MEMORY_FILE, disk_file};
+use crate::ports::{DiffMerge, SnapshotRepo, SnapshotRepoError, SnapshotScan};
 
 /// The description file in each snapshot directory.
 pub const DESCRIPTION: &str = "snapshot.json";
@@ -45,6 +45,9 @@ struct Description {
     created_at: i64,
     size_bytes: u64,
     kind: String,
+    /// A diff's parent (absent for a full one, and in older descriptions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    parent_snapshot_id: Option<String>,
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> SnapshotRepoError {
@@ -88,6 +91,11 @@ impl FsSnapshots {
             size_bytes: d.size_bytes,
             kind: SnapshotKind::from_name(&d.kind)
                 .ok_or_else(|| corrupt(format!("unknown kind {:?}", d.kind)))?,
+            parent: d
+                .parent_snapshot_id
+                .map(|p| SnapshotId::parse("parent_snapshot_id", &p))
+                .transpose()
+                .map_err(|e| corrupt(e.to_string()))?,
         })
     }
 }
@@ -144,6 +152,7 @@ impl SnapshotRepo for FsSnapshots {
             created_at: info.created_at,
             size_bytes: info.size_bytes,
             kind: info.kind.as_str().to_owned(),
+            parent_snapshot_id: info.parent.as_ref().map(ToString::to_string),
         };
         let text =
             serde_json::to_vec_pretty(&d).map_err(|e| SnapshotRepoError::Corrupt(e.to_string()))?;
@@ -320,6 +329,75 @@ impl SnapshotRepo for FsSnapshots {
     fn clone_dir(&self, vm: &VmId) -> PathBuf {
         self.root.join(CLONES).join(vm.as_str())
     }
+
+    /// The whole memory is built next to the diff (`memory.whole`, in the
+    /// pending directory, so a crash leaves nothing the next start keeps)
+    /// and renamed over it once synced.
+    fn complete_diff(
+        &self,
+        id: &SnapshotId,
+        parent: &SnapshotId,
+    ) -> Result<DiffMerge, SnapshotRepoError> {
+        let dir = self.pending(id);
+        let diff_path = dir.join(MEMORY_FILE);
+        let base_path = self.path(parent).join(MEMORY_FILE);
+        let whole_path = dir.join(format!("{MEMORY_FILE}.whole"));
+        let diff = fs::File::open(&diff_path)
+            .map_err(io(format!("cannot open {}", diff_path.display())))?;
+        let (diff_meta, base_len) = (
+            diff.metadata()
+                .map_err(io(format!("cannot read {}", diff_path.display())))?,
+            fs::metadata(&base_path)
+                .map_err(io(format!("cannot read {}", base_path.display())))?
+                .len(),
+        );
+        if diff_meta.len() != base_len {
+            return Err(SnapshotRepoError::Corrupt(format!(
+                "{} is {} bytes and its parent's memory {} is {base_len}: not the same guest memory",
+                diff_path.display(),
+                diff_meta.len(),
+                base_path.display()
+            )));
+        }
+        let extents = data_extents(&diff).map_err(io(format!(
+            "cannot find the data in {}",
+            diff_path.display()
+        )))?;
+        let data: u64 = extents.iter().map(|(_, l)| l).sum();
+        // A file system that does not report holes shows a sparse file as all
+        // data: its unwritten pages would read as zeros over the parent's.
+        let allocated = diff_meta.blocks() * 512;
+        if data > allocated + diff_meta.blksize() {
+            return Err(SnapshotRepoError::Corrupt(format!(
+                "{}: the file system reports {data} bytes of data in a file that takes {allocated}: it does not report holes, so a diff snapshot cannot be completed here",
+                diff_path.display()
+            )));
+        }
+        let how = copy_disk(&base_path, &whole_path).map_err(io(format!(
+            "cannot copy {} to {}",
+            base_path.display(),
+            whole_path.display()
+        )))?;
+        let written = fs::OpenOptions::new()
+            .write(true)
+            .open(&whole_path)
+            .and_then(|whole| {
+                let n = overlay(&diff, &whole, &extents)?;
+                whole.sync_all()?;
+                Ok(n)
+            })
+            .and_then(|n| fs::rename(&whole_path, &diff_path).map(|()| n));
+        match written {
+            Ok(changed_bytes) => Ok(DiffMerge {
+                reflinked: how == DiskCopy::Reflink,
+                changed_bytes,
+            }),
+            Err(e) => {
+                let _ = fs::remove_file(&whole_path);
+                Err(io(format!("cannot write {}", whole_path.display()))(e))
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -336,6 +414,7 @@ mod tests {
             created_at: 7,
             size_bytes: 0,
             kind: SnapshotKind::Full,
+            parent: None,
         }
     }
 
