@@ -1240,7 +1240,7 @@ impl DoubleVm {
 
     /// Pauses a running VM, writes the snapshot's files, resumes it if asked.
     /// A full snapshot's memory is 1 KiB of 7s per MiB of guest memory; a
-    /// diff's is as long, sparse, with only its first 512 bytes written (8s).
+    /// diff's is as long, sparse, with only its first page written (4 KiB of 8s).
     fn apply_snapshot(
         &self,
         dir: &std::path::Path,
@@ -1264,7 +1264,7 @@ impl DoubleVm {
                     SnapshotKind::Diff => std::fs::File::create(&path).and_then(|f| {
                         use std::os::unix::fs::FileExt;
                         f.set_len(memory as u64)?;
-                        f.write_all_at(&[8u8; 512], 0)
+                        f.write_all_at(&[8u8; 4096], 0)
                     }),
                 };
                 written

@@ -15,6 +15,7 @@ mod cloud_hypervisor;
 mod connections;
 mod console;
 mod crash;
+mod diff_snapshots;
 mod double;
 mod fake_ch;
 mod fake_fc;

@@ -24,6 +24,8 @@ use crate::ports::{DiffMerge, SnapshotRepo, SnapshotRepoError, SnapshotScan};
 /// The description file in each snapshot directory.
 pub const DESCRIPTION: &str = "snapshot.json";
 const PENDING: &str = ".pending-";
+/// The guest page size the VMM writes a diff in (x86-64 Linux hosts).
+const PAGE_SIZE: u64 = 4096;
 /// The directory of the clones' disk copies, one directory per VM.
 pub const CLONES: &str = ".clones";
 
@@ -359,6 +361,22 @@ impl SnapshotRepo for FsSnapshots {
                 base_path.display()
             )));
         }
+        // Extents are whole file-system blocks: a block larger than a page
+        // could hold unwritten pages, which would read as zeros over the parent's.
+        let block = rustix::fs::fstatvfs(&diff)
+            .map_err(|e| {
+                io(format!(
+                    "cannot stat the file system of {}",
+                    diff_path.display()
+                ))(e.into())
+            })?
+            .f_frsize;
+        if block > PAGE_SIZE {
+            return Err(SnapshotRepoError::Corrupt(format!(
+                "{}: the file system allocates {block}-byte blocks, larger than a {PAGE_SIZE}-byte page, so the pages of a diff snapshot cannot be told apart here",
+                diff_path.display()
+            )));
+        }
         let extents = data_extents(&diff).map_err(io(format!(
             "cannot find the data in {}",
             diff_path.display()
@@ -456,6 +474,75 @@ mod tests {
         repo.delete(&a.id).expect("delete");
         assert!(!repo.path(&a.id).exists());
         assert!(repo.scan().expect("scan").usable.is_empty());
+    }
+
+    #[test]
+    fn a_diff_is_made_whole_from_its_parent_and_a_mismatch_leaves_it_pending() {
+        use std::os::unix::fs::FileExt;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let repo = FsSnapshots::open(tmp.path()).expect("open");
+        let page = 4096usize;
+        let parent = info("parent");
+        let dir = repo.prepare(&parent.id).expect("prepare");
+        fs::write(dir.join(MEMORY_FILE), vec![1u8; 16 * page]).expect("write");
+        repo.commit(parent.clone()).expect("commit");
+
+        let mut child = info("child");
+        let dir = repo.prepare(&child.id).expect("prepare");
+        let f = fs::File::create(dir.join(MEMORY_FILE)).expect("create");
+        f.set_len(16 * page as u64).expect("size");
+        f.write_all_at(&vec![2u8; page], 5 * page as u64)
+            .expect("page");
+        f.write_all_at(&vec![0u8; page], 9 * page as u64)
+            .expect("a zeroed page");
+        drop(f);
+        let merge = repo.complete_diff(&child.id, &parent.id).expect("merge");
+        assert_eq!(merge.changed_bytes, 2 * page as u64);
+        let names: Vec<String> = fs::read_dir(&dir)
+            .expect("list")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, [MEMORY_FILE], "only the whole memory is left");
+        child.kind = SnapshotKind::Diff;
+        child.parent = Some(parent.id.clone());
+        let committed = repo.commit(child.clone()).expect("commit");
+        assert!(
+            committed.size_bytes >= 16 * page as u64,
+            "allocated in full"
+        );
+        let whole = fs::read(repo.path(&child.id).join(MEMORY_FILE)).expect("read");
+        for (i, chunk) in whole.chunks(page).enumerate() {
+            let expected = match i {
+                5 => 2,
+                9 => 0,
+                _ => 1,
+            };
+            assert!(chunk.iter().all(|b| *b == expected), "page {i}");
+        }
+        // Read back with its parent; deleting the parent leaves it whole.
+        repo.delete(&parent.id).expect("delete the parent");
+        let scan = repo.scan().expect("scan");
+        assert_eq!(scan.usable, [committed]);
+        assert_eq!(
+            fs::read(repo.path(&child.id).join(MEMORY_FILE)).expect("read"),
+            whole
+        );
+
+        // A diff of another memory size is no diff of this parent.
+        let other = info("other");
+        let dir = repo.prepare(&other.id).expect("prepare");
+        fs::File::create(dir.join(MEMORY_FILE))
+            .and_then(|f| f.set_len(8 * page as u64))
+            .expect("create");
+        let e = repo
+            .complete_diff(&other.id, &child.id)
+            .expect_err("sizes differ");
+        assert!(matches!(e, SnapshotRepoError::Corrupt(_)), "{e}");
+        assert_eq!(
+            fs::metadata(dir.join(MEMORY_FILE)).expect("kept").len(),
+            8 * page as u64,
+            "the pending diff is untouched (the caller aborts it)"
+        );
     }
 
     #[test]

@@ -283,7 +283,10 @@ fn a_version_1_store_migrates_and_its_records_read_as_revision_0() {
     assert_eq!(ids(&records), ["old"]);
     assert_eq!(records[0].snapshot.revision, 0);
     assert_eq!(records[0].snapshot.generation, 4);
-    assert_eq!(records[0].diff_parent, None, "no diff parent before version 4");
+    assert_eq!(
+        records[0].diff_parent, None,
+        "no diff parent before version 4"
+    );
     assert_eq!(rt.block_on(store.revision()).expect("revision"), 0);
     let mut rec = records[0].clone();
     rec.snapshot.revision = 5;
