@@ -22,7 +22,7 @@
 //! /snapshot/load` refuses, like a corrupt restore would show, a memory
 //! file whose pages do not match the vmstate's digest, so a diff
 //! loaded without its parent's pages (or merged wrongly) fails. With
-//! [`Behaviour::fail_snapshot_write`] a create writes half of its pages,
+//! [`Behaviour::fail_snapshot_write`] one create writes half of its pages,
 //! loses the dirty ones and answers an error, as a full disk would.
 //!
 //! The same code runs in-process (tests of the client) and as the
@@ -77,9 +77,9 @@ pub struct Behaviour {
     pub on_exit: Arc<dyn Fn(i32) + Send + Sync>,
     /// Resolve every path under this directory, as a jailed Firecracker does.
     pub chroot: Option<PathBuf>,
-    /// `PUT /snapshot/create` fails after writing half of the memory file
-    /// (its dirty pages are lost all the same).
-    pub fail_snapshot_write: bool,
+    /// The `PUT /snapshot/create` with this number (1 for the first) fails
+    /// after writing half of the memory file (its dirty pages are lost all the same).
+    pub fail_snapshot_write: Option<u64>,
 }
 
 impl Behaviour {
@@ -140,6 +140,8 @@ struct State {
     writes: u64,
     /// Loaded from a snapshot: no boot-time configuration any more.
     loaded: bool,
+    /// Snapshot creates so far.
+    creates: u64,
 }
 
 /// The fake's page size.
@@ -281,6 +283,7 @@ impl FakeFc {
                 tracking: false,
                 writes: 0,
                 loaded: false,
+                creates: 0,
             })),
             behaviour,
         }
@@ -798,7 +801,8 @@ impl FakeFc {
         // Cleared whatever happens next, as KVM's dirty log is read and reset.
         s.dirty.clear();
         let len = s.memory_bytes();
-        let fail = self.behaviour.fail_snapshot_write;
+        s.creates += 1;
+        let fail = self.behaviour.fail_snapshot_write == Some(s.creates);
         let written = std::fs::OpenOptions::new()
             .write(true)
             .create(true)

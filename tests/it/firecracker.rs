@@ -41,7 +41,7 @@ fn behaviour() -> Behaviour {
         exit_on: Vec::new(),
         on_exit: Arc::new(|_| {}),
         chroot: None,
-        fail_snapshot_write: false,
+        fail_snapshot_write: None,
     }
 }
 

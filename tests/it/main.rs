@@ -20,6 +20,7 @@ mod double;
 mod fake_ch;
 mod fake_fc;
 mod firecracker;
+mod firecracker_diff;
 mod fuzz_seeds;
 mod harness;
 mod network;
