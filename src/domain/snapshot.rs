@@ -148,7 +148,7 @@ pub fn diff_parent(
         );
     }
     if last_failed {
-        return refuse("its previous snapshot attempt failed, so the VMM may have cleared its dirty pages without a snapshot to hold them".to_owned());
+        return refuse("its previous snapshot attempt failed (or has not completed yet), so the VMM may have cleared its dirty pages without a snapshot to hold them".to_owned());
     }
     let Some(p) = parent else {
         return refuse("its VMM has no parent snapshot (none was taken of it or restored into it since it started, or the last attempt did not complete)".to_owned());
