@@ -8,6 +8,7 @@
 //! process that started it (a failed test leaks nothing) unless given
 //! `--fake-outlive-parent`, as a real VMM outlives a crashed VMCP;
 //! `--fake-parent PID` names that process, in case it died first.
+//! `--fake-fail-snapshot-write N` makes the Nth snapshot create fail half-written.
 
 // The binary serves the fake; the in-process inspection helpers go unused.
 #[path = "../tests/it/fake_fc.rs"]
@@ -52,6 +53,7 @@ fn main() {
         exit_on: Vec::new(),
         on_exit: Arc::new(|code| std::process::exit(code)),
         chroot: None,
+        fail_snapshot_write: None,
     };
     let mut fail_start = false;
     let mut never_ready = false;
@@ -89,6 +91,7 @@ fn main() {
             "--fake-fail-start" => fail_start = true,
             "--fake-chroot" => behaviour.chroot = Some(PathBuf::from(value())),
             "--fake-never-ready" => never_ready = true,
+            "--fake-fail-snapshot-write" => behaviour.fail_snapshot_write = value().parse().ok(),
             other => {
                 log(
                     &id,

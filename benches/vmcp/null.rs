@@ -77,7 +77,12 @@ impl VmmHandle for NullVm {
         Err(HypervisorError::Unsupported("no console".into()))
     }
 
-    async fn snapshot(&mut self, _dir: &Path, _resume: bool) -> Result<Reported, HypervisorError> {
+    async fn snapshot(
+        &mut self,
+        _dir: &Path,
+        _kind: vmcp::domain::snapshot::SnapshotKind,
+        _resume: bool,
+    ) -> Result<Reported, HypervisorError> {
         Err(HypervisorError::Unsupported("no snapshots".into()))
     }
 

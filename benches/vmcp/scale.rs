@@ -424,6 +424,7 @@ async fn tracked(fake: &Path) {
             .put_unsynced(&VmRecord {
                 snapshot,
                 process: None,
+                diff_parent: None,
             })
             .await
             .expect("put");

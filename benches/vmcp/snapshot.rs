@@ -2,8 +2,11 @@
 //! and size for a 128 MiB and a 1 GiB VM, restore-to-Running through VMCP vs
 //! create+boot through VMCP, and VMCP's restore vs the same restore done
 //! directly on the VMM's API (a fresh process, `PUT /snapshot/load`).
-//! Cloud Hypervisor cannot snapshot on a nested-KVM host; the section then
-//! says SKIPPED with the VMM's own reason.
+//! On Firecracker also diff vs full snapshots of a 128 MiB VM tracking dirty
+//! pages: SnapshotVm time (a diff includes VMCP making it whole after the
+//! resume), and the VM's pause (pause, `PUT /snapshot/create`, resume) timed
+//! on the VMM's API. Cloud Hypervisor cannot snapshot on a nested-KVM host;
+//! the section then says SKIPPED with the VMM's own reason.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -165,9 +168,150 @@ pub async fn section(kind: Kind) {
             ms(direct),
             restore.as_secs_f64() / direct.as_secs_f64()
         );
+        diff_vs_full(&c, &env).await;
     }
     running.shutdown().await;
     super::vmm::kill_vmms_in(runtime.path());
+}
+
+/// Diff vs full snapshots of a 128 MiB VM tracking dirty pages: each round
+/// takes a full snapshot, lets the guest run 50 ms, then a diff against it.
+/// Then the pause each kind costs, timed on the VMM's own API (the calls
+/// VMCP makes inside its pause), on the same VM, which is deleted after.
+async fn diff_vs_full(
+    c: &vmcp::proto::vmm::v1::VmServiceClient<connectrpc::client::HttpClient>,
+    env: &Env,
+) {
+    let id = "tracked";
+    let mut req = create_sized(id, env, 128 << 20);
+    if let Some(cfg) = req.config.as_option_mut() {
+        cfg.memory.get_or_insert_default().track_dirty_pages = true;
+    }
+    c.create_vm(req).await.unwrap();
+    c.boot_vm(pb::BootVmRequest {
+        vm_id: id.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let take = |snapshot: String, kind: pb::SnapshotKind| async move {
+        let t = Instant::now();
+        let info = c
+            .snapshot_vm(pb::SnapshotVmRequest {
+                vm_id: id.into(),
+                snapshot_id: snapshot,
+                resume: true,
+                kind: kind.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_owned()
+            .snapshot
+            .into_option()
+            .unwrap();
+        (t.elapsed(), info.size_bytes)
+    };
+    let (mut fulls, mut diffs, mut sizes) = (Vec::new(), Vec::new(), (0, 0));
+    for i in 0..ROUNDS {
+        let (took, size) = take(format!("f-{i}"), pb::SnapshotKind::SNAPSHOT_KIND_FULL).await;
+        fulls.push(took);
+        sizes.0 = size;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (took, size) = take(format!("d-{i}"), pb::SnapshotKind::SNAPSHOT_KIND_DIFF).await;
+        diffs.push(took);
+        sizes.1 = size;
+        for s in [format!("f-{i}"), format!("d-{i}")] {
+            c.delete_snapshot(pb::DeleteSnapshotRequest {
+                snapshot_id: s,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        }
+    }
+    let (full, diff) = (median(fulls), median(diffs));
+    println!(
+        "128 MiB with dirty-page tracking, median of {ROUNDS}: SnapshotVm full {:.1} ms ({:.1} MiB), diff {:.1} ms ({:.1} MiB stored whole: the parent's memory with the changed pages over it) = {:.2}x",
+        ms(full),
+        sizes.0 as f64 / f64::from(1u32 << 20),
+        ms(diff),
+        sizes.1 as f64 / f64::from(1u32 << 20),
+        diff.as_secs_f64() / full.as_secs_f64()
+    );
+    // The pause itself, on the VMM's API.
+    let info = c
+        .get_vm_info(pb::GetVmInfoRequest {
+            vm_id: id.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_owned();
+    let socket = std::path::PathBuf::from(&info.backend_info["api_socket"]);
+    let http = UdsClient::new(Duration::from_secs(30));
+    let scratch = tempfile::tempdir().unwrap();
+    let mut pauses = [Vec::new(), Vec::new()];
+    for i in 0..ROUNDS {
+        for (k, kind) in ["Full", "Diff"].into_iter().enumerate() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let (state, memory) = (
+                scratch.path().join(format!("vmstate-{kind}-{i}")),
+                scratch.path().join(format!("memory-{kind}-{i}")),
+            );
+            let t = Instant::now();
+            patch_vm(&http, &socket, "Paused").await;
+            super::vmm::put_json(
+                &http,
+                &socket,
+                "/snapshot/create",
+                serde_json::json!({
+                    "snapshot_type": kind,
+                    "snapshot_path": state.display().to_string(),
+                    "mem_file_path": memory.display().to_string(),
+                }),
+            )
+            .await;
+            patch_vm(&http, &socket, "Resumed").await;
+            pauses[k].push(t.elapsed());
+            let written =
+                std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&memory).unwrap()) * 512;
+            if i == 0 {
+                println!(
+                    "  {kind} memory file as the VMM writes it: {:.2} MiB allocated",
+                    written as f64 / f64::from(1u32 << 20)
+                );
+            }
+            let _ = std::fs::remove_file(&state);
+            let _ = std::fs::remove_file(&memory);
+        }
+    }
+    let [full_pause, diff_pause] = pauses.map(median);
+    println!(
+        "128 MiB, median of {ROUNDS}: the VM's pause (PATCH Paused, PUT /snapshot/create, PATCH Resumed) full {:.1} ms vs diff {:.1} ms",
+        ms(full_pause),
+        ms(diff_pause)
+    );
+    c.delete_vm(pb::DeleteVmRequest {
+        vm_id: id.into(),
+        force: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+}
+
+async fn patch_vm(http: &UdsClient, socket: &Path, state: &str) {
+    let r = http
+        .send_json(
+            socket,
+            hyper::Method::PATCH,
+            "/vm",
+            &serde_json::json!({ "state": state }),
+        )
+        .await
+        .expect("PATCH /vm");
+    assert!(r.is_success(), "PATCH /vm: {}", r.text());
 }
 
 /// The same restore done directly: a fresh Firecracker, its console, then

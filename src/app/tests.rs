@@ -804,3 +804,107 @@ async fn vm_work_is_refused_naming_descriptors_when_the_budget_is_tight() {
         Err(VmError::NotFound(_))
     ));
 }
+
+/// Firecracker clears its dirty pages whenever it writes a snapshot, so a
+/// snapshot attempt clears the VM's recorded diff parent before the VMM is
+/// asked (a crash mid-attempt cannot leave a parent the VMM no longer diffs
+/// against), and only the committed snapshot becomes the new parent.
+#[tokio::test]
+async fn a_snapshot_clears_the_recorded_diff_parent_before_the_vmm_writes() {
+    use crate::domain::snapshot::{SnapshotId, SnapshotKind, SnapshotLimits};
+    let log: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    let mut h = MockHypervisor::new();
+    h.expect_kind().return_const(BackendKind::Firecracker);
+    h.expect_check().returning(|| {
+        Box::pin(async {
+            Ok(BackendCheck {
+                version: "test".into(),
+            })
+        })
+    });
+    h.expect_validate().returning(|_| Ok(()));
+    let vmm_log = Arc::clone(&log);
+    creates_with(
+        &mut h,
+        move || {
+            let mut v = handle_reporting(VmState::Running);
+            v.expect_boot()
+                .returning(|| Box::pin(async { Ok(reported(VmState::Running, 42)) }));
+            let log = Arc::clone(&vmm_log);
+            v.expect_snapshot().returning(move |_, kind, _| {
+                log.lock().expect("log").push(format!("vmm {kind:?}"));
+                Box::pin(async { Ok(reported(VmState::Running, 42)) })
+            });
+            v
+        },
+        None,
+    );
+    let mut s = MockVmStore::new();
+    s.expect_sync().returning(|| Box::pin(async { Ok(()) }));
+    let store_log = Arc::clone(&log);
+    s.expect_put_unsynced().returning(move |r| {
+        let parent = r
+            .diff_parent
+            .as_ref()
+            .map_or("-".to_owned(), |p| p.snapshot_id.to_string());
+        store_log
+            .lock()
+            .expect("log")
+            .push(format!("record parent={parent}"));
+        Box::pin(async { Ok(()) })
+    });
+    s.expect_put_snapshot()
+        .returning(|_| Box::pin(async { Ok(()) }));
+    s.expect_remove_snapshot()
+        .returning(|_| Box::pin(async { Ok(()) }));
+    let m = manager(h, s, Duration::from_secs(1));
+    let dir = tempfile::tempdir().expect("dir");
+    m.set_snapshots(crate::app::manager::snapshots::SnapshotSettings {
+        repo: Arc::new(
+            crate::adapters::outbound::snapshots::FsSnapshots::open(dir.path()).expect("repo"),
+        ),
+        limits: SnapshotLimits {
+            max_count: 10,
+            max_bytes: 1 << 40,
+        },
+    });
+    let mut config = valid();
+    config.memory.track_dirty_pages = true;
+    m.create_vm(CreateVm {
+        vm_id: Some(id("a")),
+        config,
+    })
+    .await
+    .expect("created");
+    m.boot_vm(id("a")).await.expect("booted");
+    let sid = |s: &str| Some(SnapshotId::parse("snapshot_id", s).expect("id"));
+    let taken = |s: &str, kind| m.snapshot_vm(id("a"), sid(s), true, kind);
+    let e = taken("d0", SnapshotKind::Diff)
+        .await
+        .expect_err("no parent");
+    assert!(matches!(e, VmError::Incompatible(_)), "{e:?}");
+    taken("s1", SnapshotKind::Full).await.expect("s1");
+    log.lock().expect("log").clear();
+    let d = taken("d1", SnapshotKind::Diff).await;
+    // The double's memory file does not exist: the diff cannot be made whole and is dropped.
+    assert!(d.is_err(), "{d:?}");
+    let log = log.lock().expect("log").clone();
+    let vmm = log
+        .iter()
+        .position(|l| l == "vmm Diff")
+        .expect("the VMM was asked for the diff");
+    assert_eq!(
+        log[..vmm].last().map(String::as_str),
+        Some("record parent=-"),
+        "the parent is cleared on record before the VMM writes: {log:?}"
+    );
+    // The failed diff broke the chain: the next is refused, and a full one restores it.
+    let e = taken("d2", SnapshotKind::Diff).await.expect_err("refused");
+    assert!(
+        matches!(&e, VmError::Incompatible(m) if m.contains("previous snapshot attempt failed")),
+        "{e:?}"
+    );
+    taken("s2", SnapshotKind::Full).await.expect("s2");
+    let view = m.get_vm_info(id("a")).await.expect("info");
+    assert_eq!(view.snapshot.state, VmState::Running);
+}

@@ -105,6 +105,9 @@ pub struct MemoryConfig {
     pub max_size_bytes: i64,
     /// Backend memory backing options.
     pub backing: BTreeMap<String, String>,
+    /// Have the VMM track the pages the guest writes, for diff snapshots
+    /// (Firecracker only; off by default: it costs the guest a little).
+    pub track_dirty_pages: bool,
 }
 
 /// What to boot.

@@ -80,6 +80,9 @@ pub struct SnapshotInfo {
     pub size_bytes: u64,
     /// Full or diff.
     pub kind: SnapshotKind,
+    /// A diff's parent: the snapshot its changed pages were taken against
+    /// (informative: a stored diff is whole, see [`DiffParent`]).
+    pub parent: Option<SnapshotId>,
 }
 
 impl SnapshotInfo {
@@ -100,6 +103,66 @@ impl SnapshotInfo {
         }
         Ok(())
     }
+}
+
+/// The snapshot a VMM's next diff snapshot is taken against: the last one
+/// taken of that VMM process, or restored into it. The VMM clears its
+/// dirty-page bitmap at each snapshot it writes (Firecracker: in
+/// `snapshot_memory_to_file`, full or diff), so only the pages written
+/// since are in a diff; VMCP stores the diff whole (the parent's memory
+/// with those pages over it). Recorded with the VM, and tied to the
+/// process (pid and start time): a replaced VMM has no parent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiffParent {
+    /// The snapshot.
+    pub snapshot_id: SnapshotId,
+    /// The VMM process's pid.
+    pub vmm_pid: u32,
+    /// The VMM process's start time (clock ticks since boot).
+    pub vmm_start_time: u64,
+}
+
+/// What a diff snapshot of VM `vm` needs, checked before the VMM is asked:
+/// dirty-page tracking, a parent recorded for its current VMM (`current`:
+/// pid and start time) that is still `usable`, and no failed snapshot
+/// attempt since (`last_failed`: the VMM may have cleared its bitmap
+/// without VCMP keeping a file). Answers the parent; a failed precondition
+/// saying which rule failed otherwise.
+pub fn diff_parent(
+    vm: &VmId,
+    tracking: bool,
+    parent: Option<&DiffParent>,
+    last_failed: bool,
+    current: Option<(u32, u64)>,
+    usable: impl Fn(&SnapshotId) -> bool,
+) -> Result<SnapshotId, VmError> {
+    let refuse = |why: String| {
+        Err(VmError::Incompatible(format!(
+            "vm {vm}: no diff snapshot: {why}; take a full snapshot"
+        )))
+    };
+    if !tracking {
+        return refuse(
+            "the VM does not track dirty pages (create it with config.memory.track_dirty_pages)"
+                .to_owned(),
+        );
+    }
+    if last_failed {
+        return refuse("its previous snapshot attempt failed (or has not completed yet), so the VMM may have cleared its dirty pages without a snapshot to hold them".to_owned());
+    }
+    let Some(p) = parent else {
+        return refuse("its VMM has no parent snapshot (none was taken of it or restored into it since it started, or the last attempt did not complete)".to_owned());
+    };
+    if current != Some((p.vmm_pid, p.vmm_start_time)) {
+        return refuse(format!(
+            "its parent snapshot {} was taken by a VMM that has been replaced since (restart or reboot)",
+            p.snapshot_id
+        ));
+    }
+    if !usable(&p.snapshot_id) {
+        return refuse(format!("its parent snapshot {} was deleted", p.snapshot_id));
+    }
+    Ok(p.snapshot_id.clone())
 }
 
 /// A snapshot as the VM store records it. The pending record is written
@@ -290,7 +353,70 @@ mod tests {
             created_at: 1,
             size_bytes: 10,
             kind: SnapshotKind::Full,
+            parent: None,
         }
+    }
+
+    #[test]
+    fn a_diff_needs_tracking_a_parent_of_this_vmm_that_exists_and_no_failure_since() {
+        let vm = VmId::parse("vm1").expect("id");
+        let s1 = SnapshotId::parse("snapshot_id", "s1").expect("id");
+        let parent = DiffParent {
+            snapshot_id: s1.clone(),
+            vmm_pid: 42,
+            vmm_start_time: 7,
+        };
+        let exists = |_: &SnapshotId| true;
+        let refused = |r: Result<SnapshotId, VmError>| match r {
+            Err(VmError::Incompatible(m)) => m,
+            other => panic!("expected a failed precondition, got {other:?}"),
+        };
+        assert_eq!(
+            diff_parent(&vm, true, Some(&parent), false, Some((42, 7)), exists).expect("ok"),
+            s1
+        );
+        let m = refused(diff_parent(
+            &vm,
+            false,
+            Some(&parent),
+            false,
+            Some((42, 7)),
+            exists,
+        ));
+        assert!(m.contains("config.memory.track_dirty_pages"), "{m}");
+        let m = refused(diff_parent(&vm, true, None, false, Some((42, 7)), exists));
+        assert!(m.contains("no parent snapshot"), "{m}");
+        let m = refused(diff_parent(
+            &vm,
+            true,
+            Some(&parent),
+            true,
+            Some((42, 7)),
+            exists,
+        ));
+        assert!(m.contains("previous snapshot attempt failed"), "{m}");
+        // Same pid, another process (pid reuse), a new pid, or none.
+        for current in [Some((42, 8)), Some((43, 7)), None] {
+            let m = refused(diff_parent(
+                &vm,
+                true,
+                Some(&parent),
+                false,
+                current,
+                exists,
+            ));
+            assert!(m.contains("replaced"), "{m}");
+        }
+        let m = refused(diff_parent(
+            &vm,
+            true,
+            Some(&parent),
+            false,
+            Some((42, 7)),
+            |_| false,
+        ));
+        assert!(m.contains("s1 was deleted"), "{m}");
+        assert!(m.starts_with("vm vm1: no diff snapshot"), "{m}");
     }
 
     #[test]

@@ -358,14 +358,18 @@ pub trait VmmHandle: Send + 'static {
         data: Vec<u8>,
     ) -> impl Future<Output = Result<usize, HypervisorError>> + Send;
 
-    /// Writes the VM's state and memory into `dir` (an empty directory).
-    /// A Running VM is paused for it; afterwards the VM runs again when
-    /// `resume`, else it stays Paused. Answers the state the VMM reports
-    /// then. `Unsupported` naming the backend and the reason when it cannot;
-    /// `InvalidState` with the VMM's words when the VMM refuses.
+    /// Writes the VM's state and memory into `dir` (an empty directory):
+    /// all of its memory for a full snapshot, only the pages written since
+    /// the VMM's previous snapshot (or its start) for a diff one, as a
+    /// sparse file. A Running VM is paused for it; afterwards the VM runs
+    /// again when `resume`, else it stays Paused. Answers the state the VMM
+    /// reports then. `Unsupported` naming the backend and the reason when it
+    /// cannot (a diff on a backend without them); `InvalidState` with the
+    /// VMM's words when the VMM refuses.
     fn snapshot(
         &mut self,
         dir: &std::path::Path,
+        kind: crate::domain::snapshot::SnapshotKind,
         resume: bool,
     ) -> impl Future<Output = Result<Reported, HypervisorError>> + Send;
 

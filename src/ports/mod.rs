@@ -19,10 +19,10 @@ pub use hypervisor::{
 };
 pub use network::{HostNetwork, NetworkError};
 pub use service::{
-    BackendHealth, ConsoleStream, CreateVm, DescriptorHealth, HealthCheck, ListQuery, RestoreVm,
-    ServiceHealth, VmCounts, VmDetails, VmPage, VmService, WatchEvent, WatchEventKind, WatchQuery,
-    WatchStream,
+    BackendHealth, ConsoleStream, CreateVm, DescriptorHealth, DiffView, HealthCheck, ListQuery,
+    RestoreVm, ServiceHealth, VmCounts, VmDetails, VmPage, VmService, WatchEvent, WatchEventKind,
+    WatchQuery, WatchStream,
 };
-pub use snapshots::{SnapshotRepo, SnapshotRepoError, SnapshotScan};
+pub use snapshots::{DiffMerge, SnapshotRepo, SnapshotRepoError, SnapshotScan};
 pub use store::{StoreError, VmRecord, VmStore};
 pub use telemetry::{NoopTelemetry, Telemetry, TelemetryEvent};

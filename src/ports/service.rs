@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 
-use crate::domain::snapshot::{NetworkOverride, SnapshotId, SnapshotInfo, SnapshotKind};
+use crate::domain::snapshot::{
+    DiffParent, NetworkOverride, SnapshotId, SnapshotInfo, SnapshotKind,
+};
 use crate::domain::{VmConfig, VmError, VmId, VmSnapshot, VmState};
 
 use super::hypervisor::VmMetrics;
@@ -31,6 +33,9 @@ pub struct VmDetails {
     pub backend_info: BTreeMap<String, String>,
     /// When `metrics` and `backend_info` were sampled, Unix milliseconds.
     pub sampled_at_ms: Option<i64>,
+    /// What a diff snapshot would be taken against (SnapshotVm checks it;
+    /// not on the wire).
+    pub diff: DiffView,
 }
 
 impl VmDetails {
@@ -41,8 +46,21 @@ impl VmDetails {
             metrics: None,
             backend_info: BTreeMap::new(),
             sampled_at_ms: None,
+            diff: DiffView::default(),
         }
     }
+}
+
+/// What a diff snapshot of the VM would be taken against, as its owner
+/// knows it (see [`crate::domain::snapshot::diff_parent`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DiffView {
+    /// The recorded parent.
+    pub parent: Option<DiffParent>,
+    /// A snapshot attempt failed (or is being completed) since it was recorded.
+    pub last_failed: bool,
+    /// The VMM process now (pid, start time).
+    pub vmm: Option<(u32, u64)>,
 }
 
 /// A RestoreVm request after the wire layer parsed it.

@@ -91,6 +91,32 @@ pub trait SnapshotRepo: Send + Sync + 'static {
 
     /// Where VM `vm`'s disk copies live.
     fn clone_dir(&self, vm: &VmId) -> PathBuf;
+
+    /// Makes the diff snapshot prepared as `id` whole: its [`MEMORY_FILE`]
+    /// holds only the pages written since usable snapshot `parent` (a
+    /// sparse file, holes elsewhere) and becomes the parent's memory file
+    /// (reflink, else full copy) with those pages written over it, synced.
+    /// `Corrupt` when the two files differ in size, or when the file system
+    /// does not report the diff's holes (its pages cannot be told apart).
+    fn complete_diff(
+        &self,
+        id: &SnapshotId,
+        parent: &SnapshotId,
+    ) -> Result<DiffMerge, SnapshotRepoError>;
+}
+
+/// The guest memory file in the snapshot of a backend with diff snapshots
+/// (Firecracker's `mem_file_path`): sparse as the VMM writes a diff, whole
+/// once the repository completed it.
+pub const MEMORY_FILE: &str = "memory";
+
+/// How a diff snapshot was made whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiffMerge {
+    /// The parent's memory was reflinked (else copied in full).
+    pub reflinked: bool,
+    /// Bytes of changed pages written over it.
+    pub changed_bytes: u64,
 }
 
 /// The name of disk `index`'s copy in a snapshot.

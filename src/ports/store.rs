@@ -2,7 +2,7 @@
 
 use std::future::Future;
 
-use crate::domain::snapshot::{SnapshotId, SnapshotRecord};
+use crate::domain::snapshot::{DiffParent, SnapshotId, SnapshotRecord};
 use crate::domain::{VmId, VmSnapshot};
 
 use super::hypervisor::VmmProcess;
@@ -15,6 +15,8 @@ pub struct VmRecord {
     pub snapshot: VmSnapshot,
     /// The VMM process, once one was started.
     pub process: Option<VmmProcess>,
+    /// The snapshot the VMM's next diff snapshot is taken against, if any.
+    pub diff_parent: Option<DiffParent>,
 }
 
 /// Why the store failed.

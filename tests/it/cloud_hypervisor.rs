@@ -1561,7 +1561,10 @@ async fn a_snapshot_restores_into_a_fresh_vmm_with_its_own_console_and_taps() {
     ok(src.boot().await.unwrap());
     let snap = env.tmp.path().join("snap");
     std::fs::create_dir(&snap).unwrap();
-    let rep = src.snapshot(&snap, true).await.unwrap();
+    let rep = src
+        .snapshot(&snap, vmcp::domain::snapshot::SnapshotKind::Full, true)
+        .await
+        .unwrap();
     assert_eq!(rep.state, VmState::Running, "paused for it, then resumed");
     for file in ["config.json", "state.json", "memory-ranges"] {
         assert!(snap.join(file).is_file(), "{file} written");

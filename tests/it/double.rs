@@ -1239,17 +1239,35 @@ impl DoubleVm {
     }
 
     /// Pauses a running VM, writes the snapshot's files, resumes it if asked.
+    /// A full snapshot's memory is 1 KiB of 7s per MiB of guest memory; a
+    /// diff's is as long, sparse, with only its first page written (4 KiB of 8s).
     fn apply_snapshot(
         &self,
         dir: &std::path::Path,
+        kind: vmcp::domain::snapshot::SnapshotKind,
         resume: bool,
     ) -> Result<Reported, HypervisorError> {
+        use vmcp::domain::snapshot::SnapshotKind;
+        if kind == SnapshotKind::Diff && self.host.kind == BackendKind::CloudHypervisor {
+            return Err(HypervisorError::Unsupported(
+                "cloudhypervisor has no diff snapshots (double)".into(),
+            ));
+        }
         self.apply(|s, cur| match look(s, cur) {
             Look::Live(k, VmState::Running | VmState::Paused) => {
                 s.set_state(k, VmState::Paused, "vm/paused");
                 let size = s.procs.get(&k).map(|p| p.size).expect("a live process");
                 let memory = usize::try_from(size.memory_bytes >> 20).expect("small") * 1024;
-                std::fs::write(dir.join("memory"), vec![7u8; memory])
+                let path = dir.join("memory");
+                let written = match kind {
+                    SnapshotKind::Full => std::fs::write(&path, vec![7u8; memory]),
+                    SnapshotKind::Diff => std::fs::File::create(&path).and_then(|f| {
+                        use std::os::unix::fs::FileExt;
+                        f.set_len(memory as u64)?;
+                        f.write_all_at(&[8u8; 4096], 0)
+                    }),
+                };
+                written
                     .and_then(|()| std::fs::write(dir.join("vmstate"), self.id.as_str()))
                     .map_err(|e| {
                         HypervisorError::resource_exhausted(format!(
@@ -1430,13 +1448,14 @@ impl VmmHandle for DoubleVm {
     async fn snapshot(
         &mut self,
         dir: &std::path::Path,
+        kind: vmcp::domain::snapshot::SnapshotKind,
         resume: bool,
     ) -> Result<Reported, HypervisorError> {
         let me = self.twin();
         let dir = dir.to_owned();
         self.run("snapshot", async move {
             let b = me.host.begin("snapshot", Some(&me.id), true).await?;
-            let r = me.apply_snapshot(&dir, resume);
+            let r = me.apply_snapshot(&dir, kind, resume);
             b.finish(r).await
         })
         .await

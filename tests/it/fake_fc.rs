@@ -12,6 +12,19 @@
 //! all connections: a request that hangs or is slow ([`Behaviour::slow`])
 //! holds up every other client until it is answered.
 //!
+//! Snapshots: the "guest memory" is a map of 4 KiB pages (absent: zero);
+//! the guest writes a few pages each time it starts or resumes, and with
+//! `track_dirty_pages` (machine config, or the load) those are remembered
+//! as dirty. `PUT /snapshot/create` writes a vmstate (JSON, with a digest
+//! of the memory) and a memory file of the whole memory size: every
+//! written page for `Full`, only the dirty ones for `Diff` (a sparse
+//! file); either clears the dirty pages, as Firecracker does. `PUT
+//! /snapshot/load` refuses, like a corrupt restore would show, a memory
+//! file whose pages do not match the vmstate's digest, so a diff
+//! loaded without its parent's pages (or merged wrongly) fails. With
+//! [`Behaviour::fail_snapshot_write`] one create writes half of its pages,
+//! loses the dirty ones and answers an error, as a full disk would.
+//!
 //! The same code runs in-process (tests of the client) and as the
 //! `fake-firecracker` example binary (tests of the adapter, which spawns
 //! processes); behaviours that end the VMM call [`Behaviour::on_exit`].
@@ -64,6 +77,9 @@ pub struct Behaviour {
     pub on_exit: Arc<dyn Fn(i32) + Send + Sync>,
     /// Resolve every path under this directory, as a jailed Firecracker does.
     pub chroot: Option<PathBuf>,
+    /// The `PUT /snapshot/create` with this number (1 for the first) fails
+    /// after writing half of the memory file (its dirty pages are lost all the same).
+    pub fail_snapshot_write: Option<u64>,
 }
 
 impl Behaviour {
@@ -114,6 +130,97 @@ struct State {
     metrics_path: Option<PathBuf>,
     serial_path: Option<PathBuf>,
     received: Vec<Received>,
+    /// Guest memory: page index → the byte filling it (absent: zeros).
+    memory: BTreeMap<u64, u8>,
+    /// Pages written since the last snapshot, when tracking.
+    dirty: std::collections::BTreeSet<u64>,
+    /// Dirty-page tracking (machine config or load).
+    tracking: bool,
+    /// Guest writes so far (each picks its page and byte from it).
+    writes: u64,
+    /// Loaded from a snapshot: no boot-time configuration any more.
+    loaded: bool,
+    /// Snapshot creates so far.
+    creates: u64,
+}
+
+/// The fake's page size.
+pub const PAGE: u64 = 4096;
+/// Pages the guest writes each time it starts or resumes.
+const WRITES_PER_RUN: u64 = 3;
+
+impl State {
+    fn memory_bytes(&self) -> u64 {
+        self.machine["mem_size_mib"].as_u64().unwrap_or(0) << 20
+    }
+
+    /// The guest runs for a while: it writes a few pages.
+    fn guest_runs(&mut self) {
+        let pages = (self.memory_bytes() / PAGE).max(1);
+        for _ in 0..WRITES_PER_RUN {
+            self.writes += 1;
+            let page = self.writes.wrapping_mul(2_654_435_761) % pages;
+            let byte = (self.writes % 251 + 1) as u8;
+            self.memory.insert(page, byte);
+            if self.tracking {
+                self.dirty.insert(page);
+            }
+        }
+    }
+}
+
+/// A digest of guest memory as (page, byte) pairs (FNV-1a; fixed across processes).
+fn digest(memory: &BTreeMap<u64, u8>) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for (page, byte) in memory {
+        for b in page.to_le_bytes().into_iter().chain([*byte]) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    format!("{h:016x}")
+}
+
+/// Reads the pages of a memory file (only where it has data), each a whole
+/// page of one byte value, or an error naming what is off.
+fn read_memory(path: &Path, expected_len: u64) -> Result<BTreeMap<u64, u8>, String> {
+    use std::os::unix::fs::FileExt;
+    let f =
+        std::fs::File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let len = f.metadata().map_err(|e| e.to_string())?.len();
+    if len != expected_len {
+        return Err(format!(
+            "memory file {} is {len} bytes, the snapshot's memory is {expected_len}",
+            path.display()
+        ));
+    }
+    let mut memory = BTreeMap::new();
+    let mut at = 0;
+    let mut buf = vec![0u8; PAGE as usize];
+    while at < len {
+        let start = match rustix::fs::seek(&f, rustix::fs::SeekFrom::Data(at)) {
+            Ok(s) => s,
+            Err(_) => break,
+        };
+        let end = rustix::fs::seek(&f, rustix::fs::SeekFrom::Hole(start))
+            .map_err(|e| e.to_string())?
+            .min(len);
+        let mut page = start / PAGE;
+        while page * PAGE < end {
+            f.read_exact_at(&mut buf, page * PAGE)
+                .map_err(|e| format!("cannot read page {page}: {e}"))?;
+            let byte = buf[0];
+            if buf.iter().any(|b| *b != byte) {
+                return Err(format!("page {page} is torn"));
+            }
+            if byte != 0 {
+                memory.insert(page, byte);
+            }
+            page += 1;
+        }
+        at = end.max(start + 1);
+    }
+    Ok(memory)
 }
 
 /// The fake's shared state; clone freely.
@@ -171,6 +278,12 @@ impl FakeFc {
                 metrics_path: None,
                 serial_path: None,
                 received: Vec::new(),
+                memory: BTreeMap::new(),
+                dirty: std::collections::BTreeSet::new(),
+                tracking: false,
+                writes: 0,
+                loaded: false,
+                creates: 0,
             })),
             behaviour,
         }
@@ -323,6 +436,8 @@ impl FakeFc {
             ("PUT", ["serial"]) => self.put_serial(body),
             ("PUT", ["actions"]) => self.action(body),
             ("PATCH", ["vm"]) => self.patch_vm(body),
+            ("PUT", ["snapshot", "create"]) => self.create_snapshot(body),
+            ("PUT", ["snapshot", "load"]) => self.load_snapshot(body),
             _ => fault(format!(
                 "Invalid request method and/or path: {method} {}.",
                 path.trim_start_matches('/')
@@ -390,9 +505,14 @@ impl FakeFc {
                 "Machine config error: The number of vCPUs must be greater than 0, less than 32 and must be 1 or an even number if SMT is enabled.",
             );
         }
+        let tracking = body
+            .get("track_dirty_pages")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
         s.machine = json!({"vcpu_count": vcpus, "mem_size_mib": body["mem_size_mib"],
             "smt": body.get("smt").cloned().unwrap_or(json!(false)),
-            "track_dirty_pages": false, "huge_pages": "None"});
+            "track_dirty_pages": tracking, "huge_pages": "None"});
+        s.tracking = tracking;
         NO_CONTENT
     }
 
@@ -559,6 +679,7 @@ impl FakeFc {
                     );
                 }
                 s.phase = Phase::Running;
+                s.guest_runs();
                 write_serial(s.serial_path.as_deref());
                 write_metrics(s.metrics_path.as_deref(), 0);
                 if let Some(after) = self.behaviour.poweroff_after {
@@ -604,13 +725,204 @@ impl FakeFc {
         }
         match body["state"].as_str() {
             Some("Paused") => s.phase = Phase::Paused,
-            Some("Resumed") => s.phase = Phase::Running,
+            Some("Resumed") => {
+                if s.phase == Phase::Paused {
+                    s.guest_runs();
+                }
+                s.phase = Phase::Running;
+            }
             other => {
                 return fault(format!(
                     "An error occurred when deserializing the json body of a request: unknown variant `{}`, expected `Paused` or `Resumed`.",
                     other.unwrap_or("")
                 ));
             }
+        }
+        NO_CONTENT
+    }
+}
+
+impl FakeFc {
+    fn create_snapshot(&self, body: &Value) -> Answer {
+        if let Err(a) = shape(
+            body,
+            &["snapshot_type", "snapshot_path", "mem_file_path"],
+            &["snapshot_path", "mem_file_path"],
+        ) {
+            return a;
+        }
+        let mut s = self.lock();
+        if s.phase != Phase::Paused {
+            return fault(
+                "Create snapshot error: Cannot save the microVM state: the microVM is not paused.",
+            );
+        }
+        let diff = match body.get("snapshot_type").and_then(Value::as_str) {
+            None | Some("Full") => false,
+            Some("Diff") => true,
+            Some(other) => {
+                return fault(format!(
+                    "An error occurred when deserializing the json body of a request: unknown variant `{other}`, expected `Full` or `Diff`."
+                ));
+            }
+        };
+        if diff && !s.tracking {
+            return fault(
+                "Create snapshot error: Diff snapshots are not allowed on uVMs with dirty page tracking disabled.",
+            );
+        }
+        let state_path = self
+            .behaviour
+            .host(body["snapshot_path"].as_str().unwrap_or(""));
+        let mem_path = self
+            .behaviour
+            .host(body["mem_file_path"].as_str().unwrap_or(""));
+        let vmstate = json!({
+            "fake_vmstate": 1,
+            "machine": s.machine,
+            "drives": s.drives,
+            "nics": s.nics,
+            "memory_digest": digest(&s.memory),
+            "writes": s.writes,
+        });
+        if let Err(e) = std::fs::write(&state_path, vmstate.to_string()) {
+            return fault(format!(
+                "Create snapshot error: Cannot save the microVM state: {e}"
+            ));
+        }
+        let pages: Vec<(u64, u8)> = if diff {
+            s.dirty
+                .iter()
+                .map(|p| (*p, s.memory.get(p).copied().unwrap_or(0)))
+                .collect()
+        } else {
+            s.memory.iter().map(|(p, b)| (*p, *b)).collect()
+        };
+        // Cleared whatever happens next, as KVM's dirty log is read and reset.
+        s.dirty.clear();
+        let len = s.memory_bytes();
+        s.creates += 1;
+        let fail = self.behaviour.fail_snapshot_write == Some(s.creates);
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&mem_path)
+            .and_then(|f| {
+                use std::os::unix::fs::FileExt;
+                f.set_len(len)?;
+                let keep = if fail { pages.len() / 2 } else { pages.len() };
+                for (page, byte) in &pages[..keep] {
+                    f.write_all_at(&vec![*byte; PAGE as usize], page * PAGE)?;
+                }
+                if fail {
+                    return Err(std::io::Error::other("No space left on device (simulated)"));
+                }
+                f.sync_all()
+            });
+        match written {
+            Ok(()) => NO_CONTENT,
+            Err(e) => fault(format!(
+                "Create snapshot error: Cannot save the memory: Error writing guest memory: {e}"
+            )),
+        }
+    }
+
+    fn load_snapshot(&self, body: &Value) -> Answer {
+        if let Err(a) = shape(
+            body,
+            &[
+                "snapshot_path",
+                "mem_backend",
+                "mem_file_path",
+                "resume_vm",
+                "track_dirty_pages",
+                "network_overrides",
+                "clock_realtime",
+                "vsock_override",
+                "enable_diff_snapshots",
+            ],
+            &["snapshot_path"],
+        ) {
+            return a;
+        }
+        let mut s = self.lock();
+        if s.phase != Phase::NotStarted || s.loaded {
+            return fault(
+                "Loading a microVM snapshot not allowed after configuring boot-specific resources.",
+            );
+        }
+        if s.boot_source.is_some() || !s.drives.is_empty() || !s.nics.is_empty() {
+            return fault(
+                "Loading a microVM snapshot not allowed after configuring boot-specific resources.",
+            );
+        }
+        let state_path = self
+            .behaviour
+            .host(body["snapshot_path"].as_str().unwrap_or(""));
+        let mem_path = self.behaviour.host(
+            body["mem_backend"]["backend_path"]
+                .as_str()
+                .or_else(|| body["mem_file_path"].as_str())
+                .unwrap_or(""),
+        );
+        let vmstate: Value = match std::fs::read(&state_path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+        {
+            Ok(v) => v,
+            Err(e) => {
+                // A failed load leaves Firecracker unusable: it exits.
+                s.exit_after_answer = Some(1);
+                return fault(format!(
+                    "Load snapshot error: Failed to restore from snapshot: Cannot read the microVM state: {e}"
+                ));
+            }
+        };
+        let len = vmstate["machine"]["mem_size_mib"].as_u64().unwrap_or(0) << 20;
+        let memory = match read_memory(&mem_path, len) {
+            Ok(m) if digest(&m) == vmstate["memory_digest"].as_str().unwrap_or("") => m,
+            Ok(_) => {
+                s.exit_after_answer = Some(1);
+                return fault(
+                    "Load snapshot error: Failed to restore from snapshot: the memory file does not hold the memory the microVM state was saved with (fake check)",
+                );
+            }
+            Err(e) => {
+                s.exit_after_answer = Some(1);
+                return fault(format!(
+                    "Load snapshot error: Failed to restore from snapshot: {e}"
+                ));
+            }
+        };
+        s.machine = vmstate["machine"].clone();
+        let tracking = body["track_dirty_pages"].as_bool().unwrap_or(false);
+        s.machine["track_dirty_pages"] = json!(tracking);
+        s.tracking = tracking;
+        s.memory = memory;
+        s.dirty.clear();
+        s.writes = vmstate["writes"].as_u64().unwrap_or(0);
+        s.drives = serde_json::from_value(vmstate["drives"].clone()).unwrap_or_default();
+        s.nics = serde_json::from_value(vmstate["nics"].clone()).unwrap_or_default();
+        if let Some(overrides) = body["network_overrides"].as_array() {
+            for o in overrides {
+                let iface = o["iface_id"].as_str().unwrap_or("");
+                let Some(nic) = s.nics.get_mut(iface) else {
+                    s.exit_after_answer = Some(1);
+                    return fault(format!(
+                        "Load snapshot error: Failed to restore from snapshot: Invalid network override: no interface {iface}"
+                    ));
+                };
+                nic["host_dev_name"] = o["host_dev_name"].clone();
+            }
+        }
+        s.boot_source =
+            Some(json!({"kernel_image_path": "", "initrd_path": null, "boot_args": null}));
+        s.loaded = true;
+        s.phase = Phase::Paused;
+        if body["resume_vm"].as_bool().unwrap_or(false) {
+            s.guest_runs();
+            s.phase = Phase::Running;
         }
         NO_CONTENT
     }

@@ -41,6 +41,7 @@ fn behaviour() -> Behaviour {
         exit_on: Vec::new(),
         on_exit: Arc::new(|_| {}),
         chroot: None,
+        fail_snapshot_write: None,
     }
 }
 
@@ -81,6 +82,76 @@ fn kernel_in(dir: &Path) -> PathBuf {
     k
 }
 
+/// The fake is a strict judge of diff snapshots: a diff's sparse memory
+/// alone, or the parent's memory alone, does not load with the diff's
+/// vmstate; the parent's memory with the diff's pages over it (VMCP's
+/// disk_copy helpers, as the snapshot repository uses them) does.
+#[tokio::test]
+async fn the_fake_loads_a_diff_only_when_made_whole_from_its_parent() {
+    use vmcp::adapters::outbound::disk_copy::{copy_disk, data_extents, overlay};
+    let f = inproc(behaviour());
+    let kernel = kernel_in(&f.dir);
+    f.client
+        .put_machine_config(&MachineConfig {
+            vcpu_count: 1,
+            mem_size_mib: 16,
+            smt: false,
+            track_dirty_pages: true,
+        })
+        .await
+        .expect("machine");
+    f.client
+        .put_boot_source(&vmcp::adapters::outbound::firecracker::config::BootSource {
+            kernel_image_path: kernel.to_string_lossy().into_owned(),
+            initrd_path: None,
+            boot_args: "console=ttyS0".into(),
+        })
+        .await
+        .expect("boot source");
+    f.client.action(Action::InstanceStart).await.expect("start");
+    let path = |n: &str| f.dir.join(n).to_string_lossy().into_owned();
+    f.client.patch_vm(VmRunState::Paused).await.expect("pause");
+    f.client
+        .create_snapshot(&path("full.state"), &path("full.mem"), false)
+        .await
+        .expect("full");
+    f.client
+        .patch_vm(VmRunState::Resumed)
+        .await
+        .expect("resume");
+    f.client.patch_vm(VmRunState::Paused).await.expect("pause");
+    f.client
+        .create_snapshot(&path("diff.state"), &path("diff.mem"), true)
+        .await
+        .expect("diff");
+    let diff = std::fs::File::open(f.dir.join("diff.mem")).expect("diff");
+    let extents = data_extents(&diff).expect("extents");
+    let changed: u64 = extents.iter().map(|(_, l)| l).sum();
+    assert!(
+        changed > 0 && changed < 16 << 20,
+        "only the pages written since the full one: {changed}"
+    );
+    copy_disk(&f.dir.join("full.mem"), &f.dir.join("whole.mem")).expect("copy");
+    let whole = std::fs::OpenOptions::new()
+        .write(true)
+        .open(f.dir.join("whole.mem"))
+        .expect("open");
+    overlay(&diff, &whole, &extents).expect("overlay");
+    drop(whole);
+    for (memory, loads) in [
+        ("diff.mem", false),
+        ("full.mem", false),
+        ("whole.mem", true),
+    ] {
+        let g = inproc(behaviour());
+        let r = g
+            .client
+            .load_snapshot(&path("diff.state"), &path(memory), &[], true, true)
+            .await;
+        assert_eq!(r.is_ok(), loads, "{memory}: {r:?}");
+    }
+}
+
 #[tokio::test]
 async fn client_walks_firecracker_states() {
     let f = inproc(behaviour());
@@ -92,6 +163,7 @@ async fn client_walks_firecracker_states() {
             vcpu_count: 2,
             mem_size_mib: 64,
             smt: false,
+            track_dirty_pages: false,
         })
         .await
         .expect("machine-config");
@@ -229,6 +301,7 @@ async fn client_post_boot_rules() {
             vcpu_count: 1,
             mem_size_mib: 64,
             smt: false,
+            track_dirty_pages: false,
         })
         .await
         .expect_err("post-boot machine-config");
@@ -293,6 +366,7 @@ async fn client_one_request_at_a_time_and_a_slow_answer_is_still_applied() {
         vcpu_count: 2,
         mem_size_mib: 256,
         smt: false,
+        track_dirty_pages: false,
     };
     let sent = Instant::now();
     // The client gives up at 500 ms; the VMM applied the request and answers later.

@@ -1381,6 +1381,134 @@ async fn real_fc_snapshot_and_clone_through_the_api() {
     snapshot_and_clone(Kind::Fc).await;
 }
 
+/// A diff snapshot on the real Firecracker: a VM tracking dirty pages (128
+/// MiB) takes a full snapshot, runs on, takes a diff (sparse from the VMM,
+/// made whole by VMCP), and the diff is restored under a new id with the
+/// full one deleted first: the clone runs and did not boot again, and a
+/// diff of the clone is taken against what it loaded. Nothing is left.
+#[tokio::test]
+async fn real_fc_diff_snapshot_restores_whole() {
+    let name = "real_fc_diff_snapshot_restores_whole";
+    let Some(env) = env(Kind::Fc, name) else {
+        return;
+    };
+    let s = server(Kind::Fc, &env).await;
+    let c = client_for(s.addr, Wire::ConnectProto);
+    let mut req = create("origin", &env.kernel);
+    let m = req
+        .config
+        .get_or_insert_default()
+        .memory
+        .get_or_insert_default();
+    m.size_bytes = 128 << 20;
+    m.track_dirty_pages = true;
+    c.create_vm(req).await.expect("create");
+    c.boot_vm(pb::BootVmRequest {
+        vm_id: "origin".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("boot");
+    let console_of = |id: &str| console_text(s.addr, id.to_owned());
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            console_of("origin").await.contains(MARKER)
+        })
+        .await,
+        "the source booted"
+    );
+    let take = |id: &'static str, kind: pb::SnapshotKind| {
+        let c = c.clone();
+        async move {
+            c.snapshot_vm(pb::SnapshotVmRequest {
+                vm_id: "origin".into(),
+                snapshot_id: id.into(),
+                resume: true,
+                kind: kind.into(),
+                ..Default::default()
+            })
+            .await
+            .map(|r| r.into_owned().snapshot.into_option().expect("info"))
+        }
+    };
+    let t = std::time::Instant::now();
+    take("base", pb::SnapshotKind::SNAPSHOT_KIND_FULL)
+        .await
+        .expect("full snapshot");
+    let full_took = t.elapsed();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t = std::time::Instant::now();
+    let d = take("d1", pb::SnapshotKind::SNAPSHOT_KIND_DIFF)
+        .await
+        .expect("diff snapshot");
+    let diff_took = t.elapsed();
+    eprintln!("{name}: full snapshot {full_took:?}, diff snapshot {diff_took:?}");
+    assert_eq!(d.parent_snapshot_id, "base");
+    assert_eq!(
+        d.kind.as_known(),
+        Some(pb::SnapshotKind::SNAPSHOT_KIND_DIFF)
+    );
+    assert_eq!(st(info_of(&c, "origin").await.state), S::VM_STATE_RUNNING);
+    let snapshots = snapshot_dir(s.runtime.path());
+    let memory = std::fs::metadata(snapshots.join("d1").join("memory")).expect("memory");
+    assert_eq!(memory.len(), 128 << 20, "the whole guest memory");
+    // The parent goes before the restore: the diff stands alone.
+    c.delete_snapshot(pb::DeleteSnapshotRequest {
+        snapshot_id: "base".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("delete the parent");
+    let r = c
+        .restore_vm(pb::RestoreVmRequest {
+            vm_id: "copy".into(),
+            snapshot_id: "d1".into(),
+            resume: true,
+            ..Default::default()
+        })
+        .await
+        .expect("restore the diff")
+        .into_owned();
+    assert_eq!(st(r.state), S::VM_STATE_RUNNING);
+    let pids = vec![
+        vmm_pid(&info_of(&c, "origin").await),
+        vmm_pid(&info_of(&c, "copy").await),
+    ];
+    assert!(pids.iter().all(|p| pid_alive(*p)), "both run");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(st(info_of(&c, "copy").await.state), S::VM_STATE_RUNNING);
+    assert!(
+        !console_of("copy").await.contains(MARKER),
+        "the clone continued; it did not boot again"
+    );
+    let d2 = c
+        .snapshot_vm(pb::SnapshotVmRequest {
+            vm_id: "copy".into(),
+            snapshot_id: "d2".into(),
+            resume: true,
+            kind: pb::SnapshotKind::SNAPSHOT_KIND_DIFF.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("a diff of the restored VM")
+        .into_owned();
+    assert_eq!(
+        d2.snapshot.as_option().expect("info").parent_snapshot_id,
+        "d1"
+    );
+    c.delete_snapshot(pb::DeleteSnapshotRequest {
+        snapshot_id: "d2".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("delete d2");
+    delete_vms_and_snapshot(&c, &["origin", "copy"], "d1", &pids).await;
+    assert_eq!(entries(&snapshots), Vec::<String>::new());
+    let left = entries(s.runtime.path());
+    assert!(left.is_empty(), "runtime dirs left: {left:?}");
+    s.stop().await;
+}
+
 /// The files open in process `pid`, as their paths.
 fn open_files(pid: u32) -> Vec<String> {
     std::fs::read_dir(format!("/proc/{pid}/fd"))

@@ -447,6 +447,7 @@ async fn a_restore_cut_off_by_a_crash_is_rolled_back_at_the_next_start() {
         .put(&VmRecord {
             snapshot: vm.snapshot().clone(),
             process: None,
+            diff_parent: None,
         })
         .await
         .expect("intent");

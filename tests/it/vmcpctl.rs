@@ -1448,6 +1448,16 @@ async fn snapshot_commands_and_restore_drive_the_snapshot_rpcs() {
         .expect("id")
         .to_owned();
     assert!(generated.starts_with("snap-"), "{run:?}");
+    // The kind is sent: this backend (Cloud Hypervisor) has no diffs.
+    let run = vmcpctl(&h, &["snapshot", "create", "src", "--kind", "diff"]).await;
+    assert_eq!(
+        run.code, 1,
+        "refused by the server (unimplemented): {run:?}"
+    );
+    assert!(
+        run.stderr.contains("unimplemented: cloudhypervisor"),
+        "{run:?}"
+    );
     assert_eq!(
         state_of(&h, "src").await,
         Some(pb::VmState::VM_STATE_PAUSED)

@@ -79,6 +79,11 @@ pub fn snapshot_out(s: &SnapshotInfo) -> pb::SnapshotInfo {
             SnapshotKind::Diff => pb::SnapshotKind::SNAPSHOT_KIND_DIFF,
         }
         .into(),
+        parent_snapshot_id: s
+            .parent
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
         ..Default::default()
     }
 }
@@ -154,6 +159,7 @@ pub fn config_in(c: &pb::VmConfig) -> domain::VmConfig {
             hotplug_enabled: mem.is_some_and(|m| m.hotplug_enabled),
             max_size_bytes: mem.map_or(0, |m| m.max_size_bytes),
             backing: mem.map(|m| map_in(&m.backing)).unwrap_or_default(),
+            track_dirty_pages: mem.is_some_and(|m| m.track_dirty_pages),
         },
         boot: domain::BootConfig {
             kernel_path: boot.map(|b| b.kernel_path.clone()).unwrap_or_default(),
@@ -247,6 +253,7 @@ pub fn config_out(c: &domain::VmConfig) -> pb::VmConfig {
             hotplug_enabled: c.memory.hotplug_enabled,
             max_size_bytes: c.memory.max_size_bytes,
             backing: map_out(&c.memory.backing),
+            track_dirty_pages: c.memory.track_dirty_pages,
             ..Default::default()
         }),
         boot: MessageField::some(pb::BootConfig {
@@ -465,6 +472,7 @@ mod tests {
                 hotplug_enabled: true,
                 max_size_bytes: 1 << 30,
                 backing: kv("b", "2"),
+                track_dirty_pages: true,
                 ..Default::default()
             }),
             boot: MessageField::some(pb::BootConfig {

@@ -14,16 +14,18 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::adapters::outbound::disk_copy::{DiskCopy, copy_disk};
+use crate::adapters::outbound::disk_copy::{DiskCopy, copy_disk, data_extents, overlay};
 use crate::adapters::outbound::store::sqlite::config_json;
 use crate::domain::snapshot::{SnapshotId, SnapshotInfo, SnapshotKind};
 use crate::domain::{VmConfig, VmId};
-use crate::ports::snapshots::disk_file;
-use crate::ports::{SnapshotRepo, SnapshotRepoError, SnapshotScan};
+use crate::ports::snapshots::{MEMORY_FILE, disk_file};
+use crate::ports::{DiffMerge, SnapshotRepo, SnapshotRepoError, SnapshotScan};
 
 /// The description file in each snapshot directory.
 pub const DESCRIPTION: &str = "snapshot.json";
 const PENDING: &str = ".pending-";
+/// The guest page size the VMM writes a diff in (x86-64 Linux hosts).
+const PAGE_SIZE: u64 = 4096;
 /// The directory of the clones' disk copies, one directory per VM.
 pub const CLONES: &str = ".clones";
 
@@ -45,6 +47,9 @@ struct Description {
     created_at: i64,
     size_bytes: u64,
     kind: String,
+    /// A diff's parent (absent for a full one, and in older descriptions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    parent_snapshot_id: Option<String>,
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> SnapshotRepoError {
@@ -88,6 +93,11 @@ impl FsSnapshots {
             size_bytes: d.size_bytes,
             kind: SnapshotKind::from_name(&d.kind)
                 .ok_or_else(|| corrupt(format!("unknown kind {:?}", d.kind)))?,
+            parent: d
+                .parent_snapshot_id
+                .map(|p| SnapshotId::parse("parent_snapshot_id", &p))
+                .transpose()
+                .map_err(|e| corrupt(e.to_string()))?,
         })
     }
 }
@@ -144,6 +154,7 @@ impl SnapshotRepo for FsSnapshots {
             created_at: info.created_at,
             size_bytes: info.size_bytes,
             kind: info.kind.as_str().to_owned(),
+            parent_snapshot_id: info.parent.as_ref().map(ToString::to_string),
         };
         let text =
             serde_json::to_vec_pretty(&d).map_err(|e| SnapshotRepoError::Corrupt(e.to_string()))?;
@@ -320,6 +331,91 @@ impl SnapshotRepo for FsSnapshots {
     fn clone_dir(&self, vm: &VmId) -> PathBuf {
         self.root.join(CLONES).join(vm.as_str())
     }
+
+    /// The whole memory is built next to the diff (`memory.whole`, in the
+    /// pending directory, so a crash leaves nothing the next start keeps)
+    /// and renamed over it once synced.
+    fn complete_diff(
+        &self,
+        id: &SnapshotId,
+        parent: &SnapshotId,
+    ) -> Result<DiffMerge, SnapshotRepoError> {
+        let dir = self.pending(id);
+        let diff_path = dir.join(MEMORY_FILE);
+        let base_path = self.path(parent).join(MEMORY_FILE);
+        let whole_path = dir.join(format!("{MEMORY_FILE}.whole"));
+        let diff = fs::File::open(&diff_path)
+            .map_err(io(format!("cannot open {}", diff_path.display())))?;
+        let (diff_meta, base_len) = (
+            diff.metadata()
+                .map_err(io(format!("cannot read {}", diff_path.display())))?,
+            fs::metadata(&base_path)
+                .map_err(io(format!("cannot read {}", base_path.display())))?
+                .len(),
+        );
+        if diff_meta.len() != base_len {
+            return Err(SnapshotRepoError::Corrupt(format!(
+                "{} is {} bytes and its parent's memory {} is {base_len}: not the same guest memory",
+                diff_path.display(),
+                diff_meta.len(),
+                base_path.display()
+            )));
+        }
+        // Extents are whole file-system blocks: a block larger than a page
+        // could hold unwritten pages, which would read as zeros over the parent's.
+        let block = rustix::fs::fstatvfs(&diff)
+            .map_err(|e| {
+                io(format!(
+                    "cannot stat the file system of {}",
+                    diff_path.display()
+                ))(e.into())
+            })?
+            .f_frsize;
+        if block > PAGE_SIZE {
+            return Err(SnapshotRepoError::Corrupt(format!(
+                "{}: the file system allocates {block}-byte blocks, larger than a {PAGE_SIZE}-byte page, so the pages of a diff snapshot cannot be told apart here",
+                diff_path.display()
+            )));
+        }
+        let extents = data_extents(&diff).map_err(io(format!(
+            "cannot find the data in {}",
+            diff_path.display()
+        )))?;
+        let data: u64 = extents.iter().map(|(_, l)| l).sum();
+        // A file system that does not report holes shows a sparse file as all
+        // data: its unwritten pages would read as zeros over the parent's.
+        let allocated = diff_meta.blocks() * 512;
+        if data > allocated + diff_meta.blksize() {
+            return Err(SnapshotRepoError::Corrupt(format!(
+                "{}: the file system reports {data} bytes of data in a file that takes {allocated}: it does not report holes, so a diff snapshot cannot be completed here",
+                diff_path.display()
+            )));
+        }
+        let how = copy_disk(&base_path, &whole_path).map_err(io(format!(
+            "cannot copy {} to {}",
+            base_path.display(),
+            whole_path.display()
+        )))?;
+        let written = fs::OpenOptions::new()
+            .write(true)
+            .open(&whole_path)
+            .and_then(|whole| {
+                let n = overlay(&diff, &whole, &extents)?;
+                whole.sync_all()?;
+                Ok(n)
+            })
+            .and_then(|n| fs::rename(&whole_path, &diff_path).map(|()| n));
+        match written {
+            Ok(changed_bytes) => Ok(DiffMerge {
+                reflinked: how == DiskCopy::Reflink,
+                changed_bytes,
+            }),
+            Err(e) => {
+                let _ = fs::remove_file(&whole_path);
+                Err(io(format!("cannot write {}", whole_path.display()))(e))
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -336,6 +432,7 @@ mod tests {
             created_at: 7,
             size_bytes: 0,
             kind: SnapshotKind::Full,
+            parent: None,
         }
     }
 
@@ -377,6 +474,75 @@ mod tests {
         repo.delete(&a.id).expect("delete");
         assert!(!repo.path(&a.id).exists());
         assert!(repo.scan().expect("scan").usable.is_empty());
+    }
+
+    #[test]
+    fn a_diff_is_made_whole_from_its_parent_and_a_mismatch_leaves_it_pending() {
+        use std::os::unix::fs::FileExt;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let repo = FsSnapshots::open(tmp.path()).expect("open");
+        let page = 4096usize;
+        let parent = info("parent");
+        let dir = repo.prepare(&parent.id).expect("prepare");
+        fs::write(dir.join(MEMORY_FILE), vec![1u8; 16 * page]).expect("write");
+        repo.commit(parent.clone()).expect("commit");
+
+        let mut child = info("child");
+        let dir = repo.prepare(&child.id).expect("prepare");
+        let f = fs::File::create(dir.join(MEMORY_FILE)).expect("create");
+        f.set_len(16 * page as u64).expect("size");
+        f.write_all_at(&vec![2u8; page], 5 * page as u64)
+            .expect("page");
+        f.write_all_at(&vec![0u8; page], 9 * page as u64)
+            .expect("a zeroed page");
+        drop(f);
+        let merge = repo.complete_diff(&child.id, &parent.id).expect("merge");
+        assert_eq!(merge.changed_bytes, 2 * page as u64);
+        let names: Vec<String> = fs::read_dir(&dir)
+            .expect("list")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, [MEMORY_FILE], "only the whole memory is left");
+        child.kind = SnapshotKind::Diff;
+        child.parent = Some(parent.id.clone());
+        let committed = repo.commit(child.clone()).expect("commit");
+        assert!(
+            committed.size_bytes >= 16 * page as u64,
+            "allocated in full"
+        );
+        let whole = fs::read(repo.path(&child.id).join(MEMORY_FILE)).expect("read");
+        for (i, chunk) in whole.chunks(page).enumerate() {
+            let expected = match i {
+                5 => 2,
+                9 => 0,
+                _ => 1,
+            };
+            assert!(chunk.iter().all(|b| *b == expected), "page {i}");
+        }
+        // Read back with its parent; deleting the parent leaves it whole.
+        repo.delete(&parent.id).expect("delete the parent");
+        let scan = repo.scan().expect("scan");
+        assert_eq!(scan.usable, [committed]);
+        assert_eq!(
+            fs::read(repo.path(&child.id).join(MEMORY_FILE)).expect("read"),
+            whole
+        );
+
+        // A diff of another memory size is no diff of this parent.
+        let other = info("other");
+        let dir = repo.prepare(&other.id).expect("prepare");
+        fs::File::create(dir.join(MEMORY_FILE))
+            .and_then(|f| f.set_len(8 * page as u64))
+            .expect("create");
+        let e = repo
+            .complete_diff(&other.id, &child.id)
+            .expect_err("sizes differ");
+        assert!(matches!(e, SnapshotRepoError::Corrupt(_)), "{e}");
+        assert_eq!(
+            fs::metadata(dir.join(MEMORY_FILE)).expect("kept").len(),
+            8 * page as u64,
+            "the pending diff is untouched (the caller aborts it)"
+        );
     }
 
     #[test]

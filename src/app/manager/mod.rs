@@ -312,7 +312,7 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
         &self,
         id: Option<VmId>,
         config: crate::domain::VmConfig,
-        restore: Option<(std::path::PathBuf, bool)>,
+        restore: Option<super::owner::RestoreFrom>,
         admitted_as: Option<&crate::domain::VmConfig>,
     ) -> Result<VmSnapshot, VmError> {
         let mut config = config;
@@ -382,7 +382,7 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
             let vm = Vm::creating(id.clone(), req.config, now);
             let (owner, view) = match restore {
                 None => Owner::creating(vm, self.deps.clone()),
-                Some((dir, resume)) => Owner::restoring(vm, self.deps.clone(), dir, resume),
+                Some(from) => Owner::restoring(vm, self.deps.clone(), from),
             };
             let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
             let (created_tx, created_rx) = oneshot::channel();

@@ -268,6 +268,7 @@ async fn recover_one<H: Hypervisor, S: VmStore>(
                         registry,
                         rec.snapshot,
                         stored,
+                        rec.diff_parent,
                         None,
                         events,
                         state,
@@ -294,6 +295,7 @@ async fn recover_one<H: Hypervisor, S: VmStore>(
                 registry,
                 snap,
                 rec.process,
+                rec.diff_parent,
                 Some(vmm),
                 events,
                 reported.state,
@@ -318,6 +320,7 @@ async fn recover_one<H: Hypervisor, S: VmStore>(
                 registry,
                 rec.snapshot,
                 rec.process,
+                rec.diff_parent,
                 vmm,
                 events,
                 state,
@@ -406,6 +409,7 @@ async fn register<H: Hypervisor, S: VmStore>(
     registry: &Registry,
     snap: VmSnapshot,
     stored: Option<VmmProcess>,
+    diff_parent: Option<crate::domain::snapshot::DiffParent>,
     vmm: Option<H::Vm>,
     events: (
         crate::ports::VmmEventSink,
@@ -416,7 +420,14 @@ async fn register<H: Hypervisor, S: VmStore>(
     restart: Option<Cause>,
 ) {
     let id = snap.id.clone();
-    let (mut owner, view) = Owner::recovered(Vm::restore(snap), stored, vmm, deps.clone(), events);
+    let (mut owner, view) = Owner::recovered(
+        Vm::restore(snap),
+        stored,
+        diff_parent,
+        vmm,
+        deps.clone(),
+        events,
+    );
     owner.settle(state, reason).await;
     if let Some(cause) = restart {
         owner.restart(cause).await;

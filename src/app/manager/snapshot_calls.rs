@@ -2,12 +2,12 @@
 //! the repository, and RestoreVm as a create whose VMM loads a snapshot.
 
 use super::VmManager;
-use crate::app::owner::Request;
+use crate::app::owner::{Request, RestoreFrom};
 use crate::domain::snapshot::{
-    SnapshotId, SnapshotInfo, SnapshotKind, check_disks_free, restored_config,
+    SnapshotId, SnapshotInfo, SnapshotKind, check_disks_free, diff_parent, restored_config,
 };
 use crate::domain::{Command, VmError, VmId, VmSnapshot};
-use crate::ports::{Hypervisor, RestoreVm, VmStore};
+use crate::ports::{BackendKind, Hypervisor, RestoreVm, VmStore};
 
 impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
     /// SnapshotVm: reserves the id within the limits, has the VM's owner
@@ -20,14 +20,36 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
         kind: SnapshotKind,
     ) -> Result<SnapshotInfo, VmError> {
         self.require_backend().await?;
-        let backend = self.deps.hypervisor.kind().as_str();
-        if kind == SnapshotKind::Diff {
+        let backend = self.deps.hypervisor.kind();
+        if kind == SnapshotKind::Diff && backend == BackendKind::CloudHypervisor {
             return Err(VmError::Unimplemented(format!(
-                "{backend}: diff snapshots are not offered: Firecracker takes them only with dirty-page tracking on from boot, which VMCP does not turn on, and Cloud Hypervisor has none"
+                "{}: diff snapshots are not offered: Cloud Hypervisor has none (take a full snapshot)",
+                backend.as_str()
             )));
         }
+        let backend = backend.as_str();
         let snapshots = self.snapshots()?;
         let (entry, view) = self.created_view(&id)?;
+        // A diff is taken against the VM's parent, which is held (it cannot be
+        // deleted) until the diff is whole.
+        let parent = match kind {
+            SnapshotKind::Full => None,
+            SnapshotKind::Diff => {
+                let parent = diff_parent(
+                    &id,
+                    view.snapshot.config.memory.track_dirty_pages,
+                    view.diff.parent.as_ref(),
+                    view.diff.last_failed,
+                    view.diff.vmm,
+                    |s| snapshots.get(s).is_ok(),
+                )?;
+                Some(snapshots.read(&parent).map_err(|_| {
+                    VmError::Incompatible(format!(
+                        "vm {id}: no diff snapshot: its parent snapshot {parent} was deleted; take a full snapshot"
+                    ))
+                })?)
+            }
+        };
         let snapshot_id = match snapshot_id {
             Some(s) => s,
             None => SnapshotId::parse(
@@ -60,14 +82,16 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
         let dir = taking.dir.clone();
         // With disks to copy, the VM stays paused until they are.
         let vmm_resumes = resume && disks.is_empty();
-        let snap = match super::ask(&entry, &id, |reply| Request::Snapshot {
+        let taken = match super::ask(&entry, &id, |reply| Request::Snapshot {
             dir,
+            kind,
+            parent: parent.as_ref().map(|p| p.info.id.clone()),
             resume: vmm_resumes,
             reply,
         })
         .await
         {
-            Ok(snap) => snap,
+            Ok(taken) => taken,
             Err(e) => {
                 taking.abort().await;
                 return Err(e);
@@ -97,19 +121,45 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
                 )));
             }
         }
+        // The VM runs again (if asked): the diff is made whole off its pause.
+        if let Some(parent) = &parent {
+            match taking.complete_diff(&parent.info.id).await {
+                Ok(merge) => {
+                    tracing::info!(vm.id = %id, snapshot.id = %snapshot_id, parent = %parent.info.id, changed_bytes = merge.changed_bytes, reflinked = merge.reflinked, "diff snapshot made whole");
+                }
+                Err(e) => {
+                    taking.abort().await;
+                    return Err(e);
+                }
+            }
+        }
         let vmm_version = self.backend_health().await.version;
-        taking
+        let info = taking
             .commit(SnapshotInfo {
-                id: snapshot_id,
-                source_vm_id: id,
+                id: snapshot_id.clone(),
+                source_vm_id: id.clone(),
                 backend: backend.to_owned(),
                 vmm_version,
-                config: snap.config,
+                config: taken.vm.config,
                 created_at: now,
                 size_bytes: 0,
                 kind,
+                parent: parent.as_ref().map(|p| p.info.id.clone()),
             })
-            .await
+            .await?;
+        drop(parent);
+        // The parent of the VMM's next diff (unless another snapshot began meanwhile).
+        let attempt = taken.attempt;
+        let recorded = super::ask(&entry, &id, |reply| Request::Committed {
+            snapshot: snapshot_id,
+            attempt,
+            reply,
+        })
+        .await;
+        if let Err(e) = recorded {
+            tracing::warn!(vm.id = %id, snapshot.id = %info.id, error = %e, "the snapshot is committed but is not the VM's diff parent; its next diff is refused until a full snapshot");
+        }
+        Ok(info)
     }
 
     /// A restore is a create whose VMM loads the snapshot: the same
@@ -163,7 +213,11 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
             .start_vm(
                 Some(req.vm_id.clone()),
                 config,
-                Some((reading.dir.clone(), req.resume)),
+                Some(RestoreFrom {
+                    dir: reading.dir.clone(),
+                    snapshot: req.snapshot_id.clone(),
+                    resume: req.resume,
+                }),
                 Some(&admitted),
             )
             .await;

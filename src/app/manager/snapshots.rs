@@ -17,7 +17,7 @@ use crate::domain::snapshot::{
     SnapshotId, SnapshotInfo, SnapshotLimits, SnapshotRecord, reconcile,
 };
 use crate::domain::{VmError, VmId};
-use crate::ports::{SnapshotRepo, SnapshotRepoError, StoreError, VmStore};
+use crate::ports::{DiffMerge, SnapshotRepo, SnapshotRepoError, StoreError, VmStore};
 
 /// Where snapshots go and how many may exist.
 #[derive(Clone)]
@@ -251,7 +251,7 @@ impl Snapshots {
             }
             if state.reading.get(id).is_some_and(|n| *n > 0) {
                 return Err(VmError::Incompatible(format!(
-                    "snapshot {id} is being restored from; delete it when the restore has finished"
+                    "snapshot {id} is being read (a restore from it, or a diff snapshot taken against it); delete it when that has finished"
                 )));
             }
             // Unlisted first: a restore cannot start from it while its files go.
@@ -357,6 +357,14 @@ impl<S: VmStore> Taking<'_, S> {
 }
 
 impl<S: VmStore> Taking<'_, S> {
+    /// Makes this diff snapshot whole from its parent (see
+    /// [`SnapshotRepo::complete_diff`]); the parent must be held.
+    pub async fn complete_diff(&self, parent: &SnapshotId) -> Result<DiffMerge, VmError> {
+        let repo = Arc::clone(&self.snapshots.settings.repo);
+        let (id, parent) = (self.id.clone(), parent.clone());
+        blocking(move || repo.complete_diff(&id, &parent)).await
+    }
+
     /// Makes the snapshot usable with the description `info` (its size is
     /// measured): the directory is renamed into place, then recorded. When
     /// the record cannot be written the snapshot is deleted again, so what

@@ -34,10 +34,11 @@ pub use self::calls::{hypervisor_to_vm_error, timed_call};
 use super::feed::ChangeFeed;
 use super::manager::registry::ListedCounts;
 use crate::domain::restart::{Cause, RestartSettings};
+use crate::domain::snapshot::{DiffParent, SnapshotId, SnapshotKind};
 use crate::domain::{Admission, Command, Effect, Observation, Vm, VmError, VmSnapshot, VmState};
 use crate::ports::{
-    Clock, Hypervisor, HypervisorError, Telemetry, TelemetryEvent, VmDetails, VmStore, VmmEvent,
-    VmmEventSink, VmmHandle, VmmProcess,
+    Clock, DiffView, Hypervisor, HypervisorError, Telemetry, TelemetryEvent, VmDetails, VmStore,
+    VmmEvent, VmmEventSink, VmmHandle, VmmProcess,
 };
 
 /// Capacity of each VM's request queue; a full queue answers `unavailable`.
@@ -55,11 +56,47 @@ pub enum Request {
     Snapshot {
         /// Where the VMM writes the snapshot's files.
         dir: PathBuf,
+        /// Full, or diff against `parent`.
+        kind: SnapshotKind,
+        /// A diff's parent, as the caller found it: refused if the VM's
+        /// is another one by now.
+        parent: Option<SnapshotId>,
         /// Run the VM afterwards.
         resume: bool,
         /// The answer.
-        reply: oneshot::Sender<Result<VmSnapshot, VmError>>,
+        reply: oneshot::Sender<Result<Taken, VmError>>,
     },
+    /// The snapshot the VMM wrote in attempt `attempt` is committed as
+    /// `snapshot`: it is the parent of the VMM's next diff, unless another
+    /// attempt began since or the VMM was replaced. Replies whether it is.
+    Committed {
+        /// The committed snapshot.
+        snapshot: SnapshotId,
+        /// The attempt that wrote it ([`Taken::attempt`]).
+        attempt: u64,
+        /// The answer.
+        reply: oneshot::Sender<Result<bool, VmError>>,
+    },
+}
+
+/// A snapshot the VMM wrote.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Taken {
+    /// The VM afterwards.
+    pub vm: VmSnapshot,
+    /// Which of the owner's snapshot attempts it was.
+    pub attempt: u64,
+}
+
+/// What a VM made by [`Owner::restoring`] restores.
+#[derive(Debug, Clone)]
+pub struct RestoreFrom {
+    /// The snapshot's directory.
+    pub dir: PathBuf,
+    /// Its id (the restored VMM's diff parent when the VM tracks dirty pages).
+    pub snapshot: SnapshotId,
+    /// Run the VM afterwards.
+    pub resume: bool,
 }
 
 /// Everything an owner task needs besides its VM.
@@ -116,6 +153,7 @@ struct Persisted {
     generation: u64,
     desired: crate::domain::Desired,
     process: Option<VmmProcess>,
+    diff_parent: Option<DiffParent>,
 }
 
 /// The owner task of one VM.
@@ -131,11 +169,19 @@ pub struct Owner<H: Hypervisor, S> {
     persisted: Option<Persisted>,
     /// The generation and state watchers last heard of (0: none yet).
     announced: (u64, Option<VmState>),
-    /// Where the admitted snapshot goes.
-    snapshot_to: Option<PathBuf>,
+    /// Where the admitted snapshot goes, and its kind.
+    snapshot_to: Option<(PathBuf, SnapshotKind)>,
     /// A VM made by [`Owner::restoring`]: its create restores this snapshot
     /// (and resumes the VM when asked) instead of configuring a new VMM.
-    restore_from: Option<(PathBuf, bool)>,
+    restore_from: Option<RestoreFrom>,
+    /// The parent of the VMM's next diff snapshot (recorded with the VM).
+    diff_parent: Option<DiffParent>,
+    /// Snapshot attempts so far (each one clears the VMM's dirty pages).
+    snapshot_attempt: u64,
+    /// The latest attempt failed, or its snapshot is not committed yet.
+    snapshot_failed: bool,
+    /// The attempt whose snapshot the VMM wrote last, with the process that wrote it.
+    written_by: Option<(u64, VmmProcess)>,
     /// Where this VM is counted in [`Deps::listed`] (None: not listed).
     listed: Option<VmState>,
 }
@@ -177,11 +223,10 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
     pub fn restoring(
         vm: Vm,
         deps: Deps<H, S>,
-        dir: PathBuf,
-        resume: bool,
+        from: RestoreFrom,
     ) -> (Self, watch::Receiver<Arc<VmDetails>>) {
         let (mut owner, view) = Self::creating(vm, deps);
-        owner.restore_from = Some((dir, resume));
+        owner.restore_from = Some(from);
         (owner, view)
     }
 
@@ -189,9 +234,12 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
     /// `stored`, the process in its record), with the handle `adopt` gave,
     /// whose events flow into `events`. Without a handle the VM can only be
     /// read and deleted. [`Owner::settle`] then records what recovery found.
+    /// The record's diff parent stays: it holds while the adopted VMM is
+    /// the one that wrote (or loaded) it.
     pub fn recovered(
         vm: Vm,
         stored: Option<VmmProcess>,
+        diff_parent: Option<DiffParent>,
         vmm: Option<H::Vm>,
         deps: Deps<H, S>,
         events: (VmmEventSink, mpsc::UnboundedReceiver<VmmEvent>),
@@ -200,7 +248,11 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
         let (mut owner, view) = Self::build(vm, vmm, process, deps, events.0, events.1);
         if let Some(p) = owner.persisted.as_mut() {
             p.process = stored;
+            p.diff_parent.clone_from(&diff_parent);
         }
+        owner.diff_parent = diff_parent;
+        owner.refresh_view();
+        owner.send_view();
         (owner, view)
     }
 
@@ -247,6 +299,7 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
             generation: snap.generation,
             desired: snap.desired,
             process: process.clone(),
+            diff_parent: None,
         });
         let announced = (snap.generation, (snap.generation > 0).then_some(snap.state));
         let mut owner = Self {
@@ -262,6 +315,10 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
             announced,
             snapshot_to: None,
             restore_from: None,
+            diff_parent: None,
+            snapshot_attempt: 0,
+            snapshot_failed: false,
+            written_by: None,
             listed: None,
         };
         owner.refresh_view();
@@ -313,12 +370,13 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
                             let _ = reply.send(self.write_console(data).await);
                             continue;
                         }
-                        Some(Request::Snapshot { dir, resume, reply }) => {
-                            self.snapshot_to = Some(dir);
-                            let result = self.handle(Command::Snapshot { resume }).await;
-                            self.snapshot_to = None;
-                            let _ = reply.send(result);
+                        Some(Request::Snapshot { dir, kind, parent, resume, reply }) => {
+                            let _ = reply.send(self.snapshot(dir, kind, parent, resume).await);
                             self.vm.sample_soon(Instant::now());
+                            continue;
+                        }
+                        Some(Request::Committed { snapshot, attempt, reply }) => {
+                            let _ = reply.send(self.committed(snapshot, attempt).await);
                             continue;
                         }
                         Some(Request::Command(cmd, reply)) => (cmd, reply),
@@ -349,7 +407,82 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
                 Request::Command(_, reply) => drop(reply.send(Err(gone()))),
                 Request::WriteConsole(_, reply) => drop(reply.send(Err(gone()))),
                 Request::Snapshot { reply, .. } => drop(reply.send(Err(gone()))),
+                Request::Committed { reply, .. } => drop(reply.send(Err(gone()))),
             }
+        }
+    }
+
+    /// A snapshot into `dir`; a diff only against `parent`, the VM's
+    /// parent as the caller checked it, if it still is.
+    async fn snapshot(
+        &mut self,
+        dir: PathBuf,
+        kind: SnapshotKind,
+        parent: Option<SnapshotId>,
+        resume: bool,
+    ) -> Result<Taken, VmError> {
+        if kind == SnapshotKind::Diff {
+            let snap = self.vm.snapshot();
+            let diff = self.diff_view();
+            let Some(parent) = parent else {
+                return Err(VmError::Internal(
+                    "a diff snapshot without a parent".to_owned(),
+                ));
+            };
+            // The caller's check, again: another snapshot may have run meanwhile.
+            crate::domain::snapshot::diff_parent(
+                &snap.id,
+                snap.config.memory.track_dirty_pages,
+                diff.parent.as_ref(),
+                diff.last_failed,
+                diff.vmm,
+                |s| *s == parent,
+            )?;
+        }
+        self.snapshot_to = Some((dir, kind));
+        let result = self.handle(Command::Snapshot { resume }).await;
+        self.snapshot_to = None;
+        result.map(|vm| Taken {
+            vm,
+            attempt: self.snapshot_attempt,
+        })
+    }
+
+    /// The snapshot of attempt `attempt` is committed as `snapshot`: the
+    /// parent of the next diff when the VM tracks dirty pages, no attempt
+    /// began since and the VMM that wrote it still serves the VM.
+    async fn committed(&mut self, snapshot: SnapshotId, attempt: u64) -> Result<bool, VmError> {
+        let Some((written, process)) = &self.written_by else {
+            return Ok(false);
+        };
+        let same_vmm = self
+            .process
+            .as_ref()
+            .is_some_and(|p| (p.pid, p.start_time) == (process.pid, process.start_time));
+        if *written != attempt || attempt != self.snapshot_attempt || !same_vmm {
+            return Ok(false);
+        }
+        self.snapshot_failed = false;
+        if !self.vm.snapshot().config.memory.track_dirty_pages {
+            return Ok(false);
+        }
+        self.diff_parent = Some(DiffParent {
+            snapshot_id: snapshot,
+            vmm_pid: process.pid,
+            vmm_start_time: process.start_time,
+        });
+        self.persist().await?;
+        self.refresh_view();
+        self.send_view();
+        Ok(true)
+    }
+
+    /// What a diff snapshot would be taken against now.
+    fn diff_view(&self) -> DiffView {
+        DiffView {
+            parent: self.diff_parent.clone(),
+            last_failed: self.snapshot_failed,
+            vmm: self.process.as_ref().map(|p| (p.pid, p.start_time)),
         }
     }
 

@@ -10,6 +10,7 @@ use std::time::Instant;
 use super::calls::{hypervisor_to_vm_error, timed_call};
 use super::{Deps, Owner, handle_without_vmm};
 use crate::domain::restart::Cause;
+use crate::domain::snapshot::DiffParent;
 use crate::domain::{Command, Observation, Operation, VmError, VmState};
 use crate::ports::{
     Hypervisor, HypervisorError, Reported, ShutdownMode, TelemetryEvent, VmStore, VmmEvent,
@@ -43,6 +44,15 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
             let config = self.vm.snapshot().config.clone();
             crate::app::network::ensure_missing(net, &config, kind).await?;
         }
+        // The VMM clears its dirty pages when it writes a snapshot: from here
+        // until the new one is committed there is no parent for a diff, and
+        // the record says so before the VMM is asked (a crash cannot leave
+        // a parent the VMM no longer diffs against).
+        let cleared = if op == Operation::Snapshot {
+            self.begin_snapshot_attempt().await
+        } else {
+            Ok(())
+        };
         let tel = &*self.deps.telemetry;
         let t = self.deps.call_timeout;
         // A graceful stop may take its grace on top of the call timeout.
@@ -83,16 +93,18 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
                         .await
                         .map(|()| None)
                 }
-                Command::Snapshot { resume } => match self.snapshot_to.clone() {
-                    Some(dir) => {
+                Command::Snapshot { resume } => match (self.snapshot_to.clone(), cleared) {
+                    (_, Err(e)) => Err(HypervisorError::unavailable(e.to_string())),
+                    (Some((dir, snapshot_kind)), Ok(())) => {
                         let memory =
                             u64::try_from(self.vm.snapshot().config.memory.size_bytes).unwrap_or(0);
                         let budget = t + super::snapshot_time(memory);
-                        timed_call(kind, tel, "snapshot", budget, vmm.snapshot(&dir, resume))
+                        let written = vmm.snapshot(&dir, snapshot_kind, resume);
+                        timed_call(kind, tel, "snapshot", budget, written)
                             .await
                             .map(Some)
                     }
-                    None => Err(HypervisorError::Protocol(
+                    (None, Ok(())) => Err(HypervisorError::Protocol(
                         "a snapshot without a directory".to_owned(),
                     )),
                 },
@@ -113,6 +125,9 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
                     self.process = r.process;
                     (r.state, r.reason)
                 });
+                if op == Operation::Snapshot {
+                    self.written_by = self.process.clone().map(|p| (self.snapshot_attempt, p));
+                }
                 if op == Operation::Boot
                     && reported
                         .as_ref()
@@ -200,6 +215,7 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
         };
         // Only taps this create made are removed on its failure (not a foreign holder of the name).
         let taps_made = intent_recorded && taps.is_ok();
+        let mut restored = None;
         let outcome = match intent.and(taps) {
             Err(e) => Err(e),
             Ok(()) => match match self.restore_from.take() {
@@ -213,16 +229,30 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
                     )
                     .await
                 }
-                Some((dir, resume)) => {
+                Some(from) => {
                     let memory = u64::try_from(config.memory.size_bytes).unwrap_or(0);
-                    let restore = h.restore(&id, &config, &dir, resume, self.events_tx.clone());
+                    let restore =
+                        h.restore(&id, &config, &from.dir, from.resume, self.events_tx.clone());
                     let budget = t + super::snapshot_time(memory);
+                    restored = Some(from.snapshot);
                     timed_call(kind, tel, "restore", budget, restore).await
                 }
             } {
                 Ok((vmm, reported)) => {
                     self.process = reported.process.clone();
                     self.vmm = Some(vmm);
+                    // The VMM that loaded a snapshot diffs against it (it tracks from the load).
+                    if let (Some(snapshot), Some(p), true) = (
+                        restored.take(),
+                        &self.process,
+                        config.memory.track_dirty_pages,
+                    ) {
+                        self.diff_parent = Some(DiffParent {
+                            snapshot_id: snapshot,
+                            vmm_pid: p.pid,
+                            vmm_start_time: p.start_time,
+                        });
+                    }
                     Ok((reported.state, reported.reason))
                 }
                 Err(e) => {
@@ -273,6 +303,21 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
                 Err(err)
             }
         }
+    }
+
+    /// A snapshot attempt begins: no diff parent until it is committed, and
+    /// the record says so before the VMM writes anything.
+    async fn begin_snapshot_attempt(&mut self) -> Result<(), VmError> {
+        self.snapshot_attempt += 1;
+        self.snapshot_failed = true;
+        self.written_by = None;
+        if self.diff_parent.take().is_some() {
+            let persisted = self.persist().await;
+            self.refresh_view();
+            self.send_view();
+            persisted?;
+        }
+        Ok(())
     }
 
     /// Asks the handle for a sample, under the call timeout (None without a handle).

@@ -51,6 +51,7 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
                 generation: snap.generation,
                 desired: snap.desired,
                 process: self.process.clone(),
+                diff_parent: self.diff_parent.clone(),
             };
             if (recording.is_some() || self.persisted.as_ref() != Some(&now))
                 && let Err(e) = self.persist().await
@@ -94,9 +95,11 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
             }
             None => shown.0.is_some(),
         };
-        if self.view.snapshot != *self.vm.snapshot() || identity_changed {
+        let diff = self.diff_view();
+        if self.view.snapshot != *self.vm.snapshot() || identity_changed || self.view.diff != diff {
             let mut view = (*self.view).clone();
             view.snapshot = self.vm.snapshot().clone();
+            view.diff = diff;
             match identity {
                 Some((pid, socket)) => {
                     view.backend_info.insert("vmm_pid".to_owned(), pid);
@@ -118,6 +121,7 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
         let record = VmRecord {
             snapshot: snap.clone(),
             process: self.process.clone(),
+            diff_parent: self.diff_parent.clone(),
         };
         self.deps
             .store
@@ -128,6 +132,7 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
             generation: snap.generation,
             desired: snap.desired,
             process: self.process.clone(),
+            diff_parent: self.diff_parent.clone(),
         });
         Ok(())
     }

@@ -220,7 +220,7 @@ pub struct CreateArgs {
     /// proto3 JSON field names. Unknown fields are refused.
     #[arg(long, short, value_name = "FILE", conflicts_with_all = [
         "vcpus", "memory", "kernel", "initrd", "cmdline", "disks", "nets", "metadata", "console",
-        "restart_policy"
+        "restart_policy", "track_dirty_pages"
     ])]
     pub file: Option<PathBuf>,
     /// Number of vCPUs.
@@ -250,6 +250,10 @@ pub struct CreateArgs {
     /// Record the serial console (its output path is in `info`).
     #[arg(long)]
     pub console: bool,
+    /// Track the pages the guest writes, for diff snapshots (Firecracker only; a small cost
+    /// to the guest).
+    #[arg(long)]
+    pub track_dirty_pages: bool,
     /// What VMCP does when the VM's VMM goes away unasked (default: the host's
     /// UNKEY_VMCP_DEFAULT_RESTART_POLICY, itself never).
     #[arg(long, value_enum, value_name = "POLICY")]
@@ -393,5 +397,22 @@ mod tests {
             Cli::try_parse_from(["vmcpctl", "create", "a", "-f", "vm.yaml", "--vcpus", "2"])
                 .is_err()
         );
+        let cli = Cli::try_parse_from([
+            "vmcpctl",
+            "create",
+            "a",
+            "--kernel",
+            "/k",
+            "--track-dirty-pages",
+        ])
+        .expect("parses");
+        let Command::Vm(vm) = cli.command else {
+            panic!("a VM call");
+        };
+        let VmCommand::Create(args) = *vm else {
+            panic!("create");
+        };
+        let req = crate::create::request(&args).expect("request");
+        assert!(req.config.memory.track_dirty_pages);
     }
 }

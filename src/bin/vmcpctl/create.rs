@@ -44,6 +44,7 @@ fn from_flags(args: &CreateArgs) -> pb::VmConfig {
         memory: pb::MemoryConfig {
             // parse::memory keeps sizes within i64.
             size_bytes: i64::try_from(args.memory).unwrap_or(i64::MAX),
+            track_dirty_pages: args.track_dirty_pages,
             ..Default::default()
         }
         .into(),

@@ -1,6 +1,6 @@
 //! `snapshot create|list|get|delete` and `restore`: the snapshot RPCs.
 
-use clap::{Args, Subcommand};
+use clap::{Args, Subcommand, ValueEnum};
 use vmcp::proto::vmm::v1 as pb;
 
 use crate::connect::Client;
@@ -39,6 +39,19 @@ pub struct CreateSnapshotArgs {
     /// Leave the VM paused afterwards (by default it runs again).
     #[arg(long)]
     pub paused: bool,
+    /// full: the whole memory; diff: only the pages written since the VM's previous
+    /// snapshot (Firecracker, a VM created with dirty-page tracking).
+    #[arg(long, value_enum, default_value = "full")]
+    pub kind: Kind,
+}
+
+/// `snapshot create --kind`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Kind {
+    /// The whole guest memory.
+    Full,
+    /// Only the pages changed since the VM's previous snapshot.
+    Diff,
 }
 
 /// `snapshot list`.
@@ -87,6 +100,11 @@ pub async fn run(
                 vm_id: args.vm_id,
                 snapshot_id: args.snapshot_id.unwrap_or_default(),
                 resume: !args.paused,
+                kind: match args.kind {
+                    Kind::Full => pb::SnapshotKind::SNAPSHOT_KIND_FULL,
+                    Kind::Diff => pb::SnapshotKind::SNAPSHOT_KIND_DIFF,
+                }
+                .into(),
                 ..Default::default()
             };
             let resp = client.snapshot_vm(req).await?.into_owned();

@@ -165,6 +165,12 @@ pub fn check(config: &VmConfig) -> Result<(), VmConfigError> {
             "memory backing options are",
         ));
     }
+    if config.memory.track_dirty_pages {
+        return Err(VmConfigError::new(
+            "config.memory.track_dirty_pages",
+            "dirty-page tracking is not supported by cloudhypervisor: it has no diff snapshots; leave it off",
+        ));
+    }
     if config.memory.hotplug_enabled && config.memory.max_size_bytes <= config.memory.size_bytes {
         return Err(VmConfigError::new(
             "config.memory.max_size_bytes",
@@ -407,6 +413,15 @@ mod tests {
             json_of(&c)["memory"],
             json!({"size": 256 * MIB, "hotplug_size": 768 * MIB, "hotplug_method": "Acpi"})
         );
+    }
+
+    #[test]
+    fn dirty_page_tracking_is_rejected_naming_the_field_and_the_backend() {
+        let mut c = base();
+        c.memory.track_dirty_pages = true;
+        let e = field_of(&c);
+        assert_eq!(e.field, "config.memory.track_dirty_pages");
+        assert!(e.reason.contains("cloudhypervisor"), "{e}");
     }
 
     #[test]

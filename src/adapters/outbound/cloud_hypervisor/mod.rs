@@ -34,6 +34,7 @@ use crate::adapters::outbound::vmm::{
     Api, Call, Flavour, HardStop, Launch, Poweroff, Reboot, RuntimeDir, Sampled, Supervision,
     VmmBackend, VmmVm, Watch, Watcher,
 };
+use crate::domain::snapshot::SnapshotKind;
 use crate::domain::{VmConfig, VmConfigError, VmId, VmSize, VmState};
 use crate::ports::{BackendKind, HypervisorError, NetworkStats, StorageStats, VmmProcess};
 
@@ -56,6 +57,9 @@ const PING_TIMEOUT: Duration = Duration::from_millis(500);
 const HOTPLUG_DIMM: i64 = 128 << 20;
 /// Why WriteConsole is refused on this backend.
 const CH_NO_CONSOLE_INPUT: &str = "cloudhypervisor: console input is not available: VMCP connects the serial port to a file, so that the console is kept while VMCP is down, and Cloud Hypervisor takes serial input only on a pty or socket";
+
+/// Why a diff snapshot is refused on this backend.
+const CH_NO_DIFF: &str = "cloudhypervisor has no diff snapshots (vm.snapshot always writes the whole memory); take a full one";
 
 /// Where a restore's patched copy of the snapshot is staged, in the runtime directory.
 const RESTORE_DIR: &str = "restore";
@@ -385,8 +389,12 @@ impl Flavour for ChFlavour {
         a: Api<'_>,
         _: &ChVmConfig,
         dir: &Path,
+        kind: SnapshotKind,
     ) -> Result<(), HypervisorError> {
-        api(a).snapshot(dir).await
+        match kind {
+            SnapshotKind::Full => api(a).snapshot(dir).await,
+            SnapshotKind::Diff => Err(HypervisorError::Unsupported(CH_NO_DIFF.to_owned())),
+        }
     }
 
     /// `vm.restore` reads the VM's config from the snapshot's `config.json`,

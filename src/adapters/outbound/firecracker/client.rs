@@ -180,14 +180,17 @@ impl FcClient {
         .await
     }
 
-    /// `PUT /snapshot/create` of a full snapshot (the microVM must be paused).
+    /// `PUT /snapshot/create` (the microVM must be paused): the whole memory,
+    /// or with `diff` only the pages written since the previous snapshot (a
+    /// sparse file; needs dirty-page tracking).
     pub async fn create_snapshot(
         &self,
         snapshot_path: &str,
         mem_file_path: &str,
+        diff: bool,
     ) -> Result<(), HypervisorError> {
         let body = serde_json::json!({
-            "snapshot_type": "Full",
+            "snapshot_type": if diff { "Diff" } else { "Full" },
             "snapshot_path": snapshot_path,
             "mem_file_path": mem_file_path,
         });
@@ -195,13 +198,15 @@ impl FcClient {
     }
 
     /// `PUT /snapshot/load` into a fresh process (File memory backend), the
-    /// interfaces on the taps `network_overrides` names (iface id, tap).
+    /// interfaces on the taps `network_overrides` names (iface id, tap);
+    /// dirty pages tracked when `track_dirty_pages` (not kept in a snapshot).
     pub async fn load_snapshot(
         &self,
         snapshot_path: &str,
         mem_file_path: &str,
         network_overrides: &[(String, String)],
         resume: bool,
+        track_dirty_pages: bool,
     ) -> Result<(), HypervisorError> {
         let overrides: Vec<_> = network_overrides
             .iter()
@@ -211,6 +216,7 @@ impl FcClient {
             "snapshot_path": snapshot_path,
             "mem_backend": {"backend_type": "File", "backend_path": mem_file_path},
             "resume_vm": resume,
+            "track_dirty_pages": track_dirty_pages,
         });
         if !overrides.is_empty() {
             body["network_overrides"] = serde_json::Value::Array(overrides);

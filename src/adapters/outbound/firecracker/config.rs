@@ -54,6 +54,10 @@ pub struct MachineConfig {
     pub mem_size_mib: u64,
     /// Simultaneous multithreading; always off (VMCP offers no topology on Firecracker).
     pub smt: bool,
+    /// KVM dirty-page tracking, for diff snapshots (`config.memory.track_dirty_pages`);
+    /// sent only when on.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub track_dirty_pages: bool,
 }
 
 /// Body of `PUT /boot-source`.
@@ -258,6 +262,7 @@ pub fn map(config: &VmConfig, files: &RuntimeFiles) -> Result<PreBoot, VmConfigE
             vcpu_count,
             mem_size_mib,
             smt: false,
+            track_dirty_pages: config.memory.track_dirty_pages,
         },
         boot_source: BootSource {
             kernel_image_path: boot.kernel_path.clone(),
@@ -455,6 +460,20 @@ mod tests {
             json,
             serde_json::json!({"vcpu_count": 4, "mem_size_mib": 256, "smt": false})
         );
+    }
+
+    #[test]
+    fn dirty_page_tracking_is_sent_only_when_asked_for() {
+        let mut c = base();
+        c.memory.track_dirty_pages = true;
+        let json = serde_json::to_value(&mapped(&c).machine).expect("serializes");
+        assert_eq!(
+            json,
+            serde_json::json!({"vcpu_count": 2, "mem_size_mib": 256, "smt": false, "track_dirty_pages": true})
+        );
+        c.memory.track_dirty_pages = false;
+        let json = serde_json::to_value(&mapped(&c).machine).expect("serializes");
+        assert!(json.get("track_dirty_pages").is_none(), "{json}");
     }
 
     #[test]

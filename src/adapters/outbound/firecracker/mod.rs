@@ -47,6 +47,7 @@ use crate::adapters::outbound::vmm::{
     Api, Call, Flavour, HardStop, Launch, Poweroff, Reboot, RuntimeDir, Sampled, Supervision,
     VmmBackend, VmmVm,
 };
+use crate::domain::snapshot::SnapshotKind;
 use crate::domain::{VmConfig, VmConfigError, VmId, VmSize, VmState};
 use crate::ports::{BackendKind, HypervisorError};
 
@@ -61,10 +62,12 @@ pub const STATE_NOT_STARTED: &str = "Not started";
 const METRICS_FILE: &str = "metrics.json";
 /// The microVM state file in a snapshot directory.
 const SNAPSHOT_STATE: &str = "vmstate";
-/// The guest memory file in a snapshot directory.
-const SNAPSHOT_MEMORY: &str = "memory";
+/// The guest memory file in a snapshot directory (the repository completes a diff's).
+const SNAPSHOT_MEMORY: &str = crate::ports::snapshots::MEMORY_FILE;
 /// Why snapshots are refused under the jailer.
 const FC_JAILED_SNAPSHOT: &str = "firecracker: snapshots of a VM under the jailer are not supported (its files would have to move in and out of the chroot)";
+/// Why a diff snapshot of a VM without dirty-page tracking is refused.
+const FC_UNTRACKED_DIFF: &str = "firecracker: a diff snapshot needs dirty-page tracking (config.memory.track_dirty_pages), which this VM was created without";
 /// Why ResizeVm is refused on this backend.
 const FC_NO_RESIZE: &str = "firecracker cannot resize a VM: it has no vCPU or memory hot-plug, and memory can only be taken back through a balloon device, which VMCP does not give its VMs";
 /// Why WriteConsole is refused on this backend.
@@ -465,13 +468,25 @@ impl Flavour for FcFlavour {
         Err(HypervisorError::Unsupported(FC_NO_RESIZE.to_owned()))
     }
 
-    async fn snapshot(&self, a: Api<'_>, vm: &MicroVm, dir: &Path) -> Result<(), HypervisorError> {
+    /// A diff needs the VMM to track dirty pages (`track_dirty_pages` at
+    /// configuration or load); the caller checks that the VM has it and a parent.
+    async fn snapshot(
+        &self,
+        a: Api<'_>,
+        vm: &MicroVm,
+        dir: &Path,
+        kind: SnapshotKind,
+    ) -> Result<(), HypervisorError> {
         if vm.jail.is_some() {
             return Err(HypervisorError::Unsupported(FC_JAILED_SNAPSHOT.to_owned()));
         }
+        let diff = kind == SnapshotKind::Diff;
+        if diff && !vm.config.memory.track_dirty_pages {
+            return Err(HypervisorError::Unsupported(FC_UNTRACKED_DIFF.to_owned()));
+        }
         let (state, memory) = (dir.join(SNAPSHOT_STATE), dir.join(SNAPSHOT_MEMORY));
         client(a)
-            .create_snapshot(&path_string(&state), &path_string(&memory))
+            .create_snapshot(&path_string(&state), &path_string(&memory), diff)
             .await
     }
 
@@ -510,6 +525,7 @@ impl Flavour for FcFlavour {
             &path_string(&memory),
             &taps,
             resume_in_load,
+            vm.config.memory.track_dirty_pages,
         )
         .await?;
         for d in &writable {

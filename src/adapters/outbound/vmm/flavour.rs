@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::time::Duration;
 
+use crate::domain::snapshot::SnapshotKind;
 use crate::domain::{VmConfig, VmConfigError, VmId, VmSize, VmState};
 use crate::ports::{BackendKind, HypervisorError, NetworkStats, StorageStats, VmmEventSink};
 
@@ -291,12 +292,14 @@ pub trait Flavour: Send + Sync + 'static {
         data: &[u8],
     ) -> impl Future<Output = Result<usize, HypervisorError>> + Send;
 
-    /// Writes the paused VM's state and memory into the empty directory `dir`.
+    /// Writes the paused VM's state and memory (all of it, or for a diff only
+    /// the pages written since the previous snapshot) into the empty directory `dir`.
     fn snapshot(
         &self,
         api: Api<'_>,
         vm: &Self::Vm,
         dir: &Path,
+        kind: SnapshotKind,
     ) -> impl Future<Output = Result<(), HypervisorError>> + Send;
 
     /// Restores the snapshot in `dir` into a fresh process, instead of

@@ -26,6 +26,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+use crate::domain::snapshot::SnapshotKind;
 use crate::domain::{VmId, VmSize, VmState};
 use crate::ports::{
     HypervisorError, Reported, ShutdownMode, VmMetrics, VmmEventSink, VmmHandle, VmmInfo,
@@ -627,13 +628,18 @@ impl<F: Flavour> VmmHandle for VmmVm<F> {
         }
     }
 
-    async fn snapshot(&mut self, dir: &Path, resume: bool) -> Result<Reported, HypervisorError> {
+    async fn snapshot(
+        &mut self,
+        dir: &Path,
+        kind: SnapshotKind,
+        resume: bool,
+    ) -> Result<Reported, HypervisorError> {
         self.require_live()?;
         let flavour = &self.sup.flavour;
         if flavour.state(self.api()).await? == VmState::Running {
             self.act(Call::Pause).await?;
         }
-        let written = flavour.snapshot(self.api(), &self.vm, dir).await;
+        let written = flavour.snapshot(self.api(), &self.vm, dir, kind).await;
         if let Err(e) = written {
             // The VM is left as the caller wanted it, whatever the snapshot did.
             if resume && let Err(r) = self.act(Call::Resume).await {

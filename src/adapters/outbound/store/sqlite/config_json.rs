@@ -75,6 +75,9 @@ struct MemoryJson {
     hotplug_enabled: bool,
     max_size_bytes: i64,
     backing: BTreeMap<String, String>,
+    /// Absent in records written before it existed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    track_dirty_pages: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -261,12 +264,14 @@ impl From<&MemoryConfig> for MemoryJson {
             hotplug_enabled,
             max_size_bytes,
             backing,
+            track_dirty_pages,
         } = m;
         Self {
             size_bytes: *size_bytes,
             hotplug_enabled: *hotplug_enabled,
             max_size_bytes: *max_size_bytes,
             backing: backing.clone(),
+            track_dirty_pages: *track_dirty_pages,
         }
     }
 }
@@ -278,12 +283,14 @@ impl From<MemoryJson> for MemoryConfig {
             hotplug_enabled,
             max_size_bytes,
             backing,
+            track_dirty_pages,
         } = m;
         Self {
             size_bytes,
             hotplug_enabled,
             max_size_bytes,
             backing,
+            track_dirty_pages,
         }
     }
 }

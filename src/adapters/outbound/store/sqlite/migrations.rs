@@ -21,6 +21,7 @@ pub(super) const MIGRATIONS: &[Migration] = &[
     migrate_to_v1,
     migrate_to_v2,
     super::snapshots::migrate_to_v3,
+    super::snapshots::migrate_to_v4,
 ];
 
 /// Version 1: one row per VM. Columns for what recovery and listing look at,

@@ -115,8 +115,8 @@ impl SqliteStore {
                 tx.prepare_cached(
                     "INSERT INTO vms (id, config, desired, state, reason, generation,
                                       created_at, modified_at, vmm_pid, vmm_start_time, socket_path,
-                                      revision)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+                                      revision, diff_parent, diff_vmm_pid, diff_vmm_start_time)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
                      ON CONFLICT (id) DO UPDATE SET
                         config = excluded.config,
                         desired = excluded.desired,
@@ -128,7 +128,10 @@ impl SqliteStore {
                         vmm_pid = excluded.vmm_pid,
                         vmm_start_time = excluded.vmm_start_time,
                         socket_path = excluded.socket_path,
-                        revision = excluded.revision",
+                        revision = excluded.revision,
+                        diff_parent = excluded.diff_parent,
+                        diff_vmm_pid = excluded.diff_vmm_pid,
+                        diff_vmm_start_time = excluded.diff_vmm_start_time",
                 )?
                 .execute(params![
                     row.id,
@@ -143,6 +146,9 @@ impl SqliteStore {
                     row.vmm_start_time,
                     row.socket_path,
                     row.revision,
+                    row.diff_parent,
+                    row.diff_vmm_pid,
+                    row.diff_vmm_start_time,
                 ])?;
                 raise_revision(tx, record_revision)
             })
@@ -213,7 +219,8 @@ impl VmStore for SqliteStore {
             let mut stmt = conn
                 .prepare_cached(
                     "SELECT id, config, desired, state, reason, generation, created_at,
-                            modified_at, vmm_pid, vmm_start_time, socket_path, revision
+                            modified_at, vmm_pid, vmm_start_time, socket_path, revision,
+                            diff_parent, diff_vmm_pid, diff_vmm_start_time
                      FROM vms ORDER BY id",
                 )
                 .map_err(read_err)?;

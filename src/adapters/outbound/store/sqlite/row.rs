@@ -6,6 +6,7 @@ use std::path::Path;
 
 use super::config_json;
 use crate::domain::lifecycle::Desired;
+use crate::domain::snapshot::{DiffParent, SnapshotId};
 use crate::domain::{VmId, VmSnapshot, VmState};
 use crate::ports::{StoreError, VmRecord, VmmProcess};
 
@@ -23,6 +24,9 @@ pub(super) struct Row {
     pub(super) vmm_start_time: Option<i64>,
     pub(super) socket_path: Option<String>,
     pub(super) revision: i64,
+    pub(super) diff_parent: Option<String>,
+    pub(super) diff_vmm_pid: Option<i64>,
+    pub(super) diff_vmm_start_time: Option<i64>,
 }
 
 impl Row {
@@ -57,6 +61,21 @@ impl Row {
             ),
             None => (None, None, None),
         };
+        let (diff_parent, diff_vmm_pid, diff_vmm_start_time) = match &record.diff_parent {
+            Some(DiffParent {
+                snapshot_id,
+                vmm_pid,
+                vmm_start_time,
+            }) => (
+                Some(snapshot_id.to_string()),
+                Some(i64::from(*vmm_pid)),
+                Some(
+                    i64::try_from(*vmm_start_time)
+                        .map_err(|_| unstorable("diff parent's VMM start time"))?,
+                ),
+            ),
+            None => (None, None, None),
+        };
         Ok(Self {
             id: id.as_str().to_owned(),
             config,
@@ -70,6 +89,9 @@ impl Row {
             vmm_start_time,
             socket_path,
             revision: i64::try_from(*revision).map_err(|_| unstorable("revision"))?,
+            diff_parent,
+            diff_vmm_pid,
+            diff_vmm_start_time,
         })
     }
 
@@ -95,6 +117,9 @@ impl Row {
             vmm_start_time: r.get(9).map_err(bad)?,
             socket_path: r.get(10).map_err(bad)?,
             revision: r.get(11).map_err(bad)?,
+            diff_parent: r.get(12).map_err(bad)?,
+            diff_vmm_pid: r.get(13).map_err(bad)?,
+            diff_vmm_start_time: r.get(14).map_err(bad)?,
             id,
         })
     }
@@ -113,6 +138,9 @@ impl Row {
             vmm_start_time,
             socket_path,
             revision,
+            diff_parent,
+            diff_vmm_pid,
+            diff_vmm_start_time,
         } = self;
         let bad = |what: String| {
             StoreError::Corrupt(format!("{}: record {id:?}: {what}", path.display()))
@@ -137,6 +165,18 @@ impl Row {
             }),
             _ => return Err(bad("partial VMM process identity".to_owned())),
         };
+        let diff_parent = match (diff_parent, diff_vmm_pid, diff_vmm_start_time) {
+            (None, None, None) => None,
+            (Some(snapshot), Some(pid), Some(start_time)) => Some(DiffParent {
+                snapshot_id: SnapshotId::parse("diff_parent", &snapshot)
+                    .map_err(|e| bad(format!("invalid diff parent: {e}")))?,
+                vmm_pid: u32::try_from(pid)
+                    .map_err(|_| bad(format!("invalid diff parent VMM pid {pid}")))?,
+                vmm_start_time: u64::try_from(start_time)
+                    .map_err(|_| bad(format!("invalid diff parent VMM start time {start_time}")))?,
+            }),
+            _ => return Err(bad("partial diff parent".to_owned())),
+        };
         Ok(VmRecord {
             snapshot: VmSnapshot {
                 id: vm_id,
@@ -151,6 +191,7 @@ impl Row {
                 revision,
             },
             process,
+            diff_parent,
         })
     }
 }

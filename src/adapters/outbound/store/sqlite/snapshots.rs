@@ -35,6 +35,19 @@ pub(super) fn migrate_to_v3(conn: &Connection) -> rusqlite::Result<()> {
     )
 }
 
+/// Version 4: diff snapshots. A snapshot's parent (NULL for a full one, and
+/// in rows written before), and each VM's diff parent: the snapshot its
+/// VMM's next diff is taken against, with that VMM's identity (all three
+/// set, or none: checked when read).
+pub(super) fn migrate_to_v4(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(
+        "ALTER TABLE snapshots ADD COLUMN parent_id TEXT;
+         ALTER TABLE vms ADD COLUMN diff_parent TEXT;
+         ALTER TABLE vms ADD COLUMN diff_vmm_pid INTEGER CHECK (diff_vmm_pid >= 0);
+         ALTER TABLE vms ADD COLUMN diff_vmm_start_time INTEGER CHECK (diff_vmm_start_time >= 0);",
+    )
+}
+
 type Columns = (
     String,
     String,
@@ -44,6 +57,7 @@ type Columns = (
     Option<String>,
     Option<String>,
     Option<i64>,
+    Option<String>,
     Option<String>,
 );
 
@@ -58,6 +72,7 @@ fn encode(record: &SnapshotRecord) -> Result<Columns, StoreError> {
             source_vm_id.to_string(),
             "pending".into(),
             *created_at,
+            None,
             None,
             None,
             None,
@@ -78,22 +93,29 @@ fn encode(record: &SnapshotRecord) -> Result<Columns, StoreError> {
                 StoreError::Unavailable(format!("snapshot {}: size does not fit", info.id))
             })?),
             Some(info.kind.as_str().to_owned()),
+            info.parent.as_ref().map(ToString::to_string),
         ),
     })
 }
 
 fn decode(c: Columns, path: &Path) -> Result<SnapshotRecord, StoreError> {
-    let (id, source, state, created_at, backend, vmm_version, config, size, kind) = c;
+    let (id, source, state, created_at, backend, vmm_version, config, size, kind, parent) = c;
     let corrupt =
         |what: String| StoreError::Corrupt(format!("{}: snapshot {id:?}: {what}", path.display()));
     let sid = SnapshotId::parse("snapshot_id", &id).map_err(|e| corrupt(e.to_string()))?;
     let source_vm_id = VmId::parse(&source).map_err(|e| corrupt(e.to_string()))?;
+    let parent = parent
+        .map(|p| SnapshotId::parse("parent_id", &p))
+        .transpose()
+        .map_err(|e| corrupt(e.to_string()))?;
     match (state.as_str(), backend, vmm_version, config, size, kind) {
-        ("pending", None, None, None, None, None) => Ok(SnapshotRecord::Pending {
-            id: sid,
-            source_vm_id,
-            created_at,
-        }),
+        ("pending", None, None, None, None, None) if parent.is_none() => {
+            Ok(SnapshotRecord::Pending {
+                id: sid,
+                source_vm_id,
+                created_at,
+            })
+        }
         ("committed", Some(backend), Some(vmm_version), Some(config), Some(size), Some(kind)) => {
             Ok(SnapshotRecord::Committed(SnapshotInfo {
                 id: sid,
@@ -106,6 +128,7 @@ fn decode(c: Columns, path: &Path) -> Result<SnapshotRecord, StoreError> {
                 size_bytes: u64::try_from(size).map_err(|_| corrupt(format!("size {size}")))?,
                 kind: SnapshotKind::from_name(&kind)
                     .ok_or_else(|| corrupt(format!("unknown kind {kind:?}")))?,
+                parent,
             }))
         }
         (state, ..) => Err(corrupt(format!("a {state:?} row with the wrong columns"))),
@@ -120,10 +143,10 @@ impl SqliteStore {
             write(conn, Sync::Full, |tx| {
                 tx.prepare_cached(
                     "INSERT OR REPLACE INTO snapshots (id, source_vm_id, state, created_at,
-                        backend, vmm_version, config, size_bytes, kind)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                        backend, vmm_version, config, size_bytes, kind, parent_id)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                 )?
-                .execute(params![c.0, c.1, c.2, c.3, c.4, c.5, c.6, c.7, c.8])
+                .execute(params![c.0, c.1, c.2, c.3, c.4, c.5, c.6, c.7, c.8, c.9])
                 .map(drop)
             })
             .map_err(|e| write_error(path, "record snapshot", &id, &e))
@@ -150,7 +173,7 @@ impl SqliteStore {
             let mut stmt = conn
                 .prepare_cached(
                     "SELECT id, source_vm_id, state, created_at, backend, vmm_version,
-                            config, size_bytes, kind
+                            config, size_bytes, kind, parent_id
                      FROM snapshots ORDER BY id",
                 )
                 .map_err(read_err)?;
@@ -168,6 +191,7 @@ impl SqliteStore {
                         r.get(6)?,
                         r.get(7)?,
                         r.get(8)?,
+                        r.get(9)?,
                     ))
                 })()
                 .map_err(|e| {
@@ -197,6 +221,7 @@ mod tests {
             created_at: 9,
             size_bytes: 4096,
             kind: SnapshotKind::Full,
+            parent: None,
         }
     }
 

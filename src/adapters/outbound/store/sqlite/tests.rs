@@ -17,6 +17,7 @@ use super::migrations::{APPLICATION_ID, migrate_to_v1};
 use super::row::ALL_DESIRED;
 use super::*;
 use crate::domain::lifecycle::Desired;
+use crate::domain::snapshot::{DiffParent, SnapshotId};
 use crate::domain::{
     BootConfig, ConsoleConfig, CpuConfig, CpuTopology, MemoryConfig, NetworkInterface,
     StorageDevice, VmConfig,
@@ -50,6 +51,7 @@ fn full_config() -> VmConfig {
             hotplug_enabled: true,
             max_size_bytes: 1 << 30,
             backing: map(&[("hugepages", "true")]),
+            track_dirty_pages: true,
         },
         boot: BootConfig {
             kernel_path: "/var/lib/vmcp/vmlinux".into(),
@@ -113,6 +115,11 @@ pub(super) fn record(id: &str) -> VmRecord {
             pid: 4_000_000_000,
             start_time: 123_456_789,
             socket_path: format!("/run/vmcp/{id}/api.sock"),
+        }),
+        diff_parent: Some(DiffParent {
+            snapshot_id: SnapshotId::parse("diff_parent", "warm-1").expect("valid id"),
+            vmm_pid: 4_000_000_000,
+            vmm_start_time: 123_456_789,
         }),
     }
 }
@@ -276,6 +283,10 @@ fn a_version_1_store_migrates_and_its_records_read_as_revision_0() {
     assert_eq!(ids(&records), ["old"]);
     assert_eq!(records[0].snapshot.revision, 0);
     assert_eq!(records[0].snapshot.generation, 4);
+    assert_eq!(
+        records[0].diff_parent, None,
+        "no diff parent before version 4"
+    );
     assert_eq!(rt.block_on(store.revision()).expect("revision"), 0);
     let mut rec = records[0].clone();
     rec.snapshot.revision = 5;
@@ -364,7 +375,7 @@ fn a_fresh_file_gets_the_current_schema_and_the_vmcp_application_id() {
         (version, app, journal.as_str()),
         (SCHEMA_VERSION, APPLICATION_ID, "wal")
     );
-    assert_eq!(SCHEMA_VERSION, 3);
+    assert_eq!(SCHEMA_VERSION, 4);
 }
 
 #[test]
@@ -758,6 +769,7 @@ fn arb_config() -> impl Strategy<Value = VmConfig> {
                     hotplug_enabled: flag,
                     max_size_bytes: mem.wrapping_mul(2),
                     backing: BTreeMap::new(),
+                    track_dirty_pages: !flag,
                 },
                 boot: BootConfig {
                     kernel_path: args.clone(),
@@ -820,9 +832,10 @@ fn arb_record() -> impl Strategy<Value = VmRecord> {
         any::<i64>(),
         any::<i64>(),
         proptest::option::of((any::<u32>(), 0..=i64::MAX, text())),
+        proptest::option::of((prop::sample::select(&POOL[..]), any::<u32>(), 0..=i64::MAX)),
     )
         .prop_map(
-            |(id, config, state, desired, reason, generation, created, modified, process)| {
+            |(id, config, state, desired, reason, generation, created, modified, process, diff)| {
                 VmRecord {
                     snapshot: VmSnapshot {
                         id: VmId::parse(id).expect("pool ids are valid"),
@@ -841,6 +854,12 @@ fn arb_record() -> impl Strategy<Value = VmRecord> {
                         pid,
                         start_time: start.unsigned_abs(),
                         socket_path: socket,
+                    }),
+                    diff_parent: diff.map(|(snapshot, pid, start)| DiffParent {
+                        snapshot_id: SnapshotId::parse("diff_parent", snapshot)
+                            .expect("pool ids are valid"),
+                        vmm_pid: pid,
+                        vmm_start_time: start.unsigned_abs(),
                     }),
                 }
             },
