@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use connectrpc::ErrorCode;
 use connectrpc::client::CallOptions;
+use vmcp::adapters::outbound::vmm::backend::STARTED_MARK;
 use vmcp::adapters::outbound::vmm::process::is_alive;
 use vmcp::proto::vmm::v1 as pb;
 use vmcp::proto::vmm::v1::VmState as S;
@@ -110,9 +111,7 @@ impl Case {
 
     /// What the runtime root holds besides the mark of VMCP's start.
     fn runtime_entries(&self) -> Vec<String> {
-        let mut e = entries(&self.path("rt"));
-        e.retain(|n| n != STARTED_MARK);
-        e
+        entries(&self.path("rt"))
     }
 
     /// What a host restart does to the runtime root (tmpfs) and the VMMs.
@@ -134,14 +133,13 @@ impl Drop for Case {
     }
 }
 
-/// The mark each VMCP start leaves in the runtime root.
-const STARTED_MARK: &str = ".vmcp-started";
-
+/// The names in `dir`, without the mark each VMCP start leaves in its runtime root.
 fn entries(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir)
         .map(|d| {
             d.filter_map(|e| e.ok())
                 .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n != STARTED_MARK)
                 .collect()
         })
         .unwrap_or_default()

@@ -27,7 +27,7 @@ use super::uds_http::UdsClient;
 /// The mark each VMCP start leaves in the runtime root (see
 /// [`Hypervisor::started_since_boot`]): the kernel's boot id, one line. Not a
 /// directory, so the discovery scan never takes it for a VM.
-const STARTED_MARK: &str = ".vmcp-started";
+pub const STARTED_MARK: &str = ".vmcp-started";
 
 /// The kernel's id of the current boot, when it can be read.
 fn boot_id() -> Option<String> {
