@@ -118,13 +118,12 @@ impl<F: Flavour> Supervisor<F> {
                 return Err(e);
             }
         };
-        let socket = self.flavour.socket(vm, runtime);
         let spec = SpawnSpec {
             program: launch.program,
             args: launch.args,
             ready_timeout: self.settings.ready_timeout,
-            socket: Some(socket.clone()),
         };
+        let socket = self.flavour.socket(vm, runtime);
         let reporter = self.reporter(id, events);
         let probe = || {
             self.flavour.ping(Api {

@@ -39,67 +39,6 @@ pub struct SpawnSpec {
     pub args: Vec<OsString>,
     /// How long the VMM may take to answer the readiness probe.
     pub ready_timeout: Duration,
-    /// The API socket the probe talks to, when known: the probe then runs
-    /// as soon as the socket appears (an inotify watch on its directory)
-    /// rather than on the next tick of its backoff.
-    pub socket: Option<PathBuf>,
-}
-
-/// Wakes the readiness probe when an entry is created in the socket's
-/// directory (the VMM binding its API socket). Without it (no inotify, or
-/// a directory that does not exist yet, as under the jailer) the probe
-/// runs on its backoff alone.
-struct SocketWatch {
-    fd: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
-}
-
-impl SocketWatch {
-    fn new(socket: &Path) -> Option<Self> {
-        use rustix::fs::inotify;
-        let dir = socket.parent()?;
-        let fd =
-            inotify::init(inotify::CreateFlags::NONBLOCK | inotify::CreateFlags::CLOEXEC).ok()?;
-        inotify::add_watch(
-            &fd,
-            dir,
-            inotify::WatchFlags::CREATE | inotify::WatchFlags::MOVED_TO,
-        )
-        .ok()?;
-        // Deprecated because an arbitrary `AsRawFd` may change or close its
-        // descriptor under the registration; an `OwnedFd` moved into the
-        // `AsyncFd` cannot, which is what `register_with_interest` (unsafe,
-        // and this crate denies unsafe code) would have us promise.
-        #[allow(deprecated)]
-        let fd = tokio::io::unix::AsyncFd::with_interest(fd, tokio::io::Interest::READABLE);
-        fd.ok().map(|fd| Self { fd })
-    }
-
-    /// Waits until something was created in the directory; drains the events.
-    async fn created(&self) {
-        loop {
-            let Ok(mut guard) = self.fd.readable().await else {
-                return std::future::pending().await;
-            };
-            let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 1024];
-            let mut reader = rustix::fs::inotify::Reader::new(self.fd.get_ref(), &mut buf);
-            let mut seen = false;
-            while reader.next().is_ok() {
-                seen = true;
-            }
-            guard.clear_ready();
-            if seen {
-                return;
-            }
-        }
-    }
-}
-
-/// Waits for `watch` to see a creation, or forever without a watch.
-async fn socket_created(watch: Option<&SocketWatch>) {
-    match watch {
-        Some(w) => w.created().await,
-        None => std::future::pending().await,
-    }
 }
 
 /// A supervised VMM process.
@@ -131,8 +70,6 @@ impl Supervised {
         E: fmt::Display,
     {
         runtime.prepare()?;
-        // Watching before the spawn, so the socket cannot appear unseen.
-        let watch = spec.socket.as_deref().and_then(SocketWatch::new);
         let started = Self::start(spec, &runtime, reporter);
         let sup = match started {
             Ok(sup) => sup,
@@ -150,20 +87,9 @@ impl Supervised {
                 break format!("exited during start-up: {}", info.describe_status());
             }
             let budget = deadline.saturating_duration_since(Instant::now());
-            // With a watch, a socket that is not there yet is not probed: its
-            // creation wakes this loop.
-            let absent = watch.is_some()
-                && spec
-                    .socket
-                    .as_deref()
-                    .is_some_and(|s| std::fs::symlink_metadata(s).is_err());
-            let outcome = if absent {
-                Err("the API socket does not exist yet".to_owned())
-            } else {
-                match tokio::time::timeout(budget, probe()).await {
-                    Ok(outcome) => outcome.map_err(|e| e.to_string()),
-                    Err(_) => Err("the probe itself did not finish".to_owned()),
-                }
+            let outcome = match tokio::time::timeout(budget, probe()).await {
+                Ok(outcome) => outcome.map_err(|e| e.to_string()),
+                Err(_) => Err("the probe itself did not finish".to_owned()),
             };
             let last = match outcome {
                 Ok(()) => {
@@ -185,7 +111,6 @@ impl Supervised {
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
                 _ = exit.changed() => {}
-                () = socket_created(watch.as_ref()) => {}
             }
             interval = (interval + interval / 2).min(PROBE_INTERVAL_MAX);
         };

@@ -37,7 +37,6 @@ fn sh(script: &str) -> SpawnSpec {
         program: "/bin/sh".into(),
         args: vec!["-c".into(), script.into()],
         ready_timeout: Duration::from_secs(5),
-        socket: None,
     }
 }
 
@@ -335,7 +334,6 @@ async fn a_missing_binary_is_a_spawn_error() {
         program: tmp.path().join("no-such-vmm"),
         args: vec![],
         ready_timeout: Duration::from_secs(1),
-        socket: None,
     };
     let err = Supervised::spawn(&spec, dir.clone(), rep, ready)
         .await
@@ -385,44 +383,4 @@ async fn adoption_verifies_identity_and_watches_exit() {
     assert_eq!(state, VmState::Failed);
     assert!(reason.contains("status unknown"), "{reason}");
     reaper.join().expect("join").expect("wait");
-}
-
-/// With the API socket known, the probe runs when the socket appears (an
-/// inotify watch on its directory), never while it is absent: one probe for
-/// a VMM that binds its socket after a while, and it is ready at once.
-#[tokio::test]
-async fn the_probe_waits_for_the_socket_to_appear_then_runs_at_once() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let (rep, _events) = reporter("watched");
-    let dir = RuntimeDir::new(tmp.path(), &rep.vm_id);
-    let socket = dir.api_socket();
-    let mut spec = sh(&format!(
-        "sleep 0.3; : > '{}'; exec sleep 30",
-        socket.display()
-    ));
-    spec.socket = Some(socket.clone());
-    let probes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counted = std::sync::Arc::clone(&probes);
-    let probed = socket.clone();
-    let started = std::time::Instant::now();
-    let p = Supervised::spawn(&spec, dir.clone(), rep, move || {
-        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let present = probed.exists();
-        async move {
-            if present {
-                Ok(())
-            } else {
-                Err("absent".to_owned())
-            }
-        }
-    })
-    .await
-    .expect("ready once the socket appears");
-    assert!(started.elapsed() >= Duration::from_millis(300));
-    assert_eq!(
-        probes.load(std::sync::atomic::Ordering::SeqCst),
-        1,
-        "probed only once the socket existed"
-    );
-    assert!(p.terminate(Duration::ZERO).await.is_some());
 }
