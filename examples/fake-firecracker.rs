@@ -1,6 +1,6 @@
 //! A stand-in `firecracker` binary for the adapter's process-level tests in
 //! CI: it accepts Firecracker's command line (`--api-sock`, `--id`,
-//! `--level`, `--show-level`, `--version`), refuses a stale socket like the
+//! `--level`, `--show-level`, `--metrics-path`, `--version`), refuses a stale socket like the
 //! real one, and serves the fake API of `tests/it/fake_fc.rs`. Extra
 //! `--fake-*` flags select failure behaviours; tests pass them through a
 //! wrapper script used as the binary. `--fake-chroot DIR` resolves every
@@ -55,6 +55,7 @@ fn main() {
         chroot: None,
         fail_snapshot_write: None,
     };
+    let mut metrics_path: Option<String> = None;
     let mut fail_start = false;
     let mut never_ready = false;
     let mut outlive_parent = false;
@@ -70,6 +71,7 @@ fn main() {
             "--id" => id = value(),
             "--level" => drop(value()),
             "--show-level" => {}
+            "--metrics-path" => metrics_path = Some(value()),
             "--fake-ctrl-alt-del-exits" => behaviour.ctrl_alt_del_exits = true,
             "--fake-poweroff-after-ms" => {
                 behaviour.poweroff_after =
@@ -122,6 +124,14 @@ fn main() {
         std::process::exit(153);
     };
     let socket = behaviour.host(&socket.to_string_lossy());
+    let fake = FakeFc::new(behaviour);
+    // Like Firecracker, the metrics file is opened before the API socket.
+    if let Some(path) = metrics_path
+        && let Err(e) = fake.init_metrics(&path)
+    {
+        log(&id, "ERROR", &format!("Failed to initialize metrics: {e}"));
+        std::process::exit(1);
+    }
     if socket.exists() {
         log(
             &id,
@@ -152,6 +162,6 @@ fn main() {
             }
         };
         log(&id, "INFO", "Running Firecracker v1.16.1");
-        FakeFc::new(behaviour).serve(listener).await;
+        fake.serve(listener).await;
     });
 }

@@ -4,10 +4,8 @@
 //! serialization.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
-
-use mockall::Sequence;
 
 use crate::app::manager::VmManager;
 use crate::domain::config::tests::valid;
@@ -121,44 +119,44 @@ async fn create(m: &VmManager<MockHypervisor, MockVmStore>, vm: &str) {
     .expect("created");
 }
 
+/// CreateVm commits its intent before the VMM starts, flushes it to disk
+/// while the VMM starts (not after), and commits the created record, with
+/// its process, before the answer, without a flush of its own.
 #[tokio::test]
-async fn create_records_intent_before_spawning_and_the_process_after() {
-    let mut seq = Sequence::new();
+async fn create_records_intent_before_spawning_flushes_it_meanwhile_and_the_process_after() {
+    let log = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let mut h = base_hypervisor();
-    let mut s = MockVmStore::new();
-    s.expect_put_unsynced()
-        .times(1)
-        .in_sequence(&mut seq)
-        .withf(|r| {
-            r.process.is_none() && r.snapshot.id.as_str() == "a" && r.snapshot.generation == 0
+    let l = Arc::clone(&log);
+    h.expect_create().times(1).returning(move |_, _, _| {
+        let vm = handle_reporting(VmState::Created);
+        let l = Arc::clone(&l);
+        Box::pin(async move {
+            l.lock().expect("lock").push("create starts".into());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            l.lock().expect("lock").push("create ends".into());
+            Ok((vm, reported(VmState::Created, 42)))
         })
-        .returning(|_| Box::pin(async { Ok(()) }));
-    h.expect_create()
-        .times(1)
-        .in_sequence(&mut seq)
-        .returning(|_, _, _| {
-            let vm = handle_reporting(VmState::Created);
-            Box::pin(async move { Ok((vm, reported(VmState::Created, 42))) })
-        });
-    s.expect_put_unsynced()
-        .times(1)
-        .in_sequence(&mut seq)
-        .withf(|r| r.process == Some(process()) && r.snapshot.generation == 1)
-        .returning(|_| Box::pin(async { Ok(()) }));
-    // The created record reaches the disk before the answer.
-    let synced = Arc::new(AtomicBool::new(false));
-    let flag = Arc::clone(&synced);
-    s.expect_sync()
-        .times(1)
-        .in_sequence(&mut seq)
-        .returning(move || {
-            let flag = Arc::clone(&flag);
-            Box::pin(async move {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                flag.store(true, Ordering::SeqCst);
-                Ok(())
-            })
-        });
+    });
+    let mut s = MockVmStore::new();
+    let l = Arc::clone(&log);
+    s.expect_put_unsynced().times(2).returning(move |r| {
+        l.lock().expect("lock").push(format!(
+            "write gen {} process {}",
+            r.snapshot.generation,
+            r.process.as_ref().map_or(0, |p| p.pid)
+        ));
+        Box::pin(async { Ok(()) })
+    });
+    let l = Arc::clone(&log);
+    s.expect_sync().times(1).returning(move || {
+        let l = Arc::clone(&l);
+        Box::pin(async move {
+            l.lock().expect("lock").push("sync starts".into());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            l.lock().expect("lock").push("sync ends".into());
+            Ok(())
+        })
+    });
     let m = manager(h, s, Duration::from_secs(1));
     let snap = m
         .create_vm(CreateVm {
@@ -168,9 +166,23 @@ async fn create_records_intent_before_spawning_and_the_process_after() {
         .await
         .expect("created");
     assert_eq!(snap.state, VmState::Created);
+    let log = log.lock().expect("lock").clone();
+    let at = |what: &str| {
+        log.iter()
+            .position(|e| e == what)
+            .unwrap_or_else(|| panic!("{what:?} missing from {log:?}"))
+    };
+    assert_eq!(at("write gen 0 process 0"), 0, "intent first: {log:?}");
+    assert!(at("write gen 0 process 0") < at("create starts"), "{log:?}");
     assert!(
-        synced.load(Ordering::SeqCst),
-        "answered before the store was synced"
+        at("sync starts") < at("create ends"),
+        "the flush waited for the VMM: {log:?}"
+    );
+    assert!(at("sync ends") < at("write gen 1 process 42"), "{log:?}");
+    assert_eq!(
+        log.last().map(String::as_str),
+        Some("write gen 1 process 42"),
+        "the created record is the last write before the answer: {log:?}"
     );
 }
 

@@ -11,6 +11,7 @@
 //! | desired  | record                                  | live VMM          | decision                                  |
 //! |----------|-----------------------------------------|-------------------|-------------------------------------------|
 //! | Deleted  | any                                     | any               | finish the delete: end it, drop the record |
+//! | Created  | generation ≤ 1, Created, no process yet, host restarted | nothing | Shutdown, bootable ("host restarted"): the created record went with the host |
 //! | Created  | generation ≤ 1, Created, no process yet | any               | roll the create back: end it, drop the record |
 //! | any      | any                                     | recorded          | adopt it                                  |
 //! | any      | any                                     | replacement       | adopt it (the VMM replaced just before a crash) |
@@ -23,10 +24,20 @@
 //! | any      | Running                                 | nothing           | Failed ("VMM exited while VMCP was down") |
 //!
 //! "Host restarted" is what the host shows: the VM's VMM *and* its runtime
-//! directory are gone (the runtime directory lives on tmpfs, `/run/vmcp`,
-//! which a reboot empties); a VMM gone from a directory that is still
-//! there died while VMCP was down. A paused VM is never restarted by a
-//! policy (its pause was the caller's), nor one the caller stopped.
+//! directory are gone, and so is the mark each VMCP start leaves in the
+//! runtime root (all on tmpfs, `/run/vmcp`, which a reboot empties); a VMM
+//! gone from a directory that is still there, or while the mark is there,
+//! died while VMCP was down. A paused VM is never restarted by a policy
+//! (its pause was the caller's), nor one the caller stopped.
+//!
+//! A create's first record (its intent) is flushed to disk while the VMM
+//! starts, but the record of the created VM is only committed (see the
+//! README's durability table): a crash of VMCP cannot lose it, a power loss
+//! can, and then the intent is all that is left of a VM whose create was
+//! answered. So an intent-only create after a host restart is kept, as a
+//! bootable VM whose VMM went with the host; in the same boot (VMCP alone
+//! crashed, its VMM live or not yet started) the caller got no answer and
+//! the create is rolled back.
 //!
 //! A VM without a live VMM is never registered as Created, Running or Paused:
 //! there is nothing that could report such a state.
@@ -99,7 +110,9 @@ impl Decision {
 pub struct Host {
     /// What runs.
     pub live: Live,
-    /// The VM's runtime directory is gone too (the host restarted).
+    /// The host restarted since the record was written: the VM's runtime
+    /// directory is gone, and so is the runtime root's mark of the last
+    /// VMCP start (when the backend keeps one).
     pub restarted: bool,
 }
 
@@ -121,6 +134,12 @@ pub fn decide(
         && record.state == VmState::Created
         && !has_process;
     if create_interrupted {
+        if host.restarted && live == Live::Nothing {
+            return Decision::Register {
+                state: VmState::Shutdown,
+                reason: HOST_RESTARTED.to_owned(),
+            };
+        }
         return Decision::RollBackCreate(live);
     }
     match live {
@@ -457,6 +476,43 @@ mod tests {
         }
     }
 
+    /// The created record is written unsynced, so a power loss can leave only
+    /// the create's intent: after a host restart that VM is kept (its create may
+    /// have been answered), bootable; in the same boot the create is rolled back.
+    #[test]
+    fn an_intent_only_create_is_kept_after_a_host_restart_and_rolled_back_otherwise() {
+        use Desired as D;
+        use VmState as S;
+        for generation in [0, 1] {
+            let intent = record(D::Created, S::Created, generation);
+            let rebooted = Host {
+                live: Live::Nothing,
+                restarted: true,
+            };
+            for policy in [RestartPolicy::Never, RestartPolicy::Always] {
+                assert_eq!(
+                    decide(&intent, false, rebooted, policy),
+                    Decision::Register {
+                        state: S::Shutdown,
+                        reason: HOST_RESTARTED.into()
+                    },
+                    "gen {generation} {policy:?}"
+                );
+            }
+            for live in [Live::Nothing, Live::Recorded, Live::Replacement] {
+                let same_boot = Host {
+                    live,
+                    restarted: false,
+                };
+                assert_eq!(
+                    decide(&intent, false, same_boot, RestartPolicy::Always),
+                    Decision::RollBackCreate(live),
+                    "gen {generation} {live:?}"
+                );
+            }
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2048))]
         #[test]
@@ -497,6 +553,24 @@ mod tests {
                 Decision::RollBackCreate(_) => {
                     prop_assert!(!has_process);
                     prop_assert!(generation <= 1);
+                    // Never the create of a VM whose record a host restart may have taken.
+                    prop_assert!(!(restarted && live == Live::Nothing));
+                }
+            }
+            // A create cut short in the same boot is rolled back whatever runs; after a
+            // host restart its intent is kept as a bootable VM.
+            let intent_only = desired == Desired::Created
+                && generation <= 1
+                && state == VmState::Created
+                && !has_process;
+            if intent_only {
+                if restarted && live == Live::Nothing {
+                    prop_assert_eq!(
+                        &d,
+                        &Decision::Register { state: VmState::Shutdown, reason: HOST_RESTARTED.to_owned() }
+                    );
+                } else {
+                    prop_assert_eq!(&d, &Decision::RollBackCreate(live));
                 }
             }
             // A failed adoption decides again with nothing live: never another adoption,

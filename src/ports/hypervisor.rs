@@ -446,6 +446,21 @@ pub trait Hypervisor: Send + Sync + 'static {
     /// recorded one just before a crash.
     fn discover(&self) -> impl Future<Output = Result<Vec<Discovered>, HypervisorError>> + Send;
 
+    /// Whether VMCP has started on this host since the host last booted: the
+    /// mark [`Hypervisor::mark_started`] leaves beside the runtime directories
+    /// (on tmpfs, which a reboot empties) is still there. None when the
+    /// backend cannot tell; recovery then takes a VM whose runtime directory
+    /// is gone as one the host restarted under.
+    fn started_since_boot(&self) -> impl Future<Output = Option<bool>> + Send {
+        async { None }
+    }
+
+    /// Leaves the mark [`Hypervisor::started_since_boot`] looks for; called
+    /// once recovery has decided every VM, before any create is admitted.
+    fn mark_started(&self) -> impl Future<Output = Result<(), HypervisorError>> + Send {
+        async { Ok(()) }
+    }
+
     /// Reads at most `max_bytes` of VM `id`'s console output from `offset`
     /// (the oldest byte kept when it was dropped). `Unsupported` when the
     /// VM's console is off; an empty chunk before the VMM wrote anything.

@@ -942,13 +942,17 @@ async fn a_vmm_dying_mid_call_is_unavailable_with_its_exit_and_reported() {
 async fn a_hung_vmm_times_out_and_force_delete_still_cleans_up() {
     let env = Env::with_timeout(
         Behaviour {
-            hang_on: vec!["vm.info".into(), "vm.delete".into(), "vmm.shutdown".into()],
+            hang_on: vec![
+                "vm.create".into(),
+                "vm.delete".into(),
+                "vmm.shutdown".into(),
+            ],
             ..Default::default()
         },
         Duration::from_millis(300),
     );
     let vm = id("hung");
-    // create reads vm.info back, which hangs: a timeout, and nothing is left.
+    // create's vm.create hangs: a timeout, and nothing is left.
     let started = Instant::now();
     let err = env
         .ch
@@ -958,7 +962,7 @@ async fn a_hung_vmm_times_out_and_force_delete_still_cleans_up() {
     assert!(started.elapsed() < Duration::from_secs(3));
     assert!(
         matches!(&err, HypervisorError::Timeout { operation, after }
-            if operation == "GET /api/v1/vm.info" && *after == Duration::from_millis(300)),
+            if operation == "PUT /api/v1/vm.create" && *after == Duration::from_millis(300)),
         "{err:?}"
     );
     assert!(!env.runtime_dir("hung").exists());

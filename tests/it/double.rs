@@ -162,6 +162,8 @@ struct HostState {
     procs: BTreeMap<Key, Proc>,
     /// Runtime directories, by VM.
     dirs: BTreeSet<VmId>,
+    /// A VMCP marked its start since the host last booted (the runtime root's mark).
+    started: bool,
     next_pid: u32,
     ticks: u64,
     reuse_pid: Option<u32>,
@@ -345,6 +347,7 @@ impl Host {
             state: Mutex::new(HostState {
                 procs: BTreeMap::new(),
                 dirs: BTreeSet::new(),
+                started: false,
                 next_pid: 1000,
                 ticks: 10_000,
                 reuse_pid: None,
@@ -849,6 +852,7 @@ impl Double {
                 s.end(k, VmState::Failed, "the host rebooted", false);
             }
             s.dirs.clear();
+            s.started = false;
         });
     }
 
@@ -1763,6 +1767,15 @@ impl Hypervisor for Double {
             b.finish(Ok(found)).await
         })
         .await
+    }
+
+    async fn started_since_boot(&self) -> Option<bool> {
+        Some(self.host.read(|s| s.started))
+    }
+
+    async fn mark_started(&self) -> Result<(), HypervisorError> {
+        self.host.mutate(|s| s.started = true);
+        Ok(())
     }
 
     /// Ends `process` only if it is exactly that VMM of `id` (pid and start

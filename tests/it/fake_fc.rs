@@ -622,6 +622,15 @@ impl FakeFc {
         NO_CONTENT
     }
 
+    /// `--metrics-path` on the command line: the metrics file opened at
+    /// start-up (a later `PUT /metrics` is a reinitialization, refused).
+    pub fn init_metrics(&self, path: &str) -> Result<(), String> {
+        match self.put_metrics(&json!({ "metrics_path": path })) {
+            (204, _) => Ok(()),
+            (_, body) => Err(body.map(|b| b.to_string()).unwrap_or_default()),
+        }
+    }
+
     fn put_metrics(&self, body: &Value) -> Answer {
         let mut s = match self.pre_boot() {
             Ok(s) => s,

@@ -152,6 +152,28 @@ async fn the_fake_loads_a_diff_only_when_made_whole_from_its_parent() {
     }
 }
 
+/// Like Firecracker, the fake takes its metrics file on the command line
+/// (`--metrics-path`, what the adapter now passes); a `PUT /metrics` after
+/// that is a reinitialization and refused, so an adapter that still sent it
+/// would fail every create.
+#[tokio::test]
+async fn metrics_named_at_start_up_are_not_initialized_again() {
+    let f = inproc(behaviour());
+    let path = f.dir.join("metrics.json");
+    f.fake
+        .init_metrics(&path.to_string_lossy())
+        .expect("metrics at start-up");
+    assert!(path.is_file(), "the metrics file is opened at start-up");
+    let again = f
+        .client
+        .put_metrics(&vmcp::adapters::outbound::firecracker::config::Metrics {
+            metrics_path: path.to_string_lossy().into_owned(),
+        })
+        .await
+        .expect_err("refused");
+    assert!(again.to_string().contains("Reinitialization"), "{again}");
+}
+
 #[tokio::test]
 async fn client_walks_firecracker_states() {
     let f = inproc(behaviour());
@@ -1202,7 +1224,9 @@ async fn jailer_mode_stages_files_in_the_chroot_and_cleans_up() {
     assert!(args.contains("--uid 1234 --gid 5678"), "{args}");
     assert!(args.contains("--id jailed"), "{args}");
     assert!(
-        args.ends_with("-- --api-sock /api.sock --level Warning --show-level\n"),
+        args.ends_with(
+            "-- --api-sock /api.sock --level Warning --show-level --metrics-path /metrics.json\n"
+        ),
         "{args}"
     );
     // Hard links: the guest's writes reach the caller's files.

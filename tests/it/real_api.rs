@@ -241,11 +241,13 @@ fn fds_under(dir: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The names in `dir`, without the mark each VMCP start leaves in its runtime root.
 fn entries(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir)
         .map(|d| {
             d.filter_map(|e| e.ok())
                 .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n != vmcp::adapters::outbound::vmm::backend::STARTED_MARK)
                 .collect()
         })
         .unwrap_or_default()

@@ -81,6 +81,8 @@ pub async fn recover<H: Hypervisor, S: VmStore>(
     let h = &*deps.hypervisor;
     let tel = &*deps.telemetry;
     let t = deps.call_timeout;
+    // Read before anything is decided; the mark is left again once every VM is.
+    let started_since_boot = h.started_since_boot().await;
     let mut discovery_failed = false;
     let mut found: BTreeMap<VmId, Option<VmmProcess>> = match timed_call(
         h.kind(),
@@ -110,14 +112,11 @@ pub async fn recover<H: Hypervisor, S: VmStore>(
         .collect();
     let outcomes: Vec<Outcome> = futures_util::stream::iter(work)
         .map(|(rec, listed)| {
-            recover_one(
-                deps,
-                registry,
-                rec,
-                listed,
-                discovery_failed,
-                remove_orphans,
-            )
+            // Its VMM and its runtime directory are gone, and no VMCP started
+            // since the host booted: the host restarted.
+            let restarted =
+                listed.is_none() && !discovery_failed && started_since_boot != Some(true);
+            recover_one(deps, registry, rec, listed, restarted, remove_orphans)
         })
         .buffer_unordered(RECOVERY_CONCURRENCY)
         .collect()
@@ -150,6 +149,11 @@ pub async fn recover<H: Hypervisor, S: VmStore>(
             tracing::error!(vm.id = %id, error = %e, "could not clean up an orphaned VMM");
         }
     }
+    // Every VM is decided: from now on a create's intent without its created
+    // record means VMCP crashed in this boot, not that the host restarted.
+    if let Err(e) = h.mark_started().await {
+        tracing::warn!(error = %e, "could not mark this start in the runtime directory; the next start takes the host as restarted");
+    }
     Ok(done)
 }
 
@@ -173,15 +177,13 @@ async fn recover_one<H: Hypervisor, S: VmStore>(
     registry: &Registry,
     rec: VmRecord,
     listed: Option<Option<VmmProcess>>,
-    discovery_failed: bool,
+    restarted: bool,
     remove_orphans: bool,
 ) -> Outcome {
     let h = &*deps.hypervisor;
     let tel = &*deps.telemetry;
     let t = deps.call_timeout;
     let id = rec.snapshot.id.clone();
-    // Its VMM and its runtime directory are both gone: the host restarted.
-    let restarted = listed.is_none() && !discovery_failed;
     let discovered = listed.flatten();
     let running = discovered.is_some();
     let (live, candidate) = live_process(rec.process.as_ref(), discovered);

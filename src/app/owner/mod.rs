@@ -349,12 +349,12 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
             self.vm.sample_soon(Instant::now());
         }
         if let Some(reply) = created {
+            // The create's intent is on disk before the answer (flushed while the
+            // VMM starts); the created record is committed, not flushed: a crash of
+            // VMCP cannot lose it, and a power loss, which would, also ends the VMM,
+            // so recovery then keeps the VM from its intent (see domain::recovery).
             let result = self.drain().await;
             self.publish().await;
-            if result.is_ok() {
-                // A created VM is on disk before the client hears of it.
-                Self::sync_store(&self.deps.store).await;
-            }
             let _ = reply.send(result.map(|()| self.vm.snapshot().clone()));
             // Metrics and details right after the answer (a failed create ends the loop below).
             self.vm.sample_soon(Instant::now());

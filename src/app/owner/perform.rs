@@ -193,12 +193,25 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
     }
 
     /// Creates the VMM: the record (generation 0, no process) is committed
-    /// first, so a crash during the create is rolled back at the next start.
+    /// first, so a crash during the create is rolled back at the next start,
+    /// and flushed to disk while the VMM starts, before the answer.
     pub(super) async fn create(&mut self) -> Result<(), VmError> {
+        let intent = self.persist().await;
+        let flush = intent.is_ok().then(|| Arc::clone(&self.deps.store));
+        let (outcome, ()) = tokio::join!(self.start_vmm(intent), async {
+            if let Some(store) = flush {
+                Self::sync_store(&store).await;
+            }
+        });
+        outcome
+    }
+
+    /// The create after its intent (`intent`: whether it was recorded): the
+    /// taps, then the VMM, then the outcome fed to the core.
+    async fn start_vmm(&mut self, intent: Result<(), VmError>) -> Result<(), VmError> {
         let id = self.vm.snapshot().id.clone();
         let config = self.vm.snapshot().config.clone();
         let now = self.deps.clock.now_unix();
-        let intent = self.persist().await;
         let intent_recorded = intent.is_ok();
         let deps = self.deps.clone();
         let h = &*deps.hypervisor;

@@ -333,12 +333,16 @@ impl Flavour for FcFlavour {
             Some(_) => OsString::from(JAIL_SOCKET),
             None => runtime.api_socket().into(),
         };
+        // The metrics file on the command line rather than `PUT /metrics`: one
+        // API call less on every create, boot after a stop and restore.
         let fc_args: Vec<OsString> = vec![
             "--api-sock".into(),
             socket_arg,
             "--level".into(),
             "Warning".into(),
             "--show-level".into(),
+            "--metrics-path".into(),
+            vm.pre.metrics.metrics_path.clone().into(),
         ];
         if let (Some(js), Some(jail)) = (&self.settings.jailer, vm.jail.clone()) {
             return self.stage_jail(js, &jail, vm, runtime, &fc_args);
@@ -375,7 +379,6 @@ impl Flavour for FcFlavour {
     async fn configure(&self, a: Api<'_>, vm: &MicroVm) -> Result<(), HypervisorError> {
         let c = client(a);
         let pre = &vm.pre;
-        c.put_metrics(&pre.metrics).await?;
         c.put_serial(&pre.serial).await?;
         c.put_machine_config(&pre.machine).await?;
         c.put_boot_source(&pre.boot_source).await?;
@@ -397,6 +400,25 @@ impl Flavour for FcFlavour {
 
     async fn state(&self, a: Api<'_>) -> Result<VmState, HypervisorError> {
         map_state(&client(a).describe().await?.state)
+    }
+
+    /// `InstanceStart` answers 204 once the vCPUs run, `PATCH /vm` once they
+    /// are paused or resumed; a configured process is `Not started`, a loaded
+    /// snapshot runs when resumed in (or after) the load and is paused otherwise.
+    fn state_after(&self, call: Call) -> Option<VmState> {
+        match call {
+            Call::Boot | Call::Resume => Some(VmState::Running),
+            Call::Pause => Some(VmState::Paused),
+            Call::Reboot | Call::HardStop => None,
+        }
+    }
+
+    fn state_after_start(&self, restored: Option<bool>) -> Option<VmState> {
+        Some(match restored {
+            None => VmState::Created,
+            Some(true) => VmState::Running,
+            Some(false) => VmState::Paused,
+        })
     }
 
     async fn call(&self, a: Api<'_>, call: Call) -> Result<(), HypervisorError> {
@@ -490,9 +512,10 @@ impl Flavour for FcFlavour {
             .await
     }
 
-    /// A fresh process takes its metrics and console settings, then loads
-    /// the snapshot before anything else (Firecracker refuses a load after
-    /// any device or machine configuration), on this VM's taps.
+    /// A fresh process (its metrics file named on its command line) takes
+    /// its console settings, then loads the snapshot before anything else
+    /// (Firecracker refuses a load after any device or machine
+    /// configuration), on this VM's taps.
     async fn restore(
         &self,
         a: Api<'_>,
@@ -505,7 +528,6 @@ impl Flavour for FcFlavour {
             return Err(HypervisorError::Unsupported(FC_JAILED_SNAPSHOT.to_owned()));
         }
         let c = client(a);
-        c.put_metrics(&vm.pre.metrics).await?;
         c.put_serial(&vm.pre.serial).await?;
         let taps: Vec<(String, String)> = vm
             .pre

@@ -24,6 +24,19 @@ use super::process::{RuntimeDir, Supervised, create_private_dir};
 use super::supervisor::Supervisor;
 use super::uds_http::UdsClient;
 
+/// The mark each VMCP start leaves in the runtime root (see
+/// [`Hypervisor::started_since_boot`]): the kernel's boot id, one line. Not a
+/// directory, so the discovery scan never takes it for a VM.
+pub const STARTED_MARK: &str = ".vmcp-started";
+
+/// The kernel's id of the current boot, when it can be read.
+fn boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+}
+
 /// A VMM backend of flavour `F`.
 #[derive(Debug)]
 pub struct VmmBackend<F> {
@@ -163,7 +176,7 @@ impl<F: Flavour> Hypervisor for VmmBackend<F> {
         let mut vm = self.handle(id, config, events)?;
         self.refuse_if_running(id)?;
         vm.respawn().await?;
-        let reported = vm.read_back().await?;
+        let reported = vm.read_back(None).await?;
         Ok((vm, reported))
     }
 
@@ -179,7 +192,7 @@ impl<F: Flavour> Hypervisor for VmmBackend<F> {
         self.refuse_if_running(id)?;
         vm.respawn_restoring(dir, resume).await?;
         // A VMM whose state cannot be read is discarded by `read_back`.
-        let reported = vm.read_back().await?;
+        let reported = vm.read_back(Some(resume)).await?;
         Ok((vm, reported))
     }
 
@@ -231,6 +244,24 @@ impl<F: Flavour> Hypervisor for VmmBackend<F> {
             process: vm.process(),
         };
         Ok((vm, reported))
+    }
+
+    async fn started_since_boot(&self) -> Option<bool> {
+        let mark = self.runtime_root().join(STARTED_MARK);
+        Some(match std::fs::read_to_string(&mark) {
+            // Written in another boot: the runtime root is not on tmpfs, but the host restarted.
+            Ok(written) => boot_id().is_none_or(|now| written.trim() == now),
+            Err(_) => false,
+        })
+    }
+
+    async fn mark_started(&self) -> Result<(), HypervisorError> {
+        let root = self.runtime_root();
+        create_private_dir(root)?;
+        let mark = root.join(STARTED_MARK);
+        std::fs::write(&mark, boot_id().unwrap_or_default() + "\n").map_err(|e| {
+            HypervisorError::unavailable_from(format!("cannot write {}", mark.display()), e)
+        })
     }
 
     async fn read_console(

@@ -244,6 +244,20 @@ pub trait Flavour: Send + Sync + 'static {
     /// The state the VMM reports.
     fn state(&self, api: Api<'_>) -> impl Future<Output = Result<VmState, HypervisorError>> + Send;
 
+    /// The state a successful `call` leaves the VM in, when the VMM's
+    /// success answer says so by itself; the state is then not read back
+    /// (a failed call is always read back). None: read it back.
+    fn state_after(&self, _call: Call) -> Option<VmState> {
+        None
+    }
+
+    /// The state a fresh process is in once `configure` (or, with
+    /// `Some(resume)`, `restore`) succeeded, when that success says so;
+    /// None: read it back.
+    fn state_after_start(&self, _restored: Option<bool>) -> Option<VmState> {
+        None
+    }
+
     /// Performs one call.
     fn call(
         &self,

@@ -357,8 +357,16 @@ impl<F: Flavour> VmmVm<F> {
         }
     }
 
-    /// Reads the state back after creation, discarding the VMM if it cannot.
-    pub(super) async fn read_back(&mut self) -> Result<Reported, HypervisorError> {
+    /// The state of a fresh process after creation (or, with
+    /// `Some(resume)`, a restore): what the flavour says its success means,
+    /// else read back, discarding the VMM if it cannot be.
+    pub(super) async fn read_back(
+        &mut self,
+        restored: Option<bool>,
+    ) -> Result<Reported, HypervisorError> {
+        if let Some(state) = self.sup.flavour.state_after_start(restored) {
+            return Ok(self.reported(state, ""));
+        }
         match self.sup.flavour.state(self.api()).await {
             Ok(state) => Ok(self.reported(state, "")),
             Err(e) => {
@@ -386,7 +394,10 @@ impl<F: Flavour> VmmVm<F> {
         let api = self.api();
         let result = async {
             flavour.call(api, call).await?;
-            flavour.state(api).await
+            match flavour.state_after(call) {
+                Some(state) => Ok(state),
+                None => flavour.state(api).await,
+            }
         }
         .await;
         match result {
