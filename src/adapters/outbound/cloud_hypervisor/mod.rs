@@ -308,25 +308,6 @@ impl Flavour for ChFlavour {
         api(a).state().await
     }
 
-    /// `vm.boot`, `vm.pause` and `vm.resume` answer 204 once the VM is in the
-    /// state asked for; `vm.create` leaves it `Created`, `vm.restore` `Paused`
-    /// (resumed afterwards when asked).
-    fn state_after(&self, call: Call) -> Option<VmState> {
-        match call {
-            Call::Boot | Call::Resume => Some(VmState::Running),
-            Call::Pause => Some(VmState::Paused),
-            Call::Reboot | Call::HardStop => None,
-        }
-    }
-
-    fn state_after_start(&self, restored: Option<bool>) -> Option<VmState> {
-        Some(match restored {
-            None => VmState::Created,
-            Some(true) => VmState::Running,
-            Some(false) => VmState::Paused,
-        })
-    }
-
     async fn call(&self, a: Api<'_>, call: Call) -> Result<(), HypervisorError> {
         let ch = api(a);
         match call {

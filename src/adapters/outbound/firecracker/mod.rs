@@ -402,25 +402,6 @@ impl Flavour for FcFlavour {
         map_state(&client(a).describe().await?.state)
     }
 
-    /// `InstanceStart` answers 204 once the vCPUs run, `PATCH /vm` once they
-    /// are paused or resumed; a configured process is `Not started`, a loaded
-    /// snapshot runs when resumed in (or after) the load and is paused otherwise.
-    fn state_after(&self, call: Call) -> Option<VmState> {
-        match call {
-            Call::Boot | Call::Resume => Some(VmState::Running),
-            Call::Pause => Some(VmState::Paused),
-            Call::Reboot | Call::HardStop => None,
-        }
-    }
-
-    fn state_after_start(&self, restored: Option<bool>) -> Option<VmState> {
-        Some(match restored {
-            None => VmState::Created,
-            Some(true) => VmState::Running,
-            Some(false) => VmState::Paused,
-        })
-    }
-
     async fn call(&self, a: Api<'_>, call: Call) -> Result<(), HypervisorError> {
         let c = client(a);
         match call {

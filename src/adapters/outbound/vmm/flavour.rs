@@ -247,15 +247,30 @@ pub trait Flavour: Send + Sync + 'static {
     /// The state a successful `call` leaves the VM in, when the VMM's
     /// success answer says so by itself; the state is then not read back
     /// (a failed call is always read back). None: read it back.
-    fn state_after(&self, _call: Call) -> Option<VmState> {
-        None
+    ///
+    /// Both VMMs answer a boot or resume once the vCPUs run and a pause once
+    /// they are paused (Cloud Hypervisor's `vm.boot`/`vm.resume`/`vm.pause`,
+    /// Firecracker's `InstanceStart` and `PATCH /vm`); a reboot or hard stop
+    /// is read back. A flavour whose VMM answers before the change overrides this.
+    fn state_after(&self, call: Call) -> Option<VmState> {
+        match call {
+            Call::Boot | Call::Resume => Some(VmState::Running),
+            Call::Pause => Some(VmState::Paused),
+            Call::Reboot | Call::HardStop => None,
+        }
     }
 
     /// The state a fresh process is in once `configure` (or, with
     /// `Some(resume)`, `restore`) succeeded, when that success says so;
-    /// None: read it back.
-    fn state_after_start(&self, _restored: Option<bool>) -> Option<VmState> {
-        None
+    /// None: read it back. Both VMMs leave a configured VM created
+    /// (`vm.create`; Firecracker's `Not started`) and a restored one paused,
+    /// or running when resumed in (or after) the restore.
+    fn state_after_start(&self, restored: Option<bool>) -> Option<VmState> {
+        Some(match restored {
+            None => VmState::Created,
+            Some(true) => VmState::Running,
+            Some(false) => VmState::Paused,
+        })
     }
 
     /// Performs one call.
