@@ -15,7 +15,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -25,7 +25,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use vmcp::proto::vmm::v1 as pb;
 use vmcp::proto::vmm::v1::VmState as S;
 
-use super::harness::{Rng, Wire, client_for, free_port, vmcp_api_env, wait_serving};
+use super::harness::{ApiProcess, Rng, Wire, client_for, free_port, vmcp_api_env, wait_serving};
 use super::real_env::{Real, Vmm, require, say};
 
 /// VMs the clients work on.
@@ -34,18 +34,6 @@ const VMS: usize = 5;
 const CLIENTS: usize = 4;
 /// Kill-and-restart rounds.
 const ROUNDS: usize = 5;
-
-struct Vmcp {
-    child: Child,
-    addr: std::net::SocketAddr,
-}
-
-impl Drop for Vmcp {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 struct Chaos {
     dir: tempfile::TempDir,
@@ -58,7 +46,7 @@ impl Chaos {
         self.dir.path().join("rt")
     }
 
-    async fn start(&self) -> Vmcp {
+    async fn start(&self) -> ApiProcess {
         let port = free_port();
         let binary_var = if self.backend == "firecracker" {
             "UNKEY_VMCP_FC_BINARY"
@@ -76,7 +64,7 @@ impl Chaos {
             .expect("vmcp-api starts");
         let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         wait_serving(addr, Duration::from_secs(30)).await;
-        Vmcp { child, addr }
+        ApiProcess { child, addr }
     }
 
     fn create(&self, id: &str) -> pb::CreateVmRequest {

@@ -9,7 +9,7 @@
 //! whose API stays wedged is ended, not left running beside its VM.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::Duration;
 
 use connectrpc::ErrorCode;
@@ -20,20 +20,8 @@ use vmcp::proto::vmm::v1 as pb;
 use vmcp::proto::vmm::v1::VmState as S;
 
 use super::fake_ch::{Behaviour, install};
-use super::harness::{Wire, client_for, free_port, vmcp_api_env, wait_serving};
+use super::harness::{ApiProcess, Wire, client_for, free_port, vmcp_api_env, wait_serving};
 use super::skips::skip;
-
-struct Vmcp {
-    child: Child,
-    addr: std::net::SocketAddr,
-}
-
-impl Drop for Vmcp {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 struct Case {
     dir: tempfile::TempDir,
@@ -56,7 +44,7 @@ impl Case {
     }
 
     /// Starts vmcp-api with a fake CH that hangs on `hang_on`.
-    async fn start(&self, hang_on: &[&str]) -> Vmcp {
+    async fn start(&self, hang_on: &[&str]) -> ApiProcess {
         let behaviour = Behaviour {
             hang_on: hang_on.iter().map(|s| (*s).to_owned()).collect(),
             ..Default::default()
@@ -68,7 +56,7 @@ impl Case {
     /// Starts vmcp-api with a fake CH behaving as `behaviour` (installed as
     /// `name`), whose processes outlive VMCP and record their pids, and a
     /// hypervisor call timeout of `timeout_s` seconds.
-    async fn start_with(&self, name: &str, behaviour: Behaviour, timeout_s: u32) -> Vmcp {
+    async fn start_with(&self, name: &str, behaviour: Behaviour, timeout_s: u32) -> ApiProcess {
         let behaviour = Behaviour {
             pid_dir: Some(self.pids.display().to_string()),
             outlive_parent: true,
@@ -89,7 +77,7 @@ impl Case {
             .expect("vmcp-api starts");
         let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         wait_serving(addr, Duration::from_secs(20)).await;
-        Vmcp { child, addr }
+        ApiProcess { child, addr }
     }
 
     /// The fake VMM processes still alive.
@@ -153,7 +141,7 @@ fn kvm_usable() -> bool {
         .is_ok()
 }
 
-fn kill9(v: &mut Vmcp) {
+fn kill9(v: &mut ApiProcess) {
     let _ = Command::new("kill")
         .args(["-9", &v.child.id().to_string()])
         .status();

@@ -10,7 +10,7 @@
 //! full snapshot, since the VMM's dirty pages went with the lost attempt).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::Duration;
 
 use connectrpc::ErrorCode;
@@ -18,22 +18,10 @@ use connectrpc::client::CallOptions;
 use vmcp::proto::vmm::v1 as pb;
 use vmcp::proto::vmm::v1::VmState as S;
 
-use super::harness::{Wire, client_for, free_port, vmcp_api_env, wait_serving};
+use super::harness::{ApiProcess, Wire, client_for, free_port, vmcp_api_env, wait_serving};
 use super::skips::skip;
 
 type Client = vmcp::proto::vmm::v1::VmServiceClient<connectrpc::client::HttpClient>;
-
-struct Vmcp {
-    child: Child,
-    addr: std::net::SocketAddr,
-}
-
-impl Drop for Vmcp {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 struct Case {
     dir: tempfile::TempDir,
@@ -62,7 +50,7 @@ impl Case {
     }
 
     /// Starts vmcp-api on the fake Firecracker with `flags`.
-    async fn start(&self, flags: &[&str]) -> Vmcp {
+    async fn start(&self, flags: &[&str]) -> ApiProcess {
         let exe = std::env::current_exe().expect("exe");
         let fake = exe
             .parent()
@@ -99,7 +87,7 @@ impl Case {
             .expect("vmcp-api starts");
         let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
         wait_serving(addr, Duration::from_secs(20)).await;
-        Vmcp { child, addr }
+        ApiProcess { child, addr }
     }
 
     /// The live fake VMMs of this case (their command line names its runtime directory).

@@ -475,6 +475,21 @@ impl Rng {
     }
 }
 
+/// A `vmcp-api` process a test started, ended (and reaped) when dropped.
+pub struct ApiProcess {
+    /// The process.
+    pub child: std::process::Child,
+    /// Where its API listens.
+    pub addr: SocketAddr,
+}
+
+impl Drop for ApiProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A free loopback port (bound, then released for the child to take).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
