@@ -442,6 +442,9 @@ async fn serve(
     process: bool,
 ) {
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    // Set once the listener is closed: the answer that stopped it waits for this,
+    // so a client that got it finds the socket refusing.
+    let (closed_tx, closed_rx) = tokio::sync::watch::channel(false);
     // CH's API thread: one request at a time, whatever the connection.
     let turn = Arc::new(tokio::sync::Mutex::new(()));
     loop {
@@ -454,6 +457,7 @@ async fn serve(
                 // Close the listener but keep the socket file: connects are refused.
                 state.lock().unwrap().listening = false;
                 drop(listener);
+                let _ = closed_tx.send(true);
                 std::future::pending::<()>().await;
                 return;
             }
@@ -462,6 +466,7 @@ async fn serve(
         let state = state.clone();
         let b = b.clone();
         let stop_tx = stop_tx.clone();
+        let closed_rx = closed_rx.clone();
         let turn = turn.clone();
         // Set when this connection's last answer is to be followed by the process's exit.
         let exit_after: Arc<Mutex<Option<i32>>> = Arc::default();
@@ -471,6 +476,7 @@ async fn serve(
                 let state = state.clone();
                 let b = b.clone();
                 let stop_tx = stop_tx.clone();
+                let mut closed_rx = closed_rx.clone();
                 let turn = turn.clone();
                 let exit_after = exit_after.clone();
                 async move {
@@ -506,6 +512,7 @@ async fn serve(
                     let outcome = served.await.map_err(|e| Dropped(e.to_string()))?;
                     if b.stop_listening_after.as_deref() == Some(ep.as_str()) {
                         let _ = stop_tx.send(true);
+                        let _ = closed_rx.wait_for(|closed| *closed).await;
                     }
                     match outcome {
                         Outcome::Answer(status, body) => Ok::<_, Dropped>(
