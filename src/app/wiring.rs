@@ -71,7 +71,9 @@ pub struct Running {
 }
 
 impl Running {
-    /// Stops accepting, drains in-flight requests (bounded) and waits for the server to end.
+    /// Stops accepting, drains in-flight requests (bounded), ends the VMs'
+    /// owner tasks (each after its current operation; the VMMs run on) and
+    /// waits for all of it.
     pub async fn shutdown(mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
@@ -205,6 +207,9 @@ pub async fn start<H: Hypervisor, S: VmStore>(
     let (tx, rx) = oneshot::channel::<()>();
     let grace = opts.shutdown_grace;
     let feed = Arc::clone(manager.feed());
+    let owners = manager.owners().clone();
+    // An owner ends after the operation it is in, each bounded by the call timeout.
+    let owners_grace = opts.hypervisor_timeout + grace;
     let task = tokio::spawn(async move {
         let (unix, socket_path) = api_socket.unzip();
         server::serve_with_tls(
@@ -228,6 +233,17 @@ pub async fn start<H: Hypervisor, S: VmStore>(
             && let Err(e) = std::fs::remove_file(&path)
         {
             tracing::warn!(path = %path.display(), error = %e, "cannot remove the API socket");
+        }
+        // Nothing samples, restarts or records a VM once the server has ended:
+        // the VMMs run on, and the next start reads what the store holds now.
+        if tokio::time::timeout(owners_grace, owners.stop())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                busy = owners.live(),
+                "VM owners still in an operation at shutdown; the next start reconciles those VMs"
+            );
         }
     });
     let mut running = Running {

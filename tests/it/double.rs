@@ -912,6 +912,17 @@ impl Double {
             .read(|s| s.live_of(&id).last().map(|k| s.procs[k].state))
     }
 
+    /// Whether anyone still listens to the events of `vm`'s live VMM (its
+    /// owner task, which drops the receiving end when it ends).
+    pub fn is_watched(&self, vm: &str) -> bool {
+        let id = vm_id(vm);
+        self.host.read(|s| {
+            s.live_of(&id)
+                .iter()
+                .any(|k| s.procs[k].sink.as_ref().is_some_and(|t| !t.is_closed()))
+        })
+    }
+
     /// Whether a process with this pid runs (whatever it serves).
     pub fn is_alive(&self, pid: u32) -> bool {
         self.host.read(|s| s.is_alive(pid))

@@ -92,6 +92,45 @@ async fn after_a_host_restart_on_the_sqlite_store_every_vm_runs_again_or_is_boot
     host_restart(|| Arc::new(SqliteStore::open(dir.path()).expect("open the SQLite store"))).await;
 }
 
+/// Stopping VMCP ends every VM's owner before the stop returns: nothing
+/// hears a VMM any more, so an exit after the stop (here a kill; in the
+/// host-restart tests above, the reboot itself) changes no record, and the
+/// next start is the one that finds the VMM gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_vmcp_hears_and_records_nothing_until_the_next_start() {
+    let double = Arc::new(Double::new());
+    let store = Arc::new(MemoryStore::new());
+    let sec = || security(RestartPolicy::Never);
+    let h = Harness::start_on(Arc::clone(&double), Arc::clone(&store), sec()).await;
+    // Each answer is followed by a sample of the VMM: slow ones are still
+    // reading when the stop begins, and are let finish before it returns.
+    double.delay("sample", Duration::from_millis(300));
+    for id in ["a", "b"] {
+        h.client(Wire::ConnectProto)
+            .create_vm(create_req(id))
+            .await
+            .expect("create");
+        boot(&h, id).await.expect("boot");
+    }
+    h.stop().await;
+    for id in ["a", "b"] {
+        assert!(!double.is_watched(id), "{id}: its owner outlived the stop");
+    }
+    let before = store.load_all().await.expect("records");
+    assert_eq!(double.kill("a").len(), 1);
+    assert_eq!(
+        store.load_all().await.expect("records"),
+        before,
+        "a record changed after the stop"
+    );
+    let h = Harness::start_on(Arc::clone(&double), Arc::clone(&store), sec()).await;
+    let a = until_state(&h, "a", S::VM_STATE_FAILED).await;
+    assert_eq!(a.state_reason, "VMM exited while VMCP was down");
+    until_state(&h, "b", S::VM_STATE_RUNNING).await;
+    assert!(double.is_watched("b"), "the new start owns b");
+    h.stop().await;
+}
+
 /// Every policy through a host restart, with the records in the store `open` gives.
 async fn host_restart<St: VmStore>(open: impl Fn() -> Arc<St>) {
     use pb::RestartPolicy as P;

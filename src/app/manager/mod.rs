@@ -42,7 +42,7 @@ pub struct Policies {
     /// Restart policy default, backoff and crash-loop limit.
     pub restart: RestartSettings,
 }
-use super::owner::{Deps, Owner, QUEUE_DEPTH, Request};
+use super::owner::{Deps, Owner, OwnerTasks, QUEUE_DEPTH, Request};
 
 use self::health::BackendHealthCache;
 use self::recovery::Recovered;
@@ -118,6 +118,7 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
                 feed,
                 listed: Arc::clone(registry.listed()),
                 network: Arc::default(),
+                tasks: OwnerTasks::default(),
             },
             registry,
             health: BackendHealthCache::default(),
@@ -132,6 +133,11 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
     /// The change feed (WatchVms), for shutdown and tests.
     pub fn feed(&self) -> &Arc<ChangeFeed> {
         &self.deps.feed
+    }
+
+    /// The VMs' owner tasks, to end them when VMCP stops.
+    pub fn owners(&self) -> &OwnerTasks {
+        &self.deps.tasks
     }
 
     /// Re-adopts VMs from the store (start-up recovery).
@@ -238,6 +244,11 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
     }
 
     async fn require_backend(&self) -> Result<(), VmError> {
+        if self.deps.tasks.stopped() {
+            return Err(VmError::Unavailable(
+                "VMCP is stopping; retry against the next start".into(),
+            ));
+        }
         if self.is_recovering() {
             return Err(VmError::Unavailable(
                 "VMCP is re-adopting VMs after a restart; retry shortly".into(),
@@ -386,7 +397,9 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
             };
             let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
             let (created_tx, created_rx) = oneshot::channel();
-            tokio::spawn(owner.run(rx, Some(created_tx)));
+            if !self.deps.tasks.spawn(owner.run(rx, Some(created_tx))) {
+                return Err(VmError::Unavailable("VMCP is stopping".to_owned()));
+            }
             vms.insert(
                 id.clone(),
                 Entry {

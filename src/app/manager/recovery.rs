@@ -435,6 +435,9 @@ async fn register<H: Hypervisor, S: VmStore>(
         owner.restart(cause).await;
     }
     let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-    tokio::spawn(owner.run(rx, None));
+    if !deps.tasks.spawn(owner.run(rx, None)) {
+        // VMCP is stopping: the VM is left as recorded, for the next start.
+        return;
+    }
     registry.insert(id, Entry { tx, view });
 }

@@ -23,6 +23,7 @@
 mod calls;
 mod perform;
 mod record;
+mod tasks;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -31,6 +32,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use self::calls::{hypervisor_to_vm_error, timed_call};
+pub use self::tasks::OwnerTasks;
 use super::feed::ChangeFeed;
 use super::manager::registry::ListedCounts;
 use crate::domain::restart::{Cause, RestartSettings};
@@ -119,6 +121,8 @@ pub struct Deps<H, S> {
     pub listed: Arc<ListedCounts>,
     /// Managed networking, once set (before recovery); unset: no managed interfaces.
     pub network: Arc<std::sync::OnceLock<crate::app::network::Networking>>,
+    /// Every owner task, so a stop can end them and wait (see [`OwnerTasks`]).
+    pub tasks: OwnerTasks,
 }
 
 impl<H, S> std::fmt::Debug for Deps<H, S> {
@@ -143,6 +147,7 @@ impl<H, S> Clone for Deps<H, S> {
             feed: Arc::clone(&self.feed),
             listed: Arc::clone(&self.listed),
             network: Arc::clone(&self.network),
+            tasks: self.tasks.clone(),
         }
     }
 }
@@ -335,8 +340,9 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
         self.listed = listed;
     }
 
-    /// Serves requests until the VM is deleted or every sender is gone.
-    /// `created` receives the outcome of the create, for an owner made by
+    /// Serves requests until the VM is deleted, every sender is gone or
+    /// VMCP stops ([`OwnerTasks::stop`]: the VMM keeps running). `created`
+    /// receives the outcome of the create, for an owner made by
     /// [`Owner::creating`].
     pub async fn run(
         mut self,
@@ -359,10 +365,15 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
             // Metrics and details right after the answer (a failed create ends the loop below).
             self.vm.sample_soon(Instant::now());
         }
+        let tasks = self.deps.tasks.clone();
+        let stopping = tasks.stopping();
+        tokio::pin!(stopping);
         while !self.vm.snapshot().deleted {
             let deadline = self.vm.poll_timeout().map(tokio::time::Instant::from_std);
             tokio::select! {
                 biased;
+                // Between turns: whatever this owner was doing is recorded.
+                () = &mut stopping => return,
                 req = rx.recv() => {
                     let (cmd, reply) = match req {
                         None => return,
