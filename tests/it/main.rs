@@ -32,6 +32,7 @@ mod real_ch;
 mod real_env;
 mod real_fc;
 mod real_net;
+mod reflink;
 mod restart;
 mod robustness;
 mod skips;

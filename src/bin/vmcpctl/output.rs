@@ -250,8 +250,8 @@ fn info_text(info: &pb::GetVmInfoResponse, now: i64) -> String {
 }
 
 /// Columns padded to their widest cell, two spaces apart; the last column is not padded.
-pub(crate) fn table(rows: &[[String; 7]]) -> String {
-    let mut widths = [0usize; 7];
+pub(crate) fn table<const N: usize>(rows: &[[String; N]]) -> String {
+    let mut widths = [0usize; N];
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());

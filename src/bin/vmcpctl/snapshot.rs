@@ -162,13 +162,18 @@ pub async fn restore(client: &Client, printer: Printer, args: RestoreArgs) -> Re
     printer.vm_state(&resp, &resp.vm_id, &resp.state)
 }
 
-/// One row per snapshot: ID, VM, BACKEND, VERSION, KIND, SIZE (bytes), AGE.
+/// One row per snapshot: ID, VM, BACKEND, VERSION, KIND, PARENT (a diff's
+/// parent, `-` for none), SIZE (bytes), AGE.
 fn snapshots_text(rows: &[&pb::SnapshotInfo], now: i64) -> String {
     if rows.is_empty() {
         return "No snapshots.\n".to_owned();
     }
-    let mut table =
-        vec![["ID", "VM", "BACKEND", "VERSION", "KIND", "SIZE", "AGE"].map(String::from)];
+    let mut table = vec![
+        [
+            "ID", "VM", "BACKEND", "VERSION", "KIND", "PARENT", "SIZE", "AGE",
+        ]
+        .map(String::from),
+    ];
     for s in rows {
         let kind = match s.kind.as_known() {
             Some(pb::SnapshotKind::SNAPSHOT_KIND_DIFF) => "diff",
@@ -180,6 +185,11 @@ fn snapshots_text(rows: &[&pb::SnapshotInfo], now: i64) -> String {
             s.backend.clone(),
             s.vmm_version.clone(),
             kind.to_owned(),
+            if s.parent_snapshot_id.is_empty() {
+                "-".to_owned()
+            } else {
+                s.parent_snapshot_id.clone()
+            },
             s.size_bytes.to_string(),
             output::age(now, s.created_timestamp),
         ]);
@@ -204,21 +214,43 @@ mod tests {
             kind: pb::SnapshotKind::SNAPSHOT_KIND_FULL.into(),
             ..Default::default()
         };
-        let text = snapshots_text(&[&s], 67);
+        let diff = pb::SnapshotInfo {
+            snapshot_id: "warm-2".into(),
+            kind: pb::SnapshotKind::SNAPSHOT_KIND_DIFF.into(),
+            parent_snapshot_id: "warm".into(),
+            size_bytes: 512,
+            created_timestamp: 60,
+            ..s.clone()
+        };
+        let text = snapshots_text(&[&s, &diff], 67);
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 2, "{text}");
-        assert!(lines[0].starts_with("ID    VM     BACKEND"), "{text}");
-        let cells: Vec<&str> = lines[1].split_whitespace().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(lines[0].starts_with("ID      VM     BACKEND"), "{text}");
+        let cells = |i: usize| lines[i].split_whitespace().collect::<Vec<_>>();
         assert_eq!(
-            cells,
+            cells(1),
             [
                 "warm",
                 "web-1",
                 "firecracker",
                 "v1.16.1",
                 "full",
+                "-",
                 "4096",
                 "1m"
+            ]
+        );
+        assert_eq!(
+            cells(2),
+            [
+                "warm-2",
+                "web-1",
+                "firecracker",
+                "v1.16.1",
+                "diff",
+                "warm",
+                "512",
+                "7s"
             ]
         );
     }
