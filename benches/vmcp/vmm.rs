@@ -278,6 +278,19 @@ impl Server {
             .env("UNKEY_VMCP_RATE_LIMIT_RPS", "0")
             .env("UNKEY_VMCP_API_SOCKET", root.join("vmcp-api.sock"))
             .envs(extra.iter().copied())
+            .envs(
+                std::env::var("VMCP_BENCH_API_ENV")
+                    .ok()
+                    .into_iter()
+                    .flat_map(|v| {
+                        v.split(',')
+                            .filter_map(|kv| {
+                                kv.split_once('=')
+                                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                            })
+                            .collect::<Vec<_>>()
+                    }),
+            )
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -345,7 +358,7 @@ pub fn create_req(id: &str, guest: &Path) -> pb::CreateVmRequest {
 
 /// A VMM started directly (no VMCP), killed by pid on drop.
 pub struct Direct {
-    child: tokio::process::Child,
+    pub child: tokio::process::Child,
     pub socket: PathBuf,
     pub dir: PathBuf,
 }
@@ -383,6 +396,28 @@ impl Direct {
         let _ = self.child.wait().await;
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// CPU time the threads of process `pid` have run, vCPU threads excluded (their guest
+/// is not serving the API), from each thread's schedstat (nanoseconds on a CPU).
+fn serving_cpu(pid: u32) -> Duration {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Duration::ZERO;
+    };
+    let mut ns = 0u64;
+    for t in tasks.flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.contains("vcpu") {
+            continue;
+        }
+        let stat = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+        ns += stat
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Duration::from_nanos(ns)
 }
 
 /// Polls `path` with GET until 2xx, bounded by a 10 s deadline.
@@ -506,10 +541,8 @@ pub async fn section(kind: Kind) {
     let http = UdsClient::new(Duration::from_secs(10));
     const CALLS: usize = 2000;
 
-    // (a) GetVmInfo latency, sequential, one Running VM each way, measured two ways: VMCP
-    // in this process (as in earlier runs), and VMCP as it runs in production, the
-    // `vmcp-api` binary in its own process (SQLite store, auth and limit layers, JSON logs),
-    // just as the VMM answers from its own process on the direct side.
+    // (a) GetVmInfo latency, sequential, one Running VM each way. First VMCP in this
+    // process (as in earlier runs), on its own.
     let in_process = serve(
         kind,
         &env,
@@ -520,35 +553,72 @@ pub async fn section(kind: Kind) {
     let c = client(in_process.local_addr, false);
     let via_in = info_latency(in_process.local_addr, &env, CALLS, || connect_info(&c)).await;
     in_process.shutdown().await;
+    // Then VMCP as it runs in production, the `vmcp-api` binary in its own process
+    // (SQLite store, auth and limit layers, JSON logs), and the VMM asked directly, side
+    // by side: both VMs run at once and the calls interleave, the order rotating each
+    // round, so a change in this shared nested-KVM host's speed falls on every way
+    // alike. Ways: Connect binary over TCP; the same client on both sides (vmcp's own
+    // pooled Unix-socket client: Connect JSON on vmcp-api's API socket, a plain GET on
+    // the VMM's).
     let server = Server::spawn(kind, &env, rt.path()).await;
     let c = client(server.addr, false);
-    let via = info_latency(server.addr, &env, CALLS, || connect_info(&c)).await;
-    // The same client on both sides: vmcp's own pooled Unix-socket client, Connect JSON
-    // against vmcp-api's API socket, plain GET against the VMM's.
-    let request = Bytes::from_static(br#"{"vmId":"info"}"#);
-    let via_socket = info_latency(server.addr, &env, CALLS, || async {
-        let r = http
-            .call(
-                &server.socket,
-                Method::POST,
-                "/vmm.v1.VmService/GetVmInfo",
-                Some(request.clone()),
-            )
-            .await
-            .expect("GetVmInfo over the API socket");
-        assert!(r.is_success());
+    c.create_vm(create_req("info", &env.guest))
+        .await
+        .expect("create");
+    c.boot_vm(pb::BootVmRequest {
+        vm_id: "info".into(),
+        ..Default::default()
     })
-    .await;
-
+    .await
+    .expect("boot");
     let d = direct_boot(kind, &env, &http, &rt.path().join("d")).await;
-    let direct = time_reads(CALLS, || async {
-        let r = http
-            .call(&d.socket, Method::GET, info_path(kind), None)
-            .await
-            .expect("direct info");
-        assert!(r.is_success());
+    let request = Bytes::from_static(br#"{"vmId":"info"}"#);
+    let mut samples: [Vec<Duration>; 3] = Default::default();
+    let (api_pid, vmm_pid) = (server.child.id(), d.child.id().expect("the VMM runs"));
+    let cpu_before = (serving_cpu(api_pid), serving_cpu(vmm_pid));
+    for round in 0..CALLS {
+        for k in 0..3 {
+            let way = (round + k) % 3;
+            let t = Instant::now();
+            match way {
+                0 => connect_info(&c).await,
+                1 => {
+                    let r = http
+                        .call(
+                            &server.socket,
+                            Method::POST,
+                            "/vmm.v1.VmService/GetVmInfo",
+                            Some(request.clone()),
+                        )
+                        .await
+                        .expect("GetVmInfo over the API socket");
+                    assert!(r.is_success());
+                }
+                _ => {
+                    let r = http
+                        .call(&d.socket, Method::GET, info_path(kind), None)
+                        .await
+                        .expect("direct info");
+                    assert!(r.is_success());
+                }
+            }
+            samples[way].push(t.elapsed());
+        }
+    }
+    let cpu = (
+        serving_cpu(api_pid).saturating_sub(cpu_before.0),
+        serving_cpu(vmm_pid).saturating_sub(cpu_before.1),
+    );
+    let [via, via_socket, direct] = samples.map(|s| {
+        let busy = s.iter().sum();
+        Stats::from(s, busy)
+    });
+    c.delete_vm(pb::DeleteVmRequest {
+        vm_id: "info".into(),
+        ..Default::default()
     })
-    .await;
+    .await
+    .expect("delete");
     d.kill().await;
     println!(
         "{}",
@@ -568,6 +638,15 @@ pub async fn section(kind: Kind) {
     println!(
         "{}",
         via_socket.line("GetVmInfo via vmcp-api API socket (UdsClient, Connect JSON)")
+    );
+    // CPU time is what scheduling noise on this host does not move: vmcp-api served two
+    // of every three calls, the VMM one.
+    let per_call = |t: Duration, n: usize| t.as_secs_f64() * 1e6 / n as f64;
+    println!(
+        "CPU per GetVmInfo: vmcp-api {:.1} us, {name} itself (GET {}, vCPU threads excluded) {:.1} us",
+        per_call(cpu.0, 2 * CALLS),
+        info_path(kind),
+        per_call(cpu.1, CALLS)
     );
     println!(
         "RATIO {name} GetVmInfo vmcp-api API socket/direct (same client): p50 {:.2}x, p99 {:.2}x",
