@@ -200,6 +200,14 @@ where
     Fut: std::future::Future<Output = ()>,
 {
     let c = client(addr, false);
+    start_info(&c, env).await;
+    let stats = time_reads(calls, read).await;
+    delete_info(&c).await;
+    stats
+}
+
+/// Creates and boots the VM "info".
+async fn start_info(c: &VmServiceClient<HttpClient>, env: &Env) {
     c.create_vm(create_req("info", &env.guest))
         .await
         .expect("create");
@@ -209,14 +217,16 @@ where
     })
     .await
     .expect("boot");
-    let stats = time_reads(calls, read).await;
+}
+
+/// Deletes the VM "info".
+async fn delete_info(c: &VmServiceClient<HttpClient>) {
     c.delete_vm(pb::DeleteVmRequest {
         vm_id: "info".into(),
         ..Default::default()
     })
     .await
     .expect("delete");
-    stats
 }
 
 /// One GetVmInfo of the VM "info" with the Connect binary client.
@@ -562,15 +572,7 @@ pub async fn section(kind: Kind) {
     // the VMM's).
     let server = Server::spawn(kind, &env, rt.path()).await;
     let c = client(server.addr, false);
-    c.create_vm(create_req("info", &env.guest))
-        .await
-        .expect("create");
-    c.boot_vm(pb::BootVmRequest {
-        vm_id: "info".into(),
-        ..Default::default()
-    })
-    .await
-    .expect("boot");
+    start_info(&c, &env).await;
     let d = direct_boot(kind, &env, &http, &rt.path().join("d")).await;
     let request = Bytes::from_static(br#"{"vmId":"info"}"#);
     let mut samples: [Vec<Duration>; 3] = Default::default();
@@ -613,12 +615,7 @@ pub async fn section(kind: Kind) {
         let busy = s.iter().sum();
         Stats::from(s, busy)
     });
-    c.delete_vm(pb::DeleteVmRequest {
-        vm_id: "info".into(),
-        ..Default::default()
-    })
-    .await
-    .expect("delete");
+    delete_info(&c).await;
     d.kill().await;
     println!(
         "{}",
