@@ -229,6 +229,9 @@ fn main() {
             }
             if run("scale") {
                 scale::section().await;
+            } else if run("tracked") {
+                // Only the memory of 10,000 tracked VMs (part of `scale`).
+                scale::tracked_section().await;
             }
             if run("throughput") {
                 throughput::section().await;

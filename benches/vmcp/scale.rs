@@ -210,6 +210,7 @@ impl Api {
             .env("UNKEY_VMCP_MAX_TOTAL_MEMORY_MIB", "100000000")
             .env("UNKEY_VMCP_LOG_LEVEL", "warn")
             .envs(extra.iter().map(|(k, v)| (k, v)))
+            .envs(super::vmm::api_env())
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -439,6 +440,16 @@ async fn tracked(fake: &Path) {
         ms(took)
     );
     assert_eq!(list_all(&api.client()).await.len(), N);
+}
+
+/// Only [`tracked`], for A/B runs of the per-VM memory.
+pub async fn tracked_section() {
+    match fake_firecracker() {
+        Some(fake) => tracked(&fake).await,
+        None => println!(
+            "SKIPPED: tracked: missing the fake-firecracker example (run `cargo build --release --examples`)"
+        ),
+    }
 }
 
 pub async fn section() {

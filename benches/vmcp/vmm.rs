@@ -239,6 +239,16 @@ async fn connect_info(c: &VmServiceClient<HttpClient>) {
     .expect("GetVmInfo");
 }
 
+/// What `VMCP_BENCH_API_ENV` (`K=V,K2=V2`) adds to every vmcp-api's environment.
+pub fn api_env() -> Vec<(String, String)> {
+    std::env::var("VMCP_BENCH_API_ENV")
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
 /// The `vmcp-api` binary serving `kind` from its own process, with production defaults
 /// except the request rate limit (off: the bench measures the stack, not the limiter) and
 /// Prometheus (off: no fixed port). Its JSON logs go to /dev/null.
@@ -288,19 +298,7 @@ impl Server {
             .env("UNKEY_VMCP_RATE_LIMIT_RPS", "0")
             .env("UNKEY_VMCP_API_SOCKET", root.join("vmcp-api.sock"))
             .envs(extra.iter().copied())
-            .envs(
-                std::env::var("VMCP_BENCH_API_ENV")
-                    .ok()
-                    .into_iter()
-                    .flat_map(|v| {
-                        v.split(',')
-                            .filter_map(|kv| {
-                                kv.split_once('=')
-                                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                            })
-                            .collect::<Vec<_>>()
-                    }),
-            )
+            .envs(api_env())
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
