@@ -529,6 +529,69 @@ async fn calls_for_one_vm_are_serialized_and_other_vms_run_in_parallel() {
     );
 }
 
+/// Stopping the owners lets the operation in progress finish and answers
+/// what is queued behind it `unavailable` (VMCP is stopping), not
+/// `not_found`: the VM still exists, for the next start.
+#[tokio::test]
+async fn a_stop_finishes_the_operation_in_progress_and_refuses_the_queued_ones() {
+    let mut h = base_hypervisor();
+    let started = Arc::new(tokio::sync::Notify::new());
+    let release = Arc::new(tokio::sync::Notify::new());
+    let (st, rel) = (Arc::clone(&started), Arc::clone(&release));
+    creates_with(
+        &mut h,
+        move || {
+            let mut v = handle_reporting(VmState::Running);
+            v.expect_boot()
+                .returning(|| Box::pin(async { Ok(reported(VmState::Running, 42)) }));
+            let (st, rel) = (Arc::clone(&st), Arc::clone(&rel));
+            v.expect_reboot().returning(move |_| {
+                let (st, rel) = (Arc::clone(&st), Arc::clone(&rel));
+                Box::pin(async move {
+                    st.notify_one();
+                    rel.notified().await;
+                    Ok(reported(VmState::Running, 43))
+                })
+            });
+            v
+        },
+        None,
+    );
+    let m = manager(h, accepting_store(), Duration::from_secs(5));
+    create(&m, "a").await;
+    m.boot_vm(id("a")).await.expect("booted");
+    let reboot = tokio::spawn({
+        let m = Arc::clone(&m);
+        async move { m.reboot_vm(id("a"), false).await }
+    });
+    started.notified().await;
+    let pause = tokio::spawn({
+        let m = Arc::clone(&m);
+        async move { m.pause_vm(id("a")).await }
+    });
+    // Let the pause reach the owner's queue, behind the reboot.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!pause.is_finished(), "the pause waits behind the reboot");
+    let owners = m.owners().clone();
+    let stop = tokio::spawn(async move { owners.stop().await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!stop.is_finished(), "the stop waits for the reboot");
+    release.notify_one();
+    assert_eq!(reboot.await.expect("task"), Ok(VmState::Running));
+    let refused = pause.await.expect("task").expect_err("refused");
+    assert!(
+        matches!(&refused, VmError::Unavailable(m) if m.contains("stopping")),
+        "{refused:?}"
+    );
+    stop.await.expect("stop");
+    assert_eq!(m.owners().live(), 0);
+    let late = m.boot_vm(id("a")).await.expect_err("after the stop");
+    assert!(
+        matches!(&late, VmError::Unavailable(m) if m.contains("stopping")),
+        "{late:?}"
+    );
+}
+
 #[tokio::test]
 async fn an_unusable_backend_refuses_every_vm_call_naming_what_is_missing() {
     let mut h = MockHypervisor::new();

@@ -376,7 +376,11 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
             tokio::select! {
                 biased;
                 // Between turns: whatever this owner was doing is recorded.
-                () = &mut stopping => return,
+                () = &mut stopping => {
+                    let stopping = || VmError::Unavailable("VMCP is stopping".to_owned());
+                    refuse_queued(rx, stopping).await;
+                    return;
+                }
                 req = rx.recv() => {
                     let (cmd, reply) = match req {
                         None => return,
@@ -414,16 +418,8 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
                 }
             }
         }
-        rx.close();
-        let gone = || VmError::NotFound(self.vm.snapshot().id.to_string());
-        while let Some(req) = rx.recv().await {
-            match req {
-                Request::Command(_, reply) => drop(reply.send(Err(gone()))),
-                Request::WriteConsole(_, reply) => drop(reply.send(Err(gone()))),
-                Request::Snapshot { reply, .. } => drop(reply.send(Err(gone()))),
-                Request::Committed { reply, .. } => drop(reply.send(Err(gone()))),
-            }
-        }
+        let id = self.vm.snapshot().id.to_string();
+        refuse_queued(rx, || VmError::NotFound(id.clone())).await;
     }
 
     /// A snapshot into `dir`; a diff only against `parent`, the VM's
@@ -571,16 +567,29 @@ pub async fn handle_without_vmm<H: Hypervisor, S>(
     .map(|(vmm, _)| vmm)
 }
 
-/// Sleeps until `deadline`, or forever when there is none.
 /// How long writing or reading `memory_bytes` of guest memory may take on
 /// top of the call timeout: 30 s per GiB (a slow disk writes ~35 MiB/s).
 fn snapshot_time(memory_bytes: u64) -> Duration {
     Duration::from_secs(30 * memory_bytes.div_ceil(1 << 30))
 }
 
+/// Sleeps until `deadline`, or forever when there is none.
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
+    }
+}
+
+/// Closes the queue and answers every request still in it with `err`.
+async fn refuse_queued(mut rx: mpsc::Receiver<Request>, err: impl Fn() -> VmError) {
+    rx.close();
+    while let Some(req) = rx.recv().await {
+        match req {
+            Request::Command(_, reply) => drop(reply.send(Err(err()))),
+            Request::WriteConsole(_, reply) => drop(reply.send(Err(err()))),
+            Request::Snapshot { reply, .. } => drop(reply.send(Err(err()))),
+            Request::Committed { reply, .. } => drop(reply.send(Err(err()))),
+        }
     }
 }
