@@ -71,6 +71,14 @@ fn handle_reporting(state: VmState) -> MockVmmHandle {
     v
 }
 
+/// A handle like [`handle_reporting`] Running whose boot answers Running on pid 42.
+fn booting_handle() -> MockVmmHandle {
+    let mut v = handle_reporting(VmState::Running);
+    v.expect_boot()
+        .returning(|| Box::pin(async { Ok(reported(VmState::Running, 42)) }));
+    v
+}
+
 /// `h.create` answers with the handle `make` builds, reporting Created with pid 42,
 /// and hands the VM's event sink to `sinks`.
 fn creates_with(
@@ -453,9 +461,7 @@ async fn calls_for_one_vm_are_serialized_and_other_vms_run_in_parallel() {
         &mut h,
         move || {
             let key = format!("vm{}", names.fetch_add(1, Ordering::SeqCst));
-            let mut v = handle_reporting(VmState::Running);
-            v.expect_boot()
-                .returning(|| Box::pin(async { Ok(reported(VmState::Running, 42)) }));
+            let mut v = booting_handle();
             let (a, m1, t, m2) = (
                 Arc::clone(&a),
                 Arc::clone(&m1),
@@ -541,9 +547,7 @@ async fn a_stop_finishes_the_operation_in_progress_and_refuses_the_queued_ones()
     creates_with(
         &mut h,
         move || {
-            let mut v = handle_reporting(VmState::Running);
-            v.expect_boot()
-                .returning(|| Box::pin(async { Ok(reported(VmState::Running, 42)) }));
+            let mut v = booting_handle();
             let (st, rel) = (Arc::clone(&st), Arc::clone(&rel));
             v.expect_reboot().returning(move |_| {
                 let (st, rel) = (Arc::clone(&st), Arc::clone(&rel));
@@ -902,9 +906,7 @@ async fn a_snapshot_clears_the_recorded_diff_parent_before_the_vmm_writes() {
     creates_with(
         &mut h,
         move || {
-            let mut v = handle_reporting(VmState::Running);
-            v.expect_boot()
-                .returning(|| Box::pin(async { Ok(reported(VmState::Running, 42)) }));
+            let mut v = booting_handle();
             let log = Arc::clone(&vmm_log);
             v.expect_snapshot().returning(move |_, kind, _| {
                 log.lock().expect("log").push(format!("vmm {kind:?}"));
