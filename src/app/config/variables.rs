@@ -129,7 +129,7 @@ variables! {
     HypervisorTimeoutSeconds "HYPERVISOR_TIMEOUT_SECONDS": Duration = Text("30"), seconds::<1, 3600>, "Timeout of one VMM call";
     MaxRequestBytes "MAX_REQUEST_BYTES": usize = Text("1048576"), int::<usize, 1024, { 64 << 20 }>, "Largest request body";
     MaxDeadlineSeconds "MAX_DEADLINE_SECONDS": Duration = Text("600"), seconds::<1, 86400>, "Cap on client deadlines (Connect-Timeout-Ms, grpc-timeout)";
-    ShutdownGraceSeconds "SHUTDOWN_GRACE_SECONDS": Duration = Text("30"), seconds::<0, 3600>, "How long shutdown drains in-flight requests; each VM's owner then finishes its VMM call (within the hypervisor timeout plus this grace) and stops, and calls queued behind it answer unavailable";
+    ShutdownGraceSeconds "SHUTDOWN_GRACE_SECONDS": Duration = Text("30"), seconds::<0, 3600>, "How long shutdown drains requests; VM owners then finish their current VMM call";
     Orphans "ORPHANS": bool = Text("remove"), orphans, "At start-up, remove VMM processes and runtime directories of no VM, or only report them";
     Bridge "BRIDGE": String = Unset, bridge, "Default bridge for interfaces naming neither tap_device nor bridge (VMCP makes their taps)";
     OtelEnabled "OTEL_ENABLED": bool = Text("false"), boolean, "Push traces and metrics over OTLP/HTTP";
