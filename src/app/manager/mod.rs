@@ -42,7 +42,7 @@ pub struct Policies {
     /// Restart policy default, backoff and crash-loop limit.
     pub restart: RestartSettings,
 }
-use super::owner::{Deps, Owner, OwnerTasks, QUEUE_DEPTH, Request};
+use super::owner::{Deps, Owner, OwnerTasks, QUEUE_DEPTH, Request, stopping_error};
 
 use self::health::BackendHealthCache;
 use self::recovery::Recovered;
@@ -245,9 +245,7 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
 
     async fn require_backend(&self) -> Result<(), VmError> {
         if self.deps.tasks.stopped() {
-            return Err(VmError::Unavailable(
-                "VMCP is stopping; retry against the next start".into(),
-            ));
+            return Err(stopping_error());
         }
         if self.is_recovering() {
             return Err(VmError::Unavailable(
@@ -398,7 +396,7 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
             let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
             let (created_tx, created_rx) = oneshot::channel();
             if !self.deps.tasks.spawn(owner.run(rx, Some(created_tx))) {
-                return Err(VmError::Unavailable("VMCP is stopping".to_owned()));
+                return Err(stopping_error());
             }
             vms.insert(
                 id.clone(),

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use self::calls::{hypervisor_to_vm_error, timed_call};
-pub use self::tasks::OwnerTasks;
+pub use self::tasks::{OwnerTasks, stopping_error};
 use super::feed::ChangeFeed;
 use super::manager::registry::ListedCounts;
 use crate::domain::restart::{Cause, RestartSettings};
@@ -377,8 +377,7 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
                 biased;
                 // Between turns: whatever this owner was doing is recorded.
                 () = &mut stopping => {
-                    let stopping = || VmError::Unavailable("VMCP is stopping".to_owned());
-                    refuse_queued(rx, stopping).await;
+                    refuse_queued(rx, stopping_error).await;
                     return;
                 }
                 req = rx.recv() => {

@@ -10,6 +10,12 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
+/// What a VM call gets once a stop has begun: the VM is still there, for
+/// the next start.
+pub fn stopping_error() -> crate::domain::VmError {
+    crate::domain::VmError::Unavailable("VMCP is stopping; retry against the next start".to_owned())
+}
+
 /// Starts owner tasks and stops them.
 #[derive(Debug, Clone)]
 pub struct OwnerTasks {
