@@ -15,7 +15,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::limits::ConnectionLimits;
@@ -57,13 +57,17 @@ pub(super) struct Timing {
     pub(super) head_started: Option<Instant>,
 }
 
-/// What a connection's requests and reads tell its driver.
+/// What a connection's requests and reads tell its driver. Nothing here
+/// wakes the driver: every change moves the connection's deadline to no
+/// earlier than `now + min(header-read, idle timeout)`, and [`drive`] never
+/// sleeps longer than that before it looks again (see [`Activity::next_check`]).
+/// A wake-up per request would cost a task reschedule, and on a multi-thread
+/// runtime a futex wake of another worker, for every RPC.
 #[derive(Debug)]
 pub struct Activity {
     pub(super) started: Instant,
     in_flight: AtomicUsize,
     timing: Mutex<Timing>,
-    changed: Notify,
 }
 
 impl Activity {
@@ -79,7 +83,6 @@ impl Activity {
                 idle_since: now,
                 head_started: None,
             }),
-            changed: Notify::new(),
         })
     }
 
@@ -95,7 +98,6 @@ impl Activity {
             t.served_any = true;
             t.head_started = None;
         }
-        self.changed.notify_one();
         RequestGuard {
             activity: Arc::clone(self),
         }
@@ -105,6 +107,10 @@ impl Activity {
         let mut t = self.timing();
         if let Some(p) = proto {
             t.proto = p;
+            if p == Proto::Http2 {
+                // Past its preface, an HTTP/2 connection is idle from now.
+                t.idle_since = Instant::now();
+            }
         }
         // Bytes while no request is in flight start an HTTP/1.1 head; HTTP/2
         // frames between requests (pings, settings) do not.
@@ -114,8 +120,6 @@ impl Activity {
             && self.in_flight.load(Ordering::Acquire) == 0
         {
             t.head_started = Some(Instant::now());
-            drop(t);
-            self.changed.notify_one();
         }
     }
 
@@ -136,6 +140,15 @@ impl Activity {
         }
         Some((t.idle_since + limits.idle_timeout, Closed::Idle))
     }
+
+    /// When [`drive`] looks again, at `now`: the deadline, but never later
+    /// than the soonest deadline a change from now on could set (a request
+    /// ending starts an idle period, a byte after it starts a head).
+    pub(super) fn next_check(&self, limits: &ConnectionLimits, now: Instant) -> Instant {
+        let soonest = now + limits.header_read_timeout.min(limits.idle_timeout);
+        self.deadline(limits)
+            .map_or(soonest, |(at, _)| at.min(soonest))
+    }
 }
 
 /// One request in flight; dropped when its response is sent or abandoned.
@@ -148,7 +161,6 @@ impl Drop for RequestGuard {
     fn drop(&mut self) {
         if self.activity.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.activity.timing().idle_since = Instant::now();
-            self.activity.changed.notify_one();
         }
     }
 }
@@ -354,9 +366,8 @@ where
         let deadline = match closing {
             Some((bound, _)) => Some(bound),
             None if stopping => None,
-            None => activity.deadline(&limits).map(|(at, _)| at),
+            None => Some(activity.next_check(&limits, Instant::now())),
         };
-        let changed = activity.changed.notified();
         tokio::select! {
             res = conn.as_mut() => {
                 return match closing {
@@ -367,7 +378,6 @@ where
                     None => Ended::Done(res),
                 };
             }
-            () = changed => {}
             r = shutdown.changed(), if !stopping => {
                 // A dropped sender means the server is gone: stop as well.
                 let _ = r;

@@ -95,9 +95,11 @@ async fn deadlines_follow_heads_requests_and_idleness() {
 
     let h2 = Activity::new();
     h2.read(Some(Proto::Http2));
+    let preface = h2.timing().idle_since;
+    assert!(preface >= h2.started);
     assert_eq!(
         h2.deadline(&limits),
-        Some((h2.started + limits.idle_timeout, Closed::Idle)),
+        Some((preface + limits.idle_timeout, Closed::Idle)),
         "an HTTP/2 connection past its preface waits for requests up to the idle timeout"
     );
     drop(h2.begin());
@@ -106,6 +108,84 @@ async fn deadlines_follow_heads_requests_and_idleness() {
         matches!(h2.deadline(&limits), Some((_, Closed::Idle))),
         "HTTP/2 frames between requests do not start a header timer"
     );
+}
+
+#[derive(Debug, Clone)]
+enum Event {
+    /// Bytes arrive (the first of them tell the protocol).
+    Read,
+    /// A request reaches the service.
+    Begin,
+    /// The oldest request in flight finishes.
+    End,
+}
+
+proptest::proptest! {
+    /// The driver is never woken by requests or reads: it sleeps until
+    /// `next_check` and looks again. That is only sound if no change made
+    /// while it sleeps can set a deadline before the one it sleeps until,
+    /// and if it never sleeps past the deadline it already knows.
+    #[test]
+    fn no_change_while_the_driver_sleeps_sets_a_deadline_it_would_miss(
+        h2 in proptest::bool::ANY,
+        header_ms in 1u64..20_000,
+        idle_ms in 1u64..20_000,
+        steps in proptest::collection::vec(
+            (
+                proptest::prop_oneof![
+                    proptest::strategy::Just(Event::Read),
+                    proptest::strategy::Just(Event::Begin),
+                    proptest::strategy::Just(Event::End),
+                ],
+                0.0f64..1.0,
+            ),
+            1..40,
+        ),
+    ) {
+        let limits = ConnectionLimits {
+            header_read_timeout: Duration::from_millis(header_ms),
+            idle_timeout: Duration::from_millis(idle_ms),
+            ..Default::default()
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let a = Activity::new();
+            let mut guards = std::collections::VecDeque::new();
+            let mut proto_told = false;
+            for (event, when) in steps {
+                let now = Instant::now();
+                let known = a.deadline(&limits);
+                let check = a.next_check(&limits, now);
+                assert!(check <= now + limits.header_read_timeout.min(limits.idle_timeout));
+                if let Some((at, _)) = known {
+                    assert!(check <= at, "sleeps past the deadline it knows");
+                }
+                // The change happens somewhere before the driver looks again.
+                let wait = check.saturating_duration_since(now).mul_f64(when);
+                tokio::time::advance(wait).await;
+                match event {
+                    Event::Read => {
+                        let proto = (!proto_told).then_some(if h2 { Proto::Http2 } else { Proto::Http1 });
+                        proto_told = true;
+                        a.read(proto);
+                    }
+                    Event::Begin => guards.push_back(a.begin()),
+                    Event::End => drop(guards.pop_front()),
+                }
+                if let Some((at, why)) = a.deadline(&limits) {
+                    assert!(
+                        at >= check,
+                        "{event:?} set a {why:?} deadline {:?} before the driver looks again",
+                        check - at
+                    );
+                }
+            }
+        });
+    }
 }
 
 #[tokio::test]
