@@ -2,15 +2,22 @@
 //! host-wide revision, goes into a bounded history, and fans out to the
 //! watchers whose filter it matches.
 //!
-//! Ordering is the feed's whole job. An owner records a change while it
-//! holds the feed ([`ChangeFeed::record`]): it takes the next revision,
-//! writes the record with it, publishes its view, then commits the change.
-//! So revisions reach the store, the readers and the watchers in one order,
-//! and a reader that sees revision `r` ([`ChangeFeed::revision`]) already
-//! sees every view up to `r` (ListVms reads the revision first, then the
-//! views: a list may hold changes newer than its revision, which a watch
-//! from that revision replays; clients apply changes as upserts by
-//! revision, so a replay is harmless, and nothing is ever skipped).
+//! Ordering is the feed's whole job. An owner records a change with a
+//! ticket ([`ChangeFeed::record`]): it takes the next revision, writes the
+//! record with it, publishes its view, then commits the change. Owners do
+//! this at the same time (their store writes overlap, so 32 VMs starting
+//! at once do not write their records one after another), and the feed
+//! settles commits in revision order: a change is published to readers and
+//! watchers only when every earlier revision has been committed (or its
+//! ticket dropped). So a reader that sees revision `r`
+//! ([`ChangeFeed::revision`]) already sees every view up to `r` (ListVms
+//! reads the revision first, then the views: a list may hold changes newer
+//! than its revision, which a watch from that revision replays; clients
+//! apply changes as upserts by revision, so a replay is harmless, and
+//! nothing is ever skipped), and watchers get changes in revision order.
+//! Each VM's own records reach the store in its order (its owner writes
+//! one at a time); the store keeps the highest revision written, which a
+//! restart continues after.
 //!
 //! A watcher is a bounded queue. A commit never waits for a watcher: a
 //! watcher whose queue is full is dropped from the feed, and its stream,
@@ -19,12 +26,12 @@
 //! empty at the store's revision, so a client that saw everything resumes
 //! seamlessly, and one that did not is told to list again.
 
-use std::collections::{BTreeSet, VecDeque};
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use tokio::sync::{Mutex, MutexGuard, mpsc};
+use tokio::sync::mpsc;
 
 use crate::domain::{VmError, VmId, VmSnapshot, VmState};
 use crate::ports::{
@@ -107,8 +114,14 @@ struct Subscriber {
 }
 
 struct Inner {
-    /// The revision of the last committed change.
+    /// The revision of the last settled change: every one up to it is
+    /// committed (or its ticket was dropped).
     revision: u64,
+    /// The last revision handed out by [`ChangeFeed::record`].
+    issued: u64,
+    /// Settled out of order, waiting for the revisions before them (a
+    /// dropped ticket settles as `None`).
+    waiting: BTreeMap<u64, Option<Arc<Change>>>,
     /// A resume from any revision at or after this one is complete.
     floor: u64,
     history: VecDeque<Arc<Change>>,
@@ -137,11 +150,13 @@ impl std::fmt::Debug for ChangeFeed {
     }
 }
 
-/// A change being recorded: holds the feed, so revisions are taken,
-/// stored, published and committed in one order.
+/// A change being recorded: a ticket for the next revision. Committing it
+/// settles that revision; dropping it uncommitted settles it as no change,
+/// so a cancelled owner never holds up the feed.
 pub struct Recording<'a> {
     feed: &'a ChangeFeed,
-    inner: MutexGuard<'a, Inner>,
+    revision: u64,
+    settled: bool,
 }
 
 impl std::fmt::Debug for Recording<'_> {
@@ -155,44 +170,29 @@ impl std::fmt::Debug for Recording<'_> {
 impl Recording<'_> {
     /// The revision the change gets.
     pub fn revision(&self) -> u64 {
-        self.inner.revision + 1
+        self.revision
     }
 
-    /// Commits the change: into the history and every matching watcher's
-    /// queue. A watcher whose queue is full is dropped, never waited for.
+    /// Commits the change: once every earlier revision is settled, into the
+    /// history and every matching watcher's queue. A watcher whose queue is
+    /// full is dropped, never waited for.
     pub fn commit(mut self, kind: WatchEventKind, vm: Arc<VmSnapshot>, before: Option<VmState>) {
-        let revision = self.revision();
         let change = Arc::new(Change {
-            revision,
+            revision: self.revision,
             kind,
             vm,
             before,
         });
-        let inner = &mut *self.inner;
-        inner.revision = revision;
-        inner.history.push_back(Arc::clone(&change));
-        while inner.history.len() > self.feed.settings.history.max(1) {
-            if let Some(old) = inner.history.pop_front() {
-                inner.floor = old.revision;
-            }
+        self.settled = true;
+        self.feed.settle(self.revision, Some(change));
+    }
+}
+
+impl Drop for Recording<'_> {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.feed.settle(self.revision, None);
         }
-        let telemetry = &*self.feed.telemetry;
-        inner.subscribers.retain(|s| {
-            if !s.filter.matches(&change) {
-                return !s.tx.is_closed();
-            }
-            match s.tx.try_send(Arc::clone(&change)) {
-                Ok(()) => true,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    s.overflowed.store(true, Ordering::Release);
-                    telemetry.record(TelemetryEvent::WatchDropped { reason: "overflow" });
-                    false
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => false,
-            }
-        });
-        // After the sends: a reader that sees this revision finds the change queued.
-        self.feed.published.store(revision, Ordering::Release);
     }
 }
 
@@ -202,6 +202,8 @@ impl ChangeFeed {
         Arc::new(Self {
             inner: Mutex::new(Inner {
                 revision,
+                issued: revision,
+                waiting: BTreeMap::new(),
                 floor: revision,
                 history: VecDeque::new(),
                 subscribers: Vec::new(),
@@ -218,9 +220,10 @@ impl ChangeFeed {
     /// Continues after `revision` when it is newer than the feed's (the
     /// store is read after the feed is built, before any change).
     pub async fn resume_after(&self, revision: u64) {
-        let mut inner = self.inner.lock().await;
-        if revision > inner.revision && inner.history.is_empty() {
+        let mut inner = self.lock();
+        if revision > inner.revision && inner.history.is_empty() && inner.issued == inner.revision {
             inner.revision = revision;
+            inner.issued = revision;
             inner.floor = revision;
             self.published.store(revision, Ordering::Release);
         }
@@ -242,11 +245,63 @@ impl ChangeFeed {
     }
 
     /// Starts recording a change (waits while another is recorded).
-    pub async fn record(&self) -> Recording<'_> {
+    pub fn record(&self) -> Recording<'_> {
+        let mut inner = self.lock();
+        inner.issued += 1;
         Recording {
             feed: self,
-            inner: self.inner.lock().await,
+            revision: inner.issued,
+            settled: false,
         }
+    }
+
+    /// The feed's state; never held across an await.
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Settles `revision` with its change (`None`: no change), then
+    /// publishes every change whose earlier revisions are all settled.
+    fn settle(&self, revision: u64, change: Option<Arc<Change>>) {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        inner.waiting.insert(revision, change);
+        let before = inner.revision;
+        while let Some(change) = inner.waiting.remove(&(inner.revision + 1)) {
+            inner.revision += 1;
+            if let Some(change) = change {
+                self.publish(inner, &change);
+            }
+        }
+        if inner.revision != before {
+            // After the sends: a reader that sees this revision finds the change queued.
+            self.published.store(inner.revision, Ordering::Release);
+        }
+    }
+
+    /// Puts a settled change into the history and every matching watcher's queue.
+    fn publish(&self, inner: &mut Inner, change: &Arc<Change>) {
+        inner.history.push_back(Arc::clone(change));
+        while inner.history.len() > self.settings.history.max(1) {
+            if let Some(old) = inner.history.pop_front() {
+                inner.floor = old.revision;
+            }
+        }
+        let telemetry = &*self.telemetry;
+        inner.subscribers.retain(|s| {
+            if !s.filter.matches(change) {
+                return !s.tx.is_closed();
+            }
+            match s.tx.try_send(Arc::clone(change)) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    s.overflowed.store(true, Ordering::Release);
+                    telemetry.record(TelemetryEvent::WatchDropped { reason: "overflow" });
+                    false
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            }
+        });
     }
 
     /// Whether [`ChangeFeed::close`] was called (other streams end then too).
@@ -259,13 +314,15 @@ impl ChangeFeed {
     /// watches are refused.
     pub async fn close(&self) {
         self.closed.store(true, Ordering::Release);
-        let mut inner = self.inner.lock().await;
+        let mut inner = self.lock();
         inner.closed = true;
         inner.subscribers.clear();
     }
 
-    /// Opens a watch. `current` lists the VMs as they are (called with the
-    /// feed held, so it is exact at the synced revision) for `send_initial`.
+    /// Opens a watch. `current` lists the VMs as they are for
+    /// `send_initial` (called with the feed held: it holds every change up
+    /// to the synced revision, and may hold newer ones still settling, which
+    /// the stream then repeats; clients apply changes as upserts).
     pub async fn subscribe(
         self: &Arc<Self>,
         query: WatchQuery,
@@ -279,7 +336,7 @@ impl ChangeFeed {
         }
         let slot = WatcherSlot::take(self)?;
         let filter = Filter::of(&query);
-        let mut inner = self.inner.lock().await;
+        let mut inner = self.lock();
         if inner.closed {
             return Err(VmError::Unavailable(
                 "VMCP is shutting down; watch again when it is back".into(),
@@ -505,7 +562,7 @@ mod tests {
         before: Option<VmState>,
         state: VmState,
     ) -> u64 {
-        let rec = feed.record().await;
+        let rec = feed.record();
         let revision = rec.revision();
         let mut snap = vm(id, state, revision);
         snap.revision = revision;
@@ -813,6 +870,59 @@ mod tests {
                     Err(VmError::OutOfRange(_)) => prop_assert!(since < kept_from),
                     Err(e) => prop_assert!(false, "unexpected {}", e),
                 }
+                Ok(())
+            })?;
+        }
+    }
+
+    proptest! {
+        /// Owners take tickets and settle them in any order, committing a
+        /// change or dropping the ticket (a cancelled owner). Whatever the
+        /// order: the published revision is the longest settled prefix, a
+        /// watcher gets exactly the committed changes of that prefix in
+        /// revision order, and a ticket never holds up the feed once settled.
+        #[test]
+        fn commits_in_any_order_are_published_in_revision_order(
+            start in 0u64..5,
+            settles in proptest::collection::vec((0usize..8, proptest::bool::ANY), 1..40),
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("rt");
+            rt.block_on(async {
+                let feed = ChangeFeed::new(start, settings(1000, 1000), Arc::new(NoopTelemetry));
+                let q = WatchQuery::default();
+                let mut s = feed.subscribe(q, Vec::new).await.expect("watch");
+                prop_assert_eq!(take(&mut s, 1).await[0].0, WatchEventKind::Synced);
+                let mut open: Vec<Recording<'_>> = Vec::new();
+                let mut settled = BTreeMap::new();
+                for (pick, commit) in settles {
+                    // Keep a few tickets open, as concurrent owners would.
+                    while open.len() < 4 {
+                        open.push(feed.record());
+                    }
+                    let rec = open.remove(pick % open.len());
+                    let revision = rec.revision();
+                    if commit {
+                        let mut snap = vm(&format!("vm{revision}"), VmState::Created, 1);
+                        snap.revision = revision;
+                        rec.commit(WatchEventKind::Added, Arc::new(snap), None);
+                    } else {
+                        drop(rec);
+                    }
+                    settled.insert(revision, commit);
+                    let prefix = (start + 1..).take_while(|r| settled.contains_key(r)).last().unwrap_or(start);
+                    prop_assert_eq!(feed.revision(), prefix);
+                }
+                // The tickets still open are dropped: every one issued is settled.
+                let issued = settled.len() + open.len();
+                drop(open);
+                prop_assert_eq!(feed.revision(), start + issued as u64);
+                let want: Vec<u64> = settled
+                    .iter()
+                    .filter(|&(_, &committed)| committed)
+                    .map(|(&r, _)| r)
+                    .collect();
+                let got: Vec<u64> = take(&mut s, want.len()).await.iter().map(|e| e.2).collect();
+                prop_assert_eq!(got, want);
                 Ok(())
             })?;
         }

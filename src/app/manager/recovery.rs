@@ -395,7 +395,7 @@ async fn forget<H: Hypervisor, S: VmStore>(deps: &Deps<H, S>, mut snap: VmSnapsh
         }
         return;
     }
-    let rec = deps.feed.record().await;
+    let rec = deps.feed.record();
     snap.revision = rec.revision();
     if let Err(e) = deps.store.remove(&id, snap.revision).await {
         tracing::error!(vm.id = %id, error = %e, "could not remove a VM record");

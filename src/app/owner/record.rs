@@ -13,10 +13,11 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
     /// for a visible change, to watchers; drains lifecycle events.
     ///
     /// A visible change (a new generation, or the delete of an announced
-    /// VM) is recorded while the owner holds the feed: the change takes the
+    /// VM) is recorded with a ticket from the feed: the change takes the
     /// next revision, the record is written with it, the view is published,
-    /// then the change is committed, so every reader and watcher sees
-    /// revisions in one order (see feed.rs).
+    /// then the change is committed; the feed publishes commits in revision
+    /// order, so every reader and watcher sees revisions in one order while
+    /// owners write their records at the same time (see feed.rs).
     pub(super) async fn publish(&mut self) {
         let snap = self.vm.snapshot();
         let (announced, before) = self.announced;
@@ -33,7 +34,7 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
         };
         let feed = Arc::clone(&self.deps.feed);
         let recording = match kind {
-            Some(_) => Some(feed.record().await),
+            Some(_) => Some(feed.record()),
             None => None,
         };
         if let Some(rec) = &recording {
