@@ -9,7 +9,11 @@
 //!   before VMCP acts.
 //! - `put_unsynced` runs with `synchronous=NORMAL`: the commit reaches the
 //!   OS (a kill -9 of VMCP cannot lose it) without an fsync; the next synced
-//!   write, `sync` or checkpoint makes it durable.
+//!   write, `sync` or checkpoint makes it durable. These are group-committed:
+//!   records queued while a transaction runs are written together in the
+//!   next one (each caller is answered when its record is committed), so
+//!   many owners recording at once share transactions instead of queueing
+//!   for the connection one by one.
 //! - `sync` flushes the WAL file (`fdatasync` on its own descriptor, outside
 //!   the connection's lock, so writers go on and concurrent syncs share the
 //!   flush). A checkpoint syncs the WAL before copying it and the database
@@ -41,9 +45,10 @@ mod tests;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use rusqlite::{Connection, ErrorCode, TransactionBehavior, params};
+use tokio::sync::oneshot;
 
 pub use self::migrations::SCHEMA_VERSION;
 pub use self::open::{DB_FILE_NAME, StoreOpenError};
@@ -71,6 +76,18 @@ pub struct SqliteStore {
 struct Inner {
     path: PathBuf,
     conn: Mutex<Connection>,
+    /// Unsynced writes waiting for the group writer.
+    queue: Mutex<Queue>,
+}
+
+/// A record waiting to be group-committed, and who waits for it.
+type Queued = (Row, u64, oneshot::Sender<Result<(), StoreError>>);
+
+#[derive(Default)]
+struct Queue {
+    rows: Vec<Queued>,
+    /// A writer runs on the blocking pool and will take what is queued.
+    writing: bool,
 }
 
 impl fmt::Debug for SqliteStore {
@@ -91,6 +108,7 @@ impl SqliteStore {
             inner: Arc::new(Inner {
                 path,
                 conn: Mutex::new(conn),
+                queue: Mutex::new(Queue::default()),
             }),
         })
     }
@@ -109,52 +127,39 @@ impl SqliteStore {
                 .await;
         }
         let row = Row::encode(record)?;
-        let record_revision = record.snapshot.revision;
+        let revision = record.snapshot.revision;
+        if sync == Sync::Normal {
+            return self.group_commit(row, revision).await;
+        }
         self.blocking(move |conn, path| {
             write(conn, sync, |tx| {
-                tx.prepare_cached(
-                    "INSERT INTO vms (id, config, desired, state, reason, generation,
-                                      created_at, modified_at, vmm_pid, vmm_start_time, socket_path,
-                                      revision, diff_parent, diff_vmm_pid, diff_vmm_start_time)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
-                     ON CONFLICT (id) DO UPDATE SET
-                        config = excluded.config,
-                        desired = excluded.desired,
-                        state = excluded.state,
-                        reason = excluded.reason,
-                        generation = excluded.generation,
-                        created_at = excluded.created_at,
-                        modified_at = excluded.modified_at,
-                        vmm_pid = excluded.vmm_pid,
-                        vmm_start_time = excluded.vmm_start_time,
-                        socket_path = excluded.socket_path,
-                        revision = excluded.revision,
-                        diff_parent = excluded.diff_parent,
-                        diff_vmm_pid = excluded.diff_vmm_pid,
-                        diff_vmm_start_time = excluded.diff_vmm_start_time",
-                )?
-                .execute(params![
-                    row.id,
-                    row.config,
-                    row.desired,
-                    row.state,
-                    row.reason,
-                    row.generation,
-                    row.created_at,
-                    row.modified_at,
-                    row.vmm_pid,
-                    row.vmm_start_time,
-                    row.socket_path,
-                    row.revision,
-                    row.diff_parent,
-                    row.diff_vmm_pid,
-                    row.diff_vmm_start_time,
-                ])?;
-                raise_revision(tx, record_revision)
+                upsert_row(tx, &row)?;
+                raise_revision(tx, revision)
             })
             .map_err(|e| write_error(path, "write", &row.id, &e))
         })
         .await
+    }
+
+    /// Queues `row` for the group writer (starting one when none runs) and
+    /// waits until it is committed.
+    async fn group_commit(&self, row: Row, revision: u64) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        let start = {
+            let mut queue = self
+                .inner
+                .queue
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            queue.rows.push((row, revision, tx));
+            !std::mem::replace(&mut queue.writing, true)
+        };
+        if start {
+            let inner = Arc::clone(&self.inner);
+            tokio::task::spawn_blocking(move || write_queued(&inner));
+        }
+        rx.await
+            .map_err(|_| StoreError::Unavailable("the store's writer stopped".into()))?
     }
 
     /// Runs `f` on the connection on tokio's blocking pool.
@@ -277,6 +282,112 @@ enum Sync {
     Full,
     /// The commit reaches the OS, not the disk: survives a crash of VMCP.
     Normal,
+}
+
+/// Inserts or replaces the VM row `row`.
+fn upsert_row(tx: &Connection, row: &Row) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO vms (id, config, desired, state, reason, generation,
+                          created_at, modified_at, vmm_pid, vmm_start_time, socket_path,
+                          revision, diff_parent, diff_vmm_pid, diff_vmm_start_time)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
+         ON CONFLICT (id) DO UPDATE SET
+            config = excluded.config,
+            desired = excluded.desired,
+            state = excluded.state,
+            reason = excluded.reason,
+            generation = excluded.generation,
+            created_at = excluded.created_at,
+            modified_at = excluded.modified_at,
+            vmm_pid = excluded.vmm_pid,
+            vmm_start_time = excluded.vmm_start_time,
+            socket_path = excluded.socket_path,
+            revision = excluded.revision,
+            diff_parent = excluded.diff_parent,
+            diff_vmm_pid = excluded.diff_vmm_pid,
+            diff_vmm_start_time = excluded.diff_vmm_start_time",
+    )?
+    .execute(params![
+        row.id,
+        row.config,
+        row.desired,
+        row.state,
+        row.reason,
+        row.generation,
+        row.created_at,
+        row.modified_at,
+        row.vmm_pid,
+        row.vmm_start_time,
+        row.socket_path,
+        row.revision,
+        row.diff_parent,
+        row.diff_vmm_pid,
+        row.diff_vmm_start_time,
+    ])
+    .map(drop)
+}
+
+/// The group writer: commits everything queued in one transaction, answers
+/// each waiter, and goes on until the queue is empty. When a batch fails,
+/// its records are retried one per transaction, so each waiter gets its
+/// own record's outcome.
+fn write_queued(inner: &Inner) {
+    /// Lets the next write start a writer if this one panics.
+    struct Stopped<'a>(&'a Inner);
+    impl Drop for Stopped<'_> {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                let mut queue = self.0.queue.lock().unwrap_or_else(PoisonError::into_inner);
+                queue.writing = false;
+                // Their waiters hear that the writer stopped.
+                queue.rows.clear();
+            }
+        }
+    }
+    let _stopped = Stopped(inner);
+    loop {
+        let batch = {
+            let mut queue = inner.queue.lock().unwrap_or_else(PoisonError::into_inner);
+            if queue.rows.is_empty() {
+                queue.writing = false;
+                return;
+            }
+            std::mem::take(&mut queue.rows)
+        };
+        let mut conn = inner.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        let top = batch
+            .iter()
+            .map(|(_, revision, _)| *revision)
+            .max()
+            .unwrap_or(0);
+        let together = write(&mut conn, Sync::Normal, |tx| {
+            for (row, _, _) in &batch {
+                upsert_row(tx, row)?;
+            }
+            raise_revision(tx, top)
+        });
+        match together {
+            Ok(()) => {
+                for (_, _, done) in batch {
+                    let _ = done.send(Ok(()));
+                }
+            }
+            Err(e) if batch.len() == 1 => {
+                let (row, _, done) = batch.into_iter().next().expect("one");
+                let _ = done.send(Err(write_error(&inner.path, "write", &row.id, &e)));
+            }
+            Err(_) => {
+                for (row, revision, done) in batch {
+                    let alone = write(&mut conn, Sync::Normal, |tx| {
+                        upsert_row(tx, &row)?;
+                        raise_revision(tx, revision)
+                    })
+                    .map_err(|e| write_error(&inner.path, "write", &row.id, &e));
+                    let _ = done.send(alone);
+                }
+            }
+        }
+    }
 }
 
 /// Runs `f` in an immediate transaction and commits with `sync`; on any

@@ -920,3 +920,73 @@ fn vmcp_guest_address() -> crate::domain::GuestAddress {
         dns: vec!["10.0.0.53".into()],
     }
 }
+
+/// Unsynced writes queued while the connection is busy are committed
+/// together; when such a batch fails, each record is retried alone, so one
+/// refused record fails only its own writer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_writes_commit_together_and_a_refused_one_fails_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    Connection::open(store.path())
+        .expect("second connection")
+        .execute_batch(
+            "CREATE TRIGGER refuse_bad BEFORE INSERT ON vms WHEN NEW.id = 'bad'
+             BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;",
+        )
+        .expect("trigger");
+    let busy = store.inner.conn.lock().expect("connection");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let wait_for = |what: &str, done: &dyn Fn(&Queue) -> bool| {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        done(&store.inner.queue.lock().expect("queue"))
+    };
+    let mut writers = Vec::new();
+    for i in 0..12u64 {
+        let id = if i == 7 {
+            "bad".to_owned()
+        } else {
+            format!("vm-{i:02}")
+        };
+        let mut rec = record(&id);
+        rec.snapshot.revision = 100 + i;
+        let store = store.clone();
+        writers.push((
+            id,
+            tokio::spawn(async move { store.put_unsynced(&rec).await }),
+        ));
+        if i == 0 {
+            // The writer has taken the first record and waits for the connection.
+            while !wait_for("the first batch was never taken", &|q| {
+                q.writing && q.rows.is_empty()
+            }) {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+        }
+    }
+    // The other eleven queue behind it, to be committed together.
+    while !wait_for("the writes never queued", &|q| q.rows.len() == 11) {
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    drop(busy);
+    for (id, writer) in writers {
+        let outcome = writer.await.expect("writer task");
+        if id == "bad" {
+            let err = outcome.expect_err("the refused record fails");
+            assert!(err.to_string().contains("bad"), "{err}");
+        } else {
+            outcome.unwrap_or_else(|e| panic!("{id}: {e}"));
+        }
+    }
+    let stored = store.load_all().await.expect("load");
+    let want: Vec<String> = (0..12)
+        .filter(|i| *i != 7)
+        .map(|i| format!("vm-{i:02}"))
+        .collect();
+    assert_eq!(ids(&stored), want);
+    assert_eq!(store.revision().await.expect("revision"), 111);
+    assert!(
+        !store.inner.queue.lock().expect("queue").writing,
+        "the writer stopped"
+    );
+}
