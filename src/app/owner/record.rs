@@ -33,10 +33,7 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
             None
         };
         let feed = Arc::clone(&self.deps.feed);
-        let recording = match kind {
-            Some(_) => Some(feed.record()),
-            None => None,
-        };
+        let recording = kind.map(|_| feed.record());
         if let Some(rec) = &recording {
             self.vm.set_revision(rec.revision());
         }

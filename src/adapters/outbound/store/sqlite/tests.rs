@@ -935,7 +935,16 @@ async fn queued_writes_commit_together_and_a_refused_one_fails_alone() {
              BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;",
         )
         .expect("trigger");
-    let busy = store.inner.conn.lock().expect("connection");
+    // The connection is busy (held by another thread) until `release`.
+    let (held_tx, held) = std::sync::mpsc::channel();
+    let (release, release_rx) = std::sync::mpsc::channel::<()>();
+    let inner = Arc::clone(&store.inner);
+    let holder = std::thread::spawn(move || {
+        let _busy = inner.conn.lock().expect("connection");
+        held_tx.send(()).expect("held");
+        let _ = release_rx.recv();
+    });
+    held.recv().expect("the connection is held");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let wait_for = |what: &str, done: &dyn Fn(&Queue) -> bool| {
         assert!(std::time::Instant::now() < deadline, "{what}");
@@ -968,7 +977,8 @@ async fn queued_writes_commit_together_and_a_refused_one_fails_alone() {
     while !wait_for("the writes never queued", &|q| q.rows.len() == 11) {
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
-    drop(busy);
+    release.send(()).expect("release");
+    holder.join().expect("holder");
     for (id, writer) in writers {
         let outcome = writer.await.expect("writer task");
         if id == "bad" {
