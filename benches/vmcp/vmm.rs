@@ -692,7 +692,8 @@ pub async fn section(kind: Kind) {
         direct.push(t.elapsed());
         d.kill().await;
     }
-    let (wall_via, wall_direct) = at_once(kind, &env, &http, &c, rt.path()).await;
+    let (wall_via, wall_direct, toggle_via, toggle_direct) =
+        at_once(kind, &env, &http, &c, rt.path()).await;
     server.stop();
     let (mv, md) = (median(via.clone()), median(direct.clone()));
     println!(
@@ -719,6 +720,15 @@ pub async fn section(kind: Kind) {
         "RATIO {name} {AT_ONCE} at once VMCP/direct (wall): {:.2}x",
         wall_via.as_secs_f64() / wall_direct.as_secs_f64()
     );
+    println!(
+        "{AT_ONCE} running VMs paused then resumed at once: via VMCP {:.1} ms, direct {:.1} ms (wall, medians of {TOGGLES})",
+        ms(toggle_via),
+        ms(toggle_direct)
+    );
+    println!(
+        "RATIO {name} {AT_ONCE} pause+resume at once VMCP/direct (wall): {:.2}x",
+        toggle_via.as_secs_f64() / toggle_direct.as_secs_f64()
+    );
 
     if kind == Kind::Fc {
         spawn_ready(&env, rt.path()).await;
@@ -728,15 +738,19 @@ pub async fn section(kind: Kind) {
 /// How many VMs the at-once row starts together.
 const AT_ONCE: usize = 32;
 
-/// Wall time until [`AT_ONCE`] VMs, created and booted together, all run:
-/// through VMCP (client `c`), then directly.
+/// How many times the at-once VMs are paused and resumed together.
+const TOGGLES: usize = 5;
+
+/// Wall time until [`AT_ONCE`] VMs, created and booted together, all run,
+/// and the median wall time to pause all of them at once and then resume
+/// all of them at once: through VMCP (client `c`), then directly.
 async fn at_once(
     kind: Kind,
     env: &Env,
     http: &UdsClient,
     c: &vmcp::proto::vmm::v1::VmServiceClient<connectrpc::client::HttpClient>,
     root: &Path,
-) -> (Duration, Duration) {
+) -> (Duration, Duration, Duration, Duration) {
     let t = Instant::now();
     let tasks: Vec<_> = (0..AT_ONCE)
         .map(|i| {
@@ -760,6 +774,45 @@ async fn at_once(
         task.await.expect("create+boot");
     }
     let via = t.elapsed();
+    let mut toggles = Vec::new();
+    for _ in 0..TOGGLES {
+        let t = Instant::now();
+        for pause in [true, false] {
+            let calls = (0..AT_ONCE).map(|i| {
+                let c = c.clone();
+                let vm_id = format!("many{i}");
+                async move {
+                    let state = if pause {
+                        c.pause_vm(pb::PauseVmRequest {
+                            vm_id,
+                            ..Default::default()
+                        })
+                        .await
+                        .expect("pause")
+                        .into_owned()
+                        .state
+                    } else {
+                        c.resume_vm(pb::ResumeVmRequest {
+                            vm_id,
+                            ..Default::default()
+                        })
+                        .await
+                        .expect("resume")
+                        .into_owned()
+                        .state
+                    };
+                    let want = if pause {
+                        pb::VmState::VM_STATE_PAUSED
+                    } else {
+                        pb::VmState::VM_STATE_RUNNING
+                    };
+                    assert_eq!(state.as_known(), Some(want));
+                }
+            });
+            futures_util::future::join_all(calls).await;
+        }
+        toggles.push(t.elapsed());
+    }
     for i in 0..AT_ONCE {
         c.delete_vm(pb::DeleteVmRequest {
             vm_id: format!("many{i}"),
@@ -776,10 +829,34 @@ async fn at_once(
     });
     let vmms = futures_util::future::join_all(boots).await;
     let direct = t.elapsed();
+    let mut direct_toggles = Vec::new();
+    for _ in 0..TOGGLES {
+        let t = Instant::now();
+        for pause in [true, false] {
+            let calls = vmms.iter().map(|d| async move {
+                let r = match (kind, pause) {
+                    (Kind::Ch, true) => http.call(&d.socket, Method::PUT, "/api/v1/vm.pause", None),
+                    (Kind::Ch, false) => {
+                        http.call(&d.socket, Method::PUT, "/api/v1/vm.resume", None)
+                    }
+                    (Kind::Fc, pause) => {
+                        let state = if pause { "Paused" } else { "Resumed" };
+                        let body = serde_json::json!({ "state": state }).to_string();
+                        http.call(&d.socket, Method::PATCH, "/vm", Some(Bytes::from(body)))
+                    }
+                }
+                .await
+                .expect("VMM call");
+                assert!(r.is_success(), "pause/resume: {}", r.text());
+            });
+            futures_util::future::join_all(calls).await;
+        }
+        direct_toggles.push(t.elapsed());
+    }
     for d in vmms {
         d.kill().await;
     }
-    (via, direct)
+    (via, direct, median(toggles), median(direct_toggles))
 }
 
 /// CPU time so far of every thread of `pid`, from /proc/<pid>/task/*/schedstat (ns).
