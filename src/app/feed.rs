@@ -244,7 +244,8 @@ impl ChangeFeed {
         self.settings
     }
 
-    /// Starts recording a change (waits while another is recorded).
+    /// Starts recording a change: a ticket for the next revision (never
+    /// waits for other changes being recorded).
     pub fn record(&self) -> Recording<'_> {
         let mut inner = self.lock();
         inner.issued += 1;
