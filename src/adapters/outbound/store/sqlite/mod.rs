@@ -15,8 +15,8 @@
 //!   many owners recording at once share transactions instead of queueing
 //!   for the connection one by one.
 //! - `sync` flushes the WAL file (`fdatasync` on its own descriptor, outside
-//!   the connection's lock, so writers go on and concurrent syncs share the
-//!   flush). A checkpoint syncs the WAL before copying it and the database
+//!   the connection's lock, so writers go on). Syncs are grouped too: one
+//!   `fdatasync` answers every caller that asked before it started. A checkpoint syncs the WAL before copying it and the database
 //!   after, so a frame a checkpoint moved is durable too.
 //!
 //! The owner writes intents unsynced *before* acting (enough for a crash)
@@ -36,6 +36,7 @@
 pub mod config_json;
 #[cfg(test)]
 mod durability_tests;
+mod group;
 mod migrations;
 mod open;
 mod row;
@@ -50,6 +51,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use rusqlite::{Connection, ErrorCode, TransactionBehavior, params};
 use tokio::sync::oneshot;
 
+use self::group::Group;
 pub use self::migrations::SCHEMA_VERSION;
 pub use self::open::{DB_FILE_NAME, StoreOpenError};
 use self::row::Row;
@@ -76,19 +78,17 @@ pub struct SqliteStore {
 struct Inner {
     path: PathBuf,
     conn: Mutex<Connection>,
-    /// Unsynced writes waiting for the group writer.
-    queue: Mutex<Queue>,
+    /// Unsynced writes waiting to be group-committed.
+    writes: Group<Queued>,
+    /// Callers waiting for the WAL to be flushed.
+    syncs: Group<Answer>,
 }
 
-/// A record waiting to be group-committed, and who waits for it.
-type Queued = (Row, u64, oneshot::Sender<Result<(), StoreError>>);
+/// Where a caller waits for its write's or sync's outcome.
+type Answer = oneshot::Sender<Result<(), StoreError>>;
 
-#[derive(Default)]
-struct Queue {
-    rows: Vec<Queued>,
-    /// A writer runs on the blocking pool and will take what is queued.
-    writing: bool,
-}
+/// A record waiting to be group-committed (with its revision), and who waits for it.
+type Queued = (Row, u64, Answer);
 
 impl fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -108,7 +108,8 @@ impl SqliteStore {
             inner: Arc::new(Inner {
                 path,
                 conn: Mutex::new(conn),
-                queue: Mutex::new(Queue::default()),
+                writes: Group::new(),
+                syncs: Group::new(),
             }),
         })
     }
@@ -145,18 +146,11 @@ impl SqliteStore {
     /// waits until it is committed.
     async fn group_commit(&self, row: Row, revision: u64) -> Result<(), StoreError> {
         let (tx, rx) = oneshot::channel();
-        let start = {
-            let mut queue = self
-                .inner
-                .queue
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            queue.rows.push((row, revision, tx));
-            !std::mem::replace(&mut queue.writing, true)
-        };
-        if start {
+        if self.inner.writes.push((row, revision, tx)) {
             let inner = Arc::clone(&self.inner);
-            tokio::task::spawn_blocking(move || write_queued(&inner));
+            tokio::task::spawn_blocking(move || {
+                inner.writes.work(|batch| write_batch(&inner, batch));
+            });
         }
         rx.await
             .map_err(|_| StoreError::Unavailable("the store's writer stopped".into()))?
@@ -190,19 +184,21 @@ impl VmStore for SqliteStore {
     }
 
     async fn sync(&self) -> Result<(), StoreError> {
-        let wal = wal_path(&self.inner.path);
-        tokio::task::spawn_blocking(move || match std::fs::File::open(&wal) {
-            Ok(f) => f.sync_data(),
-            // No WAL: every commit is in the database file, synced by the
-            // checkpoint that emptied the WAL.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e),
-        })
-        .await
-        .map_err(|e| StoreError::Unavailable(format!("store task failed: {e}")))?
-        .map_err(|e| {
-            StoreError::Unavailable(format!("cannot sync {}: {e}", self.inner.path.display()))
-        })
+        let (tx, rx) = oneshot::channel();
+        if self.inner.syncs.push(tx) {
+            let inner = Arc::clone(&self.inner);
+            tokio::task::spawn_blocking(move || {
+                inner.syncs.work(|waiters| {
+                    // Every waiter's commit came before this flush starts.
+                    let outcome = sync_wal(&inner.path);
+                    for waiter in waiters {
+                        let _ = waiter.send(outcome.clone());
+                    }
+                });
+            });
+        }
+        rx.await
+            .map_err(|_| StoreError::Unavailable("the store's sync stopped".into()))?
     }
 
     async fn remove(&self, id: &VmId, revision: u64) -> Result<(), StoreError> {
@@ -327,67 +323,55 @@ fn upsert_row(tx: &Connection, row: &Row) -> rusqlite::Result<()> {
     .map(drop)
 }
 
-/// The group writer: commits everything queued in one transaction, answers
-/// each waiter, and goes on until the queue is empty. When a batch fails,
-/// its records are retried one per transaction, so each waiter gets its
-/// own record's outcome.
-fn write_queued(inner: &Inner) {
-    /// Lets the next write start a writer if this one panics.
-    struct Stopped<'a>(&'a Inner);
-    impl Drop for Stopped<'_> {
-        fn drop(&mut self) {
-            if std::thread::panicking() {
-                let mut queue = self.0.queue.lock().unwrap_or_else(PoisonError::into_inner);
-                queue.writing = false;
-                // Their waiters hear that the writer stopped.
-                queue.rows.clear();
+/// Commits a batch of queued records in one transaction and answers each
+/// waiter. When the batch fails, its records are retried one per
+/// transaction, so each waiter gets its own record's outcome.
+fn write_batch(inner: &Inner, batch: Vec<Queued>) {
+    let mut conn = inner.conn.lock().unwrap_or_else(PoisonError::into_inner);
+    let top = batch
+        .iter()
+        .map(|(_, revision, _)| *revision)
+        .max()
+        .unwrap_or(0);
+    let together = write(&mut conn, Sync::Normal, |tx| {
+        for (row, _, _) in &batch {
+            upsert_row(tx, row)?;
+        }
+        raise_revision(tx, top)
+    });
+    match together {
+        Ok(()) => {
+            for (_, _, done) in batch {
+                let _ = done.send(Ok(()));
+            }
+        }
+        Err(e) if batch.len() == 1 => {
+            let (row, _, done) = batch.into_iter().next().expect("one");
+            let _ = done.send(Err(write_error(&inner.path, "write", &row.id, &e)));
+        }
+        Err(_) => {
+            for (row, revision, done) in batch {
+                let alone = write(&mut conn, Sync::Normal, |tx| {
+                    upsert_row(tx, &row)?;
+                    raise_revision(tx, revision)
+                })
+                .map_err(|e| write_error(&inner.path, "write", &row.id, &e));
+                let _ = done.send(alone);
             }
         }
     }
-    let _stopped = Stopped(inner);
-    loop {
-        let batch = {
-            let mut queue = inner.queue.lock().unwrap_or_else(PoisonError::into_inner);
-            if queue.rows.is_empty() {
-                queue.writing = false;
-                return;
-            }
-            std::mem::take(&mut queue.rows)
-        };
-        let mut conn = inner.conn.lock().unwrap_or_else(PoisonError::into_inner);
-        let top = batch
-            .iter()
-            .map(|(_, revision, _)| *revision)
-            .max()
-            .unwrap_or(0);
-        let together = write(&mut conn, Sync::Normal, |tx| {
-            for (row, _, _) in &batch {
-                upsert_row(tx, row)?;
-            }
-            raise_revision(tx, top)
-        });
-        match together {
-            Ok(()) => {
-                for (_, _, done) in batch {
-                    let _ = done.send(Ok(()));
-                }
-            }
-            Err(e) if batch.len() == 1 => {
-                let (row, _, done) = batch.into_iter().next().expect("one");
-                let _ = done.send(Err(write_error(&inner.path, "write", &row.id, &e)));
-            }
-            Err(_) => {
-                for (row, revision, done) in batch {
-                    let alone = write(&mut conn, Sync::Normal, |tx| {
-                        upsert_row(tx, &row)?;
-                        raise_revision(tx, revision)
-                    })
-                    .map_err(|e| write_error(&inner.path, "write", &row.id, &e));
-                    let _ = done.send(alone);
-                }
-            }
-        }
+}
+
+/// Flushes the WAL of the database at `db` to disk.
+fn sync_wal(db: &Path) -> Result<(), StoreError> {
+    match std::fs::File::open(wal_path(db)) {
+        Ok(f) => f.sync_data(),
+        // No WAL: every commit is in the database file, synced by the
+        // checkpoint that emptied the WAL.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
     }
+    .map_err(|e| StoreError::Unavailable(format!("cannot sync {}: {e}", db.display())))
 }
 
 /// Runs `f` in an immediate transaction and commits with `sync`; on any

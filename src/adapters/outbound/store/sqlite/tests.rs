@@ -946,9 +946,9 @@ async fn queued_writes_commit_together_and_a_refused_one_fails_alone() {
     });
     held.recv().expect("the connection is held");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let wait_for = |what: &str, done: &dyn Fn(&Queue) -> bool| {
+    let wait_for = |what: &str, done: &dyn Fn(&Group<Queued>) -> bool| {
         assert!(std::time::Instant::now() < deadline, "{what}");
-        done(&store.inner.queue.lock().expect("queue"))
+        done(&store.inner.writes)
     };
     let mut writers = Vec::new();
     for i in 0..12u64 {
@@ -967,14 +967,14 @@ async fn queued_writes_commit_together_and_a_refused_one_fails_alone() {
         if i == 0 {
             // The writer has taken the first record and waits for the connection.
             while !wait_for("the first batch was never taken", &|q| {
-                q.writing && q.rows.is_empty()
+                q.running() && q.queued() == 0
             }) {
                 tokio::time::sleep(std::time::Duration::from_millis(1)).await;
             }
         }
     }
     // The other eleven queue behind it, to be committed together.
-    while !wait_for("the writes never queued", &|q| q.rows.len() == 11) {
+    while !wait_for("the writes never queued", &|q| q.queued() == 11) {
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
     release.send(()).expect("release");
@@ -995,8 +995,33 @@ async fn queued_writes_commit_together_and_a_refused_one_fails_alone() {
         .collect();
     assert_eq!(ids(&stored), want);
     assert_eq!(store.revision().await.expect("revision"), 111);
-    assert!(
-        !store.inner.queue.lock().expect("queue").writing,
-        "the writer stopped"
+    assert_eq!(
+        store.inner.writes.batches(),
+        2,
+        "the first record, then the other eleven"
     );
+    assert!(!store.inner.writes.running(), "the writer stopped");
+}
+
+/// Syncs asked for at once share flushes, and each caller is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_syncs_are_answered_and_share_flushes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let callers: Vec<_> = (0..16)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store.put_unsynced(&record(&format!("vm-{i:02}"))).await?;
+                store.sync().await
+            })
+        })
+        .collect();
+    for caller in callers {
+        caller.await.expect("caller").expect("written and synced");
+    }
+    let flushes = store.inner.syncs.batches();
+    assert!((1..=16).contains(&flushes), "{flushes} flushes for 16 syncs");
+    assert!(!store.inner.syncs.running(), "the flusher stopped");
+    assert_eq!(store.load_all().await.expect("load").len(), 16);
 }
