@@ -16,8 +16,9 @@
 //!   for the connection one by one.
 //! - `sync` flushes the WAL file (`fdatasync` on its own descriptor, outside
 //!   the connection's lock, so writers go on). Syncs are grouped too: one
-//!   `fdatasync` answers every caller that asked before it started. A checkpoint syncs the WAL before copying it and the database
-//!   after, so a frame a checkpoint moved is durable too.
+//!   `fdatasync` answers every caller that asked before it started. A
+//!   checkpoint syncs the WAL before copying it and the database after, so
+//!   a frame a checkpoint moved is durable too.
 //!
 //! The owner writes intents unsynced *before* acting (enough for a crash)
 //! and syncs *while* the VMM acts, before it answers: an fsync protects

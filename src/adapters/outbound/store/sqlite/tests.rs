@@ -1021,7 +1021,10 @@ async fn concurrent_syncs_are_answered_and_share_flushes() {
         caller.await.expect("caller").expect("written and synced");
     }
     let flushes = store.inner.syncs.batches();
-    assert!((1..=16).contains(&flushes), "{flushes} flushes for 16 syncs");
+    assert!(
+        (1..=16).contains(&flushes),
+        "{flushes} flushes for 16 syncs"
+    );
     assert!(!store.inner.syncs.running(), "the flusher stopped");
     assert_eq!(store.load_all().await.expect("load").len(), 16);
 }
