@@ -219,7 +219,7 @@ impl ChangeFeed {
 
     /// Continues after `revision` when it is newer than the feed's (the
     /// store is read after the feed is built, before any change).
-    pub async fn resume_after(&self, revision: u64) {
+    pub fn resume_after(&self, revision: u64) {
         let mut inner = self.lock();
         if revision > inner.revision && inner.history.is_empty() && inner.issued == inner.revision {
             inner.revision = revision;
@@ -313,7 +313,7 @@ impl ChangeFeed {
     /// Ends every stream (server shutdown): each ends, after what it had
     /// queued, with `unavailable` naming the revision to resume from; new
     /// watches are refused.
-    pub async fn close(&self) {
+    pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
         let mut inner = self.lock();
         inner.closed = true;
@@ -324,7 +324,7 @@ impl ChangeFeed {
     /// `send_initial` (called with the feed held: it holds every change up
     /// to the synced revision, and may hold newer ones still settling, which
     /// the stream then repeats; clients apply changes as upserts).
-    pub async fn subscribe(
+    pub fn subscribe(
         self: &Arc<Self>,
         query: WatchQuery,
         current: impl FnOnce() -> Vec<Arc<VmSnapshot>>,
@@ -613,7 +613,7 @@ mod tests {
             since_revision: Some(11),
             ..Default::default()
         };
-        let mut s = feed.subscribe(q, Vec::new).await.expect("watch");
+        let mut s = feed.subscribe(q, Vec::new).expect("watch");
         assert_eq!(
             take(&mut s, 2).await,
             [
@@ -648,11 +648,10 @@ mod tests {
         };
         let mut s = feed
             .subscribe(at(2), Vec::new)
-            .await
             .expect("resume at the floor");
         assert_eq!(revisions(&mut s, 3).await, [3, 4, 4]);
         for since in [1, 5] {
-            match feed.subscribe(at(since), Vec::new).await {
+            match feed.subscribe(at(since), Vec::new) {
                 Err(VmError::OutOfRange(m)) => {
                     assert!(m.contains(&format!("since_revision {since}")), "{m}");
                     assert!(m.contains("list"), "{m}");
@@ -675,7 +674,7 @@ mod tests {
             send_initial: true,
             ..Default::default()
         };
-        let mut s = feed.subscribe(q, || current.clone()).await.expect("watch");
+        let mut s = feed.subscribe(q, || current.clone()).expect("watch");
         assert_eq!(
             take(&mut s, 2).await,
             [
@@ -689,7 +688,7 @@ mod tests {
             ..Default::default()
         };
         assert!(matches!(
-            feed.subscribe(both, Vec::new).await,
+            feed.subscribe(both, Vec::new),
             Err(VmError::InvalidArgument(e)) if e.to_string().contains("since_revision")
         ));
     }
@@ -702,7 +701,7 @@ mod tests {
             vm_ids: vec![VmId::parse("a").expect("id")],
             ..Default::default()
         };
-        let mut s = feed.subscribe(q, Vec::new).await.expect("watch");
+        let mut s = feed.subscribe(q, Vec::new).expect("watch");
         assert_eq!(take(&mut s, 1).await[0].0, WatchEventKind::Synced);
         use VmState::*;
         use WatchEventKind::*;
@@ -726,11 +725,9 @@ mod tests {
         let feed = ChangeFeed::new(0, settings(64, 2), Arc::new(NoopTelemetry));
         let mut slow = feed
             .subscribe(WatchQuery::default(), Vec::new)
-            .await
             .expect("watch");
         let mut fast = feed
             .subscribe(WatchQuery::default(), Vec::new)
-            .await
             .expect("watch");
         assert_eq!(take(&mut slow, 1).await[0].0, WatchEventKind::Synced);
         assert_eq!(take(&mut fast, 1).await[0].0, WatchEventKind::Synced);
@@ -763,7 +760,7 @@ mod tests {
             since_revision: Some(2),
             ..Default::default()
         };
-        let mut again = feed.subscribe(q, Vec::new).await.expect("resume");
+        let mut again = feed.subscribe(q, Vec::new).expect("resume");
         assert_eq!(revisions(&mut again, 4).await, [3, 4, 5, 5]);
     }
 
@@ -774,20 +771,18 @@ mod tests {
         for _ in 0..4 {
             open.push(
                 feed.subscribe(WatchQuery::default(), Vec::new)
-                    .await
                     .expect("watch"),
             );
         }
         assert_eq!(feed.watchers(), 4);
         assert!(matches!(
-            feed.subscribe(WatchQuery::default(), Vec::new).await,
+            feed.subscribe(WatchQuery::default(), Vec::new),
             Err(VmError::ResourceExhausted(m)) if m.contains("UNKEY_VMCP_MAX_WATCHERS")
         ));
         open.pop();
         assert_eq!(feed.watchers(), 3);
         let _again = feed
             .subscribe(WatchQuery::default(), Vec::new)
-            .await
             .expect("a slot is free again");
     }
 
@@ -796,17 +791,16 @@ mod tests {
         let feed = ChangeFeed::new(0, settings(8, 8), Arc::new(NoopTelemetry));
         let mut s = feed
             .subscribe(WatchQuery::default(), Vec::new)
-            .await
             .expect("watch");
         change(&feed, WatchEventKind::Added, "a", None, VmState::Created).await;
-        feed.close().await;
+        feed.close();
         assert_eq!(revisions(&mut s, 2).await, [0, 1]);
         match s.next().await {
             Some(Err(VmError::Unavailable(m))) => assert!(m.contains("since_revision=1"), "{m}"),
             other => panic!("expected unavailable, got {other:?}"),
         }
         assert!(matches!(
-            feed.subscribe(WatchQuery::default(), Vec::new).await,
+            feed.subscribe(WatchQuery::default(), Vec::new),
             Err(VmError::Unavailable(_))
         ));
     }
@@ -824,7 +818,6 @@ mod tests {
                 },
                 Vec::new,
             )
-            .await
             .expect("watch");
         assert_eq!(take(&mut s, 1).await, [(WatchEventKind::Synced, None, 7)]);
         // A change the filter does not want still moves the heartbeat's revision.
@@ -860,7 +853,7 @@ mod tests {
                 let since = top.saturating_sub(since_back);
                 let q = WatchQuery { since_revision: Some(since), ..Default::default() };
                 let kept_from = top.saturating_sub(history as u64).max(start);
-                match feed.subscribe(q, Vec::new).await {
+                match feed.subscribe(q, Vec::new) {
                     Ok(mut s) => {
                         prop_assert!(since >= kept_from, "since {} < floor {}", since, kept_from);
                         let want: Vec<u64> = (since + 1..=top).collect();
@@ -891,7 +884,7 @@ mod tests {
             rt.block_on(async {
                 let feed = ChangeFeed::new(start, settings(1000, 1000), Arc::new(NoopTelemetry));
                 let q = WatchQuery::default();
-                let mut s = feed.subscribe(q, Vec::new).await.expect("watch");
+                let mut s = feed.subscribe(q, Vec::new).expect("watch");
                 prop_assert_eq!(take(&mut s, 1).await[0].0, WatchEventKind::Synced);
                 let mut open: Vec<Recording<'_>> = Vec::new();
                 let mut settled = BTreeMap::new();

@@ -224,7 +224,7 @@ pub async fn start<H: Hypervisor, S: VmStore>(
             async move {
                 let _ = rx.await;
                 // Watch streams end (telling clients where to resume) so the drain is not held up.
-                feed.close().await;
+                feed.close();
             },
             grace,
         )

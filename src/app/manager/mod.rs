@@ -598,17 +598,14 @@ impl<H: Hypervisor, S: VmStore> VmService for VmManager<H, S> {
     async fn watch_vms(&self, query: WatchQuery) -> Result<WatchStream, VmError> {
         self.require_backend().await?;
         let registry = &self.registry;
-        self.deps
-            .feed
-            .subscribe(query, || {
-                registry
-                    .views(&[])
-                    .into_iter()
-                    .filter(|v| v.snapshot.generation > 0)
-                    .map(|v| Arc::new(v.snapshot.clone()))
-                    .collect()
-            })
-            .await
+        self.deps.feed.subscribe(query, || {
+            registry
+                .views(&[])
+                .into_iter()
+                .filter(|v| v.snapshot.generation > 0)
+                .map(|v| Arc::new(v.snapshot.clone()))
+                .collect()
+        })
     }
 }
 

@@ -77,7 +77,7 @@ pub async fn recover<H: Hypervisor, S: VmStore>(
         .revision()
         .await
         .map_err(|e| VmError::Unavailable(e.to_string()))?;
-    deps.feed.resume_after(revision.max(FIRST_REVISION)).await;
+    deps.feed.resume_after(revision.max(FIRST_REVISION));
     let h = &*deps.hypervisor;
     let tel = &*deps.telemetry;
     let t = deps.call_timeout;
