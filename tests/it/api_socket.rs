@@ -118,3 +118,64 @@ async fn something_else_at_the_socket_path_is_never_removed() {
     assert!(err.to_string().contains("not a socket"), "{err}");
     assert_eq!(std::fs::read_to_string(&path).unwrap(), "precious");
 }
+
+/// The socket is served on a thread of its own: a host-local client is
+/// answered while the runtime serving the port and the VM owners is busy
+/// (here: blocked outright).
+#[tokio::test]
+async fn the_api_socket_answers_while_the_main_runtime_is_blocked() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("api.sock");
+    let mut security = Security::open();
+    security.api_socket = Some(path.clone());
+    let h = Harness::start_secured(security).await;
+    let http = UdsClient::new(Duration::from_secs(5));
+    let created = http
+        .call(
+            &path,
+            Method::POST,
+            "/vmm.v1.VmService/CreateVm",
+            json(serde_json::json!({
+                "vmId": "local",
+                "config": {
+                    "cpu": {"vcpuCount": 1},
+                    "memory": {"sizeBytes": "268435456"},
+                    "boot": {"kernelPath": "/var/lib/vmcp/vmlinux"}
+                }
+            })),
+        )
+        .await
+        .expect("CreateVm over the socket");
+    assert!(created.is_success(), "{created:?}");
+
+    let (answered_tx, answered) = std::sync::mpsc::channel();
+    let socket = path.clone();
+    let client = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let answer = rt.block_on(async {
+            UdsClient::new(Duration::from_secs(5))
+                .call(
+                    &socket,
+                    Method::POST,
+                    "/vmm.v1.VmService/GetVmInfo",
+                    json(serde_json::json!({"vmId": "local"})),
+                )
+                .await
+        });
+        let _ = answered_tx.send(answer.map(|r| (r.status.as_u16(), r.body)));
+    });
+    // This test's runtime serves the port and runs the owners; it does nothing
+    // until the answer arrives (or the wait gives up).
+    let answer = answered.recv_timeout(Duration::from_secs(5));
+    client.join().unwrap();
+    let (status, body) = answer
+        .expect("answered while the main runtime was blocked")
+        .expect("GetVmInfo over the socket");
+    assert_eq!(status, 200);
+    let body: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(body["vmId"], "local");
+    h.stop().await;
+}

@@ -129,7 +129,7 @@ pub struct Listeners {
     /// The API port.
     pub tcp: TcpListener,
     /// The host-local API socket, when configured.
-    pub unix: Option<UnixListener>,
+    pub unix: Option<ApiSocket>,
     /// TLS for the port.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
@@ -186,6 +186,19 @@ pub async fn serve_with_tls(
     } = listeners;
     let builder = policy.limits.configure();
     let (stop_tx, stop_rx) = watch::channel(false);
+    let unix = unix.map(|socket| {
+        socket.serve(UnixServing {
+            conn: Conn {
+                rpc: rpc.clone(),
+                hc: Arc::clone(&health_check),
+                builder: builder.clone(),
+                limits: policy.limits,
+                stop: stop_rx.clone(),
+                telemetry: Arc::clone(&policy.telemetry),
+            },
+            gate: Arc::clone(&policy.gate),
+        })
+    });
     let mut refusals = RefusalLog::new(REFUSAL_LOG_INTERVAL);
     tokio::pin!(shutdown);
     loop {
@@ -272,40 +285,10 @@ pub async fn serve_with_tls(
                     report(ended, peer, &*telemetry);
                 });
             }
-            accepted = accept_unix(unix.as_ref()) => {
-                let stream = match accepted {
-                    Ok(stream) => stream,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept on the API socket failed");
-                        tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
-                        continue;
-                    }
-                };
-                // Every client of the host-local socket counts as one client address.
-                let Ok(permit) = policy.gate.admit(UNIX_CLIENT) else {
-                    drop(stream);
-                    policy.telemetry.record(TelemetryEvent::ConnectionRefused {
-                        reason: "max_connections_unix",
-                    });
-                    continue;
-                };
-                let rpc = rpc.clone();
-                let hc = Arc::clone(&health_check);
-                let builder = builder.clone();
-                let stop = stop_rx.clone();
-                let limits = policy.limits;
-                let telemetry = Arc::clone(&policy.telemetry);
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    let conn = Conn { rpc, hc, builder, limits, stop, telemetry };
-                    conn.serve_plain(stream, UNIX_PEER).await;
-                });
-            }
             () = &mut shutdown => break,
         }
     }
     drop(listener);
-    drop(unix);
     drop(stop_rx);
     tracing::info!("shutting down: draining in-flight requests");
     let _ = stop_tx.send(true);
@@ -316,9 +299,12 @@ pub async fn serve_with_tls(
             "in-flight requests did not finish within the grace period"
         );
     }
+    // Ends the API socket's thread; connections still open there end with it.
+    drop(unix);
 }
 
 /// What serving one admitted connection needs.
+#[derive(Clone)]
 struct Conn {
     rpc: RpcHttpService,
     hc: Arc<dyn HealthCheck>,
@@ -360,18 +346,133 @@ const UNIX_CLIENT: std::net::IpAddr = std::net::IpAddr::V6(std::net::Ipv6Addr::U
 /// How clients of the API socket appear in logs.
 const UNIX_PEER: std::net::SocketAddr = std::net::SocketAddr::new(UNIX_CLIENT, 0);
 
-/// The next connection on the API socket, or never when there is none.
-async fn accept_unix(unix: Option<&UnixListener>) -> std::io::Result<tokio::net::UnixStream> {
-    match unix {
-        Some(l) => l.accept().await.map(|(stream, _)| stream),
-        None => std::future::pending().await,
+/// The host-local API socket, bound, with the thread that will serve it.
+///
+/// The socket is served on a thread of its own by a single-threaded tokio
+/// runtime, not by the multi-threaded one that serves the port and runs the
+/// VM owners. On the multi-threaded runtime a connection's task that wakes
+/// itself (hyper does, to read a request body) also wakes an idle worker on
+/// the other core: per request a futex wake-up, context switches and, when
+/// that worker steals the task, a move to a cold core. The host-local
+/// client (`vmcpctl`, an agent on the host) makes one call at a time and
+/// waits for each answer, so that is its latency. On its own thread a
+/// request is read, answered and written without leaving the thread, and a
+/// flood on the port does not delay the operator's socket. What a request
+/// asks of a VM still runs in the VM's owner, on the main runtime.
+pub struct ApiSocket {
+    listener: std::os::unix::net::UnixListener,
+    runtime: SocketRuntime,
+}
+
+/// A runtime that may be dropped anywhere, also in async code (where
+/// dropping a tokio runtime panics): its tasks are dropped without waiting.
+struct SocketRuntime(Option<tokio::runtime::Runtime>);
+
+impl SocketRuntime {
+    fn get(&self) -> &tokio::runtime::Runtime {
+        self.0.as_ref().expect("taken only by drop")
+    }
+}
+
+impl Drop for SocketRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl std::fmt::Debug for ApiSocket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiSocket")
+            .field("listener", &self.listener)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What serving the API socket needs.
+struct UnixServing {
+    conn: Conn,
+    gate: Arc<ConnectionGate>,
+}
+
+/// The thread serving the API socket: dropping this ends it (and any
+/// connection still open on it).
+struct ApiSocketThread {
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl ApiSocket {
+    /// Starts the thread that accepts on the socket and serves each
+    /// connection, until `serving.conn.stop` turns true. The connections
+    /// hold that receiver like those on the port, so the drain waits for
+    /// them; the thread ends when the returned value is dropped.
+    fn serve(self, serving: UnixServing) -> Option<ApiSocketThread> {
+        let ApiSocket { listener, runtime } = self;
+        runtime.get().spawn(accept_unix(listener, serving));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let spawned = std::thread::Builder::new()
+            .name("vmcp-api-socket".to_owned())
+            .spawn(move || {
+                // Resolves when the sender is dropped; the runtime, and any task
+                // still on it, goes with this thread.
+                let _ = runtime.get().block_on(stopped);
+            });
+        match spawned {
+            Ok(_) => Some(ApiSocketThread { _stop: stop }),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the API socket's thread: the socket is not served");
+                None
+            }
+        }
+    }
+}
+
+/// Accepts on the API socket until the stop, serving each connection in a
+/// task of the runtime this runs on.
+async fn accept_unix(listener: std::os::unix::net::UnixListener, serving: UnixServing) {
+    let listener = match UnixListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot serve the API socket");
+            return;
+        }
+    };
+    let UnixServing { conn, gate } = serving;
+    let mut stop = conn.stop.clone();
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept on the API socket failed");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    continue;
+                }
+            },
+            () = async { drop(stop.wait_for(|stop| *stop).await) } => return,
+        };
+        // Every client of the host-local socket counts as one client address.
+        let Ok(permit) = gate.admit(UNIX_CLIENT) else {
+            drop(stream);
+            conn.telemetry.record(TelemetryEvent::ConnectionRefused {
+                reason: "max_connections_unix",
+            });
+            continue;
+        };
+        let conn = conn.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            conn.serve_plain(stream, UNIX_PEER).await;
+        });
     }
 }
 
 /// Binds the host-local API socket at `path` with mode 0600 (only VMCP's
-/// user may connect), replacing a stale socket file a previous VMCP left.
-/// Anything else at `path` is an error: it is never removed.
-pub fn bind_api_socket(path: &std::path::Path) -> std::io::Result<UnixListener> {
+/// user may connect), replacing a stale socket file a previous VMCP left,
+/// and makes the runtime that will serve it (see [`ApiSocket`]). Anything
+/// else at `path` is an error: it is never removed.
+pub fn bind_api_socket(path: &std::path::Path) -> std::io::Result<ApiSocket> {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
@@ -384,9 +485,16 @@ pub fn bind_api_socket(path: &std::path::Path) -> std::io::Result<UnixListener> 
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    let listener = UnixListener::bind(path)?;
+    let listener = std::os::unix::net::UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(listener)
+    listener.set_nonblocking(true)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    Ok(ApiSocket {
+        listener,
+        runtime: SocketRuntime(Some(runtime)),
+    })
 }
 
 /// How long the accept loop pauses after an accept error.

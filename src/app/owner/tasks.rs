@@ -17,9 +17,14 @@ pub fn stopping_error() -> crate::domain::VmError {
 }
 
 /// Starts owner tasks and stops them.
+///
+/// Owners run on the runtime this was made on (the main, multi-threaded
+/// one), not on the runtime of whatever request created them: the API
+/// socket is served by a single-threaded runtime of its own.
 #[derive(Debug, Clone)]
 pub struct OwnerTasks {
     inner: Arc<Inner>,
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 #[derive(Debug)]
@@ -30,6 +35,7 @@ struct Inner {
     live: watch::Sender<usize>,
 }
 
+/// Owners spawned later run on the runtime current here, when there is one.
 impl Default for OwnerTasks {
     fn default() -> Self {
         Self {
@@ -37,6 +43,7 @@ impl Default for OwnerTasks {
                 stop: watch::Sender::new(false),
                 live: watch::Sender::new(0),
             }),
+            runtime: tokio::runtime::Handle::try_current().ok(),
         }
     }
 }
@@ -67,10 +74,14 @@ impl OwnerTasks {
         });
         if admitted {
             let live = Live(Arc::clone(&self.inner));
-            tokio::spawn(async move {
+            let task = async move {
                 let _live = live;
                 task.await;
-            });
+            };
+            match &self.runtime {
+                Some(rt) => drop(rt.spawn(task)),
+                None => drop(tokio::spawn(task)),
+            }
         }
         admitted
     }
@@ -141,6 +152,48 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), tasks.stop())
             .await
             .expect("the stop ends though a task panicked");
+        assert_eq!(tasks.live(), 0);
+    }
+
+    /// A request served on another runtime (the API socket's thread) starts
+    /// an owner: it runs on the runtime the tasks were made on and outlives
+    /// the request's runtime.
+    #[test]
+    fn owners_run_on_the_runtime_the_tasks_were_made_on() {
+        let main = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("main-runtime")
+            .enable_all()
+            .build()
+            .unwrap();
+        let tasks = main.block_on(async { OwnerTasks::default() });
+        let (ran_tx, ran_rx) = std::sync::mpsc::channel();
+        let t = tasks.clone();
+        std::thread::Builder::new()
+            .name("request-thread".into())
+            .spawn(move || {
+                let request = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                request.block_on(async move {
+                    assert!(t.spawn(async move {
+                        // Still running after the request's runtime is gone.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        let name = std::thread::current().name().map(str::to_owned);
+                        let _ = ran_tx.send(name);
+                    }));
+                });
+                // The request's runtime ends here, with everything spawned on it.
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        let ran_on = ran_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the owner task ran to its end");
+        assert_eq!(ran_on.as_deref(), Some("main-runtime"));
+        main.block_on(tasks.stop());
         assert_eq!(tasks.live(), 0);
     }
 }
