@@ -18,23 +18,11 @@ fn json(v: serde_json::Value) -> Option<Bytes> {
     Some(Bytes::from(v.to_string()))
 }
 
-#[tokio::test]
-async fn the_api_is_served_on_a_private_unix_socket_and_the_socket_goes_at_shutdown() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("api.sock");
-    // A stale socket from an earlier VMCP is replaced.
-    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
-    let mut security = Security::open();
-    security.api_socket = Some(path.clone());
-    let h = Harness::start_secured(security).await;
-    let meta = std::fs::metadata(&path).expect("socket exists");
-    assert!(meta.file_type().is_socket());
-    assert_eq!(meta.permissions().mode() & 0o777, 0o600, "only VMCP's user");
-
-    let http = UdsClient::new(Duration::from_secs(5));
+/// Creates the VM "local" over the socket at `path`.
+async fn create_local(http: &UdsClient, path: &std::path::Path) {
     let created = http
         .call(
-            &path,
+            path,
             Method::POST,
             "/vmm.v1.VmService/CreateVm",
             json(serde_json::json!({
@@ -49,6 +37,23 @@ async fn the_api_is_served_on_a_private_unix_socket_and_the_socket_goes_at_shutd
         .await
         .expect("CreateVm over the socket");
     assert!(created.is_success(), "{created:?}");
+}
+
+#[tokio::test]
+async fn the_api_is_served_on_a_private_unix_socket_and_the_socket_goes_at_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("api.sock");
+    // A stale socket from an earlier VMCP is replaced.
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    let mut security = Security::open();
+    security.api_socket = Some(path.clone());
+    let h = Harness::start_secured(security).await;
+    let meta = std::fs::metadata(&path).expect("socket exists");
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600, "only VMCP's user");
+
+    let http = UdsClient::new(Duration::from_secs(5));
+    create_local(&http, &path).await;
     let info = http
         .call(
             &path,
@@ -130,23 +135,7 @@ async fn the_api_socket_answers_while_the_main_runtime_is_blocked() {
     security.api_socket = Some(path.clone());
     let h = Harness::start_secured(security).await;
     let http = UdsClient::new(Duration::from_secs(5));
-    let created = http
-        .call(
-            &path,
-            Method::POST,
-            "/vmm.v1.VmService/CreateVm",
-            json(serde_json::json!({
-                "vmId": "local",
-                "config": {
-                    "cpu": {"vcpuCount": 1},
-                    "memory": {"sizeBytes": "268435456"},
-                    "boot": {"kernelPath": "/var/lib/vmcp/vmlinux"}
-                }
-            })),
-        )
-        .await
-        .expect("CreateVm over the socket");
-    assert!(created.is_success(), "{created:?}");
+    create_local(&http, &path).await;
 
     let (answered_tx, answered) = std::sync::mpsc::channel();
     let socket = path.clone();
