@@ -124,6 +124,18 @@ async fn something_else_at_the_socket_path_is_never_removed() {
     assert_eq!(std::fs::read_to_string(&path).unwrap(), "precious");
 }
 
+/// A start that fails after binding the socket drops it in async code:
+/// its runtime goes without a panic (dropping a plain tokio runtime there
+/// panics).
+#[tokio::test]
+async fn a_bound_socket_dropped_in_async_code_ends_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = bind_api_socket(&dir.path().join("api.sock")).expect("bind");
+    drop(socket);
+    // The runtime stays usable after the drop.
+    tokio::task::yield_now().await;
+}
+
 /// The socket is served on a thread of its own: a host-local client is
 /// answered while the runtime serving the port and the VM owners is busy
 /// (here: blocked outright).
