@@ -352,34 +352,18 @@ const UNIX_PEER: std::net::SocketAddr = std::net::SocketAddr::new(UNIX_CLIENT, 0
 /// runtime, not by the multi-threaded one that serves the port and runs the
 /// VM owners. On the multi-threaded runtime a connection's task that wakes
 /// itself (hyper does, to read a request body) also wakes an idle worker on
-/// the other core: per request a futex wake-up, context switches and, when
-/// that worker steals the task, a move to a cold core. The host-local
-/// client (`vmcpctl`, an agent on the host) makes one call at a time and
-/// waits for each answer, so that is its latency. On its own thread a
-/// request is read, answered and written without leaving the thread, and a
-/// flood on the port does not delay the operator's socket. What a request
-/// asks of a VM still runs in the VM's owner, on the main runtime.
+/// the other core: per sequential request two futex calls and a context
+/// switch more, about a tenth of the request's CPU (BENCHMARKS.md). On its
+/// own thread a request is read, answered and written without leaving the
+/// thread, and the host-local client (`vmcpctl`, an agent on the host) is
+/// not queued behind the port's connections. What a request asks of a VM
+/// still runs in the VM's owner, on the main runtime.
 pub struct ApiSocket {
     listener: std::os::unix::net::UnixListener,
-    runtime: SocketRuntime,
-}
-
-/// A runtime that may be dropped anywhere, also in async code (where
-/// dropping a tokio runtime panics): its tasks are dropped without waiting.
-struct SocketRuntime(Option<tokio::runtime::Runtime>);
-
-impl SocketRuntime {
-    fn get(&self) -> &tokio::runtime::Runtime {
-        self.0.as_ref().expect("taken only by drop")
-    }
-}
-
-impl Drop for SocketRuntime {
-    fn drop(&mut self) {
-        if let Some(rt) = self.0.take() {
-            rt.shutdown_background();
-        }
-    }
+    /// The runtime on the socket's thread.
+    runtime: tokio::runtime::Handle,
+    /// Dropping it ends the thread, and any connection still open on it.
+    thread: ApiSocketThread,
 }
 
 impl std::fmt::Debug for ApiSocket {
@@ -397,34 +381,56 @@ struct UnixServing {
 }
 
 /// The thread serving the API socket: dropping this ends it (and any
-/// connection still open on it).
+/// connection still open on it). The runtime lives and ends on that thread,
+/// so it is never dropped in async code (where tokio panics).
 struct ApiSocketThread {
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
-impl ApiSocket {
-    /// Starts the thread that accepts on the socket and serves each
-    /// connection, until `serving.conn.stop` turns true. The connections
-    /// hold that receiver like those on the port, so the drain waits for
-    /// them; the thread ends when the returned value is dropped.
-    fn serve(self, serving: UnixServing) -> Option<ApiSocketThread> {
-        let ApiSocket { listener, runtime } = self;
-        runtime.get().spawn(accept_unix(listener, serving));
+impl ApiSocketThread {
+    /// Starts the thread with a single-threaded runtime waiting for work.
+    fn start() -> std::io::Result<(Self, tokio::runtime::Handle)> {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let spawned = std::thread::Builder::new()
+        let (ready_tx, ready) = std::sync::mpsc::sync_channel(1);
+        std::thread::Builder::new()
             .name("vmcp-api-socket".to_owned())
             .spawn(move || {
-                // Resolves when the sender is dropped; the runtime, and any task
-                // still on it, goes with this thread.
-                let _ = runtime.get().block_on(stopped);
-            });
-        match spawned {
-            Ok(_) => Some(ApiSocketThread { _stop: stop }),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot start the API socket's thread: the socket is not served");
-                None
-            }
-        }
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build();
+                match runtime {
+                    Ok(rt) => {
+                        let _ = ready_tx.send(Ok(rt.handle().clone()));
+                        // Until the sender is dropped; the runtime and any task
+                        // still on it end with this thread.
+                        let _ = rt.block_on(stopped);
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
+                }
+            })?;
+        // The thread answers as soon as its runtime is built (or failed to be).
+        let handle = ready.recv().map_err(|_| {
+            std::io::Error::other("the API socket's thread ended before its runtime started")
+        })??;
+        Ok((Self { _stop: stop }, handle))
+    }
+}
+
+impl ApiSocket {
+    /// Serves the socket on its thread: accepts and serves each connection
+    /// until `serving.conn.stop` turns true. The connections hold that
+    /// receiver like those on the port, so the drain waits for them; the
+    /// thread ends when the returned value is dropped.
+    fn serve(self, serving: UnixServing) -> ApiSocketThread {
+        let ApiSocket {
+            listener,
+            runtime,
+            thread,
+        } = self;
+        runtime.spawn(accept_unix(listener, serving));
+        thread
     }
 }
 
@@ -470,7 +476,7 @@ async fn accept_unix(listener: std::os::unix::net::UnixListener, serving: UnixSe
 
 /// Binds the host-local API socket at `path` with mode 0600 (only VMCP's
 /// user may connect), replacing a stale socket file a previous VMCP left,
-/// and makes the runtime that will serve it (see [`ApiSocket`]). Anything
+/// and starts the thread that will serve it (see [`ApiSocket`]). Anything
 /// else at `path` is an error: it is never removed.
 pub fn bind_api_socket(path: &std::path::Path) -> std::io::Result<ApiSocket> {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -488,12 +494,11 @@ pub fn bind_api_socket(path: &std::path::Path) -> std::io::Result<ApiSocket> {
     let listener = std::os::unix::net::UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     listener.set_nonblocking(true)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let (thread, runtime) = ApiSocketThread::start()?;
     Ok(ApiSocket {
         listener,
-        runtime: SocketRuntime(Some(runtime)),
+        runtime,
+        thread,
     })
 }
 
