@@ -25,6 +25,11 @@ const PROBE_INTERVAL_MAX: Duration = Duration::from_millis(50);
 /// How long after the spawn probes keep the shortest pause.
 const PROBE_FAST_FOR: Duration = Duration::from_millis(20);
 
+/// How often an adopted (not our child) process is checked for exit.
+const ADOPTED_POLL_INTERVAL: Duration = Duration::from_millis(200);
+/// How long a SIGKILLed process may take to be reaped before we give up waiting.
+const KILL_REAP_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The pause before the next readiness probe of a VMM spawned `since_spawn`
 /// ago, after a pause of `last`.
 ///
@@ -33,7 +38,7 @@ const PROBE_FAST_FOR: Duration = Duration::from_millis(20);
 /// ms), so for the first [`PROBE_FAST_FOR`] the probes come every
 /// millisecond, like a client polling a VMM it started itself: a start is
 /// noticed at most a millisecond late. Until the socket exists a probe is a
-/// refused `connect`, a few microseconds. A slower start (a loaded host)
+/// failed `connect`, a few microseconds. A slower start (a loaded host)
 /// then backs off, the pause growing by half up to [`PROBE_INTERVAL_MAX`].
 fn probe_pause(since_spawn: Duration, last: Duration) -> Duration {
     if since_spawn < PROBE_FAST_FOR {
@@ -42,10 +47,6 @@ fn probe_pause(since_spawn: Duration, last: Duration) -> Duration {
         (last + last / 2).clamp(PROBE_INTERVAL_MIN, PROBE_INTERVAL_MAX)
     }
 }
-/// How often an adopted (not our child) process is checked for exit.
-const ADOPTED_POLL_INTERVAL: Duration = Duration::from_millis(200);
-/// How long a SIGKILLed process may take to be reaped before we give up waiting.
-const KILL_REAP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What to run.
 #[derive(Debug, Clone)]
