@@ -131,30 +131,33 @@ impl SqliteStore {
         let row = Row::encode(record)?;
         let revision = record.snapshot.revision;
         if sync == Sync::Normal {
-            return self.group_commit(row, revision).await;
+            return self
+                .grouped(|i| &i.writes, |answer| (row, revision, answer), write_batch)
+                .await
+                .map_err(|_| StoreError::Unavailable("the store's writer stopped".into()))?;
         }
-        self.blocking(move |conn, path| {
-            write(conn, sync, |tx| {
-                upsert_row(tx, &row)?;
-                raise_revision(tx, revision)
-            })
-            .map_err(|e| write_error(path, "write", &row.id, &e))
-        })
-        .await
+        self.blocking(move |conn, path| write_one(conn, sync, path, &row, revision))
+            .await
     }
 
-    /// Queues `row` for the group writer (starting one when none runs) and
-    /// waits until it is committed.
-    async fn group_commit(&self, row: Row, revision: u64) -> Result<(), StoreError> {
+    /// Queues an item made with its answer's sender on the group `of` the
+    /// store, starting a worker on the blocking pool (which hands each batch
+    /// to `handle`) when none runs, and waits for the answer; `Err` when the
+    /// worker stopped without answering.
+    async fn grouped<T: Send + 'static>(
+        &self,
+        of: fn(&Inner) -> &Group<T>,
+        item: impl FnOnce(Answer) -> T,
+        handle: fn(&Inner, Vec<T>),
+    ) -> Result<Result<(), StoreError>, oneshot::error::RecvError> {
         let (tx, rx) = oneshot::channel();
-        if self.inner.writes.push((row, revision, tx)) {
+        if of(&self.inner).push(item(tx)) {
             let inner = Arc::clone(&self.inner);
             tokio::task::spawn_blocking(move || {
-                inner.writes.work(|batch| write_batch(&inner, batch));
+                of(&inner).work(|batch| handle(&inner, batch));
             });
         }
         rx.await
-            .map_err(|_| StoreError::Unavailable("the store's writer stopped".into()))?
     }
 
     /// Runs `f` on the connection on tokio's blocking pool.
@@ -185,20 +188,8 @@ impl VmStore for SqliteStore {
     }
 
     async fn sync(&self) -> Result<(), StoreError> {
-        let (tx, rx) = oneshot::channel();
-        if self.inner.syncs.push(tx) {
-            let inner = Arc::clone(&self.inner);
-            tokio::task::spawn_blocking(move || {
-                inner.syncs.work(|waiters| {
-                    // Every waiter's commit came before this flush starts.
-                    let outcome = sync_wal(&inner.path);
-                    for waiter in waiters {
-                        let _ = waiter.send(outcome.clone());
-                    }
-                });
-            });
-        }
-        rx.await
+        self.grouped(|i| &i.syncs, |answer| answer, sync_batch)
+            .await
             .map_err(|_| StoreError::Unavailable("the store's sync stopped".into()))?
     }
 
@@ -352,14 +343,39 @@ fn write_batch(inner: &Inner, batch: Vec<Queued>) {
         }
         Err(_) => {
             for (row, revision, done) in batch {
-                let alone = write(&mut conn, Sync::Normal, |tx| {
-                    upsert_row(tx, &row)?;
-                    raise_revision(tx, revision)
-                })
-                .map_err(|e| write_error(&inner.path, "write", &row.id, &e));
-                let _ = done.send(alone);
+                let _ = done.send(write_one(
+                    &mut conn,
+                    Sync::Normal,
+                    &inner.path,
+                    &row,
+                    revision,
+                ));
             }
         }
+    }
+}
+
+/// Writes `row` (with `revision`) in a transaction of its own.
+fn write_one(
+    conn: &mut Connection,
+    sync: Sync,
+    path: &Path,
+    row: &Row,
+    revision: u64,
+) -> Result<(), StoreError> {
+    write(conn, sync, |tx| {
+        upsert_row(tx, row)?;
+        raise_revision(tx, revision)
+    })
+    .map_err(|e| write_error(path, "write", &row.id, &e))
+}
+
+/// Flushes the WAL once for every waiter of the batch (each one's commit
+/// came before this flush starts) and answers them all.
+fn sync_batch(inner: &Inner, waiters: Vec<Answer>) {
+    let outcome = sync_wal(&inner.path);
+    for waiter in waiters {
+        let _ = waiter.send(outcome.clone());
     }
 }
 
