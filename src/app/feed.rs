@@ -556,7 +556,7 @@ mod tests {
         }
     }
 
-    async fn change(
+    fn change(
         feed: &ChangeFeed,
         kind: WatchEventKind,
         id: &str,
@@ -595,7 +595,7 @@ mod tests {
     async fn revisions_continue_after_the_store_and_a_resume_replays_what_followed() {
         let feed = ChangeFeed::new(10, settings(8, 8), Arc::new(NoopTelemetry));
         assert_eq!(
-            change(&feed, WatchEventKind::Added, "a", None, VmState::Created).await,
+            change(&feed, WatchEventKind::Added, "a", None, VmState::Created),
             11
         );
         assert_eq!(
@@ -605,8 +605,7 @@ mod tests {
                 "a",
                 Some(VmState::Created),
                 VmState::Running
-            )
-            .await,
+            ),
             12
         );
         let q = WatchQuery {
@@ -627,8 +626,7 @@ mod tests {
             "a",
             Some(VmState::Running),
             VmState::Running,
-        )
-        .await;
+        );
         assert_eq!(
             take(&mut s, 1).await,
             [(WatchEventKind::Deleted, Some("a".into()), 13)]
@@ -639,7 +637,7 @@ mod tests {
     async fn a_revision_older_than_the_history_or_newer_than_the_host_is_out_of_range() {
         let feed = ChangeFeed::new(0, settings(2, 8), Arc::new(NoopTelemetry));
         for id in ["a", "b", "c", "d"] {
-            change(&feed, WatchEventKind::Added, id, None, VmState::Created).await;
+            change(&feed, WatchEventKind::Added, id, None, VmState::Created);
         }
         // History holds 3 and 4: resuming after 2 is complete, after 1 is not.
         let at = |since| WatchQuery {
@@ -715,7 +713,7 @@ mod tests {
             (Added, "a", None, Running),              // 7: into Running
         ];
         for (kind, id, before, state) in changes {
-            change(&feed, kind, id, before, state).await;
+            change(&feed, kind, id, before, state);
         }
         assert_eq!(revisions(&mut s, 3).await, [3, 4, 7]);
     }
@@ -738,8 +736,7 @@ mod tests {
                 &format!("vm{i}"),
                 None,
                 VmState::Created,
-            )
-            .await;
+            );
             // The fast watcher keeps up; the slow one reads nothing.
             assert_eq!(take(&mut fast, 1).await[0].2, i + 1);
         }
@@ -792,7 +789,7 @@ mod tests {
         let mut s = feed
             .subscribe(WatchQuery::default(), Vec::new)
             .expect("watch");
-        change(&feed, WatchEventKind::Added, "a", None, VmState::Created).await;
+        change(&feed, WatchEventKind::Added, "a", None, VmState::Created);
         feed.close();
         assert_eq!(revisions(&mut s, 2).await, [0, 1]);
         match s.next().await {
@@ -821,7 +818,7 @@ mod tests {
             .expect("watch");
         assert_eq!(take(&mut s, 1).await, [(WatchEventKind::Synced, None, 7)]);
         // A change the filter does not want still moves the heartbeat's revision.
-        change(&feed, WatchEventKind::Added, "b", None, VmState::Created).await;
+        change(&feed, WatchEventKind::Added, "b", None, VmState::Created);
         let started = tokio::time::Instant::now();
         assert_eq!(
             take(&mut s, 1).await,
@@ -847,7 +844,7 @@ mod tests {
             rt.block_on(async {
                 let feed = ChangeFeed::new(start, settings(history, 64), Arc::new(NoopTelemetry));
                 for i in 0..n {
-                    change(&feed, WatchEventKind::Added, &format!("vm{i}"), None, VmState::Created).await;
+                    change(&feed, WatchEventKind::Added, &format!("vm{i}"), None, VmState::Created);
                 }
                 let top = start + n as u64;
                 let since = top.saturating_sub(since_back);
