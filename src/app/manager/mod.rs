@@ -489,7 +489,7 @@ impl<H: Hypervisor, S: VmStore> VmService for VmManager<H, S> {
         self.require_backend().await?;
         let size = paging::page_size(&query);
         let after = paging::start_after(&query)?;
-        // The revision first, then the views: every change up to it is in them (see feed.rs).
+        // The revision first, then the views: every change up to it is in them (see feed/mod.rs).
         let revision = self.deps.feed.revision();
         let (views, more) = self.registry.page(&query.states, after.as_ref(), size);
         let total = self.registry.listed().total(&query.states);

@@ -17,7 +17,7 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
     /// next revision, the record is written with it, the view is published,
     /// then the change is committed; the feed publishes commits in revision
     /// order, so every reader and watcher sees revisions in one order while
-    /// owners write their records at the same time (see feed.rs).
+    /// owners write their records at the same time (see feed/mod.rs).
     pub(super) async fn publish(&mut self) {
         let snap = self.vm.snapshot();
         let (announced, before) = self.announced;
