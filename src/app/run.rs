@@ -154,6 +154,7 @@ async fn serve<H: Hypervisor>(
         }));
     }
     let meter = otel.meter();
+    let traced = otel.tracer().is_some();
     let health_handle = otel.clone();
     let counts_handle = otel.clone();
     let backend = hypervisor.kind();
@@ -174,6 +175,7 @@ async fn serve<H: Hypervisor>(
             wrap_rpc: Box::new(move |rpc| {
                 BoxCloneService::new(
                     RpcTelemetryLayer::new(&meter)
+                        .traced(traced)
                         .layer(rpc)
                         .map_response(|r| r.map(|b| b.boxed_unsync())),
                 )

@@ -19,6 +19,7 @@ use super::convert::{
     snapshot_out, state_filter_in, state_out, vm_id, vm_info_out, watch_event_out, watch_query_in,
 };
 use super::errors::to_connect;
+use super::rpc_layer::record_vm_id;
 
 /// Adapts a [`VmService`] implementation to the generated ConnectRPC trait.
 pub struct RpcService<S> {
@@ -43,10 +44,6 @@ pub const MAX_CONSOLE_WRITE: usize = 16 * 1024;
 
 fn fail(e: VmError) -> ConnectError {
     to_connect(&e)
-}
-
-fn record_vm_id(id: &str) {
-    tracing::Span::current().record("vm.id", id);
 }
 
 // The generated trait returns `impl Encodable`; naming the concrete message type is the point.

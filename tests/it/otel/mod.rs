@@ -21,7 +21,7 @@ use serde_json::Value;
 use tower::{Layer, Service, ServiceExt};
 use tracing_subscriber::fmt::MakeWriter;
 
-use vmcp::adapters::inbound::rpc_layer::{DURATION_BUCKETS, RpcTelemetryLayer};
+use vmcp::adapters::inbound::rpc_layer::{self, DURATION_BUCKETS, RpcTelemetryLayer};
 use vmcp::adapters::outbound::otel::{self, ExportState, OtelHandle, OtelSettings};
 use vmcp::domain::{Operation, VmEvent, VmId, VmState};
 use vmcp::ports::{BackendKind, Telemetry, TelemetryEvent};
@@ -91,9 +91,11 @@ impl Body for Frames {
 }
 
 /// A stand-in for the ConnectRPC router. The `x-outcome` header picks the
-/// answer: `ok`, `failed_precondition` or `not_found` (an RPC error), or
-/// `logged_error` (success, but a child span logs an error). Each call
-/// records `vm.id` on the server span and runs one child "hypervisor" span.
+/// answer: `ok`, `failed_precondition` or `not_found` (an RPC error),
+/// `logged_error` (success, but a child span logs an error) or `logged`
+/// (success, and the handler itself logs a warning). Each call records
+/// `vm.id` for the RPC and runs one child "hypervisor" span; the answer's
+/// `x-in-span` header says whether the handler ran inside a span.
 async fn fake_vm_service(req: Request<Full<Bytes>>) -> Result<Response<Frames>, Infallible> {
     let header = |name: &str| {
         req.headers()
@@ -104,7 +106,11 @@ async fn fake_vm_service(req: Request<Full<Bytes>>) -> Result<Response<Frames>, 
     };
     let outcome = header("x-outcome");
     let vm_id = header("x-vm-id");
-    tracing::Span::current().record("vm.id", vm_id.as_str());
+    rpc_layer::record_vm_id(&vm_id);
+    if outcome == "logged" {
+        tracing::warn!(target: "fake", "answering from inside the RPC");
+    }
+    let in_span = !tracing::Span::current().is_disabled();
     {
         let call = tracing::info_span!("hypervisor.call", vm.id = %vm_id, operation = "info");
         let _entered = call.enter();
@@ -145,7 +151,11 @@ async fn fake_vm_service(req: Request<Full<Bytes>>) -> Result<Response<Frames>, 
                 .body(Frames(frames))
         }
     };
-    Ok(response.expect("response"))
+    let mut response = response.expect("response");
+    response
+        .headers_mut()
+        .insert("x-in-span", in_span.to_string().parse().expect("header"));
+    Ok(response)
 }
 
 /// One RPC through `layer` to the fake service; the body is read to the end.
@@ -155,6 +165,17 @@ async fn call(
     outcome: &str,
     headers: &[(&str, &str)],
 ) -> (StatusCode, Bytes) {
+    let (status, _, body) = call_full(layer, method, outcome, headers).await;
+    (status, body)
+}
+
+/// [`call`], with the answer's headers.
+async fn call_full(
+    layer: &RpcTelemetryLayer,
+    method: &str,
+    outcome: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, HeaderMap, Bytes) {
     let svc = layer.layer(tower::service_fn(fake_vm_service));
     let mut req = Request::builder()
         .method("POST")
@@ -170,8 +191,9 @@ async fn call(
         .expect("request");
     let resp = svc.oneshot(req).await.expect("service");
     let status = resp.status();
+    let headers = resp.headers().clone();
     let body = resp.into_body().collect().await.expect("body").to_bytes();
-    (status, body)
+    (status, headers, body)
 }
 
 fn settings(endpoint: String, rate: f64) -> OtelSettings {
@@ -219,8 +241,12 @@ async fn spans_metrics_and_logs_reach_the_collector() {
     let (handle, logs, _guard) = setup(&settings(collector.endpoint(), 1.0), "info");
     let layer = RpcTelemetryLayer::new(&handle.meter());
 
-    let (status, _) = call(&layer, "GetVmInfo", "ok", &[]).await;
+    let (status, headers, _) = call_full(&layer, "GetVmInfo", "ok", &[]).await;
     assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        headers["x-in-span"], "true",
+        "traces on: the handler runs in the RPC's span"
+    );
     let vm = VmId::parse("vm-1").expect("id");
     handle.record(TelemetryEvent::Vm(VmEvent::StateChanged {
         vm_id: vm,
@@ -331,6 +357,8 @@ async fn spans_metrics_and_logs_reach_the_collector() {
     assert_eq!(line["level"], "INFO");
     assert_eq!(line["trace_id"], hex(&server.trace_id));
     assert_eq!(line["span_id"], hex(&server.span_id));
+    assert_eq!(line["span"], "rpc");
+    assert_eq!(line["vm_id"], "vm-1");
 
     let health = handle.health();
     assert_eq!(health.traces.state, ExportState::Ok);
@@ -620,18 +648,37 @@ async fn with_otel_disabled_nothing_is_exported() {
     let (handle, logs, _guard) = setup(&s, "info");
     assert!(handle.tracer().is_none());
     assert!(handle.render_prometheus().is_none());
-    let layer = RpcTelemetryLayer::new(&handle.meter());
-    let (status, _) = call(&layer, "GetVmInfo", "failed_precondition", &[]).await;
+    let layer = RpcTelemetryLayer::new(&handle.meter()).traced(handle.tracer().is_some());
+    let (status, headers, _) = call_full(&layer, "GetVmInfo", "failed_precondition", &[]).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        headers["x-in-span"], "false",
+        "traces off: no span is made for an RPC"
+    );
+    let (status, _) = call(&layer, "PauseVm", "logged", &[]).await;
+    assert_eq!(status, StatusCode::OK);
     handle.force_flush().expect("flush is a no-op");
     handle.shutdown(Duration::from_secs(1)).expect("shutdown");
 
     assert!(collector.spans().is_empty());
     assert!(collector.metrics().is_empty());
     let access = logs.access();
-    assert_eq!(access.len(), 1, "the access log still works");
+    assert_eq!(access.len(), 2, "the access log still works");
     assert_eq!(access[0]["code"], "failed_precondition");
     assert!(access[0].get("trace_id").is_none());
+    for line in &access {
+        assert_eq!(line["span"], "rpc", "{line}");
+        assert_eq!(line["vm_id"], "vm-1", "{line}");
+    }
+    // A line the handler writes still names the RPC and its VM.
+    let inner = logs
+        .lines()
+        .into_iter()
+        .find(|l| l["target"] == "fake")
+        .expect("the handler's warning");
+    assert_eq!(inner["span"], "rpc", "{inner}");
+    assert_eq!(inner["vm_id"], "vm-1", "{inner}");
+    assert!(inner.get("trace_id").is_none());
     let health = handle.health();
     assert_eq!(health.traces.state, ExportState::Disabled);
     assert!(!health.degraded());

@@ -4,10 +4,13 @@
 //!
 //! The span is a tracing span (`vmm.v1.VmService/<Method>`, kind server,
 //! `rpc.system` `connect_rpc` or `grpc`, `rpc.service`, `rpc.method`, an empty
-//! `vm.id` that handlers fill with `Span::current().record("vm.id", ..)`),
-//! parented on the caller's W3C `traceparent` and carrying its `baggage`; the
-//! OpenTelemetry layer installed by `otel::init_logging` exports it, and
-//! hypervisor spans opened inside handlers become its children.
+//! `vm.id` that handlers fill with [`record_vm_id`]), parented on the caller's
+//! W3C `traceparent` and carrying its `baggage`; the OpenTelemetry layer
+//! installed by `otel::init_logging` exports it, and hypervisor spans opened
+//! inside handlers become its children. It is made only when traces are
+//! exported ([`RpcTelemetryLayer::traced`]): with traces off there is no span
+//! per RPC, and the RPC's log lines take the VM and `"span":"rpc"` from its
+//! [`context`].
 //!
 //! The RPC's status is read from the response, where each protocol puts it
 //! (the `status` module: a Connect error body, the `grpc-status` trailer, the
@@ -25,6 +28,7 @@
 //! duration as an SDK measurement, the request and active counts in atomics
 //! that the SDK reads when it collects (observable instruments).
 
+pub mod context;
 mod status;
 #[cfg(test)]
 mod tests;
@@ -48,10 +52,13 @@ use opentelemetry::metrics::{Histogram, Meter, ObservableCounter, ObservableUpDo
 use opentelemetry::propagation::{Extractor, TextMapCompositePropagator, TextMapPropagator};
 use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
 use pin_project_lite::pin_project;
+use tokio::task::futures::TaskLocalFuture;
 use tracing::Span;
 use tracing::field::Empty;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use self::context::RpcContext;
+pub use self::context::record_vm_id;
 use self::status::{Protocol, Watch};
 
 /// The service's name, as a literal for `concat!` in [`methods!`].
@@ -111,6 +118,12 @@ pub const OTHER_METHOD: &str = "_OTHER";
 
 /// Target of the per-RPC access-log line (kept out of span events).
 pub const ACCESS_LOG_TARGET: &str = "vmcp::access";
+
+/// Target of the RPC's server span.
+const SPAN_TARGET: &str = "vmcp::rpc";
+
+/// Name of the RPC's server span (its exported name is `otel.name`).
+pub const SPAN_NAME: &str = "rpc";
 
 /// Histogram buckets, in seconds: sub-millisecond reads to tens of seconds
 /// (a graceful shutdown waits up to its timeout).
@@ -236,6 +249,8 @@ impl RpcMetrics {
 pub struct RpcTelemetryLayer {
     metrics: RpcMetrics,
     propagator: Arc<TextMapCompositePropagator>,
+    /// Whether each RPC gets a server span (traces are exported).
+    traced: bool,
 }
 
 impl fmt::Debug for RpcTelemetryLayer {
@@ -245,7 +260,8 @@ impl fmt::Debug for RpcTelemetryLayer {
 }
 
 impl RpcTelemetryLayer {
-    /// A layer recording on `meter` (normally `OtelHandle::meter()`).
+    /// A layer recording on `meter` (normally `OtelHandle::meter()`), with a
+    /// server span per RPC.
     pub fn new(meter: &Meter) -> Self {
         Self {
             metrics: RpcMetrics::new(meter),
@@ -253,7 +269,18 @@ impl RpcTelemetryLayer {
                 Box::new(TraceContextPropagator::new()),
                 Box::new(BaggagePropagator::new()),
             ])),
+            traced: true,
         }
+    }
+
+    /// Whether each RPC gets a server span: pass whether traces are exported
+    /// (`OtelHandle::tracer()` is some). Without, the span would serve the
+    /// log lines alone, which take what it would say from the RPC's context;
+    /// making, entering and closing it, and formatting its fields for the log
+    /// layer, cost about a fifth of a GetVmInfo's CPU (BENCHMARKS.md).
+    pub fn traced(mut self, traced: bool) -> Self {
+        self.traced = traced;
+        self
     }
 }
 
@@ -290,7 +317,7 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let call = RpcCall::start(&req, &self.layer);
-        let inner = call.span.in_scope(|| self.inner.call(req));
+        let inner = RpcContext::default().scope(call.span.in_scope(|| self.inner.call(req)));
         ResponseFuture {
             inner,
             call: Some(call),
@@ -302,7 +329,7 @@ pin_project! {
     /// Resolves to the inner response with its body observed.
     pub struct ResponseFuture<F> {
         #[pin]
-        inner: F,
+        inner: TaskLocalFuture<RpcContext, F>,
         call: Option<RpcCall>,
     }
 }
@@ -315,16 +342,18 @@ where
     type Output = Result<Response<ObservedBody<ResBody>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
+        let mut this = self.project();
         let result = {
             let _entered = this.call.as_ref().map(|c| c.span.enter());
-            ready!(this.inner.poll(cx))
+            ready!(this.inner.as_mut().poll(cx))
         };
-        let Some(call) = this.call.take() else {
+        let Some(mut call) = this.call.take() else {
             // Polled after completion: a contract violation by the caller;
             // pass the result through untouched.
             return Poll::Ready(result.map(|r| r.map(ObservedBody::unobserved)));
         };
+        // What the handler recorded (the VM), for the access line.
+        call.context = this.inner.take_value().unwrap_or_default();
         Poll::Ready(match result {
             Ok(response) => {
                 let watch = Watch::for_response(call.protocol, &response);
@@ -354,6 +383,8 @@ struct RpcCall {
     full_name: Cow<'static, str>,
     protocol: Protocol,
     metrics: RpcMetrics,
+    /// The RPC's context once its service future is done.
+    context: RpcContext,
 }
 
 /// `(method label, span name)` for a request path; no span name when the
@@ -383,22 +414,28 @@ impl RpcCall {
                 Cow::Owned(truncate(req.uri().path(), 128).to_owned()),
             ),
         };
-        let span = tracing::info_span!(
-            target: "vmcp::rpc",
-            "rpc",
-            otel.name = span_name,
-            otel.kind = "server",
-            rpc.system = protocol.system(),
-            rpc.service = known.map(|_| SERVICE),
-            rpc.method = method,
-            rpc.grpc.status_code = Empty,
-            rpc.connect_rpc.error_code = Empty,
-            rpc.response.status_code = Empty,
-            vm.id = Empty,
-            otel.status_description = Empty,
-        );
+        let span = if !layer.traced {
+            Span::none()
+        } else {
+            tracing::info_span!(
+                target: SPAN_TARGET,
+                SPAN_NAME,
+                otel.name = span_name,
+                otel.kind = "server",
+                rpc.system = protocol.system(),
+                rpc.service = known.map(|_| SERVICE),
+                rpc.method = method,
+                rpc.grpc.status_code = Empty,
+                rpc.connect_rpc.error_code = Empty,
+                rpc.response.status_code = Empty,
+                vm.id = Empty,
+                otel.status_description = Empty,
+            )
+        };
         let headers = req.headers();
-        if headers.contains_key("traceparent") || headers.contains_key("baggage") {
+        if !span.is_disabled()
+            && (headers.contains_key("traceparent") || headers.contains_key("baggage"))
+        {
             let parent = layer.propagator.extract(&HeaderExtractor(headers));
             let baggage: Vec<KeyValue> = parent
                 .baggage()
@@ -408,8 +445,8 @@ impl RpcCall {
                     KeyValue::new(format!("baggage.{}", k.as_str()), v.as_str().to_owned())
                 })
                 .collect();
-            // Fails only when no OpenTelemetry layer is installed (OTLP off):
-            // then there is no span to parent and nothing to do.
+            // Fails only when no OpenTelemetry layer is installed: then there
+            // is no trace to continue and nothing to do.
             let _ = span.set_parent(parent);
             for kv in baggage {
                 span.set_attribute(kv.key, kv.value);
@@ -428,6 +465,7 @@ impl RpcCall {
             full_name: log_name,
             protocol,
             metrics: layer.metrics.clone(),
+            context: RpcContext::default(),
         }
     }
 
@@ -466,14 +504,17 @@ impl RpcCall {
                 .unwrap_or(status);
             self.span.record("otel.status_description", description);
         }
+        // In the span (its trace ids) and in the RPC's context (its VM).
         let _entered = self.span.enter();
-        tracing::info!(
-            target: ACCESS_LOG_TARGET,
-            method = %self.full_name,
-            code = status,
-            duration_ms = elapsed.as_secs_f64() * 1000.0,
-            "rpc finished"
-        );
+        self.context.sync_scope(|| {
+            tracing::info!(
+                target: ACCESS_LOG_TARGET,
+                method = %self.full_name,
+                code = status,
+                duration_ms = elapsed.as_secs_f64() * 1000.0,
+                "rpc finished"
+            );
+        });
     }
 }
 

@@ -27,6 +27,7 @@ use opentelemetry::trace::TraceContextExt;
 
 use super::log_writer::{BatchedWriter, FLUSH_EVERY, FlushGuard};
 use super::{OtelError, OtelHandle};
+use crate::adapters::inbound::rpc_layer::{self, context as rpc_context};
 
 /// The log filter: `RUST_LOG` if set, else `UNKEY_VMCP_LOG_LEVEL`, else `info`.
 pub fn log_filter_from_env() -> String {
@@ -104,15 +105,13 @@ fn trace_targets() -> Targets {
         .with_target("hyper", LevelFilter::OFF)
         .with_target("hyper_util", LevelFilter::OFF)
         .with_target("h2", LevelFilter::OFF)
-        .with_target(
-            crate::adapters::inbound::rpc_layer::ACCESS_LOG_TARGET,
-            LevelFilter::OFF,
-        )
+        .with_target(rpc_layer::ACCESS_LOG_TARGET, LevelFilter::OFF)
 }
 
 /// One JSON object per event: `timestamp`, `level`, `target`, `message`, the
-/// event's fields, `span` (the innermost span's name), `vm_id` (from the
-/// nearest span that recorded `vm.id`), and `trace_id` / `span_id` when the
+/// event's fields, `span` (the innermost span's name, `rpc` inside an RPC),
+/// `vm_id` (the event's own `vm_id` field, else the nearest span that
+/// recorded `vm.id`, else the RPC's), and `trace_id` / `span_id` when the
 /// event is inside an OpenTelemetry span.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct JsonLines;
@@ -207,11 +206,16 @@ where
         }
         writer.write_str(&fields.rest)?;
 
+        let (mut named, mut vm_known) = (false, fields.vm_id.is_some());
         if let Some(scope) = ctx.event_scope() {
             for (depth, span) in scope.enumerate() {
                 if depth == 0 {
                     writer.write_str(",\"span\":")?;
                     write_json_str(&mut writer, span.name())?;
+                    named = true;
+                }
+                if vm_known {
+                    break;
                 }
                 let ext = span.extensions();
                 if let Some(f) = ext.get::<FormattedFields<VmIdField>>()
@@ -219,9 +223,30 @@ where
                 {
                     writer.write_str(",\"vm_id\":")?;
                     write_json_str(&mut writer, &f.fields)?;
+                    vm_known = true;
                     break;
                 }
             }
+        }
+        if !named || !vm_known {
+            rpc_context::with_current(|vm_id| {
+                if !named {
+                    writer.write_str(",\"span\":")?;
+                    write_json_str(&mut writer, rpc_layer::SPAN_NAME)?;
+                }
+                match vm_id {
+                    Some(id) if !vm_known => {
+                        writer.write_str(",\"vm_id\":")?;
+                        write_json_str(&mut writer, id)
+                    }
+                    _ => Ok(()),
+                }
+            })
+            .transpose()?;
+        }
+        if let Some(own) = &fields.vm_id {
+            writer.write_str(",\"vm_id\":")?;
+            writer.write_str(own)?;
         }
 
         // The ids come from the OpenTelemetry context the OpenTelemetry layer
@@ -271,10 +296,13 @@ fn write_json_str(w: &mut impl fmt::Write, s: &str) -> fmt::Result {
 }
 
 /// Writes an event's fields as JSON members (`,"key":value`), the message
-/// apart; a field named like one of the line's own keys becomes `field.<name>`.
+/// and `vm_id` apart; another field named like one of the line's own keys
+/// becomes `field.<name>`.
 struct FieldWriter {
     /// The message, as a JSON value.
     message: Option<String>,
+    /// The event's own `vm_id`, as a JSON value.
+    vm_id: Option<String>,
     /// The other fields, each as `,"key":value`.
     rest: String,
     /// The first failed write, if any.
@@ -285,6 +313,7 @@ impl Default for FieldWriter {
     fn default() -> Self {
         Self {
             message: None,
+            vm_id: None,
             rest: String::new(),
             result: Ok(()),
         }
@@ -298,16 +327,18 @@ impl FieldWriter {
         if name == "message" {
             return Some(self.message.insert(String::new()));
         }
+        if name == "vm_id" {
+            return Some(self.vm_id.insert(String::new()));
+        }
         if name.starts_with("log.") {
             return None;
         }
-        let key = if RESERVED.contains(&name) {
-            format!("field.{name}")
-        } else {
-            name.to_owned()
-        };
         self.rest.push(',');
-        let written = write_json_str(&mut self.rest, &key);
+        let written = if RESERVED.contains(&name) {
+            write_json_str(&mut self.rest, &format!("field.{name}"))
+        } else {
+            write_json_str(&mut self.rest, name)
+        };
         self.rest.push(':');
         self.result = self.result.and(written);
         Some(&mut self.rest)
@@ -458,6 +489,25 @@ mod tests {
             l.get("trace_id").is_none(),
             "no OpenTelemetry layer, no ids"
         );
+    }
+
+    #[test]
+    fn an_events_own_vm_id_wins_over_the_spans() {
+        let capture = Capture::default();
+        let handle = OtelHandle::disabled();
+        let sub = subscriber("info", &handle, capture.clone()).expect("subscriber");
+        tracing::subscriber::with_default(sub, || {
+            let span = tracing::info_span!("hypervisor.call", vm.id = "vm-span");
+            let _g = span.enter();
+            tracing::info!(vm_id = "vm-own", "about another VM");
+            tracing::info!("about the span's VM");
+        });
+        let lines = capture.lines();
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert_eq!(lines[0]["vm_id"], "vm-own");
+        assert!(lines[0].get("field.vm_id").is_none(), "{}", lines[0]);
+        assert_eq!(lines[1]["vm_id"], "vm-span");
+        assert_eq!(lines[1]["span"], "hypervisor.call");
     }
 
     #[test]
