@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use buffa::Message as _;
 use bytes::Bytes;
 use http::Method;
 
@@ -566,19 +567,24 @@ pub async fn section(kind: Kind) {
     // by side: both VMs run at once and the calls interleave, the order rotating each
     // round, so a change in this shared nested-KVM host's speed falls on every way
     // alike. Ways: Connect binary over TCP; the same client on both sides (vmcp's own
-    // pooled Unix-socket client: Connect JSON on vmcp-api's API socket, a plain GET on
-    // the VMM's).
+    // pooled Unix-socket client: Connect JSON or Connect binary, vmcpctl's encoding,
+    // on vmcp-api's API socket, a plain GET on the VMM's).
     let server = Server::spawn(kind, &env, rt.path()).await;
     let c = client(server.addr, false);
     start_info(&c, &env).await;
     let d = direct_boot(kind, &env, &http, &rt.path().join("d")).await;
     let request = Bytes::from_static(br#"{"vmId":"info"}"#);
-    let mut samples: [Vec<Duration>; 3] = Default::default();
+    let binary = pb::GetVmInfoRequest {
+        vm_id: "info".into(),
+        ..Default::default()
+    }
+    .encode_to_bytes();
+    let mut samples: [Vec<Duration>; 4] = Default::default();
     let (api_pid, vmm_pid) = (server.child.id(), d.child.id().expect("the VMM runs"));
     let cpu_before = (serving_cpu(api_pid), serving_cpu(vmm_pid));
     for round in 0..CALLS {
-        for k in 0..3 {
-            let way = (round + k) % 3;
+        for k in 0..4 {
+            let way = (round + k) % 4;
             let t = Instant::now();
             match way {
                 0 => connect_info(&c).await,
@@ -592,6 +598,19 @@ pub async fn section(kind: Kind) {
                         )
                         .await
                         .expect("GetVmInfo over the API socket");
+                    assert!(r.is_success());
+                }
+                2 => {
+                    let r = http
+                        .call_typed(
+                            &server.socket,
+                            Method::POST,
+                            "/vmm.v1.VmService/GetVmInfo",
+                            binary.clone(),
+                            "application/proto",
+                        )
+                        .await
+                        .expect("GetVmInfo over the API socket, Connect binary");
                     assert!(r.is_success());
                 }
                 _ => {
@@ -609,7 +628,7 @@ pub async fn section(kind: Kind) {
         serving_cpu(api_pid).saturating_sub(cpu_before.0),
         serving_cpu(vmm_pid).saturating_sub(cpu_before.1),
     );
-    let [via, via_socket, direct] = samples.map(|s| {
+    let [via, via_socket, via_socket_binary, direct] = samples.map(|s| {
         let busy = s.iter().sum();
         Stats::from(s, busy)
     });
@@ -634,12 +653,16 @@ pub async fn section(kind: Kind) {
         "{}",
         via_socket.line("GetVmInfo via vmcp-api API socket (UdsClient, Connect JSON)")
     );
-    // CPU time is what scheduling noise on this host does not move: vmcp-api served two
-    // of every three calls, the VMM one.
+    println!(
+        "{}",
+        via_socket_binary.line("GetVmInfo via vmcp-api API socket (UdsClient, Connect binary)")
+    );
+    // CPU time is what scheduling noise on this host does not move: vmcp-api served three
+    // of every four calls, the VMM one.
     let per_call = |t: Duration, n: usize| t.as_secs_f64() * 1e6 / n as f64;
     println!(
         "CPU per GetVmInfo: vmcp-api {:.1} us, {name} itself (GET {}, vCPU threads excluded) {:.1} us",
-        per_call(cpu.0, 2 * CALLS),
+        per_call(cpu.0, 3 * CALLS),
         info_path(kind),
         per_call(cpu.1, CALLS)
     );
@@ -647,6 +670,11 @@ pub async fn section(kind: Kind) {
         "RATIO {name} GetVmInfo vmcp-api API socket/direct (same client): p50 {:.2}x, p99 {:.2}x",
         via_socket.p50.as_secs_f64() / direct.p50.as_secs_f64(),
         via_socket.p99.as_secs_f64() / direct.p99.as_secs_f64()
+    );
+    println!(
+        "RATIO {name} GetVmInfo vmcp-api API socket, Connect binary/direct (same client): p50 {:.2}x, p99 {:.2}x",
+        via_socket_binary.p50.as_secs_f64() / direct.p50.as_secs_f64(),
+        via_socket_binary.p99.as_secs_f64() / direct.p99.as_secs_f64()
     );
     println!(
         "RATIO {name} GetVmInfo VMCP in-process/direct: p50 {:.2}x, p99 {:.2}x",

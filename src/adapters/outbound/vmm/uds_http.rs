@@ -202,14 +202,49 @@ impl UdsClient {
         body: Option<Bytes>,
         timeout: Duration,
     ) -> Result<Response, UdsHttpError> {
+        let body = body.map(|b| (b, "application/json"));
+        self.send(socket, method, path, body, timeout).await
+    }
+
+    /// Sends `method path` with `body` of type `content_type`, bounded by the default timeout.
+    pub async fn call_typed(
+        &self,
+        socket: &Path,
+        method: Method,
+        path: &str,
+        body: Bytes,
+        content_type: &'static str,
+    ) -> Result<Response, UdsHttpError> {
+        self.send(
+            socket,
+            method,
+            path,
+            Some((body, content_type)),
+            self.timeout,
+        )
+        .await
+    }
+
+    async fn send(
+        &self,
+        socket: &Path,
+        method: Method,
+        path: &str,
+        body: Option<(Bytes, &'static str)>,
+        timeout: Duration,
+    ) -> Result<Response, UdsHttpError> {
         let operation = format!("{method} {path}");
         let uri: http::Uri = hyperlocal::Uri::new(socket, path).into();
         let mut builder = Request::builder().method(method).uri(uri);
-        if body.is_some() {
-            builder = builder.header(header::CONTENT_TYPE, "application/json");
-        }
+        let body = match body {
+            Some((body, content_type)) => {
+                builder = builder.header(header::CONTENT_TYPE, content_type);
+                body
+            }
+            None => Bytes::new(),
+        };
         let request = builder
-            .body(Full::new(body.unwrap_or_default()))
+            .body(Full::new(body))
             .map_err(|e| UdsHttpError::Request {
                 operation: operation.clone(),
                 source: Box::new(e),
@@ -307,7 +342,8 @@ mod tests {
     use tokio::net::UnixListener;
 
     /// Serves `GET /echo` → 200 with the connection number, `PUT /fail` → 500
-    /// with a text body, on `socket`; returns the accepted-connection counter.
+    /// with a text body, `POST /type` → 200 with the request's content type,
+    /// on `socket`; returns the accepted-connection counter.
     fn serve(socket: &Path) -> Arc<AtomicUsize> {
         let listener = UnixListener::bind(socket).expect("bind");
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -319,6 +355,14 @@ mod tests {
                     let svc = service_fn(move |req: Request<hyper::body::Incoming>| async move {
                         let (status, body) = match (req.method().as_str(), req.uri().path()) {
                             ("GET", "/echo") => (StatusCode::OK, format!("{{\"conn\":{conn_no}}}")),
+                            ("POST", "/type") => (
+                                StatusCode::OK,
+                                req.headers()
+                                    .get(header::CONTENT_TYPE)
+                                    .and_then(|v| v.to_str().ok())
+                                    .unwrap_or("none")
+                                    .to_owned(),
+                            ),
                             ("PUT", "/fail") => (
                                 StatusCode::INTERNAL_SERVER_ERROR,
                                 "Error from API: InvalidState\n".to_owned(),
@@ -341,6 +385,25 @@ mod tests {
     #[derive(serde::Deserialize)]
     struct Echo {
         conn: usize,
+    }
+
+    #[tokio::test]
+    async fn bodies_are_json_unless_typed() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let sock = tmp.path().join("api.sock");
+        serve(&sock);
+        let client = UdsClient::new(Duration::from_secs(2));
+        let body = || Bytes::from_static(b"\x0a\x01x");
+        let json = client
+            .call(&sock, Method::POST, "/type", Some(body()))
+            .await
+            .expect("call");
+        assert_eq!(&json.body[..], b"application/json");
+        let typed = client
+            .call_typed(&sock, Method::POST, "/type", body(), "application/proto")
+            .await
+            .expect("call");
+        assert_eq!(&typed.body[..], b"application/proto");
     }
 
     #[tokio::test]
