@@ -129,14 +129,22 @@ pub async fn per_record() {
     };
     {
         let mut conn = rusqlite::Connection::open(&file).unwrap();
+        // Every column but the id, as the store's schema has them now.
+        let columns: Vec<String> = conn
+            .prepare("SELECT name FROM pragma_table_info('vms') WHERE name <> 'id' ORDER BY cid")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let columns = columns.join(", ");
         let tx = conn.transaction().unwrap();
         {
             let mut stmt = tx
-                .prepare(
-                    "INSERT INTO vms SELECT ?1, config, desired, state, reason, generation, \
-                     created_at, modified_at, vmm_pid, vmm_start_time, socket_path \
-                     FROM vms WHERE id = 'm00000'",
-                )
+                .prepare(&format!(
+                    "INSERT INTO vms (id, {columns}) SELECT ?1, {columns} \
+                     FROM vms WHERE id = 'm00000'"
+                ))
                 .unwrap();
             for i in 1..RECORDS {
                 stmt.execute([format!("m{i:05}")]).unwrap();
