@@ -4,7 +4,7 @@
 //!
 //! With traces off no tracing span is made per RPC (`RpcTelemetryLayer::traced`):
 //! building, entering and closing one, and formatting its fields for the log
-//! layer, cost about a fifth of a GetVmInfo's CPU (BENCHMARKS.md). The lines
+//! layer, cost 10-16 % of a GetVmInfo's CPU (BENCHMARKS.md). The lines
 //! written inside an RPC, and its access line, still carry `"span":"rpc"` and
 //! the VM the RPC concerns, from here (`otel/logging.rs` reads it).
 

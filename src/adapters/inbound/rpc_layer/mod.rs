@@ -277,7 +277,7 @@ impl RpcTelemetryLayer {
     /// (`OtelHandle::tracer()` is some). Without, the span would serve the
     /// log lines alone, which take what it would say from the RPC's context;
     /// making, entering and closing it, and formatting its fields for the log
-    /// layer, cost about a fifth of a GetVmInfo's CPU (BENCHMARKS.md).
+    /// layer, cost 10-16 % of a GetVmInfo's CPU (BENCHMARKS.md).
     pub fn traced(mut self, traced: bool) -> Self {
         self.traced = traced;
         self
