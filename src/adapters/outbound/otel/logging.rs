@@ -439,6 +439,15 @@ mod tests {
         }
     }
 
+    /// The lines written while `f` runs under the JSON logger at `info`.
+    fn logged(f: impl FnOnce()) -> Vec<Value> {
+        let capture = Capture::default();
+        let handle = OtelHandle::disabled();
+        let sub = subscriber("info", &handle, capture.clone()).expect("subscriber");
+        tracing::subscriber::with_default(sub, f);
+        capture.lines()
+    }
+
     #[test]
     fn filter_prefers_rust_log_then_vmcp_level() {
         assert_eq!(
@@ -463,10 +472,7 @@ mod tests {
 
     #[test]
     fn lines_are_flat_json_with_fields_and_span() {
-        let capture = Capture::default();
-        let handle = OtelHandle::disabled();
-        let sub = subscriber("info", &handle, capture.clone()).expect("subscriber");
-        tracing::subscriber::with_default(sub, || {
+        let lines = logged(|| {
             let span = tracing::info_span!("rpc", vm.id = tracing::field::Empty);
             let _g = span.enter();
             span.record("vm.id", "vm-1");
@@ -474,7 +480,6 @@ mod tests {
             tracing::info!(code = "ok", duration_ms = 1.5, count = 3u64, "rpc finished");
             tracing::debug!("filtered out");
         });
-        let lines = capture.lines();
         assert_eq!(lines.len(), 1, "{lines:?}");
         let l = &lines[0];
         assert_eq!(l["level"], "INFO");
@@ -493,16 +498,12 @@ mod tests {
 
     #[test]
     fn an_events_own_vm_id_wins_over_the_spans() {
-        let capture = Capture::default();
-        let handle = OtelHandle::disabled();
-        let sub = subscriber("info", &handle, capture.clone()).expect("subscriber");
-        tracing::subscriber::with_default(sub, || {
+        let lines = logged(|| {
             let span = tracing::info_span!("hypervisor.call", vm.id = "vm-span");
             let _g = span.enter();
             tracing::info!(vm_id = "vm-own", "about another VM");
             tracing::info!("about the span's VM");
         });
-        let lines = capture.lines();
         assert_eq!(lines.len(), 2, "{lines:?}");
         assert_eq!(lines[0]["vm_id"], "vm-own");
         assert!(lines[0].get("field.vm_id").is_none(), "{}", lines[0]);
@@ -512,11 +513,8 @@ mod tests {
 
     #[test]
     fn any_text_and_value_stays_valid_json() {
-        let capture = Capture::default();
-        let handle = OtelHandle::disabled();
-        let sub = subscriber("info", &handle, capture.clone()).expect("subscriber");
         let nasty = "quote \" backslash \\ newline \n tab \t bell \u{7} nul \u{0} é 🦀";
-        tracing::subscriber::with_default(sub, || {
+        let lines = logged(|| {
             let span = tracing::info_span!("rpc", vm.id = tracing::field::Empty);
             let _g = span.enter();
             span.record("vm.id", nasty);
@@ -533,7 +531,6 @@ mod tests {
             );
             tracing::info!(no_message = 1u64);
         });
-        let lines = capture.lines();
         assert_eq!(lines.len(), 2, "{lines:?}");
         let l = &lines[0];
         assert_eq!(l["level"], "WARN", "the line's own key wins");
