@@ -376,7 +376,7 @@ async fn a_hung_hypervisor_is_a_deadline_and_the_state_is_re_read() {
         );
         let page = m.list_vms(Default::default()).await.expect("list");
         assert_eq!(
-            page.vms[0].state, after,
+            page.vms[0].snapshot.state, after,
             "what the VMM reports after the deadline"
         );
     }

@@ -1,9 +1,11 @@
 //! The inbound port: what the VM API offers, in domain words. The ConnectRPC
 //! adapter converts wire messages to these calls and back.
 
+use std::any::Any;
 use std::collections::BTreeMap;
+use std::fmt;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use crate::domain::snapshot::{
     DiffParent, NetworkOverride, SnapshotId, SnapshotInfo, SnapshotKind,
@@ -36,6 +38,8 @@ pub struct VmDetails {
     /// What a diff snapshot would be taken against (SnapshotVm checks it;
     /// not on the wire).
     pub diff: DiffView,
+    /// The inbound adapter's encodings of these details, made on first read.
+    pub encoded: EncodingMemo,
 }
 
 impl VmDetails {
@@ -47,7 +51,46 @@ impl VmDetails {
             backend_info: BTreeMap::new(),
             sampled_at_ms: None,
             diff: DiffView::default(),
+            encoded: EncodingMemo::default(),
         }
+    }
+}
+
+/// Room for one value derived from the [`VmDetails`] that hold it, made on
+/// first use: the wire adapter keeps its encodings there, so every read of
+/// unchanged details after the first copies bytes instead of converting and
+/// encoding again. Sound because published details never change: an owner
+/// publishes a change as new details, made by cloning, and a clone starts
+/// with an empty memo. Not part of the details' value (always equal).
+#[derive(Default)]
+pub struct EncodingMemo(OnceLock<Box<dyn Any + Send + Sync>>);
+
+impl EncodingMemo {
+    /// The memo, made by `init` if it is empty; `None` when it already holds
+    /// a value of another type than `T`.
+    pub fn get_or_init<T: Any + Send + Sync>(&self, init: impl FnOnce() -> T) -> Option<&T> {
+        self.0.get_or_init(|| Box::new(init())).downcast_ref()
+    }
+}
+
+impl Clone for EncodingMemo {
+    /// Empty: a clone of details is made to be changed.
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl PartialEq for EncodingMemo {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl fmt::Debug for EncodingMemo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EncodingMemo")
+            .field("filled", &self.0.get().is_some())
+            .finish()
     }
 }
 
@@ -94,8 +137,8 @@ pub struct ListQuery {
 pub struct VmPage {
     /// The host revision the page reflects: every change up to it is in it.
     pub revision: u64,
-    /// The VMs on this page, ordered by id.
-    pub vms: Vec<VmSnapshot>,
+    /// The VMs on this page, ordered by id, as their owners publish them.
+    pub vms: Vec<Arc<VmDetails>>,
     /// Token for the next page, empty on the last one.
     pub next_page_token: String,
     /// How many VMs match the filter in all.

@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod connections;
 pub mod convert;
+pub mod encoded;
 pub mod errors;
 pub mod guard;
 pub mod health;

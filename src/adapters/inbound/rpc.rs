@@ -14,10 +14,11 @@ use crate::ports::{CreateVm, ListQuery, VmService};
 use crate::proto::vmm::v1 as pb;
 
 use super::convert::{
-    config_in, config_out, details_out, non_negative, optional_snapshot_id, optional_vm_id,
+    config_in, config_out, non_negative, optional_snapshot_id, optional_vm_id,
     optional_vm_id_named, restart_policy_in, restore_in, snapshot_id, snapshot_kind_in,
-    snapshot_out, state_filter_in, state_out, vm_id, vm_info_out, watch_event_out, watch_query_in,
+    snapshot_out, state_filter_in, state_out, vm_id, watch_event_out, watch_query_in,
 };
+use super::encoded::{InfoAnswer, ListAnswer};
 use super::errors::to_connect;
 use super::rpc_layer::record_vm_id;
 
@@ -182,18 +183,18 @@ impl<S: VmService> pb::VmService for RpcService<S> {
         &self,
         _ctx: RequestContext,
         request: ServiceRequest<'_, pb::GetVmInfoRequest>,
-    ) -> ServiceResult<pb::GetVmInfoResponse> {
+    ) -> ServiceResult<InfoAnswer> {
         record_vm_id(request.vm_id);
         let id = vm_id("vm_id", request.vm_id).map_err(fail)?;
         let details = self.inner.get_vm_info(id).await.map_err(fail)?;
-        Response::ok(details_out(&details))
+        Response::ok(InfoAnswer(details))
     }
 
     async fn list_vms(
         &self,
         _ctx: RequestContext,
         request: ServiceRequest<'_, pb::ListVmsRequest>,
-    ) -> ServiceResult<pb::ListVmsResponse> {
+    ) -> ServiceResult<ListAnswer> {
         let req = request.to_owned_message();
         let query = ListQuery {
             states: state_filter_in(&req.state_filter).map_err(fail)?,
@@ -201,13 +202,7 @@ impl<S: VmService> pb::VmService for RpcService<S> {
             page_token: req.page_token.clone(),
         };
         let page = self.inner.list_vms(query).await.map_err(fail)?;
-        Response::ok(pb::ListVmsResponse {
-            vms: page.vms.iter().map(vm_info_out).collect(),
-            next_page_token: page.next_page_token,
-            total_count: i32::try_from(page.total_count).unwrap_or(i32::MAX),
-            revision: page.revision,
-            ..Default::default()
-        })
+        Response::ok(ListAnswer(page))
     }
 
     async fn watch_vms(

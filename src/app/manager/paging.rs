@@ -58,9 +58,9 @@ pub fn start_after(query: &ListQuery) -> Result<Option<VmId>, VmError> {
 /// telling whether others follow, out of `total` matching VMs; every change
 /// up to `revision` is in it.
 pub fn page(views: &[Arc<VmDetails>], more: bool, total: u64, revision: u64) -> VmPage {
-    let vms: Vec<_> = views.iter().map(|v| v.snapshot.clone()).collect();
+    let vms = views.to_vec();
     let next_page_token = match vms.last() {
-        Some(last) if more => encode_token(&last.id),
+        Some(last) if more => encode_token(&last.snapshot.id),
         _ => String::new(),
     };
     VmPage {
@@ -138,7 +138,7 @@ mod tests {
             let p = page(&views, more, reg.listed().total(&query.states), 42);
             assert_eq!(p.revision, 42);
             assert!(p.vms.len() <= size as usize);
-            seen.extend(p.vms.iter().map(|s| s.id.to_string()));
+            seen.extend(p.vms.iter().map(|v| v.snapshot.id.to_string()));
             if p.next_page_token.is_empty() {
                 assert!(!more);
                 break;
