@@ -73,6 +73,13 @@ impl BackendHealthCache {
         health(hypervisor, result, started)
     }
 
+    /// Whether a fresh cached answer says healthy: what every VM call asks,
+    /// answered without copying the answer out.
+    pub fn fresh_and_healthy(&self) -> bool {
+        let cached = self.cached.read().unwrap_or_else(|p| p.into_inner());
+        cached.result.is_ok() && cached.at.is_some_and(|at| at.elapsed() < CHECK_TTL)
+    }
+
     fn fresh(&self) -> Option<Result<String, String>> {
         let cached = self.cached.read().unwrap_or_else(|p| p.into_inner());
         cached
@@ -93,5 +100,32 @@ fn health<H: Hypervisor>(
         version: result.clone().unwrap_or_default(),
         error: result.err().unwrap_or_default(),
         duration: started.elapsed(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache(at: Option<Instant>, result: Result<&str, &str>) -> BackendHealthCache {
+        let c = BackendHealthCache::default();
+        *c.cached.write().expect("lock") = Cached {
+            at,
+            result: result.map(str::to_owned).map_err(str::to_owned),
+        };
+        c
+    }
+
+    #[test]
+    fn only_a_fresh_healthy_answer_skips_the_check() {
+        assert!(
+            !BackendHealthCache::default().fresh_and_healthy(),
+            "never checked"
+        );
+        assert!(cache(Some(Instant::now()), Ok("v53")).fresh_and_healthy());
+        assert!(!cache(Some(Instant::now()), Err("no kvm")).fresh_and_healthy());
+        let old = Instant::now().checked_sub(CHECK_TTL + Duration::from_secs(1));
+        assert!(old.is_some(), "the clock is far enough from its origin");
+        assert!(!cache(old, Ok("v53")).fresh_and_healthy(), "stale");
     }
 }

@@ -252,6 +252,9 @@ impl<H: Hypervisor, S: VmStore> VmManager<H, S> {
                 "VMCP is re-adopting VMs after a restart; retry shortly".into(),
             ));
         }
+        if self.health.fresh_and_healthy() {
+            return Ok(());
+        }
         let health = self.backend_health().await;
         if health.healthy {
             Ok(())
