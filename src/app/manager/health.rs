@@ -16,6 +16,13 @@ struct Cached {
     result: Result<String, String>,
 }
 
+impl Cached {
+    /// Whether the answer is younger than [`CHECK_TTL`].
+    fn is_fresh(&self) -> bool {
+        self.at.is_some_and(|at| at.elapsed() < CHECK_TTL)
+    }
+}
+
 /// The cached result of the backend check. Reads of a fresh answer take a
 /// shared lock only (every VM call asks); one caller at a time refreshes.
 #[derive(Debug)]
@@ -77,15 +84,12 @@ impl BackendHealthCache {
     /// answered without copying the answer out.
     pub fn fresh_and_healthy(&self) -> bool {
         let cached = self.cached.read().unwrap_or_else(|p| p.into_inner());
-        cached.result.is_ok() && cached.at.is_some_and(|at| at.elapsed() < CHECK_TTL)
+        cached.result.is_ok() && cached.is_fresh()
     }
 
     fn fresh(&self) -> Option<Result<String, String>> {
         let cached = self.cached.read().unwrap_or_else(|p| p.into_inner());
-        cached
-            .at
-            .is_some_and(|at| at.elapsed() < CHECK_TTL)
-            .then(|| cached.result.clone())
+        cached.is_fresh().then(|| cached.result.clone())
     }
 }
 
