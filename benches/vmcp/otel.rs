@@ -1,10 +1,11 @@
 //! OTel on vs off: each case runs in its own child process (the bench binary
-//! re-executed with `VMCP_BENCH_OTEL=on|off`), because the spans reach the
-//! exporter only through the global tracing subscriber, which a process can
-//! install once. Both children install the same subscriber as `vmcp-api`
+//! re-executed with `VMCP_BENCH_OTEL=on|off`), because the log lines (and
+//! the spans opened inside handlers) go through the global tracing
+//! subscriber, which a process can install once. Both children install the same subscriber as `vmcp-api`
 //! (`otel::subscriber`, filter `info`, writing the JSON log lines to a sink
 //! instead of stdout) and wrap the RPC service in `RpcTelemetryLayer` exactly
-//! like `src/app/run.rs`; only `OtelSettings::enabled` differs. The ON child
+//! like `src/app/run.rs`, with the handle's tracer (none when off); only
+//! `OtelSettings::enabled` differs. The ON child
 //! exports over OTLP/HTTP to a tiny in-process hyper server.
 
 use std::convert::Infallible;
@@ -97,11 +98,13 @@ pub async fn child(on: bool, concurrency: usize, dur: Duration) {
     let subscriber = otel::subscriber("info", &handle, std::io::sink).expect("subscriber");
     tracing::subscriber::set_global_default(subscriber).expect("global subscriber");
     let meter = handle.meter();
+    let tracer = handle.tracer();
     let (running, _d) = start_double_server(
         Arc::new(handle.clone()),
         Box::new(move |rpc| {
             BoxCloneService::new(
                 RpcTelemetryLayer::new(&meter)
+                    .with_tracer(tracer.clone())
                     .layer(rpc)
                     .map_response(|r| r.map(|b| b.boxed_unsync())),
             )

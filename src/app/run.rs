@@ -154,7 +154,7 @@ async fn serve<H: Hypervisor>(
         }));
     }
     let meter = otel.meter();
-    let traced = otel.tracer().is_some();
+    let tracer = otel.tracer();
     let health_handle = otel.clone();
     let counts_handle = otel.clone();
     let backend = hypervisor.kind();
@@ -175,7 +175,7 @@ async fn serve<H: Hypervisor>(
             wrap_rpc: Box::new(move |rpc| {
                 BoxCloneService::new(
                     RpcTelemetryLayer::new(&meter)
-                        .traced(traced)
+                        .with_tracer(tracer.clone())
                         .layer(rpc)
                         .map_response(|r| r.map(|b| b.boxed_unsync())),
                 )

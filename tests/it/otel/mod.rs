@@ -95,7 +95,8 @@ impl Body for Frames {
 /// `logged_error` (success, but a child span logs an error) or `logged`
 /// (success, and the handler itself logs a warning). Each call records
 /// `vm.id` for the RPC and runs one child "hypervisor" span; the answer's
-/// `x-in-span` header says whether the handler ran inside a span.
+/// `x-in-span` header says whether the handler ran inside a span (the
+/// current OpenTelemetry context has one).
 async fn fake_vm_service(req: Request<Full<Bytes>>) -> Result<Response<Frames>, Infallible> {
     let header = |name: &str| {
         req.headers()
@@ -110,7 +111,16 @@ async fn fake_vm_service(req: Request<Full<Bytes>>) -> Result<Response<Frames>, 
     if outcome == "logged" {
         tracing::warn!(target: "fake", "answering from inside the RPC");
     }
-    let in_span = !tracing::Span::current().is_disabled();
+    // The child span opens in a later poll of the service future: the
+    // RPC's context is made current again on every poll.
+    tokio::task::yield_now().await;
+    let in_span = {
+        use opentelemetry::trace::TraceContextExt as _;
+        opentelemetry::Context::current()
+            .span()
+            .span_context()
+            .is_valid()
+    };
     {
         let call = tracing::info_span!("hypervisor.call", vm.id = %vm_id, operation = "info");
         let _entered = call.enter();
@@ -239,7 +249,7 @@ mod receiver_span {
 async fn spans_metrics_and_logs_reach_the_collector() {
     let collector = Receiver::start();
     let (handle, logs, _guard) = setup(&settings(collector.endpoint(), 1.0), "info");
-    let layer = RpcTelemetryLayer::new(&handle.meter());
+    let layer = RpcTelemetryLayer::new(&handle.meter()).with_tracer(handle.tracer());
 
     let (status, headers, _) = call_full(&layer, "GetVmInfo", "ok", &[]).await;
     assert_eq!(status, StatusCode::OK);
@@ -371,7 +381,7 @@ async fn spans_metrics_and_logs_reach_the_collector() {
 async fn at_ratio_zero_error_traces_arrive_whole_and_clean_ones_do_not() {
     let collector = Receiver::start();
     let (handle, logs, _guard) = setup(&settings(collector.endpoint(), 0.0), "info");
-    let layer = RpcTelemetryLayer::new(&handle.meter());
+    let layer = RpcTelemetryLayer::new(&handle.meter()).with_tracer(handle.tracer());
 
     let (ok, _) = call(&layer, "GetVmInfo", "ok", &[]).await;
     let (denied, body) = call(&layer, "BootVm", "failed_precondition", &[]).await;
@@ -451,7 +461,7 @@ const REMOTE_PARENT: &str = "00f067aa0ba902b7";
 async fn a_sampled_remote_parent_is_honoured_with_its_baggage() {
     let collector = Receiver::start();
     let (handle, _logs, _guard) = setup(&settings(collector.endpoint(), 0.0), "info");
-    let layer = RpcTelemetryLayer::new(&handle.meter());
+    let layer = RpcTelemetryLayer::new(&handle.meter()).with_tracer(handle.tracer());
 
     let traceparent = format!("00-{REMOTE_TRACE}-{REMOTE_PARENT}-01");
     let (status, _) = call(
@@ -481,7 +491,7 @@ async fn a_sampled_remote_parent_is_honoured_with_its_baggage() {
 async fn an_unsampled_remote_parent_exports_only_error_traces() {
     let collector = Receiver::start();
     let (handle, _logs, _guard) = setup(&settings(collector.endpoint(), 1.0), "info");
-    let layer = RpcTelemetryLayer::new(&handle.meter());
+    let layer = RpcTelemetryLayer::new(&handle.meter()).with_tracer(handle.tracer());
 
     let clean_trace = "11111111111111111111111111111111";
     let error_trace = "22222222222222222222222222222222";
@@ -509,7 +519,7 @@ async fn an_unsampled_remote_parent_exports_only_error_traces() {
 async fn traces_are_exported_even_when_logs_are_quieter() {
     let collector = Receiver::start();
     let (handle, logs, _guard) = setup(&settings(collector.endpoint(), 1.0), "warn");
-    let layer = RpcTelemetryLayer::new(&handle.meter());
+    let layer = RpcTelemetryLayer::new(&handle.meter()).with_tracer(handle.tracer());
 
     call(&layer, "CreateVm", "logged_error", &[]).await;
     handle.force_flush().expect("flush");
@@ -539,7 +549,7 @@ async fn traces_are_exported_even_when_logs_are_quieter() {
 async fn grpc_status_comes_from_the_trailer() {
     let collector = Receiver::start();
     let (handle, _logs, _guard) = setup(&settings(collector.endpoint(), 1.0), "info");
-    let layer = RpcTelemetryLayer::new(&handle.meter());
+    let layer = RpcTelemetryLayer::new(&handle.meter()).with_tracer(handle.tracer());
 
     for outcome in ["ok", "not_found"] {
         let mut svc = layer.layer(tower::service_fn(fake_vm_service));
@@ -610,7 +620,7 @@ async fn with_the_collector_down_rpcs_are_unaffected() {
         .expect("free port")
         .port();
     let (handle, logs, _guard) = setup(&settings(format!("127.0.0.1:{port}"), 1.0), "info");
-    let layer = RpcTelemetryLayer::new(&handle.meter());
+    let layer = RpcTelemetryLayer::new(&handle.meter()).with_tracer(handle.tracer());
 
     let started = Instant::now();
     for i in 0..50 {
@@ -648,7 +658,7 @@ async fn with_otel_disabled_nothing_is_exported() {
     let (handle, logs, _guard) = setup(&s, "info");
     assert!(handle.tracer().is_none());
     assert!(handle.render_prometheus().is_none());
-    let layer = RpcTelemetryLayer::new(&handle.meter()).traced(handle.tracer().is_some());
+    let layer = RpcTelemetryLayer::new(&handle.meter()).with_tracer(handle.tracer());
     let (status, headers, _) = call_full(&layer, "GetVmInfo", "failed_precondition", &[]).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(
@@ -692,7 +702,7 @@ async fn prometheus_text() -> String {
         ..OtelSettings::default()
     };
     let (handle, _logs, _guard) = setup(&s, "info");
-    let layer = RpcTelemetryLayer::new(&handle.meter());
+    let layer = RpcTelemetryLayer::new(&handle.meter()).with_tracer(handle.tracer());
     call(&layer, "GetVmInfo", "ok", &[]).await;
     call(&layer, "GetVmInfo", "ok", &[]).await;
     call(&layer, "BootVm", "failed_precondition", &[]).await;

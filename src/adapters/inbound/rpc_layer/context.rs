@@ -1,12 +1,14 @@
-//! What the log lines of an RPC say about it without a tracing span: the
-//! RPC's context, a task-local set while its service future runs and while
-//! its access line is written.
+//! What an RPC's log lines and its server span say about it without a
+//! tracing span: the RPC's context, a task-local set while its service future
+//! runs and while its access line is written.
 //!
-//! With traces off no tracing span is made per RPC (`RpcTelemetryLayer::traced`):
-//! building, entering and closing one, and formatting its fields for the log
-//! layer, cost 10-16 % of a GetVmInfo's CPU (BENCHMARKS.md). The lines
-//! written inside an RPC, and its access line, still carry `"span":"rpc"` and
-//! the VM the RPC concerns, from here (`otel/logging.rs` reads it).
+//! No tracing span is made per RPC (the server span, when traces are
+//! exported, is made directly with the SDK): building, entering and closing
+//! one, and formatting its fields for the log layer, cost 10-16 % of a
+//! GetVmInfo's CPU (BENCHMARKS.md). The lines written inside an RPC, and its
+//! access line, carry `"span":"rpc"` and the VM the RPC concerns from here
+//! (`otel/logging.rs` reads it), and the server span takes its `vm.id` from
+//! here when the RPC ends.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -33,13 +35,17 @@ impl RpcContext {
     pub(super) fn sync_scope<R>(self, f: impl FnOnce() -> R) -> R {
         CURRENT.sync_scope(self, f)
     }
+
+    /// The VM the RPC concerns, once its handler has said.
+    pub(super) fn vm_id(&self) -> Option<Box<str>> {
+        self.vm_id.borrow().clone()
+    }
 }
 
-/// Records that the current RPC concerns the VM `id`: on its span (an
-/// attribute of the exported trace) and in its context (its log lines).
-/// Outside an RPC it does nothing.
+/// Records that the current RPC concerns the VM `id`: in its context, for
+/// its log lines and its span's `vm.id` attribute. Outside an RPC it does
+/// nothing.
 pub fn record_vm_id(id: &str) {
-    tracing::Span::current().record("vm.id", id);
     let _ = CURRENT.try_with(|c| *c.vm_id.borrow_mut() = Some(id.into()));
 }
 

@@ -2,15 +2,20 @@
 //! service that gives every RPC one server span, its request metrics and one
 //! JSON access-log line.
 //!
-//! The span is a tracing span (`vmm.v1.VmService/<Method>`, kind server,
-//! `rpc.system` `connect_rpc` or `grpc`, `rpc.service`, `rpc.method`, an empty
-//! `vm.id` that handlers fill with [`record_vm_id`]), parented on the caller's
-//! W3C `traceparent` and carrying its `baggage`; the OpenTelemetry layer
-//! installed by `otel::init_logging` exports it, and hypervisor spans opened
-//! inside handlers become its children. It is made only when traces are
-//! exported ([`RpcTelemetryLayer::traced`]): with traces off there is no span
-//! per RPC, and the RPC's log lines take the VM and `"span":"rpc"` from its
-//! [`context`].
+//! The span is an OpenTelemetry span made directly with the SDK's tracer
+//! (`vmm.v1.VmService/<Method>`, kind server, `rpc.system` `connect_rpc` or
+//! `grpc`, `rpc.service`, `rpc.method`, and `vm.id` once a handler has said
+//! it with [`record_vm_id`]), parented on the caller's W3C `traceparent` and
+//! carrying its `baggage`. Its context is attached while the service future
+//! runs and while the access line is written, so tracing spans opened inside
+//! handlers become its children (the OpenTelemetry tracing layer parents a
+//! new span on the current context) and log lines carry its ids. It is not a
+//! tracing span: a tracing span per RPC went through both subscriber layers
+//! on every creation, enter, exit, record and close, and was converted into
+//! the SDK's span at its end, which made a traced RPC cost about twice what
+//! the span itself costs (BENCHMARKS.md). It is made only when traces are
+//! exported ([`RpcTelemetryLayer::with_tracer`]). Either way the RPC's log
+//! lines take the VM and `"span":"rpc"` from its [`context`].
 //!
 //! The RPC's status is read from the response, where each protocol puts it
 //! (the `status` module: a Connect error body, the `grpc-status` trailer, the
@@ -46,16 +51,15 @@ use bytes::Buf;
 use connectrpc::ErrorCode;
 use http::{HeaderMap, Request, Response};
 use http_body::{Body, Frame, SizeHint};
-use opentelemetry::KeyValue;
 use opentelemetry::baggage::BaggageExt;
 use opentelemetry::metrics::{Histogram, Meter, ObservableCounter, ObservableUpDownCounter};
 use opentelemetry::propagation::{Extractor, TextMapCompositePropagator, TextMapPropagator};
+use opentelemetry::trace::{SpanKind, Status, TraceContextExt, Tracer};
+use opentelemetry::{Context as OtelContext, ContextGuard, KeyValue};
 use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
+use opentelemetry_sdk::trace::SdkTracer;
 use pin_project_lite::pin_project;
 use tokio::task::futures::TaskLocalFuture;
-use tracing::Span;
-use tracing::field::Empty;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use self::context::RpcContext;
 pub use self::context::record_vm_id;
@@ -119,10 +123,8 @@ pub const OTHER_METHOD: &str = "_OTHER";
 /// Target of the per-RPC access-log line (kept out of span events).
 pub const ACCESS_LOG_TARGET: &str = "vmcp::access";
 
-/// Target of the RPC's server span.
-const SPAN_TARGET: &str = "vmcp::rpc";
-
-/// Name of the RPC's server span (its exported name is `otel.name`).
+/// What the RPC's log lines give as their `span` (the server span itself is
+/// named after the method).
 pub const SPAN_NAME: &str = "rpc";
 
 /// Histogram buckets, in seconds: sub-millisecond reads to tens of seconds
@@ -249,8 +251,8 @@ impl RpcMetrics {
 pub struct RpcTelemetryLayer {
     metrics: RpcMetrics,
     propagator: Arc<TextMapCompositePropagator>,
-    /// Whether each RPC gets a server span (traces are exported).
-    traced: bool,
+    /// Makes each RPC's server span, when traces are exported.
+    tracer: Option<SdkTracer>,
 }
 
 impl fmt::Debug for RpcTelemetryLayer {
@@ -260,8 +262,8 @@ impl fmt::Debug for RpcTelemetryLayer {
 }
 
 impl RpcTelemetryLayer {
-    /// A layer recording on `meter` (normally `OtelHandle::meter()`), with a
-    /// server span per RPC.
+    /// A layer recording on `meter` (normally `OtelHandle::meter()`),
+    /// without spans until [`RpcTelemetryLayer::with_tracer`] gives a tracer.
     pub fn new(meter: &Meter) -> Self {
         Self {
             metrics: RpcMetrics::new(meter),
@@ -269,17 +271,15 @@ impl RpcTelemetryLayer {
                 Box::new(TraceContextPropagator::new()),
                 Box::new(BaggagePropagator::new()),
             ])),
-            traced: true,
+            tracer: None,
         }
     }
 
-    /// Whether each RPC gets a server span: pass whether traces are exported
-    /// (`OtelHandle::tracer()` is some). Without, the span would serve the
-    /// log lines alone, which take what it would say from the RPC's context;
-    /// making, entering and closing it, and formatting its fields for the log
-    /// layer, cost 10-16 % of a GetVmInfo's CPU (BENCHMARKS.md).
-    pub fn traced(mut self, traced: bool) -> Self {
-        self.traced = traced;
+    /// Makes a server span per RPC with `tracer` (`OtelHandle::tracer()`,
+    /// some when traces are exported); with None there is no span, and the
+    /// log lines take what it would say from the RPC's context.
+    pub fn with_tracer(mut self, tracer: Option<SdkTracer>) -> Self {
+        self.tracer = tracer;
         self
     }
 }
@@ -317,7 +317,10 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let call = RpcCall::start(&req, &self.layer);
-        let inner = RpcContext::default().scope(call.span.in_scope(|| self.inner.call(req)));
+        let inner = {
+            let _attached = call.attach();
+            RpcContext::default().scope(self.inner.call(req))
+        };
         ResponseFuture {
             inner,
             call: Some(call),
@@ -332,6 +335,7 @@ pin_project! {
         inner: TaskLocalFuture<RpcContext, F>,
         call: Option<RpcCall>,
     }
+
 }
 
 impl<F, ResBody, E> Future for ResponseFuture<F>
@@ -344,7 +348,7 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         let result = {
-            let _entered = this.call.as_ref().map(|c| c.span.enter());
+            let _attached = this.call.as_ref().and_then(RpcCall::attach);
             ready!(this.inner.as_mut().poll(cx))
         };
         let Some(mut call) = this.call.take() else {
@@ -375,7 +379,8 @@ where
 
 /// One RPC in flight: what is needed to finish it.
 struct RpcCall {
-    span: Span,
+    /// The caller's context with the RPC's server span, when traced.
+    trace: Option<OtelContext>,
     start: Instant,
     method: &'static str,
     /// The method's index in [`RpcCounts`].
@@ -407,58 +412,48 @@ impl RpcCall {
         let (method, known) = route(req.uri().path());
         // Unknown paths get the HTTP method as span name (bounded cardinality)
         // and their path, shortened, in the log line.
-        let (span_name, log_name): (&str, Cow<'static, str>) = match known {
-            Some(name) => (name, Cow::Borrowed(name)),
+        let (span_name, log_name): (Cow<'static, str>, Cow<'static, str>) = match known {
+            Some(name) => (Cow::Borrowed(name), Cow::Borrowed(name)),
             None => (
-                req.method().as_str(),
+                Cow::Owned(req.method().as_str().to_owned()),
                 Cow::Owned(truncate(req.uri().path(), 128).to_owned()),
             ),
         };
-        let span = if !layer.traced {
-            Span::none()
-        } else {
-            tracing::info_span!(
-                target: SPAN_TARGET,
-                SPAN_NAME,
-                otel.name = span_name,
-                otel.kind = "server",
-                rpc.system = protocol.system(),
-                rpc.service = known.map(|_| SERVICE),
-                rpc.method = method,
-                rpc.grpc.status_code = Empty,
-                rpc.connect_rpc.error_code = Empty,
-                rpc.response.status_code = Empty,
-                vm.id = Empty,
-                otel.status_description = Empty,
-            )
-        };
-        let headers = req.headers();
-        if !span.is_disabled()
-            && (headers.contains_key("traceparent") || headers.contains_key("baggage"))
-        {
-            let parent = layer.propagator.extract(&HeaderExtractor(headers));
-            let baggage: Vec<KeyValue> = parent
-                .baggage()
-                .iter()
-                .take(MAX_BAGGAGE_ATTRIBUTES)
-                .map(|(k, (v, _))| {
-                    KeyValue::new(format!("baggage.{}", k.as_str()), v.as_str().to_owned())
-                })
-                .collect();
-            // Fails only when no OpenTelemetry layer is installed: then there
-            // is no trace to continue and nothing to do.
-            let _ = span.set_parent(parent);
-            for kv in baggage {
-                span.set_attribute(kv.key, kv.value);
+        let trace = layer.tracer.as_ref().map(|tracer| {
+            let headers = req.headers();
+            let remote = headers.contains_key("traceparent") || headers.contains_key("baggage");
+            let parent = if remote {
+                layer.propagator.extract(&HeaderExtractor(headers))
+            } else {
+                OtelContext::current()
+            };
+            let mut attributes = Vec::with_capacity(3);
+            attributes.push(KeyValue::new("rpc.system", protocol.system()));
+            if known.is_some() {
+                attributes.push(KeyValue::new("rpc.service", SERVICE));
             }
-        }
+            attributes.push(KeyValue::new("rpc.method", method));
+            if remote {
+                attributes.extend(parent.baggage().iter().take(MAX_BAGGAGE_ATTRIBUTES).map(
+                    |(k, (v, _))| {
+                        KeyValue::new(format!("baggage.{}", k.as_str()), v.as_str().to_owned())
+                    },
+                ));
+            }
+            let builder = tracer
+                .span_builder(span_name)
+                .with_kind(SpanKind::Server)
+                .with_attributes(attributes);
+            let span = tracer.build_with_context(builder, &parent);
+            parent.with_span(span)
+        });
         let method_index = METHODS
             .iter()
             .position(|m| m.name == method)
             .unwrap_or(METHODS.len());
         layer.metrics.counts.active[method_index].fetch_add(1, Ordering::Relaxed);
         Self {
-            span,
+            trace,
             start: Instant::now(),
             method,
             method_index,
@@ -484,28 +479,34 @@ impl RpcCall {
         counts.active[self.method_index].fetch_sub(1, Ordering::Relaxed);
         self.metrics.duration.record(elapsed.as_secs_f64(), &attrs);
 
-        match self.protocol {
-            Protocol::Grpc | Protocol::GrpcWeb { .. } => {
-                let number = code.map_or(0, |c| c.grpc_code());
-                self.span.record("rpc.grpc.status_code", i64::from(number));
-            }
-            Protocol::Connect => {
-                if let Some(c) = code {
-                    self.span.record("rpc.connect_rpc.error_code", c.as_str());
+        let _attached = self.attach();
+        if let Some(trace) = &self.trace {
+            let span = trace.span();
+            match self.protocol {
+                Protocol::Grpc | Protocol::GrpcWeb { .. } => {
+                    let number = code.map_or(0, |c| c.grpc_code());
+                    span.set_attribute(KeyValue::new("rpc.grpc.status_code", i64::from(number)));
+                }
+                Protocol::Connect => {
+                    if let Some(c) = code {
+                        span.set_attribute(KeyValue::new("rpc.connect_rpc.error_code", c.as_str()));
+                    }
                 }
             }
+            span.set_attribute(KeyValue::new("rpc.response.status_code", status));
+            if let Some(vm_id) = self.context.vm_id() {
+                span.set_attribute(KeyValue::new("vm.id", String::from(vm_id)));
+            }
+            if code.is_some() {
+                let description = message
+                    .as_deref()
+                    .map(|m| truncate(m, 256))
+                    .filter(|m| !m.is_empty())
+                    .unwrap_or(status);
+                span.set_status(Status::error(description.to_owned()));
+            }
         }
-        self.span.record("rpc.response.status_code", status);
-        if code.is_some() {
-            let description = message
-                .as_deref()
-                .map(|m| truncate(m, 256))
-                .filter(|m| !m.is_empty())
-                .unwrap_or(status);
-            self.span.record("otel.status_description", description);
-        }
-        // In the span (its trace ids) and in the RPC's context (its VM).
-        let _entered = self.span.enter();
+        // In the span's context (its trace ids) and in the RPC's context (its VM).
         self.context.sync_scope(|| {
             tracing::info!(
                 target: ACCESS_LOG_TARGET,
@@ -515,6 +516,15 @@ impl RpcCall {
                 "rpc finished"
             );
         });
+        if let Some(trace) = &self.trace {
+            trace.span().end();
+        }
+    }
+
+    /// Makes the RPC's span current on this thread until the guard drops
+    /// (spans opened meanwhile become its children).
+    fn attach(&self) -> Option<ContextGuard> {
+        self.trace.as_ref().map(|cx| cx.clone().attach())
     }
 }
 
