@@ -21,7 +21,8 @@
 //! (the `status` module: a Connect error body, the `grpc-status` trailer, the
 //! gRPC-Web trailer frame). So the response body is wrapped and the RPC is
 //! finished (metrics, span status, log line) when the body ends, or when it
-//! is dropped early (then the status is `canceled` unless already known). Any
+//! is dropped early (then the status is `canceled` unless already known); an
+//! RPC whose service future is dropped before it answered ends `canceled`. Any
 //! status other than `ok` marks the span as an error, which makes the
 //! keep-errors sampler export its trace whatever the sampling ratio.
 //!
@@ -336,6 +337,20 @@ pin_project! {
         call: Option<RpcCall>,
     }
 
+    impl<F> PinnedDrop for ResponseFuture<F> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            // Dropped before the service answered: the caller went away (or
+            // the server is stopping). The RPC still ends once, as canceled.
+            if let Some(mut call) = this.call.take() {
+                call.context = this.inner.take_value().unwrap_or_default();
+                call.finish(
+                    Some(ErrorCode::Canceled),
+                    Some("the call ended before the service answered".into()),
+                );
+            }
+        }
+    }
 }
 
 impl<F, ResBody, E> Future for ResponseFuture<F>

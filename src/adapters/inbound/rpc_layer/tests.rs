@@ -172,3 +172,61 @@ fn counts_report_only_methods_that_were_called() {
     assert_eq!(RpcCounts::method_label(METHODS.len()), OTHER_METHOD);
     assert!(!counts.called(METHODS.len()));
 }
+
+/// A service whose answer never comes.
+#[derive(Clone)]
+struct Never;
+
+impl tower::Service<http::Request<()>> for Never {
+    type Response = http::Response<http_body_util::Empty<bytes::Bytes>>;
+    type Error = std::convert::Infallible;
+    type Future = std::future::Pending<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Request<()>) -> Self::Future {
+        record_vm_id("vm-gone");
+        std::future::pending()
+    }
+}
+
+#[tokio::test]
+async fn an_rpc_dropped_before_its_answer_ends_canceled() {
+    use opentelemetry::metrics::MeterProvider as _;
+    use tower::{Layer as _, Service as _};
+    let meter = opentelemetry::metrics::noop::NoopMeterProvider::new().meter("test");
+    let layer = RpcTelemetryLayer::new(&meter);
+    let counts = Arc::clone(&layer.metrics.counts);
+    let mut svc = layer.layer(Never);
+    let req = http::Request::builder()
+        .uri("/vmm.v1.VmService/BootVm")
+        .body(())
+        .expect("request");
+    let boot = METHODS
+        .iter()
+        .position(|m| m.name == "BootVm")
+        .expect("BootVm");
+    let mut fut = Box::pin(svc.call(req));
+    let waker = std::task::Waker::noop();
+    assert!(
+        fut.as_mut()
+            .poll(&mut Context::from_waker(waker))
+            .is_pending()
+    );
+    assert_eq!(counts.active[boot].load(Ordering::Relaxed), 1);
+    drop(fut);
+    assert_eq!(
+        counts.active[boot].load(Ordering::Relaxed),
+        0,
+        "the RPC is no longer counted as in progress"
+    );
+    let canceled = ErrorCode::Canceled.grpc_code() as usize;
+    assert_eq!(counts.requests[boot][canceled].load(Ordering::Relaxed), 1);
+    let total: u64 = counts.requests[boot]
+        .iter()
+        .map(|c| c.load(Ordering::Relaxed))
+        .sum();
+    assert_eq!(total, 1, "it ends once");
+}
