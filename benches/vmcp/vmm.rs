@@ -687,45 +687,49 @@ pub async fn section(kind: Kind) {
         via.p99.as_secs_f64() / direct.p99.as_secs_f64()
     );
 
-    // (b) create + boot to Running, 10 each.
+    // (b) create + boot to Running, 10 each, via VMCP and directly in turn
+    // (the order alternating), so that both see the host at the same moments.
     const ITER: usize = 10;
     let mut via = Vec::new();
-    for i in 0..ITER {
-        let id = format!("cb{i}");
-        let t = Instant::now();
-        c.create_vm(create_req(&id, &env.guest))
-            .await
-            .expect("create");
-        let b = c
-            .boot_vm(pb::BootVmRequest {
-                vm_id: id.clone(),
-                ..Default::default()
-            })
-            .await
-            .expect("boot")
-            .into_owned();
-        via.push(t.elapsed());
-        assert_eq!(b.state.as_known(), Some(pb::VmState::VM_STATE_RUNNING));
-        c.delete_vm(pb::DeleteVmRequest {
-            vm_id: id,
-            ..Default::default()
-        })
-        .await
-        .expect("delete");
-    }
     let mut direct = Vec::new();
     for i in 0..ITER {
-        let t = Instant::now();
-        let d = direct_boot(kind, &env, &http, &rt.path().join(format!("d{i}"))).await;
-        direct.push(t.elapsed());
-        d.kill().await;
+        for through_vmcp in [i % 2 == 0, i % 2 == 1] {
+            if through_vmcp {
+                let id = format!("cb{i}");
+                let t = Instant::now();
+                c.create_vm(create_req(&id, &env.guest))
+                    .await
+                    .expect("create");
+                let b = c
+                    .boot_vm(pb::BootVmRequest {
+                        vm_id: id.clone(),
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("boot")
+                    .into_owned();
+                via.push(t.elapsed());
+                assert_eq!(b.state.as_known(), Some(pb::VmState::VM_STATE_RUNNING));
+                c.delete_vm(pb::DeleteVmRequest {
+                    vm_id: id,
+                    ..Default::default()
+                })
+                .await
+                .expect("delete");
+            } else {
+                let t = Instant::now();
+                let d = direct_boot(kind, &env, &http, &rt.path().join(format!("d{i}"))).await;
+                direct.push(t.elapsed());
+                d.kill().await;
+            }
+        }
     }
     let (wall_via, wall_direct, toggle_via, toggle_direct) =
         at_once(kind, &env, &http, &c, rt.path()).await;
     server.stop();
     let (mv, md) = (median(via.clone()), median(direct.clone()));
     println!(
-        "create+boot via VMCP   median {:>8.2} ms  max {:>8.2} ms  (n={ITER})",
+        "create+boot via VMCP   median {:>8.2} ms  max {:>8.2} ms  (n={ITER}, in turn with direct)",
         ms(mv),
         ms(*via.iter().max().unwrap())
     );
@@ -740,7 +744,7 @@ pub async fn section(kind: Kind) {
     );
 
     println!(
-        "{AT_ONCE} created and booted at once: via VMCP {:.1} ms, direct {:.1} ms (wall, until all Running)",
+        "{AT_ONCE} created and booted at once: via VMCP {:.1} ms, direct {:.1} ms (wall, until all Running; mean of 2 rounds each, in turn)",
         ms(wall_via),
         ms(wall_direct)
     );
@@ -749,7 +753,7 @@ pub async fn section(kind: Kind) {
         wall_via.as_secs_f64() / wall_direct.as_secs_f64()
     );
     println!(
-        "{AT_ONCE} running VMs paused then resumed at once: via VMCP {:.1} ms, direct {:.1} ms (wall, medians of {TOGGLES})",
+        "{AT_ONCE} running VMs paused then resumed at once: via VMCP {:.1} ms, direct {:.1} ms (wall, medians of {TOGGLES}, mean of 2 rounds)",
         ms(toggle_via),
         ms(toggle_direct)
     );
@@ -771,7 +775,9 @@ const TOGGLES: usize = 5;
 
 /// Wall time until [`AT_ONCE`] VMs, created and booted together, all run,
 /// and the median wall time to pause all of them at once and then resume
-/// all of them at once: through VMCP (client `c`), then directly.
+/// all of them at once: through VMCP (client `c`) and directly, in the order
+/// via, direct, direct, via, so that both see the host at the same moments;
+/// each figure is the mean of its two rounds.
 async fn at_once(
     kind: Kind,
     env: &Env,
@@ -779,6 +785,26 @@ async fn at_once(
     c: &vmcp::proto::vmm::v1::VmServiceClient<connectrpc::client::HttpClient>,
     root: &Path,
 ) -> (Duration, Duration, Duration, Duration) {
+    let mut via = (Duration::ZERO, Duration::ZERO);
+    let mut direct = (Duration::ZERO, Duration::ZERO);
+    for (round, through_vmcp) in [true, false, false, true].into_iter().enumerate() {
+        let (wall, toggle) = if through_vmcp {
+            at_once_via(env, c).await
+        } else {
+            at_once_direct(kind, env, http, &root.join(format!("r{round}"))).await
+        };
+        let sum = if through_vmcp { &mut via } else { &mut direct };
+        sum.0 += wall / 2;
+        sum.1 += toggle / 2;
+    }
+    (via.0, direct.0, via.1, direct.1)
+}
+
+/// [`at_once`] through VMCP: (wall until all Running, median pause+resume).
+async fn at_once_via(
+    env: &Env,
+    c: &vmcp::proto::vmm::v1::VmServiceClient<connectrpc::client::HttpClient>,
+) -> (Duration, Duration) {
     let t = Instant::now();
     let tasks: Vec<_> = (0..AT_ONCE)
         .map(|i| {
@@ -850,6 +876,16 @@ async fn at_once(
         .await
         .expect("delete");
     }
+    (via, median(toggles))
+}
+
+/// [`at_once`] directly on the VMMs, in `root`.
+async fn at_once_direct(
+    kind: Kind,
+    env: &Env,
+    http: &UdsClient,
+    root: &Path,
+) -> (Duration, Duration) {
     let t = Instant::now();
     let boots = (0..AT_ONCE).map(|i| {
         let dir = root.join(format!("m{i}"));
@@ -884,7 +920,7 @@ async fn at_once(
     for d in vmms {
         d.kill().await;
     }
-    (via, direct, median(toggles), median(direct_toggles))
+    (direct, median(direct_toggles))
 }
 
 /// CPU time so far of every thread of `pid`, from /proc/<pid>/task/*/schedstat (ns).
