@@ -29,6 +29,22 @@ fn main() {
         .expect("connectrpc code generation");
     println!("cargo:rerun-if-changed=proto");
     println!("cargo:rustc-env=VMCP_GIT_REVISION={}", git_revision());
+    pack_relative_relocations();
+}
+
+/// Links the binaries with packed relative relocations (DT_RELR, read by
+/// glibc 2.36 and later; GNU ld 2.38+ and lld write them). A position-
+/// independent Rust binary needs one relocation per pointer in its static
+/// data (vtables, string slices): vmcp-api's `.rela.dyn` is 532 KiB of 24-byte
+/// entries that the dynamic linker reads at every start, so they stayed
+/// resident, 4 % of an idle vmcp-api's RSS. Packed, they take a few KiB.
+/// The binary stays position-independent (ASLR and full RELRO as before).
+fn pack_relative_relocations() {
+    let os = std::env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
+    let env = std::env::var("CARGO_CFG_TARGET_ENV").unwrap_or_default();
+    if os == "linux" && env == "gnu" {
+        println!("cargo:rustc-link-arg-bins=-Wl,-z,pack-relative-relocs");
+    }
 }
 
 /// The commit being built: `VMCP_GIT_REVISION` when the packager sets it,
