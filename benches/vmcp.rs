@@ -208,9 +208,17 @@ fn main() {
         only.as_deref()
             .is_none_or(|o| o.split(',').any(|s| s == name))
     };
-    if !run("read") && !run("otel") {
+    if only.is_some() {
+        println!("VMCP benchmarks — {}", machine());
+        // The OTel section compares with the read section's rate, so both
+        // run when `otel` does.
+        if run("read") || run("otel") {
+            let bare = rt.block_on(read_section());
+            if run("otel") {
+                otel::section(bare);
+            }
+        }
         rt.block_on(async {
-            println!("VMCP benchmarks — {}", machine());
             if run("ch") {
                 vmm::section(vmm::Kind::Ch).await;
             }
@@ -239,19 +247,8 @@ fn main() {
         });
         return;
     }
-    let bare = rt.block_on(async {
-        println!("VMCP benchmarks — {}", machine());
-        println!();
-        println!("== Read throughput against the test double (32 concurrent clients, 5 s each) ==");
-        let (running, _d) = start_double_server(Arc::new(NoopTelemetry), Box::new(|s| s)).await;
-        let addr = running.local_addr;
-        let bin = read_load(addr, false, 32, Duration::from_secs(5)).await;
-        println!("{}", bin.line("GetVmInfo, Connect binary"));
-        let json = read_load(addr, true, 32, Duration::from_secs(5)).await;
-        println!("{}", json.line("GetVmInfo, Connect JSON"));
-        running.shutdown().await;
-        bin.rps()
-    });
+    println!("VMCP benchmarks — {}", machine());
+    let bare = rt.block_on(read_section());
     otel::section(bare);
     rt.block_on(async {
         vmm::section(vmm::Kind::Ch).await;
@@ -281,6 +278,21 @@ fn main() {
         }
         Err(e) => println!("store-memory child could not start: {e}"),
     }
+}
+
+/// The read section: GetVmInfo from the test double in this process,
+/// 32 clients; returns the Connect binary rate (the OTel section's "bare").
+async fn read_section() -> f64 {
+    println!();
+    println!("== Read throughput against the test double (32 concurrent clients, 5 s each) ==");
+    let (running, _d) = start_double_server(Arc::new(NoopTelemetry), Box::new(|s| s)).await;
+    let addr = running.local_addr;
+    let bin = read_load(addr, false, 32, Duration::from_secs(5)).await;
+    println!("{}", bin.line("GetVmInfo, Connect binary"));
+    let json = read_load(addr, true, 32, Duration::from_secs(5)).await;
+    println!("{}", json.line("GetVmInfo, Connect JSON"));
+    running.shutdown().await;
+    bin.rps()
 }
 
 fn machine() -> String {

@@ -324,11 +324,21 @@ impl Server {
     }
 
     /// Ends the server (SIGTERM: it drains and exits; VMs were deleted by the caller).
-    pub fn stop(mut self) {
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
+    pub fn stop(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Server {
+    /// Stops vmcp-api (SIGTERM, then its exit is awaited), also when the
+    /// bench panics, so that no vmcp-api outlives the bench.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .status();
+            let _ = self.child.wait();
+        }
     }
 }
 
