@@ -296,11 +296,30 @@ async fn lifecycle(kind: Kind) {
         .expect("info")
         .into_owned();
     assert_eq!(pids.saw(&info), Some(pid), "boot keeps the created VMM");
-    let console = info
-        .backend_info
-        .get("serial_output")
-        .cloned()
-        .expect("console path in backend_info");
+    // Backend details other than the VMM's identity come from the owner's
+    // sampler, whose first sample follows the create's answer; on a loaded
+    // host this read can come before it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut info = info;
+    let console = loop {
+        if let Some(console) = info.backend_info.get("serial_output") {
+            break console.clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "console path in backend_info within 5 s: {:?}",
+            info.backend_info
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        info = c
+            .get_vm_info(pb::GetVmInfoRequest {
+                vm_id: id.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("info")
+            .into_owned();
+    };
     let marker = eventually(Duration::from_secs(5), || {
         let console = console.clone();
         async move {
