@@ -427,14 +427,15 @@ impl RpcCall {
         let (method, known) = route(req.uri().path());
         // Unknown paths get the HTTP method as span name (bounded cardinality)
         // and their path, shortened, in the log line.
-        let (span_name, log_name): (Cow<'static, str>, Cow<'static, str>) = match known {
-            Some(name) => (Cow::Borrowed(name), Cow::Borrowed(name)),
-            None => (
-                Cow::Owned(req.method().as_str().to_owned()),
-                Cow::Owned(truncate(req.uri().path(), 128).to_owned()),
-            ),
+        let log_name: Cow<'static, str> = match known {
+            Some(name) => Cow::Borrowed(name),
+            None => Cow::Owned(truncate(req.uri().path(), 128).to_owned()),
         };
         let trace = layer.tracer.as_ref().map(|tracer| {
+            let span_name: Cow<'static, str> = match known {
+                Some(name) => Cow::Borrowed(name),
+                None => Cow::Owned(req.method().as_str().to_owned()),
+            };
             let headers = req.headers();
             let remote = headers.contains_key("traceparent") || headers.contains_key("baggage");
             let parent = if remote {
