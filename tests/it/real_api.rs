@@ -311,14 +311,7 @@ async fn lifecycle(kind: Kind) {
             info.backend_info
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
-        info = c
-            .get_vm_info(pb::GetVmInfoRequest {
-                vm_id: id.clone(),
-                ..Default::default()
-            })
-            .await
-            .expect("info")
-            .into_owned();
+        info = info_of(&c, &id).await;
     };
     let marker = eventually(Duration::from_secs(5), || {
         let console = console.clone();
