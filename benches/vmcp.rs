@@ -202,64 +202,51 @@ fn main() {
         rt.block_on(durability::per_record());
         return;
     }
-    // `VMCP_BENCH_SECTIONS=ch,fc` runs only those sections (read, otel, ch, fc, durability, watch, snapshot, scale, throughput, store).
+    // `VMCP_BENCH_SECTIONS=ch,fc` runs only those sections (read, otel, ch, fc, durability, watch, snapshot, scale or tracked, throughput, store).
     let only = std::env::var("VMCP_BENCH_SECTIONS").ok();
     let run = |name: &str| {
         only.as_deref()
             .is_none_or(|o| o.split(',').any(|s| s == name))
     };
-    if only.is_some() {
-        println!("VMCP benchmarks — {}", machine());
-        // The OTel section compares with the read section's rate, so both
-        // run when `otel` does.
-        if run("read") || run("otel") {
-            let bare = rt.block_on(read_section());
-            if run("otel") {
-                otel::section(bare);
-            }
+    println!("VMCP benchmarks — {}", machine());
+    // The OTel section compares with the read section's rate, so both run
+    // when `otel` does.
+    if run("read") || run("otel") {
+        let bare = rt.block_on(read_section());
+        if run("otel") {
+            otel::section(bare);
         }
-        rt.block_on(async {
-            if run("ch") {
-                vmm::section(vmm::Kind::Ch).await;
-            }
-            if run("fc") {
-                vmm::section(vmm::Kind::Fc).await;
-            }
-            if run("durability") {
-                durability::readopt().await;
-            }
-            if run("watch") {
-                watch::section().await;
-            }
-            if run("snapshot") {
-                snapshot::section(vmm::Kind::Ch).await;
-                snapshot::section(vmm::Kind::Fc).await;
-            }
-            if run("scale") {
-                scale::section().await;
-            } else if run("tracked") {
-                // Only the memory of 10,000 tracked VMs (part of `scale`).
-                scale::tracked_section().await;
-            }
-            if run("throughput") {
-                throughput::section().await;
-            }
-        });
+    }
+    rt.block_on(async {
+        if run("ch") {
+            vmm::section(vmm::Kind::Ch).await;
+        }
+        if run("fc") {
+            vmm::section(vmm::Kind::Fc).await;
+        }
+        if run("durability") {
+            durability::readopt().await;
+        }
+        if run("watch") {
+            watch::section().await;
+        }
+        if run("snapshot") {
+            snapshot::section(vmm::Kind::Ch).await;
+            snapshot::section(vmm::Kind::Fc).await;
+        }
+        if run("scale") {
+            scale::section().await;
+        } else if run("tracked") {
+            // Only the memory of 10,000 tracked VMs (part of `scale`).
+            scale::tracked_section().await;
+        }
+        if run("throughput") {
+            throughput::section().await;
+        }
+    });
+    if !run("store") {
         return;
     }
-    println!("VMCP benchmarks — {}", machine());
-    let bare = rt.block_on(read_section());
-    otel::section(bare);
-    rt.block_on(async {
-        vmm::section(vmm::Kind::Ch).await;
-        vmm::section(vmm::Kind::Fc).await;
-        durability::readopt().await;
-        watch::section().await;
-        snapshot::section(vmm::Kind::Ch).await;
-        snapshot::section(vmm::Kind::Fc).await;
-        scale::section().await;
-        throughput::section().await;
-    });
     println!();
     println!("== Durability: memory and disk per stored VM at 10000 records (own process) ==");
     match std::env::current_exe().and_then(|exe| {

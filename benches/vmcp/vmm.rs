@@ -707,19 +707,9 @@ pub async fn section(kind: Kind) {
             if through_vmcp {
                 let id = format!("cb{i}");
                 let t = Instant::now();
-                c.create_vm(create_req(&id, &env.guest))
-                    .await
-                    .expect("create");
-                let b = c
-                    .boot_vm(pb::BootVmRequest {
-                        vm_id: id.clone(),
-                        ..Default::default()
-                    })
-                    .await
-                    .expect("boot")
-                    .into_owned();
+                let state = create_and_boot(&c, &id, &env.guest).await;
                 via.push(t.elapsed());
-                assert_eq!(b.state.as_known(), Some(pb::VmState::VM_STATE_RUNNING));
+                assert_eq!(state, Some(pb::VmState::VM_STATE_RUNNING));
                 c.delete_vm(pb::DeleteVmRequest {
                     vm_id: id,
                     ..Default::default()
@@ -777,6 +767,24 @@ pub async fn section(kind: Kind) {
     }
 }
 
+/// CreateVm then BootVm of `id` through VMCP: the state BootVm answers.
+async fn create_and_boot(
+    c: &vmcp::proto::vmm::v1::VmServiceClient<connectrpc::client::HttpClient>,
+    id: &str,
+    guest: &Path,
+) -> Option<pb::VmState> {
+    c.create_vm(create_req(id, guest)).await.expect("create");
+    c.boot_vm(pb::BootVmRequest {
+        vm_id: id.into(),
+        ..Default::default()
+    })
+    .await
+    .expect("boot")
+    .into_owned()
+    .state
+    .as_known()
+}
+
 /// How many VMs the at-once row starts together.
 const AT_ONCE: usize = 32;
 
@@ -818,19 +826,10 @@ async fn at_once_via(
     let t = Instant::now();
     let tasks: Vec<_> = (0..AT_ONCE)
         .map(|i| {
-            let c = c.clone();
-            let req = create_req(&format!("many{i}"), &env.guest);
+            let (c, guest) = (c.clone(), env.guest.clone());
             tokio::spawn(async move {
-                c.create_vm(req).await.expect("create");
-                let b = c
-                    .boot_vm(pb::BootVmRequest {
-                        vm_id: format!("many{i}"),
-                        ..Default::default()
-                    })
-                    .await
-                    .expect("boot")
-                    .into_owned();
-                assert_eq!(b.state.as_known(), Some(pb::VmState::VM_STATE_RUNNING));
+                let state = create_and_boot(&c, &format!("many{i}"), &guest).await;
+                assert_eq!(state, Some(pb::VmState::VM_STATE_RUNNING));
             })
         })
         .collect();
