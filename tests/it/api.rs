@@ -559,6 +559,71 @@ async fn wire_level_json_handling() {
     h.stop().await;
 }
 
+/// A Connect unary answer, success or error, goes out with its length: not
+/// chunked over HTTP/1.1, and over HTTP/2 with `content-length` (hyper sets it
+/// only when the body's size is known, which also lets the one DATA frame end
+/// the stream).
+#[tokio::test]
+async fn connect_answers_carry_their_length() {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let h = Harness::start().await;
+    h.client(Wire::ConnectJson)
+        .create_vm(create_req("sized"))
+        .await
+        .expect("create");
+    let length = |headers: &http::HeaderMap| -> Option<usize> {
+        headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+    };
+    for (body, want) in [(r#"{"vmId":"sized"}"#, 200), (r#"{"vmId":"absent"}"#, 404)] {
+        let (status, headers, text) = h
+            .raw(
+                "POST",
+                "/vmm.v1.VmService/GetVmInfo",
+                &[("content-type", "application/json")],
+                body,
+            )
+            .await;
+        assert_eq!(status, want, "{text}");
+        assert!(
+            headers.get(http::header::TRANSFER_ENCODING).is_none(),
+            "HTTP/1.1 {want} answer sent chunked: {headers:?}"
+        );
+        assert_eq!(length(&headers), Some(text.len()), "{headers:?}");
+
+        let io = TokioIo::new(tokio::net::TcpStream::connect(h.addr).await.unwrap());
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+            .await
+            .unwrap();
+        let conn = tokio::spawn(conn);
+        let resp = sender
+            .send_request(
+                http::Request::post(format!("http://{}/vmm.v1.VmService/GetVmInfo", h.addr))
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(body)))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), want);
+        let (parts, incoming) = resp.into_parts();
+        let bytes = incoming.collect().await.unwrap().to_bytes();
+        assert_eq!(
+            length(&parts.headers),
+            Some(bytes.len()),
+            "{:?}",
+            parts.headers
+        );
+        drop(sender);
+        conn.abort();
+    }
+    h.stop().await;
+}
+
 fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {

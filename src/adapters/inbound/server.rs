@@ -61,12 +61,25 @@ pub fn rpc_service<S: VmService>(svc: Arc<S>, limits: RpcLimits) -> RpcHttpServi
         .with_deadline_policy(DeadlinePolicy::new().with_max(limits.max_deadline));
     let connect = ServiceExt::<Request<Full<Bytes>>>::map_response(
         connect,
-        |r: Response<connectrpc::ConnectRpcBody>| r.map(|b| b.boxed_unsync()),
+        |r: Response<connectrpc::ConnectRpcBody>| r.map(response_body),
     );
     // Bodies are read in full and checked first (see intake.rs), bounded like connectrpc's own reads.
     BoxCloneService::new(
         IntakeLayer::new(limits.max_request_bytes, limits.max_deadline).layer(connect),
     )
+}
+
+/// The body of an RPC's response, boxed. A Connect unary answer (or error)
+/// is unwrapped to its `Full` bytes first: `ConnectRpcBody` does not pass on
+/// its inner body's exact size or end, so hyper would send every such answer
+/// chunked over HTTP/1.1, and over HTTP/2 as a DATA frame followed by an
+/// empty one to end the stream. Unwrapped, the answer goes out with its
+/// `content-length` and as one DATA frame that ends the stream.
+fn response_body(body: connectrpc::ConnectRpcBody) -> Body {
+    match body {
+        connectrpc::ConnectRpcBody::Full(full) => full.boxed_unsync(),
+        other => other.boxed_unsync(),
+    }
 }
 
 /// Wraps the RPC service with authentication (outermost, so unauthenticated
