@@ -567,7 +567,6 @@ async fn wire_level_json_handling() {
 async fn connect_answers_carry_their_length() {
     use bytes::Bytes;
     use http_body_util::{BodyExt, Full};
-    use hyper_util::rt::{TokioExecutor, TokioIo};
 
     let h = Harness::start().await;
     h.client(Wire::ConnectJson)
@@ -595,11 +594,7 @@ async fn connect_answers_carry_their_length() {
         );
         assert_eq!(length(&headers), Some(text.len()), "{headers:?}");
 
-        let io = TokioIo::new(tokio::net::TcpStream::connect(h.addr).await.unwrap());
-        let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
-            .await
-            .unwrap();
-        let conn = tokio::spawn(conn);
+        let (mut sender, conn) = h.h2().await;
         let resp = sender
             .send_request(
                 http::Request::post(format!("http://{}/vmm.v1.VmService/GetVmInfo", h.addr))

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -261,11 +261,7 @@ async fn idle_connections_are_closed_after_the_idle_timeout_but_not_mid_request(
     drop(s);
 
     // HTTP/2 (prior knowledge): one request, then silence: GOAWAY and close.
-    let io = TokioIo::new(TcpStream::connect(h.addr).await.unwrap());
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
-        .await
-        .unwrap();
-    let conn = tokio::spawn(conn);
+    let (mut sender, conn) = h.h2().await;
     let resp = sender
         .send_request(
             http::Request::get(format!("http://{}/health", h.addr))

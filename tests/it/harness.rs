@@ -326,6 +326,26 @@ impl<S: VmStore> Harness<S> {
         )
     }
 
+    /// An HTTP/2 (prior knowledge) connection to the server: its sender, and
+    /// the task driving it, which ends when either side closes it.
+    pub async fn h2(
+        &self,
+    ) -> (
+        hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+        tokio::task::JoinHandle<hyper::Result<()>>,
+    ) {
+        let stream = tokio::net::TcpStream::connect(self.addr)
+            .await
+            .expect("connect");
+        let (sender, conn) = hyper::client::conn::http2::handshake(
+            TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await
+        .expect("HTTP/2 handshake");
+        (sender, tokio::spawn(conn))
+    }
+
     /// POST a Connect JSON request.
     pub async fn post_json(
         &self,
