@@ -21,6 +21,7 @@ use tokio::sync::watch;
 use tower::util::BoxCloneService;
 use tower::{Layer, Service, ServiceExt};
 
+use crate::adapters::quiet_unix::QuietUnixStream;
 use crate::ports::{HealthCheck, Telemetry, TelemetryEvent, VmService};
 use crate::proto::vmm::v1::VmServiceExt;
 
@@ -478,6 +479,14 @@ async fn accept_unix(listener: std::os::unix::net::UnixListener, serving: UnixSe
                 reason: "max_connections_unix",
             });
             continue;
+        };
+        // Watched for reads only: the client reading an answer wakes nobody here.
+        let stream = match QuietUnixStream::from_tokio(stream) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot register an API socket connection");
+                continue;
+            }
         };
         let conn = conn.clone();
         tokio::spawn(async move {
