@@ -878,3 +878,164 @@ async fn assert_settles(pid: u32, before: u64) -> u64 {
     assert!(ok, "vmcp-api grew {grown} KiB after the reset loop");
     grown
 }
+
+/// Every answer gets exactly one access-log line, with its method and the
+/// code the client saw, over every kind of connection: the API socket
+/// (HTTP/1.1 on a Unix stream), TCP with HTTP/1.1, and h2c. The line is
+/// written once the answer is sent (after the connection's write), and none
+/// still waiting is lost when vmcp-api stops. The backend is the fake
+/// Cloud Hypervisor; no VM is made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_answer_is_logged_once_over_every_kind_of_connection() {
+    if !kvm_usable() {
+        return super::skips::skip(
+            "every_answer_is_logged_once_over_every_kind_of_connection",
+            "missing a read-write /dev/kvm (the backend check needs it)",
+        );
+    }
+    use super::harness::{Wire, client_for};
+    use std::collections::BTreeMap;
+    use vmcp::adapters::outbound::vmm::UdsClient;
+    use vmcp::proto::vmm::v1 as pb;
+
+    type Tally = BTreeMap<(&'static str, String), usize>;
+    fn note(t: &mut Tally, method: &'static str, code: &str) {
+        *t.entry((method, code.to_owned())).or_default() += 1;
+    }
+    fn code_of<T>(r: &Result<T, connectrpc::ConnectError>) -> String {
+        match r {
+            Ok(_) => "ok".to_owned(),
+            Err(e) => e.code.as_str().to_owned(),
+        }
+    }
+
+    let dir = tempfile::Builder::new()
+        .prefix("vl")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    let fake = install(&dir.path().join("bin"), &Behaviour::default());
+    let port = free_port();
+    let socket = dir.path().join("api.sock");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmcp-api"));
+    vmcp_api_env(&mut cmd, dir.path(), port);
+    cmd.env("UNKEY_VMCP_LOG_LEVEL", "info")
+        .env("UNKEY_VMCP_CH_BINARY", &fake)
+        .env("UNKEY_VMCP_API_SOCKET", &socket)
+        .stdout(std::process::Stdio::piped());
+    let child = cmd.spawn().expect("vmcp-api starts");
+    let pid = child.id();
+    // Killed by pid if the test fails before it stopped (and was reaped).
+    struct Stop(Option<u32>);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            if let Some(pid) = self.0 {
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            }
+        }
+    }
+    let mut stop = Stop(Some(pid));
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut sent = Tally::new();
+    let missing = || pb::GetVmInfoRequest {
+        vm_id: "missing".into(),
+        ..Default::default()
+    };
+
+    // TCP, HTTP/1.1 (Connect binary): GetVmInfo until recovery is over
+    // (`unavailable` before, `not_found` after), then 2 ListVms.
+    let h1 = client_for(addr, Wire::ConnectProto);
+    let started = Instant::now();
+    loop {
+        if fetch_closing(addr, "/health").await.is_none() {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "vmcp-api never answered"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
+        let code = code_of(&h1.get_vm_info(missing()).await);
+        note(&mut sent, "vmm.v1.VmService/GetVmInfo", &code);
+        if code == "not_found" {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "still {code}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for _ in 0..2 {
+        let code = code_of(&h1.list_vms(pb::ListVmsRequest::default()).await);
+        note(&mut sent, "vmm.v1.VmService/ListVms", &code);
+    }
+    // The API socket, one pooled connection: 3 GetVmInfo, 2 ListVms.
+    let uds = UdsClient::new(Duration::from_secs(5));
+    for (method, n, body) in [
+        ("GetVmInfo", 3, &br#"{"vmId":"missing"}"#[..]),
+        ("ListVms", 2, &b"{}"[..]),
+    ] {
+        for _ in 0..n {
+            let r = uds
+                .call(
+                    &socket,
+                    http::Method::POST,
+                    &format!("/vmm.v1.VmService/{method}"),
+                    Some(Bytes::from_static(body)),
+                )
+                .await
+                .expect("an answer over the socket");
+            let code = if r.is_success() {
+                "ok".to_owned()
+            } else {
+                let v: serde_json::Value = serde_json::from_slice(&r.body).expect("error JSON");
+                v["code"].as_str().expect("code").to_owned()
+            };
+            let method = if method == "GetVmInfo" {
+                "vmm.v1.VmService/GetVmInfo"
+            } else {
+                "vmm.v1.VmService/ListVms"
+            };
+            note(&mut sent, method, &code);
+        }
+    }
+    // h2c (gRPC): 4 GetVmInfo.
+    let h2 = client_for(addr, Wire::Grpc);
+    for _ in 0..4 {
+        let code = code_of(&h2.get_vm_info(missing()).await);
+        note(&mut sent, "vmm.v1.VmService/GetVmInfo", &code);
+    }
+    assert_eq!(
+        sent.get(&("vmm.v1.VmService/GetVmInfo", "not_found".to_owned())),
+        Some(&8),
+        "{sent:?}"
+    );
+
+    // A graceful stop writes every line still waiting.
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::task::spawn_blocking(move || child.wait_with_output()),
+    )
+    .await
+    .expect("vmcp-api stops on SIGTERM")
+    .expect("join")
+    .expect("output");
+    stop.0 = None;
+    let mut logged = Tally::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        if v["target"] == "vmcp::access" {
+            let method = match v["method"].as_str() {
+                Some("vmm.v1.VmService/GetVmInfo") => "vmm.v1.VmService/GetVmInfo",
+                Some("vmm.v1.VmService/ListVms") => "vmm.v1.VmService/ListVms",
+                other => panic!("an access line for a call never made: {other:?}"),
+            };
+            note(&mut logged, method, v["code"].as_str().unwrap_or_default());
+        }
+    }
+    assert_eq!(
+        logged, sent,
+        "access lines by (method, code) vs the answers"
+    );
+}

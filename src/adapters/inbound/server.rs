@@ -527,7 +527,8 @@ pub fn bind_api_socket(path: &std::path::Path) -> std::io::Result<ApiSocket> {
 /// How long the accept loop pauses after an accept error.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
-/// Wraps `f` so each request counts as in flight until its response body is done.
+/// Wraps `f` so each request counts as in flight until its response body is
+/// done, and carries its connection's [`AfterWrite`](connections::AfterWrite).
 fn tracked<F, Fut>(
     activity: Arc<Activity>,
     f: F,
@@ -541,8 +542,9 @@ where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
 {
-    hyper::service::service_fn(move |req| {
+    hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let guard = activity.begin();
+        req.extensions_mut().insert(activity.after_write());
         let fut = f(req);
         async move {
             let resp = fut.await?;

@@ -10,7 +10,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
@@ -18,6 +18,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::after_write::{AfterWrite, Queue};
 use super::limits::ConnectionLimits;
 use crate::adapters::inbound::server::Body;
 
@@ -68,6 +69,8 @@ pub struct Activity {
     pub(super) started: Instant,
     in_flight: AtomicUsize,
     timing: Mutex<Timing>,
+    /// What runs after the connection's next write.
+    pub(super) after_write: Queue,
 }
 
 impl Activity {
@@ -83,7 +86,14 @@ impl Activity {
                 idle_since: now,
                 head_started: None,
             }),
+            after_write: Queue::default(),
         })
+    }
+
+    /// The handle a request carries to defer work until after the
+    /// connection's next write.
+    pub fn after_write(self: &Arc<Self>) -> AfterWrite {
+        AfterWrite(Arc::clone(self))
     }
 
     pub(super) fn timing(&self) -> std::sync::MutexGuard<'_, Timing> {
@@ -241,6 +251,14 @@ impl<T> Observed<T> {
     }
 }
 
+impl<T> Drop for Observed<T> {
+    fn drop(&mut self) {
+        // Nothing writes on this connection again: what waited for a write
+        // runs now, and what comes later runs where it is deferred.
+        self.activity.after_write.close();
+    }
+}
+
 impl<T: AsyncRead + Unpin> AsyncRead for Observed<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -277,7 +295,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Observed<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let written = ready!(Pin::new(&mut self.inner).poll_write(cx, buf));
+        self.activity.after_write.run();
+        Poll::Ready(written)
     }
 
     fn poll_write_vectored(
@@ -285,7 +305,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Observed<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let written = ready!(Pin::new(&mut self.inner).poll_write_vectored(cx, bufs));
+        self.activity.after_write.run();
+        Poll::Ready(written)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -293,7 +315,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Observed<T> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let flushed = ready!(Pin::new(&mut self.inner).poll_flush(cx));
+        self.activity.after_write.run();
+        Poll::Ready(flushed)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -9,15 +9,18 @@
 //! header list size, reset streams, keep-alive pings) are hyper's, set from
 //! [`H2Limits`] in [`ConnectionLimits::configure`].
 //!
-//! The parts: `limits` (the settings), `gate` (the caps at accept) and
-//! `drive` (one connection's timing).
+//! The parts: `limits` (the settings), `gate` (the caps at accept), `drive`
+//! (one connection's timing) and `after_write` (bookkeeping about an answer,
+//! run once the answer is written).
 
+mod after_write;
 mod drive;
 mod gate;
 mod limits;
 #[cfg(test)]
 mod tests;
 
+pub use self::after_write::{AfterWrite, Deferred};
 pub use self::drive::{
     Activity, Closed, Ended, GracefulConnection, GuardedBody, Observed, RequestGuard, drive,
 };

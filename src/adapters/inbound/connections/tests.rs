@@ -206,3 +206,54 @@ async fn observed_streams_tell_http2_from_http1() {
         assert_eq!(activity.timing().proto, want, "{bytes:?}");
     }
 }
+
+/// Work deferred on a connection runs right after its next write, not
+/// before; once the connection's stream is gone, waiting work has run and
+/// later work runs at once.
+#[tokio::test]
+async fn deferred_work_runs_after_the_next_write_and_never_after_the_end() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let (mut client, server) = tokio::io::duplex(1024);
+    let activity = Activity::new();
+    let mut observed = Observed::new(server, Arc::clone(&activity));
+    let after = activity.after_write();
+    let ran = Arc::new(AtomicUsize::new(0));
+    let count = |ran: &Arc<AtomicUsize>| {
+        let ran = Arc::clone(ran);
+        Box::new(move || {
+            ran.fetch_add(1, Ordering::SeqCst);
+        }) as Deferred
+    };
+
+    after.defer(count(&ran));
+    after.defer(count(&ran));
+    // Reading is not writing.
+    client.write_all(b"GET").await.expect("client write");
+    let mut head = [0u8; 3];
+    observed.read_exact(&mut head).await.expect("read");
+    assert_eq!(ran.load(Ordering::SeqCst), 0, "ran before any write");
+    observed.write_all(b"answer").await.expect("write");
+    assert_eq!(ran.load(Ordering::SeqCst), 2, "did not run after the write");
+    let mut answer = [0u8; 6];
+    client.read_exact(&mut answer).await.expect("client read");
+    assert_eq!(&answer, b"answer");
+    // Each piece runs once: another write runs nothing again.
+    observed.write_all(b"more").await.expect("write");
+    assert_eq!(ran.load(Ordering::SeqCst), 2);
+
+    after.defer(count(&ran));
+    drop(observed);
+    assert_eq!(
+        ran.load(Ordering::SeqCst),
+        3,
+        "waiting work lost at the end"
+    );
+    after.defer(count(&ran));
+    assert_eq!(
+        ran.load(Ordering::SeqCst),
+        4,
+        "work after the end never ran"
+    );
+}

@@ -24,7 +24,10 @@
 //! is dropped early (then the status is `canceled` unless already known); an
 //! RPC whose service future is dropped before it answered ends `canceled`. Any
 //! status other than `ok` marks the span as an error, which makes the
-//! keep-errors sampler export its trace whatever the sampling ratio.
+//! keep-errors sampler export its trace whatever the sampling ratio. The
+//! metrics are recorded there and then; the span's end and the access-log
+//! line wait for the answer's write when the request came over a connection
+//! that offers it ([`AfterWrite`]), so they do not hold the answer back.
 //!
 //! Metrics: `rpc.server.requests` (Prometheus `rpc_server_requests_total`),
 //! `rpc.server.request.duration` in seconds (`rpc_server_request_duration_seconds`)
@@ -65,6 +68,7 @@ use tokio::task::futures::TaskLocalFuture;
 use self::context::RpcContext;
 pub use self::context::record_vm_id;
 use self::status::{Protocol, Watch};
+use super::connections::AfterWrite;
 
 /// The service's name, as a literal for `concat!` in [`methods!`].
 macro_rules! service {
@@ -405,6 +409,8 @@ struct RpcCall {
     metrics: RpcMetrics,
     /// The RPC's context once its service future is done.
     context: RpcContext,
+    /// Where the span's end and the log line wait for the answer's write.
+    after_write: Option<AfterWrite>,
 }
 
 /// `(method label, span name)` for a request path; no span name when the
@@ -477,11 +483,14 @@ impl RpcCall {
             protocol,
             metrics: layer.metrics.clone(),
             context: RpcContext::default(),
+            after_write: req.extensions().get::<AfterWrite>().cloned(),
         }
     }
 
-    /// Records the outcome: metrics, span attributes and status, log line.
-    fn finish(self, code: Option<ErrorCode>, message: Option<String>) {
+    /// Records the outcome: the metrics now; the span's attributes, status
+    /// and end and the log line after the answer's write when the
+    /// connection offers it, else now.
+    fn finish(mut self, code: Option<ErrorCode>, message: Option<String>) {
         let elapsed = self.start.elapsed();
         let status = code.map_or("ok", |c| c.as_str());
         let attrs = [
@@ -494,7 +503,20 @@ impl RpcCall {
             .fetch_add(1, Ordering::Relaxed);
         counts.active[self.method_index].fetch_sub(1, Ordering::Relaxed);
         self.metrics.duration.record(elapsed.as_secs_f64(), &attrs);
+        match self.after_write.take() {
+            Some(after) => after.defer(Box::new(move || self.report(elapsed, code, message))),
+            None => self.report(elapsed, code, message),
+        }
+    }
 
+    /// The span's attributes, status and end, and the access-log line.
+    fn report(
+        self,
+        elapsed: std::time::Duration,
+        code: Option<ErrorCode>,
+        message: Option<String>,
+    ) {
+        let status = code.map_or("ok", |c| c.as_str());
         let _attached = self.attach();
         if let Some(trace) = &self.trace {
             let span = trace.span();
