@@ -545,21 +545,27 @@ fn counter(text: &str, name: &str, label: &str) -> f64 {
         .sum()
 }
 
-fn kvm_usable() -> bool {
-    std::fs::OpenOptions::new()
+/// Whether `test` cannot run here for want of a usable /dev/kvm (the
+/// backend check needs it); then its SKIPPED line has been said.
+fn without_kvm(test: &str) -> bool {
+    let usable = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/kvm")
-        .is_ok()
+        .is_ok();
+    if !usable {
+        super::skips::skip(
+            test,
+            "missing a read-write /dev/kvm (the backend check needs it)",
+        );
+    }
+    !usable
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_clients_holding_every_connection_vmcp_still_creates_vms() {
-    if !kvm_usable() {
-        return super::skips::skip(
-            "with_clients_holding_every_connection_vmcp_still_creates_vms",
-            "missing a read-write /dev/kvm (the backend check needs it)",
-        );
+    if without_kvm("with_clients_holding_every_connection_vmcp_still_creates_vms") {
+        return;
     }
     let dir = tempfile::Builder::new()
         .prefix("vk")
@@ -887,11 +893,8 @@ async fn assert_settles(pid: u32, before: u64) -> u64 {
 /// Cloud Hypervisor; no VM is made.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_answer_is_logged_once_over_every_kind_of_connection() {
-    if !kvm_usable() {
-        return super::skips::skip(
-            "every_answer_is_logged_once_over_every_kind_of_connection",
-            "missing a read-write /dev/kvm (the backend check needs it)",
-        );
+    if without_kvm("every_answer_is_logged_once_over_every_kind_of_connection") {
+        return;
     }
     use super::harness::{Wire, client_for};
     use std::collections::BTreeMap;
