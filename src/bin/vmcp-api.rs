@@ -19,7 +19,11 @@ const VERSION: &str = concat!(
 
 fn main() -> ExitCode {
     // --help and --version print and exit 0; any other argument exits 2 with a usage line.
-    command().get_matches();
+    // Without arguments (how the service runs) the parser is not built at all: its code and
+    // the help text would stay resident for the process's life (BENCHMARKS.md, idle RSS).
+    if std::env::args_os().len() > 1 {
+        command().get_matches();
+    }
     serve()
 }
 
