@@ -144,13 +144,22 @@ pub fn init_with_limits(
     limits: TailLimits,
 ) -> Result<OtelHandle, OtelError> {
     settings.validate()?;
-    let resource = Resource::builder()
-        .with_service_name(settings.service_name.clone())
-        .with_attribute(KeyValue::new(
-            "service.version",
-            settings.service_version.clone(),
-        ))
-        .build();
+    // Built only for a provider that exports: with OTLP and Prometheus both off, the resource
+    // detectors' code is never run (and never resident).
+    let built = std::cell::OnceCell::new();
+    let resource = || {
+        built
+            .get_or_init(|| {
+                Resource::builder()
+                    .with_service_name(settings.service_name.clone())
+                    .with_attribute(KeyValue::new(
+                        "service.version",
+                        settings.service_version.clone(),
+                    ))
+                    .build()
+            })
+            .clone()
+    };
     let traces = Arc::new(SignalState::new(settings.enabled));
     let metrics_state = Arc::new(SignalState::new(settings.enabled));
     let tail = Arc::new(TailStats::default());
@@ -171,7 +180,7 @@ pub fn init_with_limits(
                 .build();
         Some(
             SdkTracerProvider::builder()
-                .with_resource(resource.clone())
+                .with_resource(resource())
                 .with_sampler(RecordAllSampler::new(settings.sampling_rate))
                 .with_span_processor(KeepErrorsProcessor::new(batch, limits, tail.clone()))
                 .build(),
@@ -182,7 +191,7 @@ pub fn init_with_limits(
 
     let registry = settings.prometheus_enabled.then(prometheus::Registry::new);
     let meter_provider = if settings.enabled || settings.prometheus_enabled {
-        let mut builder = SdkMeterProvider::builder().with_resource(resource);
+        let mut builder = SdkMeterProvider::builder().with_resource(resource());
         if let Some(registry) = &registry {
             let reader = opentelemetry_prometheus::exporter()
                 .with_registry(registry.clone())
