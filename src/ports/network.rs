@@ -64,7 +64,7 @@ pub trait HostNetwork: Send + Sync + std::fmt::Debug + 'static {
     /// Removes the tap `name`. Returns false when it did not exist (not an error).
     fn remove_tap(&self, name: &str) -> Result<bool, NetworkError>;
 
-    /// The names of the host's interfaces that start with `prefix`.
+    /// The names of the host's taps (tun/tap devices, nothing else) that start with `prefix`.
     fn list_taps(&self, prefix: &str) -> Result<Vec<String>, NetworkError>;
 
     /// The bridge `name` is attached to, if any (None when it does not exist).

@@ -121,8 +121,8 @@ impl HostNetwork for LinuxNetwork {
     }
 
     fn list_taps(&self, prefix: &str) -> Result<Vec<String>, NetworkError> {
-        Ok(netlink::links()
-            .map_err(|e| classify(prefix, "list the host's interfaces", e))?
+        Ok(netlink::tun_links()
+            .map_err(|e| classify(prefix, "list the host's taps", e))?
             .into_iter()
             .filter(|l| l.name.starts_with(prefix))
             .map(|l| l.name)

@@ -164,15 +164,22 @@ pub fn link_by_index(index: u32) -> io::Result<Option<Link>> {
     }
 }
 
-/// Every link of this network namespace.
-pub fn links() -> io::Result<Vec<Link>> {
-    let msg = LinkMessage::default();
+/// Every tun/tap link of this network namespace. The dump asks the kernel
+/// for that kind only (`IFLA_LINKINFO` in the request: nothing else is sent
+/// or parsed, however many other interfaces the host has); a kernel that
+/// cannot filter (the tun module not loaded) answers every link, so the kind
+/// is checked here as well.
+pub fn tun_links() -> io::Result<Vec<Link>> {
+    let mut msg = LinkMessage::default();
+    msg.attributes
+        .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Tun)]));
     Ok(request(
         RouteNetlinkMessage::GetLink(msg),
         NLM_F_REQUEST | NLM_F_DUMP,
     )?
     .iter()
     .map(link_of)
+    .filter(|l| l.kind.as_deref() == Some("tun"))
     .collect())
 }
 

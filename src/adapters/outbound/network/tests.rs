@@ -133,5 +133,9 @@ fn a_name_held_by_another_kind_of_interface_is_taken() {
             .unwrap_err();
         assert!(matches!(e, NetworkError::NameTaken { .. }), "{e}");
         assert!(e.to_string().contains("bridge"), "{e}");
+        // Only taps are listed: the start-up sweep never takes the bridge for an orphan tap.
+        let tap = managed(&tap_name("vm-1", 0), "br-a", 1);
+        net.ensure_tap(&tap, None).expect("ensure");
+        assert_eq!(net.list_taps("vmcp").unwrap(), vec![tap.name.clone()]);
     });
 }
