@@ -357,36 +357,6 @@ async fn an_existing_world_readable_file_is_narrowed_to_0600() {
     assert_eq!(fs::metadata(&path).expect("stat").mode() & 0o777, 0o600);
 }
 
-/// The bundled SQLite is built as `.cargo/config.toml` says (`LIBSQLITE3_FLAGS`): without the
-/// extensions that register themselves on every connection, with memory statistics off, and
-/// with the JSON functions the schema's checks use.
-#[test]
-fn the_bundled_sqlite_is_built_without_the_unused_extensions() {
-    let conn = Connection::open_in_memory().expect("open");
-    let mut stmt = conn.prepare("PRAGMA compile_options").expect("prepare");
-    let options: Vec<String> = stmt
-        .query_map([], |r| r.get(0))
-        .expect("query")
-        .collect::<Result<_, _>>()
-        .expect("rows");
-    for gone in [
-        "ENABLE_FTS3",
-        "ENABLE_FTS5",
-        "ENABLE_RTREE",
-        "ENABLE_DBSTAT_VTAB",
-    ] {
-        assert!(!options.iter().any(|o| o == gone), "{gone} in {options:?}");
-    }
-    assert!(
-        options.iter().any(|o| o == "DEFAULT_MEMSTATUS=0"),
-        "{options:?}"
-    );
-    let valid: bool = conn
-        .query_row("SELECT json_valid('{\"a\": 1}')", [], |r| r.get(0))
-        .expect("json_valid");
-    assert!(valid);
-}
-
 #[test]
 fn a_fresh_file_gets_the_current_schema_and_the_vmcp_application_id() {
     let dir = tempfile::tempdir().expect("tempdir");
