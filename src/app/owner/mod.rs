@@ -362,8 +362,8 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
             let result = Box::pin(self.drain()).await;
             Box::pin(self.publish()).await;
             let _ = reply.send(result.map(|()| self.vm.snapshot().clone()));
-            // Metrics and details right after the answer (a failed create ends the loop below).
-            self.vm.sample_soon(Instant::now());
+            // Metrics and details soon after the answer (a failed create ends the loop below).
+            self.vm.sample_after_operation(Instant::now());
         }
         // Every turn's work is boxed while it runs: inline, the deepest operation
         // (create, snapshot) would size this loop's future, which lives as long as
@@ -389,7 +389,7 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
                         }
                         Some(Request::Snapshot { dir, kind, parent, resume, reply }) => {
                             let _ = reply.send(Box::pin(self.snapshot(dir, kind, parent, resume)).await);
-                            self.vm.sample_soon(Instant::now());
+                            self.vm.sample_after_operation(Instant::now());
                             continue;
                         }
                         Some(Request::Committed { snapshot, attempt, reply }) => {
@@ -403,8 +403,9 @@ impl<H: Hypervisor, S: VmStore> Owner<H, S> {
                     // The caller may have given up (deadline); the state is recorded either way.
                     let _ = reply.send(result);
                     if ok {
-                        // Refresh metrics and backend details after the answer, off the caller's path.
-                        self.vm.sample_soon(Instant::now());
+                        // Refresh metrics and backend details after the answer, off the caller's
+                        // path and off the path of the caller's next call.
+                        self.vm.sample_after_operation(Instant::now());
                     }
                 }
                 Some(event) = self.events_rx.recv() => Box::pin(self.on_event(event)).await,

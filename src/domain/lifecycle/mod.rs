@@ -66,6 +66,10 @@ use super::restart::{self, Cause, History, RestartPolicy, RestartSettings};
 /// no event reports (Firecracker has no events), and the age bound of metrics.
 pub const DEFAULT_SAMPLE_PERIOD: Duration = Duration::from_secs(5);
 
+/// How long after an operation's answer its follow-up sample waits (see
+/// [`Vm::sample_after_operation`]).
+pub const SAMPLE_SETTLE: Duration = Duration::from_millis(250);
+
 /// The timers of one VM, as data: when the next sample is due.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Timers {
@@ -233,12 +237,22 @@ impl Vm {
         }
     }
 
-    /// Makes the next sample due at `now` (after an operation, so metrics and
-    /// backend details follow the VMM without waiting a whole period).
+    /// Makes the next sample due at `now` (a recovered VM: metrics and
+    /// backend details right away, not one period later).
     pub fn sample_soon(&mut self, now: Instant) {
         if self.timers.next_sample.is_some_and(|due| due > now) {
             self.timers.next_sample = Some(now);
         }
+    }
+
+    /// Makes the next sample due [`SAMPLE_SETTLE`] after an operation
+    /// answered at `now` (unless one is due sooner), so metrics and backend
+    /// details follow the VMM without waiting a whole period. Not at once:
+    /// the owner performs one thing at a time, and a client's next call
+    /// (a boot right after its create) would otherwise queue behind the
+    /// sample's VMM reads.
+    pub fn sample_after_operation(&mut self, now: Instant) {
+        self.sample_soon(now + SAMPLE_SETTLE);
     }
 
     /// Fires the timers due at `now`: queues a [`Effect::Sample`] unless an

@@ -433,6 +433,28 @@ fn the_sample_timer_is_data_and_skips_while_an_operation_is_in_flight() {
 }
 
 #[test]
+fn the_sample_after_an_operation_waits_for_the_settle_time_and_never_postpones_one() {
+    let t0 = Instant::now();
+    let period = Duration::from_secs(5);
+    let mut v = vm().with_sample_period(period);
+    v.start_timers(t0);
+    let answered = t0 + Duration::from_secs(1);
+    v.sample_after_operation(answered);
+    assert_eq!(v.poll_timeout(), Some(answered + SAMPLE_SETTLE));
+    // A call right after the answer (a boot after its create) comes first.
+    v.handle_timeout(answered + SAMPLE_SETTLE / 2);
+    assert_eq!(v.poll_effect(), None, "not yet: the next call goes first");
+    v.handle_timeout(answered + SAMPLE_SETTLE);
+    assert_eq!(v.poll_effect(), Some(Effect::Sample));
+    assert_eq!(v.poll_timeout(), Some(answered + SAMPLE_SETTLE + period));
+    // A sample due sooner (a recovered VM's) is not pushed back.
+    let now = answered + SAMPLE_SETTLE;
+    v.sample_soon(now);
+    v.sample_after_operation(now);
+    assert_eq!(v.poll_timeout(), Some(now));
+}
+
+#[test]
 fn the_default_shutdown_grace_is_defined_once_here() {
     let graceful = |timeout_secs| Command::Shutdown {
         force: false,
