@@ -1048,3 +1048,103 @@ async fn concurrent_syncs_are_answered_and_share_flushes() {
     );
     assert_eq!(store.load_all().await.expect("load").len(), 16);
 }
+
+/// On a free connection an unsynced write commits on the caller's thread:
+/// no batch, no worker, and the record is committed when the call returns.
+#[tokio::test(flavor = "current_thread")]
+async fn an_unsynced_write_on_a_free_connection_commits_in_place() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    for i in 0..5 {
+        store
+            .put_unsynced(&record(&format!("vm-{i}")))
+            .await
+            .expect("written");
+    }
+    assert_eq!(
+        store.inner.writes.batches(),
+        0,
+        "no group commit was needed"
+    );
+    assert!(!store.inner.writes.running(), "no writer was started");
+    let other = Connection::open(store.path()).expect("second connection");
+    let committed: i64 = other
+        .query_row("SELECT count(*) FROM vms", [], |r| r.get(0))
+        .expect("count");
+    assert_eq!(committed, 5, "committed, visible to another connection");
+}
+
+/// While the connection is held elsewhere, an unsynced write queues for
+/// the group writer instead of waiting for the lock: the runtime's only
+/// thread keeps running other tasks, and the write lands once released.
+#[tokio::test(flavor = "current_thread")]
+async fn an_unsynced_write_never_waits_for_the_lock_on_a_runtime_thread() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let (held_tx, held) = std::sync::mpsc::channel();
+    let (release, release_rx) = std::sync::mpsc::channel::<()>();
+    let inner = Arc::clone(&store.inner);
+    let holder = std::thread::spawn(move || {
+        let _busy = inner.conn.lock().expect("connection");
+        held_tx.send(()).expect("held");
+        let _ = release_rx.recv();
+    });
+    held.recv().expect("the connection is held");
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move { store.put_unsynced(&record("vm-queued")).await })
+    };
+    // This thread is the runtime: had the write blocked on the lock, the
+    // timer below could never fire.
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert!(!writer.is_finished(), "the write waits for the connection");
+    assert!(store.inner.writes.running(), "it went to the group writer");
+    release.send(()).expect("release");
+    holder.join().expect("holder");
+    writer.await.expect("writer task").expect("written");
+    assert_eq!(store.inner.writes.batches(), 1);
+    assert_eq!(ids(&store.load_all().await.expect("load")), ["vm-queued"]);
+}
+
+/// Every CHECKPOINT_EVERY commits a checkpoint runs on the blocking pool,
+/// so the WAL is copied back long before SQLite's own checkpoint (1,000
+/// pages) would run inside a commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_run_on_the_pool_every_so_many_commits() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let commits = CHECKPOINT_EVERY * 2 + 10;
+    for i in 0..commits {
+        let mut rec = record(&format!("vm-{}", i % 50));
+        rec.snapshot.revision = u64::from(i) + 1;
+        store.put_unsynced(&rec).await.expect("written");
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while store.inner.checkpoints.load(Ordering::Relaxed) < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} checkpoints after {commits} commits",
+            store.inner.checkpoints.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    // One more commit after the last checkpoint restarts the WAL from its start.
+    let mut rec = record("vm-last");
+    rec.snapshot.revision = u64::from(commits) + 1;
+    store.put_unsynced(&rec).await.expect("written");
+    let other = Connection::open(store.path()).expect("second connection");
+    let (log, moved): (i64, i64) = other
+        .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+            Ok((r.get(1)?, r.get(2)?))
+        })
+        .expect("checkpoint");
+    assert!(
+        log < i64::from(CHECKPOINT_EVERY),
+        "{log} WAL frames since the last restart ({moved} copied now)"
+    );
+    assert_eq!(
+        store.revision().await.expect("revision"),
+        u64::from(commits) + 1
+    );
+    assert_eq!(store.load_all().await.expect("load").len(), 51);
+}
