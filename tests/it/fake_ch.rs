@@ -573,6 +573,8 @@ impl std::error::Error for Dropped {}
 
 /// Carries the socket path to the fake in process mode.
 const ENV_SOCKET: &str = "VMCP_FAKE_CH_SOCKET";
+/// Set when the listener on the socket is the fake's stdin (`--api-socket path=…,fd=0`).
+const ENV_STDIN_LISTENS: &str = "VMCP_FAKE_CH_STDIN_LISTENS";
 /// Carries the [`Behaviour`] (JSON) to the fake in process mode.
 const ENV_BEHAVIOUR: &str = "VMCP_FAKE_CH_BEHAVIOUR";
 /// Carries the event monitor's file (empty: none) to the fake in process mode.
@@ -603,7 +605,10 @@ while [ "$#" -gt 0 ]; do
   shift 2 || {{ echo "fake cloud-hypervisor: $1 needs a value" >&2; exit 2; }}
 done
 if [ -z "$socket" ]; then echo "fake cloud-hypervisor: --api-socket is required" >&2; exit 2; fi
-export {ENV_SOCKET}="${{socket#path=}}"
+# VMCP passes `path=SOCKET,fd=0`: it listens on SOCKET and hands the listener over as stdin.
+socket_path="${{socket#path=}}"
+export {ENV_SOCKET}="${{socket_path%%,*}}"
+case "$socket" in *,fd=0) export {ENV_STDIN_LISTENS}=1 ;; esac
 export {ENV_EVENTS}="${{events#path=}}"
 export {ENV_BEHAVIOUR}='{json}'
 export {ENV_PARENT}="$PPID"
@@ -661,7 +666,15 @@ fn fake_vmm_entry() {
         if b.never_listen {
             std::future::pending::<()>().await;
         }
-        let listener = UnixListener::bind(&socket).unwrap();
+        let listener = if std::env::var_os(ENV_STDIN_LISTENS).is_some() {
+            // Like CH's `--api-socket fd=0`: serve the listener on stdin, owning
+            // it, so that dropping it (`stop_listening_after`) closes the socket.
+            let listener = std::os::unix::net::UnixListener::from(take_stdin());
+            listener.set_nonblocking(true).unwrap();
+            UnixListener::from_std(listener).unwrap()
+        } else {
+            UnixListener::bind(&socket).unwrap()
+        };
         let state = FakeState {
             listening: true,
             event_file,
@@ -671,6 +684,15 @@ fn fake_vmm_entry() {
         serve(listener, Arc::new(Mutex::new(state)), Arc::new(b), true).await;
     });
     std::process::exit(0);
+}
+
+/// Descriptor 0, owned: the listening socket VMCP handed over as stdin.
+#[allow(unsafe_code)]
+fn take_stdin() -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: descriptor 0 is open (the listener the fake was started with),
+    // and nothing else in this process uses stdin, so this is its only owner.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(0) }
 }
 
 /// A fake must not outlive the test process that spawned it (a failed test

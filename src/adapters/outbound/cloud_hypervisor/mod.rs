@@ -19,6 +19,11 @@
 //!   like a guest poweroff; SIGKILL leaves the socket and its `.lock` behind.
 //! - `--event-monitor path=<file>` reports every VM state change, also those
 //!   made by other clients on the socket ([`events`]).
+//! - `--api-socket path=<socket>,fd=<n>` serves the listening socket `n`
+//!   (the `fd=` wins; `path=` is then only on the command line): VMCP binds
+//!   it and hands it over as stdin, so a request sent right after the spawn
+//!   is answered as soon as the API thread runs, with no probing meanwhile.
+//!   CH then neither removes the socket file nor takes its `.lock`.
 
 pub mod client;
 pub mod config;
@@ -272,14 +277,22 @@ impl Flavour for ChFlavour {
             arg.push(p);
             arg
         };
+        // VMCP binds the API socket and hands it over as stdin (`fd=0`, which
+        // CH prefers over `path=`): CH answers the first request as soon as
+        // its API thread runs, with no probing until it has bound a socket.
+        // `path=` stays on the command line, which is how discovery and
+        // adoption recognise the VM's VMM.
+        let mut api_socket = path_arg(&runtime.api_socket());
+        api_socket.push(",fd=0");
         Ok(Launch {
             program: s.binary.clone(),
             args: vec![
                 "--api-socket".into(),
-                path_arg(&runtime.api_socket()),
+                api_socket,
                 "--event-monitor".into(),
                 path_arg(&events),
             ],
+            listen_on_stdin: Some(runtime.api_socket()),
         })
     }
 

@@ -225,6 +225,7 @@ impl FcFlavour {
         Ok(Launch {
             program: js.jailer_binary.clone(),
             args: jailer::jailer_args(js, &exec, &vm.instance_id, fc_args),
+            listen_on_stdin: None,
         })
     }
 }
@@ -351,9 +352,11 @@ impl Flavour for FcFlavour {
         truncate_console(&vm.pre)?;
         let mut args = fc_args;
         args.extend(["--id".into(), vm.instance_id.clone().into()]);
+        // Firecracker binds `--api-sock` itself (it takes no descriptor), so it is probed.
         Ok(Launch {
             program: s.binary.clone(),
             args,
+            listen_on_stdin: None,
         })
     }
 

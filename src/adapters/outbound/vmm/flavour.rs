@@ -90,6 +90,12 @@ pub struct Launch {
     pub program: PathBuf,
     /// Its arguments.
     pub args: Vec<OsString>,
+    /// A socket VMCP binds and listens on before the spawn and hands to the
+    /// VMM as its stdin (Cloud Hypervisor's `--api-socket fd=0`), if any.
+    /// The VMM's API then answers a request sent right after the spawn as
+    /// soon as it starts serving (the request waits in the backlog), where
+    /// a VMM that binds its own socket is probed until it has.
+    pub listen_on_stdin: Option<PathBuf>,
 }
 
 /// What a flavour reads from a running VMM for a sample.

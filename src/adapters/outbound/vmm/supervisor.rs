@@ -121,6 +121,7 @@ impl<F: Flavour> Supervisor<F> {
         let spec = SpawnSpec {
             program: launch.program,
             args: launch.args,
+            listen_on_stdin: launch.listen_on_stdin,
             ready_timeout: self.settings.ready_timeout,
         };
         let socket = self.flavour.socket(vm, runtime);

@@ -6,6 +6,8 @@ use std::ffi::OsString;
 use std::fmt;
 use std::fs::{self, OpenOptions};
 use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -55,6 +57,9 @@ pub struct SpawnSpec {
     pub program: PathBuf,
     /// Its arguments.
     pub args: Vec<OsString>,
+    /// A socket to bind, listen on and hand to the process as its stdin
+    /// (see the flavour's `Launch::listen_on_stdin`).
+    pub listen_on_stdin: Option<PathBuf>,
     /// How long the VMM may take to answer the readiness probe.
     pub ready_timeout: Duration,
 }
@@ -161,9 +166,17 @@ impl Supervised {
         let log_err = log
             .try_clone()
             .map_err(io_err("cannot duplicate log handle", &log_path))?;
+        // VMCP's copy of the listener is closed when `cmd` is dropped below,
+        // so once the VMM is gone nothing accepts on its socket any more.
+        let stdin = match &spec.listen_on_stdin {
+            None => Stdio::null(),
+            Some(socket) => UnixListener::bind(socket)
+                .map(|l| Stdio::from(OwnedFd::from(l)))
+                .map_err(io_err("cannot listen on", socket))?,
+        };
         let mut cmd = tokio::process::Command::new(&spec.program);
         cmd.args(&spec.args)
-            .stdin(Stdio::null())
+            .stdin(stdin)
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log_err))
             // Own process group: a signal to VMCP's group (Ctrl-C, a

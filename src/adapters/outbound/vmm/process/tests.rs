@@ -36,6 +36,7 @@ fn sh(script: &str) -> SpawnSpec {
     SpawnSpec {
         program: "/bin/sh".into(),
         args: vec!["-c".into(), script.into()],
+        listen_on_stdin: None,
         ready_timeout: Duration::from_secs(5),
     }
 }
@@ -325,6 +326,49 @@ async fn dying_during_startup_is_a_spawn_error() {
     assert!(!dir.exists());
 }
 
+/// A socket VMCP listens on is the child's stdin: a client connects before
+/// the child does anything (its request waits in the backlog), the child
+/// holds the only listener, and once the child is gone nothing accepts.
+#[tokio::test]
+async fn a_socket_handed_over_as_stdin_is_the_childs_alone() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (rep, _events) = reporter("handed");
+    let dir = RuntimeDir::new(tmp.path(), &rep.vm_id);
+    let socket = dir.api_socket();
+    let spec = SpawnSpec {
+        listen_on_stdin: Some(socket.clone()),
+        // Binds nothing itself, and never accepts.
+        ..sh("exec sleep 600")
+    };
+    let probed = socket.clone();
+    let sup = Supervised::spawn(&spec, dir, rep, move || {
+        let socket = probed.clone();
+        async move { std::os::unix::net::UnixStream::connect(&socket).map(drop) }
+    })
+    .await
+    .expect("a connect succeeds at once: the socket listens before the spawn");
+    let fd0 = fs::read_link(format!("/proc/{}/fd/0", sup.pid())).expect("the child's stdin");
+    assert!(
+        fd0.to_string_lossy().starts_with("socket:"),
+        "stdin is {}",
+        fd0.display()
+    );
+    let own_listeners = fs::read_dir("/proc/self/fd")
+        .expect("own descriptors")
+        .flatten()
+        .filter_map(|fd| fs::read_link(fd.path()).ok())
+        .filter(|target| *target == fd0)
+        .count();
+    assert_eq!(own_listeners, 0, "VMCP keeps no copy of the listener");
+    sup.terminate(Duration::from_secs(2)).await.expect("reaped");
+    let refused = std::os::unix::net::UnixStream::connect(&socket).expect_err("nobody listens");
+    assert_eq!(
+        refused.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "{refused}"
+    );
+}
+
 #[tokio::test]
 async fn a_missing_binary_is_a_spawn_error() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -333,6 +377,7 @@ async fn a_missing_binary_is_a_spawn_error() {
     let spec = SpawnSpec {
         program: tmp.path().join("no-such-vmm"),
         args: vec![],
+        listen_on_stdin: None,
         ready_timeout: Duration::from_secs(1),
     };
     let err = Supervised::spawn(&spec, dir.clone(), rep, ready)
