@@ -921,6 +921,23 @@ fn vmcp_guest_address() -> crate::domain::GuestAddress {
     }
 }
 
+/// Holds the store's connection on another thread until the returned
+/// sender sends (or is dropped); returns once it is held.
+fn hold_connection(
+    store: &SqliteStore,
+) -> (std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>) {
+    let (held_tx, held) = std::sync::mpsc::channel();
+    let (release, release_rx) = std::sync::mpsc::channel::<()>();
+    let inner = Arc::clone(&store.inner);
+    let holder = std::thread::spawn(move || {
+        let _busy = inner.conn.lock().expect("connection");
+        held_tx.send(()).expect("held");
+        let _ = release_rx.recv();
+    });
+    held.recv().expect("the connection is held");
+    (release, holder)
+}
+
 /// Unsynced writes queued while the connection is busy are committed
 /// together; when such a batch fails, each record is retried alone, so one
 /// refused record fails only its own writer.
@@ -936,15 +953,7 @@ async fn queued_writes_commit_together_and_a_refused_one_fails_alone() {
         )
         .expect("trigger");
     // The connection is busy (held by another thread) until `release`.
-    let (held_tx, held) = std::sync::mpsc::channel();
-    let (release, release_rx) = std::sync::mpsc::channel::<()>();
-    let inner = Arc::clone(&store.inner);
-    let holder = std::thread::spawn(move || {
-        let _busy = inner.conn.lock().expect("connection");
-        held_tx.send(()).expect("held");
-        let _ = release_rx.recv();
-    });
-    held.recv().expect("the connection is held");
+    let (release, holder) = hold_connection(&store);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let wait_for = |what: &str, done: &dyn Fn(&Group<Queued>) -> bool| {
         assert!(std::time::Instant::now() < deadline, "{what}");
@@ -1081,15 +1090,7 @@ async fn an_unsynced_write_on_a_free_connection_commits_in_place() {
 async fn an_unsynced_write_never_waits_for_the_lock_on_a_runtime_thread() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(dir.path());
-    let (held_tx, held) = std::sync::mpsc::channel();
-    let (release, release_rx) = std::sync::mpsc::channel::<()>();
-    let inner = Arc::clone(&store.inner);
-    let holder = std::thread::spawn(move || {
-        let _busy = inner.conn.lock().expect("connection");
-        held_tx.send(()).expect("held");
-        let _ = release_rx.recv();
-    });
-    held.recv().expect("the connection is held");
+    let (release, holder) = hold_connection(&store);
     let writer = {
         let store = store.clone();
         tokio::spawn(async move { store.put_unsynced(&record("vm-queued")).await })
