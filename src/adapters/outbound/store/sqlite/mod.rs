@@ -52,6 +52,8 @@ mod row;
 mod snapshots;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod write_path_tests;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
