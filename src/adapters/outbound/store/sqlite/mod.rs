@@ -405,7 +405,8 @@ fn write_batch(inner: &Arc<Inner>, batch: Vec<Queued>) {
     inner.committed(if together.is_ok() {
         1
     } else {
-        n_commits(batch.len())
+        // A failed batch is retried one record per transaction.
+        u32::try_from(batch.len()).unwrap_or(u32::MAX)
     });
     match together {
         Ok(()) => {
@@ -429,11 +430,6 @@ fn write_batch(inner: &Arc<Inner>, batch: Vec<Queued>) {
             }
         }
     }
-}
-
-/// The commits of a failed batch retried one record at a time.
-fn n_commits(records: usize) -> u32 {
-    u32::try_from(records).unwrap_or(u32::MAX)
 }
 
 /// Writes `row` (with `revision`) in a transaction of its own.
