@@ -6,16 +6,25 @@ use std::io;
 use std::path::Path;
 use std::process::Command;
 
-use super::SqliteStore;
 use super::tests::{open, record};
+use super::{SqliteStore, Sync};
 use crate::domain::VmId;
 use crate::ports::VmStore;
 
-/// The fsync level a write ran with, as SQLite reports it (1 NORMAL, 2 FULL).
+/// The fsync level a write ran with, as SQLite reports it (1 NORMAL, 2 FULL),
+/// checked against the level the store believes it set (it sets the pragma
+/// only when a write needs another level).
 fn synchronous(store: &SqliteStore) -> i64 {
     let conn = store.inner.conn.lock().expect("lock");
-    conn.pragma_query_value(None, "synchronous", |r| r.get(0))
-        .expect("pragma")
+    let level: i64 = conn
+        .pragma_query_value(None, "synchronous", |r| r.get(0))
+        .expect("pragma");
+    let believed = match conn.sync {
+        Sync::Normal => 1,
+        Sync::Full => 2,
+    };
+    assert_eq!(level, believed, "the tracked level is the connection's");
+    level
 }
 
 #[tokio::test]
@@ -33,10 +42,13 @@ async fn intents_are_synced_and_observations_are_not() {
     );
     store.put(&record("vm-2")).await.expect("put");
     assert_eq!(synchronous(&store), 2, "an intent is synced at commit");
-    store
-        .put_unsynced(&record("vm-1"))
-        .await
-        .expect("put_unsynced");
+    for _ in 0..2 {
+        store
+            .put_unsynced(&record("vm-1"))
+            .await
+            .expect("put_unsynced");
+        assert_eq!(synchronous(&store), 1, "back to no fsync, and it stays");
+    }
     store
         .remove(&VmId::parse("vm-1").expect("id"), 7)
         .await

@@ -56,6 +56,7 @@ mod tests;
 mod write_path_tests;
 
 use std::fmt;
+use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, TryLockError};
@@ -94,7 +95,7 @@ pub struct SqliteStore {
 
 struct Inner {
     path: PathBuf,
-    conn: Mutex<Connection>,
+    conn: Mutex<Db>,
     /// Unsynced writes waiting to be group-committed.
     writes: Group<Queued>,
     /// Callers waiting for the WAL to be flushed.
@@ -157,7 +158,10 @@ impl SqliteStore {
         Ok(Self {
             inner: Arc::new(Inner {
                 path,
-                conn: Mutex::new(conn),
+                conn: Mutex::new(Db {
+                    conn,
+                    sync: Sync::Full,
+                }),
                 writes: Group::new(),
                 syncs: Group::new(),
                 commits: AtomicU32::new(0),
@@ -235,7 +239,7 @@ impl SqliteStore {
     async fn blocking<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&mut Connection, &Path) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&mut Db, &Path) -> Result<T, StoreError> + Send + 'static,
     {
         let inner = Arc::clone(&self.inner);
         tokio::task::spawn_blocking(move || {
@@ -332,6 +336,30 @@ fn wal_path(db: &Path) -> PathBuf {
     let mut wal = db.as_os_str().to_owned();
     wal.push("-wal");
     PathBuf::from(wal)
+}
+
+/// The store's connection, and the `synchronous` level it was last given
+/// (open leaves it at FULL): a write sets the level only when it needs
+/// another. Setting it is a statement of its own, parsed each time; it
+/// cannot be a cached statement, because SQLite applies the pragma when it
+/// is prepared, not when it runs.
+struct Db {
+    conn: Connection,
+    sync: Sync,
+}
+
+impl Deref for Db {
+    type Target = Connection;
+
+    fn deref(&self) -> &Connection {
+        &self.conn
+    }
+}
+
+impl DerefMut for Db {
+    fn deref_mut(&mut self) -> &mut Connection {
+        &mut self.conn
+    }
 }
 
 /// How far a write's commit goes (`PRAGMA synchronous`).
@@ -434,7 +462,7 @@ fn write_batch(inner: &Arc<Inner>, batch: Vec<Queued>) {
 
 /// Writes `row` (with `revision`) in a transaction of its own.
 fn write_one(
-    conn: &mut Connection,
+    conn: &mut Db,
     sync: Sync,
     path: &Path,
     row: &Row,
@@ -471,17 +499,22 @@ fn sync_wal(db: &Path) -> Result<(), StoreError> {
 /// Runs `f` in an immediate transaction and commits with `sync`; on any
 /// error the transaction is rolled back (by `Transaction`'s drop) and
 /// nothing changes.
-fn write<F>(conn: &mut Connection, sync: Sync, f: F) -> rusqlite::Result<()>
+fn write<F>(db: &mut Db, sync: Sync, f: F) -> rusqlite::Result<()>
 where
     F: FnOnce(&Connection) -> rusqlite::Result<()>,
 {
     // Not inside a transaction: SQLite ignores the pragma there.
-    let level = match sync {
-        Sync::Full => "FULL",
-        Sync::Normal => "NORMAL",
-    };
-    conn.pragma_update(None, "synchronous", level)?;
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    if db.sync != sync {
+        let level = match sync {
+            Sync::Full => "FULL",
+            Sync::Normal => "NORMAL",
+        };
+        db.conn.pragma_update(None, "synchronous", level)?;
+        db.sync = sync;
+    }
+    let tx = db
+        .conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)?;
     f(&tx)?;
     tx.commit()
 }
