@@ -14,9 +14,17 @@
 //! 3,000 here, on the path of every VM operation). So the check first asks
 //! the kernel for the size of the descriptor table (`FDSize`, an upper
 //! bound on what is open, read in constant time) and counts exactly only
-//! when that bound leaves too few free.
+//! when that bound leaves too few free. Reading `/proc/self/status` still
+//! costs tens of microseconds (about 3% of VMCP's CPU per create+boot
+//! here), so a reading is reused for [`UPPER_BOUND_REUSE`], taken as twice
+//! what it was, as if the table had grown once since (it doubles when it
+//! fills). Only a process that more than doubled its open descriptors
+//! within that time could slip past, and neither client connections
+//! (capped below the reserve) nor VM operations (a few descriptors each)
+//! open that many that fast; near the limit every check reads afresh.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
 
@@ -25,6 +33,10 @@ use crate::domain::VmError;
 /// Descriptors one VM operation may need at once (VMM API socket connections,
 /// spawn pipes, log, console and pid files, the event monitor, store journal).
 pub const VM_OPERATION_DESCRIPTORS: u64 = 32;
+
+/// How long a reading of the descriptor table's size is reused by
+/// [`DescriptorBudget::check_vm_work`] (as twice the reading).
+pub const UPPER_BOUND_REUSE: Duration = Duration::from_millis(100);
 
 /// The default reserve is a quarter of the limit, at most this many.
 pub const DEFAULT_MAX_RESERVE: u64 = 4096;
@@ -122,7 +134,36 @@ pub struct DescriptorBudget {
     reserved: u64,
     in_use: InUse,
     /// A cheap upper bound on `in_use`, tried first by [`Self::check_vm_work`].
-    at_most: Option<InUse>,
+    at_most: Option<UpperBound>,
+}
+
+/// A cheap upper bound on the descriptors in use, and its last reading.
+#[derive(Clone)]
+struct UpperBound {
+    read: InUse,
+    reuse_for: Duration,
+    last: Arc<Mutex<Option<(Instant, u64)>>>,
+}
+
+impl UpperBound {
+    /// The bound now: twice the last reading while that is younger than
+    /// `reuse_for` and still leaves a VM operation's descriptors under
+    /// `limit`; otherwise a new reading.
+    fn get(&self, limit: u64) -> Option<u64> {
+        let now = Instant::now();
+        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((at, reading)) = *last {
+            let doubled = reading.saturating_mul(2);
+            if now.duration_since(at) < self.reuse_for
+                && limit.saturating_sub(doubled) >= VM_OPERATION_DESCRIPTORS
+            {
+                return Some(doubled);
+            }
+        }
+        let reading = (self.read)()?;
+        *last = Some((now, reading));
+        Some(reading)
+    }
 }
 
 impl std::fmt::Debug for DescriptorBudget {
@@ -146,9 +187,15 @@ impl DescriptorBudget {
     }
 
     /// With `at_most`, a cheap upper bound on the descriptors in use: when it
-    /// leaves enough free, [`Self::check_vm_work`] does not count them.
-    pub fn with_upper_bound(mut self, at_most: InUse) -> Self {
-        self.at_most = Some(at_most);
+    /// leaves enough free, [`Self::check_vm_work`] does not count them. A
+    /// reading is reused for `reuse_for`, as twice what was read, while that
+    /// still leaves enough free.
+    pub fn with_upper_bound(mut self, at_most: InUse, reuse_for: Duration) -> Self {
+        self.at_most = Some(UpperBound {
+            read: at_most,
+            reuse_for,
+            last: Arc::new(Mutex::new(None)),
+        });
         self
     }
 
@@ -157,7 +204,8 @@ impl DescriptorBudget {
     pub fn of_this_process(reserved: Option<u64>) -> Self {
         let limit = nofile_limit();
         let reserved = reserved.unwrap_or((limit / 4).min(DEFAULT_MAX_RESERVE));
-        Self::new(limit, reserved, Arc::new(count_open)).with_upper_bound(Arc::new(table_size))
+        Self::new(limit, reserved, Arc::new(count_open))
+            .with_upper_bound(Arc::new(table_size), UPPER_BOUND_REUSE)
     }
 
     /// The reserve.
@@ -203,7 +251,7 @@ impl DescriptorBudget {
 
     /// `Ok` when one more VM operation has the descriptors it may need.
     pub fn check_vm_work(&self) -> Result<(), VmError> {
-        if let Some(at_most) = self.at_most.as_ref().and_then(|f| f())
+        if let Some(at_most) = self.at_most.as_ref().and_then(|b| b.get(self.limit))
             && self.limit.saturating_sub(at_most) >= VM_OPERATION_DESCRIPTORS
         {
             return Ok(());
@@ -280,7 +328,7 @@ mod tests {
                     Some(open)
                 }),
             )
-            .with_upper_bound(Arc::new(move || Some(bound)))
+            .with_upper_bound(Arc::new(move || Some(bound)), Duration::ZERO)
         };
         let counts = || counted.load(std::sync::atomic::Ordering::Relaxed);
         // The table has room: no count.
@@ -300,8 +348,73 @@ mod tests {
         assert_eq!(counts(), 2);
         // A bound that cannot be read falls back to the count.
         let unknown = DescriptorBudget::new(1000, 100, Arc::new(|| Some(990)))
-            .with_upper_bound(Arc::new(|| None));
+            .with_upper_bound(Arc::new(|| None), Duration::ZERO);
         assert!(unknown.check_vm_work().is_err());
+    }
+
+    /// A reading is reused, as twice what was read, while it is fresh and
+    /// twice it leaves room; a stale reading, or one whose double would not
+    /// leave room, is read again.
+    #[test]
+    fn a_fresh_reading_of_the_bound_is_reused_doubled_while_that_leaves_room() {
+        use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+        let reads = Arc::new(AtomicUsize::new(0));
+        let table = Arc::new(AtomicU64::new(100));
+        let counted = Arc::new(AtomicUsize::new(0));
+        let budget = |limit: u64, reuse_for: Duration| {
+            let (reads, table, counted) = (reads.clone(), table.clone(), counted.clone());
+            DescriptorBudget::new(
+                limit,
+                100,
+                Arc::new(move || {
+                    counted.fetch_add(1, Ordering::Relaxed);
+                    Some(limit - 1)
+                }),
+            )
+            .with_upper_bound(
+                Arc::new(move || {
+                    reads.fetch_add(1, Ordering::Relaxed);
+                    Some(table.load(Ordering::Relaxed))
+                }),
+                reuse_for,
+            )
+        };
+        let reads_now = || reads.load(Ordering::Relaxed);
+        // Fresh, and twice 100 leaves room under 1,000: one reading serves.
+        let b = budget(1000, Duration::from_secs(3600));
+        for _ in 0..5 {
+            assert_eq!(b.check_vm_work(), Ok(()));
+        }
+        assert_eq!(reads_now(), 1, "one reading for five checks");
+        assert_eq!(b.clone().check_vm_work(), Ok(()), "clones share it");
+        assert_eq!(reads_now(), 1);
+        // Twice 490 would leave 20 free, fewer than a VM operation needs:
+        // each check reads the table again (490 leaves room, so none counts).
+        table.store(490, Ordering::Relaxed);
+        let b = budget(1000, Duration::from_secs(3600));
+        for _ in 0..3 {
+            assert_eq!(b.check_vm_work(), Ok(()));
+        }
+        assert_eq!(reads_now(), 4, "read again each time");
+        // A reading that may not be reused is read every time.
+        table.store(100, Ordering::Relaxed);
+        let b = budget(1000, Duration::ZERO);
+        for _ in 0..3 {
+            assert_eq!(b.check_vm_work(), Ok(()));
+        }
+        assert_eq!(reads_now(), 7);
+        // A new reading near the limit still falls back to the exact count,
+        // which refuses (999 of 1,000 open).
+        table.store(1000, Ordering::Relaxed);
+        assert!(matches!(
+            budget(1000, Duration::from_secs(3600)).check_vm_work(),
+            Err(VmError::ResourceExhausted(_))
+        ));
+        assert_eq!(
+            counted.load(Ordering::Relaxed),
+            1,
+            "only that one was counted"
+        );
     }
 
     #[test]
