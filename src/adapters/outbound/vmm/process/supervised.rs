@@ -77,10 +77,11 @@ pub struct Supervised {
 }
 
 impl Supervised {
-    /// Spawns `spec` with its runtime directory `runtime` (prepared here),
-    /// then polls `probe` until it succeeds or `spec.ready_timeout` passes.
-    /// On any failure the process is killed and reaped, the directory
-    /// removed, and the error carries the log tail.
+    /// Spawns `spec` with its runtime directory `runtime`, which the caller
+    /// has prepared ([`RuntimeDir::prepare`], before the flavour put its
+    /// files there), then polls `probe` until it succeeds or
+    /// `spec.ready_timeout` passes. On any failure the process is killed and
+    /// reaped, the directory removed, and the error carries the log tail.
     pub async fn spawn<P, F, E>(
         spec: &SpawnSpec,
         runtime: RuntimeDir,
@@ -92,7 +93,6 @@ impl Supervised {
         F: Future<Output = Result<(), E>>,
         E: fmt::Display,
     {
-        runtime.prepare()?;
         let started = Self::start(spec, &runtime, reporter);
         let sup = match started {
             Ok(sup) => sup,

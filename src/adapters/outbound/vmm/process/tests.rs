@@ -45,6 +45,14 @@ async fn ready() -> Result<(), String> {
     Ok(())
 }
 
+/// `id`'s runtime directory under `root`, prepared as the supervisor
+/// prepares it before a spawn.
+fn prepared(root: &std::path::Path, id: &VmId) -> RuntimeDir {
+    let dir = RuntimeDir::new(root, id);
+    dir.prepare().expect("prepare");
+    dir
+}
+
 #[test]
 fn start_time_of_self_is_readable_and_alive() {
     let me = std::process::id();
@@ -117,7 +125,7 @@ fn statuses_are_described() {
 async fn a_crash_is_reported_with_status_and_log() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let (rep, mut events) = reporter("crashy");
-    let dir = RuntimeDir::new(tmp.path(), &rep.vm_id);
+    let dir = prepared(tmp.path(), &rep.vm_id);
     let sup = Supervised::spawn(
         &sh("echo booting; read x; echo dying >&2; exit 7"),
         dir.clone(),
@@ -149,7 +157,7 @@ async fn a_crash_is_reported_with_status_and_log() {
 async fn a_clean_exit_is_classified_by_the_backend() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let (rep, mut events) = reporter("clean");
-    let dir = RuntimeDir::new(tmp.path(), &rep.vm_id);
+    let dir = prepared(tmp.path(), &rep.vm_id);
     let _sup = Supervised::spawn(&sh("read x; exit 0"), dir, rep, ready)
         .await
         .expect("spawn");
@@ -173,7 +181,7 @@ async fn a_clean_exit_is_classified_by_the_backend() {
 async fn terminate_is_expected_and_silent() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let (rep, mut events) = reporter("quiet");
-    let dir = RuntimeDir::new(tmp.path(), &rep.vm_id);
+    let dir = prepared(tmp.path(), &rep.vm_id);
     let sup = Supervised::spawn(&sh("exec sleep 600"), dir, rep, ready)
         .await
         .expect("spawn");
@@ -188,7 +196,7 @@ async fn terminate_is_expected_and_silent() {
 async fn a_process_nobody_holds_any_more_exits_quietly() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let (rep, mut events) = reporter("letgo");
-    let dir = RuntimeDir::new(tmp.path(), &rep.vm_id);
+    let dir = prepared(tmp.path(), &rep.vm_id);
     let sup = Supervised::spawn(&sh("exec sleep 600"), dir, rep, ready)
         .await
         .expect("spawn");
@@ -207,7 +215,7 @@ async fn a_process_nobody_holds_any_more_exits_quietly() {
 async fn clean_only_expectation_still_reports_a_crash() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let (rep, mut events) = reporter("half");
-    let dir = RuntimeDir::new(tmp.path(), &rep.vm_id);
+    let dir = prepared(tmp.path(), &rep.vm_id);
     let sup = Supervised::spawn(&sh("exec sleep 600"), dir, rep, ready)
         .await
         .expect("spawn");
@@ -232,7 +240,7 @@ async fn clean_only_expectation_still_reports_a_crash() {
 async fn clean_only_expectation_swallows_a_clean_exit() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let (rep, mut events) = reporter("poweroff");
-    let dir = RuntimeDir::new(tmp.path(), &rep.vm_id);
+    let dir = prepared(tmp.path(), &rep.vm_id);
     let marker = tmp.path().join("go");
     let script = format!(
         "while [ ! -e {} ]; do sleep 0.01; done; exit 0",
@@ -252,7 +260,7 @@ async fn clean_only_expectation_swallows_a_clean_exit() {
 async fn sigterm_ignored_means_sigkill_after_grace() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let (rep, _events) = reporter("stubborn");
-    let dir = RuntimeDir::new(tmp.path(), &rep.vm_id);
+    let dir = prepared(tmp.path(), &rep.vm_id);
     let marker = tmp.path().join("trapped");
     let script = format!("trap '' TERM; touch {}; exec sleep 600", marker.display());
     // Ready only once the trap is installed (the ignored disposition
@@ -280,7 +288,7 @@ async fn sigterm_ignored_means_sigkill_after_grace() {
 async fn never_ready_is_killed_and_leaves_nothing() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let (rep, mut events) = reporter("slow");
-    let dir = RuntimeDir::new(tmp.path(), &rep.vm_id);
+    let dir = prepared(tmp.path(), &rep.vm_id);
     let mut spec = sh("echo warming up; exec sleep 600");
     spec.ready_timeout = Duration::from_millis(150);
     let err = Supervised::spawn(&spec, dir.clone(), rep, || async {
@@ -300,7 +308,7 @@ async fn never_ready_is_killed_and_leaves_nothing() {
 async fn dying_during_startup_is_a_spawn_error() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let (rep, _events) = reporter("dies");
-    let dir = RuntimeDir::new(tmp.path(), &rep.vm_id);
+    let dir = prepared(tmp.path(), &rep.vm_id);
     let started = Instant::now();
     let err = Supervised::spawn(
         &sh("echo 'bad flag' >&2; exit 2"),
@@ -333,7 +341,7 @@ async fn dying_during_startup_is_a_spawn_error() {
 async fn a_socket_handed_over_as_stdin_is_the_childs_alone() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let (rep, _events) = reporter("handed");
-    let dir = RuntimeDir::new(tmp.path(), &rep.vm_id);
+    let dir = prepared(tmp.path(), &rep.vm_id);
     let socket = dir.api_socket();
     let spec = SpawnSpec {
         listen_on_stdin: Some(socket.clone()),
@@ -373,7 +381,7 @@ async fn a_socket_handed_over_as_stdin_is_the_childs_alone() {
 async fn a_missing_binary_is_a_spawn_error() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let (rep, _events) = reporter("nobin");
-    let dir = RuntimeDir::new(tmp.path(), &rep.vm_id);
+    let dir = prepared(tmp.path(), &rep.vm_id);
     let spec = SpawnSpec {
         program: tmp.path().join("no-such-vmm"),
         args: vec![],
@@ -398,8 +406,7 @@ async fn adoption_verifies_identity_and_watches_exit() {
     let pid = child.id();
     let start = read_start_time(pid).expect("start");
     let (rep, mut events) = reporter("adopted");
-    let dir = RuntimeDir::new(tmp.path(), &rep.vm_id);
-    dir.prepare().expect("prepare");
+    let dir = prepared(tmp.path(), &rep.vm_id);
     let wrong = Supervised::adopt(
         pid,
         start + 1,
