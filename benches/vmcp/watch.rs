@@ -177,7 +177,7 @@ async fn latency(server: &Server, env: &Env) {
     }
     let pauses = Stats::from(pauses, Duration::from_secs(1));
     println!(
-        "pause on the VMM socket → PAUSED at a gRPC watcher   p50 {:>8.3} ms  p99 {:>8.3} ms  (n={PAUSES}; Cloud Hypervisor's event monitor is polled every 50 ms)",
+        "pause on the VMM socket → PAUSED at a gRPC watcher   p50 {:>8.3} ms  p99 {:>8.3} ms  (n={PAUSES}; Cloud Hypervisor's event file, its changes told by inotify)",
         pauses.p50.as_secs_f64() * 1e3,
         pauses.p99.as_secs_f64() * 1e3
     );

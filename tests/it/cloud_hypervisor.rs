@@ -891,8 +891,11 @@ async fn exits_name_their_pid_and_a_replaced_vmm_is_no_news() {
     env.assert_no_fake_alive();
 }
 
+/// The kernel tells the watcher when the event file changes (inotify), so
+/// a change is reported well before the watcher's once-a-second look at the
+/// file: a pause and then a resume each within half of it.
 #[tokio::test]
-async fn a_pause_made_directly_on_the_socket_is_reported_within_a_second() {
+async fn a_pause_made_directly_on_the_socket_is_reported_without_waiting_for_a_poll() {
     let mut env = Env::new(Behaviour::default());
     let vm = id("watched");
     let (mut h, p) = env.create(&vm).await;
@@ -900,16 +903,21 @@ async fn a_pause_made_directly_on_the_socket_is_reported_within_a_second() {
     // Another client, straight to the VMM's socket.
     let http = UdsClient::new(Duration::from_secs(1));
     let api = ChApi::new(&http, Path::new(&p.socket_path));
+    let within = vmcp::adapters::outbound::cloud_hypervisor::events::BACKSTOP / 2;
     let paused_at = Instant::now();
     api.pause().await.unwrap();
-    let (pid, reason) =
-        state_change(&mut env.events, VmState::Paused, Duration::from_secs(1)).await;
-    assert!(paused_at.elapsed() < Duration::from_secs(1));
+    let (pid, reason) = state_change(&mut env.events, VmState::Paused, within).await;
+    let pause_seen = paused_at.elapsed();
     assert_eq!(pid, p.pid);
     assert_eq!(reason, "vm/paused");
+    let resumed_at = Instant::now();
     api.resume().await.unwrap();
-    let (_, reason) = state_change(&mut env.events, VmState::Running, Duration::from_secs(1)).await;
+    let (_, reason) = state_change(&mut env.events, VmState::Running, within).await;
     assert_eq!(reason, "vm/resumed");
+    eprintln!(
+        "a pause on the socket reported after {pause_seen:?}, a resume after {:?}",
+        resumed_at.elapsed()
+    );
     h.delete(true).await.unwrap();
     env.assert_no_exit();
 }
