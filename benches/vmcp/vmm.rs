@@ -697,9 +697,9 @@ pub async fn section(kind: Kind) {
         via.p99.as_secs_f64() / direct.p99.as_secs_f64()
     );
 
-    // (b) create + boot to Running, 10 each, via VMCP and directly in turn
+    // (b) create + boot to Running, 30 each, via VMCP and directly in turn
     // (the order alternating), so that both see the host at the same moments.
-    const ITER: usize = 10;
+    const ITER: usize = 30;
     let mut via = Vec::new();
     let mut direct = Vec::new();
     for i in 0..ITER {
