@@ -254,6 +254,18 @@ mod tests {
         tokio::time::timeout(within, sub.changed()).await.is_ok()
     }
 
+    /// Waits (at most 5 s) until `sub`'s watch has ended.
+    async fn ends(sub: &Subscription, what: &str) {
+        let ended = async {
+            while sub.watching() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), ended)
+            .await
+            .expect(what);
+    }
+
     /// Waits a little, then takes any change already told.
     async fn settle(sub: &Subscription) {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -281,14 +293,7 @@ mod tests {
         std::fs::remove_file(&file).expect("remove");
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(told(&sub, Duration::from_millis(10)).await, "removed");
-        let ended = async {
-            while sub.watching() {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(5), ended)
-            .await
-            .expect("a removed file's watch ends");
+        ends(&sub, "a removed file's watch ends").await;
     }
 
     #[tokio::test]
@@ -345,14 +350,6 @@ mod tests {
             .expect("subscribe");
         std::fs::remove_dir(&dir).expect("rmdir");
         assert!(told(&sub, Duration::from_secs(5)).await, "told of the end");
-        let gone = async {
-            while sub.watching() {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(5), gone)
-            .await
-            .expect("the watch is forgotten");
-        drop(sub);
+        ends(&sub, "the watch is forgotten").await;
     }
 }
