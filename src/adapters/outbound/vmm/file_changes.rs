@@ -289,10 +289,11 @@ mod tests {
         std::fs::write(&file, b"{}").expect("write");
         assert!(told(&sub, Duration::from_secs(5)).await, "written");
         settle(&sub).await;
-        // A change while nobody waits is kept for the next wait.
+        // Told while nobody waits: kept for the next wait (however late
+        // a loaded host lets the reader run, the change is not lost).
         std::fs::remove_file(&file).expect("remove");
         tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(told(&sub, Duration::from_millis(10)).await, "removed");
+        assert!(told(&sub, Duration::from_secs(5)).await, "removed");
         ends(&sub, "a removed file's watch ends").await;
     }
 
