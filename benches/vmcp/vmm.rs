@@ -1,7 +1,8 @@
 //! Real VMMs: VMCP's overhead over talking to Cloud Hypervisor or Firecracker
 //! directly (GetVmInfo latency, create+boot to Running), and Firecracker's
 //! spawn-to-API-ready time. Every process started here is ended by pid and
-//! every runtime directory is a tempdir under /tmp.
+//! every runtime directory is a tempdir under /tmp, or under /dev/shm where
+//! a row measures VMs' runtime files on a tmpfs, as production keeps them.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -95,6 +96,25 @@ pub fn runtime_dir() -> tempfile::TempDir {
         .prefix("vb")
         .tempdir_in("/tmp")
         .unwrap()
+}
+
+/// A short-named root for VMs' runtime files (API sockets, logs, pid and
+/// event files, consoles) on a tmpfs, where production keeps them: vmcp-api's
+/// default `UNKEY_VMCP_RUNTIME_DIR` is /run/vmcp, a tmpfs on systemd hosts.
+/// /dev/shm when it is a tmpfs, otherwise /tmp (the second value says which).
+pub fn tmpfs_runtime_dir() -> (tempfile::TempDir, &'static str) {
+    let shm_is_tmpfs = std::fs::read_to_string("/proc/mounts").is_ok_and(|mounts| {
+        mounts.lines().any(|m| {
+            let mut f = m.split_whitespace().skip(1);
+            f.next() == Some("/dev/shm") && f.next() == Some("tmpfs")
+        })
+    });
+    let base = if shm_is_tmpfs { "/dev/shm" } else { "/tmp" };
+    let dir = tempfile::Builder::new()
+        .prefix("vb")
+        .tempdir_in(base)
+        .unwrap();
+    (dir, base)
 }
 
 /// Options like vmcp-api's defaults, without telemetry.
@@ -579,10 +599,26 @@ pub async fn section(kind: Kind) {
     // alike. Ways: Connect binary over TCP; the same client on both sides (vmcp's own
     // pooled Unix-socket client: Connect JSON or Connect binary, vmcpctl's encoding,
     // on vmcp-api's API socket, a plain GET on the VMM's).
-    let server = Server::spawn(kind, &env, rt.path()).await;
+    // From here on VMs' runtime files, both ways, are on a tmpfs as in
+    // production; vmcp-api's store stays on disk under `rt`.
+    let (files, files_base) = tmpfs_runtime_dir();
+    println!(
+        "(runtime files of VMs, via VMCP and direct, under {files_base}; vmcp-api's store under /tmp)"
+    );
+    let on_tmpfs = files.path().join("vmcp-rt");
+    let server = Server::spawn_with(
+        kind,
+        &env,
+        rt.path(),
+        &[(
+            "UNKEY_VMCP_RUNTIME_DIR",
+            on_tmpfs.to_str().expect("a UTF-8 path"),
+        )],
+    )
+    .await;
     let c = client(server.addr, false);
     start_info(&c, &env).await;
-    let d = direct_boot(kind, &env, &http, &rt.path().join("d")).await;
+    let d = direct_boot(kind, &env, &http, &files.path().join("d")).await;
     let request = Bytes::from_static(br#"{"vmId":"info"}"#);
     let binary = pb::GetVmInfoRequest {
         vm_id: "info".into(),
@@ -697,18 +733,28 @@ pub async fn section(kind: Kind) {
         via.p99.as_secs_f64() / direct.p99.as_secs_f64()
     );
 
-    // (b) create + boot to Running, 30 each, via VMCP and directly in turn
-    // (the order alternating), so that both see the host at the same moments.
+    // (b) create + boot to Running, 30 each, via VMCP and directly, with the
+    // runtime files on the tmpfs and, as context, on /tmp's file system (a
+    // second vmcp-api rooted there): the four ways in turn, the order rotating
+    // each round, so that all see the host at the same moments.
+    let disk = rt.path().join("disk");
+    std::fs::create_dir_all(&disk).expect("a directory under /tmp");
+    let disk_server = Server::spawn(kind, &env, &disk).await;
+    let disk_c = client(disk_server.addr, false);
     const ITER: usize = 30;
-    let mut via = Vec::new();
-    let mut direct = Vec::new();
+    let mut times: [Vec<Duration>; 4] = Default::default();
     for i in 0..ITER {
-        for through_vmcp in [i % 2 == 0, i % 2 == 1] {
-            if through_vmcp {
+        for k in 0..4 {
+            let way = (i + k) % 4;
+            let (c, dir) = match way {
+                0 | 1 => (&c, files.path()),
+                _ => (&disk_c, disk.as_path()),
+            };
+            let t = Instant::now();
+            if way % 2 == 0 {
                 let id = format!("cb{i}");
-                let t = Instant::now();
-                let state = create_and_boot(&c, &id, &env.guest).await;
-                via.push(t.elapsed());
+                let state = create_and_boot(c, &id, &env.guest).await;
+                times[way].push(t.elapsed());
                 assert_eq!(state, Some(pb::VmState::VM_STATE_RUNNING));
                 c.delete_vm(pb::DeleteVmRequest {
                     vm_id: id,
@@ -717,49 +763,62 @@ pub async fn section(kind: Kind) {
                 .await
                 .expect("delete");
             } else {
-                let t = Instant::now();
-                let d = direct_boot(kind, &env, &http, &rt.path().join(format!("d{i}"))).await;
-                direct.push(t.elapsed());
+                let d = direct_boot(kind, &env, &http, &dir.join(format!("d{i}"))).await;
+                times[way].push(t.elapsed());
                 d.kill().await;
             }
         }
     }
-    let (wall_via, wall_direct, toggle_via, toggle_direct) =
-        at_once(kind, &env, &http, &c, rt.path()).await;
+    let burst = at_once(kind, &env, &http, &c, files.path()).await;
     server.stop();
-    let (mv, md) = (median(via.clone()), median(direct.clone()));
+    // The same burst with every runtime file on /tmp's file system.
+    let on_disk = at_once(kind, &env, &http, &disk_c, &disk).await;
+    disk_server.stop();
+    let [via, direct, disk_via, disk_direct] = times.clone().map(median);
     println!(
         "create+boot via VMCP   median {:>8.2} ms  max {:>8.2} ms  (n={ITER}, in turn with direct)",
-        ms(mv),
-        ms(*via.iter().max().unwrap())
+        ms(via),
+        ms(*times[0].iter().max().unwrap())
     );
     println!(
         "create+boot direct     median {:>8.2} ms  max {:>8.2} ms  (n={ITER})",
-        ms(md),
-        ms(*direct.iter().max().unwrap())
+        ms(direct),
+        ms(*times[1].iter().max().unwrap())
     );
     println!(
         "RATIO {name} create+boot VMCP/direct (medians): {:.2}x",
-        mv.as_secs_f64() / md.as_secs_f64()
+        via.as_secs_f64() / direct.as_secs_f64()
+    );
+    println!(
+        "create+boot, runtime files on /tmp's file system: via VMCP median {:.2} ms, direct {:.2} ms ({:.2}x; same rounds)",
+        ms(disk_via),
+        ms(disk_direct),
+        disk_via.as_secs_f64() / disk_direct.as_secs_f64()
     );
 
     println!(
-        "{AT_ONCE} created and booted at once: via VMCP {:.1} ms, direct {:.1} ms (wall, until all Running; mean of 2 rounds each, in turn)",
-        ms(wall_via),
-        ms(wall_direct)
+        "{AT_ONCE} created and booted at once: via VMCP {:.1} ms, direct {:.1} ms (wall until all Running, means of {AT_ONCE_ROUNDS} rounds each, in pairs)",
+        ms(burst.wall.0),
+        ms(burst.wall.1)
     );
     println!(
-        "RATIO {name} {AT_ONCE} at once VMCP/direct (wall): {:.2}x",
-        wall_via.as_secs_f64() / wall_direct.as_secs_f64()
+        "RATIO {name} {AT_ONCE} at once VMCP/direct (wall; median of {AT_ONCE_ROUNDS} pairs' ratios): {:.2}x",
+        burst.pair_ratio
     );
     println!(
-        "{AT_ONCE} running VMs paused then resumed at once: via VMCP {:.1} ms, direct {:.1} ms (wall, medians of {TOGGLES}, mean of 2 rounds)",
-        ms(toggle_via),
-        ms(toggle_direct)
+        "{AT_ONCE} created and booted at once, runtime files on /tmp's file system: via VMCP {:.1} ms, direct {:.1} ms, median of pairs' ratios {:.2}x",
+        ms(on_disk.wall.0),
+        ms(on_disk.wall.1),
+        on_disk.pair_ratio
+    );
+    println!(
+        "{AT_ONCE} running VMs paused then resumed at once: via VMCP {:.1} ms, direct {:.1} ms (wall, medians of {TOGGLES}, mean of {AT_ONCE_ROUNDS} rounds)",
+        ms(burst.toggle.0),
+        ms(burst.toggle.1)
     );
     println!(
         "RATIO {name} {AT_ONCE} pause+resume at once VMCP/direct (wall): {:.2}x",
-        toggle_via.as_secs_f64() / toggle_direct.as_secs_f64()
+        burst.toggle.0.as_secs_f64() / burst.toggle.1.as_secs_f64()
     );
 
     if kind == Kind::Fc {
@@ -788,34 +847,64 @@ async fn create_and_boot(
 /// How many VMs the at-once row starts together.
 const AT_ONCE: usize = 32;
 
+/// How many rounds of [`AT_ONCE`] each way: the host's swings between rounds
+/// are as large as the difference measured.
+const AT_ONCE_ROUNDS: u32 = 6;
+
 /// How many times the at-once VMs are paused and resumed together.
 const TOGGLES: usize = 5;
 
+/// What [`at_once`] measured, each way.
+struct AtOnce {
+    /// Mean wall time until all VMs run: through VMCP, directly.
+    wall: (Duration, Duration),
+    /// Median of the per-pair ratios via/direct of that wall time.
+    pair_ratio: f64,
+    /// Mean of each round's median pause+resume wall time: through VMCP, directly.
+    toggle: (Duration, Duration),
+}
+
 /// Wall time until [`AT_ONCE`] VMs, created and booted together, all run,
 /// and the median wall time to pause all of them at once and then resume
-/// all of them at once: through VMCP (client `c`) and directly, in the order
-/// via, direct, direct, via, so that both see the host at the same moments;
-/// each figure is the mean of its two rounds.
+/// all of them at once: through VMCP (client `c`) and directly, in
+/// [`AT_ONCE_ROUNDS`] pairs of rounds, via first in one pair and direct
+/// first in the next, so that both see the host at the same moments. Each
+/// pair gives a ratio: its two rounds ran seconds apart, so a slow spell of
+/// this shared host weighs on both.
 async fn at_once(
     kind: Kind,
     env: &Env,
     http: &UdsClient,
     c: &vmcp::proto::vmm::v1::VmServiceClient<connectrpc::client::HttpClient>,
     root: &Path,
-) -> (Duration, Duration, Duration, Duration) {
-    let mut via = (Duration::ZERO, Duration::ZERO);
-    let mut direct = (Duration::ZERO, Duration::ZERO);
-    for (round, through_vmcp) in [true, false, false, true].into_iter().enumerate() {
-        let (wall, toggle) = if through_vmcp {
-            at_once_via(env, c).await
-        } else {
-            at_once_direct(kind, env, http, &root.join(format!("r{round}"))).await
-        };
-        let sum = if through_vmcp { &mut via } else { &mut direct };
-        sum.0 += wall / 2;
-        sum.1 += toggle / 2;
+) -> AtOnce {
+    let mut sums = AtOnce {
+        wall: Default::default(),
+        pair_ratio: 0.0,
+        toggle: Default::default(),
+    };
+    let mut ratios = Vec::new();
+    for pair in 0..AT_ONCE_ROUNDS {
+        let (mut via, mut direct) = (Duration::ZERO, Duration::ZERO);
+        for through_vmcp in [pair % 2 == 0, pair % 2 == 1] {
+            if through_vmcp {
+                let toggle;
+                (via, toggle) = at_once_via(env, c).await;
+                sums.wall.0 += via / AT_ONCE_ROUNDS;
+                sums.toggle.0 += toggle / AT_ONCE_ROUNDS;
+            } else {
+                let dir = root.join(format!("r{pair}"));
+                let toggle;
+                (direct, toggle) = at_once_direct(kind, env, http, &dir).await;
+                sums.wall.1 += direct / AT_ONCE_ROUNDS;
+                sums.toggle.1 += toggle / AT_ONCE_ROUNDS;
+            }
+        }
+        ratios.push(via.as_secs_f64() / direct.as_secs_f64());
     }
-    (via.0, direct.0, via.1, direct.1)
+    ratios.sort_by(f64::total_cmp);
+    sums.pair_ratio = ratios[ratios.len() / 2];
+    sums
 }
 
 /// [`at_once`] through VMCP: (wall until all Running, median pause+resume).
