@@ -10,7 +10,10 @@
 //! that ends with a finished step (`paused`, not `pausing`),
 //! re-reads `vm.info` and reports the state the VMM gives as
 //! [`VmmEvent::StateChanged`] (the event names what happened; the state is
-//! the VMM's word afterwards, so a batch is one read and never stale).
+//! the VMM's word afterwards, so a batch is one read and never stale). Events
+//! that arrived during that read are newer than the batch, and the state read
+//! may already be theirs: the newest then becomes the reason and the state is
+//! read again, so a reason always names what led to the state it comes with.
 //! The kernel says when the file changes (inotify, through
 //! [`FileChanges`]): a change reaches the owner within a `vm.info` round
 //! trip (about 0.1–0.4 ms on CH v53), and an idle VM costs one look at the
@@ -158,14 +161,41 @@ pub async fn watch(w: Watch) {
         offset = end;
         pending.extend_from_slice(&bytes);
         let events = drain_events(&mut pending);
-        let Some(last) = events.iter().rev().find(|e| e.source == "vm") else {
+        let Some(mut last) = events.into_iter().rev().find(|e| e.source == "vm") else {
             continue;
         };
-        if in_progress(&last.event) {
+        // The state is read after the events that prompted it; events that
+        // came meanwhile are newer than `last`, and the state read may already
+        // be theirs (a pause made right after a boot): read the state again
+        // with the newest as the reason, so that a reason names what the VM
+        // went through to reach the state it comes with.
+        let read = loop {
+            if in_progress(&last.event) {
+                break None;
+            }
+            let state = ChApi::new(&w.http, &w.socket).state().await;
+            match read_from(&path, offset) {
+                Ok((bytes, end, restarted)) if restarted || end > offset => {
+                    if restarted {
+                        pending.clear();
+                    }
+                    offset = end;
+                    pending.extend_from_slice(&bytes);
+                    let newer = drain_events(&mut pending);
+                    if let Some(newest) = newer.into_iter().rev().find(|e| e.source == "vm") {
+                        last = newest;
+                        continue;
+                    }
+                }
+                _ => {}
+            }
+            break Some(state);
+        };
+        let Some(state) = read else {
             continue;
-        }
+        };
         let reason = format!("{}/{}", last.source, last.event);
-        match ChApi::new(&w.http, &w.socket).state().await {
+        match state {
             Ok(state) => {
                 let event = VmmEvent::StateChanged {
                     pid: w.pid,
@@ -273,5 +303,95 @@ mod tests {
         std::fs::write(&p, b"xy").expect("truncated");
         let (bytes, end, restarted) = read_from(&p, 6).expect("read");
         assert_eq!((bytes.as_slice(), end, restarted), (&b"xy"[..], 2, true));
+    }
+}
+
+#[cfg(test)]
+mod race_tests {
+    use super::*;
+    use crate::adapters::outbound::vmm::process::RuntimeDir;
+    use crate::adapters::outbound::vmm::uds_http::UdsClient;
+    use crate::domain::{VmId, VmState};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn event(name: &str) -> String {
+        format!(
+            r#"{{"timestamp":{{"secs":0,"nanos":1}},"source":"vm","event":"{name}","properties":null}}"#
+        )
+    }
+
+    /// A VMM on `listener` whose every `vm.info` answers `Paused`; before
+    /// its first answer it appends a pause's events to `events`, as if
+    /// another client paused the VM just before the watcher's read.
+    async fn pausing_vmm(listener: tokio::net::UnixListener, events: std::path::PathBuf) {
+        let mut first = true;
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                return;
+            };
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while let Ok(n) = conn.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                head.extend_from_slice(&buf[..n]);
+                while let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                    head.drain(..end + 4);
+                    if std::mem::take(&mut first) {
+                        let mut file = std::fs::OpenOptions::new()
+                            .append(true)
+                            .open(&events)
+                            .unwrap();
+                        let pause = event("pausing") + &event("paused");
+                        std::io::Write::write_all(&mut file, pause.as_bytes()).unwrap();
+                    }
+                    let body = r#"{"state":"Paused"}"#;
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if conn.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The state read after a boot's event is already the pause's that came
+    /// meanwhile: it is reported with the pause as its reason, not the boot.
+    #[tokio::test]
+    async fn a_state_read_after_newer_events_comes_with_the_newest_as_its_reason() {
+        let root = tempfile::tempdir().unwrap();
+        let id = VmId::parse("raced").unwrap();
+        let runtime = RuntimeDir::new(root.path(), &id);
+        runtime.prepare().unwrap();
+        let events_file = runtime.path().join(EVENTS_FILE);
+        std::fs::write(&events_file, event("booting") + &event("booted")).unwrap();
+        let socket = runtime.path().join("api.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        let vmm = tokio::spawn(pausing_vmm(listener, events_file));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let watcher = tokio::spawn(watch(Watch {
+            vm_id: id,
+            pid: 7,
+            socket,
+            runtime,
+            http: UdsClient::new(Duration::from_secs(1)),
+            events: tx,
+            fresh: true,
+        }));
+        let reported = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("a state change within 5 s")
+            .expect("the watcher runs");
+        watcher.abort();
+        vmm.abort();
+        let VmmEvent::StateChanged { pid, state, reason } = reported else {
+            panic!("expected a state change, got {reported:?}");
+        };
+        assert_eq!((pid, state), (7, VmState::Paused));
+        assert_eq!(reason, "vm/paused");
     }
 }
