@@ -93,6 +93,25 @@ fn read_from(path: &Path, offset: u64) -> std::io::Result<(Vec<u8>, u64, bool)> 
     Ok((bytes, end, restarted))
 }
 
+/// Reads what was appended to `path` since `offset` onto `pending`,
+/// advancing `offset`, and returns the newest complete `vm` event in it.
+fn newest_vm_event(
+    path: &Path,
+    offset: &mut u64,
+    pending: &mut Vec<u8>,
+) -> std::io::Result<Option<Event>> {
+    let (bytes, end, restarted) = read_from(path, *offset)?;
+    if restarted {
+        pending.clear();
+    }
+    *offset = end;
+    pending.extend_from_slice(&bytes);
+    Ok(drain_events(pending)
+        .into_iter()
+        .rev()
+        .find(|e| e.source == "vm"))
+}
+
 /// Whether CH's `event` names a step still under way (`pausing`,
 /// `resuming`, `booting`, …): its outcome (`paused`, …) follows as an
 /// event of its own, so the state is read then, once. A step that fails
@@ -146,23 +165,15 @@ pub async fn watch(w: Watch) {
         {
             changes = Some(fresh);
         }
-        let (bytes, end, restarted) = match read_from(&path, offset) {
-            Ok(read) => read,
+        let mut last = match newest_vm_event(&path, &mut offset, &mut pending) {
+            Ok(Some(last)) => last,
+            Ok(None) => continue,
             // Not created yet (or a VMM started without a monitor): look again.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => {
                 tracing::debug!(vm_id = %w.vm_id, error = %e, "cannot read the event file");
                 continue;
             }
-        };
-        if restarted {
-            pending.clear();
-        }
-        offset = end;
-        pending.extend_from_slice(&bytes);
-        let events = drain_events(&mut pending);
-        let Some(mut last) = events.into_iter().rev().find(|e| e.source == "vm") else {
-            continue;
         };
         // The state is read after the events that prompted it; events that
         // came meanwhile are newer than `last`, and the state read may already
@@ -174,22 +185,10 @@ pub async fn watch(w: Watch) {
                 break None;
             }
             let state = ChApi::new(&w.http, &w.socket).state().await;
-            match read_from(&path, offset) {
-                Ok((bytes, end, restarted)) if restarted || end > offset => {
-                    if restarted {
-                        pending.clear();
-                    }
-                    offset = end;
-                    pending.extend_from_slice(&bytes);
-                    let newer = drain_events(&mut pending);
-                    if let Some(newest) = newer.into_iter().rev().find(|e| e.source == "vm") {
-                        last = newest;
-                        continue;
-                    }
-                }
-                _ => {}
+            match newest_vm_event(&path, &mut offset, &mut pending) {
+                Ok(Some(newest)) => last = newest,
+                _ => break Some(state),
             }
-            break Some(state);
         };
         let Some(state) = read else {
             continue;
@@ -312,7 +311,13 @@ mod race_tests {
     use crate::adapters::outbound::vmm::process::RuntimeDir;
     use crate::adapters::outbound::vmm::uds_http::UdsClient;
     use crate::domain::{VmId, VmState};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+    use std::io::Write;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     fn event(name: &str) -> String {
         format!(
@@ -324,38 +329,25 @@ mod race_tests {
     /// its first answer it appends a pause's events to `events`, as if
     /// another client paused the VM just before the watcher's read.
     async fn pausing_vmm(listener: tokio::net::UnixListener, events: std::path::PathBuf) {
-        let mut first = true;
-        loop {
-            let Ok((mut conn, _)) = listener.accept().await else {
-                return;
-            };
-            let mut head = Vec::new();
-            let mut buf = [0u8; 1024];
-            while let Ok(n) = conn.read(&mut buf).await {
-                if n == 0 {
-                    break;
+        let first = Arc::new(AtomicBool::new(true));
+        while let Ok((stream, _)) = listener.accept().await {
+            let (first, events) = (first.clone(), events.clone());
+            let svc = service_fn(move |_: http::Request<hyper::body::Incoming>| {
+                if first.swap(false, Ordering::SeqCst) {
+                    let mut file = std::fs::OpenOptions::new()
+                        .append(true)
+                        .open(&events)
+                        .unwrap();
+                    let pause = event("pausing") + &event("paused");
+                    file.write_all(pause.as_bytes()).unwrap();
                 }
-                head.extend_from_slice(&buf[..n]);
-                while let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
-                    head.drain(..end + 4);
-                    if std::mem::take(&mut first) {
-                        let mut file = std::fs::OpenOptions::new()
-                            .append(true)
-                            .open(&events)
-                            .unwrap();
-                        let pause = event("pausing") + &event("paused");
-                        std::io::Write::write_all(&mut file, pause.as_bytes()).unwrap();
-                    }
-                    let body = r#"{"state":"Paused"}"#;
-                    let answer = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-                        body.len()
-                    );
-                    if conn.write_all(answer.as_bytes()).await.is_err() {
-                        return;
-                    }
-                }
-            }
+                let body = Full::new(Bytes::from_static(br#"{"state":"Paused"}"#));
+                async move { http::Response::builder().status(200).body(body) }
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc),
+            );
         }
     }
 
